@@ -1,0 +1,102 @@
+// Argument checks shared by every kernel of the lora ops. Each message names the
+// argument and the shapes/dtypes involved, so a user sees what to fix.
+#pragma once
+#include <ATen/ATen.h>
+#include <string>
+
+namespace lora {
+
+enum class DropoutPosition { kPre, kPost };
+
+inline DropoutPosition parse_dropout_position(c10::string_view position) {
+  if (position == "pre") return DropoutPosition::kPre;
+  if (position == "post") return DropoutPosition::kPost;
+  TORCH_CHECK_VALUE(false, "lora: dropout_position must be 'pre' or 'post', got '",
+                    std::string(position), "'");
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+                   "lora: ", name, " must be float32, float16, bfloat16 or float64, got ", dt);
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "lora: ", name, " is on ", t.device(),
+              " but x is on ", x.device(), "; all tensors must be on one device");
+}
+
+// Sizes of one lora::linear call, after its arguments were checked.
+struct LinearSizes {
+  int64_t M;  // tokens: product of x's leading dimensions
+  int64_t K;  // in_features
+  int64_t N;  // out_features
+  int64_t r;  // LoRA rank
+  DropoutPosition position;
+};
+
+inline LinearSizes check_linear_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                     const at::Tensor& lora_B, double dropout_p,
+                                     c10::string_view dropout_position,
+                                     const c10::optional<at::Tensor>& seed) {
+  LinearSizes s{};
+  s.position = parse_dropout_position(dropout_position);
+  TORCH_CHECK(x.dim() >= 1, "lora: x must have at least 1 dimension (..., in_features), got a 0-dim tensor");
+  check_floating(x, "x");
+  check_floating(lora_A, "lora_A");
+  check_floating(lora_B, "lora_B");
+  TORCH_CHECK(lora_A.dim() == 2, "lora: lora_A must be 2-D (r, in_features), got shape ", lora_A.sizes());
+  TORCH_CHECK(lora_B.dim() == 2, "lora: lora_B must be 2-D (out_features, r), got shape ", lora_B.sizes());
+  TORCH_CHECK_TYPE(lora_A.scalar_type() == lora_B.scalar_type(), "lora: lora_A (", lora_A.scalar_type(),
+                   ") and lora_B (", lora_B.scalar_type(), ") must have the same dtype");
+  check_same_device(lora_A, x, "lora_A");
+  check_same_device(lora_B, x, "lora_B");
+  s.K = x.size(-1);
+  s.r = lora_A.size(0);
+  s.M = x.numel() / std::max<int64_t>(s.K, 1);
+  if (s.K == 0) {
+    s.M = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) s.M *= x.size(d);
+  }
+  TORCH_CHECK(s.r >= 1, "lora: rank must be >= 1, got lora_A of shape ", lora_A.sizes());
+  TORCH_CHECK(lora_A.size(1) == s.K, "lora: lora_A.shape[1] must equal x.shape[-1] (in_features=", s.K,
+              "), got lora_A of shape ", lora_A.sizes(), " and x of shape ", x.sizes());
+  if (weight.has_value()) {
+    const auto& w = *weight;
+    check_floating(w, "weight");
+    check_same_device(w, x, "weight");
+    TORCH_CHECK(w.dim() == 2, "lora: weight must be 2-D (out_features, in_features), got shape ", w.sizes());
+    TORCH_CHECK(w.size(1) == s.K, "lora: weight.shape[1] must equal x.shape[-1] (", s.K,
+                "), got weight of shape ", w.sizes(), " and x of shape ", x.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "lora: weight dtype (", w.scalar_type(),
+                     ") must equal x dtype (", x.scalar_type(), ")");
+    s.N = w.size(0);
+  } else {
+    s.N = lora_B.size(0);
+  }
+  TORCH_CHECK(lora_B.size(0) == s.N && lora_B.size(1) == s.r, "lora: lora_B must have shape (out_features=",
+              s.N, ", r=", s.r, "), got ", lora_B.sizes());
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    check_same_device(b, x, "bias");
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "lora: bias dtype (", b.scalar_type(),
+                     ") must equal x dtype (", x.scalar_type(), ")");
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == s.N, "lora: bias must have shape (out_features=", s.N,
+                ",), got ", b.sizes());
+  }
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "lora: dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value(), "lora: dropout_p=", dropout_p, " > 0 needs a seed tensor, got None");
+  }
+  if (seed.has_value()) {
+    const auto& sd = *seed;
+    TORCH_CHECK_TYPE(sd.scalar_type() == at::kLong && sd.numel() == 1,
+                     "lora: seed must be an int64 tensor with one element, got ", sd.scalar_type(),
+                     " of shape ", sd.sizes());
+    check_same_device(sd, x, "seed");
+  }
+  return s;
+}
+
+}  // namespace lora

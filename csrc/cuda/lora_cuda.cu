@@ -1,0 +1,49 @@
+// CUDA kernels of the native path: the in-place dropout step of lora_aten.cpp.
+// The GEMMs run on cuBLAS through ATen. The mask is philox.h's, so this path,
+// the CPU kernels and the Triton kernels drop exactly the same elements.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../lora_aten.h"
+#include "../philox.h"
+
+namespace lora {
+namespace {
+
+template <typename scalar_t>
+__global__ void dropout_scale_kernel(scalar_t* __restrict__ data, int64_t n, const int64_t* __restrict__ seed_ptr,
+                                     uint32_t threshold, float kept_scale) {
+  // The seed is read on the device, so the launch needs no host sync and is
+  // safe to capture in a CUDA graph.
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const bool keep = dropout_keep(seed, static_cast<uint64_t>(i), threshold);
+    using acc_t = at::opmath_type<scalar_t>;
+    data[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(data[i]) * kept_scale) : scalar_t(0);
+  }
+}
+
+}  // namespace
+
+void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale) {
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const int threads = 256;
+  const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, max_blocks));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lora_dropout_scale_cuda", [&] {
+    dropout_scale_kernel<scalar_t><<<blocks, threads, 0, stream>>>(t.data_ptr<scalar_t>(), n,
+                                                                   seed.data_ptr<int64_t>(),
+                                                                   dropout_threshold(p),
+                                                                   static_cast<float>(kept_scale));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace lora

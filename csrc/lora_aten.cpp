@@ -1,0 +1,153 @@
+#include "lora_aten.h"
+
+#include "checks.h"
+
+namespace lora {
+
+void dropout_scale_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous());
+  if (t.is_cpu()) return dropout_scale_cpu_(t, seed, p, kept_scale);
+#ifdef LORA_WITH_CUDA
+  if (t.is_cuda()) return dropout_scale_cuda_(t, seed, p, kept_scale);
+#endif
+  TORCH_CHECK(false, "lora: no dropout kernel for device ", t.device(),
+              " (was lora_ext built with CUDA? see lora_ext._C.has_cuda())");
+}
+
+namespace {
+
+// A fresh contiguous copy of `t` in `dtype` that the caller may overwrite.
+at::Tensor owned_copy(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+}
+
+// `t` flattened to (rows, cols), without copying when its strides allow.
+at::Tensor as_matrix(const at::Tensor& t, int64_t cols) {
+  return t.reshape({-1, cols});
+}
+
+at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, c10::string_view /*backend*/) {
+  const LinearSizes s = check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed);
+  const auto lora_dtype = lora_A.scalar_type();
+  const bool dropout = dropout_p > 0.0;
+  const double keep_scale = 1.0 / (1.0 - dropout_p);
+
+  const at::Tensor x2 = as_matrix(x, s.K);
+  // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
+  // The copy is a temporary of this call, never saved.
+  at::Tensor x_lora = x2.to(lora_dtype);
+  if (dropout && s.position == DropoutPosition::kPre) {
+    x_lora = owned_copy(x2, lora_dtype);
+    dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+  }
+  at::Tensor xa = at::mm(x_lora, lora_A.t());  // (M, r)
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(s.N);
+
+  at::Tensor y;
+  const bool lora_term_separate = (dropout && s.position == DropoutPosition::kPost) || lora_dtype != x.scalar_type();
+  if (lora_term_separate) {
+    // (M, N) LoRA term in the adapters' dtype: dropout and/or a dtype cast act on
+    // it before it joins the base output.
+    at::Tensor lora_out = at::mm(xa, lora_B.t());
+    if (dropout && s.position == DropoutPosition::kPost) {
+      dropout_scale_(lora_out, *seed, dropout_p, scale * keep_scale);
+    } else {
+      lora_out.mul_(scale);
+    }
+    if (weight.has_value()) {
+      y = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
+      y.add_(lora_out);
+    } else {
+      y = lora_out.to(x.scalar_type());
+      if (bias.has_value()) y.add_(*bias);
+    }
+  } else {
+    // Same dtype, no post-dropout: the LoRA term is written first (with the bias),
+    // then the base GEMM accumulates onto it in place (beta=1), so no (M, N)
+    // temporary exists and the large GEMM reads the small one's result in its epilogue.
+    if (bias.has_value()) {
+      y = at::addmm(*bias, xa, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
+    } else {
+      y = at::empty({s.M, s.N}, x.options());
+      at::addmm_out(y, y, xa, lora_B.t(), /*beta=*/0, /*alpha=*/scale);
+    }
+    if (weight.has_value()) y.addmm_(x2, weight->t());
+  }
+  return {y.view(out_shape), xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_aten(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask,
+    c10::string_view /*backend*/) {
+  const LinearSizes s =
+      check_linear_args(x, weight, c10::nullopt, lora_A, lora_B, dropout_p, dropout_position, seed);
+  TORCH_CHECK(grad_y.size(-1) == s.N && grad_y.numel() == s.M * s.N, "lora: grad_y must have shape (..., ", s.N,
+              ") with ", s.M, " rows, got ", grad_y.sizes());
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r, "lora: xa must have shape (", s.M, ", ",
+              s.r, "), got ", xa.sizes());
+  const auto [need_x, need_weight, need_bias, need_A, need_B] = output_mask;
+  TORCH_CHECK(!need_weight || weight.has_value(), "lora: grad of weight requested but weight is None");
+  const auto lora_dtype = lora_A.scalar_type();
+  const bool dropout = dropout_p > 0.0;
+  const double keep_scale = 1.0 / (1.0 - dropout_p);
+
+  const at::Tensor g = as_matrix(grad_y, s.N);
+  const at::Tensor x2 = as_matrix(x, s.K);
+
+  // Gradient reaching the LoRA term, in the adapters' dtype; for 'post' it passes
+  // through the regenerated mask (a temporary, never saved).
+  at::Tensor g_lora = g.to(lora_dtype);
+  if (dropout && s.position == DropoutPosition::kPost) {
+    g_lora = owned_copy(g, lora_dtype);
+    dropout_scale_(g_lora, *seed, dropout_p, keep_scale);
+  }
+
+  at::Tensor grad_x = empty_grad(x), grad_weight = empty_grad(x), grad_bias = empty_grad(x);
+  at::Tensor grad_A = empty_grad(lora_A), grad_B = empty_grad(lora_B);
+
+  if (need_B) grad_B = at::mm(g_lora.t(), xa).mul_(scale);  // (N, r)
+  if (need_A || need_x) {
+    const at::Tensor grad_xa = at::mm(g_lora, lora_B).mul_(scale);  // (M, r)
+    if (need_A) {
+      at::Tensor x_lora = x2.to(lora_dtype);
+      if (dropout && s.position == DropoutPosition::kPre) {
+        x_lora = owned_copy(x2, lora_dtype);
+        dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+      }
+      grad_A = at::mm(grad_xa.t(), x_lora);  // (r, K)
+    }
+    if (need_x) {
+      const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
+      if (!pre_dropout && lora_dtype == x.scalar_type()) {
+        grad_x = weight.has_value() ? at::mm(g, *weight) : at::zeros({s.M, s.K}, x.options());
+        grad_x.addmm_(grad_xa, lora_A);
+      } else {
+        at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype
+        if (pre_dropout) dropout_scale_(grad_x_lora, *seed, dropout_p, keep_scale);
+        if (weight.has_value()) {
+          grad_x = at::mm(g, *weight);
+          grad_x.add_(grad_x_lora);
+        } else {
+          grad_x = grad_x_lora.to(x.scalar_type());
+        }
+      }
+      grad_x = grad_x.view(x.sizes());
+    }
+  }
+  if (need_weight) grad_weight = at::mm(g.t(), x2);  // (N, K)
+  if (need_bias) grad_bias = g.sum(0);
+  return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+}
+
+}  // namespace lora

@@ -1,0 +1,30 @@
+// The lora ops written as whole-tensor ATen calls. The same code runs on any
+// device: cuBLAS/MKL do the GEMMs, and only the in-place dropout step has a
+// per-device kernel (lora_cpu.cpp, cuda/lora_cuda.cu).
+#pragma once
+#include <ATen/ATen.h>
+#include <array>
+#include <tuple>
+
+namespace lora {
+
+// t <- where(keep(seed, i), t * kept_scale, 0) for every linear index i of the
+// contiguous tensor t (the mask of philox.h).
+void dropout_scale_cpu_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
+#ifdef LORA_WITH_CUDA
+void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
+#endif
+void dropout_scale_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, c10::string_view backend);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_aten(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask,
+    c10::string_view backend);
+
+}  // namespace lora

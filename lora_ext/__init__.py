@@ -1,0 +1,9 @@
+"""lora_ext: LoRA linear layers built on the torch.ops.lora custom operators.
+
+Importing the package loads the C++ extension (the op schemas and CPU kernels),
+then the Python registrations (fake kernels, autograd, the CUDA kernels). It does
+not initialise CUDA and does not need triton.
+"""
+from . import _C  # noqa: F401  (registers torch.ops.lora.* and the CPU kernels)
+from . import ops  # noqa: F401  (fake kernels and autograd)
+from .kernels import cuda_dispatch  # noqa: F401  (CUDA kernels: Triton or native)

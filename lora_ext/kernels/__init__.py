@@ -1,0 +1,1 @@
+"""Triton kernels of the lora ops and the registration of the ops' CUDA kernels."""
