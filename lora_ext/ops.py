@@ -141,7 +141,9 @@ def check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_positi
 
 
 @torch.library.register_fake("lora::linear")
-def _linear_fake(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend):
+def _linear_fake(
+    x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None, backend="auto"
+):
     M, K, N, r = check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, backend)
     y = x.new_empty(*x.shape[:-1], N)
     xa = lora_A.new_empty(M, r)
@@ -150,7 +152,7 @@ def _linear_fake(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_posi
 
 @torch.library.register_fake("lora::linear_backward")
 def _linear_backward_fake(
-    grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend
+    grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend="auto"
 ):
     M, K, N, r = check_linear_args(x, weight, None, lora_A, lora_B, dropout_p, dropout_position, seed, backend)
     need_x, need_weight, need_bias, need_A, need_B = output_mask
@@ -183,8 +185,14 @@ def _linear_backward_fake(
 # ---------------------------------------------------------------------------
 
 
+_LINEAR_DEFAULTS = (0.0, "post", None, "auto")  # dropout_p, dropout_position, seed, backend
+
+
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend = inputs
+    # Trailing arguments left at their schema defaults may be absent from `inputs`.
+    x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend = (
+        tuple(inputs) + _LINEAR_DEFAULTS[len(inputs) - 6 :]
+    )
     _, xa = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scale = scale
@@ -199,12 +207,12 @@ def _linear_backward(ctx, grad_y, grad_xa):
     need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
     mask = [need_x, need_weight, need_bias, need_A, need_B]
     if not any(mask):
-        return (None,) * 10
+        return (None,) * len(ctx.needs_input_grad)
     grads = torch.ops.lora.linear_backward(
         grad_y, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, ctx.dropout_position, seed, mask,
         ctx.backend,
     )
-    return tuple(g if needed else None for g, needed in zip(grads, mask)) + (None,) * 5
+    return tuple(g if needed else None for g, needed in zip(grads, mask)) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
 torch.library.register_autograd("lora::linear", _linear_backward, setup_context=_linear_setup_context)

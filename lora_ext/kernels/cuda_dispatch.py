@@ -49,7 +49,9 @@ def choose_backend(requested: str, M: int, N: int, K: int) -> str:
 
 
 @torch.library.register_kernel("lora::linear", "cuda")
-def _linear_cuda(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend):
+def _linear_cuda(
+    x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None, backend="auto"
+):
     K = x.shape[-1]
     N = lora_B.shape[0]
     M = x.numel() // max(K, 1)
@@ -62,7 +64,7 @@ def _linear_cuda(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_posi
 
 @torch.library.register_kernel("lora::linear_backward", "cuda")
 def _linear_backward_cuda(
-    grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend
+    grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend="auto"
 ):
     K = x.shape[-1]
     N = lora_B.shape[0]
