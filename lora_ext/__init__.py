@@ -4,6 +4,21 @@ Importing the package loads the C++ extension (the op schemas and CPU kernels),
 then the Python registrations (fake kernels, autograd, the CUDA kernels). It does
 not initialise CUDA and does not need triton.
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (registers torch.ops.lora.* and the CPU kernels)
 from . import ops  # noqa: F401  (fake kernels and autograd)
 from .kernels import cuda_dispatch  # noqa: F401  (CUDA kernels: Triton or native)
+
+from .apply import apply_lora_to_linear_modules
+from .config import PeftConfig
+from .modules import LinearLoRA, LoRATritonFunction, TritonLinearLoRA, patch_linear_module
+
+__all__ = [
+    "PeftConfig",
+    "LinearLoRA",
+    "TritonLinearLoRA",
+    "LoRATritonFunction",
+    "patch_linear_module",
+    "apply_lora_to_linear_modules",
+]
