@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
+# tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
+# Usage: bash scripts/h200_run.sh [tests|bench|all] ; results go to $OUT (or ./out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+what=${1:-all}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+t0=$(date +%s)
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"; grep -E "lora_ext: building" "$OUT/build.log"
+python3 -c "import lora_ext; print('native CUDA kernels built:', lora_ext._C.has_cuda())"
+
+status=0
+if [[ $what == tests || $what == all ]]; then
+  t0=$(date +%s)
+  python3 -m pytest tests -q -x -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  status=${PIPESTATUS[0]}
+  echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
+fi
+if [[ $what == bench || $what == all ]]; then
+  shift || true
+  t0=$(date +%s)
+  python3 benchmarks/bench_linear.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_linear.log" | tail -60
+  echo "bench: $(( $(date +%s) - t0 )) s"
+fi
+exit $status
