@@ -22,3 +22,8 @@ __all__ = [
     "patch_linear_module",
     "apply_lora_to_linear_modules",
 ]
+
+# Ecosystem (issue 5): merging adapters into the base weights.
+from .merge import merge_adapters, merge_and_unload, unmerge_adapters
+
+__all__ += ["merge_adapters", "unmerge_adapters", "merge_and_unload"]

@@ -76,6 +76,8 @@ class LinearLoRA(nn.Linear):
 
     # Which kernel the op runs on CUDA: "auto" lets lora_ext choose (see cuda_dispatch).
     lora_backend = "auto"
+    # True while lora_ext.merge_adapters has folded the adapters into `weight`.
+    merged = False
 
     def __init__(
         self,
@@ -167,6 +169,9 @@ class LinearLoRA(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b + the LoRA term, through torch.ops.lora.linear (dropout in training only)."""
+        if self.merged:
+            # The LoRA term is already inside weight (lora_ext.merge); adding it again would count it twice.
+            return nn.functional.linear(x, self.weight, self.bias)
         dropout_p = self.dropout_p if self.training else 0.0
         return lora_ops.linear(
             x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale,
