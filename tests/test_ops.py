@@ -1,0 +1,741 @@
+"""CPU (and meta) tests of the operators torch.ops.lora.linear and torch.ops.lora.linear_backward.
+
+Every numerical check compares against lora_ext.reference.lora_linear_reference evaluated in
+float64; the dropout mask of the reference comes from its own numpy Philox, so these tests also
+check the kernels' masks. The nn.Module API is tested in test_modules.py and friends.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+import textwrap
+from typing import Iterator, Optional
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora_ext
+from lora_ext import ops
+from lora_ext.reference import dropout_keep_mask, lora_linear_reference
+
+Tensor = torch.Tensor
+
+# Adapter dtype used by the "mixed" samples: a different floating dtype from the base.
+OTHER_LORA_DTYPE = {
+    torch.float32: torch.float16,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float64: torch.float32,
+}
+
+# Largest allowed |actual - reference| relative to max |reference|, by the least precise dtype
+# the computation passes through. Measured errors on these samples are about 10x below these.
+RELATIVE_TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 2e-2,
+}
+
+GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+# ---------------------------------------------------------------------------
+# Sample inputs
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LinearSample:
+    """One call of lora::linear: its arguments, plus a name for failure messages."""
+
+    name: str
+    x: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    lora_A: Tensor
+    lora_B: Tensor
+    scale: float
+    dropout_p: float
+    dropout_position: str
+    seed: Optional[Tensor]
+
+    def op_args(self) -> tuple:
+        return (
+            self.x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale, self.dropout_p,
+            self.dropout_position, self.seed, "auto",
+        )
+
+    def tensors(self) -> dict:
+        """The differentiable arguments that are present, by name."""
+        named = dict(x=self.x, weight=self.weight, bias=self.bias, lora_A=self.lora_A, lora_B=self.lora_B)
+        return {name: t for name, t in named.items() if t is not None}
+
+    def reference(self, **tensors: Optional[Tensor]) -> Tensor:
+        args = {**self.tensors(), **tensors}
+        return lora_linear_reference(
+            args["x"], args.get("weight"), args.get("bias"), args["lora_A"], args["lora_B"], self.scale,
+            self.dropout_p, self.dropout_position, self.seed,
+        )
+
+    @property
+    def lowest_precision_dtype(self) -> torch.dtype:
+        dtypes = {self.x.dtype, self.lora_A.dtype}
+        return max(dtypes, key=lambda dt: RELATIVE_TOLERANCE[dt])
+
+    def __repr__(self) -> str:
+        return f"LinearSample({self.name}, x{tuple(self.x.shape)} {self.x.dtype}, lora {self.lora_A.dtype})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Case:
+    name: str
+    leading: tuple  # x's leading shape; x is leading + (K,)
+    K: int
+    N: int
+    r: int
+    layout: str = "contiguous"  # contiguous | transposed | sliced | expanded_rows | expanded_cols
+    weight: bool = True
+    bias: bool = True
+    dropout_p: float = 0.0
+    position: str = "post"
+    seed: Optional[int] = None
+    seed_0dim: bool = False
+    other_lora_dtype: bool = False
+
+
+# Odd sizes on purpose: K, N in {5, 17, 33}, r in {1, 3, 8}; seeds include 0, one above 2**32
+# (exercises the key's high word) and a negative one (read as its two's complement).
+_CASES = (
+    _Case("1d", (), K=5, N=17, r=1),
+    _Case("1d_pre", (), K=17, N=33, r=8, dropout_p=0.25, position="pre", seed=3, seed_0dim=True),
+    _Case("2d_post_no_bias", (3,), K=17, N=5, r=3, bias=False, dropout_p=0.25, seed=1234567),
+    _Case("3d_pre_no_weight", (2, 3), K=33, N=17, r=8, weight=False, dropout_p=0.25, position="pre", seed=2**40 + 17),
+    _Case("4d_pre", (2, 1, 3), K=5, N=33, r=3, dropout_p=0.25, position="pre", seed=-5),
+    _Case("zero_tokens_post", (0,), K=17, N=5, r=3, dropout_p=0.25, seed=7),
+    _Case("zero_tokens_3d", (2, 0), K=5, N=17, r=1, bias=False),
+    _Case("transposed_post", (7,), K=17, N=33, r=8, layout="transposed", dropout_p=0.25, seed=0),
+    _Case("sliced_pre_lora_only", (3, 5), K=33, N=5, r=1, layout="sliced", weight=False, bias=False,
+          dropout_p=0.25, position="pre", seed=99),
+    _Case("expanded_rows_pre", (6,), K=17, N=5, r=3, layout="expanded_rows", dropout_p=0.25, position="pre", seed=11),
+    _Case("expanded_cols", (2, 4), K=5, N=17, r=8, layout="expanded_cols"),
+    _Case("lora_only", (7,), K=5, N=5, r=3, weight=False, bias=False),
+    _Case("mixed_dtype", (2, 3), K=17, N=33, r=8, other_lora_dtype=True),
+    _Case("mixed_dtype_transposed_post", (5,), K=33, N=17, r=3, layout="transposed", dropout_p=0.25, seed=21,
+          other_lora_dtype=True),
+    _Case("mixed_dtype_pre_no_weight", (4,), K=5, N=17, r=1, weight=False, dropout_p=0.25, position="pre",
+          seed=2**33, seed_0dim=True, other_lora_dtype=True),
+    _Case("mixed_dtype_zero_tokens", (0, 3), K=17, N=5, r=3, dropout_p=0.25, seed=5, other_lora_dtype=True),
+)
+
+
+def _make_x(case: _Case, device, dtype, requires_grad: bool) -> Tensor:
+    """x of shape leading + (K,) in the case's memory layout (a view of a leaf when not contiguous)."""
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    lead, K = case.leading, case.K
+    if case.layout == "contiguous":
+        return leaf(*lead, K)
+    if case.layout == "transposed":  # last dimension has stride != 1
+        return leaf(*lead[:-1], K, lead[-1]).transpose(-1, -2)
+    if case.layout == "sliced":  # every other column and every other leading row of a larger tensor
+        return leaf(2 * lead[0], *lead[1:], 2 * K + 1)[::2, ..., 1::2]
+    if case.layout == "expanded_rows":  # stride 0 across tokens: one row broadcast to all
+        return leaf(*(1 for _ in lead), K).expand(*lead, K)
+    if case.layout == "expanded_cols":  # stride 0 across features
+        return leaf(*lead, 1).expand(*lead, K)
+    raise AssertionError(case.layout)
+
+
+def sample_inputs(device, *, requires_grad: bool, dtype: torch.dtype = torch.float32) -> Iterator[LinearSample]:
+    """Samples of lora::linear with x and the base in `dtype` (style of pytorch/extension-cpp).
+
+    The "mixed_dtype" samples carry adapters in OTHER_LORA_DTYPE[dtype]. Every tensor is random
+    (lora_B included, unlike a fresh LoRA layer) so that every term of the formula is tested.
+    """
+    for case in _CASES:
+        lora_dtype = OTHER_LORA_DTYPE[dtype] if case.other_lora_dtype else dtype
+
+        def make(*shape, dt=dtype, std=1.0):
+            return (torch.randn(*shape, device=device, dtype=dt) * std).requires_grad_(requires_grad)
+
+        seed = None
+        if case.seed is not None:
+            seed = torch.tensor(case.seed if case.seed_0dim else [case.seed], dtype=torch.int64, device=device)
+        yield LinearSample(
+            name=case.name,
+            x=_make_x(case, device, dtype, requires_grad),
+            weight=make(case.N, case.K, std=case.K**-0.5) if case.weight else None,
+            bias=make(case.N) if case.bias else None,
+            lora_A=make(case.r, case.K, dt=lora_dtype, std=case.K**-0.5),
+            lora_B=make(case.N, case.r, dt=lora_dtype),
+            scale=2.0 if case.r == 8 else 0.75,
+            dropout_p=case.dropout_p,
+            dropout_position=case.position,
+            seed=seed,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def assert_close_to_reference(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
+    """max |actual - expected| <= RELATIVE_TOLERANCE[dtype] * max |expected| (expected in float64)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    error = (actual.detach().double() - expected.detach()).abs().max().item()
+    magnitude = expected.detach().abs().max().item()
+    bound = RELATIVE_TOLERANCE[dtype] * magnitude + 1e-12
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g} (max |reference| {magnitude:.3g})"
+
+
+def float64_leaves(sample: LinearSample) -> dict:
+    return {name: t.detach().to(torch.float64, copy=True).requires_grad_() for name, t in sample.tensors().items()}
+
+
+def backward_args(sample: LinearSample, output_mask) -> tuple:
+    """Arguments of lora::linear_backward for `sample`, with xa taken from the forward op."""
+    with torch.no_grad():
+        y, xa = torch.ops.lora.linear(*sample.op_args())
+    grad_y = torch.randn_like(y)
+    s = sample
+    return (
+        grad_y, s.x.detach(), None if s.weight is None else s.weight.detach(), s.lora_A.detach(),
+        s.lora_B.detach(), xa, s.scale, s.dropout_p, s.dropout_position, s.seed, list(output_mask), "auto",
+    )
+
+
+def small_inputs(dtype=torch.float32, *, M=4, K=5, N=7, r=3, requires_grad=True):
+    def make(*shape, std=1.0):
+        return (torch.randn(*shape, dtype=dtype) * std).requires_grad_(requires_grad)
+
+    return make(M, K), make(N, K, std=K**-0.5), make(N), make(r, K, std=K**-0.5), make(N, r)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every operator call that reaches the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------
+# Numerics: forward and every gradient against the float64 reference
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_forward_and_gradients_match_reference(dtype):
+    torch.manual_seed(0)
+    for sample in sample_inputs("cpu", requires_grad=True, dtype=dtype):
+        tol_dtype = sample.lowest_precision_dtype
+        y, xa = torch.ops.lora.linear(*sample.op_args())
+        leaves = float64_leaves(sample)
+        expected = sample.reference(**leaves)
+
+        assert y.dtype == dtype, f"{sample}: y dtype {y.dtype}"
+        assert xa.dtype == sample.lora_A.dtype and xa.shape == (math.prod(sample.x.shape[:-1]), sample.lora_A.shape[0])
+        assert_close_to_reference(y, expected, tol_dtype, f"{sample} y")
+
+        grad_y = torch.randn_like(y)
+        inputs = sample.tensors()
+        grads = torch.autograd.grad(y, list(inputs.values()), grad_y)
+        expected_grads = torch.autograd.grad(expected, list(leaves.values()), grad_y.double())
+        for name, grad, expected_grad in zip(inputs, grads, expected_grads):
+            assert grad.dtype == inputs[name].dtype, f"{sample}: grad of {name} has dtype {grad.dtype}"
+            assert_close_to_reference(grad, expected_grad, tol_dtype, f"{sample} grad {name}")
+
+
+def test_gradients_from_a_broadcast_grad_output_match_reference():
+    # y.sum().backward() hands backward a stride-0 (expanded) grad_y.
+    torch.manual_seed(1)
+    for sample in sample_inputs("cpu", requires_grad=True):
+        y = ops.linear(*sample.op_args())
+        inputs = sample.tensors()
+        grads = torch.autograd.grad(y.sum(), list(inputs.values()))
+        leaves = float64_leaves(sample)
+        expected_grads = torch.autograd.grad(sample.reference(**leaves).sum(), list(leaves.values()))
+        for name, grad, expected_grad in zip(inputs, grads, expected_grads):
+            assert_close_to_reference(grad, expected_grad, sample.lowest_precision_dtype, f"{sample} grad {name}")
+
+
+def test_wrapper_matches_op_and_returns_only_y():
+    torch.manual_seed(2)
+    for sample in sample_inputs("cpu", requires_grad=False):
+        y = ops.linear(*sample.op_args())
+        y_op, _ = torch.ops.lora.linear(*sample.op_args())
+        torch.testing.assert_close(y, y_op, rtol=0, atol=0)
+
+
+def test_linear_backward_op_matches_reference_for_every_mask():
+    torch.manual_seed(3)
+    masks = [(True,) * 5, (True, False, False, True, True), (False, False, False, True, False), (False,) * 5]
+    for sample in sample_inputs("cpu", requires_grad=False):
+        leaves = float64_leaves(sample)
+        expected = sample.reference(**leaves)
+        for mask in masks:
+            mask = tuple(m and sample.tensors().get(name) is not None for m, name in zip(mask, GRAD_NAMES))
+            args = backward_args(sample, mask)
+            grads = torch.ops.lora.linear_backward(*args)
+            expected_grads = torch.autograd.grad(
+                expected, list(leaves.values()), args[0].double(), retain_graph=True
+            )
+            expected_by_name = dict(zip(leaves, expected_grads))
+            for name, needed, grad in zip(GRAD_NAMES, mask, grads):
+                if needed:
+                    assert_close_to_reference(grad, expected_by_name[name], sample.lowest_precision_dtype,
+                                              f"{sample} mask {mask} grad {name}")
+                else:
+                    assert grad.shape == (0,), f"{sample} mask {mask}: unneeded grad {name} has shape {grad.shape}"
+
+
+# ---------------------------------------------------------------------------
+# opcheck
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_opcheck_linear(requires_grad):
+    torch.manual_seed(4)
+    for sample in sample_inputs("cpu", requires_grad=requires_grad):
+        torch.library.opcheck(torch.ops.lora.linear.default, sample.op_args())
+
+
+def test_opcheck_linear_backward_with_output_mask_subsets():
+    torch.manual_seed(5)
+    masks = [
+        (True,) * 5,
+        (False, False, False, True, True),  # the usual LoRA case: frozen base, input needs no grad
+        (True, False, False, True, True),
+        (False, True, True, False, False),
+        (False,) * 5,
+    ]
+    for i, sample in enumerate(sample_inputs("cpu", requires_grad=False)):
+        mask = masks[i % len(masks)]
+        if sample.weight is None:
+            mask = (mask[0], False) + mask[2:]
+        torch.library.opcheck(torch.ops.lora.linear_backward.default, backward_args(sample, mask))
+
+
+# ---------------------------------------------------------------------------
+# gradcheck and double backward
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dropout_p, position", [(0.0, "post"), (0.3, "post"), (0.3, "pre")], ids=["no_dropout", "post", "pre"]
+)
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
+def test_gradcheck_float64(dropout_p, position, with_weight):
+    torch.manual_seed(6)
+    x, weight, bias, lora_A, lora_B = small_inputs(torch.float64)
+    x = x.detach().reshape(2, 2, 5).requires_grad_()  # 3-D x: leading dims are flattened and restored
+    if not with_weight:
+        weight = None
+    seed = torch.tensor([987654321], dtype=torch.int64)
+
+    def y_of(*tensors):
+        x, lora_A, lora_B, bias, *rest = tensors
+        w = rest[0] if rest else None
+        return torch.ops.lora.linear(x, w, bias, lora_A, lora_B, 1.5, dropout_p, position, seed)[0]
+
+    inputs = (x, lora_A, lora_B, bias) + ((weight,) if weight is not None else ())
+    assert torch.autograd.gradcheck(y_of, inputs)
+
+
+def test_double_backward_raises_clear_error():
+    x, weight, bias, lora_A, lora_B = small_inputs()
+    y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5)
+    (grad_A,) = torch.autograd.grad(y.square().sum(), lora_A, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_A.sum().backward()
+
+
+# ---------------------------------------------------------------------------
+# Only the gradients that are needed
+# ---------------------------------------------------------------------------
+
+
+def test_only_adapter_gradients_when_base_and_input_are_frozen():
+    x, weight, bias, lora_A, lora_B = small_inputs(requires_grad=False)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5, 0.25, "pre")
+    with RecordOps() as recorded:
+        y.sum().backward()
+    assert x.grad is None and weight.grad is None and bias.grad is None
+    assert lora_A.grad is not None and lora_B.grad is not None
+    backward_calls = [args for func, args in recorded.calls if func is torch.ops.lora.linear_backward.default]
+    assert len(backward_calls) == 1
+    assert list(backward_calls[0][10]) == [False, False, False, True, True]
+
+
+@pytest.mark.parametrize("trainable", ["x", "weight", "bias", "lora_A", "lora_B"])
+def test_one_trainable_tensor_asks_backward_for_its_gradient_only(trainable):
+    inputs = dict(zip(GRAD_NAMES, small_inputs(requires_grad=False)))
+    inputs[trainable].requires_grad_()
+    y = ops.linear(*inputs.values(), 0.5)
+    with RecordOps() as recorded:
+        (grad,) = torch.autograd.grad(y.sum(), inputs[trainable])
+    assert grad.shape == inputs[trainable].shape
+    (call,) = [args for func, args in recorded.calls if func is torch.ops.lora.linear_backward.default]
+    assert list(call[10]) == [name == trainable for name in GRAD_NAMES]
+
+
+def test_linear_backward_returns_empty_tensors_for_unneeded_gradients():
+    x, weight, bias, lora_A, lora_B = small_inputs(requires_grad=False)
+    y, xa = torch.ops.lora.linear(x, weight, bias, lora_A, lora_B, 0.5)
+    grads = torch.ops.lora.linear_backward(
+        torch.randn_like(y), x, weight, lora_A, lora_B, xa, 0.5, 0.0, "post", None, [False, False, False, True, True]
+    )
+    assert [tuple(g.shape) for g in grads] == [(0,), (0,), (0,), tuple(lora_A.shape), tuple(lora_B.shape)]
+    # The typed wrapper turns the empty ones into None.
+    wrapped = ops.linear_backward(
+        torch.randn_like(y), x, weight, lora_A, lora_B, xa, 0.5, 0.0, "post", None, [False, False, False, True, True]
+    )
+    assert wrapped[:3] == (None, None, None) and wrapped[3].shape == lora_A.shape
+
+
+# ---------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_dropout_matches_reference_with_same_seed(position):
+    torch.manual_seed(7)
+    x, weight, bias, lora_A, lora_B = small_inputs(M=64, K=33, N=17, r=8)
+    seed = torch.tensor([424242], dtype=torch.int64)
+    y = ops.linear(x, weight, bias, lora_A, lora_B, 2.0, 0.5, position, seed)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, lora_A, lora_B)]
+    expected = lora_linear_reference(*leaves, 2.0, 0.5, position, seed)
+    assert_close_to_reference(y, expected, torch.float32, f"{position} y")
+    # The other position's formula gives a different result: the test tells pre from post.
+    other = lora_linear_reference(*leaves, 2.0, 0.5, "post" if position == "pre" else "pre", seed)
+    assert (y.double() - other).abs().max() > 1e-2
+    # Backward regenerates the forward's mask from the seed.
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, weight, bias, lora_A, lora_B), grad_y)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_y.double())
+    for name, grad, expected_grad in zip(GRAD_NAMES, grads, expected_grads):
+        assert_close_to_reference(grad, expected_grad, torch.float32, f"{position} grad {name}")
+
+
+def test_same_seed_gives_identical_results_and_other_seeds_differ():
+    x, weight, bias, lora_A, lora_B = small_inputs(M=32, K=17, N=33, r=3, requires_grad=False)
+    for position in ("pre", "post"):
+        outs = [
+            ops.linear(x, weight, bias, lora_A, lora_B, 1.0, 0.25, position, torch.tensor([s], dtype=torch.int64))
+            for s in (5, 5, 6)
+        ]
+        assert torch.equal(outs[0], outs[1])
+        assert not torch.equal(outs[0], outs[2])
+
+
+def test_manual_seed_reproduces_drawn_seeds():
+    x, weight, bias, lora_A, lora_B = small_inputs(M=32, K=17, N=33, r=3, requires_grad=False)
+    for position in ("pre", "post"):
+        torch.manual_seed(1234)
+        first = ops.linear(x, weight, bias, lora_A, lora_B, 1.0, 0.25, position)
+        second = ops.linear(x, weight, bias, lora_A, lora_B, 1.0, 0.25, position)
+        torch.manual_seed(1234)
+        again = ops.linear(x, weight, bias, lora_A, lora_B, 1.0, 0.25, position)
+        torch.manual_seed(1234)
+        drawn = ops.draw_seed(x.device)
+        explicit = ops.linear(x, weight, bias, lora_A, lora_B, 1.0, 0.25, position, drawn)
+        assert torch.equal(first, again)
+        assert torch.equal(first, explicit)
+        assert not torch.equal(first, second)  # each call draws a fresh seed, hence a fresh mask
+
+
+def test_drawn_seed_is_int64_on_inputs_device():
+    torch.manual_seed(0)
+    seed = ops.draw_seed(torch.device("cpu"))
+    assert seed.dtype == torch.int64 and seed.numel() == 1 and seed.device.type == "cpu"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
+def test_post_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p):
+    # weight None and bias None: y is exactly drop(s * x A^T B^T), so its zeros are the mask.
+    torch.manual_seed(8)
+    M, K, N, r = 512, 5, 256, 3
+    x, _, _, lora_A, lora_B = small_inputs(M=M, K=K, N=N, r=r, requires_grad=False)
+    seed = torch.tensor([2**35 + 3], dtype=torch.int64)
+    clean = ops.linear(x, None, None, lora_A, lora_B, 1.0)
+    y = ops.linear(x, None, None, lora_A, lora_B, 1.0, p, "post", seed)
+    kept = y != 0
+    assert torch.equal(kept, dropout_keep_mask(int(seed), M, N, p))
+    torch.testing.assert_close(y[kept], clean[kept] / (1 - p), rtol=1e-6, atol=1e-6)
+    _assert_kept_fraction(kept, p)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_pre_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p):
+    # lora_A = lora_B = identity, no base: y = drop(x), so the mask over x is visible in y.
+    torch.manual_seed(9)
+    M, K = 2048, 64
+    x = torch.randn(M, K)
+    eye = torch.eye(K)
+    seed = torch.tensor([77], dtype=torch.int64)
+    y = ops.linear(x, None, None, eye, eye, 1.0, p, "pre", seed)
+    kept = y != 0
+    assert torch.equal(kept, dropout_keep_mask(77, M, K, p))
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    _assert_kept_fraction(kept, p)
+
+
+def _assert_kept_fraction(kept: Tensor, p: float) -> None:
+    n = kept.numel()
+    fraction = kept.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(fraction - (1 - p)) < 6 * sigma, f"kept {fraction:.4f}, expected {1 - p} +- {6 * sigma:.4f}"
+
+
+def test_dropout_in_eval_style_p_zero_ignores_seed():
+    x, weight, bias, lora_A, lora_B = small_inputs(requires_grad=False)
+    with_seed = ops.linear(x, weight, bias, lora_A, lora_B, 1.0, 0.0, "pre", torch.tensor([3]))
+    without = ops.linear(x, weight, bias, lora_A, lora_B, 1.0)
+    torch.testing.assert_close(with_seed, without, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# What forward saves for backward
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+@pytest.mark.parametrize("x_requires_grad", [True, False], ids=["x_grad", "x_frozen"])
+def test_forward_saves_nothing_activation_sized(position, x_requires_grad):
+    # Sizes chosen so that M*K, M*N, N*K, r*K, N*r and M*r all differ.
+    M, K, N, r = 6, 17, 33, 3
+    x, weight, bias, lora_A, lora_B = small_inputs(M=M, K=K, N=N, r=r)
+    x = x.detach().reshape(2, 3, K).requires_grad_(x_requires_grad)
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ops.linear(x, weight, bias, lora_A, lora_B, 1.0, 0.5, position)
+    y.sum().backward()  # the saved tensors are enough for backward
+
+    assert saved, "forward saved nothing: the hook did not see lora::linear's autograd"
+    for t in saved:
+        if t.numel() == x.numel():
+            assert t.data_ptr() == x.data_ptr() and t.shape == x.shape, "a copy of x (e.g. dropped x) was saved"
+        assert t.numel() != M * N, f"an output-sized tensor {tuple(t.shape)} was saved"
+    budget = x.numel() + weight.numel() + lora_A.numel() + lora_B.numel() + M * r + 1
+    total = sum(t.numel() for t in saved)
+    assert total <= budget, f"saved {total} elements ({[tuple(t.shape) for t in saved]}), budget {budget}"
+
+
+# ---------------------------------------------------------------------------
+# Meta device (fake kernels)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_meta_forward_and_backward_shapes(dtype):
+    for sample in sample_inputs("meta", requires_grad=True, dtype=dtype):
+        y, xa = torch.ops.lora.linear(*sample.op_args())
+        M, N, r = math.prod(sample.x.shape[:-1]), sample.lora_B.shape[0], sample.lora_A.shape[0]
+        assert y.device.type == "meta" and xa.device.type == "meta"
+        assert y.shape == (*sample.x.shape[:-1], N) and y.dtype == dtype, sample
+        assert xa.shape == (M, r) and xa.dtype == sample.lora_A.dtype, sample
+        inputs = sample.tensors()
+        grads = torch.autograd.grad(y, list(inputs.values()), torch.ones_like(y))
+        for name, grad in zip(inputs, grads):
+            assert grad.device.type == "meta"
+            assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, f"{sample} {name}"
+
+
+def test_meta_backward_op_respects_output_mask():
+    sample = next(iter(sample_inputs("meta", requires_grad=False)))
+    args = backward_args(sample, (False, True, False, True, False))
+    grads = torch.ops.lora.linear_backward(*args)
+    assert [tuple(g.shape) for g in grads] == [
+        (0,), tuple(sample.weight.shape), (0,), tuple(sample.lora_A.shape), (0,)
+    ]
+
+
+def test_meta_output_shape_matches_cpu():
+    torch.manual_seed(10)
+    for sample in sample_inputs("cpu", requires_grad=False, dtype=torch.float16):
+        meta_args = tuple(a.to("meta") if isinstance(a, Tensor) else a for a in sample.op_args())
+        y_cpu, xa_cpu = torch.ops.lora.linear(*sample.op_args())
+        y_meta, xa_meta = torch.ops.lora.linear(*meta_args)
+        for cpu, meta in ((y_cpu, y_meta), (xa_cpu, xa_meta)):
+            assert cpu.shape == meta.shape and cpu.dtype == meta.dtype and cpu.stride() == meta.stride(), sample
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, from the C++ kernel and from the fake kernel
+# ---------------------------------------------------------------------------
+
+
+def _valid_args(device):
+    torch.manual_seed(11)
+    x, weight, bias, lora_A, lora_B = (t.to(device) for t in small_inputs(M=3, K=5, N=7, r=2, requires_grad=False))
+    return dict(
+        x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, scale=0.5, dropout_p=0.0,
+        dropout_position="post", seed=None,
+    )
+
+
+def _bad(**changes):
+    """A function of the device giving valid arguments with `changes` (callables of the valid ones) applied."""
+
+    def build(device):
+        args = _valid_args(device)
+        for name, change in changes.items():
+            args[name] = change(args) if callable(change) else change
+        return args
+
+    return build
+
+
+BAD_INPUTS = {
+    "lora_A_in_features": (
+        _bad(lora_A=lambda a: torch.randn(2, 6, device=a["x"].device)), RuntimeError, r"lora_A\.shape\[1\]"),
+    "lora_A_not_2d": (_bad(lora_A=lambda a: a["lora_A"].reshape(-1)), RuntimeError, r"lora_A must be 2-D"),
+    "lora_B_out_features": (
+        _bad(lora_B=lambda a: torch.randn(8, 2, device=a["x"].device)), RuntimeError, r"lora_B must have shape"),
+    "lora_B_rank": (
+        _bad(lora_B=lambda a: torch.randn(7, 3, device=a["x"].device)), RuntimeError, r"lora_B must have shape"),
+    "weight_in_features": (
+        _bad(weight=lambda a: torch.randn(7, 6, device=a["x"].device)), RuntimeError, r"weight\.shape\[1\]"),
+    "weight_not_2d": (_bad(weight=lambda a: a["weight"].reshape(-1)), RuntimeError, r"weight must be 2-D"),
+    "weight_dtype": (_bad(weight=lambda a: a["weight"].double()), TypeError, r"weight dtype"),
+    "bias_shape": (_bad(bias=lambda a: torch.randn(6, device=a["x"].device)), RuntimeError, r"bias must have shape"),
+    "bias_dtype": (_bad(bias=lambda a: a["bias"].half()), TypeError, r"bias dtype"),
+    "x_int64": (_bad(x=lambda a: torch.ones(3, 5, dtype=torch.int64, device=a["x"].device)), TypeError, r"\bx must"),
+    "x_complex": (_bad(x=lambda a: torch.randn(3, 5, dtype=torch.complex64, device=a["x"].device)), TypeError,
+                  r"\bx must"),
+    "lora_A_int32": (
+        _bad(lora_A=lambda a: torch.ones(2, 5, dtype=torch.int32, device=a["x"].device),
+             lora_B=lambda a: torch.ones(7, 2, dtype=torch.int32, device=a["x"].device)),
+        TypeError, r"lora_A must be float"),
+    "lora_dtypes_differ": (_bad(lora_B=lambda a: a["lora_B"].half()), TypeError, r"lora_A .*and lora_B"),
+    "x_0dim": (_bad(x=lambda a: torch.tensor(1.0, device=a["x"].device)), RuntimeError, r"\bx must have at least 1"),
+    "p_one": (_bad(dropout_p=1.0, seed=lambda a: torch.tensor([1], device=a["x"].device)), ValueError, r"dropout_p"),
+    "p_negative": (_bad(dropout_p=-0.1), ValueError, r"dropout_p"),
+    "p_nan": (_bad(dropout_p=float("nan")), ValueError, r"dropout_p"),
+    "unknown_position": (_bad(dropout_position="middle"), ValueError, r"dropout_position"),
+    "dropout_without_seed": (_bad(dropout_p=0.25), RuntimeError, r"seed"),
+    "seed_int32": (
+        _bad(dropout_p=0.25, seed=lambda a: torch.tensor([1], dtype=torch.int32, device=a["x"].device)),
+        TypeError, r"seed must be an int64"),
+    "seed_two_elements": (
+        _bad(dropout_p=0.25, seed=lambda a: torch.tensor([1, 2], dtype=torch.int64, device=a["x"].device)),
+        TypeError, r"seed must be an int64 tensor with one element"),
+}
+
+
+def _call_linear(args):
+    return torch.ops.lora.linear(
+        args["x"], args["weight"], args["bias"], args["lora_A"], args["lora_B"], args["scale"], args["dropout_p"],
+        args["dropout_position"], args["seed"],
+    )
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_clear_error(case, device):
+    build, error_type, message = BAD_INPUTS[case]
+    with pytest.raises(error_type, match=message):
+        _call_linear(build(device))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("name", ["weight", "bias", "lora_A", "lora_B", "seed"])
+def test_tensors_on_different_devices_raise(name, device):
+    other = "meta" if device == "cpu" else "cpu"
+    args = _valid_args(device)
+    if name == "seed":
+        args["dropout_p"] = 0.25
+        args["seed"] = torch.tensor([1], dtype=torch.int64)
+    moved = args[name]
+    args[name] = torch.ones(moved.shape, dtype=moved.dtype, device=other)  # meta tensors cannot be copied
+    with pytest.raises(RuntimeError, match=rf"{name} is on .* but x is on"):
+        _call_linear(args)
+
+
+def test_wrapper_rejects_p_outside_range_before_drawing_a_seed():
+    args = _valid_args("cpu")
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.linear(args["x"], args["weight"], args["bias"], args["lora_A"], args["lora_B"], 0.5, 1.5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_linear_backward_bad_input(device):
+    args = _valid_args(device)
+    x, weight, lora_A, lora_B = args["x"], args["weight"], args["lora_A"], args["lora_B"]
+    grad_y = torch.randn(3, 7, device=device)
+    xa = torch.randn(3, 2, device=device)
+    mask = [True] * 5
+    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+        torch.ops.lora.linear_backward(torch.randn(3, 8, device=device), x, weight, lora_A, lora_B, xa, 0.5, 0.0,
+                                       "post", None, mask)
+    with pytest.raises(RuntimeError, match="xa must have shape"):
+        torch.ops.lora.linear_backward(grad_y, x, weight, lora_A, lora_B, torch.randn(3, 3, device=device), 0.5,
+                                       0.0, "post", None, mask)
+    with pytest.raises(RuntimeError, match="grad of weight requested but weight is None"):
+        torch.ops.lora.linear_backward(grad_y, x, None, lora_A, lora_B, xa, 0.5, 0.0, "post", None, mask)
+    with pytest.raises(RuntimeError, match="seed"):
+        torch.ops.lora.linear_backward(grad_y, x, weight, lora_A, lora_B, xa, 0.5, 0.25, "post", None, mask)
+
+
+# ---------------------------------------------------------------------------
+# Registration: schema and CPU kernel come from C++
+# ---------------------------------------------------------------------------
+
+
+def test_cpu_kernels_registered_in_cpp():
+    for op in ("lora::linear", "lora::linear_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"), op  # the fake kernel
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd"), op
+
+
+def test_schema_defined_by_the_extension_alone():
+    # Load only the compiled extension (not the lora_ext package, whose ops.py adds the Python
+    # registrations): the schemas and the CPU kernels must already be there.
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, torch
+        spec = importlib.util.spec_from_file_location("lora_ext._C", {lora_ext._C.__file__!r})
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        assert "lora_ext" not in sys.modules and "lora_ext.ops" not in sys.modules
+        for op in ("lora::linear", "lora::linear_backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"), op
+        print(torch.ops.lora.linear.default._schema)
+        print(torch.ops.lora.linear_backward.default._schema)
+        x = torch.randn(2, 3)
+        y, xa = torch.ops.lora.linear(x, None, None, torch.randn(1, 3), torch.randn(4, 1), 1.0)
+        assert y.shape == (2, 4) and xa.shape == (2, 1)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    linear_schema, backward_schema = result.stdout.strip().splitlines()
+    assert linear_schema.startswith("lora::linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A")
+    assert "float dropout_p=0." in linear_schema and "Tensor? seed=None" in linear_schema
+    assert backward_schema.startswith("lora::linear_backward(Tensor grad_y")
+    assert "bool[5] output_mask" in backward_schema
