@@ -19,7 +19,6 @@ Two ways to get one, sharing all their code:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn

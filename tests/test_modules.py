@@ -9,7 +9,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import lora_ext
 from lora_ext import LinearLoRA, LoRATritonFunction, TritonLinearLoRA, patch_linear_module
