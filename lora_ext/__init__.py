@@ -27,3 +27,8 @@ __all__ = [
 from .merge import merge_adapters, merge_and_unload, unmerge_adapters
 
 __all__ += ["merge_adapters", "unmerge_adapters", "merge_and_unload"]
+
+# Ecosystem (issue 5): adapters in the Hugging Face PEFT format.
+from .adapters import AdapterMismatchError, load_adapter, read_adapter_config, save_adapter
+
+__all__ += ["save_adapter", "load_adapter", "read_adapter_config", "AdapterMismatchError"]
