@@ -32,3 +32,8 @@ __all__ += ["merge_adapters", "unmerge_adapters", "merge_and_unload"]
 from .adapters import AdapterMismatchError, load_adapter, read_adapter_config, save_adapter
 
 __all__ += ["save_adapter", "load_adapter", "read_adapter_config", "AdapterMismatchError"]
+
+# Ecosystem (issue 5): the meta-device flow's last step.
+from .meta import materialize
+
+__all__ += ["materialize"]
