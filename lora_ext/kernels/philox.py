@@ -1,0 +1,105 @@
+"""The dropout mask of every lora backend, as Triton device functions.
+
+Element `index` (the row-major linear index into the M x C tensor being dropped) is kept iff
+
+    (philox_first_word(seed, index) >> 1) >= floor(p * 2**31)
+
+where philox_first_word is the first output word of Philox-4x32-10 with counter
+(lo32(index), hi32(index), 0, 0) and key (lo32(seed), hi32(seed)). This is csrc/philox.h,
+bit for bit. It is written out here instead of calling tl.randint because how
+tl.randint splits an int64 offset into the counter has changed between triton
+versions; the mask must not depend on the installed triton.
+
+`dropout_keep_mask` materialises the mask with a small kernel: the float64 fallback of
+triton_lora.py uses it (a temporary, never saved), and the tests compare it with
+lora_ext.reference.dropout_keep_mask.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
+# All four are >= 2**31, so Triton types them uint32, like the counter words.
+PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
+PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
+PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
+PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
+
+
+@triton.jit
+def load_seed_words(seed_ptr):
+    """The Philox key (lo32(seed), hi32(seed)) of the int64 seed stored at seed_ptr.
+
+    Read on the device so that no host sync is needed (CUDA graphs, torch.compile).
+    """
+    seed = tl.load(seed_ptr)
+    # int64 -> uint32 keeps the low 32 bits; for the high word an arithmetic shift of a
+    # negative seed leaves the same low 32 bits as the logical shift of philox.h.
+    return seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
+
+
+@triton.jit
+def philox_first_word(key_lo, key_hi, counter_lo, counter_hi):
+    """First output word of Philox-4x32-10 for counter (counter_lo, counter_hi, 0, 0).
+
+    All arguments are uint32 (the counters a block, the key scalars). Each 32 x 32-bit
+    product is formed once as a uint64 (hi and lo word from one wide multiply, which the
+    GPU does in one instruction); the key schedule adds in uint64 and keeps the low word.
+    Neither wraps a 32-bit integer, so Triton's overflow sanitizer (on in the
+    interpreter) has nothing to check.
+    """
+    c0 = counter_lo
+    c1 = counter_hi
+    c2 = counter_lo * 0
+    c3 = counter_lo * 0
+    k0 = key_lo
+    k1 = key_hi
+    for _ in tl.static_range(10):
+        product_b = c2.to(tl.uint64) * PHILOX_ROUND_B
+        product_a = c0.to(tl.uint64) * PHILOX_ROUND_A
+        c0 = (product_b >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (product_a >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = product_b.to(tl.uint32)
+        c3 = product_a.to(tl.uint32)
+        k0 = (k0.to(tl.uint64) + PHILOX_KEY_A).to(tl.uint32)
+        k1 = (k1.to(tl.uint64) + PHILOX_KEY_B).to(tl.uint32)
+    return c0
+
+
+@triton.jit
+def dropout_keep(key_lo, key_hi, index, threshold):
+    """True where the element at int64 linear `index` survives dropout with the given
+    threshold (floor(p * 2**31), an int32 scalar)."""
+    word = philox_first_word(key_lo, key_hi, index.to(tl.uint32), (index >> 32).to(tl.uint32))
+    # word >> 1 < 2**31, so comparing as int32 is exact.
+    return (word >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, seed_ptr, first_index, numel, threshold, BLOCK: tl.constexpr):
+    offset = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    key_lo, key_hi = load_seed_words(seed_ptr)
+    keep = dropout_keep(key_lo, key_hi, first_index + offset, threshold)
+    tl.store(out_ptr + offset, keep.to(tl.uint8), mask=offset < numel)
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p * 2**31), as dropout_threshold in csrc/philox.h."""
+    return int(p * 2147483648.0)
+
+
+def keep_mask_range(seed: torch.Tensor, first_index: int, numel: int, p: float) -> torch.Tensor:
+    """Boolean keep-mask of the linear indices first_index .. first_index + numel - 1."""
+    out = torch.empty((numel,), dtype=torch.uint8, device=seed.device)
+    if numel > 0:
+        block = 1024
+        grid = (triton.cdiv(numel, block),)
+        _keep_mask_kernel[grid](out, seed, first_index, numel, dropout_threshold(p), BLOCK=block)
+    return out.view(torch.bool)
+
+
+def dropout_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """Boolean (rows, cols) keep-mask on seed's device, element (i, j) at index i * cols + j."""
+    return keep_mask_range(seed, 0, rows * cols, p).view(rows, cols)

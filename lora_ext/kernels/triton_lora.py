@@ -1,0 +1,676 @@
+"""Triton implementation of lora::linear and lora::linear_backward (SPEC.md section 1).
+
+The base GEMMs (x W^T, dY W, dY^T x) stay on cuBLAS through torch; the Triton kernels
+make the rank-r LoRA path cheap and never write anything of activation size except
+the op's own outputs. With x2 = x as (M, K), g = dY as (M, N), s = scale:
+
+  forward    xa = drop_pre(x2) A^T                  _lora_down_kernel  (one pass over x)
+             y  = b + drop_post(s xa B^T)           _lora_up_kernel    (writes y once)
+             y += x2 W^T                            torch addmm_ (beta=1: cuBLAS adds y in its epilogue)
+  backward   dxa = s drop_post(g) B,
+             dB  = s drop_post(g)^T xa              _lora_down_kernel  (one pass over g for both)
+             dx  = drop_pre(dxa A),
+             dA  = dxa^T drop_pre(x2)               _lora_up_kernel    (one pass over x for both)
+             dx += g W                              torch addmm_
+             dW  = g^T x2, db = sum_rows(g)         torch
+
+Dropout masks are generated in the kernels from the seed tensor (lora_ext/kernels/philox.py)
+and regenerated in backward; no mask and no dropped copy is written. Reductions whose
+output is small (xa/dxa over a long row when M is small, dB and dA over M) are split
+across programs into float32 partials, which `_sum_partials_kernel` adds in a fixed
+order: results are deterministic (no atomics).
+
+The LoRA path runs in lora_A's dtype with float32 accumulation; y and grad_x are
+written in x's dtype. float64 (gradcheck) does not go through tl.dot: any call with
+a float64 x or adapters runs `_composite_forward` / `_composite_backward`, the
+torch composition of csrc/lora_aten.cpp, with the dropout mask from philox.py.
+
+All functions also run on CPU tensors under TRITON_INTERPRET=1 (set before triton is
+imported); the interpreter gets small blocks so the tests exercise every split.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import ops
+from .philox import dropout_keep, dropout_keep_mask, dropout_threshold, load_seed_words
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_down_kernel(
+    inp_ptr, panel_ptr, out_ptr, rows_ptr, panel_grad_ptr, seed_ptr,
+    M, C, R,
+    stride_im, stride_ic,
+    stride_pc, stride_pr,
+    stride_os, stride_om, stride_or,
+    stride_rm, stride_rr,
+    stride_gs, stride_gc, stride_gr,
+    blocks_m_per_group, blocks_c_per_group,
+    out_scale, drop_threshold, keep_scale,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
+    COMPUTE_OUT: tl.constexpr, COMPUTE_PANEL_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One pass over inp (M x C) for the rank-r products that contract or reduce it.
+
+    With inp~ = drop(inp) (mask index m * C + c, kept values times keep_scale):
+      COMPUTE_OUT:        out[m, :] = out_scale * inp~[m, :] @ panel        (M x R; panel is C x R)
+      COMPUTE_PANEL_GRAD: panel_grad[c, :] = inp~[:, c]^T @ rows            (C x R; rows is M x R)
+    Program (i, j) covers the m-blocks of group i and the c-blocks of group j. Its out
+    is a partial over its c-range, written to slice j of out (stride_os; the launcher
+    sums the slices when there is more than one). Its panel_grad rows are a float32
+    partial over its m-range, accumulated in slice i of panel_grad across its m-blocks
+    (each program owns its slice rows, so no atomics).
+    forward: inp = x, panel = A^T, out = xa.  backward: inp = dY, panel = B, out = dxa,
+    rows = xa, panel_grad = dB / s.
+    """
+    pid_m_group = tl.program_id(0)
+    pid_c_group = tl.program_id(1)
+    mb_start = pid_m_group * blocks_m_per_group
+    mb_end = tl.minimum(mb_start + blocks_m_per_group, tl.cdiv(M, BLOCK_M))
+    cb_start = pid_c_group * blocks_c_per_group
+    cb_end = tl.minimum(cb_start + blocks_c_per_group, tl.cdiv(C, BLOCK_C))
+    r = tl.arange(0, R_PAD)
+    r_ok = r < R
+    # int64 row and column indices: m * stride and m * C may pass 2**31. (The loop
+    # counters stay int32 and only count blocks within this program.)
+    m_first = mb_start.to(tl.int64) * BLOCK_M
+    c_first = cb_start.to(tl.int64) * BLOCK_C
+    if DROPOUT:
+        key_lo, key_hi = load_seed_words(seed_ptr)
+
+    for mb in range(mb_start, mb_end):
+        m = m_first + (mb - mb_start) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        if COMPUTE_PANEL_GRAD:
+            rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
+                           mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+        for cb in range(cb_start, cb_end):
+            c = c_first + (cb - cb_start) * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic,
+                          mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            if DROPOUT:
+                keep = dropout_keep(key_lo, key_hi, m[:, None] * C + c[None, :], drop_threshold)
+                inp = tl.where(keep, inp.to(tl.float32) * keep_scale, 0.0)
+            inp = inp.to(COMPUTE_DTYPE)
+            if COMPUTE_OUT:
+                panel = tl.load(panel_ptr + c[:, None] * stride_pc + r[None, :] * stride_pr,
+                                mask=c_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+                acc = tl.dot(inp, panel, acc, input_precision=INPUT_PRECISION)
+            if COMPUTE_PANEL_GRAD:
+                contribution = tl.dot(tl.trans(inp), rows, input_precision=INPUT_PRECISION)
+                grad_ptrs = (panel_grad_ptr + pid_m_group.to(tl.int64) * stride_gs
+                             + c[:, None] * stride_gc + r[None, :] * stride_gr)
+                grad_ok = c_ok[:, None] & r_ok[None, :]
+                # The previous m-block's store of these rows may have come from other
+                # threads of this program: the barrier makes it visible before the load.
+                tl.debug_barrier()
+                previous = tl.load(grad_ptrs, mask=grad_ok, other=0.0)
+                # The first m-block starts the partial (the buffer is uninitialised).
+                contribution += tl.where(mb > mb_start, previous, 0.0)
+                tl.store(grad_ptrs, contribution, mask=grad_ok)
+        if COMPUTE_OUT:
+            out_ptrs = out_ptr + pid_c_group.to(tl.int64) * stride_os + m[:, None] * stride_om + r[None, :] * stride_or
+            tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_up_kernel(
+    rows_ptr, panel_ptr, out_ptr, bias_ptr, inp_ptr, inp_grad_ptr, seed_ptr,
+    M, C, R,
+    stride_rm, stride_rr,
+    stride_pr, stride_pc,
+    stride_om, stride_oc,
+    stride_im, stride_ic,
+    stride_gs, stride_gc, stride_gr,
+    blocks_m_per_split,
+    out_scale, drop_threshold, keep_scale,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
+    WRITE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_INP_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One pass over the M x C tiles of a column block for the rank-r expansion.
+
+    With the mask index m * C + c (kept values times keep_scale):
+      WRITE_OUT:        out[m, c] = bias[c] + drop(out_scale * rows[m, :] @ panel[:, c])   (rows M x R, panel R x C)
+      COMPUTE_INP_GRAD: inp_grad[c, :] = drop(inp)[:, c]^T @ rows                          (C x R)
+    Program (j, k) owns column block j and the m-blocks of split k; its inp_grad is the
+    partial over its m-range, written to slice k (stride_gs).
+    forward: rows = xa, panel = B^T, out = y.  backward: rows = dxa, panel = A, out = dx,
+    inp = x, inp_grad = dA^T.
+    """
+    pid_c = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    r = tl.arange(0, R_PAD)
+    r_ok = r < R
+    if DROPOUT:
+        key_lo, key_hi = load_seed_words(seed_ptr)
+    if WRITE_OUT:
+        # This program's column block of the panel (and bias) is loaded once.
+        panel = tl.load(panel_ptr + r[:, None] * stride_pr + c[None, :] * stride_pc,
+                        mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    grad_acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
+
+    mb_start = pid_split * blocks_m_per_split
+    mb_end = tl.minimum(mb_start + blocks_m_per_split, tl.cdiv(M, BLOCK_M))
+    m_first = mb_start.to(tl.int64) * BLOCK_M
+    for mb in range(mb_start, mb_end):
+        m = m_first + (mb - mb_start) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        tile_ok = m_ok[:, None] & c_ok[None, :]
+        rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
+                       mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+        if DROPOUT:
+            keep = dropout_keep(key_lo, key_hi, m[:, None] * C + c[None, :], drop_threshold)
+        if WRITE_OUT:
+            value = tl.dot(rows, panel, input_precision=INPUT_PRECISION) * out_scale
+            if DROPOUT:
+                value = tl.where(keep, value * keep_scale, 0.0)
+            if HAS_BIAS:
+                value = value + bias[None, :]
+            tl.store(out_ptr + m[:, None] * stride_om + c[None, :] * stride_oc,
+                     value.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        if COMPUTE_INP_GRAD:
+            inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic, mask=tile_ok, other=0.0)
+            if DROPOUT:
+                inp = tl.where(keep, inp.to(tl.float32) * keep_scale, 0.0)
+            grad_acc = tl.dot(tl.trans(inp.to(COMPUTE_DTYPE)), rows, grad_acc, input_precision=INPUT_PRECISION)
+    if COMPUTE_INP_GRAD:
+        grad_ptrs = inp_grad_ptr + pid_split.to(tl.int64) * stride_gs + c[:, None] * stride_gc + r[None, :] * stride_gr
+        tl.store(grad_ptrs, grad_acc.to(inp_grad_ptr.dtype.element_ty), mask=c_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr, out_ptr, n_rows, n_cols, num_parts,
+    stride_ps, stride_prow, stride_pcol,
+    stride_orow, stride_ocol,
+    scale,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """out[i, j] = scale * sum_s part[s, i, j], summed in a fixed order (deterministic)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    j = tl.arange(0, BLOCK_COLS)
+    ok = (i < n_rows)[:, None] & (j < n_cols)[None, :]
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+    part_ptrs = part_ptr + i[:, None] * stride_prow + j[None, :] * stride_pcol
+    for _ in range(0, num_parts):
+        acc += tl.load(part_ptrs, mask=ok, other=0.0)
+        part_ptrs += stride_ps  # pointer arithmetic is 64-bit
+    tl.store(out_ptr + i[:, None] * stride_orow + j[None, :] * stride_ocol,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    block_m: int
+    block_c: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _rank_pad(r: int) -> int:
+    """tl.dot needs every dimension >= 16 and a power of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+# Under the interpreter the cost is per block operation, not per element: blocks of 32
+# keep the tests fast while shapes of a few dozen still span several blocks.
+_INTERPRET_BLOCKS = _Blocks(32, 32)
+
+
+def _down_blocks(M: int, r_pad: int, panel_grad: bool, programs_wanted: int) -> _Blocks:
+    if _INTERPRET:
+        return _INTERPRET_BLOCKS
+    # Register budget: the (BLOCK_M, R_PAD) accumulator and the (BLOCK_C, R_PAD) panel
+    # tile shrink the tiles as the rank grows.
+    if panel_grad:
+        block_c = 64 if r_pad <= 64 else 32
+        block_m_max = 64 if r_pad <= 128 else 32
+    else:
+        block_c = 128 if r_pad <= 64 else (64 if r_pad <= 128 else 32)
+        block_m_max = 64 if r_pad <= 128 else 32
+    # Prefer smaller row blocks over splitting the row (which needs partials) when M
+    # alone does not give every SM a program.
+    block_m = block_m_max
+    while block_m > 16 and triton.cdiv(M, block_m) < programs_wanted:
+        block_m //= 2
+    return _Blocks(block_m, block_c)
+
+
+def _up_blocks(M: int, r_pad: int, inp_grad: bool) -> _Blocks:
+    if _INTERPRET:
+        return _INTERPRET_BLOCKS
+    if inp_grad:
+        block_m, block_c = (64, 64) if r_pad <= 64 else (32, 64 if r_pad <= 128 else 32)
+    else:
+        block_m, block_c = (64, 128) if r_pad <= 64 else (32, 128 if r_pad <= 128 else 64)
+    block_m = min(block_m, max(16, triton.next_power_of_2(max(M, 1))))
+    return _Blocks(block_m, block_c)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # Interpreter: a few programs, so that small test shapes take the split paths.
+    return 4
+
+
+def _compute_dtype(lora_dtype: torch.dtype):
+    """Operand dtype of tl.dot: the adapters' dtype (the interpreter's bfloat16 dot is
+    wrong, so there bfloat16 operands are widened to float32)."""
+    if lora_dtype == torch.bfloat16:
+        return tl.float32 if _INTERPRET else tl.bfloat16
+    return tl.float16 if lora_dtype == torch.float16 else tl.float32
+
+
+def _input_precision(compute_dtype) -> str:
+    # float32 dots follow torch's matmul setting (IEEE by default, like cuBLAS); the
+    # option is ignored for 16-bit operands.
+    if compute_dtype == tl.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _split_groups(num_blocks: int, groups: int) -> tuple[int, int]:
+    """(blocks per group, number of non-empty groups) for `groups` roughly equal groups."""
+    per_group = triton.cdiv(num_blocks, max(1, groups))
+    return per_group, triton.cdiv(num_blocks, per_group)
+
+
+def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_grad):
+    """Groups (a of m-blocks, b of c-blocks) for _lora_down_kernel.
+
+    Reaches `enough` programs (one per SM) when the blocks allow, using the fewest bytes
+    of float32 partials: b > 1 costs b * M * r_pad * 4 (out), each m-group costs
+    C * r_pad * 4 (panel_grad). Ties go to more m-groups (no partial over the row).
+    """
+    reach = min(enough, m_blocks * c_blocks)
+    candidates = {m_blocks}
+    a = 1
+    while a < m_blocks:
+        candidates.add(a)
+        a *= 2
+    best = None
+    for a in sorted(candidates):
+        b = 1 if a >= enough else min(c_blocks, triton.cdiv(enough, a))
+        partial_bytes = (a * C * r_pad * 4 if panel_grad else 0) + (b * M * r_pad * 4 if compute_out and b > 1 else 0)
+        key = (a * b < reach, partial_bytes, -a)
+        if best is None or key < best[0]:
+            best = (key, a, b)
+    return best[1], best[2]
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device; custom ops registered from Python get no device guard.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _sum_partials(partials: torch.Tensor, out: torch.Tensor, scale: float = 1.0, transpose_out: bool = False) -> None:
+    """out (rows x r, or r x rows when transpose_out) <- scale * sum over partials (parts x rows x r_pad)."""
+    num_parts, n_rows, r_pad = partials.shape
+    n_cols = out.shape[0] if transpose_out else out.shape[1]
+    stride_orow, stride_ocol = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
+    if n_rows == 0:
+        return
+    block_rows = 32 if _INTERPRET else max(16, 4096 // r_pad)
+    grid = (triton.cdiv(n_rows, block_rows),)
+    _sum_partials_kernel[grid](
+        partials, out, n_rows, n_cols, num_parts,
+        partials.stride(0), partials.stride(1), partials.stride(2),
+        stride_orow, stride_ocol, float(scale),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=r_pad,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Launchers of the two LoRA passes
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dropout:
+    """Dropout applied by one kernel: `on` false means none."""
+    on: bool
+    seed: torch.Tensor | None
+    threshold: int
+    keep_scale: float
+
+    @staticmethod
+    def make(active: bool, p: float, seed):
+        if not active:
+            return _Dropout(False, None, 0, 1.0)
+        return _Dropout(True, seed, dropout_threshold(p), 1.0 / (1.0 - p))
+
+
+def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=True, rows=None, panel_grad_scale=1.0):
+    """Runs _lora_down_kernel on inp (M x C) and panel (C x r).
+
+    Returns (out, panel_grad): out = out_scale * drop(inp) @ panel as (M, r) in out_dtype
+    (None unless need_out); when rows (M x r) is given, panel_grad =
+    panel_grad_scale * drop(inp)^T @ rows as (C, r) in panel's dtype, else None.
+    """
+    M, C = inp.shape
+    r = panel.shape[1]
+    r_pad = _rank_pad(r)
+    device = inp.device
+    panel_grad_wanted = rows is not None
+    out = torch.empty((M, r), dtype=out_dtype, device=device) if need_out else None
+    panel_grad = torch.empty((C, r), dtype=panel.dtype, device=device) if panel_grad_wanted else None
+    if M == 0:
+        # Nothing to contract: out is empty and the reduction over rows is zero.
+        return out, panel_grad.zero_() if panel_grad_wanted else None
+
+    enough = _num_sms(device)
+    blocks = _down_blocks(M, r_pad, panel_grad_wanted, enough)
+    m_blocks = triton.cdiv(M, blocks.block_m)
+    c_blocks = max(1, triton.cdiv(C, blocks.block_c))  # C == 0 still writes out = 0
+    a, b = _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, need_out, panel_grad_wanted)
+    m_per_group, a = _split_groups(m_blocks, a)
+    c_per_group, b = _split_groups(c_blocks, b)
+
+    placeholder = inp
+    if not need_out:
+        out_buffer, out_strides = placeholder, (0, 0, 0)
+    elif b > 1:
+        out_buffer = torch.empty((b, M, r_pad), dtype=torch.float32, device=device)
+        out_strides = out_buffer.stride()
+    else:
+        out_buffer, out_strides = out, (0, out.stride(0), out.stride(1))
+    if panel_grad_wanted:
+        # float32 partial per m-group, accumulated in place by its program.
+        grad_buffer = torch.empty((a, C, r_pad), dtype=torch.float32, device=device)
+        grad_strides = grad_buffer.stride()
+        rows_strides = rows.stride()
+    else:
+        grad_buffer, grad_strides, rows, rows_strides = placeholder, (0, 0, 0), placeholder, (0, 0)
+
+    compute_dtype = _compute_dtype(panel.dtype)
+    _lora_down_kernel[(a, b)](
+        inp, panel, out_buffer, rows, grad_buffer, dropout.seed if dropout.on else placeholder,
+        M, C, r,
+        inp.stride(0), inp.stride(1),
+        panel.stride(0), panel.stride(1),
+        *out_strides,
+        *rows_strides,
+        *grad_strides,
+        m_per_group, c_per_group,
+        float(out_scale), dropout.threshold, dropout.keep_scale,
+        BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
+        COMPUTE_OUT=need_out, COMPUTE_PANEL_GRAD=panel_grad_wanted, DROPOUT=dropout.on,
+        COMPUTE_DTYPE=compute_dtype, INPUT_PRECISION=_input_precision(compute_dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    if need_out and b > 1:
+        _sum_partials(out_buffer, out)
+    if panel_grad_wanted:
+        _sum_partials(grad_buffer, panel_grad, scale=panel_grad_scale)
+    return out, panel_grad
+
+
+def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None, inp=None, inp_grad_dtype=None):
+    """Runs _lora_up_kernel with rows (M x r) and panel (r x C).
+
+    When out (M x C) is given, writes out = bias + drop(out_scale * rows @ panel) into it.
+    When inp (M x C) is given, returns drop(inp)^T @ rows as an (r, C) tensor of
+    inp_grad_dtype; else returns None.
+    """
+    M, r = rows.shape
+    C = panel.shape[1]
+    r_pad = _rank_pad(r)
+    device = rows.device
+    write_out = out is not None
+    inp_grad_wanted = inp is not None
+    inp_grad = torch.empty((r, C), dtype=inp_grad_dtype, device=device) if inp_grad_wanted else None
+    if C == 0 or (M == 0 and not inp_grad_wanted):
+        return inp_grad
+
+    blocks = _up_blocks(M, r_pad, inp_grad_wanted)
+    m_blocks = triton.cdiv(M, blocks.block_m)
+    c_blocks = triton.cdiv(C, blocks.block_c)
+    sms = _num_sms(device)
+    # Write-only passes take more programs (latency hiding); a reduction takes one per SM,
+    # each split costing C * r_pad * 4 bytes of partials.
+    wanted = sms if inp_grad_wanted else 2 * sms
+    splits = min(max(1, m_blocks), triton.cdiv(wanted, c_blocks))
+    m_per_split, splits = _split_groups(max(1, m_blocks), splits)
+
+    if inp_grad_wanted and splits > 1:
+        grad_buffer = torch.empty((splits, C, r_pad), dtype=torch.float32, device=device)
+        grad_strides = grad_buffer.stride()
+    elif inp_grad_wanted:
+        # One split: the kernel writes (C, r) rows straight into the (r, C) result.
+        grad_buffer = inp_grad
+        grad_strides = (0, inp_grad.stride(1), inp_grad.stride(0))
+    else:
+        grad_buffer, grad_strides = None, (0, 0, 0)
+
+    compute_dtype = _compute_dtype(panel.dtype)
+    placeholder = rows
+    _lora_up_kernel[(c_blocks, splits)](
+        rows, panel, out if write_out else placeholder, bias if bias is not None else placeholder,
+        inp if inp_grad_wanted else placeholder, grad_buffer if inp_grad_wanted else placeholder,
+        dropout.seed if dropout.on else placeholder,
+        M, C, r,
+        rows.stride(0), rows.stride(1),
+        panel.stride(0), panel.stride(1),
+        *((out.stride(0), out.stride(1)) if write_out else (0, 0)),
+        *((inp.stride(0), inp.stride(1)) if inp_grad_wanted else (0, 0)),
+        *grad_strides,
+        m_per_split,
+        float(out_scale), dropout.threshold, dropout.keep_scale,
+        BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
+        WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
+        COMPUTE_DTYPE=compute_dtype, INPUT_PRECISION=_input_precision(compute_dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    if inp_grad_wanted and splits > 1:
+        _sum_partials(grad_buffer, inp_grad, transpose_out=True)
+    return inp_grad
+
+
+# ---------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------
+
+
+def _uses_float64(x, lora_A) -> bool:
+    return x.dtype == torch.float64 or lora_A.dtype == torch.float64
+
+
+def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None):
+    """lora::linear on Triton: returns (y, xa) exactly as csrc/lora_aten.cpp does."""
+    M, K, N, r = ops.check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
+    if _uses_float64(x, lora_A):
+        return _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, M, K, N)
+    dropout = dropout_p > 0.0
+    with _device_guard(x):
+        x2 = x.reshape(M, K)  # a view when x's strides allow
+        xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0,
+                           _Dropout.make(dropout and dropout_position == "pre", dropout_p, seed))
+        y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        _lora_up(xa, lora_B.t(), _Dropout.make(dropout and dropout_position == "post", dropout_p, seed),
+                 out=y2, out_scale=scale, bias=bias)
+        if weight is not None:
+            y2.addmm_(x2, weight.t())
+    return y2.view(*x.shape[:-1], N), xa
+
+
+def _check_backward_args(grad_y, xa, weight, output_mask, M, N, r):
+    torch._check(
+        grad_y.dim() >= 1 and grad_y.shape[-1] == N and grad_y.numel() == M * N,
+        lambda: f"lora: grad_y must have shape (..., {N}) with {M} rows, got {tuple(grad_y.shape)}",
+    )
+    torch._check(
+        xa.dim() == 2 and xa.shape[0] == M and xa.shape[1] == r,
+        lambda: f"lora: xa must have shape ({M}, {r}), got {tuple(xa.shape)}",
+    )
+    if len(output_mask) != 5:
+        raise RuntimeError("lora: output_mask must have 5 entries")
+    if output_mask[1] and weight is None:
+        raise RuntimeError("lora: grad of weight requested but weight is None")
+
+
+def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask):
+    """lora::linear_backward on Triton: (grad_x, grad_weight, grad_bias, grad_A, grad_B), with
+    empty tensors for the gradients output_mask does not ask for (as csrc/lora_aten.cpp)."""
+    M, K, N, r = ops.check_linear_args(x, weight, None, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
+    _check_backward_args(grad_y, xa, weight, output_mask, M, N, r)
+    if _uses_float64(x, lora_A):
+        return _composite_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
+                                   output_mask, M, K, N)
+    need_x, need_weight, need_bias, need_A, need_B = (bool(v) for v in output_mask)
+    dropout = dropout_p > 0.0
+    post = _Dropout.make(dropout and dropout_position == "post", dropout_p, seed)
+    pre = _Dropout.make(dropout and dropout_position == "pre", dropout_p, seed)
+    grad_x = x.new_empty(0)
+    grad_weight = x.new_empty(0)
+    grad_bias = x.new_empty(0)
+    grad_A = lora_A.new_empty(0)
+    grad_B = lora_B.new_empty(0)
+
+    with _device_guard(x):
+        g2 = grad_y.reshape(M, N)
+        x2 = x.reshape(M, K)
+        need_dxa = need_x or need_A
+        if need_dxa or need_B:
+            # One pass over dY: dxa = s drop(dY) B and dB = s drop(dY)^T xa.
+            grad_xa, grad_B_computed = _lora_down(g2, lora_B, lora_A.dtype, scale, post, need_out=need_dxa,
+                                                  rows=xa if need_B else None, panel_grad_scale=scale)
+            if need_B:
+                grad_B = grad_B_computed
+        if need_dxa:
+            # One pass over x: dx = drop(dxa A) (written first, cuBLAS then adds dY W onto
+            # it) and dA = dxa^T drop(x).
+            grad_x2 = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_x else None
+            grad_A_t = _lora_up(grad_xa, lora_A, pre, out=grad_x2, inp=x2 if need_A else None,
+                                inp_grad_dtype=lora_A.dtype)
+            if need_A:
+                grad_A = grad_A_t
+            if need_x:
+                if weight is not None:
+                    grad_x2.addmm_(g2, weight)
+                grad_x = grad_x2.view(x.shape)
+        if need_weight:
+            grad_weight = torch.mm(g2.t(), x2)
+        if need_bias:
+            grad_bias = g2.sum(0)
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B
+
+
+# ---------------------------------------------------------------------------
+# float64: the torch composition of csrc/lora_aten.cpp (tl.dot is not used for
+# float64). The dropout mask is materialised here, as a temporary of the call only.
+# ---------------------------------------------------------------------------
+
+
+def _dropout_scaled(t, seed, p, kept_scale):
+    """where(keep, t * kept_scale, 0) for the 2-D t, as a new tensor (dropout_scale_ of lora_aten.cpp)."""
+    keep = dropout_keep_mask(seed, t.shape[0], t.shape[1], p)
+    return torch.where(keep, t * kept_scale, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, M, K, N):
+    lora_dtype = lora_A.dtype
+    dropout = dropout_p > 0.0
+    pre = dropout and dropout_position == "pre"
+    post = dropout and dropout_position == "post"
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    with _device_guard(x):
+        x2 = x.reshape(M, K)
+        x_lora = x2.to(lora_dtype)
+        if pre:
+            x_lora = _dropout_scaled(x_lora, seed, dropout_p, keep_scale)
+        xa = torch.mm(x_lora, lora_A.t())
+        if post or lora_dtype != x.dtype:
+            lora_out = torch.mm(xa, lora_B.t())
+            lora_out = _dropout_scaled(lora_out, seed, dropout_p, scale * keep_scale) if post else lora_out.mul_(scale)
+            if weight is not None:
+                y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+                y.add_(lora_out)
+            else:
+                y = lora_out.to(x.dtype)
+                if bias is not None:
+                    y.add_(bias)
+        else:
+            if bias is not None:
+                y = torch.addmm(bias, xa, lora_B.t(), alpha=scale)
+            else:
+                # beta=0: the uninitialised input is ignored.
+                y = torch.addmm(torch.empty((M, N), dtype=x.dtype, device=x.device), xa, lora_B.t(),
+                                beta=0, alpha=scale)
+            if weight is not None:
+                y.addmm_(x2, weight.t())
+    return y.view(*x.shape[:-1], N), xa
+
+
+def _composite_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
+                        output_mask, M, K, N):
+    need_x, need_weight, need_bias, need_A, need_B = (bool(v) for v in output_mask)
+    lora_dtype = lora_A.dtype
+    dropout = dropout_p > 0.0
+    pre = dropout and dropout_position == "pre"
+    post = dropout and dropout_position == "post"
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    grad_x, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    grad_A, grad_B = lora_A.new_empty(0), lora_B.new_empty(0)
+    with _device_guard(x):
+        g = grad_y.reshape(M, N)
+        x2 = x.reshape(M, K)
+        g_lora = g.to(lora_dtype)
+        if post:
+            g_lora = _dropout_scaled(g_lora, seed, dropout_p, keep_scale)
+        if need_B:
+            grad_B = torch.mm(g_lora.t(), xa).mul_(scale)
+        if need_A or need_x:
+            grad_xa = torch.mm(g_lora, lora_B).mul_(scale)
+            if need_A:
+                x_lora = x2.to(lora_dtype)
+                if pre:
+                    x_lora = _dropout_scaled(x_lora, seed, dropout_p, keep_scale)
+                grad_A = torch.mm(grad_xa.t(), x_lora)
+            if need_x:
+                if not pre and lora_dtype == x.dtype:
+                    grad_x = torch.mm(g, weight) if weight is not None else torch.zeros((M, K), dtype=x.dtype,
+                                                                                       device=x.device)
+                    grad_x.addmm_(grad_xa, lora_A)
+                else:
+                    grad_x_lora = torch.mm(grad_xa, lora_A)
+                    if pre:
+                        grad_x_lora = _dropout_scaled(grad_x_lora, seed, dropout_p, keep_scale)
+                    if weight is not None:
+                        grad_x = torch.mm(g, weight)
+                        grad_x.add_(grad_x_lora)
+                    else:
+                        grad_x = grad_x_lora.to(x.dtype)
+                grad_x = grad_x.view(x.shape)
+        if need_weight:
+            grad_weight = torch.mm(g.t(), x2)
+        if need_bias:
+            grad_bias = g.sum(0)
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B

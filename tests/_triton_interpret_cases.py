@@ -1,0 +1,281 @@
+"""The Triton kernels of lora_ext on CPU tensors, run by triton's interpreter.
+
+Not collected by the main pytest session (the name does not start with test_):
+tests/test_triton_interpret.py runs this file in a subprocess with TRITON_INTERPRET=1
+in its environment, because the variable must be set before triton is imported.
+
+Every output and gradient of lora_ext.kernels.triton_lora is compared with the float64
+reference (lora_ext.reference), with an error bound scaled by the error of the CPU op
+(torch.ops.lora.*) in the same dtypes: |triton - ref| <= 2 |cpu_op - ref| + eps * max|ref|.
+The interpreter's bfloat16 arithmetic is wrong, so only float32/float16 run here.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (run via test_triton_interpret.py)",
+                allow_module_level=True)
+
+import lora_ext  # noqa: E402,F401  (registers torch.ops.lora.*)
+from lora_ext.kernels import philox, triton_lora  # noqa: E402
+from lora_ext.reference import dropout_keep_mask, lora_linear_reference, philox_first_word  # noqa: E402
+
+GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+# Slack added to the bound, relative to max |reference|, by the least precise dtype involved.
+EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.float64: 1e-12}
+SCALE = 0.75
+
+
+def least_precise(*dtypes):
+    order = [torch.float64, torch.float32, torch.float16]
+    return max(dtypes, key=order.index)
+
+
+def make_inputs(lead_shape, K, N, r, dtype, lora_dtype=None, bias=True, weight=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lora_dtype = lora_dtype or dtype
+
+    def randn(*shape, dt, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dt)
+
+    return dict(
+        x=randn(*lead_shape, K, dt=dtype),
+        weight=randn(N, K, dt=dtype, std=1 / math.sqrt(K)) if weight else None,
+        bias=randn(N, dt=dtype) if bias else None,
+        lora_A=randn(r, K, dt=lora_dtype, std=1 / math.sqrt(K)),
+        lora_B=randn(N, r, dt=lora_dtype, std=1 / math.sqrt(r)),
+    )
+
+
+def seed_tensor(value):
+    return torch.tensor([value], dtype=torch.int64)
+
+
+def expected_xa(x, lora_A, p, position, seed):
+    """xa = drop_pre(x) A^T in float64 (the op's second output)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).double()
+    if p > 0 and position == "pre":
+        x2 = x2 * dropout_keep_mask(int(seed.item()), x2.shape[0], K, p).double() / (1 - p)
+    return x2 @ lora_A.double().t()
+
+
+def assert_within_bound(actual, reference, same_dtype, dtype, what):
+    """|actual - reference| <= 2 |same_dtype - reference| + eps(dtype) * max|reference|."""
+    assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    if reference.numel() == 0:
+        return
+    err = (actual.double() - reference).abs().max().item()
+    base = (same_dtype.double() - reference).abs().max().item()
+    slack = EPS[dtype] * max(reference.abs().max().item(), 1e-3)
+    assert err <= 2 * base + slack, f"{what}: error {err:.3g} > 2 * {base:.3g} (CPU op) + {slack:.3g}"
+
+
+def reference_grads(inputs, grad_y, p, position, seed):
+    """Gradients of the float64 reference w.r.t. every tensor input that is present."""
+    leaves = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    y = lora_linear_reference(leaves["x"], leaves.get("weight"), leaves.get("bias"), leaves["lora_A"],
+                              leaves["lora_B"], SCALE, p, position, seed)
+    y.backward(grad_y.double())
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def run_case(inputs, p=0.0, position="post", seed_value=1234, output_mask=None):
+    """Forward and backward through Triton, the CPU op and the reference; checks every output."""
+    seed = seed_tensor(seed_value) if p > 0 else None
+    x, weight, bias, lora_A, lora_B = (inputs[k] for k in GRAD_NAMES)
+    dtype = least_precise(x.dtype, lora_A.dtype)
+
+    y, xa = triton_lora.linear_forward(x, weight, bias, lora_A, lora_B, SCALE, p, position, seed)
+    y_cpu, xa_cpu = torch.ops.lora.linear(x, weight, bias, lora_A, lora_B, SCALE, p, position, seed)
+    gen = torch.Generator().manual_seed(99)
+    grad_y = torch.randn(y_cpu.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    y_ref, grads_ref = reference_grads(inputs, grad_y, p, position, seed)
+
+    assert y.dtype == x.dtype and xa.dtype == lora_A.dtype
+    assert_within_bound(y, y_ref, y_cpu, dtype, "y")
+    assert_within_bound(xa, expected_xa(x, lora_A, p, position, seed), xa_cpu, dtype, "xa")
+
+    mask = output_mask or [True, weight is not None, bias is not None, True, True]
+    grads = triton_lora.linear_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALE, p, position, seed, mask)
+    grads_cpu = torch.ops.lora.linear_backward(grad_y, x, weight, lora_A, lora_B, xa_cpu, SCALE, p, position,
+                                               seed, mask)
+    for name, needed, g, g_cpu in zip(GRAD_NAMES, mask, grads, grads_cpu):
+        expected_dtype = lora_A.dtype if name.startswith("lora") else x.dtype
+        assert g.dtype == expected_dtype, f"grad {name}: dtype {g.dtype}, expected {expected_dtype}"
+        if not needed:
+            assert g.shape == (0,), f"grad {name} not requested but has shape {tuple(g.shape)}"
+            continue
+        assert_within_bound(g, grads_ref[name], g_cpu, dtype, f"grad {name}")
+    return y, xa, grads
+
+
+# ---------------------------------------------------------------------------
+# The Philox mask
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed_value", [0, 7, 2**62 - 1, -3, 2**33 + 5])
+def test_keep_mask_matches_reference(seed_value):
+    mask = philox.dropout_keep_mask(seed_tensor(seed_value), 19, 37, 0.3)
+    assert torch.equal(mask, dropout_keep_mask(seed_value, 19, 37, 0.3))
+
+
+@pytest.mark.parametrize("first_index", [2**31 - 40, 2**32 - 40, 5 * 2**32 + 11])
+def test_keep_mask_high_counter_word(first_index):
+    """Indices past 2**31 and 2**32 (the counter's high word) match the numpy Philox."""
+    import numpy as np
+
+    seed_value = 987654321987
+    mask = philox.keep_mask_range(seed_tensor(seed_value), first_index, 80, 0.5)
+    index = np.arange(first_index, first_index + 80, dtype=np.uint64)
+    expected = (philox_first_word(seed_value, index) >> np.uint64(1)) >= np.uint64(philox.dropout_threshold(0.5))
+    assert np.array_equal(mask.numpy(), expected)
+
+
+# ---------------------------------------------------------------------------
+# Forward and backward vs the reference and the CPU op
+# ---------------------------------------------------------------------------
+
+CASES = [
+    # (lead shape, K, N, r, dtype, lora dtype, bias, weight, dropout p, position)
+    ((7,), 17, 40, 3, torch.float32, None, True, True, 0.0, "post"),
+    ((33,), 40, 17, 16, torch.float32, None, False, True, 0.0, "post"),
+    ((1,), 5, 5, 1, torch.float32, None, True, True, 0.0, "post"),
+    ((33,), 40, 17, 3, torch.float16, None, True, True, 0.0, "post"),
+    ((33,), 40, 17, 3, torch.float32, None, True, True, 0.5, "pre"),
+    ((33,), 17, 40, 3, torch.float32, None, True, True, 0.5, "post"),
+    ((33,), 40, 40, 16, torch.float16, None, True, True, 0.25, "pre"),
+    ((33,), 40, 40, 1, torch.float16, None, False, True, 0.25, "post"),
+    ((3, 11), 17, 5, 3, torch.float16, torch.float32, True, True, 0.0, "post"),
+    ((3, 11), 17, 5, 3, torch.float16, torch.float32, True, True, 0.3, "pre"),
+    ((3, 11), 40, 17, 3, torch.float16, torch.float32, False, True, 0.3, "post"),
+    ((33,), 40, 17, 3, torch.float32, torch.float16, True, True, 0.0, "post"),
+    ((7,), 17, 40, 3, torch.float32, None, True, False, 0.0, "post"),
+    ((7,), 17, 40, 3, torch.float32, None, False, False, 0.4, "post"),
+    ((2, 2, 5), 5, 17, 3, torch.float32, None, True, True, 0.0, "post"),
+    ((), 40, 17, 3, torch.float32, None, True, True, 0.3, "pre"),
+]
+
+
+@pytest.mark.parametrize("lead_shape,K,N,r,dtype,lora_dtype,bias,weight,p,position", CASES,
+                         ids=[f"case{i}" for i in range(len(CASES))])
+def test_forward_backward_matches_reference(lead_shape, K, N, r, dtype, lora_dtype, bias, weight, p, position):
+    inputs = make_inputs(lead_shape, K, N, r, dtype, lora_dtype, bias=bias, weight=weight)
+    y, xa, _ = run_case(inputs, p, position)
+    assert y.shape == (*lead_shape, N)
+    assert xa.shape == (math.prod(lead_shape), r)
+
+
+def test_gradient_accumulated_over_several_row_blocks_per_program():
+    """A shape whose dB reduction gives programs more than one row block (the in-place
+    float32 partial of _lora_down_kernel), with post dropout so the mask is reused."""
+    M, K, N, r = 70, 17, 200, 3
+    blocks = triton_lora._INTERPRET_BLOCKS
+    m_blocks = -(-M // blocks.block_m)
+    c_blocks = -(-N // blocks.block_c)
+    a, b = triton_lora._down_partition(m_blocks, c_blocks, M, N, 16, triton_lora._num_sms(torch.device("cpu")),
+                                       True, True)
+    assert a < m_blocks, (a, b)
+    run_case(make_inputs((M,), K, N, r, torch.float32), 0.3, "post")
+
+
+@pytest.mark.parametrize("output_mask", [
+    [True, False, False, False, False],
+    [False, False, False, True, False],
+    [False, False, False, False, True],
+    [False, True, True, False, False],
+    [True, False, True, True, True],
+])
+def test_output_mask_subsets(output_mask):
+    inputs = make_inputs((9,), 17, 40, 3, torch.float32)
+    run_case(inputs, 0.3, "pre", output_mask=output_mask)
+
+
+# ---------------------------------------------------------------------------
+# Layouts, sizes, determinism, float64, errors
+# ---------------------------------------------------------------------------
+
+
+def test_non_contiguous_inputs():
+    inputs = make_inputs((33,), 80, 17, 3, torch.float32)
+    inputs["x"] = inputs["x"][:, ::2]  # column stride 2
+    inputs["lora_A"] = inputs["lora_A"][:, ::2].t().contiguous().t()  # column-major adapter
+    inputs["lora_B"] = inputs["lora_B"].t().contiguous().t()
+    inputs["weight"] = inputs["weight"][:, ::2]
+    assert not inputs["x"].is_contiguous() and not inputs["lora_A"].is_contiguous()
+    run_case(inputs, 0.3, "pre")
+
+
+def test_broadcast_inputs():
+    """Stride-0 rows (an expanded x) and an expanded 3-D x, which reshape must copy."""
+    inputs = make_inputs((1,), 17, 40, 3, torch.float32)
+    inputs["x"] = inputs["x"].expand(9, 17)
+    run_case(inputs, 0.3, "post")
+    inputs = make_inputs((1, 4), 17, 5, 3, torch.float32)
+    inputs["x"] = inputs["x"].expand(3, 4, 17)
+    run_case(inputs, 0.0, "post")
+
+
+@pytest.mark.parametrize("lead_shape", [(0,), (2, 0)])
+def test_zero_tokens(lead_shape):
+    inputs = make_inputs(lead_shape, 17, 5, 3, torch.float32)
+    y, xa, grads = run_case(inputs, 0.3, "pre")
+    assert y.shape == (*lead_shape, 5) and xa.shape == (0, 3)
+    assert torch.equal(grads[3], torch.zeros(3, 17)) and torch.equal(grads[4], torch.zeros(5, 3))
+
+
+def test_same_seed_bitwise_equal_and_seed_matters():
+    inputs = make_inputs((33,), 40, 17, 3, torch.float32)
+    args = [inputs[k] for k in GRAD_NAMES]
+    y1, xa1 = triton_lora.linear_forward(*args, SCALE, 0.5, "post", seed_tensor(5))
+    y2, xa2 = triton_lora.linear_forward(*args, SCALE, 0.5, "post", seed_tensor(5))
+    y3, _ = triton_lora.linear_forward(*args, SCALE, 0.5, "post", seed_tensor(6))
+    assert torch.equal(y1, y2) and torch.equal(xa1, xa2)
+    assert not torch.equal(y1, y3)
+    grad_y = torch.randn_like(y1)
+    g1 = triton_lora.linear_backward(grad_y, args[0], args[1], args[3], args[4], xa1, SCALE, 0.5, "post",
+                                     seed_tensor(5), [True, True, True, True, True])
+    g2 = triton_lora.linear_backward(grad_y, args[0], args[1], args[3], args[4], xa1, SCALE, 0.5, "post",
+                                     seed_tensor(5), [True, True, True, True, True])
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("p,position,lora_dtype", [(0.0, "post", None), (0.3, "pre", None),
+                                                   (0.3, "post", torch.float32)])
+def test_float64_falls_back_to_the_composition(p, position, lora_dtype):
+    """float64 runs the torch composition of lora_aten.cpp: it equals the CPU op."""
+    inputs = make_inputs((2, 9), 17, 5, 3, torch.float64, lora_dtype)
+    seed = seed_tensor(77) if p > 0 else None
+    args = [inputs[k] for k in GRAD_NAMES]
+    y, xa = triton_lora.linear_forward(*args, SCALE, p, position, seed)
+    y_cpu, xa_cpu = torch.ops.lora.linear(*args, SCALE, p, position, seed)
+    torch.testing.assert_close(y, y_cpu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xa, xa_cpu, rtol=1e-6, atol=1e-6)
+    grad_y = torch.randn_like(y)
+    mask = [True, True, True, True, True]
+    grads = triton_lora.linear_backward(grad_y, args[0], args[1], args[3], args[4], xa, SCALE, p, position, seed,
+                                        mask)
+    grads_cpu = torch.ops.lora.linear_backward(grad_y, args[0], args[1], args[3], args[4], xa_cpu, SCALE, p,
+                                               position, seed, mask)
+    for g, g_cpu in zip(grads, grads_cpu):
+        torch.testing.assert_close(g, g_cpu, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_raise_the_ops_errors():
+    inputs = make_inputs((3,), 17, 5, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="lora_A.shape"):
+        triton_lora.linear_forward(inputs["x"], inputs["weight"], None, inputs["lora_A"][:, :5], inputs["lora_B"],
+                                   SCALE)
+    with pytest.raises(RuntimeError, match="needs a seed"):
+        triton_lora.linear_forward(inputs["x"], inputs["weight"], None, inputs["lora_A"], inputs["lora_B"], SCALE,
+                                   0.1, "post", None)
+    y, xa = triton_lora.linear_forward(inputs["x"], inputs["weight"], None, inputs["lora_A"], inputs["lora_B"], SCALE)
+    with pytest.raises(RuntimeError, match="xa must have shape"):
+        triton_lora.linear_backward(torch.ones_like(y), inputs["x"], inputs["weight"], inputs["lora_A"],
+                                    inputs["lora_B"], xa[:, :2], SCALE, 0.0, "post", None, [True] * 5)
