@@ -26,17 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_fsdp2_two_processes_match_single_process(tmp_path):
+def run_worker(tmp_path, *extra_args, **extra_env):
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
     proc = subprocess.run(
-        [sys.executable, WORKER, "--world-size", "2", "--port", str(free_port()), "--out", str(out)],
+        [sys.executable, WORKER, "--world-size", "2", "--port", str(free_port()), "--out", str(out), *extra_args],
         capture_output=True, text=True, timeout=240, env=env,
     )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
 
+
+def check_result(result):
     assert result["world_size"] == 2
     # fp32, same math; only the order of the cross-rank gradient sum differs.
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(result["ref_losses"]), rtol=1e-6, atol=1e-6)
@@ -47,3 +48,18 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
     assert result["n_saved"] == 14
     assert result["saved_diff"] <= 1e-5
     assert result["load_diff"] == 0.0
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_fsdp2_two_processes_match_single_process(tmp_path):
+    check_result(run_worker(tmp_path))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
+def test_fsdp2_two_gpus_nccl_match_single_process(tmp_path):
+    # The lent machines do not support NVLink multicast: switch it off before NCCL starts.
+    result = run_worker(
+        tmp_path, "--backend", "nccl", "--device", "cuda", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1"
+    )
+    check_result(result)
