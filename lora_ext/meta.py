@@ -125,16 +125,31 @@ def _tensor_slots(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str,
     return slots
 
 
+def _owner_fqn(tensor_fqn: str) -> str:
+    return tensor_fqn.rsplit(".", 1)[0] if "." in tensor_fqn else ""
+
+
 def _slot_tensor(slot: tuple[str, nn.Module, str, bool]) -> torch.Tensor:
     _, module, name, is_param = slot
     return (module._parameters if is_param else module._buffers)[name]
 
 
-def _hf_initializer(model: nn.Module) -> Callable[[nn.Module], None] | None:
-    # Hugging Face PreTrainedModels recompute non-persistent buffers (rotary inv_freq)
-    # in _init_weights(module); the outermost one knows the config.
-    init = getattr(model, "_init_weights", None)
-    return init if callable(init) else None
+def _hf_initializer(model: nn.Module, owner_fqn: str) -> Callable[[nn.Module], None] | None:
+    """The `_init_weights` of the innermost module holding `owner_fqn` that has one, if any.
+
+    Hugging Face PreTrainedModels recompute non-persistent buffers (rotary inv_freq)
+    in `_init_weights(module)`; the model may also sit inside a user's wrapper.
+    """
+    parts = owner_fqn.split(".") if owner_fqn else []
+    for depth in range(len(parts), -1, -1):
+        try:
+            candidate = model.get_submodule(".".join(parts[:depth]))
+        except AttributeError:
+            continue
+        init = getattr(candidate, "_init_weights", None)
+        if callable(init):
+            return init
+    return None
 
 
 def _format(title: str, items: Iterable[str], limit: int = 20) -> str:
@@ -187,14 +202,13 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
     known = {fqn for group in slots.values() for fqn, *_ in group}
     unexpected = sorted(k for k in source.shapes if k not in known)
 
-    hf_init = _hf_initializer(model)
     nonpersistent: dict[int, list] = {
         tid: group for tid, group in slots.items() if tid not in state_ids and not group[0][3]
     }
     unrestorable = [
         " = ".join(fqn for fqn, *_ in group)
         for group in nonpersistent.values()
-        if not any(fqn in source for fqn, *_ in group) and hf_init is None
+        if not any(fqn in source for fqn, *_ in group) and _hf_initializer(model, _owner_fqn(group[0][0])) is None
     ]
     problems = []
     if missing:
@@ -229,9 +243,9 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
         if from_weights is not None:
             _copy_full_into(module._buffers[name], source.get(from_weights))
         else:
-            owners_to_init[id(module)] = module
-    for module in owners_to_init.values():
-        hf_init(module)
+            owners_to_init[id(module)] = (_owner_fqn(fqn), module)
+    for owner_fqn, module in owners_to_init.values():
+        _hf_initializer(model, owner_fqn)(module)
 
     # --- adapters: initialised as on a real device, unless both are in the weights -------
     for name, layer in lora_layers:

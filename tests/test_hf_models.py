@@ -220,3 +220,33 @@ def test_generate_same_tokens_merged_and_unmerged(kind):
     assert torch.equal(merged, unmerged)
     assert torch.equal(unmerged_again, unmerged)
     assert torch.equal(unloaded, unmerged)
+
+
+class WithConstant(torch.nn.Module):
+    """A plain module with a non-persistent buffer (in no checkpoint, and no HF _init_weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+
+def test_nonpersistent_buffer_without_recipe_is_refused_or_taken_from_weights():
+    weights = WithConstant().state_dict()
+    with torch.device("meta"):
+        meta = WithConstant()
+    with pytest.raises(ValueError, match=r"non-persistent buffers .*\n\s+table"):
+        lora_ext.materialize(meta, weights)
+    assert meta.proj.weight.is_meta
+    lora_ext.materialize(meta, {**weights, "table": torch.arange(4.0) * 2})
+    assert torch.equal(meta.table, torch.arange(4.0) * 2) and torch.equal(meta.proj.weight, weights["proj.weight"])
+
+
+def test_hf_model_inside_a_wrapper_gets_its_rotary_tables():
+    normal = torch.nn.ModuleDict({"lm": build("llama")})
+    with torch.device("meta"):
+        meta = torch.nn.ModuleDict({"lm": transformers.AutoModelForCausalLM.from_config(make_config("llama"))})
+    lora_ext.materialize(meta, normal.state_dict())
+    rotary = meta["lm"].model.rotary_emb
+    assert torch.equal(rotary.inv_freq, normal["lm"].model.rotary_emb.inv_freq)
+    assert torch.equal(rotary.original_inv_freq, normal["lm"].model.rotary_emb.original_inv_freq)
