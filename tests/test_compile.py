@@ -118,10 +118,15 @@ def assert_matches(actual, expected, what):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def clean_dynamo_counters():
+def clean_dynamo_counters_one_thread():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    # Tiny tensors: two OpenMP threads on a busy 2-core machine make each small matmul wait
+    # for the other thread (~30 ms measured against ~3 us on one thread); see test_ops.py.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

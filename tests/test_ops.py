@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -41,6 +42,26 @@ RELATIVE_TOLERANCE = {
 }
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+_DEFAULT_NUM_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These tensors are tiny. With two OpenMP threads on a busy 2-core machine a 3x17 @ 17x5
+    # matmul was measured at ~30 ms (the threads wait on each other) against ~3 us with one
+    # thread, which made this file several times slower. Tests of the parallel dropout loop
+    # switch back to the default thread count (see all_threads).
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(_DEFAULT_NUM_THREADS)
+
+
+@pytest.fixture
+def all_threads():
+    torch.set_num_threads(_DEFAULT_NUM_THREADS)
+    yield
+    torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +126,7 @@ class _Case:
     seed: Optional[int] = None
     seed_0dim: bool = False
     other_lora_dtype: bool = False
+    strided_params: bool = False  # weight, lora_A, lora_B transposed views; bias a strided slice
 
 
 # Odd sizes on purpose: K, N in {5, 17, 33}, r in {1, 3, 8}; seeds include 0, one above 2**32
@@ -114,10 +136,12 @@ _CASES = (
     _Case("1d_pre", (), K=17, N=33, r=8, dropout_p=0.25, position="pre", seed=3, seed_0dim=True),
     _Case("2d_post_no_bias", (3,), K=17, N=5, r=3, bias=False, dropout_p=0.25, seed=1234567),
     _Case("3d_pre_no_weight", (2, 3), K=33, N=17, r=8, weight=False, dropout_p=0.25, position="pre", seed=2**40 + 17),
-    _Case("4d_pre", (2, 1, 3), K=5, N=33, r=3, dropout_p=0.25, position="pre", seed=-5),
+    _Case("4d_pre_strided_params", (2, 1, 3), K=5, N=33, r=3, dropout_p=0.25, position="pre", seed=-5,
+          strided_params=True),
     _Case("zero_tokens_post", (0,), K=17, N=5, r=3, dropout_p=0.25, seed=7),
     _Case("zero_tokens_3d", (2, 0), K=5, N=17, r=1, bias=False),
-    _Case("transposed_post", (7,), K=17, N=33, r=8, layout="transposed", dropout_p=0.25, seed=0),
+    _Case("transposed_post", (7,), K=17, N=33, r=8, layout="transposed", dropout_p=0.25, seed=0,
+          strided_params=True),
     _Case("sliced_pre_lora_only", (3, 5), K=33, N=5, r=1, layout="sliced", weight=False, bias=False,
           dropout_p=0.25, position="pre", seed=99),
     _Case("expanded_rows_pre", (6,), K=17, N=5, r=3, layout="expanded_rows", dropout_p=0.25, position="pre", seed=11),
@@ -127,7 +151,7 @@ _CASES = (
     _Case("mixed_dtype_transposed_post", (5,), K=33, N=17, r=3, layout="transposed", dropout_p=0.25, seed=21,
           other_lora_dtype=True),
     _Case("mixed_dtype_pre_no_weight", (4,), K=5, N=17, r=1, weight=False, dropout_p=0.25, position="pre",
-          seed=2**33, seed_0dim=True, other_lora_dtype=True),
+          seed=2**33, seed_0dim=True, other_lora_dtype=True, strided_params=True),
     _Case("mixed_dtype_zero_tokens", (0, 3), K=17, N=5, r=3, dropout_p=0.25, seed=5, other_lora_dtype=True),
 )
 
@@ -162,6 +186,13 @@ def sample_inputs(device, *, requires_grad: bool, dtype: torch.dtype = torch.flo
         lora_dtype = OTHER_LORA_DTYPE[dtype] if case.other_lora_dtype else dtype
 
         def make(*shape, dt=dtype, std=1.0):
+            if case.strided_params:  # a view of a leaf with another memory layout
+                if len(shape) == 2:
+                    return make_leaf(shape[1], shape[0], dt=dt, std=std).t()
+                return make_leaf(2 * shape[0], dt=dt, std=std)[::2]
+            return make_leaf(*shape, dt=dt, std=std)
+
+        def make_leaf(*shape, dt, std):
             return (torch.randn(*shape, device=device, dtype=dt) * std).requires_grad_(requires_grad)
 
         seed = None
@@ -468,7 +499,7 @@ def test_drawn_seed_is_int64_on_inputs_device():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
-def test_post_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p):
+def test_post_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p, all_threads):
     # weight None and bias None: y is exactly drop(s * x A^T B^T), so its zeros are the mask.
     torch.manual_seed(8)
     M, K, N, r = 512, 5, 256, 3
@@ -483,7 +514,7 @@ def test_post_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_pre_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p):
+def test_pre_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p, all_threads):
     # lora_A = lora_B = identity, no base: y = drop(x), so the mask over x is visible in y.
     torch.manual_seed(9)
     M, K = 2048, 64
@@ -732,7 +763,8 @@ def test_schema_defined_by_the_extension_alone():
         assert y.shape == (2, 4) and xa.shape == (2, 1)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     linear_schema, backward_schema = result.stdout.strip().splitlines()
     assert linear_schema.startswith("lora::linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A")
