@@ -707,6 +707,22 @@ def test_tensors_on_different_devices_raise(name, device):
         _call_linear(args)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.xfail(
+            strict=True, reason="the C++ CPU kernel ignores `backend` (csrc/lora_aten.cpp); only the fake kernel checks it")),
+        "meta",
+    ],
+)
+def test_unknown_backend_raises(device):
+    args = _valid_args(device)
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.lora.linear(
+            args["x"], args["weight"], args["bias"], args["lora_A"], args["lora_B"], 0.5, 0.0, "post", None, "bogus"
+        )
+
+
 def test_wrapper_rejects_p_outside_range_before_drawing_a_seed():
     args = _valid_args("cpu")
     with pytest.raises(ValueError, match="dropout_p"):
