@@ -18,7 +18,7 @@ import os
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,8 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=int, default=32)
@@ -87,15 +87,8 @@ def main() -> None:
         target_modules=["*_proj"], dim=args.rank, alpha=args.alpha, dropout=args.dropout
     )
     patched = lora_ext.apply_lora_to_linear_modules(model, peft_config)
-    model.to_empty(device=args.device)
-    missing, unexpected = model.load_state_dict(load_file(checkpoint, device=args.device), strict=False)
-    assert not unexpected and all(".lora_" in k for k in missing), (missing, unexpected)
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, lora_ext.LinearLoRA):
-            module.reset_parameters()
-    model.model.rotary_emb.to_empty(device=args.device)  # non-persistent buffers are recomputed below
-    model.model.rotary_emb.__init__(model.config, device=args.device)
+    torch.manual_seed(0)  # the adapters' init draws from torch's generator
+    lora_ext.materialize(model, checkpoint, device=args.device)
     model.to(dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
