@@ -20,9 +20,10 @@ patch back, so W is restored bitwise. The patch costs (index bytes + W's element
 per entry; when it would be larger than a copy of W, a copy is kept instead, so the
 memory held per merged layer is at most one copy of W and typically a few percent of it.
 The adapters are copied too (they are small), so changing lora_A/lora_B while merged
-does not break the restore. Exactness assumes the same device: the product is recomputed
-with the same shapes on the weight's current device (CPU and CUDA matmuls are
-deterministic for a given device and shape); if the weight's dtype changed while merged
+does not break the restore. Exactness assumes the same device and matmul settings: the
+product is recomputed with the same shapes on the weight's current device (CPU and CUDA
+matmuls are deterministic for a given device, shape and setting such as
+torch.backends.cuda.matmul.allow_tf32); if the weight's dtype changed while merged
 (e.g. model.half()), unmerge falls back to subtraction and warns.
 
 Not part of the state dict: a merged layer's state_dict holds the merged weight; whether
