@@ -1,0 +1,101 @@
+"""Helpers shared by the benchmark scripts: RESULTS.md sections, tables, run descriptions.
+
+The scripts run as `python benchmarks/<script>.py`, so this module is imported by
+its bare name (the script's folder is first on sys.path).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+from typing import Iterable, Optional, Sequence
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+RESULTS_MD = os.path.join(BENCH_DIR, "RESULTS.md")
+
+_RESULTS_HEADER = (
+    "# Benchmark results\n\n"
+    "Each section below is written by the script it names (between its start/end markers);\n"
+    "re-running the script replaces its section. Ratios are same-run ratios.\n"
+)
+
+
+def ensure_repo_on_path() -> None:
+    """Lets `import lora_ext` find the checkout when the package is not installed."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+
+
+def command_line() -> str:
+    """The command that ran this script, as a user would type it from the repo root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("LORA_EXT_BACKEND", "TRITON_INTERPRET") if k in os.environ)
+    return (env + " " if env else "") + shlex.join(["python", script, *sys.argv[1:]])
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def cpu_description() -> str:
+    """CPU model and core count, e.g. 'AMD EPYC (2 cores)'."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def replace_section(name: str, body: str, path: str = RESULTS_MD) -> None:
+    """Writes `body` between `<!-- name:start -->` and `<!-- name:end -->` in `path`.
+
+    An existing section of that name is replaced; otherwise the section is appended.
+    The rest of the file is left as it was.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start}\n{body.rstrip()}\n{end}\n"
+    text = _RESULTS_HEADER
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    if pattern.search(text):
+        # A function replacement, so backslashes in the body are taken literally.
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def format_spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """'1.02' for one value (or equal ones), '1.01–1.04' (min–max) for several."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    if fmt.format(lo) == fmt.format(hi):
+        return fmt.format(lo)
+    return f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def median(values: Sequence[float]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None

@@ -1,0 +1,427 @@
+"""End-to-end LoRA training steps of a Llama-style decoder: lora_ext vs PEFT, both compiled (issue 4, item 2).
+
+The model is built with transformers from a LlamaConfig on the meta device (no
+download), materialised with to_empty and random weights, in bf16. LoRA (r=16,
+alpha=32 by default) goes on every Linear layer, lm_head included:
+  lora_ext          lora_ext.apply_lora_to_linear_modules(model, PeftConfig(match_all_linear=True, ...)),
+                    applied on meta before materialising (the library's meta flow)
+  lora_ext_triton   the same with use_triton=True (TritonLinearLoRA)
+  lora_ext_native   the same with every layer's lora_backend = "native"
+  peft              peft.get_peft_model with target_modules = the names of every Linear
+                    (adapters kept in bf16: autocast_adapter_dtype=False, unless --peft-fp32-adapters)
+One step = torch.compile'd forward + cross-entropy loss, backward, AdamW step (adapters
+only). Reported: tokens/s from the median step time after warm-up (compilation
+happens in the warm-up), and the peak memory allocated during the timed steps.
+
+    python benchmarks/bench_train.py --device cpu --quick --compile none   # logic check on CPU (tiny model)
+    python benchmarks/bench_train.py --out $OUT                     # ~0.85B model, seq 2048, batch 2
+    python benchmarks/bench_train.py --from-csv bench_train.csv --results-md
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bench_common as common
+
+common.ensure_repo_on_path()
+import lora_ext  # noqa: E402
+
+ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native")
+CSV_FIELDS = ["provider", "dropout", "compile", "graphs", "batch", "seq", "params_m", "trainable_m", "n_lora_layers",
+              "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s", "peak_gib", "first_loss", "last_loss",
+              "warmup_s", "note"]
+
+# ~0.85B parameters: Llama-2/TinyLlama-like proportions with grouped-query attention.
+GPU_MODEL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=5632, vocab_size=32000)
+TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=160, vocab_size=512)
+
+
+def build_config(args):
+    from transformers import LlamaConfig
+
+    sizes = TINY_MODEL if args.tiny else GPU_MODEL
+    config = LlamaConfig(**sizes, max_position_embeddings=args.seq, use_cache=False, tie_word_embeddings=False)
+    try:
+        config._attn_implementation = "sdpa"
+    except Exception:  # an older/newer transformers without the setter keeps its default
+        pass
+    return config
+
+
+def build_meta_model(config, dtype):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+@torch.no_grad()
+def init_base_weights(model: nn.Module, generator_seed: int) -> None:
+    """Random base weights after to_empty (N(0, 0.02) matrices, ones for norms), rotary tables recomputed."""
+    torch.manual_seed(generator_seed)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        if param.dim() >= 2:
+            param.normal_(0.0, 0.02)
+        else:
+            param.fill_(1.0)
+    # Non-persistent buffers (the rotary inverse frequencies) hold garbage after
+    # to_empty: rebuild the module on CPU and copy its buffers over.
+    for module in model.modules():
+        if "inv_freq" in dict(module.named_buffers(recurse=False)):
+            fresh = type(module)(getattr(module, "config", None) or model.config)
+            for buf_name, buf in fresh.named_buffers(recurse=False):
+                getattr(module, buf_name).copy_(buf)
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, r: int) -> None:
+    """Adapters random and non-zero (a fresh lora_B is zero, which can run faster than real data)."""
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.normal_(0.0, param.shape[-1] ** -0.5)
+        elif "lora_B" in name:
+            param.normal_(0.0, 0.01 * r ** -0.5)
+
+
+def linear_leaf_names(model: nn.Module) -> list:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not torch.isfinite(t).all():
+            raise RuntimeError(f"{name} has non-finite values after initialisation")
+
+
+def build_model(provider, dropout, args, device, dtype):
+    """(model to train, number of LoRA layers) for one provider; base weights identical across providers."""
+    config = build_config(args)
+    model = build_meta_model(config, dtype)
+    if provider.startswith("lora_ext"):
+        peft_config = lora_ext.PeftConfig(match_all_linear=True, dim=args.rank, alpha=args.alpha, dropout=dropout,
+                                          use_triton=provider == "lora_ext_triton")
+        n_lora = lora_ext.apply_lora_to_linear_modules(model, peft_config)  # on meta: allocates nothing
+        model.to_empty(device=device)
+        init_base_weights(model, args.seed)
+        for module in model.modules():
+            if isinstance(module, lora_ext.LinearLoRA):
+                module.reset_parameters()
+                if provider == "lora_ext_native":
+                    module.lora_backend = "native"
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model.to_empty(device=device)
+        init_base_weights(model, args.seed)
+        targets = linear_leaf_names(model)
+        lora_config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=targets,
+                                 bias="none")
+        peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=args.peft_fp32_adapters)
+        model = peft_model.base_model.model  # the patched LlamaForCausalLM: same call path as lora_ext's
+        n_lora = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    randomize_adapters(model, args.rank)
+    check_finite(model)
+    model.train()
+    return model, n_lora
+
+
+def causal_lm_loss(model, input_ids):
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def head_loss(lm_head, hidden, input_ids):
+    logits = lm_head(hidden)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def make_loss_fn(model, scope: str):
+    """loss(input_ids) with torch.compile over `scope`.
+
+    "model": one graph for the whole forward and the loss (compiles 16 layers unrolled:
+    slow to compile). "layers": each decoder layer compiled on its own (they share one
+    graph, so compile time is one layer's) plus lm_head + loss as one more graph; the
+    embedding, rotary tables and final norm stay eager. "none": eager.
+    """
+    if scope == "model":
+        compiled = torch.compile(causal_lm_loss)
+        return lambda ids: compiled(model, ids)
+    if scope == "none":
+        return lambda ids: causal_lm_loss(model, ids)
+    for layer in model.model.layers:
+        layer.compile()
+    compiled_head = torch.compile(head_loss)
+
+    def loss(ids):
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        return compiled_head(model.lm_head, hidden, ids)
+
+    return loss
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_provider(provider, dropout, args, device, dtype) -> dict:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model, n_lora = build_model(provider, dropout, args, device, dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in trainable)
+    opt_kwargs = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, **opt_kwargs)
+    loss_fn = make_loss_fn(model, args.compile)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
+               for _ in range(3)]
+
+    def step(i):
+        loss = loss_fn(batches[i % len(batches)])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        losses.append(step(i).item())
+    synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        loss = step(args.warmup + i)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    graphs = int(counters["stats"].get("unique_graphs", 0))
+    breaks = int(sum(counters["graph_break"].values()))
+    step_s = statistics.median(times)
+    notes = []
+    if not all(math.isfinite(v) for v in losses):
+        notes.append("non-finite loss")
+    if breaks:
+        notes.append(f"{breaks} graph breaks")
+    note = "; ".join(notes)
+    row = dict(provider=provider, dropout=dropout, compile=args.compile, graphs=graphs, batch=args.batch, seq=args.seq,
+               params_m=round(n_params / 1e6, 1), trainable_m=round(n_trainable / 1e6, 2), n_lora_layers=n_lora,
+               step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
+               tokens_per_s=args.batch * args.seq / step_s, peak_gib=peak, first_loss=losses[0],
+               last_loss=losses[-1], warmup_s=round(warmup_s, 1), note=note)
+    del model, optimizer, trainable, batches, loss_fn
+    return row
+
+
+def render(rows, metas) -> str:
+    meta = metas[0]
+    by_dropout = {}
+    for row in rows:
+        by_dropout.setdefault(float(row["dropout"]), {})[row["provider"]] = row
+
+    def num(v):
+        return None if v in (None, "") else float(v)
+
+    headers = ["dropout", "provider", "step ms (median; min–max)", "tokens/s", "peak GiB",
+               "tokens/s ÷ peft", "peak ÷ peft", "loss first → last", "warm-up s", "graphs"]
+    lines = []
+    for p in sorted(by_dropout):
+        group = by_dropout[p]
+        peft = group.get("peft")
+        for name in ALL_PROVIDERS:
+            row = group.get(name)
+            if row is None:
+                continue
+            tps, peak = num(row["tokens_per_s"]), num(row["peak_gib"])
+            tps_ratio = peak_ratio = "—"
+            if peft is not None and name != "peft":
+                if tps and num(peft["tokens_per_s"]):
+                    tps_ratio = f"**{tps / num(peft['tokens_per_s']):.2f}**"
+                if peak and num(peft["peak_gib"]):
+                    peak_ratio = f"**{peak / num(peft['peak_gib']):.2f}**"
+            lines.append([p, name + (f" ({row['note']})" if row.get("note") else ""),
+                          f"{num(row['step_ms']):.1f} ({num(row['step_ms_min']):.1f}–{num(row['step_ms_max']):.1f})",
+                          f"{tps:,.0f}", f"{peak:.2f}" if peak is not None else "—", tps_ratio, peak_ratio,
+                          f"{num(row['first_loss']):.3f} → {num(row['last_loss']):.3f}", row["warmup_s"],
+                          row.get("graphs", "")])
+    first = rows[0] if rows else {}
+    commands = "; ".join(f"`{m['command']}`" for m in metas)
+    return "\n".join([
+        "## End-to-end LoRA training of a Llama-style decoder (`bench_train.py`)",
+        "",
+        f"- date: {meta['date']}; device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, "
+        f"peft {meta['peft']}, transformers {meta['transformers']}",
+        f"- command(s): {commands}",
+        f"- {meta.get('settings', '')}; {first.get('params_m', '?')} M parameters, "
+        f"{first.get('n_lora_layers', '?')} LoRA layers, batch {first.get('batch', '?')} × seq {first.get('seq', '?')}",
+        "- step = forward + loss (torch.compile scope as in settings: 'layers' = each decoder layer and "
+        "lm_head+loss compiled), backward, AdamW (fused on CUDA) on the adapters; "
+        "time = median over the timed steps after warm-up (synchronised per step); peak = "
+        "torch.cuda.max_memory_allocated over the timed steps (weights included)",
+        "",
+        common.markdown_table(headers, lines),
+    ])
+
+
+def environment(device, args) -> dict:
+    meta = {"date": common.utc_now(), "command": common.command_line(), "torch": torch.__version__}
+    for pkg in ("triton", "peft", "transformers"):
+        try:
+            meta[pkg] = __import__(pkg).__version__
+        except Exception:
+            meta[pkg] = "not installed"
+    if device.type == "cuda":
+        meta["device"] = torch.cuda.get_device_name(device)
+    else:
+        meta["device"] = common.cpu_description() + " (a logic check, not a measurement)"
+    sizes = TINY_MODEL if args.tiny else GPU_MODEL
+    meta["settings"] = (f"{args.dtype}, LoRA r={args.rank} alpha={args.alpha:g} on every Linear (lm_head too); "
+                        f"model {sizes}; compile={args.compile}; warm-up {args.warmup} steps, timed {args.steps}; "
+                        f"PEFT adapters in {'fp32' if args.peft_fp32_adapters else 'the base dtype'}; "
+                        "lora_ext dropout 'post' (its default), PEFT dropout on x")
+    return meta
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny model, short sequence, few steps")
+    parser.add_argument("--providers", nargs="+", default=["peft", "lora_ext"], choices=ALL_PROVIDERS)
+    parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--compile", default="layers", choices=["layers", "model", "none"],
+                        help="torch.compile scope: each decoder layer (+ lm_head and loss), the whole model, or none")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model config (implied by --device cpu)")
+    parser.add_argument("--peft-fp32-adapters", action="store_true",
+                        help="PEFT's default autocast of bf16 adapters to fp32 (off: adapters in the base dtype)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=common.BENCH_DIR)
+    parser.add_argument("--tag", default="bench_train")
+    parser.add_argument("--results-md", action="store_true")
+    parser.add_argument("--from-csv", nargs="+", default=None)
+    args = parser.parse_args()
+    defaults = parser.parse_args([])
+    if args.device == "cpu":
+        args.tiny = True
+    if args.quick or args.tiny:
+        if args.seq == defaults.seq:
+            args.seq = 128 if args.tiny else 512
+        if args.warmup == defaults.warmup:
+            args.warmup = 2
+        if args.steps == defaults.steps:
+            args.steps = 3
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, args.tag)
+    if args.from_csv:
+        rows, metas = [], []
+        for path in args.from_csv:
+            with open(path, newline="") as f:
+                rows += list(csv.DictReader(f))
+            with open(os.path.splitext(path)[0] + ".meta.json") as f:
+                metas.append(json.load(f))
+        text = render(rows, metas)
+        print(text)
+        if args.results_md:
+            common.replace_section("bench_train", text)
+        return
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False (use --device cpu --quick)")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    providers = list(args.providers)
+    for name in list(providers):
+        if name == "peft":
+            try:
+                import peft  # noqa: F401
+            except Exception as e:
+                print(f"note: skipping peft: not importable ({type(e).__name__}: {e})", flush=True)
+                providers.remove(name)
+        if name == "lora_ext_native" and device.type == "cuda" and not lora_ext._C.has_cuda():
+            print("note: skipping lora_ext_native: lora_ext was built without CUDA", flush=True)
+            providers.remove(name)
+    for limit_name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit_name):
+            setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
+
+    meta = environment(device, args)
+    with open(stem + ".meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+    runs = [(p, d) for d in args.dropouts for p in providers]
+    print(f"{len(runs)} runs: {runs}; each = build + {args.warmup} warm-up steps (compile) + {args.steps} timed",
+          flush=True)
+    started = time.perf_counter()
+    rows = []
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for i, (provider, dropout) in enumerate(runs):
+            t0 = time.perf_counter()
+            try:
+                row = run_provider(provider, dropout, args, device, dtype)
+            except Exception as e:  # one failing provider must not lose the others' numbers
+                print(f"  !! {provider} dropout={dropout} failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append(row)
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            f.flush()
+            print(f"[{i + 1}/{len(runs)}] {provider} dropout={dropout}: {row['tokens_per_s']:,.0f} tokens/s, "
+                  f"peak {row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 2)} GiB, loss "
+                  f"{row['first_loss']:.3f} -> {row['last_loss']:.3f} ({time.perf_counter() - t0:.0f} s; elapsed "
+                  f"{time.perf_counter() - started:.0f} s)", flush=True)
+    meta["elapsed_s"] = round(time.perf_counter() - started)
+    with open(stem + ".meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+    if not rows:
+        raise SystemExit("no provider ran")
+    rows = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
+    text = render(rows, [meta])
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    if args.results_md:
+        common.replace_section("bench_train", text)
+        print(f"wrote the bench_train section of {common.RESULTS_MD}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
