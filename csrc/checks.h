@@ -2,6 +2,8 @@
 // argument and the shapes/dtypes involved, so a user sees what to fix.
 #pragma once
 #include <ATen/ATen.h>
+#include <array>
+#include <cmath>
 #include <string>
 
 namespace lora {
@@ -24,6 +26,12 @@ inline void check_floating(const at::Tensor& t, const char* name) {
 inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.device() == x.device(), "lora: ", name, " is on ", t.device(),
               " but x is on ", x.device(), "; all tensors must be on one device");
+}
+
+// A non-finite scale (alpha = inf or nan) can only produce garbage, and which garbage
+// (inf or nan, where) would differ between backends; it is refused instead.
+inline void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "lora: scale must be a finite number, got ", scale);
 }
 
 // Sizes of one lora::linear call, after its arguments were checked.
@@ -97,6 +105,24 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const c10::optional<at
     check_same_device(sd, x, "seed");
   }
   return s;
+}
+
+// lora::linear_backward's own arguments (after check_linear_args on the shared ones):
+// grad_y and xa must be what lora::linear's autograd would pass.
+inline void check_linear_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& xa,
+                                       const at::Tensor& lora_A, const c10::optional<at::Tensor>& weight,
+                                       const std::array<bool, 5>& output_mask, const LinearSizes& s) {
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == s.N && grad_y.numel() == s.M * s.N,
+              "lora: grad_y must have shape (..., ", s.N, ") with ", s.M, " rows, got ", grad_y.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "lora: grad_y dtype (", grad_y.scalar_type(),
+                   ") must equal x dtype (", x.scalar_type(), ")");
+  check_same_device(grad_y, x, "grad_y");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r, "lora: xa must have shape (", s.M, ", ",
+              s.r, "), got ", xa.sizes());
+  TORCH_CHECK_TYPE(xa.scalar_type() == lora_A.scalar_type(), "lora: xa dtype (", xa.scalar_type(),
+                   ") must equal lora_A dtype (", lora_A.scalar_type(), ")");
+  check_same_device(xa, x, "xa");
+  TORCH_CHECK(!output_mask[1] || weight.has_value(), "lora: grad of weight requested but weight is None");
 }
 
 }  // namespace lora

@@ -21,9 +21,10 @@ at::Tensor owned_copy(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
 }
 
-// `t` flattened to (rows, cols), without copying when its strides allow.
-at::Tensor as_matrix(const at::Tensor& t, int64_t cols) {
-  return t.reshape({-1, cols});
+// `t` flattened to (rows, cols), without copying when its strides allow. Both sizes are
+// given: reshape({-1, 0}) of an empty tensor is ambiguous (in_features or out_features 0).
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.reshape({rows, cols});
 }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -35,11 +36,12 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, c10::string_view /*backend*/) {
   const LinearSizes s = check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed);
+  check_scale(scale);
   const auto lora_dtype = lora_A.scalar_type();
   const bool dropout = dropout_p > 0.0;
   const double keep_scale = 1.0 / (1.0 - dropout_p);
 
-  const at::Tensor x2 = as_matrix(x, s.K);
+  const at::Tensor x2 = as_matrix(x, s.M, s.K);
   // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
   // The copy is a temporary of this call, never saved.
   at::Tensor x_lora = x2.to(lora_dtype);
@@ -53,7 +55,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   out_shape.push_back(s.N);
 
   at::Tensor y;
-  const bool lora_term_separate = (dropout && s.position == DropoutPosition::kPost) || lora_dtype != x.scalar_type();
+  // scale == 0 also takes the separate path: addmm with alpha=0 skips the product, so a
+  // NaN/Inf in the adapters would not reach y, while 0 * NaN is NaN (reference, Triton).
+  const bool lora_term_separate =
+      (dropout && s.position == DropoutPosition::kPost) || lora_dtype != x.scalar_type() || scale == 0.0;
   if (lora_term_separate) {
     // (M, N) LoRA term in the adapters' dtype: dropout and/or a dtype cast act on
     // it before it joins the base output.
@@ -92,18 +97,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     c10::string_view /*backend*/) {
   const LinearSizes s =
       check_linear_args(x, weight, c10::nullopt, lora_A, lora_B, dropout_p, dropout_position, seed);
-  TORCH_CHECK(grad_y.size(-1) == s.N && grad_y.numel() == s.M * s.N, "lora: grad_y must have shape (..., ", s.N,
-              ") with ", s.M, " rows, got ", grad_y.sizes());
-  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r, "lora: xa must have shape (", s.M, ", ",
-              s.r, "), got ", xa.sizes());
+  check_scale(scale);
+  check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, s);
   const auto [need_x, need_weight, need_bias, need_A, need_B] = output_mask;
-  TORCH_CHECK(!need_weight || weight.has_value(), "lora: grad of weight requested but weight is None");
   const auto lora_dtype = lora_A.scalar_type();
   const bool dropout = dropout_p > 0.0;
   const double keep_scale = 1.0 / (1.0 - dropout_p);
 
-  const at::Tensor g = as_matrix(grad_y, s.N);
-  const at::Tensor x2 = as_matrix(x, s.K);
+  const at::Tensor g = as_matrix(grad_y, s.M, s.N);
+  const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
   // Gradient reaching the LoRA term, in the adapters' dtype; for 'post' it passes
   // through the regenerated mask (a temporary, never saved).

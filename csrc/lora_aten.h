@@ -8,8 +8,8 @@
 
 namespace lora {
 
-// t <- where(keep(seed, i), t * kept_scale, 0) for every linear index i of the
-// contiguous tensor t (the mask of philox.h).
+// t <- t * (keep(seed, i) ? kept_scale : 0) for every linear index i of the
+// contiguous tensor t (the mask of philox.h); a dropped NaN/Inf stays NaN.
 void dropout_scale_cpu_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
 #ifdef LORA_WITH_CUDA
 void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);

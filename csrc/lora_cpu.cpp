@@ -20,8 +20,10 @@ void dropout_scale_cpu_(at::Tensor& t, const at::Tensor& seed, double p, double 
     const acc_t scale_value = static_cast<acc_t>(kept_scale);
     at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        // Multiplying by 0 (rather than writing 0) lets a dropped NaN/Inf stay NaN, as in
+        // torch.nn.functional.dropout and lora_ext.reference: a divergence is never hidden.
         const bool keep = dropout_keep(seed_value, static_cast<uint64_t>(i), threshold);
-        data[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(data[i]) * scale_value) : scalar_t(0);
+        data[i] = static_cast<scalar_t>(static_cast<acc_t>(data[i]) * (keep ? scale_value : acc_t(0)));
       }
     });
   });

@@ -70,6 +70,34 @@ def _check_same_device(t: Tensor, x: Tensor, name: str) -> None:
         )
 
 
+def check_scale(scale) -> None:
+    """A non-finite scale (alpha = inf or nan) is refused: it can only give garbage (csrc/checks.h)."""
+    if not math.isfinite(scale):
+        raise ValueError(f"lora: scale must be a finite number, got {scale}")
+
+
+def check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r) -> None:
+    """lora::linear_backward's own arguments, after check_linear_args (mirrors csrc/checks.h)."""
+    torch._check(
+        grad_y.dim() >= 1 and grad_y.shape[-1] == N and grad_y.numel() == M * N,
+        lambda: f"lora: grad_y must have shape (..., {N}) with {M} rows, got {tuple(grad_y.shape)}",
+    )
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"lora: grad_y dtype ({grad_y.dtype}) must equal x dtype ({x.dtype})")
+    _check_same_device(grad_y, x, "grad_y")
+    torch._check(
+        xa.dim() == 2 and xa.shape[0] == M and xa.shape[1] == r,
+        lambda: f"lora: xa must have shape ({M}, {r}), got {tuple(xa.shape)}",
+    )
+    if xa.dtype != lora_A.dtype:
+        raise TypeError(f"lora: xa dtype ({xa.dtype}) must equal lora_A dtype ({lora_A.dtype})")
+    _check_same_device(xa, x, "xa")
+    if len(output_mask) != 5:
+        raise RuntimeError("lora: output_mask must have 5 entries")
+    if output_mask[1] and weight is None:
+        raise RuntimeError("lora: grad of weight requested but weight is None")
+
+
 def check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, backend):
     """Validates lora::linear's arguments; returns (M, K, N, r)."""
     if dropout_position not in DROPOUT_POSITIONS:
@@ -145,6 +173,7 @@ def _linear_fake(
     x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None, backend="auto"
 ):
     M, K, N, r = check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, backend)
+    check_scale(scale)
     y = x.new_empty(*x.shape[:-1], N)
     xa = lora_A.new_empty(M, r)
     return y, xa
@@ -155,17 +184,9 @@ def _linear_backward_fake(
     grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend="auto"
 ):
     M, K, N, r = check_linear_args(x, weight, None, lora_A, lora_B, dropout_p, dropout_position, seed, backend)
+    check_scale(scale)
+    check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r)
     need_x, need_weight, need_bias, need_A, need_B = output_mask
-    torch._check(
-        grad_y.shape[-1] == N and grad_y.numel() == M * N,
-        lambda: f"lora: grad_y must have shape (..., {N}) with {M} rows, got {tuple(grad_y.shape)}",
-    )
-    torch._check(
-        xa.dim() == 2 and xa.shape[0] == M and xa.shape[1] == r,
-        lambda: f"lora: xa must have shape ({M}, {r}), got {tuple(xa.shape)}",
-    )
-    if need_weight and weight is None:
-        raise RuntimeError("lora: grad of weight requested but weight is None")
 
     def grad_or_empty(needed, like, shape):
         return like.new_empty(shape) if needed else like.new_empty(0)

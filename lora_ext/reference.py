@@ -7,6 +7,8 @@ mask too.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -81,8 +83,9 @@ def lora_linear_reference(
         seed = int(seed.reshape(()).item())
     in_features = x.shape[-1]
     out_features = lora_B.shape[0]
-    x2 = x.reshape(-1, in_features).to(compute_dtype)
-    rows = x2.shape[0]
+    rows = math.prod(x.shape[:-1])
+    # Both sizes given: reshape(-1, 0) of an empty x (in_features 0) is ambiguous.
+    x2 = x.reshape(rows, in_features).to(compute_dtype)
 
     def keep_scale(cols: int) -> torch.Tensor:
         mask = dropout_keep_mask(seed, rows, cols, dropout_p).to(x2.device)

@@ -21,9 +21,11 @@ __global__ void dropout_scale_kernel(scalar_t* __restrict__ data, int64_t n, con
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    // Multiplying by 0 (rather than writing 0) lets a dropped NaN/Inf stay NaN, as in
+    // torch.nn.functional.dropout and lora_ext.reference (and the CPU kernel).
     const bool keep = dropout_keep(seed, static_cast<uint64_t>(i), threshold);
     using acc_t = at::opmath_type<scalar_t>;
-    data[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(data[i]) * kept_scale) : scalar_t(0);
+    data[i] = static_cast<scalar_t>(static_cast<acc_t>(data[i]) * (keep ? static_cast<acc_t>(kept_scale) : acc_t(0)));
   }
 }
 
