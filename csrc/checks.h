@@ -34,6 +34,13 @@ inline void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "lora: scale must be a finite number, got ", scale);
 }
 
+// The ops' `backend` argument: which CUDA implementation runs ("auto" lets lora_ext
+// choose); checked on every device so a typo fails everywhere, not only on a GPU.
+inline void check_backend(c10::string_view backend) {
+  TORCH_CHECK_VALUE(backend == "auto" || backend == "triton" || backend == "native",
+                    "lora: backend must be 'auto', 'triton' or 'native', got '", std::string(backend), "'");
+}
+
 // Sizes of one lora::linear call, after its arguments were checked.
 struct LinearSizes {
   int64_t M;  // tokens: product of x's leading dimensions

@@ -5,11 +5,13 @@
 //   lora::linear_backward   every gradient of lora::linear, computing only those in output_mask
 //                           (x, weight, bias, lora_A, lora_B); unneeded ones come back as empty tensors.
 //
-// Kernels: CPU in lora_cpu.cpp (C++), CUDA registered from Python (lora_ext/kernels/cuda_dispatch.py),
-// which picks Triton or the native CUDA build of lora_aten.cpp; fake kernels and autograd in lora_ext/ops.py.
+// Kernels: CPU in lora_cpu.cpp; CUDA in cuda/lora_cuda.cu (native, choosing Triton by the rule in
+// choose_cuda_backend) when built with CUDA, else registered from Python (lora_ext/kernels/cuda_dispatch.py,
+// Triton only); fake kernels and autograd in lora_ext/ops.py.
 #include <torch/extension.h>
 
 #include "lora_aten.h"
+#include "triton_bridge.h"
 
 TORCH_LIBRARY(lora, m) {
   m.def(
@@ -24,6 +26,16 @@ TORCH_LIBRARY(lora, m) {
 
 namespace {
 
+// The Triton implementations, set from Python (see triton_bridge.h). Never destroyed:
+// they would otherwise be released after the interpreter is gone at exit.
+pybind11::object* triton_forward_fn = nullptr;
+pybind11::object* triton_backward_fn = nullptr;
+
+void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_fn) {
+  triton_forward_fn = new pybind11::object(std::move(forward_fn));
+  triton_backward_fn = new pybind11::object(std::move(backward_fn));
+}
+
 bool built_with_cuda() {
 #ifdef LORA_WITH_CUDA
   return true;
@@ -34,11 +46,40 @@ bool built_with_cuda() {
 
 }  // namespace
 
+namespace lora {
+
+bool triton_kernels_registered() { return triton_forward_fn != nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> triton_linear_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed) {
+  pybind11::gil_scoped_acquire gil;
+  auto result = (*triton_forward_fn)(x, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                     std::string(dropout_position), seed);
+  return result.cast<std::tuple<at::Tensor, at::Tensor>>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_linear_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
+  pybind11::gil_scoped_acquire gil;
+  std::vector<bool> mask(output_mask.begin(), output_mask.end());
+  auto result = (*triton_backward_fn)(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p,
+                                      std::string(dropout_position), seed, mask);
+  return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
+}
+
+}  // namespace lora
+
 // The Python module exposes the native (ATen + CUDA kernels) implementation, which
 // the CUDA dispatcher in lora_ext/kernels/cuda_dispatch.py calls when it picks it.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "lora_ext C++/CUDA kernels; the ops are torch.ops.lora.*";
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
+  module.def("set_triton_kernels", &set_triton_kernels,
+             "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");
   module.def(
       "linear_forward_native",
       [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

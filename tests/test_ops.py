@@ -710,8 +710,7 @@ def test_tensors_on_different_devices_raise(name, device):
 @pytest.mark.parametrize(
     "device",
     [
-        pytest.param("cpu", marks=pytest.mark.xfail(
-            strict=True, reason="the C++ CPU kernel ignores `backend` (csrc/lora_aten.cpp); only the fake kernel checks it")),
+        "cpu",
         "meta",
     ],
 )

@@ -7,7 +7,14 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "../checks.h"
 #include "../lora_aten.h"
+#include "../triton_bridge.h"
 #include "../philox.h"
 
 namespace lora {
@@ -46,6 +53,53 @@ void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double
                                                                    static_cast<float>(kept_scale));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which implementation runs a CUDA call. The op's `backend` argument wins when it is
+// "triton" or "native"; with "auto", the environment variable LORA_EXT_BACKEND does; else
+// native, which measured faster than the Triton kernels at every benchmarked shape on the
+// H200 (benchmarks/RESULTS.md). "triton" without triton installed falls back to native.
+bool use_triton(c10::string_view backend) {
+  std::string choice(backend);
+  if (choice == "auto") {
+    const char* env = std::getenv("LORA_EXT_BACKEND");
+    choice = env != nullptr ? env : "auto";
+    TORCH_CHECK_VALUE(choice == "auto" || choice == "triton" || choice == "native",
+                      "lora: LORA_EXT_BACKEND must be auto, triton or native, got '", choice, "'");
+  }
+  return choice == "triton" && triton_kernels_registered();
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, c10::string_view backend) {
+  check_backend(backend);
+  if (use_triton(backend)) {
+    return triton_linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  return linear_forward_aten(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
+    c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask,
+    c10::string_view backend) {
+  check_backend(backend);
+  if (use_triton(backend)) {
+    return triton_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
+                                  output_mask);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  return linear_backward_aten(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
+                              output_mask, backend);
+}
+
+TORCH_LIBRARY_IMPL(lora, CUDA, m) {
+  m.impl("linear", &linear_forward_cuda);
+  m.impl("linear_backward", &linear_backward_cuda);
 }
 
 }  // namespace lora

@@ -1,19 +1,24 @@
 """The CUDA kernels of torch.ops.lora.*: one per op, choosing Triton or native CUDA.
 
-Rule (documented in the README): the op's `backend` argument wins when it is
-"triton" or "native"; with "auto", the environment variable LORA_EXT_BACKEND
-("triton" / "native") wins; otherwise `choose_backend` picks by shape class.
-"native" needs the extension built with CUDA (lora_ext._C.has_cuda()); "triton"
-needs the triton package. When only one is available, it is used.
+Rule (also in the README): the op's `backend` argument wins when it is "triton" or
+"native"; with "auto", the environment variable LORA_EXT_BACKEND ("triton" / "native")
+does; otherwise native, which measured faster at every benchmarked shape on the H200.
+
+- Extension built with CUDA (lora_ext._C.has_cuda()): the CUDA kernels are C++
+  (csrc/cuda/lora_cuda.cu), so the native path runs without Python. They reach the
+  Triton implementation through the callbacks registered here; without triton
+  installed, "triton" falls back to native.
+- Extension built without CUDA (CPU-only build used with a CUDA torch): the CUDA
+  kernels are registered here, in Python, and always run Triton.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from .. import _C
+from ..ops import BACKENDS
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,52 +34,46 @@ def native_available() -> bool:
     return _C.has_cuda()
 
 
-def choose_backend(requested: str, M: int, N: int, K: int) -> str:
-    """Which implementation runs a CUDA call (see the module docstring)."""
-    if requested == "auto":
-        requested = os.environ.get("LORA_EXT_BACKEND", "auto")
-    if requested not in ("auto", "triton", "native"):
-        raise ValueError(f"lora: backend / LORA_EXT_BACKEND must be auto, triton or native, got '{requested}'")
-    if requested == "auto":
-        requested = "triton"
-    if requested == "triton" and not triton_available():
-        if not native_available():
-            raise RuntimeError("lora: CUDA tensors need triton or lora_ext built with CUDA; neither is available")
-        return "native"
-    if requested == "native" and not native_available():
-        if not triton_available():
-            raise RuntimeError("lora: CUDA tensors need triton or lora_ext built with CUDA; neither is available")
-        return "triton"
-    return requested
-
-
-@torch.library.register_kernel("lora::linear", "cuda")
-def _linear_cuda(
-    x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None, backend="auto"
-):
-    K = x.shape[-1]
-    N = lora_B.shape[0]
-    M = x.numel() // max(K, 1)
-    if choose_backend(backend, M, N, K) == "native":
-        return _C.linear_forward_native(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed)
-    from . import triton_lora
+def _triton_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed):
+    from . import triton_lora  # imported on first use: `import lora_ext` must not need triton
 
     return triton_lora.linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed)
 
 
-@torch.library.register_kernel("lora::linear_backward", "cuda")
-def _linear_backward_cuda(
-    grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend="auto"
-):
-    K = x.shape[-1]
-    N = lora_B.shape[0]
-    M = xa.shape[0]
-    if choose_backend(backend, M, N, K) == "native":
-        return _C.linear_backward_native(
-            grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, list(output_mask)
-        )
+def _triton_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask):
     from . import triton_lora
 
     return triton_lora.linear_backward(
         grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, list(output_mask)
     )
+
+
+if native_available():
+    if triton_available():
+        _C.set_triton_kernels(_triton_forward, _triton_backward)
+else:
+
+    def _require_triton(backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"lora: backend must be one of {BACKENDS}, got '{backend}'")
+        if not triton_available():
+            raise RuntimeError(
+                "lora: CUDA tensors need triton or lora_ext built with CUDA (see README: Build options); "
+                "neither is available"
+            )
+
+    @torch.library.register_kernel("lora::linear", "cuda")
+    def _linear_cuda(
+        x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None, backend="auto"
+    ):
+        _require_triton(backend)
+        return _triton_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed)
+
+    @torch.library.register_kernel("lora::linear_backward", "cuda")
+    def _linear_backward_cuda(
+        grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend="auto"
+    ):
+        _require_triton(backend)
+        return _triton_backward(
+            grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask
+        )
