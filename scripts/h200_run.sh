@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 what=${1:-all}
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -21,7 +21,7 @@ python3 -c "import lora_ext; print('native CUDA kernels built:', lora_ext._C.has
 status=0
 if [[ $what == tests || $what == all ]]; then
   t0=$(date +%s)
-  python3 -m pytest tests -q -x -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest tests -q -m cuda -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
   status=${PIPESTATUS[0]}
   echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
 fi
