@@ -59,7 +59,7 @@ def seed_tensor(value):
 def expected_xa(x, lora_A, p, position, seed):
     """xa = drop_pre(x) A^T in float64 (the op's second output)."""
     K = x.shape[-1]
-    x2 = x.reshape(-1, K).double()
+    x2 = x.reshape(math.prod(x.shape[:-1]), K).double()  # reshape(-1, 0) is ambiguous when K == 0
     if p > 0 and position == "pre":
         x2 = x2 * dropout_keep_mask(int(seed.item()), x2.shape[0], K, p).double() / (1 - p)
     return x2 @ lora_A.double().t()
