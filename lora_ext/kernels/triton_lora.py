@@ -104,7 +104,8 @@ def _lora_down_kernel(
                           mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             if DROPOUT:
                 keep = dropout_keep(key_lo, key_hi, m[:, None] * C + c[None, :], drop_threshold)
-                inp = tl.where(keep, inp.to(tl.float32) * keep_scale, 0.0)
+                # Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch dropout, the reference).
+                inp = inp.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
             inp = inp.to(COMPUTE_DTYPE)
             if COMPUTE_OUT:
                 panel = tl.load(panel_ptr + c[:, None] * stride_pc + r[None, :] * stride_pr,
@@ -182,7 +183,7 @@ def _lora_up_kernel(
         if WRITE_OUT:
             value = tl.dot(rows, panel, input_precision=INPUT_PRECISION) * out_scale
             if DROPOUT:
-                value = tl.where(keep, value * keep_scale, 0.0)
+                value = value * tl.where(keep, keep_scale, 0.0)
             if HAS_BIAS:
                 value = value + bias[None, :]
             tl.store(out_ptr + m[:, None] * stride_om + c[None, :] * stride_oc,
@@ -190,7 +191,7 @@ def _lora_up_kernel(
         if COMPUTE_INP_GRAD:
             inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic, mask=tile_ok, other=0.0)
             if DROPOUT:
-                inp = tl.where(keep, inp.to(tl.float32) * keep_scale, 0.0)
+                inp = inp.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
             grad_acc = tl.dot(tl.trans(inp.to(COMPUTE_DTYPE)), rows, grad_acc, input_precision=INPUT_PRECISION)
     if COMPUTE_INP_GRAD:
         grad_ptrs = inp_grad_ptr + pid_split.to(tl.int64) * stride_gs + c[:, None] * stride_gc + r[None, :] * stride_gr
@@ -592,9 +593,11 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
 
 
 def _dropout_scaled(t, seed, p, kept_scale):
-    """where(keep, t * kept_scale, 0) for the 2-D t, as a new tensor (dropout_scale_ of lora_aten.cpp)."""
+    """t * (keep ? kept_scale : 0) for the 2-D t, as a new tensor (dropout_scale_ of lora_aten.cpp).
+
+    Dropped elements are multiplied by 0, so a dropped NaN/Inf stays NaN as in the other kernels."""
     keep = dropout_keep_mask(seed, t.shape[0], t.shape[1], p)
-    return torch.where(keep, t * kept_scale, torch.zeros((), dtype=t.dtype, device=t.device))
+    return torch.where(keep, t * kept_scale, t * 0.0)
 
 
 def _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, M, K, N):
