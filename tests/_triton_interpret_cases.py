@@ -179,10 +179,23 @@ def test_gradient_accumulated_over_several_row_blocks_per_program():
     blocks = triton_lora._INTERPRET_BLOCKS
     m_blocks = -(-M // blocks.block_m)
     c_blocks = -(-N // blocks.block_c)
-    a, b = triton_lora._down_partition(m_blocks, c_blocks, M, N, 16, triton_lora._num_sms(torch.device("cpu")),
-                                       True, True)
+    a, b, _ = triton_lora._down_partition(m_blocks, c_blocks, M, N, 16, triton_lora._num_sms(torch.device("cpu")),
+                                          True, True, triton_lora.MASK_REUSE_BUDGET_BYTES)
     assert a < m_blocks, (a, b)
     run_case(make_inputs((M,), K, N, r, torch.float32), 0.3, "post")
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_two_passes_over_grad_y_when_partials_exceed_the_budget(monkeypatch, position):
+    """With no partial budget, dxa and dB come from two passes over dY (and dA from one split)."""
+    monkeypatch.setattr(triton_lora, "PARTIAL_BUDGET_BYTES", 0)
+    monkeypatch.setattr(triton_lora, "MASK_REUSE_BUDGET_BYTES", 0)
+    calls = []
+    original = triton_lora._lora_down
+    monkeypatch.setattr(triton_lora, "_lora_down", lambda *a, **k: calls.append(k) or original(*a, **k))
+    run_case(make_inputs((70,), 40, 17, 3, torch.float32), 0.3, position)
+    # The forward's xa, then the backward's two passes.
+    assert len(calls) == 3 and calls[2].get("need_out") is False, calls
 
 
 @pytest.mark.parametrize("output_mask", [

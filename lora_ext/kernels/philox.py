@@ -21,11 +21,12 @@ import triton
 import triton.language as tl
 
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
-# All four are >= 2**31, so Triton types them uint32, like the counter words.
-PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
-PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
-PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
-PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
+# All four are >= 2**31, so Triton types them uint32, like the counter words. (Globals
+# read by @triton.jit code must be tl.constexpr instances, not annotations.)
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 
 
 @triton.jit

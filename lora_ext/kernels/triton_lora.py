@@ -22,8 +22,9 @@ order: results are deterministic (no atomics).
 
 The LoRA path runs in lora_A's dtype with float32 accumulation; y and grad_x are
 written in x's dtype. float64 (gradcheck) does not go through tl.dot: any call with
-a float64 x or adapters runs `_composite_forward` / `_composite_backward`, the
-torch composition of csrc/lora_aten.cpp, with the dropout mask from philox.py.
+a float64 x or adapters, or a rank above MAX_KERNEL_RANK (256), runs
+`_composite_forward` / `_composite_backward`, the torch composition of
+csrc/lora_aten.cpp, with the dropout mask from philox.py (a temporary of the call).
 
 All functions also run on CPU tensors under TRITON_INTERPRET=1 (set before triton is
 imported); the interpreter gets small blocks so the tests exercise every split.
@@ -243,35 +244,47 @@ def _rank_pad(r: int) -> int:
 # keep the tests fast while shapes of a few dozen still span several blocks.
 _INTERPRET_BLOCKS = _Blocks(32, 32)
 
+# Tile shapes by padded rank. Chosen so that ptxas (CUDA 13, sm_90, triton 3.9) reports
+# no register spills for every variant; the Philox mask (about 6 live 32-bit words per
+# element) is what needs 8 warps when dropout is on. Not yet tuned by measurement.
+#   r_pad: (block_m, block_c) for _lora_down_kernel with out only / with the panel gradient,
+#          and for _lora_up_kernel writing only (without / with dropout) / with the input gradient.
+_DOWN_OUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32), 256: (32, 32)}
+_DOWN_PANEL_GRAD_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 32), 256: (32, 16)}
+_UP_WRITE_TILES = {16: (64, 128), 32: (64, 128), 64: (64, 128), 128: (32, 64), 256: (32, 64)}
+_UP_WRITE_DROPOUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 64), 256: (32, 64)}
+_UP_INP_GRAD_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 32), 128: (32, 32), 256: (32, 32)}
 
-def _down_blocks(M: int, r_pad: int, panel_grad: bool, programs_wanted: int) -> _Blocks:
+
+def _num_warps(r_pad: int, dropout: bool) -> int:
+    return 8 if dropout or r_pad >= 64 else 4
+
+
+def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, programs_wanted: int) -> _Blocks:
     if _INTERPRET:
         return _INTERPRET_BLOCKS
-    # Register budget: the (BLOCK_M, R_PAD) accumulator and the (BLOCK_C, R_PAD) panel
-    # tile shrink the tiles as the rank grows.
-    if panel_grad:
-        block_c = 64 if r_pad <= 64 else 32
-        block_m_max = 64 if r_pad <= 128 else 32
+    block_m, block_c = (_DOWN_PANEL_GRAD_TILES if panel_grad else _DOWN_OUT_TILES)[r_pad]
+    if not panel_grad:
+        # One program per row block: prefer smaller row blocks over splitting the row
+        # (which needs partials) when M alone does not give every SM a program.
+        while block_m > 16 and triton.cdiv(M, block_m) < programs_wanted:
+            block_m //= 2
     else:
-        block_c = 128 if r_pad <= 64 else (64 if r_pad <= 128 else 32)
-        block_m_max = 64 if r_pad <= 128 else 32
-    # Prefer smaller row blocks over splitting the row (which needs partials) when M
-    # alone does not give every SM a program.
-    block_m = block_m_max
-    while block_m > 16 and triton.cdiv(M, block_m) < programs_wanted:
-        block_m //= 2
-    return _Blocks(block_m, block_c)
+        block_m = min(block_m, max(16, triton.next_power_of_2(max(M, 1))))
+    return _Blocks(block_m, block_c, _num_warps(r_pad, dropout))
 
 
-def _up_blocks(M: int, r_pad: int, inp_grad: bool) -> _Blocks:
+def _up_blocks(M: int, r_pad: int, inp_grad: bool, dropout: bool) -> _Blocks:
     if _INTERPRET:
         return _INTERPRET_BLOCKS
     if inp_grad:
-        block_m, block_c = (64, 64) if r_pad <= 64 else (32, 64 if r_pad <= 128 else 32)
+        tiles = _UP_INP_GRAD_TILES
     else:
-        block_m, block_c = (64, 128) if r_pad <= 64 else (32, 128 if r_pad <= 128 else 64)
+        tiles = _UP_WRITE_DROPOUT_TILES if dropout else _UP_WRITE_TILES
+    block_m, block_c = tiles[r_pad]
+    # The row loop runs inside a program: small M only needs one small row block.
     block_m = min(block_m, max(16, triton.next_power_of_2(max(M, 1))))
-    return _Blocks(block_m, block_c)
+    return _Blocks(block_m, block_c, _num_warps(r_pad, dropout))
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,12 +317,22 @@ def _split_groups(num_blocks: int, groups: int) -> tuple[int, int]:
     return per_group, triton.cdiv(num_blocks, per_group)
 
 
-def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_grad):
-    """Groups (a of m-blocks, b of c-blocks) for _lora_down_kernel.
+# Float32 partials of the split reductions are the only extra memory of the kernels
+# (besides xa, dxa). A split that needs more than PARTIAL_BUDGET_BYTES is avoided when
+# the work can be arranged otherwise (fewer programs, or a second pass over dY). With
+# 'post' dropout, one pass over dY for both dxa and dB saves regenerating the M x N
+# mask (a full Philox-4x32-10 per element, the dominant cost of that pass), so that
+# pass may use up to MASK_REUSE_BUDGET_BYTES. Both are transient (freed by the op).
+PARTIAL_BUDGET_BYTES = 1 << 20
+MASK_REUSE_BUDGET_BYTES = 16 << 20
 
-    Reaches `enough` programs (one per SM) when the blocks allow, using the fewest bytes
-    of float32 partials: b > 1 costs b * M * r_pad * 4 (out), each m-group costs
-    C * r_pad * 4 (panel_grad). Ties go to more m-groups (no partial over the row).
+
+def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_grad, budget):
+    """(a, b, partial bytes): groups of m-blocks (a) and of c-blocks (b) for _lora_down_kernel.
+
+    b > 1 costs b * M * r_pad * 4 bytes of partials (out); with panel_grad, each m-group
+    costs C * r_pad * 4. Preferred, in order: partials within `budget`; `enough` programs
+    (one per SM) or as many as possible; fewest bytes; more m-groups.
     """
     reach = min(enough, m_blocks * c_blocks)
     candidates = {m_blocks}
@@ -321,10 +344,32 @@ def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_
     for a in sorted(candidates):
         b = 1 if a >= enough else min(c_blocks, triton.cdiv(enough, a))
         partial_bytes = (a * C * r_pad * 4 if panel_grad else 0) + (b * M * r_pad * 4 if compute_out and b > 1 else 0)
-        key = (a * b < reach, partial_bytes, -a)
+        key = (partial_bytes > budget, -min(a * b, reach), partial_bytes, -a)
         if best is None or key < best[0]:
-            best = (key, a, b)
-    return best[1], best[2]
+            best = (key, a, b, partial_bytes)
+    return best[1], best[2], best[3]
+
+
+@dataclass(frozen=True)
+class _DownPlan:
+    blocks: _Blocks
+    m_per_group: int
+    c_per_group: int
+    groups_m: int
+    groups_c: int
+    partial_bytes: int
+
+
+def _down_plan(M, C, r, device, need_out, panel_grad, dropout_on, budget) -> _DownPlan:
+    r_pad = _rank_pad(r)
+    enough = _num_sms(device)
+    blocks = _down_blocks(M, r_pad, panel_grad, dropout_on, enough)
+    m_blocks = max(1, triton.cdiv(M, blocks.block_m))
+    c_blocks = max(1, triton.cdiv(C, blocks.block_c))  # C == 0 still writes out = 0
+    a, b, partial_bytes = _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, need_out, panel_grad, budget)
+    m_per_group, a = _split_groups(m_blocks, a)
+    c_per_group, b = _split_groups(c_blocks, b)
+    return _DownPlan(blocks, m_per_group, c_per_group, a, b, partial_bytes)
 
 
 def _device_guard(t: torch.Tensor):
@@ -369,7 +414,8 @@ class _Dropout:
         return _Dropout(True, seed, dropout_threshold(p), 1.0 / (1.0 - p))
 
 
-def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=True, rows=None, panel_grad_scale=1.0):
+def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=True, rows=None, panel_grad_scale=1.0,
+               budget=None):
     """Runs _lora_down_kernel on inp (M x C) and panel (C x r).
 
     Returns (out, panel_grad): out = out_scale * drop(inp) @ panel as (M, r) in out_dtype
@@ -387,14 +433,9 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         # Nothing to contract: out is empty and the reduction over rows is zero.
         return out, panel_grad.zero_() if panel_grad_wanted else None
 
-    enough = _num_sms(device)
-    blocks = _down_blocks(M, r_pad, panel_grad_wanted, enough)
-    m_blocks = triton.cdiv(M, blocks.block_m)
-    c_blocks = max(1, triton.cdiv(C, blocks.block_c))  # C == 0 still writes out = 0
-    a, b = _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, need_out, panel_grad_wanted)
-    m_per_group, a = _split_groups(m_blocks, a)
-    c_per_group, b = _split_groups(c_blocks, b)
-
+    budget = PARTIAL_BUDGET_BYTES if budget is None else budget
+    plan = _down_plan(M, C, r, device, need_out, panel_grad_wanted, dropout.on, budget)
+    a, b = plan.groups_m, plan.groups_c
     placeholder = inp
     if not need_out:
         out_buffer, out_strides = placeholder, (0, 0, 0)
@@ -412,6 +453,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         grad_buffer, grad_strides, rows, rows_strides = placeholder, (0, 0, 0), placeholder, (0, 0)
 
     compute_dtype = _compute_dtype(panel.dtype)
+    blocks = plan.blocks
     _lora_down_kernel[(a, b)](
         inp, panel, out_buffer, rows, grad_buffer, dropout.seed if dropout.on else placeholder,
         M, C, r,
@@ -420,7 +462,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         *out_strides,
         *rows_strides,
         *grad_strides,
-        m_per_group, c_per_group,
+        plan.m_per_group, plan.c_per_group,
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         COMPUTE_OUT=need_out, COMPUTE_PANEL_GRAD=panel_grad_wanted, DROPOUT=dropout.on,
@@ -432,6 +474,28 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
     if panel_grad_wanted:
         _sum_partials(grad_buffer, panel_grad, scale=panel_grad_scale)
     return out, panel_grad
+
+
+def _grad_y_pass(g2, lora_B, xa, lora_dtype, scale, post: _Dropout, need_grad_xa, need_grad_B):
+    """(dxa, dB) = (s drop(g) B, s drop(g)^T xa), each None unless needed.
+
+    Both come from one pass over g when the float32 partials of that pass fit the budget
+    (MASK_REUSE_BUDGET_BYTES with 'post' dropout); otherwise from two passes, one per
+    reduction direction, each needing only small partials.
+    """
+    M, N = g2.shape
+    r = lora_B.shape[1]
+    rows = xa if need_grad_B else None
+    if need_grad_xa and need_grad_B and M > 0:
+        budget = MASK_REUSE_BUDGET_BYTES if post.on else PARTIAL_BUDGET_BYTES
+        plan = _down_plan(M, N, r, g2.device, True, True, post.on, budget)
+        if plan.partial_bytes > budget:
+            grad_xa, _ = _lora_down(g2, lora_B, lora_dtype, scale, post)
+            _, grad_B = _lora_down(g2, lora_B, lora_dtype, scale, post, need_out=False, rows=xa,
+                                   panel_grad_scale=scale)
+            return grad_xa, grad_B
+        return _lora_down(g2, lora_B, lora_dtype, scale, post, rows=rows, panel_grad_scale=scale, budget=budget)
+    return _lora_down(g2, lora_B, lora_dtype, scale, post, need_out=need_grad_xa, rows=rows, panel_grad_scale=scale)
 
 
 def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None, inp=None, inp_grad_dtype=None):
@@ -451,14 +515,16 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
     if C == 0 or (M == 0 and not inp_grad_wanted):
         return inp_grad
 
-    blocks = _up_blocks(M, r_pad, inp_grad_wanted)
+    blocks = _up_blocks(M, r_pad, inp_grad_wanted, dropout.on)
     m_blocks = triton.cdiv(M, blocks.block_m)
     c_blocks = triton.cdiv(C, blocks.block_c)
     sms = _num_sms(device)
     # Write-only passes take more programs (latency hiding); a reduction takes one per SM,
-    # each split costing C * r_pad * 4 bytes of partials.
+    # each split costing C * r_pad * 4 bytes of partials (within PARTIAL_BUDGET_BYTES).
     wanted = sms if inp_grad_wanted else 2 * sms
     splits = min(max(1, m_blocks), triton.cdiv(wanted, c_blocks))
+    if inp_grad_wanted:
+        splits = max(1, min(splits, PARTIAL_BUDGET_BYTES // (C * r_pad * 4)))
     m_per_split, splits = _split_groups(max(1, m_blocks), splits)
 
     if inp_grad_wanted and splits > 1:
@@ -500,14 +566,19 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
 # ---------------------------------------------------------------------------
 
 
-def _uses_float64(x, lora_A) -> bool:
-    return x.dtype == torch.float64 or lora_A.dtype == torch.float64
+# Largest rank the kernels take; the tiles above are sized up to it.
+MAX_KERNEL_RANK = 256
+
+
+def _uses_composition(x, lora_A) -> bool:
+    """float64 (no tl.dot) and ranks above MAX_KERNEL_RANK run the torch composition."""
+    return x.dtype == torch.float64 or lora_A.dtype == torch.float64 or lora_A.shape[0] > MAX_KERNEL_RANK
 
 
 def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None):
     """lora::linear on Triton: returns (y, xa) exactly as csrc/lora_aten.cpp does."""
     M, K, N, r = ops.check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
-    if _uses_float64(x, lora_A):
+    if _uses_composition(x, lora_A):
         return _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, M, K, N)
     dropout = dropout_p > 0.0
     with _device_guard(x):
@@ -544,7 +615,7 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
     empty tensors for the gradients output_mask does not ask for (as csrc/lora_aten.cpp)."""
     M, K, N, r = ops.check_linear_args(x, weight, None, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
     _check_backward_args(grad_y, xa, weight, output_mask, M, N, r)
-    if _uses_float64(x, lora_A):
+    if _uses_composition(x, lora_A):
         return _composite_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
                                    output_mask, M, K, N)
     need_x, need_weight, need_bias, need_A, need_B = (bool(v) for v in output_mask)
@@ -562,9 +633,8 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
         x2 = x.reshape(M, K)
         need_dxa = need_x or need_A
         if need_dxa or need_B:
-            # One pass over dY: dxa = s drop(dY) B and dB = s drop(dY)^T xa.
-            grad_xa, grad_B_computed = _lora_down(g2, lora_B, lora_A.dtype, scale, post, need_out=need_dxa,
-                                                  rows=xa if need_B else None, panel_grad_scale=scale)
+            # dxa = s drop(dY) B and dB = s drop(dY)^T xa, in one pass over dY when it fits.
+            grad_xa, grad_B_computed = _grad_y_pass(g2, lora_B, xa, lora_A.dtype, scale, post, need_dxa, need_B)
             if need_B:
                 grad_B = grad_B_computed
         if need_dxa:

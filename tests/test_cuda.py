@@ -1,0 +1,408 @@
+"""GPU tests of torch.ops.lora.* (marked `cuda`; skipped without a CUDA device).
+
+Run on the H200 by scripts/h200_run.sh (`pytest tests -m cuda`). Every numerical check
+compares with the float64 reference (lora_ext.reference), with a bound scaled by the
+error of the same formula evaluated by torch in the same (least precise) dtype:
+
+    max |ours - ref| <= 2 * max |torch_same_dtype - ref| + EPS[dtype] * max |ref|
+
+Backends: "triton" always (when triton imports); "native" too when the extension was
+built with CUDA (lora_ext._C.has_cuda()).
+
+Note on run time: every distinct kernel variant (dtypes, dropout on/off, tile sizes)
+is compiled by triton on first use; the dropout variants take several seconds each.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lora_ext
+from lora_ext.reference import dropout_keep_mask, dropout_threshold, lora_linear_reference, philox_first_word
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DEVICE = "cuda"
+GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+PRECISION_ORDER = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Slack of the bound relative to max |reference|, by the least precise dtype involved.
+EPS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _backends():
+    backends = []
+    try:
+        import triton  # noqa: F401
+
+        backends.append("triton")
+    except ImportError:
+        pass
+    if lora_ext._C.has_cuda():
+        backends.append("native")
+    return backends
+
+
+BACKENDS = _backends()
+
+
+def least_precise(*dtypes):
+    return max(dtypes, key=PRECISION_ORDER.index)
+
+
+def seed_tensor(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def make_inputs(lead_shape, K, N, r, dtype, lora_dtype=None, bias=True, weight=True, requires_grad=True, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    lora_dtype = lora_dtype or dtype
+
+    def randn(*shape, dt, std=1.0):
+        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device=DEVICE, dtype=dt)
+        return t.requires_grad_(requires_grad)
+
+    return dict(
+        x=randn(*lead_shape, K, dt=dtype),
+        weight=randn(N, K, dt=dtype, std=K**-0.5) if weight else None,
+        bias=randn(N, dt=dtype) if bias else None,
+        lora_A=randn(r, K, dt=lora_dtype, std=K**-0.5),
+        lora_B=randn(N, r, dt=lora_dtype, std=r**-0.5),
+    )
+
+
+def present(inputs):
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+def max_abs_diff(a, b):
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def assert_within_bound(actual, reference, same_dtype, dtype, what):
+    assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    if reference.numel() == 0:
+        return
+    err = max_abs_diff(actual, reference)
+    base = max_abs_diff(same_dtype, reference)
+    slack = EPS[dtype] * max(reference.detach().abs().max().item(), 1e-3)
+    assert err <= 2 * base + slack, f"{what}: error {err:.3g} > 2 * {base:.3g} (torch, same dtype) + {slack:.3g}"
+
+
+def run_and_check(inputs, scale, p, position, seed_value, backend):
+    """y and every gradient through the op (autograd), vs the float64 reference."""
+    seed = seed_tensor(seed_value) if p > 0 else None
+    leaves = present(inputs)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    dtype = least_precise(x.dtype, A.dtype)
+
+    y, xa = torch.ops.lora.linear(x, w, b, A, B, scale, p, position, seed, backend)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], B.shape[0])
+    assert xa.dtype == A.dtype and xa.shape == (math.prod(x.shape[:-1]), A.shape[0])
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y)
+
+    def evaluate(compute_dtype):
+        copies = {k: v.detach().to(compute_dtype).requires_grad_() for k, v in leaves.items()}
+        out = lora_linear_reference(copies["x"], copies.get("weight"), copies.get("bias"), copies["lora_A"],
+                                    copies["lora_B"], scale, p, position, seed, compute_dtype=compute_dtype)
+        return out, torch.autograd.grad(out, list(copies.values()), grad_y.to(compute_dtype))
+
+    y_ref, grads_ref = evaluate(torch.float64)
+    y_same, grads_same = evaluate(dtype)
+    tag = f"[{backend} x{tuple(x.shape)} {x.dtype} lora {A.dtype} p={p} {position}]"
+    assert_within_bound(y, y_ref, y_same, dtype, f"{tag} y")
+    for name, g, g_ref, g_same in zip(leaves, grads, grads_ref, grads_same):
+        assert g.dtype == leaves[name].dtype, f"{tag} grad {name}: dtype {g.dtype}"
+        assert_within_bound(g, g_ref, g_same, dtype, f"{tag} grad {name}")
+    return y, xa, grads
+
+
+# ---------------------------------------------------------------------------
+# opcheck (the samples of test_ops.py, on cuda)
+# ---------------------------------------------------------------------------
+
+
+def _samples(requires_grad, dtype):
+    from test_ops import sample_inputs  # tests/ is on sys.path under pytest
+
+    return list(sample_inputs(DEVICE, requires_grad=requires_grad, dtype=dtype))
+
+
+def _with_backend(args, backend):
+    return (*args[:-1], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_linear(backend, requires_grad, dtype):
+    torch.manual_seed(0)
+    for sample in _samples(requires_grad, dtype):
+        torch.library.opcheck(torch.ops.lora.linear.default, _with_backend(sample.op_args(), backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_linear_backward(backend):
+    from test_ops import backward_args
+
+    torch.manual_seed(1)
+    masks = [(True,) * 5, (False, False, False, True, True), (True, False, False, True, True),
+             (False, True, True, False, False), (False,) * 5]
+    for i, sample in enumerate(_samples(False, torch.float32)):
+        mask = masks[i % len(masks)]
+        if sample.weight is None:
+            mask = (mask[0], False) + mask[2:]
+        args = _with_backend(backward_args(sample, mask), backend)
+        torch.library.opcheck(torch.ops.lora.linear_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_samples_match_reference(backend):
+    """Odd shapes and layouts (transposed, sliced, expanded, zero tokens, strided params) of test_ops.py."""
+    from test_ops import assert_close_to_reference, float64_leaves
+
+    torch.manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for sample in _samples(True, dtype):
+            y, _ = torch.ops.lora.linear(*_with_backend(sample.op_args(), backend))
+            leaves = float64_leaves(sample)
+            expected = sample.reference(**leaves)
+            tol_dtype = sample.lowest_precision_dtype
+            assert_close_to_reference(y, expected, tol_dtype, f"{backend} {sample} y")
+            grad_y = torch.randn_like(y)
+            inputs = sample.tensors()
+            grads = torch.autograd.grad(y, list(inputs.values()), grad_y)
+            expected_grads = torch.autograd.grad(expected, list(leaves.values()), grad_y.double())
+            for name, g, g_ref in zip(inputs, grads, expected_grads):
+                assert_close_to_reference(g, g_ref, tol_dtype, f"{backend} {sample} grad {name}")
+
+
+# ---------------------------------------------------------------------------
+# Numerics: every dtype combination, input rank, bias and dropout
+# ---------------------------------------------------------------------------
+
+DTYPE_COMBOS = [
+    (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+]
+DROPOUTS = [(0.0, "post"), (0.25, "pre"), (0.25, "post")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p,position", DROPOUTS, ids=["no_dropout", "pre", "post"])
+@pytest.mark.parametrize("dtype,lora_dtype", DTYPE_COMBOS, ids=lambda d: str(d).replace("torch.", ""))
+def test_numerics_every_dtype_rank_bias_dropout(backend, p, position, dtype, lora_dtype):
+    # x of rank 2, 3 and 4 with M = 33 tokens each, then rank 1 (M = 1); bias on and off.
+    for i, lead_shape in enumerate([(33,), (3, 11), (3, 1, 11), ()]):
+        for bias in (True, False):
+            inputs = make_inputs(lead_shape, 77, 80, 16, dtype, lora_dtype, bias=bias, seed=i)
+            run_and_check(inputs, 0.5, p, position, 1000 + i, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("r", [1, 3, 64, 128, 256])
+@pytest.mark.parametrize("p,position", DROPOUTS, ids=["no_dropout", "pre", "post"])
+def test_numerics_ranks(backend, r, p, position):
+    inputs = make_inputs((2, 45), 96, 72, r, torch.bfloat16, seed=r)
+    run_and_check(inputs, 2.0, p, position, 77, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 4096, 4096), (16, 4096, 1024), (2048, 1024, 1024)], ids=str)
+@pytest.mark.parametrize("p,position", DROPOUTS, ids=["no_dropout", "pre", "post"])
+def test_numerics_decode_and_training_shapes(backend, shape, p, position):
+    """Real sizes: decode (row split into partials), and M = 2048 (reductions split over M)."""
+    M, K, N = shape
+    inputs = make_inputs((M,), K, N, 16, torch.bfloat16, seed=M)
+    run_and_check(inputs, 2.0, p, position, 4321, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_weight_and_zero_tokens(backend):
+    inputs = make_inputs((33,), 40, 17, 3, torch.float16, torch.float32, weight=False)
+    run_and_check(inputs, 0.5, 0.3, "post", 5, backend)
+    inputs = make_inputs((2, 0), 40, 17, 3, torch.bfloat16)
+    run_and_check(inputs, 0.5, 0.3, "pre", 5, backend)
+
+
+# ---------------------------------------------------------------------------
+# Dropout: mask statistics, mask = reference mask, forward/backward agreement, determinism
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_post_dropout_mask_is_the_reference_mask(backend, p):
+    M, K, N, r = 512, 64, 256, 16
+    inputs = make_inputs((M,), K, N, r, torch.float32, weight=False, bias=False, requires_grad=False)
+    y, _ = torch.ops.lora.linear(inputs["x"], None, None, inputs["lora_A"], inputs["lora_B"], 1.0, p, "post",
+                                 seed_tensor(2024), backend)
+    kept = (y != 0).cpu()
+    assert torch.equal(kept, dropout_keep_mask(2024, M, N, p))
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_pre_dropout_mask_is_the_reference_mask(backend, p):
+    # With lora_A = I (r = K), xa = drop(x): its zeros are the mask.
+    M, K = 512, 64
+    x = torch.randn(M, K, device=DEVICE)
+    eye = torch.eye(K, device=DEVICE)
+    _, xa = torch.ops.lora.linear(x, None, None, eye, torch.randn(8, K, device=DEVICE), 1.0, p, "pre",
+                                  seed_tensor(-77), backend)
+    kept = (xa != 0).cpu()
+    assert torch.equal(kept, dropout_keep_mask(-77, M, K, p))
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.01
+    torch.testing.assert_close(xa[kept.to(DEVICE)], (x / (1 - p))[kept.to(DEVICE)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_backward_regenerates_the_forward_mask(backend, position):
+    """Gradients equal the reference's for the same seed: a different mask in backward would not."""
+    inputs = make_inputs((300,), 128, 96, 8, torch.float32)
+    run_and_check(inputs, 1.5, 0.5, position, 99, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_gives_bitwise_equal_results(backend):
+    inputs = make_inputs((4, 300), 256, 192, 16, torch.bfloat16)
+    leaves = list(present(inputs).values())
+    args = [inputs[k] for k in GRAD_NAMES]
+    grad_y = torch.randn(4, 300, 192, device=DEVICE, dtype=torch.bfloat16)
+
+    def run(seed_value, position):
+        y, xa = torch.ops.lora.linear(*args, 2.0, 0.3, position, seed_tensor(seed_value), backend)
+        return (y, xa, *torch.autograd.grad(y, leaves, grad_y))
+
+    for position in ("pre", "post"):
+        first, second, other = run(11, position), run(11, position), run(12, position)
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), position
+        assert not torch.equal(first[0], other[0]), position
+
+
+# ---------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_compile_fullgraph_equals_eager(mode, position):
+    torch._dynamo.reset()
+    inputs = make_inputs((4, 64), 96, 80, 16, torch.bfloat16)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    seed = seed_tensor(5)
+
+    def layer(x, A, B):
+        return lora_ext.ops.linear(x, w.detach(), b.detach(), A, B, 2.0, 0.2, position, seed)
+
+    compiled = torch.compile(layer, fullgraph=True, mode=mode)
+    grad_y = torch.randn(4, 64, 80, device=DEVICE, dtype=torch.bfloat16)
+    y_eager = layer(x, A, B)
+    grads_eager = torch.autograd.grad(y_eager, [x, A, B], grad_y)
+    for _ in range(3):  # reduce-overhead: warm-up, record, replay
+        y = compiled(x, A, B)
+        grads = torch.autograd.grad(y, [x, A, B], grad_y)
+        torch.testing.assert_close(y.clone(), y_eager, rtol=0, atol=0)
+        for g, g_eager in zip(grads, grads_eager):
+            torch.testing.assert_close(g.clone(), g_eager, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Triton vs native
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(BACKENDS != ["triton", "native"], reason="needs both triton and the native CUDA build")
+@pytest.mark.parametrize("p,position", DROPOUTS, ids=["no_dropout", "pre", "post"])
+@pytest.mark.parametrize("dtype,lora_dtype", DTYPE_COMBOS, ids=lambda d: str(d).replace("torch.", ""))
+def test_triton_and_native_agree(p, position, dtype, lora_dtype):
+    inputs = make_inputs((3, 50), 96, 80, 16, dtype, lora_dtype)
+    leaves = list(present(inputs).values())
+    args = [inputs[k] for k in GRAD_NAMES]
+    seed = seed_tensor(8) if p > 0 else None
+    grad_y = torch.randn(3, 50, 80, device=DEVICE, dtype=dtype)
+    results = {}
+    for backend in ("triton", "native"):
+        y, xa = torch.ops.lora.linear(*args, 2.0, p, position, seed, backend)
+        results[backend] = (y, xa, *torch.autograd.grad(y, leaves, grad_y))
+    tol = EPS[least_precise(dtype, lora_dtype)]
+    for name, a, b in zip(("y", "xa", *present(inputs)), results["triton"], results["native"]):
+        bound = 2 * tol * max(b.abs().max().item(), 1e-3)
+        assert max_abs_diff(a, b) <= bound, f"{name}: triton and native differ by {max_abs_diff(a, b):.3g}"
+
+
+# ---------------------------------------------------------------------------
+# More than 2**31 elements
+# ---------------------------------------------------------------------------
+
+
+def _rows_keep_mask(seed_value, rows, cols, p):
+    """Keep-mask of the given global rows of an (M, cols) tensor (numpy Philox)."""
+    index = rows.astype(np.uint64)[:, None] * np.uint64(cols) + np.arange(cols, dtype=np.uint64)[None, :]
+    bits = philox_first_word(seed_value, index) >> np.uint64(1)
+    return torch.from_numpy(bits >= np.uint64(dropout_threshold(p)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1])
+def test_more_than_2_31_input_elements(backend):
+    """x of (2**31 / 4096 + 3) x 4096 bf16 (4 GiB): offsets and mask indices pass 2**31."""
+    torch.manual_seed(0)
+    K, N, r, p, s, seed_value = 4096, 64, 16, 0.1, 2.0, 123456789
+    M = 2**31 // K + 3
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    w = (torch.randn(N, K, device=DEVICE) * K**-0.5).to(torch.bfloat16)
+    b = torch.randn(N, device=DEVICE, dtype=torch.bfloat16)
+    A = (torch.randn(r, K, device=DEVICE) * K**-0.5).to(torch.bfloat16)
+    B = (torch.randn(N, r, device=DEVICE) * r**-0.5).to(torch.bfloat16)
+    seed = seed_tensor(seed_value)
+
+    y, xa = torch.ops.lora.linear(x, w, b, A, B, s, p, "pre", seed, backend)
+    grad_y = torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
+    grad_x, _, _, grad_A, grad_B = torch.ops.lora.linear_backward(
+        grad_y, x, w, A, B, xa, s, p, "pre", seed, [True, False, False, True, True], backend)
+
+    # Sampled rows, including the last ones whose elements sit past index 2**31.
+    rows = np.array([0, 1, 12345, M // 2, 2**31 // K - 1, M - 3, M - 2, M - 1])
+    rows_t = torch.from_numpy(rows).to(DEVICE)
+    keep = _rows_keep_mask(seed_value, rows, K, p).to(DEVICE).double() / (1 - p)
+    x_rows, g_rows = x[rows_t].double(), grad_y[rows_t].double()
+    xa_ref = (x_rows * keep) @ A.double().t()
+    y_ref = x_rows @ w.double().t() + b.double() + s * xa_ref @ B.double().t()
+    grad_xa_ref = s * g_rows @ B.double()
+    grad_x_ref = g_rows @ w.double() + keep * (grad_xa_ref @ A.double())
+
+    def check(actual, expected, what, rel):
+        err = max_abs_diff(actual, expected)
+        assert err <= rel * expected.abs().max().item(), f"{what}: error {err:.3g}"
+
+    check(xa[rows_t], xa_ref, "xa rows", 1e-2)
+    check(y[rows_t], y_ref, "y rows", 1e-2)
+    check(grad_x[rows_t], grad_x_ref, "grad_x rows", 1e-2)
+
+    # Full reductions over M, in float32 chunks; the mask of each chunk from the Triton
+    # Philox (checked against numpy above and in the interpreter tests).
+    from lora_ext.kernels.philox import keep_mask_range
+
+    grad_A_ref = torch.zeros(r, K, device=DEVICE, dtype=torch.float64)
+    grad_B_ref = torch.zeros(N, r, device=DEVICE, dtype=torch.float64)
+    chunk = 32768
+    for start in range(0, M, chunk):
+        stop = min(M, start + chunk)
+        g = grad_y[start:stop].float()
+        keep_chunk = keep_mask_range(seed, start * K, (stop - start) * K, p).view(stop - start, K)
+        x_drop = x[start:stop].float() * keep_chunk / (1 - p)
+        grad_xa_chunk = s * g @ B.float()
+        grad_A_ref += (grad_xa_chunk.t() @ x_drop).double()
+        grad_B_ref += (s * g.t() @ xa[start:stop].float()).double()
+    check(grad_A, grad_A_ref, "grad_A", 2e-2)
+    check(grad_B, grad_B_ref, "grad_B", 2e-2)

@@ -1,0 +1,141 @@
+"""Compiles, for an H100/H200 (sm_90), the Triton kernels that the launchers of
+lora_ext.kernels.triton_lora would launch on a GPU — on a machine without one.
+
+The interpreter tests (test_triton_interpret.py) check the kernels' numbers but not
+that they compile: the interpreter accepts code the compiler rejects (for example a
+global that is not a tl.constexpr). Here the launchers run on CPU tensors with the
+kernels replaced by recorders; every recorded launch (its argument types, constexprs,
+num_warps/num_stages, with the GPU tile configuration) is then compiled to a cubin
+with triton.compile for target cuda sm_90. Integers equal to 1 are passed as
+constexprs, as triton's specialisation does at launch.
+
+By default a few scenarios cover every constexpr branch; LORA_EXT_COMPILE_ALL=1 adds
+every rank class and dropout variant (several minutes).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiles for the GPU; not under the interpreter", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import lora_ext  # noqa: E402,F401
+from lora_ext.kernels import philox, triton_lora  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {
+    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+    torch.int64: "*i64", torch.uint8: "*u8",
+}
+KERNELS = [
+    (triton_lora, "_lora_down_kernel"),
+    (triton_lora, "_lora_up_kernel"),
+    (triton_lora, "_sum_partials_kernel"),
+    (philox, "_keep_mask_kernel"),
+]
+
+
+class RecordingKernel:
+    """Stands in for a @triton.jit function: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, fn, launches):
+        self.fn = fn
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            assert all(isinstance(g, int) and g > 0 for g in grid), f"{self.fn.__name__}: bad grid {grid}"
+            self.launches.append((self.fn, args, kwargs))
+        return launch
+
+
+def compile_launch(fn, args, kwargs):
+    """Compiles one recorded launch for sm_90; returns a key that identifies the variant."""
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(fn.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k not in options})
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int) and value == 1:
+            signature[param.name] = "constexpr"  # triton specialises 1 at launch
+            constexprs[param.name] = 1
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {param.name} of type {type(value)}")
+    key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+           tuple(sorted(options.items())))
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=SM90, options=options)
+    assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
+    return key
+
+
+def scenario_inputs(M, K, N, r, dtype, lora_dtype=None, bias=True, weight=True):
+    lora_dtype = lora_dtype or dtype
+    return (
+        torch.randn(M, K, dtype=dtype),
+        torch.randn(N, K, dtype=dtype) if weight else None,
+        torch.randn(N, dtype=dtype) if bias else None,
+        torch.randn(r, K, dtype=lora_dtype),
+        torch.randn(N, r, dtype=lora_dtype),
+    )
+
+
+def record(monkeypatch, scenarios):
+    launches = []
+    for module, name in KERNELS:
+        monkeypatch.setattr(module, name, RecordingKernel(getattr(module, name), launches))
+    for (M, K, N, r, dtype, lora_dtype, bias, weight), p, position, masks in scenarios:
+        x, w, b, A, B = scenario_inputs(M, K, N, r, dtype, lora_dtype, bias, weight)
+        seed = torch.tensor([3], dtype=torch.int64) if p > 0 else None
+        y, xa = triton_lora.linear_forward(x, w, b, A, B, 0.5, p, position, seed)
+        for mask in masks:
+            mask = [mask[0], mask[1] and w is not None, *mask[2:]]
+            triton_lora.linear_backward(torch.randn_like(y), x, w, A, B, xa, 0.5, p, position, seed, mask)
+    return launches
+
+
+ALL = [True] * 5
+DEFAULT_SCENARIOS = [
+    # (M, K, N, r, dtype, lora dtype, bias, weight), dropout p, position, backward output masks
+    ((64, 96, 96, 16, torch.bfloat16, None, True, True), 0.0, "post", [ALL]),
+    ((64, 96, 96, 16, torch.bfloat16, None, True, True), 0.1, "post", [ALL, [False, False, False, False, True]]),
+    ((1, 96, 40, 3, torch.float16, torch.float32, True, True), 0.1, "pre", [ALL]),
+    ((5, 17, 24, 1, torch.float32, None, False, False), 0.0, "post", [[True, False, False, True, False]]),
+    ((5, 17, 24, 4, torch.float64, None, True, True), 0.2, "pre", [ALL]),  # composition: the mask kernel
+]
+ALL_SCENARIOS = DEFAULT_SCENARIOS + [
+    ((256, 96, 96, r, dtype, None, True, True), p, position, [ALL, [True, False, False, False, False]])
+    for r in (32, 64, 128, 256)
+    for dtype in (torch.bfloat16, torch.float32)
+    for p, position in ((0.0, "post"), (0.1, "pre"), (0.1, "post"))
+]
+
+
+def test_launched_kernels_compile_for_sm90(monkeypatch):
+    scenarios = ALL_SCENARIOS if os.environ.get("LORA_EXT_COMPILE_ALL") == "1" else DEFAULT_SCENARIOS
+    launches = record(monkeypatch, scenarios)
+    monkeypatch.undo()
+    names = {fn.__name__ for fn, _, _ in launches}
+    assert names == {name for _, name in KERNELS}, f"scenarios launched only {sorted(names)}"
+    compiled = set()
+    for fn, args, kwargs in launches:
+        compiled.add(compile_launch(fn, args, kwargs))
+    assert len(compiled) >= 8
