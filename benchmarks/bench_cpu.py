@@ -189,13 +189,18 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.4, help="seconds of timed rounds per configuration")
     parser.add_argument("--min-rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default: torch.get_num_threads()); a non-default count gets its own "
+                        "RESULTS.md section")
     parser.add_argument("--results-md", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args()
+    default_threads = torch.get_num_threads()
     if args.quick:
         args.runs, args.min_time, args.min_rounds, args.warmup = 1, 0.0, 3, 1
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     torch.manual_seed(0)
 
+    torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {common.cpu_description()}", file=sys.stderr)
     started = time.perf_counter()
@@ -209,7 +214,8 @@ def main() -> None:
     print(f"\n({elapsed:.0f} s)", file=sys.stderr)
     if args.results_md:
         body = "\n".join([
-            "## CPU: lora_ext C++ op vs the PEFT formulation (`bench_cpu.py`)",
+            f"## CPU, {threads} thread{'s' if threads > 1 else ''}: lora_ext C++ op vs the PEFT formulation "
+            "(`bench_cpu.py`)",
             "",
             f"- date: {common.utc_now()}",
             f"- machine: {common.cpu_description()}, {threads} torch threads; shared with other jobs "
@@ -225,8 +231,9 @@ def main() -> None:
             "",
             table,
         ])
-        common.replace_section("bench_cpu", body)
-        print(f"wrote the bench_cpu section of {common.RESULTS_MD}", file=sys.stderr)
+        section = "bench_cpu" if threads == default_threads else f"bench_cpu_{threads}threads"
+        common.replace_section(section, body)
+        print(f"wrote the {section} section of {common.RESULTS_MD}", file=sys.stderr)
 
 
 if __name__ == "__main__":

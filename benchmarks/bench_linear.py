@@ -359,6 +359,24 @@ def peak_memory_mib(fn, device) -> Optional[float]:
     return peak / 2**20
 
 
+def measure_ceilings(device, s: Settings, have_triton: bool) -> str:
+    """The card's two rates as this run finds them: a 1 GiB device copy and an 8192^3 bf16 GEMM."""
+    n = 2**29  # bf16 elements: 1 GiB
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), "fwd", s, have_triton)
+    del src, dst
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    gemm_ms = time_ms(lambda: a @ b, "fwd", s, have_triton)
+    del a, b
+    torch.cuda.empty_cache()
+    tbps = 2 * n * 2 / (copy_ms * 1e-3) / 1e12
+    tflops = 2 * 8192**3 / (gemm_ms * 1e-3) / 1e12
+    return (f"device copy {tbps:.2f} TB/s (bytes read + written, 1 GiB bf16), "
+            f"bf16 GEMM 8192³ {tflops:.0f} TFLOP/s (random data)")
+
+
 # ---------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------
@@ -657,6 +675,7 @@ def section_text(meta_list, rows, providers_present, elapsed_note="") -> str:
         f"peft {meta['peft']}; lora_ext built with CUDA: {meta['lora_ext_cuda_built']}"
         + (f"; LORA_EXT_BACKEND={meta['LORA_EXT_BACKEND']}" if meta.get("LORA_EXT_BACKEND") else ""),
         f"- command(s): {commands}{elapsed_note}",
+        f"- ceilings measured in the run: {meta.get('ceilings', 'not measured')}",
         f"- {meta.get('settings', '')}",
         f"- timing: {meta.get('timer', '?')}. fwd+bwd: base frozen, x requires grad, gradients of x and the "
         "trainable tensors for a random grad_out. Extra memory: peak allocated during one fwd+bwd minus the "
@@ -709,6 +728,8 @@ def parse_args():
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=100.0)
     parser.add_argument("--no-check", action="store_true", help="skip the float64 checks")
+    parser.add_argument("--no-ceilings", action="store_true",
+                        help="skip measuring the copy bandwidth and GEMM rate at the start (CUDA only)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: start no new configuration after this (rows so far are kept)")
     parser.add_argument("--out", default=common.BENCH_DIR, help="folder for the CSV, JSON, markdown and PNG")
@@ -729,9 +750,9 @@ def parse_args():
             args.decode_m = [1, 16]
         if cpu and args.m == defaults.m:
             args.m = 256
-        if args.warmup_ms == defaults.warmup_ms:
+        if cpu and args.warmup_ms == defaults.warmup_ms:
             args.warmup_ms = 5.0
-        if args.rep_ms == defaults.rep_ms:
+        if cpu and args.rep_ms == defaults.rep_ms:
             args.rep_ms = 20.0
     return args
 
@@ -817,6 +838,9 @@ def main() -> None:
                         f"{'fp32 (its autocast default)' if args.peft_fp32_adapters else 'the base dtype'}; "
                         f"do_bench warmup={args.warmup_ms:g} ms rep={args.rep_ms:g} ms"
                         + (f"; skipped: {skipped}" if skipped else ""))
+    if device.type == "cuda" and not args.no_ceilings:
+        meta["ceilings"] = measure_ceilings(device, s, have_triton)
+        print(f"ceilings: {meta['ceilings']}", flush=True)
     with open(stem + ".meta.json", "w") as f:
         json.dump(meta, f, indent=1)
 
