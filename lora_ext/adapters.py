@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -255,7 +256,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}")
     with open(config_path) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; lora_ext reads LORA adapters only")
     unsupported = {
@@ -270,7 +276,32 @@ def _read_config(directory: Path) -> dict[str, Any]:
     used = [f"{k}={config.get(k)!r}" for k, bad in unsupported.items() if bad]
     if used:
         raise ValueError(f"{config_path}: lora_ext does not support {', '.join(used)} (plain LoRA on Linear layers only)")
+    _check_ranks_and_alphas(config, config_path)
     return config
+
+
+def _check_ranks_and_alphas(config: dict[str, Any], config_path: Path) -> None:
+    """r and lora_alpha (and their per-module patterns) must be values a LoRA layer can have.
+
+    Checked up front so that a bad file gives a ValueError naming the field, not a
+    ZeroDivisionError (r=0) or a conversion error later.
+    """
+
+    def check_rank(value: Any, where: str) -> None:
+        integral = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+        if not integral or value < 1:
+            raise ValueError(f"{config_path}: {where} must be an integer >= 1, got {value!r}")
+
+    def check_alpha(value: Any, where: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{config_path}: {where} must be a finite number, got {value!r}")
+
+    check_rank(config.get("r", 8), "r")
+    check_alpha(config.get("lora_alpha", 8), "lora_alpha")
+    for key, value in (config.get("rank_pattern") or {}).items():
+        check_rank(value, f"rank_pattern[{key!r}]")
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        check_alpha(value, f"alpha_pattern[{key!r}]")
 
 
 def _pattern_value(patterns: dict[str, Any], fqn: str, default: Any) -> Any:
@@ -308,7 +339,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
 
     With FSDP2 (DTensor adapters) call it on every rank; each rank keeps its shard.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     directory = Path(path)
     weights_path = directory / ADAPTER_WEIGHTS_NAME
@@ -321,8 +352,14 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
     if not layers:
         raise ValueError("load_adapter: the model has no LoRA layers (apply_lora_to_linear_modules first)")
 
-    with safe_open(str(weights_path), framework="pt") as f:
-        file_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        # safe_open checks the header against the file size, so a truncated file fails here.
+        with safe_open(str(weights_path), framework="pt") as f:
+            file_slices = {k: f.get_slice(k) for k in f.keys()}
+            file_shapes = {k: tuple(s.get_shape()) for k, s in file_slices.items()}
+            file_dtypes = {k: s.get_dtype() for k, s in file_slices.items()}
+    except SafetensorError as e:
+        raise ValueError(f"{weights_path}: not a valid safetensors file ({e}); nothing was loaded") from None
     expected = {}
     for fqn, layer in layers.items():
         expected[_key(fqn, "lora_A")] = (fqn, layer.lora_A.weight)
@@ -334,6 +371,12 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
         f"{k}: file {list(file_shapes[k])}, model {list(param.shape)}"
         for k, (_, param) in expected.items()
         if k in file_shapes and file_shapes[k] != tuple(param.shape)
+    )
+    # Floating formats only ("F32", "BF16", "F8_E4M3", ...): copying integers, booleans or
+    # complex numbers into the adapters would load something (complex loses its imaginary
+    # part) instead of failing.
+    not_floating = sorted(
+        f"{k}: {file_dtypes[k]}" for k in expected if k in file_dtypes and not file_dtypes[k].startswith(("F", "BF"))
     )
     wrong_scale, merged, on_meta = [], [], []
     for fqn, layer in layers.items():
@@ -354,6 +397,8 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
         problems.append(_format_list("unexpected in the file (no LoRA layer of that name and shape in the model)", unexpected))
     if misshaped:
         problems.append(_format_list("mis-shaped (different rank or layer size)", misshaped))
+    if not_floating:
+        problems.append(_format_list("not floating point (adapters are floating tensors)", not_floating))
     if wrong_scale:
         problems.append(_format_list("scale differs (patch the model with read_adapter_config(path))", wrong_scale))
     if merged:

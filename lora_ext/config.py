@@ -6,6 +6,7 @@ Also home of `parse_dtype`, the one place where a dtype given as a string
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -80,8 +81,9 @@ def check_lora_hyperparameters(
     """
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
         raise ValueError(f"dim (the LoRA rank) must be an integer >= 1, got {dim!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise ValueError(f"alpha must be a real number, got {alpha!r}")
+    # Negative alpha is allowed (it flips the adapter's sign); inf/nan would make every output garbage.
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if dropout_position not in DROPOUT_POSITIONS:
