@@ -35,7 +35,8 @@ def command_line() -> str:
     """The command that ran this script, as a user would type it from the repo root."""
     script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
     env = " ".join(f"{k}={os.environ[k]}" for k in ("LORA_EXT_BACKEND", "TRITON_INTERPRET") if k in os.environ)
-    return (env + " " if env else "") + shlex.join(["python", script, *sys.argv[1:]])
+    python = os.path.basename(sys.executable) or "python"
+    return (env + " " if env else "") + shlex.join([python, script, *sys.argv[1:]])
 
 
 def utc_now() -> str:

@@ -14,6 +14,7 @@ only). Reported: tokens/s from the median step time after warm-up (compilation
 happens in the warm-up), and the peak memory allocated during the timed steps.
 
     python benchmarks/bench_train.py --device cpu --quick --compile none   # logic check on CPU (tiny model)
+    python benchmarks/bench_train.py --quick --out $OUT                   # GPU smoke: seq 512, dropout 0.1
     python benchmarks/bench_train.py --out $OUT                     # ~0.85B model, seq 2048, batch 2
     python benchmarks/bench_train.py --from-csv bench_train.csv --results-md
 """
@@ -329,6 +330,8 @@ def parse_args():
     parser.add_argument("--peft-fp32-adapters", action="store_true",
                         help="PEFT's default autocast of bf16 adapters to fp32 (off: adapters in the base dtype)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no new run after this (rows so far are kept)")
     parser.add_argument("--out", default=common.BENCH_DIR)
     parser.add_argument("--tag", default="bench_train")
     parser.add_argument("--results-md", action="store_true")
@@ -337,6 +340,8 @@ def parse_args():
     defaults = parser.parse_args([])
     if args.device == "cpu":
         args.tiny = True
+    if args.quick and args.dropouts == defaults.dropouts:
+        args.dropouts = [0.1]  # the configuration the end-to-end target is about
     if args.quick or args.tiny:
         if args.seq == defaults.seq:
             args.seq = 128 if args.tiny else 512
@@ -395,6 +400,9 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for i, (provider, dropout) in enumerate(runs):
+            if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+                print(f"time budget reached: {len(runs) - i} runs not started", flush=True)
+                break
             t0 = time.perf_counter()
             try:
                 row = run_provider(provider, dropout, args, device, dtype)
