@@ -398,6 +398,62 @@ def test_backward_arguments_raise_naming_the_argument(case, error, message, devi
                                        None, [True, True, True, True, True])
 
 
+BACKWARD_AND_SCALE_CASES = [
+    ("scale_inf", ValueError, r"lora: scale must be a finite number"),
+    ("grad_y_dtype", TypeError, r"lora: grad_y dtype \((Double|torch\.float64)\) must equal x dtype"),
+    ("xa_dtype", TypeError, r"lora: xa dtype \((Half|torch\.float16)\) must equal lora_A dtype"),
+    ("grad_y_0dim", RuntimeError, r"lora: grad_y must have shape"),
+]
+
+
+def _check_backward_and_scale_case(case, error, message, forward, backward, device):
+    t = make_inputs(device=device)
+    y, xa = call(t)  # valid outputs; only the hostile calls go through forward/backward
+    grad_y, scale = torch.ones_like(y), 0.5
+    if case == "scale_inf":
+        with pytest.raises(error, match=message):
+            forward(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], math.inf)
+        scale = math.inf
+    elif case == "grad_y_dtype":
+        grad_y = grad_y.double()
+    elif case == "xa_dtype":
+        xa = xa.half()
+    else:
+        grad_y = torch.tensor(1.0, device=device)
+    with pytest.raises(error, match=message):
+        backward(grad_y, t["x"], t["weight"], t["lora_A"], t["lora_B"], xa, scale, 0.0, "post", None,
+                 [True, True, True, True, True])
+
+
+@pytest.mark.parametrize("case, error, message", BACKWARD_AND_SCALE_CASES)
+def test_triton_launchers_check_arguments_like_the_cpu_kernel(case, error, message):
+    # The checks run before any launch, so CPU tensors reach them without a GPU or the interpreter.
+    pytest.importorskip("triton")
+    from lora_ext.kernels import triton_lora
+
+    _check_backward_and_scale_case(case, error, message, triton_lora.linear_forward, triton_lora.linear_backward,
+                                   "cpu")
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("case, error, message", BACKWARD_AND_SCALE_CASES)
+def test_cuda_backends_check_arguments_like_the_cpu_kernel(case, error, message, backend):
+    from lora_ext.kernels import cuda_dispatch
+
+    if backend == "native" and not cuda_dispatch.native_available():
+        pytest.skip("built without the native CUDA kernels")
+
+    def forward(*args):
+        return torch.ops.lora.linear(*args, 0.0, "post", None, backend)
+
+    def backward(*args):
+        return torch.ops.lora.linear_backward(*args, backend)
+
+    _check_backward_and_scale_case(case, error, message, forward, backward, "cuda")
+
+
 def test_module_on_cpu_with_meta_input_raises_naming_the_tensor():
     layer = LinearLoRA(nn.Linear(4, 3), dim=2)
     with pytest.raises(RuntimeError, match=r"lora: \w+ is on cpu but x is on meta"):

@@ -578,6 +578,7 @@ def _uses_composition(x, lora_A) -> bool:
 def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None):
     """lora::linear on Triton: returns (y, xa) exactly as csrc/lora_aten.cpp does."""
     M, K, N, r = ops.check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
+    ops.check_scale(scale)
     if _uses_composition(x, lora_A):
         return _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, M, K, N)
     dropout = dropout_p > 0.0
@@ -595,26 +596,13 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
     return y2.view(*x.shape[:-1], N), xa
 
 
-def _check_backward_args(grad_y, xa, weight, output_mask, M, N, r):
-    torch._check(
-        grad_y.dim() >= 1 and grad_y.shape[-1] == N and grad_y.numel() == M * N,
-        lambda: f"lora: grad_y must have shape (..., {N}) with {M} rows, got {tuple(grad_y.shape)}",
-    )
-    torch._check(
-        xa.dim() == 2 and xa.shape[0] == M and xa.shape[1] == r,
-        lambda: f"lora: xa must have shape ({M}, {r}), got {tuple(xa.shape)}",
-    )
-    if len(output_mask) != 5:
-        raise RuntimeError("lora: output_mask must have 5 entries")
-    if output_mask[1] and weight is None:
-        raise RuntimeError("lora: grad of weight requested but weight is None")
-
-
 def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask):
     """lora::linear_backward on Triton: (grad_x, grad_weight, grad_bias, grad_A, grad_B), with
     empty tensors for the gradients output_mask does not ask for (as csrc/lora_aten.cpp)."""
     M, K, N, r = ops.check_linear_args(x, weight, None, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
-    _check_backward_args(grad_y, xa, weight, output_mask, M, N, r)
+    # The same checks, and messages, as the CPU kernel (csrc/checks.h) and the fake kernel.
+    ops.check_scale(scale)
+    ops.check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r)
     if _uses_composition(x, lora_A):
         return _composite_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
                                    output_mask, M, K, N)
