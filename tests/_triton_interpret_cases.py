@@ -45,9 +45,9 @@ def make_inputs(lead_shape, K, N, r, dtype, lora_dtype=None, bias=True, weight=T
 
     return dict(
         x=randn(*lead_shape, K, dt=dtype),
-        weight=randn(N, K, dt=dtype, std=1 / math.sqrt(K)) if weight else None,
+        weight=randn(N, K, dt=dtype, std=1 / math.sqrt(max(K, 1))) if weight else None,
         bias=randn(N, dt=dtype) if bias else None,
-        lora_A=randn(r, K, dt=lora_dtype, std=1 / math.sqrt(K)),
+        lora_A=randn(r, K, dt=lora_dtype, std=1 / math.sqrt(max(K, 1))),
         lora_B=randn(N, r, dt=lora_dtype, std=1 / math.sqrt(r)),
     )
 
@@ -160,6 +160,9 @@ CASES = [
     ((7,), 17, 40, 3, torch.float32, None, False, False, 0.4, "post"),
     ((2, 2, 5), 5, 17, 3, torch.float32, None, True, True, 0.0, "post"),
     ((), 40, 17, 3, torch.float32, None, True, True, 0.3, "pre"),
+    ((5,), 0, 7, 3, torch.float32, None, True, True, 0.3, "pre"),  # K = 0
+    ((5,), 7, 0, 3, torch.float32, None, True, True, 0.3, "post"),  # N = 0
+    ((3,), 40, 5, 300, torch.float32, None, True, True, 0.3, "post"),  # rank > 256: the composition
 ]
 
 
