@@ -28,7 +28,7 @@ INTERPRETER_SIZES = (0, 1, 2, 5, 13, 17, 31, 32, 33, 63, 65)
 
 
 @given(problem=problems(budget=3_000, sizes=INTERPRETER_SIZES, dtypes=(torch.float32, torch.float16)))
-@settings(max_examples=fuzz_examples(60), deadline=None, print_blob=True,
+@settings(max_examples=fuzz_examples(100), deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 def test_triton_kernels_match_reference(problem):
     # run_case uses its own scale (0.75) and grad_y; the problem gives everything else.

@@ -70,7 +70,7 @@ def check_against_reference(problem: Problem, device: str, backend: str = "auto"
 
 
 @given(problem=problems())
-@settings(max_examples=fuzz_examples(400), **HYPOTHESIS_SETTINGS)
+@settings(max_examples=fuzz_examples(600), **HYPOTHESIS_SETTINGS)
 def test_cpu_forward_and_gradients_match_reference(problem):
     check_against_reference(problem, "cpu")
 
