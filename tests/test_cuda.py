@@ -10,7 +10,8 @@ Backends: "triton" always (when triton imports); "native" too when the extension
 built with CUDA (lora_ext._C.has_cuda()).
 
 Note on run time: every distinct kernel variant (dtypes, dropout on/off, tile sizes)
-is compiled by triton on first use; the dropout variants take several seconds each.
+is compiled by triton on first use, a few seconds each (the dropout variants longest):
+the matrices below are arranged so that about 80 variants serve all tests.
 """
 from __future__ import annotations
 
@@ -140,10 +141,9 @@ def _with_backend(args, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_linear(backend, requires_grad, dtype):
+def test_opcheck_linear(backend, requires_grad):
     torch.manual_seed(0)
-    for sample in _samples(requires_grad, dtype):
+    for sample in _samples(requires_grad, torch.float32):
         torch.library.opcheck(torch.ops.lora.linear.default, _with_backend(sample.op_args(), backend))
 
 
@@ -168,7 +168,7 @@ def test_samples_match_reference(backend):
     from test_ops import assert_close_to_reference, float64_leaves
 
     torch.manual_seed(2)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32,):  # bfloat16 and float16: the matrix below (contiguous layouts)
         for sample in _samples(True, dtype):
             y, _ = torch.ops.lora.linear(*_with_backend(sample.op_args(), backend))
             leaves = float64_leaves(sample)
@@ -198,18 +198,20 @@ DROPOUTS = [(0.0, "post"), (0.25, "pre"), (0.25, "post")]
 @pytest.mark.parametrize("p,position", DROPOUTS, ids=["no_dropout", "pre", "post"])
 @pytest.mark.parametrize("dtype,lora_dtype", DTYPE_COMBOS, ids=lambda d: str(d).replace("torch.", ""))
 def test_numerics_every_dtype_rank_bias_dropout(backend, p, position, dtype, lora_dtype):
-    # x of rank 2, 3 and 4 with M = 33 tokens each, then rank 1 (M = 1); bias on and off.
-    for i, lead_shape in enumerate([(33,), (3, 11), (3, 1, 11), ()]):
-        for bias in (True, False):
-            inputs = make_inputs(lead_shape, 77, 80, 16, dtype, lora_dtype, bias=bias, seed=i)
-            run_and_check(inputs, 0.5, p, position, 1000 + i, backend)
+    # x of rank 1 to 4; bias on for some dtype/dropout pairs and off for the others (every
+    # dtype pair sees both). Sizes are multiples of 16 so that the variants compiled here
+    # serve the other tests too; K = 96, N = 80 still end in partial tiles.
+    bias = (DTYPE_COMBOS.index((dtype, lora_dtype)) + DROPOUTS.index((p, position))) % 2 == 0
+    for i, lead_shape in enumerate([(), (33,), (3, 11), (3, 1, 11)]):
+        inputs = make_inputs(lead_shape, 96, 80, 16, dtype, lora_dtype, bias=bias, seed=i)
+        run_and_check(inputs, 0.5, p, position, 1000 + i, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("r", [1, 3, 64, 128, 256])
-@pytest.mark.parametrize("p,position", DROPOUTS, ids=["no_dropout", "pre", "post"])
+@pytest.mark.parametrize("r,p,position", [(1, 0.0, "post"), (1, 0.25, "pre"), (3, 0.25, "post"), (64, 0.25, "post"),
+                                          (128, 0.0, "post"), (256, 0.25, "pre")])
 def test_numerics_ranks(backend, r, p, position):
-    inputs = make_inputs((2, 45), 96, 72, r, torch.bfloat16, seed=r)
+    inputs = make_inputs((2, 45), 96, 80, r, torch.bfloat16, seed=r)
     run_and_check(inputs, 2.0, p, position, 77, backend)
 
 
@@ -225,10 +227,10 @@ def test_numerics_decode_and_training_shapes(backend, shape, p, position):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_weight_and_zero_tokens(backend):
-    inputs = make_inputs((33,), 40, 17, 3, torch.float16, torch.float32, weight=False)
-    run_and_check(inputs, 0.5, 0.3, "post", 5, backend)
-    inputs = make_inputs((2, 0), 40, 17, 3, torch.bfloat16)
-    run_and_check(inputs, 0.5, 0.3, "pre", 5, backend)
+    inputs = make_inputs((33,), 96, 80, 16, torch.float16, torch.float32, weight=False)
+    run_and_check(inputs, 0.5, 0.25, "post", 5, backend)
+    inputs = make_inputs((2, 0), 96, 80, 16, torch.bfloat16)
+    run_and_check(inputs, 0.5, 0.25, "pre", 5, backend)
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ global that is not a tl.constexpr). Here the launchers run on CPU tensors with t
 kernels replaced by recorders; every recorded launch (its argument types, constexprs,
 num_warps/num_stages, with the GPU tile configuration) is then compiled to a cubin
 with triton.compile for target cuda sm_90. Integers equal to 1 are passed as
-constexprs, as triton's specialisation does at launch.
+constexprs, as triton's specialisation does at launch (except do_not_specialize ones).
 
 By default a few scenarios cover every constexpr branch; LORA_EXT_COMPILE_ALL=1 adds
 every rank class and dropout variant (several minutes).
@@ -71,7 +71,7 @@ def compile_launch(fn, args, kwargs):
             signature[param.name] = POINTER_TYPES[value.dtype]
         elif isinstance(value, bool):
             signature[param.name] = "i1"
-        elif isinstance(value, int) and value == 1:
+        elif isinstance(value, int) and value == 1 and not getattr(param, "do_not_specialize", False):
             signature[param.name] = "constexpr"  # triton specialises 1 at launch
             constexprs[param.name] = 1
         elif isinstance(value, int):

@@ -48,7 +48,15 @@ from .philox import dropout_keep, dropout_keep_mask, dropout_threshold, load_see
 # ---------------------------------------------------------------------------
 
 
-@triton.jit
+# Sizes, loop counts and the strides of the small (rank-r) tensors are not specialised:
+# Triton would otherwise compile a variant for each value equal to 1 or divisible by 16
+# (e.g. direct output vs float32 partials, r = 1 / 3 / 16). The strides of x, dY, y, dx
+# and the adapters are, for vectorised access to the large tiles.
+_SIZE_ARGS = ["M", "C", "R", "drop_threshold"]
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_os", "stride_om", "stride_rm",
+                                            "blocks_m_per_group", "blocks_c_per_group"])
 def _lora_down_kernel(
     inp_ptr, panel_ptr, out_ptr, rows_ptr, panel_grad_ptr, seed_ptr,
     M, C, R,
@@ -129,7 +137,7 @@ def _lora_down_kernel(
             tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_rm", "stride_gs", "stride_gc", "stride_gr", "blocks_m_per_split"])
 def _lora_up_kernel(
     rows_ptr, panel_ptr, out_ptr, bias_ptr, inp_ptr, inp_grad_ptr, seed_ptr,
     M, C, R,
@@ -199,7 +207,7 @@ def _lora_up_kernel(
         tl.store(grad_ptrs, grad_acc.to(inp_grad_ptr.dtype.element_ty), mask=c_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "num_parts", "stride_ps", "stride_orow", "stride_ocol"])
 def _sum_partials_kernel(
     part_ptr, out_ptr, n_rows, n_cols, num_parts,
     stride_ps, stride_prow, stride_pcol,
@@ -269,8 +277,6 @@ def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, programs_w
         # (which needs partials) when M alone does not give every SM a program.
         while block_m > 16 and triton.cdiv(M, block_m) < programs_wanted:
             block_m //= 2
-    else:
-        block_m = min(block_m, max(16, triton.next_power_of_2(max(M, 1))))
     return _Blocks(block_m, block_c, _num_warps(r_pad, dropout))
 
 
@@ -282,8 +288,8 @@ def _up_blocks(M: int, r_pad: int, inp_grad: bool, dropout: bool) -> _Blocks:
     else:
         tiles = _UP_WRITE_DROPOUT_TILES if dropout else _UP_WRITE_TILES
     block_m, block_c = tiles[r_pad]
-    # The row loop runs inside a program: small M only needs one small row block.
-    block_m = min(block_m, max(16, triton.next_power_of_2(max(M, 1))))
+    # Not shrunk for small M: the masked rows of a block cost little here, and one tile
+    # shape per configuration means fewer compiled variants.
     return _Blocks(block_m, block_c, _num_warps(r_pad, dropout))
 
 
