@@ -252,9 +252,11 @@ def _rank_pad(r: int) -> int:
 # keep the tests fast while shapes of a few dozen still span several blocks.
 _INTERPRET_BLOCKS = _Blocks(32, 32)
 
-# Tile shapes by padded rank. Chosen so that ptxas (CUDA 13, sm_90, triton 3.9) reports
-# no register spills for every variant; the Philox mask (about 6 live 32-bit words per
-# element) is what needs 8 warps when dropout is on. Not yet tuned by measurement.
+# Tile shapes by padded rank, for 16-bit dot operands. Chosen so that ptxas (CUDA 13,
+# sm_90, triton 3.9) reports no register spills (bar 4 bytes in one variant); the Philox
+# mask (about 6 live 32-bit words per element) is what needs 8 warps when dropout is on.
+# float32 operands (float32 adapters) take half as many columns, 8 warps, and 16 rows at
+# rank 256 (spills: none, or at most 76 bytes for ranks 17..64). Not yet tuned by measurement.
 #   r_pad: (block_m, block_c) for _lora_down_kernel with out only / with the panel gradient,
 #          and for _lora_up_kernel writing only (without / with dropout) / with the input gradient.
 _DOWN_OUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32), 256: (32, 32)}
@@ -264,33 +266,39 @@ _UP_WRITE_DROPOUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 6
 _UP_INP_GRAD_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 32), 128: (32, 32), 256: (32, 32)}
 
 
-def _num_warps(r_pad: int, dropout: bool) -> int:
-    return 8 if dropout or r_pad >= 64 else 4
+def _tile(tiles, r_pad: int, dropout: bool, fp32_operands: bool) -> _Blocks:
+    block_m, block_c = tiles[r_pad]
+    if fp32_operands:
+        block_c = max(16, block_c // 2)
+        block_m = 16 if r_pad >= 256 else block_m
+    num_warps = 8 if dropout or r_pad >= 64 or fp32_operands else 4
+    return _Blocks(block_m, block_c, num_warps)
 
 
-def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, programs_wanted: int) -> _Blocks:
+def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, fp32_operands: bool,
+                 programs_wanted: int) -> _Blocks:
     if _INTERPRET:
         return _INTERPRET_BLOCKS
-    block_m, block_c = (_DOWN_PANEL_GRAD_TILES if panel_grad else _DOWN_OUT_TILES)[r_pad]
+    tile = _tile(_DOWN_PANEL_GRAD_TILES if panel_grad else _DOWN_OUT_TILES, r_pad, dropout, fp32_operands)
+    block_m = tile.block_m
     if not panel_grad:
         # One program per row block: prefer smaller row blocks over splitting the row
         # (which needs partials) when M alone does not give every SM a program.
         while block_m > 16 and triton.cdiv(M, block_m) < programs_wanted:
             block_m //= 2
-    return _Blocks(block_m, block_c, _num_warps(r_pad, dropout))
+    return _Blocks(block_m, tile.block_c, tile.num_warps)
 
 
-def _up_blocks(M: int, r_pad: int, inp_grad: bool, dropout: bool) -> _Blocks:
+def _up_blocks(r_pad: int, inp_grad: bool, dropout: bool, fp32_operands: bool) -> _Blocks:
+    # Not shrunk for small M: the masked rows of a block cost little here, and one tile
+    # shape per configuration means fewer compiled variants.
     if _INTERPRET:
         return _INTERPRET_BLOCKS
     if inp_grad:
         tiles = _UP_INP_GRAD_TILES
     else:
         tiles = _UP_WRITE_DROPOUT_TILES if dropout else _UP_WRITE_TILES
-    block_m, block_c = tiles[r_pad]
-    # Not shrunk for small M: the masked rows of a block cost little here, and one tile
-    # shape per configuration means fewer compiled variants.
-    return _Blocks(block_m, block_c, _num_warps(r_pad, dropout))
+    return _tile(tiles, r_pad, dropout, fp32_operands)
 
 
 @functools.lru_cache(maxsize=None)
@@ -310,10 +318,11 @@ def _compute_dtype(lora_dtype: torch.dtype):
 
 
 def _input_precision(compute_dtype) -> str:
-    # float32 dots follow torch's matmul setting (IEEE by default, like cuBLAS); the
-    # option is ignored for 16-bit operands.
+    """float32 dots: TF32 when torch allows it for matmuls, else 3xTF32 (float32 accuracy
+    on tensor cores; the FMA "ieee" dot needs too many registers for these tiles).
+    Ignored for 16-bit operands and by the interpreter."""
     if compute_dtype == tl.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
@@ -366,10 +375,10 @@ class _DownPlan:
     partial_bytes: int
 
 
-def _down_plan(M, C, r, device, need_out, panel_grad, dropout_on, budget) -> _DownPlan:
+def _down_plan(M, C, r, device, need_out, panel_grad, dropout_on, lora_dtype, budget) -> _DownPlan:
     r_pad = _rank_pad(r)
     enough = _num_sms(device)
-    blocks = _down_blocks(M, r_pad, panel_grad, dropout_on, enough)
+    blocks = _down_blocks(M, r_pad, panel_grad, dropout_on, lora_dtype == torch.float32, enough)
     m_blocks = max(1, triton.cdiv(M, blocks.block_m))
     c_blocks = max(1, triton.cdiv(C, blocks.block_c))  # C == 0 still writes out = 0
     a, b, partial_bytes = _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, need_out, panel_grad, budget)
@@ -440,7 +449,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         return out, panel_grad.zero_() if panel_grad_wanted else None
 
     budget = PARTIAL_BUDGET_BYTES if budget is None else budget
-    plan = _down_plan(M, C, r, device, need_out, panel_grad_wanted, dropout.on, budget)
+    plan = _down_plan(M, C, r, device, need_out, panel_grad_wanted, dropout.on, panel.dtype, budget)
     a, b = plan.groups_m, plan.groups_c
     placeholder = inp
     if not need_out:
@@ -494,7 +503,7 @@ def _grad_y_pass(g2, lora_B, xa, lora_dtype, scale, post: _Dropout, need_grad_xa
     rows = xa if need_grad_B else None
     if need_grad_xa and need_grad_B and M > 0:
         budget = MASK_REUSE_BUDGET_BYTES if post.on else PARTIAL_BUDGET_BYTES
-        plan = _down_plan(M, N, r, g2.device, True, True, post.on, budget)
+        plan = _down_plan(M, N, r, g2.device, True, True, post.on, lora_B.dtype, budget)
         if plan.partial_bytes > budget:
             grad_xa, _ = _lora_down(g2, lora_B, lora_dtype, scale, post)
             _, grad_B = _lora_down(g2, lora_B, lora_dtype, scale, post, need_out=False, rows=xa,
@@ -521,7 +530,7 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
     if C == 0 or (M == 0 and not inp_grad_wanted):
         return inp_grad
 
-    blocks = _up_blocks(M, r_pad, inp_grad_wanted, dropout.on)
+    blocks = _up_blocks(r_pad, inp_grad_wanted, dropout.on, panel.dtype == torch.float32)
     m_blocks = triton.cdiv(M, blocks.block_m)
     c_blocks = triton.cdiv(C, blocks.block_c)
     sms = _num_sms(device)
