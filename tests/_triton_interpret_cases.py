@@ -224,7 +224,9 @@ def test_non_contiguous_inputs():
     inputs["lora_A"] = inputs["lora_A"][:, ::2].t().contiguous().t()  # column-major adapter
     inputs["lora_B"] = inputs["lora_B"].t().contiguous().t()
     inputs["weight"] = inputs["weight"][:, ::2]
+    inputs["bias"] = torch.stack([inputs["bias"], -inputs["bias"]], dim=1)[:, 0]  # stride 2
     assert not inputs["x"].is_contiguous() and not inputs["lora_A"].is_contiguous()
+    assert inputs["bias"].stride() == (2,)
     run_case(inputs, 0.3, "pre")
 
 

@@ -96,7 +96,7 @@ def keep_mask_range(seed: torch.Tensor, first_index: int, numel: int, p: float) 
     out = torch.empty((numel,), dtype=torch.uint8, device=seed.device)
     if numel > 0:
         block = 1024
-        grid = (triton.cdiv(numel, block),)
+        grid = (-(-numel // block),)
         _keep_mask_kernel[grid](out, seed, first_index, numel, dropout_threshold(p), BLOCK=block)
     return out.view(torch.bool)
 

@@ -144,6 +144,7 @@ def _lora_up_kernel(
     stride_rm, stride_rr,
     stride_pr, stride_pc,
     stride_om, stride_oc,
+    stride_b,
     stride_im, stride_ic,
     stride_gs, stride_gc, stride_gr,
     blocks_m_per_split,
@@ -175,7 +176,7 @@ def _lora_up_kernel(
         panel = tl.load(panel_ptr + r[:, None] * stride_pr + c[None, :] * stride_pc,
                         mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + c * stride_b, mask=c_ok, other=0.0).to(tl.float32)
     grad_acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
 
     mb_start = pid_split * blocks_m_per_split
@@ -243,9 +244,20 @@ class _Blocks:
     num_stages: int = 3
 
 
+# Plain-integer helpers for the launchers: triton.cdiv / triton.next_power_of_2 are
+# constexpr functions whose Python call costs about 10 us each (measured, triton 3.9),
+# which added up to most of the host time of a call.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _rank_pad(r: int) -> int:
     """tl.dot needs every dimension >= 16 and a power of two."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, _next_power_of_2(r))
 
 
 # Under the interpreter the cost is per block operation, not per element: blocks of 32
@@ -284,7 +296,7 @@ def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, fp32_opera
     if not panel_grad:
         # One program per row block: prefer smaller row blocks over splitting the row
         # (which needs partials) when M alone does not give every SM a program.
-        while block_m > 16 and triton.cdiv(M, block_m) < programs_wanted:
+        while block_m > 16 and _cdiv(M, block_m) < programs_wanted:
             block_m //= 2
     return _Blocks(block_m, tile.block_c, tile.num_warps)
 
@@ -309,6 +321,7 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=None)
 def _compute_dtype(lora_dtype: torch.dtype):
     """Operand dtype of tl.dot: the adapters' dtype (the interpreter's bfloat16 dot is
     wrong, so there bfloat16 operands are widened to float32)."""
@@ -317,19 +330,23 @@ def _compute_dtype(lora_dtype: torch.dtype):
     return tl.float16 if lora_dtype == torch.float16 else tl.float32
 
 
-def _input_precision(compute_dtype) -> str:
+@functools.lru_cache(maxsize=None)
+def _input_precision(lora_dtype: torch.dtype, allow_tf32: bool) -> str:
     """float32 dots: TF32 when torch allows it for matmuls, else 3xTF32 (float32 accuracy
     on tensor cores; the FMA "ieee" dot needs too many registers for these tiles).
     Ignored for 16-bit operands and by the interpreter."""
-    if compute_dtype == tl.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
-    return "tf32"
+    return "tf32x3" if lora_dtype == torch.float32 and not allow_tf32 else "tf32"
+
+
+def _dot_options(lora_dtype: torch.dtype) -> dict:
+    return dict(COMPUTE_DTYPE=_compute_dtype(lora_dtype),
+                INPUT_PRECISION=_input_precision(lora_dtype, torch.backends.cuda.matmul.allow_tf32))
 
 
 def _split_groups(num_blocks: int, groups: int) -> tuple[int, int]:
     """(blocks per group, number of non-empty groups) for `groups` roughly equal groups."""
-    per_group = triton.cdiv(num_blocks, max(1, groups))
-    return per_group, triton.cdiv(num_blocks, per_group)
+    per_group = _cdiv(num_blocks, max(1, groups))
+    return per_group, _cdiv(num_blocks, per_group)
 
 
 # Float32 partials of the split reductions are the only extra memory of the kernels
@@ -357,7 +374,7 @@ def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_
         a *= 2
     best = None
     for a in sorted(candidates):
-        b = 1 if a >= enough else min(c_blocks, triton.cdiv(enough, a))
+        b = 1 if a >= enough else min(c_blocks, _cdiv(enough, a))
         partial_bytes = (a * C * r_pad * 4 if panel_grad else 0) + (b * M * r_pad * 4 if compute_out and b > 1 else 0)
         key = (partial_bytes > budget, -min(a * b, reach), partial_bytes, -a)
         if best is None or key < best[0]:
@@ -375,12 +392,13 @@ class _DownPlan:
     partial_bytes: int
 
 
+@functools.lru_cache(maxsize=4096)
 def _down_plan(M, C, r, device, need_out, panel_grad, dropout_on, lora_dtype, budget) -> _DownPlan:
     r_pad = _rank_pad(r)
     enough = _num_sms(device)
     blocks = _down_blocks(M, r_pad, panel_grad, dropout_on, lora_dtype == torch.float32, enough)
-    m_blocks = max(1, triton.cdiv(M, blocks.block_m))
-    c_blocks = max(1, triton.cdiv(C, blocks.block_c))  # C == 0 still writes out = 0
+    m_blocks = max(1, _cdiv(M, blocks.block_m))
+    c_blocks = max(1, _cdiv(C, blocks.block_c))  # C == 0 still writes out = 0
     a, b, partial_bytes = _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, need_out, panel_grad, budget)
     m_per_group, a = _split_groups(m_blocks, a)
     c_per_group, b = _split_groups(c_blocks, b)
@@ -389,7 +407,9 @@ def _down_plan(M, C, r, device, need_out, panel_grad, dropout_on, lora_dtype, bu
 
 def _device_guard(t: torch.Tensor):
     # Triton launches on the current CUDA device; custom ops registered from Python get no device guard.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _sum_partials(partials: torch.Tensor, out: torch.Tensor, scale: float = 1.0, transpose_out: bool = False) -> None:
@@ -400,7 +420,7 @@ def _sum_partials(partials: torch.Tensor, out: torch.Tensor, scale: float = 1.0,
     if n_rows == 0:
         return
     block_rows = 32 if _INTERPRET else max(16, 4096 // r_pad)
-    grid = (triton.cdiv(n_rows, block_rows),)
+    grid = (_cdiv(n_rows, block_rows),)
     _sum_partials_kernel[grid](
         partials, out, n_rows, n_cols, num_parts,
         partials.stride(0), partials.stride(1), partials.stride(2),
@@ -467,7 +487,6 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
     else:
         grad_buffer, grad_strides, rows, rows_strides = placeholder, (0, 0, 0), placeholder, (0, 0)
 
-    compute_dtype = _compute_dtype(panel.dtype)
     blocks = plan.blocks
     _lora_down_kernel[(a, b)](
         inp, panel, out_buffer, rows, grad_buffer, dropout.seed if dropout.on else placeholder,
@@ -481,7 +500,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         COMPUTE_OUT=need_out, COMPUTE_PANEL_GRAD=panel_grad_wanted, DROPOUT=dropout.on,
-        COMPUTE_DTYPE=compute_dtype, INPUT_PRECISION=_input_precision(compute_dtype),
+        **_dot_options(panel.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     if need_out and b > 1:
@@ -513,6 +532,23 @@ def _grad_y_pass(g2, lora_B, xa, lora_dtype, scale, post: _Dropout, need_grad_xa
     return _lora_down(g2, lora_B, lora_dtype, scale, post, need_out=need_grad_xa, rows=rows, panel_grad_scale=scale)
 
 
+@functools.lru_cache(maxsize=4096)
+def _up_plan(M, C, r, device, inp_grad, dropout_on, lora_dtype, budget):
+    """(blocks, column blocks, row splits, row blocks per split) of _lora_up_kernel."""
+    blocks = _up_blocks(_rank_pad(r), inp_grad, dropout_on, lora_dtype == torch.float32)
+    m_blocks = _cdiv(M, blocks.block_m)
+    c_blocks = _cdiv(C, blocks.block_c)
+    sms = _num_sms(device)
+    # Write-only passes take more programs (latency hiding); a reduction takes one per SM,
+    # each split costing C * r_pad * 4 bytes of partials (within the budget).
+    wanted = sms if inp_grad else 2 * sms
+    splits = min(max(1, m_blocks), _cdiv(wanted, c_blocks))
+    if inp_grad:
+        splits = max(1, min(splits, budget // (C * _rank_pad(r) * 4)))
+    m_per_split, splits = _split_groups(max(1, m_blocks), splits)
+    return blocks, c_blocks, splits, m_per_split
+
+
 def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None, inp=None, inp_grad_dtype=None):
     """Runs _lora_up_kernel with rows (M x r) and panel (r x C).
 
@@ -530,17 +566,8 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
     if C == 0 or (M == 0 and not inp_grad_wanted):
         return inp_grad
 
-    blocks = _up_blocks(r_pad, inp_grad_wanted, dropout.on, panel.dtype == torch.float32)
-    m_blocks = triton.cdiv(M, blocks.block_m)
-    c_blocks = triton.cdiv(C, blocks.block_c)
-    sms = _num_sms(device)
-    # Write-only passes take more programs (latency hiding); a reduction takes one per SM,
-    # each split costing C * r_pad * 4 bytes of partials (within PARTIAL_BUDGET_BYTES).
-    wanted = sms if inp_grad_wanted else 2 * sms
-    splits = min(max(1, m_blocks), triton.cdiv(wanted, c_blocks))
-    if inp_grad_wanted:
-        splits = max(1, min(splits, PARTIAL_BUDGET_BYTES // (C * r_pad * 4)))
-    m_per_split, splits = _split_groups(max(1, m_blocks), splits)
+    blocks, c_blocks, splits, m_per_split = _up_plan(M, C, r, device, inp_grad_wanted, dropout.on, panel.dtype,
+                                                     PARTIAL_BUDGET_BYTES)
 
     if inp_grad_wanted and splits > 1:
         grad_buffer = torch.empty((splits, C, r_pad), dtype=torch.float32, device=device)
@@ -552,7 +579,6 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
     else:
         grad_buffer, grad_strides = None, (0, 0, 0)
 
-    compute_dtype = _compute_dtype(panel.dtype)
     placeholder = rows
     _lora_up_kernel[(c_blocks, splits)](
         rows, panel, out if write_out else placeholder, bias if bias is not None else placeholder,
@@ -562,13 +588,14 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         rows.stride(0), rows.stride(1),
         panel.stride(0), panel.stride(1),
         *((out.stride(0), out.stride(1)) if write_out else (0, 0)),
+        bias.stride(0) if bias is not None else 0,
         *((inp.stride(0), inp.stride(1)) if inp_grad_wanted else (0, 0)),
         *grad_strides,
         m_per_split,
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
-        COMPUTE_DTYPE=compute_dtype, INPUT_PRECISION=_input_precision(compute_dtype),
+        **_dot_options(panel.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     if inp_grad_wanted and splits > 1:
