@@ -629,10 +629,9 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
         xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0,
                            _Dropout.make(dropout and dropout_position == "pre", dropout_p, seed))
         y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        # The kernel reads bias with unit stride: a strided bias (e.g. a slice of a fused
-        # qkv bias) is copied (N elements) rather than read wrongly.
+        # bias is read with its stride (e.g. a slice of a fused qkv bias).
         _lora_up(xa, lora_B.t(), _Dropout.make(dropout and dropout_position == "post", dropout_p, seed),
-                 out=y2, out_scale=scale, bias=None if bias is None else bias.contiguous())
+                 out=y2, out_scale=scale, bias=bias)
         if weight is not None:
             y2.addmm_(x2, weight.t())
     return y2.view(*x.shape[:-1], N), xa
