@@ -13,6 +13,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
+# The image's default g++ (/opt/gcc/bin/g++) links libstdc++ statically into _C.so; that copy's
+# stream code then crashes formatting numbers into C++ error messages (cuda-gdb, 2026-11-28).
+# The system compiler links it dynamically, as torch does.
+if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 t0=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"; grep -E "lora_ext: building" "$OUT/build.log"
