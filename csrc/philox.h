@@ -32,7 +32,11 @@ LORA_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t index) {
   uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
   uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t prev_c0 = c0, prev_c2 = c2;
     c0 = mulhi32(kPhiloxRoundB, prev_c2) ^ c1 ^ k0;
