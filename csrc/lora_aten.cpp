@@ -159,23 +159,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   if (need_B) grad_B = reduce_over_tokens(g_lora, xa).mul_(scale);  // (N, r)
   if (need_A || need_x) {
     const at::Tensor grad_xa = at::mm(g_lora, lora_B).mul_(scale);  // (M, r)
+    const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
+    // 'pre' with both dA and dx wanted needs the mask twice. On CPU the Philox mask costs
+    // ~5 ns/element against ~1 for a pass over memory, so it is generated once, as a
+    // (M, K) tensor of kept_scale / 0 (a temporary of this call); on CUDA generating it
+    // is cheaper than the extra M x K temporary, so each use regenerates it.
+    at::Tensor keep_scale_mask;
+    if (pre_dropout && need_A && need_x && x.is_cpu()) {
+      keep_scale_mask = at::ones({s.M, s.K}, lora_A.options());
+      dropout_scale_(keep_scale_mask, *seed, dropout_p, keep_scale);
+    }
     if (need_A) {
       at::Tensor x_lora = x2.to(lora_dtype);
-      if (dropout && s.position == DropoutPosition::kPre) {
+      if (keep_scale_mask.defined()) {
+        x_lora = x_lora * keep_scale_mask;
+      } else if (pre_dropout) {
         x_lora = owned_copy(x2, lora_dtype);
         dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
       }
       grad_A = reduce_over_tokens(grad_xa, x_lora);  // (r, K)
     }
     if (need_x) {
-      const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
       if (!pre_dropout && lora_dtype == x.scalar_type()) {
         // The small GEMM writes dx, the large one accumulates onto it in its epilogue (beta=1).
         grad_x = at::mm(grad_xa, lora_A);
         if (weight.has_value()) grad_x.addmm_(g, *weight);
       } else {
         at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype
-        if (pre_dropout) dropout_scale_(grad_x_lora, *seed, dropout_p, keep_scale);
+        if (keep_scale_mask.defined()) {
+          grad_x_lora.mul_(keep_scale_mask);
+        } else if (pre_dropout) {
+          dropout_scale_(grad_x_lora, *seed, dropout_p, keep_scale);
+        }
         if (weight.has_value()) {
           grad_x = at::mm(g, *weight);
           grad_x.add_(grad_x_lora);
