@@ -51,6 +51,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from ._report import problem_report
 from .config import PeftConfig
 from .modules import LinearLoRA
 
@@ -320,12 +321,6 @@ def _file_scale(config: dict[str, Any], fqn: str) -> tuple[int, float, float]:
     return r, alpha, scale
 
 
-def _format_list(title: str, items: list[str], limit: int = 20) -> str:
-    shown = "\n    ".join(items[:limit])
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n    {shown}{more}"
-
-
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: PathLike) -> None:
     """Loads a PEFT-format LoRA adapter from directory `path` into the LoRA layers of `model`.
@@ -390,24 +385,18 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
             merged.append(fqn)
         if layer.lora_A.weight.is_meta or layer.lora_B.weight.is_meta:
             on_meta.append(fqn)
-    problems = []
-    if missing:
-        problems.append(_format_list("missing from the file (LoRA layers of the model without adapter tensors)", missing))
-    if unexpected:
-        problems.append(_format_list("unexpected in the file (no LoRA layer of that name and shape in the model)", unexpected))
-    if misshaped:
-        problems.append(_format_list("mis-shaped (different rank or layer size)", misshaped))
-    if not_floating:
-        problems.append(_format_list("not floating point (adapters are floating tensors)", not_floating))
-    if wrong_scale:
-        problems.append(_format_list("scale differs (patch the model with read_adapter_config(path))", wrong_scale))
-    if merged:
-        problems.append(_format_list("merged layers (unmerge_adapters first)", merged))
-    if on_meta:
-        problems.append(_format_list("adapters on the meta device (materialise the model first)", on_meta))
+    problems = problem_report([
+        ("missing from the file (LoRA layers of the model without adapter tensors)", missing),
+        ("unexpected in the file (no LoRA layer of that name and shape in the model)", unexpected),
+        ("mis-shaped (different rank or layer size)", misshaped),
+        ("not floating point (adapters are floating tensors)", not_floating),
+        ("scale differs (patch the model with read_adapter_config(path))", wrong_scale),
+        ("merged layers (unmerge_adapters first)", merged),
+        ("adapters on the meta device (materialise the model first)", on_meta),
+    ])
     if problems:
         raise AdapterMismatchError(
-            f"cannot load the adapter in {directory} into this model; nothing was loaded:\n" + "\n".join(problems)
+            f"cannot load the adapter in {directory} into this model; nothing was loaded:\n" + problems
         )
 
     with safe_open(str(weights_path), framework="pt") as f:

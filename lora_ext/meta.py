@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Union
+from typing import Callable, Mapping, Union
 
 import torch
 import torch.nn as nn
 
+from ._report import problem_report
 from .modules import LinearLoRA
 
 __all__ = ["materialize"]
@@ -152,12 +153,6 @@ def _hf_initializer(model: nn.Module, owner_fqn: str) -> Callable[[nn.Module], N
     return None
 
 
-def _format(title: str, items: Iterable[str], limit: int = 20) -> str:
-    items = list(items)
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more
-
-
 @torch.no_grad()
 def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Allocates a meta-device model on `device`, loads its weights, initialises its LoRA adapters.
@@ -210,20 +205,15 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
         for group in nonpersistent.values()
         if not any(fqn in source for fqn, *_ in group) and _hf_initializer(model, _owner_fqn(group[0][0])) is None
     ]
-    problems = []
-    if missing:
-        problems.append(_format("missing from the weights", missing))
-    if unexpected:
-        problems.append(_format("unexpected in the weights (no such parameter or buffer)", unexpected))
-    if misshaped:
-        problems.append(_format("mis-shaped", misshaped))
-    if unrestorable:
-        problems.append(_format(
-            "non-persistent buffers that are in no checkpoint and that this model cannot recompute "
-            "(add their values to the weights under these names)", unrestorable,
-        ))
+    problems = problem_report([
+        ("missing from the weights", missing),
+        ("unexpected in the weights (no such parameter or buffer)", unexpected),
+        ("mis-shaped", misshaped),
+        ("non-persistent buffers that are in no checkpoint and that this model cannot recompute "
+         "(add their values to the weights under these names)", unrestorable),
+    ])
     if problems:
-        raise ValueError("materialize: nothing was allocated; the weights do not fit the model:\n" + "\n".join(problems))
+        raise ValueError("materialize: nothing was allocated; the weights do not fit the model:\n" + problems)
 
     # --- allocate, re-tie ---------------------------------------------------------
     model.to_empty(device=device)
