@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
-# Usage: bash scripts/h200_run.sh [tests|bench|all] ; results go to $OUT (or ./out).
+# Usage: bash scripts/h200_run.sh [tests|bench|probe|all] [bench args]; results go to $OUT (or ./out).
+#   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -25,9 +26,17 @@ python3 -c "import lora_ext; print('native CUDA kernels built:', lora_ext._C.has
 status=0
 if [[ $what == tests || $what == all ]]; then
   t0=$(date +%s)
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest tests -q -m cuda -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
+  # pytest-xdist (on the H200 image) spreads the suite over 8 workers on the one GPU: ~2 min instead of 7.
+  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest tests -q -m cuda $workers -rfE -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
   status=${PIPESTATUS[0]}
   echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
+fi
+if [[ $what == probe ]]; then
+  { python3 benchmarks/host_overhead.py
+    python3 benchmarks/compose_ab.py
+    for shape in "4096 1024" "4096 4096"; do python3 scripts/profile_layer.py $shape 16 0.0 native; done
+  } 2>&1 | tee "$OUT/probe.log" | tail -150
 fi
 if [[ $what == bench || $what == all ]]; then
   shift || true
