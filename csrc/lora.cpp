@@ -71,6 +71,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
   return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
 }
 
+// lora_autograd.cpp: the eager path of lora_ext.ops.linear (a C++ autograd node over the ops).
+at::Tensor linear_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                           double scale, double dropout_p, const std::string& dropout_position,
+                           const c10::optional<at::Tensor>& seed, const std::string& backend);
+
 }  // namespace lora
 
 // The Python module exposes the native (ATen + CUDA kernels) implementation, which
@@ -80,6 +86,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
   module.def("set_triton_kernels", &set_triton_kernels,
              "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");
+  module.def("linear_autograd", &lora::linear_autograd,
+             "y of torch.ops.lora.linear with a C++ autograd node (the eager path of lora_ext.ops.linear)",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def(
       "linear_forward_native",
       [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import _C
+
 Tensor = torch.Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -26,6 +28,25 @@ def draw_seed(device: torch.device) -> Tensor:
     can capture it, and torch.compile traces it as a graph input (no recompiles).
     """
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_plain(x, weight, bias, lora_A, lora_B) -> bool:
+    """True when lora_ext.ops.linear may take the C++ autograd path.
+
+    Only for plain tensors in eager mode: torch.compile must see the custom op (and its
+    Python autograd) to trace it; tensor subclasses expect __torch_function__ to see the call.
+    """
+    return (
+        type(x) in _PLAIN_TYPES
+        and type(lora_A) in _PLAIN_TYPES
+        and type(lora_B) in _PLAIN_TYPES
+        and (weight is None or type(weight) in _PLAIN_TYPES)
+        and (bias is None or type(bias) in _PLAIN_TYPES)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def linear(
@@ -46,6 +67,11 @@ def linear(
     """
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(x.device)
+    if _eager_plain(x, weight, bias, lora_A, lora_B):
+        # Same op kernels, autograd node in C++ (csrc/lora_autograd.cpp): no Python on the step's path.
+        return _C.linear_autograd(
+            x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), dropout_position, seed, backend
+        )
     y, _ = torch.ops.lora.linear(
         x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), dropout_position, seed, backend
     )
