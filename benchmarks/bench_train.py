@@ -223,6 +223,17 @@ def run_provider(provider, dropout, args, device, dtype) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if args.profile:
+        # One more step under torch.profiler: where its device time goes, and the host time.
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step(0)
+            synchronize(device)
+        sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(f"--- profile of one step: {provider}, dropout {dropout}")
+        print(prof.key_averages().table(sort_by=sort_key, row_limit=args.profile, max_name_column_width=70))
     graphs = int(counters["stats"].get("unique_graphs", 0))
     breaks = int(sum(counters["graph_break"].values()))
     step_s = statistics.median(times)
@@ -334,6 +345,8 @@ def parse_args():
     parser.add_argument("--out", default=common.BENCH_DIR)
     parser.add_argument("--tag", default="bench_train")
     parser.add_argument("--results-md", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, profile one step and print the top ROWS kernels")
     parser.add_argument("--from-csv", nargs="+", default=None)
     args = parser.parse_args()
     defaults = parser.parse_args([])

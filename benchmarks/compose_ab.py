@@ -15,6 +15,11 @@ import argparse
 import torch
 import triton.testing
 
+import bench_common as common
+
+common.ensure_repo_on_path()
+import lora_ext  # noqa: E402,F401  (registers torch.ops.lora.*)
+
 
 def bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3  # us
@@ -85,7 +90,35 @@ def main():
             w_ = torch.addmm(W, B, A, alpha=s)
             torch.mm(g, w_)
 
+        from lora_ext.kernels import triton_lora as tl_mod
+
+        nodrop = tl_mod._Dropout.make(False, 0.0, None)
+        seed = torch.tensor([7], dtype=torch.int64, device=dev)
+        mask5 = [True, False, False, True, True]
+
+        def op_fwd(backend, p, position="post"):
+            return lambda: torch.ops.lora.linear(x, W, None, A, B, s, p, position, seed, backend)
+
+        def op_bwd(backend, p, position="post"):
+            return lambda: torch.ops.lora.linear_backward(g, x, W, A, B, xa, s, p, position, seed, mask5, backend)
+
         cases = {
+            "fwd OP native p0": op_fwd("native", 0.0),
+            "fwd OP triton p0": op_fwd("triton", 0.0),
+            "fwd OP native p0.1 post": op_fwd("native", 0.1),
+            "fwd OP triton p0.1 post": op_fwd("triton", 0.1),
+            "fwd OP native p0.1 pre": op_fwd("native", 0.1, "pre"),
+            "fwd OP triton p0.1 pre": op_fwd("triton", 0.1, "pre"),
+            "fwd T xa = _lora_down": lambda: tl_mod._lora_down(x, A.t(), dt, 1.0, nodrop),
+            "fwd T y = _lora_up(xa)": lambda: tl_mod._lora_up(xa, B.t(), nodrop, out=y, out_scale=s),
+            "bwd OP native p0": op_bwd("native", 0.0),
+            "bwd OP triton p0": op_bwd("triton", 0.0),
+            "bwd OP native p0.1 post": op_bwd("native", 0.1),
+            "bwd OP triton p0.1 post": op_bwd("triton", 0.1),
+            "bwd OP native p0.1 pre": op_bwd("native", 0.1, "pre"),
+            "bwd OP triton p0.1 pre": op_bwd("triton", 0.1, "pre"),
+            "bwd T gxa+dB = _grad_y_pass": lambda: tl_mod._grad_y_pass(g, B, xa, dt, s, nodrop, True, True),
+            "bwd T dx-lora+dA = _lora_up": lambda: tl_mod._lora_up(gxa, A, nodrop, out=dx, inp=x, inp_grad_dtype=dt),
             "fwd base mm(x, W^T)": lambda: torch.mm(x, W.t()),
             "fwd base into y, beta=1": lambda: y.addmm_(x, W.t()),
             "fwd xa = mm(x, A^T)": lambda: torch.mm(x, A.t()),

@@ -17,9 +17,15 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH
 # The image's default g++ (/opt/gcc/bin/g++) links libstdc++ statically into _C.so; that copy's
 # stream code then crashes formatting numbers into C++ error messages (cuda-gdb, 2026-11-28).
 # The system compiler links it dynamically, as torch does.
-if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+# setuptools links with LDSHARED (the interpreter's, /opt/gcc's g++), not CXX: set both.
+# build/ is removed so that no object or link from an earlier call (other compiler) survives.
+if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"; fi
+rm -rf build lora_ext/_C*.so
 t0=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+# A statically linked libstdc++ shows as a defined std::ostream::_M_insert<double> in _C.so.
+if nm -D --defined-only lora_ext/_C*.so 2>/dev/null | grep -q _ZNSo9_M_insertIdEERSoT_; then
+  echo "WARNING: _C.so carries its own libstdc++ (static link): C++ error messages may crash"; fi
 echo "build: $(( $(date +%s) - t0 )) s"; grep -E "lora_ext: building" "$OUT/build.log"
 python3 -c "import lora_ext; print('native CUDA kernels built:', lora_ext._C.has_cuda())"
 
