@@ -4,9 +4,37 @@
 #include <ATen/ATen.h>
 #include <array>
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 namespace lora {
+
+// Numbers, shapes and devices in messages are formatted here, without std::ostream: a
+// stream formats numbers through the process's global C++ locale, and on our H200 image
+// that locale's facets can belong to another copy of libstdc++ (loaded by some other
+// library in the process) — formatting a number into an error message then crashed the
+// process (segfault in std::ostream::_M_insert<double>, seen with scale=inf and a 0-dim
+// grad_y) instead of raising. snprintf uses the C locale only.
+inline std::string fmt(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+inline std::string fmt(int64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(v));
+  return buf;
+}
+inline std::string fmt(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + fmt(shape[i]);
+  return out + "]";
+}
+inline std::string fmt(const c10::Device& device) {
+  std::string out = c10::DeviceTypeName(device.type(), /*lower_case=*/true);
+  return device.has_index() ? out + ":" + fmt(static_cast<int64_t>(device.index())) : out;
+}
+inline const char* fmt(at::ScalarType dtype) { return c10::toString(dtype); }
 
 enum class DropoutPosition { kPre, kPost };
 
@@ -20,18 +48,18 @@ inline DropoutPosition parse_dropout_position(c10::string_view position) {
 inline void check_floating(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-                   "lora: ", name, " must be float32, float16, bfloat16 or float64, got ", dt);
+                   "lora: ", name, " must be float32, float16, bfloat16 or float64, got ", fmt(dt));
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "lora: ", name, " is on ", t.device(),
-              " but x is on ", x.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.device() == x.device(), "lora: ", name, " is on ", fmt(t.device()),
+              " but x is on ", fmt(x.device()), "; all tensors must be on one device");
 }
 
 // A non-finite scale (alpha = inf or nan) can only produce garbage, and which garbage
 // (inf or nan, where) would differ between backends; it is refused instead.
 inline void check_scale(double scale) {
-  TORCH_CHECK_VALUE(std::isfinite(scale), "lora: scale must be a finite number, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "lora: scale must be a finite number, got ", fmt(scale));
 }
 
 // The ops' `backend` argument: which CUDA implementation runs ("auto" lets lora_ext
@@ -61,10 +89,10 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const c10::optional<at
   check_floating(x, "x");
   check_floating(lora_A, "lora_A");
   check_floating(lora_B, "lora_B");
-  TORCH_CHECK(lora_A.dim() == 2, "lora: lora_A must be 2-D (r, in_features), got shape ", lora_A.sizes());
-  TORCH_CHECK(lora_B.dim() == 2, "lora: lora_B must be 2-D (out_features, r), got shape ", lora_B.sizes());
-  TORCH_CHECK_TYPE(lora_A.scalar_type() == lora_B.scalar_type(), "lora: lora_A (", lora_A.scalar_type(),
-                   ") and lora_B (", lora_B.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(lora_A.dim() == 2, "lora: lora_A must be 2-D (r, in_features), got shape ", fmt(lora_A.sizes()));
+  TORCH_CHECK(lora_B.dim() == 2, "lora: lora_B must be 2-D (out_features, r), got shape ", fmt(lora_B.sizes()));
+  TORCH_CHECK_TYPE(lora_A.scalar_type() == lora_B.scalar_type(), "lora: lora_A (", fmt(lora_A.scalar_type()),
+                   ") and lora_B (", fmt(lora_B.scalar_type()), ") must have the same dtype");
   check_same_device(lora_A, x, "lora_A");
   check_same_device(lora_B, x, "lora_B");
   s.K = x.size(-1);
@@ -74,41 +102,41 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const c10::optional<at
     s.M = 1;
     for (int64_t d = 0; d + 1 < x.dim(); ++d) s.M *= x.size(d);
   }
-  TORCH_CHECK(s.r >= 1, "lora: rank must be >= 1, got lora_A of shape ", lora_A.sizes());
-  TORCH_CHECK(lora_A.size(1) == s.K, "lora: lora_A.shape[1] must equal x.shape[-1] (in_features=", s.K,
-              "), got lora_A of shape ", lora_A.sizes(), " and x of shape ", x.sizes());
+  TORCH_CHECK(s.r >= 1, "lora: rank must be >= 1, got lora_A of shape ", fmt(lora_A.sizes()));
+  TORCH_CHECK(lora_A.size(1) == s.K, "lora: lora_A.shape[1] must equal x.shape[-1] (in_features=", fmt(s.K),
+              "), got lora_A of shape ", fmt(lora_A.sizes()), " and x of shape ", fmt(x.sizes()));
   if (weight.has_value()) {
     const auto& w = *weight;
     check_floating(w, "weight");
     check_same_device(w, x, "weight");
-    TORCH_CHECK(w.dim() == 2, "lora: weight must be 2-D (out_features, in_features), got shape ", w.sizes());
-    TORCH_CHECK(w.size(1) == s.K, "lora: weight.shape[1] must equal x.shape[-1] (", s.K,
-                "), got weight of shape ", w.sizes(), " and x of shape ", x.sizes());
-    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "lora: weight dtype (", w.scalar_type(),
-                     ") must equal x dtype (", x.scalar_type(), ")");
+    TORCH_CHECK(w.dim() == 2, "lora: weight must be 2-D (out_features, in_features), got shape ", fmt(w.sizes()));
+    TORCH_CHECK(w.size(1) == s.K, "lora: weight.shape[1] must equal x.shape[-1] (", fmt(s.K),
+                "), got weight of shape ", fmt(w.sizes()), " and x of shape ", fmt(x.sizes()));
+    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "lora: weight dtype (", fmt(w.scalar_type()),
+                     ") must equal x dtype (", fmt(x.scalar_type()), ")");
     s.N = w.size(0);
   } else {
     s.N = lora_B.size(0);
   }
   TORCH_CHECK(lora_B.size(0) == s.N && lora_B.size(1) == s.r, "lora: lora_B must have shape (out_features=",
-              s.N, ", r=", s.r, "), got ", lora_B.sizes());
+              fmt(s.N), ", r=", fmt(s.r), "), got ", fmt(lora_B.sizes()));
   if (bias.has_value()) {
     const auto& b = *bias;
     check_same_device(b, x, "bias");
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "lora: bias dtype (", b.scalar_type(),
-                     ") must equal x dtype (", x.scalar_type(), ")");
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == s.N, "lora: bias must have shape (out_features=", s.N,
-                ",), got ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "lora: bias dtype (", fmt(b.scalar_type()),
+                     ") must equal x dtype (", fmt(x.scalar_type()), ")");
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == s.N, "lora: bias must have shape (out_features=", fmt(s.N),
+                ",), got ", fmt(b.sizes()));
   }
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "lora: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "lora: dropout_p must be in [0, 1), got ", fmt(dropout_p));
   if (dropout_p > 0.0) {
-    TORCH_CHECK(seed.has_value(), "lora: dropout_p=", dropout_p, " > 0 needs a seed tensor, got None");
+    TORCH_CHECK(seed.has_value(), "lora: dropout_p=", fmt(dropout_p), " > 0 needs a seed tensor, got None");
   }
   if (seed.has_value()) {
     const auto& sd = *seed;
     TORCH_CHECK_TYPE(sd.scalar_type() == at::kLong && sd.numel() == 1,
-                     "lora: seed must be an int64 tensor with one element, got ", sd.scalar_type(),
-                     " of shape ", sd.sizes());
+                     "lora: seed must be an int64 tensor with one element, got ", fmt(sd.scalar_type()),
+                     " of shape ", fmt(sd.sizes()));
     check_same_device(sd, x, "seed");
   }
   return s;
@@ -120,14 +148,14 @@ inline void check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
                                        const at::Tensor& lora_A, const c10::optional<at::Tensor>& weight,
                                        const std::array<bool, 5>& output_mask, const LinearSizes& s) {
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == s.N && grad_y.numel() == s.M * s.N,
-              "lora: grad_y must have shape (..., ", s.N, ") with ", s.M, " rows, got ", grad_y.sizes());
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "lora: grad_y dtype (", grad_y.scalar_type(),
-                   ") must equal x dtype (", x.scalar_type(), ")");
+              "lora: grad_y must have shape (..., ", fmt(s.N), ") with ", fmt(s.M), " rows, got ", fmt(grad_y.sizes()));
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "lora: grad_y dtype (", fmt(grad_y.scalar_type()),
+                   ") must equal x dtype (", fmt(x.scalar_type()), ")");
   check_same_device(grad_y, x, "grad_y");
-  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r, "lora: xa must have shape (", s.M, ", ",
-              s.r, "), got ", xa.sizes());
-  TORCH_CHECK_TYPE(xa.scalar_type() == lora_A.scalar_type(), "lora: xa dtype (", xa.scalar_type(),
-                   ") must equal lora_A dtype (", lora_A.scalar_type(), ")");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r, "lora: xa must have shape (", fmt(s.M), ", ",
+              fmt(s.r), "), got ", fmt(xa.sizes()));
+  TORCH_CHECK_TYPE(xa.scalar_type() == lora_A.scalar_type(), "lora: xa dtype (", fmt(xa.scalar_type()),
+                   ") must equal lora_A dtype (", fmt(lora_A.scalar_type()), ")");
   check_same_device(xa, x, "xa");
   TORCH_CHECK(!output_mask[1] || weight.has_value(), "lora: grad of weight requested but weight is None");
 }

@@ -6,8 +6,8 @@
 //                           (x, weight, bias, lora_A, lora_B); unneeded ones come back as empty tensors.
 //
 // Kernels: CPU in lora_cpu.cpp; CUDA in cuda/lora_cuda.cu (native, choosing Triton by the rule in
-// choose_cuda_backend) when built with CUDA, else registered from Python (lora_ext/kernels/cuda_dispatch.py,
-// Triton only); fake kernels and autograd in lora_ext/ops.py.
+// use_triton) when built with CUDA, else registered from Python (lora_ext/kernels/cuda_dispatch.py,
+// Triton only); autograd in lora_autograd.cpp; fake kernels in lora_ext/ops.py.
 #include <torch/extension.h>
 
 #include "lora_aten.h"
@@ -71,12 +71,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
   return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
 }
 
-// lora_autograd.cpp: the eager path of lora_ext.ops.linear (a C++ autograd node over the ops).
-at::Tensor linear_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                           const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                           double scale, double dropout_p, const std::string& dropout_position,
-                           const c10::optional<at::Tensor>& seed, const std::string& backend);
-
 }  // namespace lora
 
 // The Python module exposes the native (ATen + CUDA kernels) implementation, which
@@ -86,9 +80,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
   module.def("set_triton_kernels", &set_triton_kernels,
              "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");
-  module.def("linear_autograd", &lora::linear_autograd,
-             "y of torch.ops.lora.linear with a C++ autograd node (the eager path of lora_ext.ops.linear)",
-             pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def(
       "linear_forward_native",
       [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

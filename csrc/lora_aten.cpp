@@ -10,7 +10,7 @@ void dropout_scale_(at::Tensor& t, const at::Tensor& seed, double p, double kept
 #ifdef LORA_WITH_CUDA
   if (t.is_cuda()) return dropout_scale_cuda_(t, seed, p, kept_scale);
 #endif
-  TORCH_CHECK(false, "lora: no dropout kernel for device ", t.device(),
+  TORCH_CHECK(false, "lora: no dropout kernel for device ", fmt(t.device()),
               " (was lora_ext built with CUDA? see lora_ext._C.has_cuda())");
 }
 

@@ -1,18 +1,23 @@
-// The eager fast path of lora_ext.ops.linear: the same autograd as the Python
-// registration in lora_ext/ops.py (save x, weight, adapters, xa and the seed; call
-// lora::linear_backward with the mask of needed gradients), written as a C++ autograd
-// node so that an eager step does not run Python for the autograd layer.
+// Autograd of the lora ops, in C++ (TORCH_LIBRARY_IMPL(lora, Autograd)).
 //
-// Why it exists: torch.library.register_autograd runs Python in both directions
-// (autograd_impl, fill_defaults, a generated autograd.Function); measured on a 2-core
-// CPU, a tiny layer's fwd+bwd cost 541 us of host time against 341 us for the PEFT
-// formulation (benchmarks/host_overhead.py). In eager decode and on small layers on the
-// H200 the host time is the step time. The ops, their kernels and their Python autograd
-// stay the contract: torch.compile, functorch and tensor subclasses use them (the Python
-// wrapper only takes this path for plain tensors in eager mode).
+// lora::linear saves x, weight, the adapters, xa (M x r) and the seed, and its backward
+// calls lora::linear_backward with the mask of the gradients autograd needs; the dropout
+// mask is regenerated there from the seed. lora::linear_backward is not differentiable:
+// differentiating it (double backward) raises "derivative for lora::linear_backward is
+// not implemented" when that backward runs.
+//
+// Why C++ and not torch.library.register_autograd (which this replaced): the Python
+// registration runs Python on every call of the op, in eager mode and also inside
+// torch.compile'd graphs (the compiled graph calls the op with grad disabled, and the
+// Python autograd kernel still runs to find that out). Measured on the H200 host
+// (benchmarks/host_overhead.py, tiny layer): fwd+bwd 633 us of host time with the Python
+// registration vs 352 us for the PEFT formulation; in a torch.compile'd training step at
+// 1024 tokens (bench_train.py --quick --profile) ~100 us of Python per lora::linear_backward
+// call. Small layers and decode are host-bound, so that was the step time.
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 namespace lora {
 namespace {
@@ -49,11 +54,11 @@ linear_backward_op() {
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                               const OptTensor& weight,
                             const OptTensor& bias, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                             double dropout_p, const std::string& dropout_position, const OptTensor& seed,
                             const std::string& backend) {
-    // Straight to the device kernel: the op's own (Python) autograd kernel is what this replaces.
     at::Tensor y, xa;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -70,7 +75,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["backend"] = backend;
     ctx->saved_data["has_weight"] = has_weight;
     ctx->saved_data["has_bias"] = has_bias;
-    return y;
+    ctx->mark_non_differentiable({xa});
+    return {y, xa};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -92,6 +98,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
 
     const std::string position = ctx->saved_data["dropout_position"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();
+    // grads[1] (for xa, non-differentiable) is ignored.
     auto call = [&] {
       return linear_backward_op().call(grads[0], saved[0], optional_of(saved[1]), saved[2], saved[3], saved[4],
                                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
@@ -99,8 +106,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     };
     at::Tensor gx, gw, gb, gA, gB;
     if (at::GradMode::is_enabled()) {
-      // create_graph=True: through the op's autograd, which refuses double backward with
-      // the same error as the Python path.
+      // create_graph=True: through linear_backward's autograd kernel, so that
+      // differentiating these gradients raises instead of silently giving zeros.
       std::tie(gx, gw, gb, gA, gB) = call();
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -118,10 +125,19 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
 
 }  // namespace
 
-at::Tensor linear_autograd(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                           const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                           const std::string& dropout_position, const OptTensor& seed, const std::string& backend) {
-  return LinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend);
+std::tuple<at::Tensor, at::Tensor> linear_autograd(const at::Tensor& x, const OptTensor& weight,
+                                                   const OptTensor& bias, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, double scale, double dropout_p,
+                                                   c10::string_view dropout_position, const OptTensor& seed,
+                                                   c10::string_view backend) {
+  auto outputs = LinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                       std::string(dropout_position), seed, std::string(backend));
+  return {outputs[0], outputs[1]};
+}
+
+TORCH_LIBRARY_IMPL(lora, Autograd, m) {
+  m.impl("linear", &linear_autograd);
+  m.impl("linear_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace lora

@@ -1,4 +1,4 @@
-"""Python side of the lora ops: typed wrappers, fake kernels and autograd.
+"""Python side of the lora ops: typed wrappers and fake kernels (autograd: csrc/lora_autograd.cpp).
 
 The schemas live in csrc/lora.cpp; the CPU kernels in csrc/lora_cpu.cpp; the CUDA
 kernels are registered in lora_ext/kernels/cuda_dispatch.py.
@@ -9,8 +9,6 @@ import math
 from typing import Optional, Sequence
 
 import torch
-
-from . import _C
 
 Tensor = torch.Tensor
 
@@ -28,25 +26,6 @@ def draw_seed(device: torch.device) -> Tensor:
     can capture it, and torch.compile traces it as a graph input (no recompiles).
     """
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
-
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _eager_plain(x, weight, bias, lora_A, lora_B) -> bool:
-    """True when lora_ext.ops.linear may take the C++ autograd path.
-
-    Only for plain tensors in eager mode: torch.compile must see the custom op (and its
-    Python autograd) to trace it; tensor subclasses expect __torch_function__ to see the call.
-    """
-    return (
-        type(x) in _PLAIN_TYPES
-        and type(lora_A) in _PLAIN_TYPES
-        and type(lora_B) in _PLAIN_TYPES
-        and (weight is None or type(weight) in _PLAIN_TYPES)
-        and (bias is None or type(bias) in _PLAIN_TYPES)
-        and not torch.compiler.is_compiling()
-    )
 
 
 def linear(
@@ -67,11 +46,6 @@ def linear(
     """
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(x.device)
-    if _eager_plain(x, weight, bias, lora_A, lora_B):
-        # Same op kernels, autograd node in C++ (csrc/lora_autograd.cpp): no Python on the step's path.
-        return _C.linear_autograd(
-            x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), dropout_position, seed, backend
-        )
     y, _ = torch.ops.lora.linear(
         x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), dropout_position, seed, backend
     )
@@ -226,58 +200,8 @@ def _linear_backward_fake(
     )
 
 
-# ---------------------------------------------------------------------------
-# Autograd: lora::linear saves x, weight, the adapters, xa (M x r) and the seed;
-# the dropout mask is regenerated from the seed by lora::linear_backward.
-# ---------------------------------------------------------------------------
-
-
-_LINEAR_DEFAULTS = (0.0, "post", None, "auto")  # dropout_p, dropout_position, seed, backend
-
-
-def _linear_setup_context(ctx, inputs, output):
-    # Trailing arguments left at their schema defaults may be absent from `inputs`.
-    x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend = (
-        tuple(inputs) + _LINEAR_DEFAULTS[len(inputs) - 6 :]
-    )
-    _, xa = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-    ctx.scale = scale
-    ctx.dropout_p = dropout_p
-    ctx.dropout_position = dropout_position
-    ctx.backend = backend
-    ctx.mark_non_differentiable(xa)
-
-
-def _linear_backward(ctx, grad_y, grad_xa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-    mask = [need_x, need_weight, need_bias, need_A, need_B]
-    if not any(mask):
-        return (None,) * len(ctx.needs_input_grad)
-    grads = torch.ops.lora.linear_backward(
-        grad_y, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, ctx.dropout_position, seed, mask,
-        ctx.backend,
-    )
-    return tuple(g if needed else None for g, needed in zip(grads, mask)) + (None,) * (len(ctx.needs_input_grad) - 5)
-
-
-torch.library.register_autograd("lora::linear", _linear_backward, setup_context=_linear_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "lora: double backward (differentiating lora::linear_backward) is not supported"
-    )
-
-
-def _linear_backward_setup_context(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "lora::linear_backward", _no_double_backward, setup_context=_linear_backward_setup_context
-)
+# Autograd of both ops is C++ (csrc/lora_autograd.cpp): lora::linear saves x, weight, the
+# adapters, xa (M x r) and the seed; lora::linear_backward regenerates the dropout mask.
 
 
 def linear_backward(

@@ -311,56 +311,32 @@ def test_wrapper_matches_op_and_returns_only_y():
         torch.testing.assert_close(y, y_op, rtol=0, atol=0)
 
 
-# The eager wrapper runs the ops under a C++ autograd node (csrc/lora_autograd.cpp); the
-# op's own autograd (Python, register_autograd) is what torch.compile and direct
-# torch.ops.lora.linear calls use. Both must give the same bits.
+# Autograd is C++ (csrc/lora_autograd.cpp): no Python runs for it in eager or compiled calls.
 
 
-def _grads_through(fn, inputs, grad_out):
-    y = fn(*inputs)
-    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    return (y, *torch.autograd.grad(y, wanted, grad_out)) if wanted else (y,)
+def test_autograd_node_is_the_cpp_one_for_wrapper_and_op():
+    x, weight, bias, lora_A, lora_B = small_inputs()
+    for y in (ops.linear(x, weight, bias, lora_A, lora_B, 0.5), torch.ops.lora.linear(x, weight, bias, lora_A, lora_B, 0.5)[0]):
+        assert "LinearFunction" in y.grad_fn.name(), y.grad_fn.name()
 
 
-@pytest.mark.parametrize("dropout", [(0.0, "post"), (0.3, "post"), (0.3, "pre")], ids=["p0", "post", "pre"])
-@pytest.mark.parametrize("trainable", ["all", "adapters", "x", "bias", "none"])
-@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
-def test_eager_cpp_autograd_equals_the_op_autograd(dropout, trainable, with_weight):
-    torch.manual_seed(11)
-    p, position = dropout
-    x, weight, bias, lora_A, lora_B = small_inputs(M=6, K=9, N=5, r=2, requires_grad=False)
-    weight = weight if with_weight else None
-    names = {"all": GRAD_NAMES, "adapters": ("lora_A", "lora_B"), "x": ("x",), "bias": ("bias",), "none": ()}[trainable]
-    tensors = dict(zip(GRAD_NAMES, (x, weight, bias, lora_A, lora_B)))
-    for name in names:
-        if tensors[name] is not None:
-            tensors[name].requires_grad_()
-    seed = torch.tensor([1234], dtype=torch.int64)
-    args = (*tensors.values(), 0.75, p, position, seed)
-    grad_out = torch.randn(6, 5)
-
-    eager = _grads_through(lambda *a: ops.linear(*a), args, grad_out)
-    via_op = _grads_through(lambda *a: torch.ops.lora.linear(*a)[0], args, grad_out)
-    if any(t is not None and t.requires_grad for t in tensors.values()):
-        assert "LinearFunction" in eager[0].grad_fn.name(), eager[0].grad_fn.name()
-        assert "LinearFunction" not in via_op[0].grad_fn.name()
-    assert len(eager) == len(via_op) == 1 + sum(t is not None and t.requires_grad for t in tensors.values())
-    for a, b in zip(eager, via_op):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+def test_xa_output_is_not_differentiable():
+    x, weight, bias, lora_A, lora_B = small_inputs()
+    y, xa = torch.ops.lora.linear(x, weight, bias, lora_A, lora_B, 0.5)
+    assert y.requires_grad and not xa.requires_grad
 
 
-def test_eager_wrapper_leaves_tensor_subclasses_to_the_op():
+def test_tensor_subclass_inputs_go_through_the_same_autograd():
     class Tagged(torch.Tensor):
         pass
 
     x, weight, bias, lora_A, lora_B = small_inputs()
     y = ops.linear(x.detach().as_subclass(Tagged).requires_grad_(), weight, bias, lora_A, lora_B, 0.5)
-    assert "LinearFunction" not in y.grad_fn.name()
     y.sum().backward()
-    assert lora_A.grad is not None
+    assert lora_A.grad is not None and lora_A.grad.abs().sum() > 0
 
 
-def test_eager_wrapper_releases_saved_tensors_after_backward():
+def test_saved_tensors_are_released_after_backward():
     x, weight, bias, lora_A, lora_B = small_inputs()
     y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5)
     y.sum().backward()
@@ -448,7 +424,7 @@ def test_double_backward_raises_clear_error():
     x, weight, bias, lora_A, lora_B = small_inputs()
     y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5)
     (grad_A,) = torch.autograd.grad(y.square().sum(), lora_A, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError, match="derivative for lora::linear_backward is not implemented"):
         grad_A.sum().backward()
 
 
