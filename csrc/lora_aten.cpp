@@ -29,13 +29,25 @@ at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
+// ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
+// afterwards: addmm skips the product then, and a NaN/Inf input must still give NaN.
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) return at::mm(a, b);
+  if (alpha == 0.0) return at::mm(a, b).mul_(alpha);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+}
+
 // a^T b for tall a (M x P) and b (M x r): the adapter gradients dB = g^T xa and
 // dA = dxa^T x, whose outputs are thin (P x r) and whose reduction runs over all M
 // tokens. One GEMM: measured on the H200 (benchmarks/compose_ab.py, cuBLAS of torch
 // 2.11, M=8192, r=16, four Llama shapes) cuBLAS's own split of this reduction is
 // faster than splitting the tokens ourselves into a batched GEMM with float32 partials
 // (dB 14-68 us vs 27-90 us, dA 30-68 us vs 33-82 us).
-at::Tensor reduce_over_tokens(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.t(), b); }
+at::Tensor reduce_over_tokens(const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  return scaled_mm(a.t(), b, alpha);
+}
 
 }  // namespace
 
@@ -135,9 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   at::Tensor grad_x = empty_grad(x), grad_weight = empty_grad(x), grad_bias = empty_grad(x);
   at::Tensor grad_A = empty_grad(lora_A), grad_B = empty_grad(lora_B);
 
-  if (need_B) grad_B = reduce_over_tokens(g_lora, xa).mul_(scale);  // (N, r)
+  if (need_B) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
   if (need_A || need_x) {
-    const at::Tensor grad_xa = at::mm(g_lora, lora_B).mul_(scale);  // (M, r)
+    const at::Tensor grad_xa = scaled_mm(g_lora, lora_B, scale);  // (M, r)
     const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
     // 'pre' with both dA and dx wanted needs the mask twice. On CPU the Philox mask costs
     // ~5 ns/element against ~1 for a pass over memory, so it is generated once, as a
