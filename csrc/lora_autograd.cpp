@@ -130,6 +130,15 @@ std::tuple<at::Tensor, at::Tensor> linear_autograd(const at::Tensor& x, const Op
                                                    const at::Tensor& lora_B, double scale, double dropout_p,
                                                    c10::string_view dropout_position, const OptTensor& seed,
                                                    c10::string_view backend) {
+  const auto requires_grad = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || requires_grad(weight) || requires_grad(bias) || lora_A.requires_grad() ||
+        lora_B.requires_grad())) {
+    // Nothing to record (inference, decode): straight to the device kernel, without
+    // building an autograd node — this is most of the host time of a small decode call.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return linear_op().call(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend);
+  }
   auto outputs = LinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p,
                                        std::string(dropout_position), seed, std::string(backend));
   return {outputs[0], outputs[1]};
