@@ -36,6 +36,16 @@ void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_f
   triton_backward_fn = new pybind11::object(std::move(backward_fn));
 }
 
+pybind11::object* triton_masked_down_fn = nullptr;
+pybind11::object* triton_masked_grad_y_fn = nullptr;
+pybind11::object* triton_masked_up_fn = nullptr;
+
+void set_triton_masked_pieces(pybind11::object down_fn, pybind11::object grad_y_fn, pybind11::object up_fn) {
+  triton_masked_down_fn = new pybind11::object(std::move(down_fn));
+  triton_masked_grad_y_fn = new pybind11::object(std::move(grad_y_fn));
+  triton_masked_up_fn = new pybind11::object(std::move(up_fn));
+}
+
 bool built_with_cuda() {
 #ifdef LORA_WITH_CUDA
   return true;
@@ -71,6 +81,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
   return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
 }
 
+bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }
+
+at::Tensor triton_masked_down(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& seed, double p) {
+  pybind11::gil_scoped_acquire gil;
+  return (*triton_masked_down_fn)(x2, lora_A, seed, p).cast<at::Tensor>();
+}
+
+std::tuple<at::Tensor, at::Tensor> triton_masked_grad_y(const at::Tensor& g2, const at::Tensor& lora_B,
+                                                        const at::Tensor& xa, double scale, const at::Tensor& seed,
+                                                        double p, bool need_grad_xa, bool need_grad_B) {
+  pybind11::gil_scoped_acquire gil;
+  return (*triton_masked_grad_y_fn)(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B)
+      .cast<std::tuple<at::Tensor, at::Tensor>>();
+}
+
+std::tuple<at::Tensor, at::Tensor> triton_masked_up(const at::Tensor& grad_xa, const at::Tensor& lora_A,
+                                                    const at::Tensor& x2, const at::Tensor& seed, double p,
+                                                    bool need_x, bool need_A) {
+  pybind11::gil_scoped_acquire gil;
+  return (*triton_masked_up_fn)(grad_xa, lora_A, x2, seed, p, need_x, need_A)
+      .cast<std::tuple<at::Tensor, at::Tensor>>();
+}
+
 }  // namespace lora
 
 // The Python module exposes the native (ATen + CUDA kernels) implementation, which
@@ -80,6 +113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
   module.def("set_triton_kernels", &set_triton_kernels,
              "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");
+  module.def("set_triton_masked_pieces", &set_triton_masked_pieces,
+             "Registers the Triton masked thin products the native CUDA path uses for its dropout steps");
   module.def(
       "linear_forward_native",
       [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

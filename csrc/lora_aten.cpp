@@ -1,6 +1,7 @@
 #include "lora_aten.h"
 
 #include "checks.h"
+#include "triton_bridge.h"
 
 namespace lora {
 
@@ -28,6 +29,18 @@ at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
 }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// Dropout steps on CUDA go to the Triton masked thin products (triton_bridge.h) when they
+// are registered and take these inputs (their tl.dot has no float64; rank <= 256, the
+// Triton MAX_KERNEL_RANK): the mask is then applied on load and no dropped M x K copy of
+// x ('pre') or M x N copy of dY ('post') is written. Measured on the H200 at M=8192, r=16
+// (compose_ab.py, 2026-11-28): the copy + Philox pass + cuBLAS route costs more than the
+// Triton pass at every shape but k/v 'post' backward (84 vs ~68 us), and the copies were
+// the +17...225 MiB of extra peak memory the native path had with dropout.
+bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
+  return x.is_cuda() && triton_masked_pieces_registered() && x.scalar_type() != at::kDouble &&
+         lora_A.scalar_type() != at::kDouble && lora_A.size(0) <= 256;
+}
 
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
 // ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
@@ -63,14 +76,19 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   const double keep_scale = 1.0 / (1.0 - dropout_p);
 
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
-  // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
-  // The copy is a temporary of this call, never saved.
-  at::Tensor x_lora = x2.to(lora_dtype);
-  if (dropout && s.position == DropoutPosition::kPre) {
-    x_lora = owned_copy(x2, lora_dtype);
-    dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+  at::Tensor xa;  // (M, r)
+  if (dropout && s.position == DropoutPosition::kPre && use_masked_pieces(x, lora_A)) {
+    xa = triton_masked_down(x2, lora_A, *seed, dropout_p);
+  } else {
+    // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
+    // The copy is a temporary of this call, never saved.
+    at::Tensor x_lora = x2.to(lora_dtype);
+    if (dropout && s.position == DropoutPosition::kPre) {
+      x_lora = owned_copy(x2, lora_dtype);
+      dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+    }
+    xa = at::mm(x_lora, lora_A.t());
   }
-  at::Tensor xa = at::mm(x_lora, lora_A.t());  // (M, r)
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(s.N);
@@ -136,21 +154,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const at::Tensor g = as_matrix(grad_y, s.M, s.N);
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
-  // Gradient reaching the LoRA term, in the adapters' dtype; for 'post' it passes
-  // through the regenerated mask (a temporary, never saved).
-  at::Tensor g_lora = g.to(lora_dtype);
-  if (dropout && s.position == DropoutPosition::kPost) {
-    g_lora = owned_copy(g, lora_dtype);
-    dropout_scale_(g_lora, *seed, dropout_p, keep_scale);
-  }
-
   at::Tensor grad_x = empty_grad(x), grad_weight = empty_grad(x), grad_bias = empty_grad(x);
   at::Tensor grad_A = empty_grad(lora_A), grad_B = empty_grad(lora_B);
+  const bool post_dropout = dropout && s.position == DropoutPosition::kPost;
+  const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
+  const bool masked_pieces = dropout && use_masked_pieces(x, lora_A);
 
-  if (need_B) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
-  if (need_A || need_x) {
-    const at::Tensor grad_xa = scaled_mm(g_lora, lora_B, scale);  // (M, r)
-    const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
+  at::Tensor grad_xa;  // (M, r): s drop_post(g) B
+  if (post_dropout && masked_pieces) {
+    at::Tensor masked_grad_B;
+    std::tie(grad_xa, masked_grad_B) =
+        triton_masked_grad_y(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B);
+    if (need_B) grad_B = masked_grad_B;
+  } else {
+    // Gradient reaching the LoRA term, in the adapters' dtype; for 'post' it passes
+    // through the regenerated mask (a temporary, never saved).
+    at::Tensor g_lora = g.to(lora_dtype);
+    if (post_dropout) {
+      g_lora = owned_copy(g, lora_dtype);
+      dropout_scale_(g_lora, *seed, dropout_p, keep_scale);
+    }
+    if (need_B) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
+    if (need_A || need_x) grad_xa = scaled_mm(g_lora, lora_B, scale);
+  }
+  if ((need_A || need_x) && pre_dropout && masked_pieces) {
+    // One Triton pass over x: dA and the dropped LoRA part of dx, then cuBLAS adds dY W (beta=1).
+    at::Tensor masked_grad_x, masked_grad_A;
+    std::tie(masked_grad_x, masked_grad_A) =
+        triton_masked_up(grad_xa, lora_A, x2, *seed, dropout_p, need_x, need_A);
+    if (need_A) grad_A = masked_grad_A;
+    if (need_x) {
+      if (weight.has_value()) masked_grad_x.addmm_(g, *weight);
+      grad_x = masked_grad_x.view(x.sizes());
+    }
+  } else if (need_A || need_x) {
     // 'pre' with both dA and dx wanted needs the mask twice. On CPU the Philox mask costs
     // ~5 ns/element against ~1 for a pass over memory, so it is generated once, as a
     // (M, K) tensor of kept_scale / 0 (a temporary of this call); on CUDA generating it

@@ -22,4 +22,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask);
 
+// The native path's dropout steps on Triton (triton_lora.masked_*): thin products whose
+// large operand is dropped out by a mask regenerated on load, so the native path writes
+// no dropped copy of x or dY. Registered with lora_ext._C.set_triton_masked_pieces.
+bool triton_masked_pieces_registered();
+// xa = drop_pre(x2) A^T.
+at::Tensor triton_masked_down(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& seed, double p);
+// (s drop_post(g2) B, s drop_post(g2)^T xa); empty tensors where not needed.
+std::tuple<at::Tensor, at::Tensor> triton_masked_grad_y(const at::Tensor& g2, const at::Tensor& lora_B,
+                                                        const at::Tensor& xa, double scale, const at::Tensor& seed,
+                                                        double p, bool need_grad_xa, bool need_grad_B);
+// (drop_pre(grad_xa A) in x2's dtype, grad_xa^T drop_pre(x2)); empty tensors where not needed.
+std::tuple<at::Tensor, at::Tensor> triton_masked_up(const at::Tensor& grad_xa, const at::Tensor& lora_A,
+                                                    const at::Tensor& x2, const at::Tensor& seed, double p,
+                                                    bool need_x, bool need_A);
+
 }  // namespace lora

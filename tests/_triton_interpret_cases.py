@@ -297,3 +297,41 @@ def test_bad_arguments_raise_the_ops_errors():
     with pytest.raises(RuntimeError, match="xa must have shape"):
         triton_lora.linear_backward(torch.ones_like(y), inputs["x"], inputs["weight"], inputs["lora_A"],
                                     inputs["lora_B"], xa[:, :2], SCALE, 0.0, "post", None, [True] * 5)
+
+
+# The masked thin products the native CUDA path uses for its dropout steps
+# (triton_lora.masked_*; csrc/lora_aten.cpp calls them through the C++ bridge on CUDA).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("M, K, N, r", [(37, 29, 23, 5), (1, 130, 7, 16), (70, 3, 65, 1)])
+def test_masked_pieces_of_the_native_path_match_float64(M, K, N, r, dtype):
+    gen = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    g = torch.randn(M, N, generator=gen).to(dtype)
+    A = (torch.randn(r, K, generator=gen) / math.sqrt(K)).to(dtype)
+    B = (torch.randn(N, r, generator=gen) / math.sqrt(r)).to(dtype)
+    p, scale, seed = 0.3, 0.7, seed_tensor(2024)
+    keep = 1.0 / (1.0 - p)
+    mask_x = dropout_keep_mask(seed, M, K, p).double() * keep
+    mask_g = dropout_keep_mask(seed, M, N, p).double() * keep
+    x64, g64, A64, B64 = (t.double() for t in (x, g, A, B))
+    xa = (x64 @ A64.t()).to(dtype)
+    eps = EPS[dtype]
+
+    def close(actual, expected, what):
+        bound = eps * 4 * max(expected.abs().max().item(), 1.0)
+        err = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+        assert actual.shape == expected.shape and err <= bound, f"{what}: error {err} > {bound}"
+
+    close(triton_lora.masked_down(x, A, seed, p), (x64 * mask_x) @ A64.t(), "xa = drop(x) A^T")
+    grad_xa, grad_B = triton_lora.masked_grad_y(g, B, xa, scale, seed, p, True, True)
+    close(grad_xa, scale * (g64 * mask_g) @ B64, "dxa = s drop(dY) B")
+    close(grad_B, scale * (g64 * mask_g).t() @ xa.double(), "dB = s drop(dY)^T xa")
+    only_B = triton_lora.masked_grad_y(g, B, xa, scale, seed, p, False, True)
+    assert only_B[0].numel() == 0
+    torch.testing.assert_close(only_B[1], grad_B, rtol=0, atol=0)
+    grad_x, grad_A = triton_lora.masked_up(grad_xa, A, x, seed, p, True, True)
+    close(grad_x, (grad_xa.double() @ A64) * mask_x, "dx_lora = drop(dxa A)")
+    close(grad_A, grad_xa.double().t() @ (x64 * mask_x), "dA = dxa^T drop(x)")
+    only_A = triton_lora.masked_up(grad_xa, A, x, seed, p, False, True)
+    assert only_A[0].numel() == 0
+    torch.testing.assert_close(only_A[1], grad_A, rtol=0, atol=0)

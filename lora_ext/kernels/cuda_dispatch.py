@@ -48,9 +48,29 @@ def _triton_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dr
     )
 
 
+def _masked_down(*args):
+    from . import triton_lora
+
+    return triton_lora.masked_down(*args)
+
+
+def _masked_grad_y(*args):
+    from . import triton_lora
+
+    return triton_lora.masked_grad_y(*args)
+
+
+def _masked_up(*args):
+    from . import triton_lora
+
+    return triton_lora.masked_up(*args)
+
+
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
+        # The native path's dropout steps (see triton_lora.masked_down and the two below).
+        _C.set_triton_masked_pieces(_masked_down, _masked_grad_y, _masked_up)
 else:
 
     def _require_triton(backend: str) -> None:

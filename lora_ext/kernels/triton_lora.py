@@ -686,6 +686,43 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
 
 
 # ---------------------------------------------------------------------------
+# Masked thin products for the native CUDA path (csrc/lora_aten.cpp). With dropout, the
+# native path would otherwise write a dropped copy of x (M x K, 'pre') or of dY (M x N,
+# 'post') for cuBLAS to read; these apply the regenerated mask on load instead. The
+# native path keeps its cuBLAS GEMMs for everything else. Called from C++ through
+# lora_ext._C.set_triton_masked_pieces (only for what the kernels take: no float64, rank <=
+# MAX_KERNEL_RANK); unneeded results come back as empty tensors.
+# ---------------------------------------------------------------------------
+
+
+def masked_down(x2, lora_A, seed, p):
+    """xa = drop_pre(x2) A^T, (M, r) in lora_A's dtype: the 'pre' forward without a dropped copy of x."""
+    with _device_guard(x2):
+        xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0, _Dropout.make(True, p, seed))
+    return xa
+
+
+def masked_grad_y(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B):
+    """(s drop_post(g2) B, s drop_post(g2)^T xa): the 'post' backward without a dropped copy of dY."""
+    with _device_guard(g2):
+        grad_xa, grad_B = _grad_y_pass(g2, lora_B, xa, lora_B.dtype, scale, _Dropout.make(True, p, seed),
+                                       need_grad_xa, need_grad_B)
+    return (grad_xa if grad_xa is not None else xa.new_empty(0),
+            grad_B if grad_B is not None else lora_B.new_empty(0))
+
+
+def masked_up(grad_xa, lora_A, x2, seed, p, need_x, need_A):
+    """(drop_pre(grad_xa A) as (M, K) in x2's dtype, grad_xa^T drop_pre(x2) as (r, K)): the 'pre'
+    backward's LoRA part of dx and dA in one pass over x, without a dropped copy of x."""
+    M, K = x2.shape
+    with _device_guard(x2):
+        grad_x2 = torch.empty((M, K), dtype=x2.dtype, device=x2.device) if need_x else None
+        grad_A = _lora_up(grad_xa, lora_A, _Dropout.make(True, p, seed), out=grad_x2, inp=x2 if need_A else None,
+                          inp_grad_dtype=lora_A.dtype)
+    return (grad_x2 if need_x else x2.new_empty(0), grad_A if need_A else lora_A.new_empty(0))
+
+
+# ---------------------------------------------------------------------------
 # float64: the torch composition of csrc/lora_aten.cpp (tl.dot is not used for
 # float64). The dropout mask is materialised here, as a temporary of the call only.
 # ---------------------------------------------------------------------------
