@@ -1,5 +1,8 @@
 #include "lora_aten.h"
 
+#include <cstdlib>
+#include <string>
+
 #include "checks.h"
 #include "triton_bridge.h"
 
@@ -37,8 +40,16 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 // (compose_ab.py, 2026-11-28): the copy + Philox pass + cuBLAS route costs more than the
 // Triton pass at every shape but k/v 'post' backward (84 vs ~68 us), and the copies were
 // the +17...225 MiB of extra peak memory the native path had with dropout.
+// LORA_EXT_DROPOUT_COPY=1 turns this off (the copy route): the Triton pieces are launched from
+// Python, ~100-150 us of host time per call on the H200 host, which made a compiled training
+// step at 4096 tokens/step slower (bench_train.py, NOTES.md #6); the copy route is faster
+// there and costs an activation-sized temporary per layer call.
 bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
-  return x.is_cuda() && triton_masked_pieces_registered() && x.scalar_type() != at::kDouble &&
+  static const bool copy_route = [] {
+    const char* env = std::getenv("LORA_EXT_DROPOUT_COPY");
+    return env != nullptr && std::string(env) == "1";
+  }();
+  return !copy_route && x.is_cuda() && triton_masked_pieces_registered() && x.scalar_type() != at::kDouble &&
          lora_A.scalar_type() != at::kDouble && lora_A.size(0) <= 256;
 }
 
