@@ -55,10 +55,10 @@ OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) :
 
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                               const OptTensor& weight,
-                            const OptTensor& bias, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                            double dropout_p, const std::string& dropout_position, const OptTensor& seed,
-                            const std::string& backend) {
+                                               const OptTensor& weight, const OptTensor& bias,
+                                               const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                                               double dropout_p, const std::string& dropout_position,
+                                               const OptTensor& seed, const std::string& backend) {
     at::Tensor y, xa;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
