@@ -550,7 +550,7 @@ def render_markdown(rows, providers_present) -> str:
                         key=lambda k: (list(SHAPES).index(k[0]) if k[0] in SHAPES else 99, k[2], k[3]))
     if train_keys:
         headers = ["K×N (role)", "M", "r", "dropout", "base ms fwd / fwd+bwd"] + [
-            f"{p} fwd / fwd+bwd" for p in lora_like] + ["lora_ext ÷ best PEFT fwd / fwd+bwd"]
+            f"{p} fwd / fwd+bwd" for p in lora_like] + ["lora_ext (auto, else native) ÷ best PEFT fwd / fwd+bwd"]
         lines = []
         for shape, M, r, p in train_keys:
             fwd, fb = table.get(("fwd", shape, M, r, p), {}), table.get(("fwd+bwd", shape, M, r, p), {})
@@ -563,7 +563,9 @@ def render_markdown(rows, providers_present) -> str:
                              f"{_cell(_ratio(fb, name), wrong=_is_wrong(fb.get(name)))}")
             vs_peft = []
             for rows_m in (fwd, fb):
-                ours = _num(rows_m.get("lora_ext", {}).get("ms"))
+                # 'lora_ext' (backend auto); else native, which auto picks on CUDA (README).
+                ours_name = "lora_ext" if "lora_ext" in rows_m else "lora_ext_native"
+                ours = _num(rows_m.get(ours_name, {}).get("ms"))
                 peers = [_num(rows_m.get(n, {}).get("ms")) for n in ("peft", "peft_compile")]
                 peers = [t for t in peers if t is not None]
                 vs_peft.append(_cell(ours / min(peers)) if ours is not None and peers else "—")
