@@ -326,6 +326,27 @@ def test_xa_output_is_not_differentiable():
     assert y.requires_grad and not xa.requires_grad
 
 
+def test_no_autograd_node_without_grad_mode_or_trainable_inputs():
+    x, weight, bias, lora_A, lora_B = small_inputs()
+    with torch.no_grad():
+        y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5)
+    assert y.grad_fn is None and not y.requires_grad
+    frozen = [t.detach() for t in (x, weight, bias, lora_A, lora_B)]
+    y_frozen = ops.linear(*frozen, 0.5)
+    assert y_frozen.grad_fn is None
+    torch.testing.assert_close(y, y_frozen, rtol=0, atol=0)
+
+
+def test_create_graph_gives_the_same_first_order_gradients():
+    x, weight, bias, lora_A, lora_B = small_inputs()
+    grad_out = torch.randn(4, 7)
+    plain = torch.autograd.grad(ops.linear(x, weight, bias, lora_A, lora_B, 0.5), [x, lora_A, lora_B], grad_out)
+    graphed = torch.autograd.grad(ops.linear(x, weight, bias, lora_A, lora_B, 0.5), [x, lora_A, lora_B], grad_out,
+                                  create_graph=True)
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_tensor_subclass_inputs_go_through_the_same_autograd():
     class Tagged(torch.Tensor):
         pass
