@@ -106,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor> triton_masked_up(const at::Tensor& grad_xa, c
 
 }  // namespace lora
 
-// The Python module exposes the native (ATen + CUDA kernels) implementation, which
-// the CUDA dispatcher in lora_ext/kernels/cuda_dispatch.py calls when it picks it.
+// The Python module: build facts and the registration of the Triton callbacks
+// (lora_ext/kernels/cuda_dispatch.py). The ops themselves are torch.ops.lora.*.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "lora_ext C++/CUDA kernels; the ops are torch.ops.lora.*";
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
@@ -115,23 +115,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");
   module.def("set_triton_masked_pieces", &set_triton_masked_pieces,
              "Registers the Triton masked thin products the native CUDA path uses for its dropout steps");
-  module.def(
-      "linear_forward_native",
-      [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-         const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-         const std::string& dropout_position, const c10::optional<at::Tensor>& seed) {
-        return lora::linear_forward_aten(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position,
-                                         seed, "native");
-      });
-  module.def(
-      "linear_backward_native",
-      [](const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-         const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
-         const std::string& dropout_position, const c10::optional<at::Tensor>& seed,
-         const std::vector<bool>& output_mask) {
-        TORCH_CHECK(output_mask.size() == 5, "lora: output_mask must have 5 entries");
-        std::array<bool, 5> mask{output_mask[0], output_mask[1], output_mask[2], output_mask[3], output_mask[4]};
-        return lora::linear_backward_aten(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p,
-                                          dropout_position, seed, mask, "native");
-      });
 }
