@@ -10,7 +10,6 @@
 // Triton only); autograd in lora_autograd.cpp; fake kernels in lora_ext/ops.py.
 #include <torch/extension.h>
 
-#include "lora_aten.h"
 #include "triton_bridge.h"
 
 TORCH_LIBRARY(lora, m) {
