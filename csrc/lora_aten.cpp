@@ -85,16 +85,18 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   const auto lora_dtype = lora_A.scalar_type();
   const bool dropout = dropout_p > 0.0;
   const double keep_scale = 1.0 / (1.0 - dropout_p);
+  const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
+  const bool post_dropout = dropout && s.position == DropoutPosition::kPost;
 
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
   at::Tensor xa;  // (M, r)
-  if (dropout && s.position == DropoutPosition::kPre && use_masked_pieces(x, lora_A)) {
+  if (pre_dropout && use_masked_pieces(x, lora_A)) {
     xa = triton_masked_down(x2, lora_A, *seed, dropout_p);
   } else {
     // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
     // The copy is a temporary of this call, never saved.
     at::Tensor x_lora = x2.to(lora_dtype);
-    if (dropout && s.position == DropoutPosition::kPre) {
+    if (pre_dropout) {
       x_lora = owned_copy(x2, lora_dtype);
       dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
     }
@@ -107,7 +109,6 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   at::Tensor y;
   // scale == 0 also takes the separate path: addmm with alpha=0 skips the product, so a
   // NaN/Inf in the adapters would not reach y, while 0 * NaN is NaN (reference, Triton).
-  const bool post_dropout = dropout && s.position == DropoutPosition::kPost;
   const bool lora_term_separate = lora_dtype != x.scalar_type() || scale == 0.0;
   if (post_dropout && !lora_term_separate && weight.has_value()) {
     // y starts as the dropped LoRA term (written once, masked in place), then the base
@@ -120,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     // (M, N) LoRA term in the adapters' dtype: dropout and/or a dtype cast act on
     // it before it joins the base output.
     at::Tensor lora_out = at::mm(xa, lora_B.t());
-    if (dropout && s.position == DropoutPosition::kPost) {
+    if (post_dropout) {
       dropout_scale_(lora_out, *seed, dropout_p, scale * keep_scale);
     } else {
       lora_out.mul_(scale);

@@ -48,29 +48,25 @@ def _triton_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dr
     )
 
 
-def _masked_down(*args):
-    from . import triton_lora
+def _triton_lora_function(name: str):
+    """triton_lora.<name>, imported on its first call (`import lora_ext` must not need triton)."""
 
-    return triton_lora.masked_down(*args)
+    def call(*args):
+        from . import triton_lora
 
+        return getattr(triton_lora, name)(*args)
 
-def _masked_grad_y(*args):
-    from . import triton_lora
-
-    return triton_lora.masked_grad_y(*args)
-
-
-def _masked_up(*args):
-    from . import triton_lora
-
-    return triton_lora.masked_up(*args)
+    call.__name__ = name
+    return call
 
 
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
-        # The native path's dropout steps (see triton_lora.masked_down and the two below).
-        _C.set_triton_masked_pieces(_masked_down, _masked_grad_y, _masked_up)
+        # The native path's dropout steps (triton_lora.masked_*).
+        _C.set_triton_masked_pieces(
+            *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up"))
+        )
 else:
 
     def _require_triton(backend: str) -> None:
