@@ -1,11 +1,15 @@
 // Counter-based dropout mask shared by every backend.
 //
-// An element at linear (row-major) index `i` of the M x C tensor being dropped
-// is kept iff  (philox(counter = {lo(i), hi(i), 0, 0}, key = {lo(seed), hi(seed)})[0] >> 1)
-//              >= threshold,   threshold = floor(p * 2^31).
-// The Triton kernels (lora_ext/kernels/philox.py), the CUDA kernels and the
-// plain-numpy reference (lora_ext/reference.py) implement the same function, so
-// a mask never has to be stored: every backend regenerates it from (seed, i).
+// An element at linear (row-major) index `i` of the M x C tensor being dropped is kept iff
+//   (philox(counter = {lo(i / 4), hi(i / 4), 0, 0}, key = {lo(seed), hi(seed)})[i % 4] >> 1)
+//       >= threshold,   threshold = floor(p * 2^31).
+// One Philox-4x32-10 evaluation gives the mask of four consecutive elements (all four of its
+// output words are used): the mask costs a quarter of the 32-bit multiplies it cost when each
+// element took the first word of its own evaluation, and a mask kernel was bound on those
+// multiplies (H200: 34 us for the 8 M elements of a k/v LoRA term, benchmarks/NOTES.md).
+// The Triton kernels (lora_ext/kernels/philox.py), the CUDA kernels and the plain-numpy
+// reference (lora_ext/reference.py) implement the same function, so a mask never has to be
+// stored: every backend regenerates it from (seed, i).
 #pragma once
 #include <cstdint>
 
@@ -26,10 +30,10 @@ LORA_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// Philox-4x32 with 10 rounds; returns the first output word (the one Triton's
-// tl.randint returns for the same counter and key).
-LORA_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t index) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
+// Philox-4x32 with 10 rounds of counter {lo(counter), hi(counter), 0, 0}: all four output
+// words, in Random123's order (counter 0, key 0 gives 0x6627e8d5 first).
+LORA_HOST_DEVICE void philox4(uint64_t seed, uint64_t counter, uint32_t words[4]) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDACC__)
@@ -46,7 +50,10 @@ LORA_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t index) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  words[0] = c0;
+  words[1] = c1;
+  words[2] = c2;
+  words[3] = c3;
 }
 
 // floor(p * 2^31): an element is dropped with probability threshold / 2^31.
@@ -54,8 +61,13 @@ inline uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(p * 2147483648.0);
 }
 
+LORA_HOST_DEVICE bool keep_word(uint32_t word, uint32_t threshold) { return (word >> 1) >= threshold; }
+
+// The mask of one element (see the top of this file).
 LORA_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold) {
-  return (philox_first_word(seed, index) >> 1) >= threshold;
+  uint32_t words[4];
+  philox4(seed, index >> 2, words);
+  return keep_word(words[index & 3], threshold);
 }
 
 }  // namespace lora

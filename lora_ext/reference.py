@@ -19,16 +19,16 @@ _PHILOX_ROUND_A = np.uint64(0xD2511F53)
 _PHILOX_ROUND_B = np.uint64(0xCD9E8D57)
 
 
-def philox_first_word(seed: int, index: np.ndarray) -> np.ndarray:
-    """Philox-4x32-10 of counter (lo(index), hi(index), 0, 0) and key (lo(seed), hi(seed)).
+def philox4(seed: int, counter: np.ndarray) -> tuple:
+    """Philox-4x32-10 of counter (lo(counter), hi(counter), 0, 0) and key (lo(seed), hi(seed)).
 
-    Returns the first output word as uint64 values in [0, 2**32). All arithmetic is
+    Returns the four output words, each as uint64 values in [0, 2**32). All arithmetic is
     on uint64 holding 32-bit values, so products are exact.
     """
-    index = np.asarray(index, dtype=np.uint64)
+    counter = np.asarray(counter, dtype=np.uint64)
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    c0 = index & _MASK32
-    c1 = index >> np.uint64(32)
+    c0 = counter & _MASK32
+    c1 = counter >> np.uint64(32)
     c2 = np.zeros_like(c0)
     c3 = np.zeros_like(c0)
     k0 = np.uint64(seed & 0xFFFFFFFF)
@@ -44,7 +44,14 @@ def philox_first_word(seed: int, index: np.ndarray) -> np.ndarray:
         )
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_mask_word(seed: int, index: np.ndarray) -> np.ndarray:
+    """The 32-bit random word of element `index`: word index % 4 of philox4(seed, index // 4)."""
+    index = np.asarray(index, dtype=np.uint64)
+    words = np.stack(philox4(seed, index >> np.uint64(2)))
+    return np.take_along_axis(words, (index & np.uint64(3)).astype(np.int64)[None], axis=0)[0]
 
 
 def dropout_threshold(p: float) -> int:
@@ -55,7 +62,7 @@ def dropout_threshold(p: float) -> int:
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float) -> torch.Tensor:
     """Boolean (rows, cols) mask of kept elements, element (i, j) at linear index i*cols + j."""
     index = np.arange(rows * cols, dtype=np.uint64)
-    bits31 = philox_first_word(seed, index) >> np.uint64(1)
+    bits31 = philox_mask_word(seed, index) >> np.uint64(1)
     keep = bits31 >= np.uint64(dropout_threshold(p))
     return torch.from_numpy(keep.reshape(rows, cols))
 

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import lora_ext  # noqa: E402,F401  (registers torch.ops.lora.*)
 from lora_ext.kernels import philox, triton_lora  # noqa: E402
-from lora_ext.reference import dropout_keep_mask, lora_linear_reference, philox_first_word  # noqa: E402
+from lora_ext.reference import dropout_keep_mask, lora_linear_reference, philox_mask_word  # noqa: E402
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
 # Slack added to the bound, relative to max |reference|, by the least precise dtype involved.
@@ -134,7 +134,7 @@ def test_keep_mask_high_counter_word(first_index):
     seed_value = 987654321987
     mask = philox.keep_mask_range(seed_tensor(seed_value), first_index, 80, 0.5)
     index = np.arange(first_index, first_index + 80, dtype=np.uint64)
-    expected = (philox_first_word(seed_value, index) >> np.uint64(1)) >= np.uint64(philox.dropout_threshold(0.5))
+    expected = (philox_mask_word(seed_value, index) >> np.uint64(1)) >= np.uint64(philox.dropout_threshold(0.5))
     assert np.array_equal(mask.numpy(), expected)
 
 

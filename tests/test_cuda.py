@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext.reference import dropout_keep_mask, dropout_threshold, lora_linear_reference, philox_first_word
+from lora_ext.reference import dropout_keep_mask, dropout_threshold, lora_linear_reference, philox_mask_word
 
 pytestmark = [
     pytest.mark.cuda,
@@ -350,7 +350,7 @@ def test_triton_and_native_agree(p, position, dtype, lora_dtype):
 def _rows_keep_mask(seed_value, rows, cols, p):
     """Keep-mask of the given global rows of an (M, cols) tensor (numpy Philox)."""
     index = rows.astype(np.uint64)[:, None] * np.uint64(cols) + np.arange(cols, dtype=np.uint64)[None, :]
-    bits = philox_first_word(seed_value, index) >> np.uint64(1)
+    bits = philox_mask_word(seed_value, index) >> np.uint64(1)
     return torch.from_numpy(bits >= np.uint64(dropout_threshold(p)))
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from typing import Iterator, Optional
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -565,6 +566,27 @@ def test_post_dropout_mask_is_reference_mask_and_keeps_one_minus_p(p, all_thread
     assert torch.equal(kept, dropout_keep_mask(int(seed), M, N, p))
     torch.testing.assert_close(y[kept], clean[kept] / (1 - p), rtol=1e-6, atol=1e-6)
     _assert_kept_fraction(kept, p)
+
+
+def test_philox_matches_the_random123_known_answer():
+    # Philox-4x32-10, counter 0, key 0 (Random123's kat_vectors): all four words.
+    from lora_ext.reference import philox4
+
+    words = [int(w[0]) for w in philox4(0, np.zeros(1, dtype=np.uint64))]
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("M, N", [(211, 191), (1, 7), (3, 1)])
+def test_mask_groups_of_four_across_thread_and_block_boundaries(M, N, all_threads):
+    # Odd sizes: the CPU loop's thread chunks and 512-element blocks start inside a group of
+    # four elements that shares one Philox evaluation (csrc/lora_cpu.cpp), and the last group
+    # is partial.
+    x, _, _, lora_A, lora_B = small_inputs(M=M, K=4, N=N, r=2, requires_grad=False)
+    seed = torch.tensor([12345], dtype=torch.int64)
+    y = ops.linear(x, None, None, lora_A, lora_B, 1.0, 0.5, "post", seed)
+    clean = ops.linear(x, None, None, lora_A, lora_B, 1.0)
+    expected = dropout_keep_mask(int(seed), M, N, 0.5)
+    torch.testing.assert_close(y, torch.where(expected, clean * 2.0, torch.zeros_like(clean)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

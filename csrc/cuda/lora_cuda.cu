@@ -26,13 +26,25 @@ __global__ void dropout_scale_kernel(scalar_t* __restrict__ data, int64_t n, con
   // The seed is read on the device, so the launch needs no host sync and is
   // safe to capture in a CUDA graph.
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    // Multiplying by 0 (rather than writing 0) lets a dropped NaN/Inf stay NaN, as in
-    // torch.nn.functional.dropout and lora_ext.reference (and the CPU kernel).
-    const bool keep = dropout_keep(seed, static_cast<uint64_t>(i), threshold);
-    using acc_t = at::opmath_type<scalar_t>;
-    data[i] = static_cast<scalar_t>(static_cast<acc_t>(data[i]) * (keep ? static_cast<acc_t>(kept_scale) : acc_t(0)));
+  // One thread per group of four consecutive elements: one Philox evaluation gives all
+  // four masks (philox.h).
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    uint32_t words[4];
+    philox4(seed, static_cast<uint64_t>(g), words);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = 4 * g + k;
+      if (i < n) {
+        // Multiplying by 0 (rather than writing 0) lets a dropped NaN/Inf stay NaN, as in
+        // torch.nn.functional.dropout and lora_ext.reference (and the CPU kernel).
+        const bool keep = keep_word(words[k], threshold);
+        data[i] = static_cast<scalar_t>(static_cast<acc_t>(data[i]) *
+                                        (keep ? static_cast<acc_t>(kept_scale) : acc_t(0)));
+      }
+    }
   }
 }
 
@@ -44,7 +56,8 @@ void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double
   const c10::cuda::CUDAGuard guard(t.device());
   const int threads = 256;
   const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, max_blocks));
+  const int64_t groups = (n + 3) / 4;
+  const int blocks = static_cast<int>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lora_dropout_scale_cuda", [&] {
     dropout_scale_kernel<scalar_t><<<blocks, threads, 0, stream>>>(t.data_ptr<scalar_t>(), n,

@@ -2,13 +2,14 @@
 
 Element `index` (the row-major linear index into the M x C tensor being dropped) is kept iff
 
-    (philox_first_word(seed, index) >> 1) >= floor(p * 2**31)
+    (philox4(seed, index // 4)[index % 4] >> 1) >= floor(p * 2**31)
 
-where philox_first_word is the first output word of Philox-4x32-10 with counter
-(lo32(index), hi32(index), 0, 0) and key (lo32(seed), hi32(seed)). This is csrc/philox.h,
-bit for bit. It is written out here instead of calling tl.randint because how
-tl.randint splits an int64 offset into the counter has changed between triton
-versions; the mask must not depend on the installed triton.
+where philox4 gives the four output words of Philox-4x32-10 with counter
+(lo32(c), hi32(c), 0, 0) and key (lo32(seed), hi32(seed)): four consecutive elements share one
+evaluation. This is csrc/philox.h, bit for bit. It is written out here instead of calling
+tl.randint4x because how tl.randint splits an int64 offset into the counter has changed
+between triton versions; the mask must not depend on the installed triton. (Within a
+tile every element still evaluates its group's Philox; the saving is in the C++ kernels.)
 
 `dropout_keep_mask` materialises the mask with a small kernel: the float64 fallback of
 triton_lora.py uses it (a temporary, never saved), and the tests compare it with
@@ -42,8 +43,8 @@ def load_seed_words(seed_ptr):
 
 
 @triton.jit
-def philox_first_word(key_lo, key_hi, counter_lo, counter_hi):
-    """First output word of Philox-4x32-10 for counter (counter_lo, counter_hi, 0, 0).
+def philox4(key_lo, key_hi, counter_lo, counter_hi):
+    """The four output words of Philox-4x32-10 for counter (counter_lo, counter_hi, 0, 0).
 
     All arguments are uint32 (the counters a block, the key scalars). Each 32 x 32-bit
     product is formed once as a uint64 (hi and lo word from one wide multiply, which the
@@ -66,14 +67,17 @@ def philox_first_word(key_lo, key_hi, counter_lo, counter_hi):
         c3 = product_a.to(tl.uint32)
         k0 = (k0.to(tl.uint64) + PHILOX_KEY_A).to(tl.uint32)
         k1 = (k1.to(tl.uint64) + PHILOX_KEY_B).to(tl.uint32)
-    return c0
+    return c0, c1, c2, c3
 
 
 @triton.jit
 def dropout_keep(key_lo, key_hi, index, threshold):
     """True where the element at int64 linear `index` survives dropout with the given
     threshold (floor(p * 2**31), an int32 scalar)."""
-    word = philox_first_word(key_lo, key_hi, index.to(tl.uint32), (index >> 32).to(tl.uint32))
+    group = index >> 2
+    c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
+    lane = index & 3
+    word = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
     # word >> 1 < 2**31, so comparing as int32 is exact.
     return (word >> 1).to(tl.int32) >= threshold
 
