@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
-# Usage: bash scripts/h200_run.sh [tests|bench|probe|all] [bench args]; results go to $OUT (or ./out).
+# Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
+#   MODES: comma-separated from tests, bench, probe, pieces; or all (tests,bench).
 #   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
+#   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 what=${1:-all}
+[[ $what == all ]] && what=tests,bench
+has() { [[ ,$what, == *,$1,* ]]; }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -30,7 +34,7 @@ echo "build: $(( $(date +%s) - t0 )) s"; grep -E "lora_ext: building" "$OUT/buil
 python3 -c "import lora_ext; print('native CUDA kernels built:', lora_ext._C.has_cuda())"
 
 status=0
-if [[ $what == tests || $what == all ]]; then
+if has tests; then
   t0=$(date +%s)
   # pytest-xdist (on the H200 image) spreads the suite over 8 workers on the one GPU: ~2 min instead of 7.
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
@@ -38,13 +42,16 @@ if [[ $what == tests || $what == all ]]; then
   status=${PIPESTATUS[0]}
   echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
 fi
-if [[ $what == probe ]]; then
+if has probe; then
   { python3 benchmarks/host_overhead.py
     python3 benchmarks/compose_ab.py
     for shape in "4096 1024" "4096 4096"; do python3 scripts/profile_layer.py $shape 16 0.0 native; done
   } 2>&1 | tee "$OUT/probe.log" | tail -150
 fi
-if [[ $what == bench || $what == all ]]; then
+if has pieces; then
+  python3 benchmarks/masked_pieces.py --out "$OUT" --time-budget ${SWEEP_BUDGET:-180} 2>&1 | tee "$OUT/pieces.log" | tail -80
+fi
+if has bench; then
   shift || true
   t0=$(date +%s)
   python3 benchmarks/bench_linear.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_linear.log" | tail -60

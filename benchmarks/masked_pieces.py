@@ -1,0 +1,227 @@
+"""The native path's dropout pieces (Triton masked thin products) on the GPU: where their
+host time goes, what the mask costs, and which tiles run them fastest.
+
+Three parts, each printed as a markdown table and written as CSV rows to --out:
+
+1. host: per-call host time (tiny shapes, so the GPU work is negligible) of each masked
+   piece called from Python, of the op through C++ with and without dropout, and of bare
+   Triton launches (1 and 30 arguments) as the floor of any Triton launch on this host.
+2. floor: at M=8192, r=16 (bf16), GPU time of the mask alone (keep_mask_range over the
+   dropped tensor), of one copy pass over it, and of the same thin products on cuBLAS
+   without a mask: what a masked piece cannot beat.
+3. sweep: each piece at the four Llama shapes, over tile shape, warps, stages and
+   programs per SM; the best configuration per piece next to the current default.
+
+    python benchmarks/masked_pieces.py --out OUT [--parts host floor sweep] [--time-budget S]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import time
+
+import torch
+
+import bench_common as common
+
+common.ensure_repo_on_path()
+import lora_ext  # noqa: E402,F401
+from lora_ext.kernels import philox, triton_lora  # noqa: E402
+
+SHAPES = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
+P = 0.1
+
+
+def host_us(fn, calls=1000) -> float:
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def gpu_us(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3
+
+
+def make_inputs(M, K, N, r, dtype=torch.bfloat16):
+    dev = "cuda"
+    x2 = torch.randn(M, K, device=dev, dtype=dtype)
+    g2 = torch.randn(M, N, device=dev, dtype=dtype)
+    A = torch.randn(r, K, device=dev, dtype=dtype) / K**0.5
+    B = torch.randn(N, r, device=dev, dtype=dtype) / r**0.5
+    xa = torch.randn(M, r, device=dev, dtype=dtype)
+    seed = torch.tensor([1234567], dtype=torch.int64, device=dev)
+    return x2, g2, A, B, xa, seed
+
+
+def pieces(x2, g2, A, B, xa, seed):
+    """name -> (callable, large operand) of the three masked pieces."""
+    return {
+        "post_bwd masked_grad_y": (lambda: triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True, True), g2),
+        "pre_fwd masked_down": (lambda: triton_lora.masked_down(x2, A, seed, P), x2),
+        "pre_bwd masked_up": (lambda: triton_lora.masked_up(xa, A, x2, seed, P, True, True), x2),
+    }
+
+
+def part_host(rows):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def one_arg(p):
+        pass
+
+    @triton.jit
+    def thirty_args(p0, p1, p2, p3, p4, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16,
+                    a17, a18, a19, a20, a21, f0, f1, f2, BLOCK: tl.constexpr):
+        pass
+
+    t = torch.empty(16, device="cuda")
+    ints = [3 + i for i in range(22)]
+    results = {
+        "triton launch, 1 arg": host_us(lambda: one_arg[(1,)](t)),
+        "triton launch, 30 args": host_us(lambda: thirty_args[(1,)](t, t, t, t, t, *ints, 0.5, 0.5, 0.5, BLOCK=16)),
+        "torch.empty (M, r)": host_us(lambda: torch.empty(16, 16, device="cuda")),
+    }
+    M, K, N, r = 16, 128, 128, 16
+    x2, g2, A, B, xa, seed = make_inputs(M, K, N, r)
+    for name, (fn, _) in pieces(x2, g2, A, B, xa, seed).items():
+        results[f"python {name}"] = host_us(fn)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    x = x2.clone().requires_grad_(True)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    for p, pos in ((0.0, "post"), (P, "post"), (P, "pre")):
+        def fwd(p=p, pos=pos):
+            return torch.ops.lora.linear.default(x, W, None, Ag, Bg, 2.0, p, pos, seed, "native")[0]
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            results[f"op fwd no_grad p={p} {pos}"] = host_us(fwd)
+        results[f"op fwd+bwd p={p} {pos}"] = host_us(lambda fwd=fwd: torch.autograd.grad(fwd(), [x, Ag, Bg], g))
+    for name, us in results.items():
+        rows.append(dict(part="host", name=name, us=round(us, 1)))
+    print(common.markdown_table(["host time per call", "µs"], [(n, f"{u:.1f}") for n, u in results.items()]))
+    # Where the Python piece spends it.
+    import cProfile
+    import pstats
+
+    fn = pieces(x2, g2, A, B, xa, seed)["post_bwd masked_grad_y"][0]
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        fn()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def part_floor(rows, r=16):
+    out = []
+    for shape, (K, N) in SHAPES.items():
+        M = 8192
+        x2, g2, A, B, xa, seed = make_inputs(M, K, N, r)
+        for tensor_name, t in (("x (pre)", x2), ("dY (post)", g2)):
+            rows_, cols = t.shape
+            mask_us = gpu_us(lambda: philox.keep_mask_range(seed, 0, rows_ * cols, P))
+            copy_us = gpu_us(lambda: t.clone())
+            res = dict(part="floor", shape=shape, name=f"mask of {tensor_name}", us=round(mask_us, 1),
+                       copy_us=round(copy_us, 1), elements=t.numel())
+            rows.append(res)
+            out.append((shape, tensor_name, f"{t.numel() / 1e6:.0f} M", f"{mask_us:.1f}",
+                        f"{mask_us * 1e3 / t.numel():.2f}", f"{copy_us:.1f}"))
+        cublas = {
+            "post_bwd (g B, g^T xa)": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
+            "pre_fwd (x A^T)": gpu_us(lambda: x2 @ A.t()),
+            "pre_bwd (xa A, xa^T x)": gpu_us(lambda: (xa @ A, xa.t() @ x2)),
+        }
+        for name, us in cublas.items():
+            rows.append(dict(part="floor", shape=shape, name=f"cuBLAS {name}", us=round(us, 1)))
+            out.append((shape, f"cuBLAS {name}, no mask", "", f"{us:.1f}", "", ""))
+    print(common.markdown_table(["shape", "what", "elements", "µs", "ns/element", "copy pass µs"], out))
+
+
+def part_sweep(rows, budget_s, r=16):
+    default_tile = triton_lora._tile
+    default_sms = triton_lora._num_sms
+    configs = list(itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (4, 8), (3,), (1,)))
+    configs += list(itertools.product((32, 64), (64, 128), (4, 8), (2, 4), (1, 2, 4)))
+    data = {shape: make_inputs(8192, K, N, r) for shape, (K, N) in SHAPES.items()}
+    t_start = time.time()
+    summary = []
+
+    def run(config):
+        if config is not None:
+            bm, bc, nw, ns, mult = config
+            triton_lora._tile = lambda tiles, r_pad, dropout, fp32: triton_lora._Blocks(bm, bc, nw, ns)
+            triton_lora._num_sms = lambda device: mult * default_sms(device)
+        else:
+            triton_lora._tile, triton_lora._num_sms = default_tile, default_sms
+        triton_lora._down_plan.cache_clear()
+        triton_lora._up_plan.cache_clear()
+        timings = {}
+        for shape, inputs in data.items():
+            for name, (fn, _) in pieces(*inputs).items():
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    timings[(shape, name)] = gpu_us(fn)
+                except Exception as exc:  # out of resources etc.: skip this config
+                    timings[(shape, name)] = float("inf")
+                    err = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+                    rows.append(dict(part="sweep_error", name=name, config=str(config), error=err))
+        return timings
+
+    default = run(None)
+    best = {key: (us, None) for key, us in default.items()}
+    for config in configs:
+        if time.time() - t_start > budget_s:
+            print(f"sweep: time budget reached after {config}")
+            break
+        for key, us in run(config).items():
+            rows.append(dict(part="sweep", shape=key[0], name=key[1], config=str(config), us=round(us, 1)))
+            if us < best[key][0]:
+                best[key] = (us, config)
+    run(None)
+    for (shape, name), us in default.items():
+        b_us, b_cfg = best[(shape, name)]
+        rows.append(dict(part="sweep_best", shape=shape, name=name, config=str(b_cfg), us=round(b_us, 1),
+                         default_us=round(us, 1)))
+        summary.append((shape, name, f"{us:.1f}", f"{b_us:.1f}", str(b_cfg)))
+    print(common.markdown_table(["shape", "piece", "default µs", "best µs", "best (bm, bc, warps, stages, sms×)"],
+                                summary))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--parts", nargs="+", default=["host", "floor", "sweep"])
+    parser.add_argument("--time-budget", type=float, default=240.0, help="seconds for the sweep")
+    args = parser.parse_args()
+    rows = []
+    print(f"{common.utc_now()} {torch.cuda.get_device_name()} torch {torch.__version__} "
+          f"lora_ext native: {lora_ext._C.has_cuda()}")
+    try:
+        if "host" in args.parts:
+            part_host(rows)
+        if "floor" in args.parts:
+            part_floor(rows)
+        if "sweep" in args.parts:
+            part_sweep(rows, args.time_budget)
+    finally:
+        path = os.path.join(args.out, "masked_pieces.csv")
+        keys = sorted({k for row in rows for k in row})
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
