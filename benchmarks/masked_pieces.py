@@ -23,6 +23,9 @@ import os
 import time
 
 import torch
+import triton
+import triton.language as tl
+import triton.testing
 
 import bench_common as common
 
@@ -46,9 +49,9 @@ def host_us(fn, calls=1000) -> float:
 
 
 def gpu_us(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3
+    """Device time of fn, replayed in a CUDA graph: the pieces' Python launch path (~100 µs)
+    would otherwise be what do_bench measures for the small shapes."""
+    return triton.testing.do_bench_cudagraph(fn, rep=30) * 1e3
 
 
 def make_inputs(M, K, N, r, dtype=torch.bfloat16):
@@ -72,9 +75,6 @@ def pieces(x2, g2, A, B, xa, seed):
 
 
 def part_host(rows):
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def one_arg(p):
         pass
@@ -98,13 +98,17 @@ def part_host(rows):
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     x = x2.clone().requires_grad_(True)
     Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-    for p, pos in ((0.0, "post"), (P, "post"), (P, "pre")):
+    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    for p, pos, replayed in ((0.0, "post", True), (P, "post", True), (P, "pre", True), (P, "post", False),
+                             (P, "pre", False)):
         def fwd(p=p, pos=pos):
             return torch.ops.lora.linear.default(x, W, None, Ag, Bg, 2.0, p, pos, seed, "native")[0]
-        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        lora_ext._C.set_triton_replay(replayed)
+        name = f"p={p} {pos}" + ("" if p == 0 else " C++ replay" if replayed else " Python route")
         with torch.no_grad():
-            results[f"op fwd no_grad p={p} {pos}"] = host_us(fwd)
-        results[f"op fwd+bwd p={p} {pos}"] = host_us(lambda fwd=fwd: torch.autograd.grad(fwd(), [x, Ag, Bg], g))
+            results[f"op fwd no_grad {name}"] = host_us(fwd)
+        results[f"op fwd+bwd {name}"] = host_us(lambda fwd=fwd: torch.autograd.grad(fwd(), [x, Ag, Bg], g))
+    lora_ext._C.set_triton_replay(True)
     for name, us in results.items():
         rows.append(dict(part="host", name=name, us=round(us, 1)))
     print(common.markdown_table(["host time per call", "µs"], [(n, f"{u:.1f}") for n, u in results.items()]))

@@ -10,7 +10,17 @@
 // Triton only); autograd in lora_autograd.cpp; fake kernels in lora_ext/ops.py.
 #include <torch/extension.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
 #include "triton_bridge.h"
+#include "triton_replay.h"
 
 TORCH_LIBRARY(lora, m) {
   m.def(
@@ -38,11 +48,185 @@ void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_f
 pybind11::object* triton_masked_down_fn = nullptr;
 pybind11::object* triton_masked_grad_y_fn = nullptr;
 pybind11::object* triton_masked_up_fn = nullptr;
+pybind11::object* record_masked_piece_fn = nullptr;  // lora_ext.kernels.replay.record
 
-void set_triton_masked_pieces(pybind11::object down_fn, pybind11::object grad_y_fn, pybind11::object up_fn) {
+void set_triton_masked_pieces(pybind11::object down_fn, pybind11::object grad_y_fn, pybind11::object up_fn,
+                              pybind11::object record_fn) {
   triton_masked_down_fn = new pybind11::object(std::move(down_fn));
   triton_masked_grad_y_fn = new pybind11::object(std::move(grad_y_fn));
   triton_masked_up_fn = new pybind11::object(std::move(up_fn));
+  record_masked_piece_fn = new pybind11::object(std::move(record_fn));
+}
+
+// ---------------------------------------------------------------------------
+// Replay of the masked pieces' Triton launches from C++ (triton_replay.h). The first call
+// with a new key runs in Python, recorded; later calls with that key are replayed.
+// ---------------------------------------------------------------------------
+
+// Keys whose recording gave no recipe map to nullptr (they stay on the Python route).
+// Bounded: beyond kMaxRecipes keys (e.g. a new token count every step), new keys run in Python.
+constexpr size_t kMaxRecipes = 4096;
+std::mutex recipes_mutex;
+std::unordered_map<std::string, std::shared_ptr<lora::replay::Recipe>>* recipes =
+    new std::unordered_map<std::string, std::shared_ptr<lora::replay::Recipe>>();
+std::atomic<bool> replay_enabled{[] {
+  const char* env = std::getenv("LORA_EXT_TRITON_REPLAY");
+  return env == nullptr || std::string(env) != "0";
+}()};
+std::atomic<int64_t> replay_count{0};
+
+void set_triton_replay(bool enabled) { replay_enabled = enabled; }
+
+// (recipes recorded, keys left on the Python route, calls replayed)
+std::tuple<int64_t, int64_t, int64_t> triton_replay_stats() {
+  std::lock_guard<std::mutex> lock(recipes_mutex);
+  int64_t recorded = 0;
+  for (const auto& entry : *recipes) recorded += entry.second != nullptr;
+  return {recorded, static_cast<int64_t>(recipes->size()) - recorded, replay_count.load()};
+}
+
+// A piece's argument: a tensor, a float or a flag, in its Python position.
+struct PieceArg {
+  at::Tensor tensor;
+  double real = 0.0;
+  bool flag = false;
+  enum class Kind { kTensor, kReal, kFlag } kind;
+  PieceArg(const at::Tensor& t) : tensor(t), kind(Kind::kTensor) {}  // NOLINT: implicit by design
+  PieceArg(double v) : real(v), kind(Kind::kReal) {}                 // NOLINT
+  PieceArg(bool v) : flag(v), kind(Kind::kFlag) {}                    // NOLINT
+  pybind11::object to_python() const {
+    switch (kind) {
+      case Kind::kTensor: return pybind11::cast(tensor);
+      case Kind::kReal: return pybind11::float_(real);
+      case Kind::kFlag: return pybind11::bool_(flag);
+    }
+    return pybind11::none();
+  }
+};
+
+// Everything that fixes what a piece launches: for each tensor its dtype, device, sizes,
+// strides and whether its address is 16-byte aligned (Triton specialises on that), and
+// the scalars and flags.
+[[maybe_unused]] std::string replay_key(const char* piece, const std::vector<PieceArg>& args) {
+  std::string key(piece);
+  auto add = [&key](int64_t v) { key += ','; key += std::to_string(v); };
+  for (const PieceArg& arg : args) {
+    key += '|';
+    switch (arg.kind) {
+      case PieceArg::Kind::kTensor: {
+        const at::Tensor& t = arg.tensor;
+        add(static_cast<int64_t>(t.scalar_type()));
+        add(t.device().index());
+        for (int64_t size : t.sizes()) add(size);
+        key += ';';
+        for (int64_t stride : t.strides()) add(stride);
+        add(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0);
+        break;
+      }
+      case PieceArg::Kind::kReal: {
+        int64_t bits = 0;
+        std::memcpy(&bits, &arg.real, sizeof bits);
+        add(bits);
+        break;
+      }
+      case PieceArg::Kind::kFlag:
+        add(arg.flag);
+        break;
+    }
+  }
+  return key;
+}
+
+// The recipe of replay.record (lora_ext/kernels/replay.py) in C++ form.
+std::shared_ptr<lora::replay::Recipe> parse_recipe(const pybind11::object& recipe,
+                                                   const std::vector<at::Tensor>& outputs) {
+  using lora::replay::Arg;
+  auto parsed = std::make_shared<lora::replay::Recipe>();
+  for (const at::Tensor& t : outputs) parsed->outputs.push_back({t.sizes().vec(), t.options()});
+  auto parts = recipe.cast<pybind11::tuple>();
+  for (const auto& temp : parts[0].cast<pybind11::list>()) {
+    const auto t = temp.cast<at::Tensor>();
+    parsed->temps.push_back({t.sizes().vec(), t.options()});
+  }
+  for (const auto& item : parts[1].cast<pybind11::list>()) {
+    auto fields = item.cast<pybind11::tuple>();
+    lora::replay::Launch launch;
+    launch.cubin = fields[0].cast<std::string>();
+    launch.name = fields[1].cast<std::string>();
+    launch.num_warps = fields[2].cast<int>();
+    launch.shared_bytes = fields[3].cast<int>();
+    auto grid = fields[4].cast<pybind11::tuple>();
+    for (int d = 0; d < 3; ++d) launch.grid[d] = grid[d].cast<unsigned>();
+    for (const auto& spec : fields[5].cast<pybind11::list>()) {
+      auto kind_value = spec.cast<pybind11::tuple>();
+      const auto kind = kind_value[0].cast<std::string>();
+      Arg arg{Arg::Kind::kInput};
+      if (kind == "fp32") {
+        arg.kind = Arg::Kind::kFloat32;
+        arg.real = kind_value[1].cast<float>();
+      } else {
+        arg.integer = kind_value[1].cast<int64_t>();
+        arg.kind = kind == "input"    ? Arg::Kind::kInput
+                   : kind == "output" ? Arg::Kind::kOutput
+                   : kind == "temp"   ? Arg::Kind::kTemp
+                   : kind == "i32"    ? Arg::Kind::kInt32
+                                      : Arg::Kind::kInt64;
+        TORCH_INTERNAL_ASSERT(kind == "input" || kind == "output" || kind == "temp" || kind == "i32" ||
+                              kind == "i64");
+      }
+      launch.args.push_back(arg);
+    }
+    parsed->launches.push_back(std::move(launch));
+  }
+  return parsed;
+}
+
+// Runs masked piece `fn` on `args`: replayed from its recipe when one exists for the key,
+// else in Python (recorded first when the key is new).
+std::vector<at::Tensor> run_masked_piece(const char* piece, pybind11::object* fn, const std::vector<PieceArg>& args) {
+#ifdef LORA_WITH_CUDA
+  // Only 16-bit adapters: with float32 ones the kernels also depend on torch's TF32 setting.
+  const at::ScalarType lora_dtype = args.at(1).tensor.scalar_type();
+  // And non-empty tensors only: with an empty one a piece may fill an output without a launch (zero_).
+  bool replayable = replay_enabled && (lora_dtype == at::kHalf || lora_dtype == at::kBFloat16);
+  for (const PieceArg& arg : args) replayable = replayable && (!arg.tensor.defined() || arg.tensor.numel() > 0);
+  std::string key;
+  if (replayable) {
+    key = replay_key(piece, args);
+    std::shared_ptr<lora::replay::Recipe> recipe;
+    bool known = false;
+    {
+      std::lock_guard<std::mutex> lock(recipes_mutex);
+      auto found = recipes->find(key);
+      known = found != recipes->end();
+      if (known) recipe = found->second;
+    }
+    if (recipe != nullptr) {
+      std::vector<at::Tensor> inputs;
+      for (const PieceArg& arg : args) inputs.push_back(arg.tensor);
+      ++replay_count;
+      return lora::replay::run(*recipe, inputs);
+    }
+    if (known) key.clear();  // recorded before without a recipe: plain Python call
+  }
+#else
+  const std::string key;
+#endif
+  pybind11::gil_scoped_acquire gil;
+  pybind11::tuple py_args(args.size());
+  for (size_t i = 0; i < args.size(); ++i) py_args[i] = args[i].to_python();
+  if (key.empty()) {
+    pybind11::object result = (*fn)(*py_args);
+    if (pybind11::isinstance<pybind11::tuple>(result)) return result.cast<std::vector<at::Tensor>>();
+    return {result.cast<at::Tensor>()};
+  }
+  auto recorded = (*record_masked_piece_fn)(*fn, py_args).cast<pybind11::tuple>();
+  auto outputs = recorded[0].cast<std::vector<at::Tensor>>();
+  std::shared_ptr<lora::replay::Recipe> recipe;
+  if (!recorded[1].is_none()) recipe = parse_recipe(recorded[1], outputs);
+  std::lock_guard<std::mutex> lock(recipes_mutex);
+  if (recipes->size() < kMaxRecipes) recipes->emplace(key, std::move(recipe));
+  return outputs;
 }
 
 bool built_with_cuda() {
@@ -83,24 +267,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
 bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }
 
 at::Tensor triton_masked_down(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& seed, double p) {
-  pybind11::gil_scoped_acquire gil;
-  return (*triton_masked_down_fn)(x2, lora_A, seed, p).cast<at::Tensor>();
+  return run_masked_piece("down", triton_masked_down_fn, {x2, lora_A, seed, p}).at(0);
 }
 
 std::tuple<at::Tensor, at::Tensor> triton_masked_grad_y(const at::Tensor& g2, const at::Tensor& lora_B,
                                                         const at::Tensor& xa, double scale, const at::Tensor& seed,
                                                         double p, bool need_grad_xa, bool need_grad_B) {
-  pybind11::gil_scoped_acquire gil;
-  return (*triton_masked_grad_y_fn)(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B)
-      .cast<std::tuple<at::Tensor, at::Tensor>>();
+  auto out = run_masked_piece("grad_y", triton_masked_grad_y_fn,
+                              {g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B});
+  return {out.at(0), out.at(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor> triton_masked_up(const at::Tensor& grad_xa, const at::Tensor& lora_A,
                                                     const at::Tensor& x2, const at::Tensor& seed, double p,
                                                     bool need_x, bool need_A) {
-  pybind11::gil_scoped_acquire gil;
-  return (*triton_masked_up_fn)(grad_xa, lora_A, x2, seed, p, need_x, need_A)
-      .cast<std::tuple<at::Tensor, at::Tensor>>();
+  auto out = run_masked_piece("up", triton_masked_up_fn, {grad_xa, lora_A, x2, seed, p, need_x, need_A});
+  return {out.at(0), out.at(1)};
 }
 
 }  // namespace lora
@@ -113,5 +295,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_triton_kernels", &set_triton_kernels,
              "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");
   module.def("set_triton_masked_pieces", &set_triton_masked_pieces,
-             "Registers the Triton masked thin products the native CUDA path uses for its dropout steps");
+             "Registers the Triton masked thin products the native CUDA path uses for its dropout steps, and the "
+             "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
+  module.def("set_triton_replay", &set_triton_replay,
+             "Turns the C++ replay of recorded masked-piece launches on or off (LORA_EXT_TRITON_REPLAY=0: off)");
+  module.def("triton_replay_stats", &triton_replay_stats,
+             "(recipes recorded, keys left on the Python route, calls replayed)");
 }

@@ -342,6 +342,37 @@ def test_triton_and_native_agree(p, position, dtype, lora_dtype):
         assert max_abs_diff(a, b) <= bound, f"{name}: triton and native differ by {max_abs_diff(a, b):.3g}"
 
 
+@pytest.mark.skipif(BACKENDS != ["triton", "native"], reason="needs both triton and the native CUDA build")
+@pytest.mark.parametrize("position", ["pre", "post"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
+    """The native path's dropout pieces, replayed from C++ (csrc/triton_replay.h), give
+    bitwise the results of the Python route, and are replayed (the recording works on
+    this triton)."""
+    inputs = make_inputs((5, 77), 96, 80, 16, dtype, dtype)
+    leaves = list(present(inputs).values())
+    args = [inputs[k] for k in GRAD_NAMES]
+    grad_y = torch.randn(5, 77, 80, device=DEVICE, dtype=dtype)
+
+    def fwd_bwd():
+        y, xa = torch.ops.lora.linear(*args, 2.0, 0.25, position, seed_tensor(11), "native")
+        return (y, xa, *torch.autograd.grad(y, leaves, grad_y))
+
+    lora_ext._C.set_triton_replay(False)
+    try:
+        python_route = fwd_bwd()
+    finally:
+        lora_ext._C.set_triton_replay(True)
+    before = lora_ext._C.triton_replay_stats()
+    first, second = fwd_bwd(), fwd_bwd()  # the first records the keys it has not seen
+    recorded, not_replayable, replayed = lora_ext._C.triton_replay_stats()
+    pieces_per_step = 2 if position == "pre" else 1  # pre: masked_down + masked_up; post: masked_grad_y
+    assert recorded >= pieces_per_step and not_replayable == before[1], (before, (recorded, not_replayable))
+    assert replayed - before[2] >= pieces_per_step
+    for name, a, b, c in zip(("y", "xa", *present(inputs)), python_route, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c), f"{name}: replay differs from the Python route"
+
+
 # ---------------------------------------------------------------------------
 # More than 2**31 elements
 # ---------------------------------------------------------------------------

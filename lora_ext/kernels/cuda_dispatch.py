@@ -63,9 +63,12 @@ def _triton_lora_function(name: str):
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
-        # The native path's dropout steps (triton_lora.masked_*).
+        # The native path's dropout steps (triton_lora.masked_*), and the recorder whose
+        # recipes C++ replays without Python (replay.py).
+        from . import replay
+
         _C.set_triton_masked_pieces(
-            *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up"))
+            *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )
 else:
 

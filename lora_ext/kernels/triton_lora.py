@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
+from . import replay
 from .philox import dropout_keep, dropout_keep_mask, dropout_threshold, load_seed_words
 
 # ---------------------------------------------------------------------------
@@ -421,8 +422,8 @@ def _sum_partials(partials: torch.Tensor, out: torch.Tensor, scale: float = 1.0,
         return
     block_rows = 32 if _INTERPRET else max(16, 4096 // r_pad)
     grid = (_cdiv(n_rows, block_rows),)
-    _sum_partials_kernel[grid](
-        partials, out, n_rows, n_cols, num_parts,
+    replay.launch(
+        _sum_partials_kernel, grid, partials, out, n_rows, n_cols, num_parts,
         partials.stride(0), partials.stride(1), partials.stride(2),
         stride_orow, stride_ocol, float(scale),
         BLOCK_ROWS=block_rows, BLOCK_COLS=r_pad,
@@ -488,8 +489,8 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         grad_buffer, grad_strides, rows, rows_strides = placeholder, (0, 0, 0), placeholder, (0, 0)
 
     blocks = plan.blocks
-    _lora_down_kernel[(a, b)](
-        inp, panel, out_buffer, rows, grad_buffer, dropout.seed if dropout.on else placeholder,
+    replay.launch(
+        _lora_down_kernel, (a, b), inp, panel, out_buffer, rows, grad_buffer, dropout.seed if dropout.on else placeholder,
         M, C, r,
         inp.stride(0), inp.stride(1),
         panel.stride(0), panel.stride(1),
@@ -580,8 +581,8 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         grad_buffer, grad_strides = None, (0, 0, 0)
 
     placeholder = rows
-    _lora_up_kernel[(c_blocks, splits)](
-        rows, panel, out if write_out else placeholder, bias if bias is not None else placeholder,
+    replay.launch(
+        _lora_up_kernel, (c_blocks, splits), rows, panel, out if write_out else placeholder, bias if bias is not None else placeholder,
         inp if inp_grad_wanted else placeholder, grad_buffer if inp_grad_wanted else placeholder,
         dropout.seed if dropout.on else placeholder,
         M, C, r,
