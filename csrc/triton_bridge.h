@@ -24,7 +24,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
 
 // The native path's dropout steps on Triton (triton_lora.masked_*): thin products whose
 // large operand is dropped out by a mask regenerated on load, so the native path writes
-// no dropped copy of x or dY. Registered with lora_ext._C.set_triton_masked_pieces.
+// no dropped copy of x or dY. Registered with lora_ext._C.set_triton_masked_pieces. After the
+// first call with a given key their launches are replayed from C++ (triton_replay.h, lora.cpp).
 bool triton_masked_pieces_registered();
 // xa = drop_pre(x2) A^T.
 at::Tensor triton_masked_down(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& seed, double p);

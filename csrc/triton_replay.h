@@ -1,8 +1,8 @@
 // Replaying the recorded Triton launches of a masked piece without Python
 // (lora_ext/kernels/replay.py records them; lora.cpp keeps the recipes by key).
 // The replay itself is CUDA-only (csrc/cuda/triton_replay.cu): it allocates the outputs
-// and temporaries and launches the recorded cubins with the driver API, through ATen's
-// lazily loaded stub (at::globalContext().getNVRTC()), so _C.so does not link libcuda.
+// and temporaries and launches the recorded cubins with the driver API, looked up at run
+// time in the already loaded driver library, so _C.so does not link libcuda.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,10 +1,11 @@
 // Launching recorded Triton kernels from C++ (see ../triton_replay.h). Host code only.
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/nvrtc_stub/ATenNVRTC.h>
-#include <ATen/Context.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cuda.h>
+#include <dlfcn.h>
+
+#include <type_traits>
 
 #include "../checks.h"
 #include "../triton_replay.h"
@@ -13,24 +14,55 @@ namespace lora {
 namespace replay {
 namespace {
 
+// The few driver API functions the replay needs, looked up in the driver library that the
+// CUDA runtime has already loaded into the process. _C.so does not link libcuda (the torch
+// wheels do not ship ATen's driver stub header), so importing lora_ext never needs a driver.
+struct Driver {
+  decltype(&cuGetErrorString) get_error_string = nullptr;
+  decltype(&cuModuleLoadData) module_load_data = nullptr;
+  decltype(&cuModuleGetFunction) module_get_function = nullptr;
+  decltype(&cuFuncSetAttribute) func_set_attribute = nullptr;
+  decltype(&cuLaunchKernel) launch_kernel = nullptr;
+};
+
+const Driver& driver() {
+  static const Driver table = [] {
+    Driver d;
+    void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    const char* error = library == nullptr ? dlerror() : nullptr;
+    TORCH_CHECK(library != nullptr, "lora: cannot open the CUDA driver library libcuda.so.1 (",
+                error != nullptr ? error : "no message", ")");
+    auto find = [library](auto& function, const char* name) {
+      function = reinterpret_cast<std::remove_reference_t<decltype(function)>>(dlsym(library, name));
+      TORCH_CHECK(function != nullptr, "lora: the CUDA driver has no ", name);
+    };
+    find(d.get_error_string, "cuGetErrorString");
+    find(d.module_load_data, "cuModuleLoadData");
+    find(d.module_get_function, "cuModuleGetFunction");
+    find(d.func_set_attribute, "cuFuncSetAttribute");
+    find(d.launch_kernel, "cuLaunchKernel");
+    return d;
+  }();
+  return table;
+}
+
 void check_driver(CUresult result, const char* what, const std::string& kernel) {
   if (result == CUDA_SUCCESS) return;
   const char* message = nullptr;
-  at::globalContext().getNVRTC().cuGetErrorString(result, &message);
+  driver().get_error_string(result, &message);
   TORCH_CHECK(false, "lora: ", what, " failed for Triton kernel ", kernel, ": ",
               message != nullptr ? message : "unknown CUDA driver error");
 }
 
 CUfunction load(Launch& launch) {
-  const auto& driver = at::globalContext().getNVRTC();
   CUmodule module = nullptr;
-  check_driver(driver.cuModuleLoadData(&module, launch.cubin.data()), "cuModuleLoadData", launch.name);
+  check_driver(driver().module_load_data(&module, launch.cubin.data()), "cuModuleLoadData", launch.name);
   CUfunction function = nullptr;
-  check_driver(driver.cuModuleGetFunction(&function, module, launch.name.c_str()), "cuModuleGetFunction",
+  check_driver(driver().module_get_function(&function, module, launch.name.c_str()), "cuModuleGetFunction",
                launch.name);
   // Above 48 KiB, dynamic shared memory must be opted into (as Triton's own launcher does).
   if (launch.shared_bytes > 48 * 1024) {
-    check_driver(driver.cuFuncSetAttribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+    check_driver(driver().func_set_attribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            launch.shared_bytes),
                  "cuFuncSetAttribute", launch.name);
   }
@@ -46,8 +78,7 @@ std::vector<at::Tensor> run(Recipe& recipe, const std::vector<at::Tensor>& input
   outputs.reserve(recipe.outputs.size());
   for (const auto& spec : recipe.outputs) outputs.push_back(at::empty(spec.sizes, spec.options));
   for (const auto& spec : recipe.temps) temps.push_back(at::empty(spec.sizes, spec.options));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto& driver = at::globalContext().getNVRTC();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (Launch& launch : recipe.launches) {
     if (launch.grid[0] == 0 || launch.grid[1] == 0 || launch.grid[2] == 0) continue;  // as Triton's launcher
     {
@@ -85,7 +116,7 @@ std::vector<at::Tensor> run(Recipe& recipe, const std::vector<at::Tensor>& input
       params[i] = slot;
     }
     for (size_t i = launch.args.size(); i < slots.size(); ++i) params[i] = &slots[i];
-    check_driver(driver.cuLaunchKernel(static_cast<CUfunction>(launch.function), launch.grid[0], launch.grid[1],
+    check_driver(driver().launch_kernel(static_cast<CUfunction>(launch.function), launch.grid[0], launch.grid[1],
                                        launch.grid[2], 32 * launch.num_warps, 1, 1, launch.shared_bytes, stream,
                                        params.data(), nullptr),
                  "cuLaunchKernel", launch.name);
