@@ -138,7 +138,7 @@ def part_floor(rows, r=16):
                        copy_us=round(copy_us, 1), elements=t.numel())
             rows.append(res)
             out.append((shape, tensor_name, f"{t.numel() / 1e6:.0f} M", f"{mask_us:.1f}",
-                        f"{mask_us * 1e3 / t.numel():.2f}", f"{copy_us:.1f}"))
+                        f"{mask_us * 1e6 / t.numel():.1f}", f"{copy_us:.1f}"))
         cublas = {
             "post_bwd (g B, g^T xa)": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
             "pre_fwd (x A^T)": gpu_us(lambda: x2 @ A.t()),
@@ -147,7 +147,7 @@ def part_floor(rows, r=16):
         for name, us in cublas.items():
             rows.append(dict(part="floor", shape=shape, name=f"cuBLAS {name}", us=round(us, 1)))
             out.append((shape, f"cuBLAS {name}, no mask", "", f"{us:.1f}", "", ""))
-    print(common.markdown_table(["shape", "what", "elements", "µs", "ns/element", "copy pass µs"], out))
+    print(common.markdown_table(["shape", "what", "elements", "µs", "ps/element", "copy pass µs"], out))
 
 
 def part_sweep(rows, budget_s, r=16):

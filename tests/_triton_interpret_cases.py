@@ -302,7 +302,7 @@ def test_bad_arguments_raise_the_ops_errors():
 # The masked thin products the native CUDA path uses for its dropout steps
 # (triton_lora.masked_*; csrc/lora_aten.cpp calls them through the C++ bridge on CUDA).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("M, K, N, r", [(37, 29, 23, 5), (1, 130, 7, 16), (70, 3, 65, 1)])
+@pytest.mark.parametrize("M, K, N, r", [(37, 29, 23, 5), (1, 130, 7, 16), (70, 3, 65, 1), (37, 68, 44, 5)])
 def test_masked_pieces_of_the_native_path_match_float64(M, K, N, r, dtype):
     gen = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K, generator=gen).to(dtype)

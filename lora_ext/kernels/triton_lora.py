@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .. import ops
 from . import replay
-from .philox import dropout_keep, dropout_keep_mask, dropout_threshold, load_seed_words
+from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, load_seed_words
 
 # ---------------------------------------------------------------------------
 # Kernels
@@ -70,6 +70,7 @@ def _lora_down_kernel(
     out_scale, drop_threshold, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
     COMPUTE_OUT: tl.constexpr, COMPUTE_PANEL_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    ROWS_HOLD_GROUPS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over inp (M x C) for the rank-r products that contract or reduce it.
@@ -108,12 +109,14 @@ def _lora_down_kernel(
             rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
                            mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         for cb in range(cb_start, cb_end):
-            c = c_first + (cb - cb_start) * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_tile = c_first + (cb - cb_start) * BLOCK_C
+            c = c_tile + tl.arange(0, BLOCK_C)
             c_ok = c < C
             inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic,
                           mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             if DROPOUT:
-                keep = dropout_keep(key_lo, key_hi, m[:, None] * C + c[None, :], drop_threshold)
+                keep = dropout_keep_tile(key_lo, key_hi, m, c_tile, C, drop_threshold, BLOCK_M, BLOCK_C,
+                                         ROWS_HOLD_GROUPS)
                 # Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch dropout, the reference).
                 inp = inp.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
             inp = inp.to(COMPUTE_DTYPE)
@@ -152,6 +155,7 @@ def _lora_up_kernel(
     out_scale, drop_threshold, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
     WRITE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_INP_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    ROWS_HOLD_GROUPS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over the M x C tiles of a column block for the rank-r expansion.
@@ -190,7 +194,8 @@ def _lora_up_kernel(
         rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         if DROPOUT:
-            keep = dropout_keep(key_lo, key_hi, m[:, None] * C + c[None, :], drop_threshold)
+            keep = dropout_keep_tile(key_lo, key_hi, m, pid_c.to(tl.int64) * BLOCK_C, C, drop_threshold, BLOCK_M,
+                                     BLOCK_C, ROWS_HOLD_GROUPS)
         if WRITE_OUT:
             value = tl.dot(rows, panel, input_precision=INPUT_PRECISION) * out_scale
             if DROPOUT:
@@ -269,7 +274,11 @@ _INTERPRET_BLOCKS = _Blocks(32, 32)
 # sm_90, triton 3.9) reports no register spills (bar 4 bytes in one variant); the Philox
 # mask (about 6 live 32-bit words per element) is what needs 8 warps when dropout is on.
 # float32 operands (float32 adapters) take half as many columns, 8 warps, and 16 rows at
-# rank 256 (spills: none, or at most 76 bytes for ranks 17..64). Not yet tuned by measurement.
+# rank 256 (spills: none, or at most 76 bytes for ranks 17..64). Measured on the H200 at r=16
+# only (benchmarks/masked_pieces.py, 2026-11-28 18:39, bf16, M=8192, dropout 0.1, 4 Llama
+# shapes): the reduction over x with dropout (_UP_INP_GRAD_DROPOUT_TILES) is 1.4-1.5x faster with
+# 32 x 32 tiles than 64 x 64 (e.g. 484 -> 313 us at 4096 x 4096); for the other passes no
+# tile, warp or stage count in the sweep was more than 4% faster than these.
 #   r_pad: (block_m, block_c) for _lora_down_kernel with out only / with the panel gradient,
 #          and for _lora_up_kernel writing only (without / with dropout) / with the input gradient.
 _DOWN_OUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32), 256: (32, 32)}
@@ -277,6 +286,7 @@ _DOWN_PANEL_GRAD_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 32
 _UP_WRITE_TILES = {16: (64, 128), 32: (64, 128), 64: (64, 128), 128: (32, 64), 256: (32, 64)}
 _UP_WRITE_DROPOUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 64), 256: (32, 64)}
 _UP_INP_GRAD_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 32), 128: (32, 32), 256: (32, 32)}
+_UP_INP_GRAD_DROPOUT_TILES = {**_UP_INP_GRAD_TILES, 16: (32, 32)}
 
 
 def _tile(tiles, r_pad: int, dropout: bool, fp32_operands: bool) -> _Blocks:
@@ -308,7 +318,7 @@ def _up_blocks(r_pad: int, inp_grad: bool, dropout: bool, fp32_operands: bool) -
     if _INTERPRET:
         return _INTERPRET_BLOCKS
     if inp_grad:
-        tiles = _UP_INP_GRAD_TILES
+        tiles = _UP_INP_GRAD_DROPOUT_TILES if dropout else _UP_INP_GRAD_TILES
     else:
         tiles = _UP_WRITE_DROPOUT_TILES if dropout else _UP_WRITE_TILES
     return _tile(tiles, r_pad, dropout, fp32_operands)
@@ -501,6 +511,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         COMPUTE_OUT=need_out, COMPUTE_PANEL_GRAD=panel_grad_wanted, DROPOUT=dropout.on,
+        ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0,
         **_dot_options(panel.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
@@ -596,6 +607,7 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
+        ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0,
         **_dot_options(panel.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
