@@ -40,10 +40,9 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 // (compose_ab.py, 2026-11-28): the copy + Philox pass + cuBLAS route costs more than the
 // Triton pass at every shape but k/v 'post' backward (84 vs ~68 us), and the copies were
 // the +17...225 MiB of extra peak memory the native path had with dropout.
-// LORA_EXT_DROPOUT_COPY=1 turns this off (the copy route): the Triton pieces are launched from
-// Python, ~100-150 us of host time per call on the H200 host, which made a compiled training
-// step at 4096 tokens/step slower (bench_train.py, NOTES.md #6); the copy route is faster
-// there and costs an activation-sized temporary per layer call.
+// LORA_EXT_DROPOUT_COPY=1 turns this off (the copy route, an activation-sized temporary per
+// layer call). It was faster end to end while the pieces were launched from Python (~100-150 us
+// of host time per call; NOTES.md #6); they are now replayed from C++ (NOTES.md #10).
 bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
   static const bool copy_route = [] {
     const char* env = std::getenv("LORA_EXT_DROPOUT_COPY");
