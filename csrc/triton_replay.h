@@ -23,7 +23,7 @@ struct Arg {
 };
 
 struct Launch {
-  std::string cubin;
+  std::string cubin;  // until the first replay loads it (then emptied: loaded functions are shared by cubin)
   std::string name;
   int num_warps = 4;
   int shared_bytes = 0;

@@ -5,7 +5,10 @@
 #include <cuda.h>
 #include <dlfcn.h>
 
+#include <mutex>
+#include <string>
 #include <type_traits>
+#include <unordered_map>
 
 #include "../checks.h"
 #include "../triton_replay.h"
@@ -54,7 +57,7 @@ void check_driver(CUresult result, const char* what, const std::string& kernel) 
               message != nullptr ? message : "unknown CUDA driver error");
 }
 
-CUfunction load(Launch& launch) {
+CUfunction load(const Launch& launch) {
   CUmodule module = nullptr;
   check_driver(driver().module_load_data(&module, launch.cubin.data()), "cuModuleLoadData", launch.name);
   CUfunction function = nullptr;
@@ -69,11 +72,27 @@ CUfunction load(Launch& launch) {
   return function;
 }
 
+// The loaded function of `launch` on `device`, shared by every recipe that launches the same
+// cubin there: recipes differ by shapes (a new token count is a new key), the compiled
+// variants are few, so each is loaded once per device, not once per recipe.
+CUfunction load_shared(const Launch& launch, c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static auto* loaded = new std::unordered_map<std::string, CUfunction>();  // never destroyed (exit order)
+  std::string key = std::to_string(device) + '|' + launch.name + '|' + launch.cubin;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = loaded->find(key);
+  if (found != loaded->end()) return found->second;
+  CUfunction function = load(launch);
+  loaded->emplace(std::move(key), function);
+  return function;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> run(Recipe& recipe, const std::vector<at::Tensor>& inputs) {
   TORCH_INTERNAL_ASSERT(!recipe.outputs.empty());
-  const c10::cuda::CUDAGuard guard(recipe.outputs.front().options.device());
+  const c10::Device device = recipe.outputs.front().options.device();
+  const c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> outputs, temps;
   outputs.reserve(recipe.outputs.size());
   for (const auto& spec : recipe.outputs) outputs.push_back(at::empty(spec.sizes, spec.options));
@@ -83,7 +102,10 @@ std::vector<at::Tensor> run(Recipe& recipe, const std::vector<at::Tensor>& input
     if (launch.grid[0] == 0 || launch.grid[1] == 0 || launch.grid[2] == 0) continue;  // as Triton's launcher
     {
       std::lock_guard<std::mutex> lock(recipe.load_mutex);
-      if (launch.function == nullptr) launch.function = load(launch);
+      if (launch.function == nullptr) {
+        launch.function = load_shared(launch, device.index());
+        std::string().swap(launch.cubin);  // the loaded function is all this recipe needs from now on
+      }
     }
     // One 8-byte slot per parameter; the kernel reads 4 or 8 bytes from the start of each
     // (little-endian). Triton kernels end with two scratch pointers (global, profile),
