@@ -275,14 +275,19 @@ def test_float64_falls_back_to_the_composition(p, position, lora_dtype):
     y_cpu, xa_cpu = torch.ops.lora.linear(*args, SCALE, p, position, seed)
     torch.testing.assert_close(y, y_cpu, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(xa, xa_cpu, rtol=1e-6, atol=1e-6)
-    grad_y = torch.randn_like(y)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
     mask = [True, True, True, True, True]
     grads = triton_lora.linear_backward(grad_y, args[0], args[1], args[3], args[4], xa, SCALE, p, position, seed,
                                         mask)
     grads_cpu = torch.ops.lora.linear_backward(grad_y, args[0], args[1], args[3], args[4], xa_cpu, SCALE, p,
                                                position, seed, mask)
+    # With float32 adapters the LoRA path runs in float32 on both sides, in a different order
+    # (the C++ op folds the scale into the GEMM's alpha): dA and dB are sums over tokens of
+    # terms up to ~10 that cancel, so they agree to float32 rounding of those terms (~1e-6
+    # absolute), not to 1e-6 relative. float64 throughout agrees to float64 rounding.
+    tol = 1e-5 if lora_dtype == torch.float32 else 1e-10
     for g, g_cpu in zip(grads, grads_cpu):
-        torch.testing.assert_close(g, g_cpu, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, g_cpu, rtol=tol, atol=tol)
 
 
 def test_bad_arguments_raise_the_ops_errors():
