@@ -150,10 +150,9 @@ def part_floor(rows, r=16):
         # The 'post' forward's LoRA term y = drop(s (x A^T) B^T), without the base GEMM (weight
         # None): the native path (two cuBLAS GEMMs, then the CUDA mask pass in place) against the
         # Triton backend (down pass, then one up pass that writes the masked term once).
-        x3 = x2.view(M, K)
         for backend in ("native", "triton"):
             for p in (0.0, P):
-                us = gpu_us(lambda: torch.ops.lora.linear.default(x3, None, None, A, B, 2.0, p, "post", seed,
+                us = gpu_us(lambda: torch.ops.lora.linear.default(x2, None, None, A, B, 2.0, p, "post", seed,
                                                                   backend))
                 name = f"post_fwd LoRA term, {backend}, p={p}"
                 rows.append(dict(part="floor", shape=shape, name=name, us=round(us, 1)))

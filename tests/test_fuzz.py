@@ -17,10 +17,7 @@ LORA_FUZZ_EXAMPLES multiplies the number of examples (e.g. 20 on the GPU machine
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -96,15 +93,10 @@ def test_meta_outputs_match_cpu_outputs(problem):
 def test_triton_kernels_fuzz_under_the_interpreter():
     # TRITON_INTERPRET must be set before triton is imported: as tests/test_triton_interpret.py
     # does for its cases, the fuzz file runs in a child pytest process.
-    pytest.importorskip("triton")
-    cases = pathlib.Path(__file__).with_name("_triton_interpret_fuzz.py")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(cases), "-q", "-p", "no:cacheprovider", "-x"],
-        cwd=cases.parent.parent, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, f"interpreter fuzz failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+    from test_triton_interpret import run_under_interpreter  # tests/ is on sys.path under pytest
+
+    run_under_interpreter(pathlib.Path(__file__).with_name("_triton_interpret_fuzz.py"), "interpreter fuzz",
+                          timeout=900)
 
 
 @pytest.mark.cuda

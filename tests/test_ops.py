@@ -233,6 +233,22 @@ def float64_leaves(sample: LinearSample) -> dict:
     return {name: t.detach().to(torch.float64, copy=True).requires_grad_() for name, t in sample.tensors().items()}
 
 
+def assert_sample_matches_reference(sample: LinearSample, y: Tensor, what: str) -> dict:
+    """y (from the op on `sample`) and every gradient against the float64 reference, with the
+    bound of sample.lowest_precision_dtype; returns {name: gradient} for further checks."""
+    leaves = float64_leaves(sample)
+    expected = sample.reference(**leaves)
+    tol_dtype = sample.lowest_precision_dtype
+    assert_close_to_reference(y, expected, tol_dtype, f"{what} y")
+    grad_y = torch.randn_like(y)
+    inputs = sample.tensors()
+    grads = torch.autograd.grad(y, list(inputs.values()), grad_y)
+    expected_grads = torch.autograd.grad(expected, list(leaves.values()), grad_y.double())
+    for name, grad, expected_grad in zip(inputs, grads, expected_grads):
+        assert_close_to_reference(grad, expected_grad, tol_dtype, f"{what} grad {name}")
+    return dict(zip(inputs, grads))
+
+
 def backward_args(sample: LinearSample, output_mask) -> tuple:
     """Arguments of lora::linear_backward for `sample`, with xa taken from the forward op."""
     with torch.no_grad():
@@ -273,22 +289,13 @@ class RecordOps(TorchDispatchMode):
 def test_forward_and_gradients_match_reference(dtype):
     torch.manual_seed(0)
     for sample in sample_inputs("cpu", requires_grad=True, dtype=dtype):
-        tol_dtype = sample.lowest_precision_dtype
         y, xa = torch.ops.lora.linear(*sample.op_args())
-        leaves = float64_leaves(sample)
-        expected = sample.reference(**leaves)
-
         assert y.dtype == dtype, f"{sample}: y dtype {y.dtype}"
         assert xa.dtype == sample.lora_A.dtype and xa.shape == (math.prod(sample.x.shape[:-1]), sample.lora_A.shape[0])
-        assert_close_to_reference(y, expected, tol_dtype, f"{sample} y")
-
-        grad_y = torch.randn_like(y)
+        grads = assert_sample_matches_reference(sample, y, str(sample))
         inputs = sample.tensors()
-        grads = torch.autograd.grad(y, list(inputs.values()), grad_y)
-        expected_grads = torch.autograd.grad(expected, list(leaves.values()), grad_y.double())
-        for name, grad, expected_grad in zip(inputs, grads, expected_grads):
+        for name, grad in grads.items():
             assert grad.dtype == inputs[name].dtype, f"{sample}: grad of {name} has dtype {grad.dtype}"
-            assert_close_to_reference(grad, expected_grad, tol_dtype, f"{sample} grad {name}")
 
 
 def test_gradients_from_a_broadcast_grad_output_match_reference():

@@ -8,8 +8,9 @@ where philox4 gives the four output words of Philox-4x32-10 with counter
 (lo32(c), hi32(c), 0, 0) and key (lo32(seed), hi32(seed)): four consecutive elements share one
 evaluation. This is csrc/philox.h, bit for bit. It is written out here instead of calling
 tl.randint4x because how tl.randint splits an int64 offset into the counter has changed
-between triton versions; the mask must not depend on the installed triton. (Within a
-tile every element still evaluates its group's Philox; the saving is in the C++ kernels.)
+between triton versions; the mask must not depend on the installed triton. Kernels whose
+tile rows hold whole groups (C % 4 == 0) evaluate one Philox per group (`dropout_keep_tile`);
+otherwise each element evaluates its own group's (`dropout_keep`).
 
 `dropout_keep_mask` materialises the mask with a small kernel: the float64 fallback of
 triton_lora.py uses it (a temporary, never saved), and the tests compare it with
