@@ -1,7 +1,7 @@
 """The native path's dropout pieces (Triton masked thin products) on the GPU: where their
 host time goes, what the mask costs, and which tiles run them fastest.
 
-Three parts, each printed as a markdown table and written as CSV rows to --out:
+Four parts, each printed as a markdown table and written as CSV rows to --out:
 
 1. host: per-call host time (tiny shapes, so the GPU work is negligible) of each masked
    piece called from Python, of the op through C++ with and without dropout, and of bare
@@ -9,10 +9,11 @@ Three parts, each printed as a markdown table and written as CSV rows to --out:
 2. floor: at M=8192, r=16 (bf16), GPU time of the mask alone (keep_mask_range over the
    dropped tensor), of one copy pass over it, and of the same thin products on cuBLAS
    without a mask: what a masked piece cannot beat.
-3. sweep: each piece at the four Llama shapes, over tile shape, warps, stages and
+3. ranks: the 'post' backward piece at r = 16 and 64, one pass over dY against two.
+4. sweep: each piece at the four Llama shapes, over tile shape, warps, stages and
    programs per SM; the best configuration per piece next to the current default.
 
-    python benchmarks/masked_pieces.py --out OUT [--parts host floor sweep] [--time-budget S]
+    python benchmarks/masked_pieces.py --out OUT [--parts host floor ranks sweep] [--time-budget S]
 """
 from __future__ import annotations
 
@@ -148,16 +149,47 @@ def part_floor(rows, r=16):
             rows.append(dict(part="floor", shape=shape, name=f"cuBLAS {name}", us=round(us, 1)))
             out.append((shape, f"cuBLAS {name}, no mask", "", f"{us:.1f}", "", ""))
         # The 'post' forward's LoRA term y = drop(s (x A^T) B^T), without the base GEMM (weight
-        # None): the native path (two cuBLAS GEMMs, then the CUDA mask pass in place) against the
-        # Triton backend (down pass, then one up pass that writes the masked term once).
-        for backend in ("native", "triton"):
+        # None): the native path (cuBLAS x A^T, then the one-pass CUDA term kernel; "ATen route":
+        # cuBLAS xa B^T, then the CUDA mask pass in place) against the Triton backend (down
+        # pass, then one up pass that writes the masked term once).
+        for backend, fused in (("native", True), ("native", False), ("triton", True)):
             for p in (0.0, P):
+                lora_ext._C.set_fused_post_term(fused)
                 us = gpu_us(lambda: torch.ops.lora.linear.default(x2, None, None, A, B, 2.0, p, "post", seed,
                                                                   backend))
-                name = f"post_fwd LoRA term, {backend}, p={p}"
+                lora_ext._C.set_fused_post_term(True)
+                name = f"post_fwd LoRA term, {backend}{'' if fused else ' ATen route'}, p={p}"
                 rows.append(dict(part="floor", shape=shape, name=name, us=round(us, 1)))
                 out.append((shape, name, "", f"{us:.1f}", "", ""))
     print(common.markdown_table(["shape", "what", "elements", "µs", "ps/element", "copy pass µs"], out))
+
+
+def two_pass_grad_y(g2, B, xa, seed):
+    """masked_grad_y forced to two passes over dY (dxa, then dB), for comparison with one."""
+    saved = triton_lora.MASK_REUSE_BUDGET_BYTES, triton_lora.MASK_REUSE_BUDGET_FRACTION
+    triton_lora.MASK_REUSE_BUDGET_BYTES, triton_lora.MASK_REUSE_BUDGET_FRACTION = 0, 0.0
+    try:
+        return triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True, True)
+    finally:
+        triton_lora.MASK_REUSE_BUDGET_BYTES, triton_lora.MASK_REUSE_BUDGET_FRACTION = saved
+
+
+def part_ranks(rows):
+    """The 'post' backward piece at r = 16 and 64: one pass over dY (default) vs two, and cuBLAS without a mask."""
+    out = []
+    for r in (16, 64):
+        for shape, (K, N) in SHAPES.items():
+            x2, g2, A, B, xa, seed = make_inputs(8192, K, N, r)
+            results = {
+                "masked_grad_y (default)": gpu_us(lambda: triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True,
+                                                                                    True)),
+                "masked_grad_y (two passes)": gpu_us(lambda: two_pass_grad_y(g2, B, xa, seed)),
+                "cuBLAS (g B, g^T xa), no mask": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
+            }
+            for name, us in results.items():
+                rows.append(dict(part="ranks", shape=shape, r=r, name=name, us=round(us, 1)))
+                out.append((shape, r, name, f"{us:.1f}"))
+    print(common.markdown_table(["shape", "r", "what", "µs"], out))
 
 
 def part_sweep(rows, budget_s, r=16):
@@ -214,7 +246,7 @@ def part_sweep(rows, budget_s, r=16):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--parts", nargs="+", default=["host", "floor", "sweep"])
+    parser.add_argument("--parts", nargs="+", default=["host", "floor", "ranks", "sweep"])
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds for the sweep")
     args = parser.parse_args()
     rows = []
@@ -225,6 +257,8 @@ def main():
             part_host(rows)
         if "floor" in args.parts:
             part_floor(rows)
+        if "ranks" in args.parts:
+            part_ranks(rows)
         if "sweep" in args.parts:
             part_sweep(rows, args.time_budget)
     finally:

@@ -175,17 +175,21 @@ def test_forward_backward_matches_reference(lead_shape, K, N, r, dtype, lora_dty
     assert xa.shape == (math.prod(lead_shape), r)
 
 
-def test_gradient_accumulated_over_several_row_blocks_per_program():
-    """A shape whose dB reduction gives programs more than one row block (the in-place
-    float32 partial of _lora_down_kernel), with post dropout so the mask is reused."""
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_reduction_pass_with_several_row_and_column_blocks_per_program(monkeypatch, p):
+    """A shape whose one pass over dY (_lora_down_reduce_kernel) gives its programs several
+    row blocks (dB accumulated in registers across them) and several column blocks (dxa's
+    float32 partial read-added-written across them), with and without post dropout."""
     M, K, N, r = 70, 17, 200, 3
-    blocks = triton_lora._INTERPRET_BLOCKS
-    m_blocks = -(-M // blocks.block_m)
-    c_blocks = -(-N // blocks.block_c)
-    a, b, _ = triton_lora._down_partition(m_blocks, c_blocks, M, N, 16, triton_lora._num_sms(torch.device("cpu")),
-                                          True, True, triton_lora.MASK_REUSE_BUDGET_BYTES)
-    assert a < m_blocks, (a, b)
-    run_case(make_inputs((M,), K, N, r, torch.float32), 0.3, "post")
+    budget = triton_lora.MASK_REUSE_BUDGET_BYTES if p > 0 else triton_lora.PARTIAL_BUDGET_BYTES
+    plan = triton_lora._down_plan(M, N, r, torch.device("cpu"), True, True, p > 0, torch.float32, budget)
+    assert plan.m_per_group > 1 and plan.c_per_group > 1, plan
+    calls = []
+    original = triton_lora._lora_down
+    monkeypatch.setattr(triton_lora, "_lora_down", lambda *a, **k: calls.append(k) or original(*a, **k))
+    run_case(make_inputs((M,), K, N, r, torch.float32), p, "post")
+    # The forward's xa, then the backward's one pass for both dxa and dB.
+    assert len(calls) == 2 and calls[1].get("rows") is not None and calls[1].get("need_out", True), calls
 
 
 @pytest.mark.parametrize("position", ["pre", "post"])

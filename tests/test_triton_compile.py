@@ -36,6 +36,7 @@ POINTER_TYPES = {
 }
 KERNELS = [
     (triton_lora, "_lora_down_kernel"),
+    (triton_lora, "_lora_down_reduce_kernel"),
     (triton_lora, "_lora_up_kernel"),
     (triton_lora, "_sum_partials_kernel"),
     (philox, "_keep_mask_kernel"),

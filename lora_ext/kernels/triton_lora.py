@@ -8,7 +8,7 @@ the op's own outputs. With x2 = x as (M, K), g = dY as (M, N), s = scale:
              y  = b + drop_post(s xa B^T)           _lora_up_kernel    (writes y once)
              y += x2 W^T                            torch addmm_ (beta=1: cuBLAS adds y in its epilogue)
   backward   dxa = s drop_post(g) B,
-             dB  = s drop_post(g)^T xa              _lora_down_kernel  (one pass over g for both)
+             dB  = s drop_post(g)^T xa              _lora_down_reduce_kernel  (one pass over g for both)
              dx  = drop_pre(dxa A),
              dA  = dxa^T drop_pre(x2)               _lora_up_kernel    (one pass over x for both)
              dx += g W                              torch addmm_
@@ -56,35 +56,43 @@ from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, loa
 _SIZE_ARGS = ["M", "C", "R", "drop_threshold"]
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_os", "stride_om", "stride_rm",
-                                            "blocks_m_per_group", "blocks_c_per_group"])
+@triton.jit
+def _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
+                       key_lo, key_hi, drop_threshold, keep_scale,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
+                       ROWS_HOLD_GROUPS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """The (BLOCK_M, BLOCK_C) tile inp[m, c] as dot operand, dropped out (mask index m * C + c)
+    and its kept values times keep_scale when DROPOUT; zero outside the matrix."""
+    inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic,
+                  mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+    if DROPOUT:
+        keep = dropout_keep_tile(key_lo, key_hi, m, c_tile, C, drop_threshold, BLOCK_M, BLOCK_C, ROWS_HOLD_GROUPS)
+        # Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch dropout, the reference).
+        inp = inp.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
+    return inp.to(COMPUTE_DTYPE)
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_os", "stride_om", "blocks_m_per_group", "blocks_c_per_group"])
 def _lora_down_kernel(
-    inp_ptr, panel_ptr, out_ptr, rows_ptr, panel_grad_ptr, seed_ptr,
+    inp_ptr, panel_ptr, out_ptr, seed_ptr,
     M, C, R,
     stride_im, stride_ic,
     stride_pc, stride_pr,
     stride_os, stride_om, stride_or,
-    stride_rm, stride_rr,
-    stride_gs, stride_gc, stride_gr,
     blocks_m_per_group, blocks_c_per_group,
     out_scale, drop_threshold, keep_scale,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
-    COMPUTE_OUT: tl.constexpr, COMPUTE_PANEL_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     ROWS_HOLD_GROUPS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One pass over inp (M x C) for the rank-r products that contract or reduce it.
+    """out[m, :] = out_scale * drop(inp)[m, :] @ panel: one pass over inp (M x C) contracting it
+    with panel (C x R) into M x R.
 
-    With inp~ = drop(inp) (mask index m * C + c, kept values times keep_scale):
-      COMPUTE_OUT:        out[m, :] = out_scale * inp~[m, :] @ panel        (M x R; panel is C x R)
-      COMPUTE_PANEL_GRAD: panel_grad[c, :] = inp~[:, c]^T @ rows            (C x R; rows is M x R)
-    Program (i, j) covers the m-blocks of group i and the c-blocks of group j. Its out
-    is a partial over its c-range, written to slice j of out (stride_os; the launcher
-    sums the slices when there is more than one). Its panel_grad rows are a float32
-    partial over its m-range, accumulated in slice i of panel_grad across its m-blocks
-    (each program owns its slice rows, so no atomics).
-    forward: inp = x, panel = A^T, out = xa.  backward: inp = dY, panel = B, out = dxa,
-    rows = xa, panel_grad = dB / s.
+    Program (i, j) covers the m-blocks of group i and the c-blocks of group j, c-blocks
+    innermost, so an m-block's out rows are accumulated in registers. Its out is a partial
+    over its c-range, written to slice j of out (stride_os; the launcher sums the slices
+    when there is more than one).
+    forward: inp = x, panel = A^T, out = xa.  backward: inp = dY, panel = B, out = dxa / s.
     """
     pid_m_group = tl.program_id(0)
     pid_c_group = tl.program_id(1)
@@ -98,6 +106,8 @@ def _lora_down_kernel(
     # counters stay int32 and only count blocks within this program.)
     m_first = mb_start.to(tl.int64) * BLOCK_M
     c_first = cb_start.to(tl.int64) * BLOCK_C
+    key_lo = 0  # placeholders for _load_dropped_tile without dropout
+    key_hi = 0
     if DROPOUT:
         key_lo, key_hi = load_seed_words(seed_ptr)
 
@@ -105,40 +115,97 @@ def _lora_down_kernel(
         m = m_first + (mb - mb_start) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        if COMPUTE_PANEL_GRAD:
-            rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
-                           mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         for cb in range(cb_start, cb_end):
             c_tile = c_first + (cb - cb_start) * BLOCK_C
             c = c_tile + tl.arange(0, BLOCK_C)
             c_ok = c < C
-            inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic,
-                          mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-            if DROPOUT:
-                keep = dropout_keep_tile(key_lo, key_hi, m, c_tile, C, drop_threshold, BLOCK_M, BLOCK_C,
-                                         ROWS_HOLD_GROUPS)
-                # Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch dropout, the reference).
-                inp = inp.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
-            inp = inp.to(COMPUTE_DTYPE)
-            if COMPUTE_OUT:
-                panel = tl.load(panel_ptr + c[:, None] * stride_pc + r[None, :] * stride_pr,
-                                mask=c_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
-                acc = tl.dot(inp, panel, acc, input_precision=INPUT_PRECISION)
-            if COMPUTE_PANEL_GRAD:
-                contribution = tl.dot(tl.trans(inp), rows, input_precision=INPUT_PRECISION)
-                grad_ptrs = (panel_grad_ptr + pid_m_group.to(tl.int64) * stride_gs
-                             + c[:, None] * stride_gc + r[None, :] * stride_gr)
-                grad_ok = c_ok[:, None] & r_ok[None, :]
-                # The previous m-block's store of these rows may have come from other
-                # threads of this program: the barrier makes it visible before the load.
-                tl.debug_barrier()
-                previous = tl.load(grad_ptrs, mask=grad_ok, other=0.0)
-                # The first m-block starts the partial (the buffer is uninitialised).
-                contribution += tl.where(mb > mb_start, previous, 0.0)
-                tl.store(grad_ptrs, contribution, mask=grad_ok)
+            inp = _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
+                                     key_lo, key_hi, drop_threshold, keep_scale,
+                                     BLOCK_M, BLOCK_C, DROPOUT, ROWS_HOLD_GROUPS, COMPUTE_DTYPE)
+            panel = tl.load(panel_ptr + c[:, None] * stride_pc + r[None, :] * stride_pr,
+                            mask=c_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+            acc = tl.dot(inp, panel, acc, input_precision=INPUT_PRECISION)
+        out_ptrs = out_ptr + pid_c_group.to(tl.int64) * stride_os + m[:, None] * stride_om + r[None, :] * stride_or
+        tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_os", "stride_om", "stride_rm", "stride_gs",
+                                            "blocks_m_per_group", "blocks_c_per_group"])
+def _lora_down_reduce_kernel(
+    inp_ptr, panel_ptr, out_ptr, rows_ptr, panel_grad_ptr, seed_ptr,
+    M, C, R,
+    stride_im, stride_ic,
+    stride_pc, stride_pr,
+    stride_os, stride_om, stride_or,
+    stride_rm, stride_rr,
+    stride_gs, stride_gc, stride_gr,
+    blocks_m_per_group, blocks_c_per_group,
+    drop_threshold, keep_scale,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
+    COMPUTE_OUT: tl.constexpr, DROPOUT: tl.constexpr, ROWS_HOLD_GROUPS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One pass over inp (M x C) for its reduction over rows, and optionally its contraction:
+      panel_grad[c, :] = drop(inp)[:, c]^T @ rows      (C x R; rows is M x R)
+      COMPUTE_OUT: out[m, :] = drop(inp)[m, :] @ panel  (M x R; panel is C x R)
+    both as float32 partials that the launcher sums (and scales).
+
+    Program (i, j) covers the m-blocks of group i and the c-blocks of group j, m-blocks
+    innermost: a c-block's panel_grad rows are accumulated in registers over the whole
+    m-group and written once, to slice i. Its out rows go to slice j: the first c-block of
+    the group writes them, later ones add to them. That read-add-write of an m-block's
+    rows comes a whole m-group sweep after their last store, so it does not wait on it
+    (the earlier version of this pass kept out in registers instead and read-added-wrote
+    the C x R panel_grad for every tile, right after storing it: 3-4x slower on the H200).
+    backward: inp = dY, panel = B, rows = xa, out = dxa / s, panel_grad = dB / s.
+    """
+    pid_m_group = tl.program_id(0)
+    pid_c_group = tl.program_id(1)
+    mb_start = pid_m_group * blocks_m_per_group
+    mb_end = tl.minimum(mb_start + blocks_m_per_group, tl.cdiv(M, BLOCK_M))
+    cb_start = pid_c_group * blocks_c_per_group
+    cb_end = tl.minimum(cb_start + blocks_c_per_group, tl.cdiv(C, BLOCK_C))
+    r = tl.arange(0, R_PAD)
+    r_ok = r < R
+    m_first = mb_start.to(tl.int64) * BLOCK_M
+    c_first = cb_start.to(tl.int64) * BLOCK_C
+    key_lo = 0  # placeholders for _load_dropped_tile without dropout
+    key_hi = 0
+    if DROPOUT:
+        key_lo, key_hi = load_seed_words(seed_ptr)
+
+    for cb in range(cb_start, cb_end):
+        c_tile = c_first + (cb - cb_start) * BLOCK_C
+        c = c_tile + tl.arange(0, BLOCK_C)
+        c_ok = c < C
         if COMPUTE_OUT:
-            out_ptrs = out_ptr + pid_c_group.to(tl.int64) * stride_os + m[:, None] * stride_om + r[None, :] * stride_or
-            tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+            panel = tl.load(panel_ptr + c[:, None] * stride_pc + r[None, :] * stride_pr,
+                            mask=c_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+            # The previous c-block's stores of out rows may have come from other threads
+            # of this program: the barrier makes them visible before this c-block reads them.
+            tl.debug_barrier()
+            # (A vector, not the scalar cb > cb_start: the interpreter rejects a scalar in a mask.)
+            continues_partial = (r * 0 + cb) > cb_start
+        grad_acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
+        for mb in range(mb_start, mb_end):
+            m = m_first + (mb - mb_start) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = m < M
+            inp = _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
+                                     key_lo, key_hi, drop_threshold, keep_scale,
+                                     BLOCK_M, BLOCK_C, DROPOUT, ROWS_HOLD_GROUPS, COMPUTE_DTYPE)
+            rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
+                           mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+            grad_acc = tl.dot(tl.trans(inp), rows, grad_acc, input_precision=INPUT_PRECISION)
+            if COMPUTE_OUT:
+                out_ptrs = (out_ptr + pid_c_group.to(tl.int64) * stride_os
+                            + m[:, None] * stride_om + r[None, :] * stride_or)
+                out_ok = m_ok[:, None] & r_ok[None, :]
+                # The first c-block starts the partial (the buffer is uninitialised).
+                previous = tl.load(out_ptrs, mask=out_ok & continues_partial[None, :], other=0.0)
+                tl.store(out_ptrs, tl.dot(inp, panel, previous, input_precision=INPUT_PRECISION), mask=out_ok)
+        grad_ptrs = (panel_grad_ptr + pid_m_group.to(tl.int64) * stride_gs
+                     + c[:, None] * stride_gc + r[None, :] * stride_gr)
+        tl.store(grad_ptrs, grad_acc, mask=c_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_rm", "stride_gs", "stride_gc", "stride_gr", "blocks_m_per_split"])
@@ -277,16 +344,19 @@ _INTERPRET_BLOCKS = _Blocks(32, 32)
 # rank 256 (spills: none, or at most 76 bytes for ranks 17..64). Measured on the H200 at r=16
 # only (benchmarks/masked_pieces.py, 2026-11-28 18:39, bf16, M=8192, dropout 0.1, 4 Llama
 # shapes): the reduction over x with dropout (_UP_INP_GRAD_DROPOUT_TILES) is 1.4-1.5x faster with
-# 32 x 32 tiles than 64 x 64 (e.g. 484 -> 313 us at 4096 x 4096); for the other passes no
-# tile, warp or stage count in the sweep was more than 4% faster than these.
+# 32 x 32 tiles than 64 x 64 (e.g. 484 -> 313 us at 4096 x 4096), and after the grouped mask
+# (18:53) 7-30% faster again with 16 x 64; for the other passes no tile, warp or stage count
+# in the sweep was more than 5% faster than these.
 #   r_pad: (block_m, block_c) for _lora_down_kernel with out only / with the panel gradient,
 #          and for _lora_up_kernel writing only (without / with dropout) / with the input gradient.
 _DOWN_OUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32), 256: (32, 32)}
-_DOWN_PANEL_GRAD_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 32), 256: (32, 16)}
+# _lora_down_reduce_kernel holds a (block_c, r_pad) float32 accumulator: wide column blocks
+# (fewer out partials to read-add-write), short row blocks.
+_DOWN_PANEL_GRAD_TILES = {16: (32, 256), 32: (32, 256), 64: (32, 128), 128: (16, 64), 256: (16, 32)}
 _UP_WRITE_TILES = {16: (64, 128), 32: (64, 128), 64: (64, 128), 128: (32, 64), 256: (32, 64)}
 _UP_WRITE_DROPOUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 64), 256: (32, 64)}
 _UP_INP_GRAD_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 32), 128: (32, 32), 256: (32, 32)}
-_UP_INP_GRAD_DROPOUT_TILES = {**_UP_INP_GRAD_TILES, 16: (32, 32)}
+_UP_INP_GRAD_DROPOUT_TILES = {**_UP_INP_GRAD_TILES, 16: (16, 64)}
 
 
 def _tile(tiles, r_pad: int, dropout: bool, fp32_operands: bool) -> _Blocks:
@@ -304,6 +374,8 @@ def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, fp32_opera
         return _INTERPRET_BLOCKS
     tile = _tile(_DOWN_PANEL_GRAD_TILES if panel_grad else _DOWN_OUT_TILES, r_pad, dropout, fp32_operands)
     block_m = tile.block_m
+    if panel_grad and fp32_operands:
+        block_m = 16  # the float32 accumulator and operands spill at 32 rows (ptxas, sm_90)
     if not panel_grad:
         # One program per row block: prefer smaller row blocks over splitting the row
         # (which needs partials) when M alone does not give every SM a program.
@@ -364,18 +436,23 @@ def _split_groups(num_blocks: int, groups: int) -> tuple[int, int]:
 # (besides xa, dxa). A split that needs more than PARTIAL_BUDGET_BYTES is avoided when
 # the work can be arranged otherwise (fewer programs, or a second pass over dY). With
 # 'post' dropout, one pass over dY for both dxa and dB saves regenerating the M x N
-# mask (a full Philox-4x32-10 per element, the dominant cost of that pass), so that
-# pass may use up to MASK_REUSE_BUDGET_BYTES. Both are transient (freed by the op).
+# mask (one Philox-4x32-10 per four elements, the dominant cost of that pass), so that
+# pass may use up to MASK_REUSE_BUDGET_BYTES or MASK_REUSE_BUDGET_FRACTION of dY's size.
+# Both are transient (freed by the op, before the backward allocates dx, which is
+# larger at the shapes where the fraction applies, so the peak does not grow).
 PARTIAL_BUDGET_BYTES = 1 << 20
 MASK_REUSE_BUDGET_BYTES = 16 << 20
+MASK_REUSE_BUDGET_FRACTION = 1.0
 
 
 def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_grad, budget):
-    """(a, b, partial bytes): groups of m-blocks (a) and of c-blocks (b) for _lora_down_kernel.
+    """(a, b, partial bytes): groups of m-blocks (a) and of c-blocks (b) for _lora_down_kernel
+    (out only) or _lora_down_reduce_kernel (panel_grad).
 
-    b > 1 costs b * M * r_pad * 4 bytes of partials (out); with panel_grad, each m-group
-    costs C * r_pad * 4. Preferred, in order: partials within `budget`; `enough` programs
-    (one per SM) or as many as possible; fewest bytes; more m-groups.
+    out costs b * M * r_pad * 4 bytes of float32 partials (none for the out-only kernel
+    when b == 1: it writes out directly); with panel_grad, each m-group costs
+    C * r_pad * 4. Preferred, in order: partials within `budget`; `enough` programs (one
+    per SM) or as many as possible; fewest bytes; more m-groups.
     """
     reach = min(enough, m_blocks * c_blocks)
     candidates = {m_blocks}
@@ -386,7 +463,8 @@ def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_
     best = None
     for a in sorted(candidates):
         b = 1 if a >= enough else min(c_blocks, _cdiv(enough, a))
-        partial_bytes = (a * C * r_pad * 4 if panel_grad else 0) + (b * M * r_pad * 4 if compute_out and b > 1 else 0)
+        out_partials = compute_out and (b > 1 or panel_grad)
+        partial_bytes = (a * C * r_pad * 4 if panel_grad else 0) + (b * M * r_pad * 4 if out_partials else 0)
         key = (partial_bytes > budget, -min(a * b, reach), partial_bytes, -a)
         if best is None or key < best[0]:
             best = (key, a, b, partial_bytes)
@@ -462,7 +540,8 @@ class _Dropout:
 
 def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=True, rows=None, panel_grad_scale=1.0,
                budget=None):
-    """Runs _lora_down_kernel on inp (M x C) and panel (C x r).
+    """Runs _lora_down_kernel (out only) or _lora_down_reduce_kernel (rows given) on inp (M x C)
+    and panel (C x r).
 
     Returns (out, panel_grad): out = out_scale * drop(inp) @ panel as (M, r) in out_dtype
     (None unless need_out); when rows (M x r) is given, panel_grad =
@@ -478,45 +557,56 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
     if M == 0:
         # Nothing to contract: out is empty and the reduction over rows is zero.
         return out, panel_grad.zero_() if panel_grad_wanted else None
+    if C == 0 and panel_grad_wanted:
+        # panel_grad is empty and out (a sum over no columns) is zero; the reduce kernel
+        # would have no column block to write out from.
+        return (out.zero_() if need_out else None), panel_grad
 
     budget = PARTIAL_BUDGET_BYTES if budget is None else budget
     plan = _down_plan(M, C, r, device, need_out, panel_grad_wanted, dropout.on, panel.dtype, budget)
     a, b = plan.groups_m, plan.groups_c
-    placeholder = inp
+    blocks = plan.blocks
+    seed = dropout.seed if dropout.on else inp  # placeholder pointer when unused
+    common = dict(BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad, DROPOUT=dropout.on,
+                  ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0, **_dot_options(panel.dtype),
+                  num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    out_partials = need_out and (b > 1 or panel_grad_wanted)
     if not need_out:
-        out_buffer, out_strides = placeholder, (0, 0, 0)
-    elif b > 1:
+        out_buffer, out_strides = inp, (0, 0, 0)
+    elif out_partials:
         out_buffer = torch.empty((b, M, r_pad), dtype=torch.float32, device=device)
         out_strides = out_buffer.stride()
     else:
         out_buffer, out_strides = out, (0, out.stride(0), out.stride(1))
-    if panel_grad_wanted:
-        # float32 partial per m-group, accumulated in place by its program.
-        grad_buffer = torch.empty((a, C, r_pad), dtype=torch.float32, device=device)
-        grad_strides = grad_buffer.stride()
-        rows_strides = rows.stride()
-    else:
-        grad_buffer, grad_strides, rows, rows_strides = placeholder, (0, 0, 0), placeholder, (0, 0)
 
-    blocks = plan.blocks
-    replay.launch(
-        _lora_down_kernel, (a, b), inp, panel, out_buffer, rows, grad_buffer, dropout.seed if dropout.on else placeholder,
-        M, C, r,
-        inp.stride(0), inp.stride(1),
-        panel.stride(0), panel.stride(1),
-        *out_strides,
-        *rows_strides,
-        *grad_strides,
-        plan.m_per_group, plan.c_per_group,
-        float(out_scale), dropout.threshold, dropout.keep_scale,
-        BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
-        COMPUTE_OUT=need_out, COMPUTE_PANEL_GRAD=panel_grad_wanted, DROPOUT=dropout.on,
-        ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0,
-        **_dot_options(panel.dtype),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )
-    if need_out and b > 1:
-        _sum_partials(out_buffer, out)
+    if panel_grad_wanted:
+        # float32 partial per m-group, written once by its program per c-block.
+        grad_buffer = torch.empty((a, C, r_pad), dtype=torch.float32, device=device)
+        replay.launch(
+            _lora_down_reduce_kernel, (a, b), inp, panel, out_buffer, rows, grad_buffer, seed,
+            M, C, r,
+            inp.stride(0), inp.stride(1),
+            panel.stride(0), panel.stride(1),
+            *out_strides,
+            rows.stride(0), rows.stride(1),
+            *grad_buffer.stride(),
+            plan.m_per_group, plan.c_per_group,
+            dropout.threshold, dropout.keep_scale,
+            COMPUTE_OUT=need_out, **common,
+        )
+    else:
+        replay.launch(
+            _lora_down_kernel, (a, b), inp, panel, out_buffer, seed,
+            M, C, r,
+            inp.stride(0), inp.stride(1),
+            panel.stride(0), panel.stride(1),
+            *out_strides,
+            plan.m_per_group, plan.c_per_group,
+            float(out_scale) if not out_partials else 1.0, dropout.threshold, dropout.keep_scale,
+            **common,
+        )
+    if out_partials:
+        _sum_partials(out_buffer, out, scale=out_scale)
     if panel_grad_wanted:
         _sum_partials(grad_buffer, panel_grad, scale=panel_grad_scale)
     return out, panel_grad
@@ -525,17 +615,24 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
 def _grad_y_pass(g2, lora_B, xa, lora_dtype, scale, post: _Dropout, need_grad_xa, need_grad_B):
     """(dxa, dB) = (s drop(g) B, s drop(g)^T xa), each None unless needed.
 
-    Both come from one pass over g when the float32 partials of that pass fit the budget
-    (MASK_REUSE_BUDGET_BYTES with 'post' dropout); otherwise from two passes, one per
-    reduction direction, each needing only small partials.
+    Both come from one pass over g when that pass can give at least half the SMs a
+    program with its float32 partials within the budget; otherwise from two passes, one
+    per reduction direction, each needing only small partials. With 'post' dropout the one
+    pass saves regenerating the M x N mask, so it may use more: MASK_REUSE_BUDGET_BYTES,
+    or MASK_REUSE_BUDGET_FRACTION of dY's own size (already in memory) when that is larger.
     """
     M, N = g2.shape
     r = lora_B.shape[1]
     rows = xa if need_grad_B else None
     if need_grad_xa and need_grad_B and M > 0:
-        budget = MASK_REUSE_BUDGET_BYTES if post.on else PARTIAL_BUDGET_BYTES
+        budget = PARTIAL_BUDGET_BYTES
+        if post.on:
+            budget = max(MASK_REUSE_BUDGET_BYTES, int(g2.numel() * g2.element_size() * MASK_REUSE_BUDGET_FRACTION))
         plan = _down_plan(M, N, r, g2.device, True, True, post.on, lora_B.dtype, budget)
-        if plan.partial_bytes > budget:
+        m_blocks = _cdiv(M, plan.blocks.block_m)
+        c_blocks = _cdiv(N, plan.blocks.block_c)
+        programs_wanted = min(_num_sms(g2.device), m_blocks * c_blocks)
+        if plan.partial_bytes > budget or 2 * plan.groups_m * plan.groups_c < programs_wanted:
             grad_xa, _ = _lora_down(g2, lora_B, lora_dtype, scale, post)
             _, grad_B = _lora_down(g2, lora_B, lora_dtype, scale, post, need_out=False, rows=xa,
                                    panel_grad_scale=scale)
