@@ -149,16 +149,13 @@ def part_floor(rows, r=16):
             rows.append(dict(part="floor", shape=shape, name=f"cuBLAS {name}", us=round(us, 1)))
             out.append((shape, f"cuBLAS {name}, no mask", "", f"{us:.1f}", "", ""))
         # The 'post' forward's LoRA term y = drop(s (x A^T) B^T), without the base GEMM (weight
-        # None): the native path (cuBLAS x A^T, then the one-pass CUDA term kernel; "ATen route":
-        # cuBLAS xa B^T, then the CUDA mask pass in place) against the Triton backend (down
-        # pass, then one up pass that writes the masked term once).
-        for backend, fused in (("native", True), ("native", False), ("triton", True)):
+        # None): the native path (two cuBLAS GEMMs, then the CUDA mask pass in place) against the
+        # Triton backend (down pass, then one up pass that writes the masked term once).
+        for backend in ("native", "triton"):
             for p in (0.0, P):
-                lora_ext._C.set_fused_post_term(fused)
                 us = gpu_us(lambda: torch.ops.lora.linear.default(x2, None, None, A, B, 2.0, p, "post", seed,
                                                                   backend))
-                lora_ext._C.set_fused_post_term(True)
-                name = f"post_fwd LoRA term, {backend}{'' if fused else ' ATen route'}, p={p}"
+                name = f"post_fwd LoRA term, {backend}, p={p}"
                 rows.append(dict(part="floor", shape=shape, name=name, us=round(us, 1)))
                 out.append((shape, name, "", f"{us:.1f}", "", ""))
     print(common.markdown_table(["shape", "what", "elements", "µs", "ps/element", "copy pass µs"], out))

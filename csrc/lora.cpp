@@ -19,7 +19,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include "lora_aten.h"
 #include "triton_bridge.h"
 #include "triton_replay.h"
 
@@ -290,16 +289,6 @@ std::tuple<at::Tensor, at::Tensor> triton_masked_up(const at::Tensor& grad_xa, c
 
 // The Python module: build facts and the registration of the Triton callbacks
 // (lora_ext/kernels/cuda_dispatch.py). The ops themselves are torch.ops.lora.*.
-namespace {
-void set_fused_post_term_if_built(bool enabled) {
-#ifdef LORA_WITH_CUDA
-  lora::set_fused_post_term(enabled);
-#else
-  (void)enabled;
-#endif
-}
-}  // namespace
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "lora_ext C++/CUDA kernels; the ops are torch.ops.lora.*";
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
@@ -310,9 +299,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded masked-piece launches on or off (LORA_EXT_TRITON_REPLAY=0: off)");
-  module.def("set_fused_post_term", &set_fused_post_term_if_built,
-             "Turns the one-pass CUDA kernel of the 'post' forward's masked LoRA term on or off "
-             "(LORA_EXT_FUSED_POST_TERM=0: off; then cuBLAS + mask pass + bias add)");
   module.def("triton_replay_stats", &triton_replay_stats,
              "(recipes recorded, keys left on the Python route, calls replayed)");
 }

@@ -52,18 +52,6 @@ bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
          lora_A.scalar_type() != at::kDouble && lora_A.size(0) <= 256;
 }
 
-// The 'post' forward's LoRA term y = bias + drop(s xa B^T) in one CUDA pass where supported
-// (cuda/lora_cuda.cu); elsewhere a cuBLAS GEMM, the in-place mask pass and the bias add.
-bool fused_post_term(const at::Tensor& xa, const at::Tensor& lora_B) {
-#ifdef LORA_WITH_CUDA
-  return masked_lora_term_supported(xa, lora_B);
-#else
-  (void)xa;
-  (void)lora_B;
-  return false;
-#endif
-}
-
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
 // ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
 // afterwards: addmm skips the product then, and a NaN/Inf input must still give NaN.
@@ -121,14 +109,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   // scale == 0 also takes the separate path: addmm with alpha=0 skips the product, so a
   // NaN/Inf in the adapters would not reach y, while 0 * NaN is NaN (reference, Triton).
   const bool lora_term_separate = lora_dtype != x.scalar_type() || scale == 0.0;
-  if (post_dropout && !lora_term_separate && fused_post_term(xa, lora_B)) {
-#ifdef LORA_WITH_CUDA
-    // y starts as the dropped LoRA term plus the bias, written once; then the base GEMM
-    // accumulates onto it (beta=1).
-    y = masked_lora_term_cuda(xa, lora_B, bias, *seed, dropout_p, scale * keep_scale);
-    if (weight.has_value()) y.addmm_(x2, weight->t());
-#endif
-  } else if (post_dropout && !lora_term_separate && weight.has_value()) {
+  if (post_dropout && !lora_term_separate && weight.has_value()) {
     // y starts as the dropped LoRA term (written once, masked in place), then the base
     // GEMM accumulates onto it (beta=1): no (M, N) temporary besides y itself.
     y = at::mm(xa, lora_B.t());
@@ -191,12 +172,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const bool masked_pieces = dropout && use_masked_pieces(x, lora_A);
 
   at::Tensor grad_xa;  // (M, r): s drop_post(g) B
-  if (post_dropout && masked_pieces) {
+  const bool need_lora_grads = need_A || need_x || need_B;
+  if (post_dropout && masked_pieces && need_lora_grads) {
     at::Tensor masked_grad_B;
     std::tie(grad_xa, masked_grad_B) =
         triton_masked_grad_y(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B);
     if (need_B) grad_B = masked_grad_B;
-  } else {
+  } else if (need_lora_grads) {
     // Gradient reaching the LoRA term, in the adapters' dtype; for 'post' it passes
     // through the regenerated mask (a temporary, never saved).
     at::Tensor g_lora = g.to(lora_dtype);

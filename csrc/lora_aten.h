@@ -13,14 +13,6 @@ namespace lora {
 void dropout_scale_cpu_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
 #ifdef LORA_WITH_CUDA
 void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
-// The 'post' forward's LoRA term in one CUDA pass: bias + drop(term_scale * xa B^T) as a new
-// (M, N) tensor in xa's dtype (cuda/lora_cuda.cu). Supported: 16-bit xa and lora_B of one
-// dtype, rank <= 64, compute capability 8.0+, and not turned off (LORA_EXT_FUSED_POST_TERM=0,
-// lora_ext._C.set_fused_post_term(False)).
-bool masked_lora_term_supported(const at::Tensor& xa, const at::Tensor& lora_B);
-at::Tensor masked_lora_term_cuda(const at::Tensor& xa, const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias,
-                                 const at::Tensor& seed, double p, double term_scale);
-void set_fused_post_term(bool enabled);
 #endif
 void dropout_scale_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
 

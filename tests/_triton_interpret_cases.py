@@ -344,3 +344,15 @@ def test_masked_pieces_of_the_native_path_match_float64(M, K, N, r, dtype):
     only_A = triton_lora.masked_up(grad_xa, A, x, seed, p, False, True)
     assert only_A[0].numel() == 0
     torch.testing.assert_close(only_A[1], grad_A, rtol=0, atol=0)
+
+
+def test_masked_grad_y_with_nothing_wanted_writes_nothing():
+    """Asked for neither dxa nor dB (e.g. only the bias gradient), the piece returns empty
+    tensors and leaves dY alone (a kernel launched with placeholder pointers wrote into it)."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(37, 44, generator=gen)
+    before = g.clone()
+    grad_xa, grad_B = triton_lora.masked_grad_y(g, torch.randn(44, 5, generator=gen), torch.randn(37, 5, generator=gen),
+                                                0.7, seed_tensor(1), 0.3, False, False)
+    assert grad_xa.numel() == 0 and grad_B.numel() == 0
+    assert torch.equal(g, before)

@@ -364,37 +364,6 @@ def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
         assert torch.equal(a, b) and torch.equal(a, c), f"{name}: replay differs from the Python route"
 
 
-@pytest.mark.skipif("native" not in BACKENDS, reason="needs the native CUDA build")
-@pytest.mark.parametrize("N", [80, 37], ids=["N%4==0", "N%4!=0"])  # one Philox per 4 columns / per element
-@pytest.mark.parametrize("r", [5, 16, 40, 64, 65])  # 65: above the fused kernel's rank (the ATen route)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_fused_post_term_matches_reference_mask_and_aten_route(N, r, dtype):
-    """The 'post' forward's one-pass CUDA LoRA term (csrc/cuda/lora_cuda.cu): forward and
-    gradients vs the float64 reference (a strided bias, odd rows), its zeros are the
-    reference mask, and it agrees with the ATen route (cuBLAS + mask pass + bias add)."""
-    inputs = make_inputs((3, 45), 96, N, r, dtype, bias=True, seed=N + r)
-    inputs["bias"] = torch.stack([inputs["bias"].detach(), -inputs["bias"].detach()], 1)[:, 0].requires_grad_()
-    assert inputs["bias"].stride() == (2,)
-    run_and_check(inputs, 2.0, 0.3, "post", 99, "native")
-
-    x, w, b, A, B = (inputs[k].detach() for k in GRAD_NAMES)
-    seed = seed_tensor(-5)
-    term, _ = torch.ops.lora.linear(x, None, None, A, B, 1.0, 0.3, "post", seed, "native")
-    kept = (term != 0).cpu().reshape(-1, N)
-    assert torch.equal(kept, dropout_keep_mask(-5, kept.shape[0], N, 0.3))
-
-    fused, _ = torch.ops.lora.linear(x, w, b, A, B, 2.0, 0.3, "post", seed, "native")
-    lora_ext._C.set_fused_post_term(False)
-    try:
-        aten, _ = torch.ops.lora.linear(x, w, b, A, B, 2.0, 0.3, "post", seed, "native")
-    finally:
-        lora_ext._C.set_fused_post_term(True)
-    # Two bf16/fp16 roundings of the term apart (the ATen route rounds the product and the
-    # scaled product; the fused kernel rounds once).
-    bound = 2 * EPS[dtype] * max(aten.abs().max().item(), 1.0)
-    assert max_abs_diff(fused, aten) <= bound, f"fused and ATen route differ by {max_abs_diff(fused, aten):.3g}"
-
-
 # ---------------------------------------------------------------------------
 # More than 2**31 elements
 # ---------------------------------------------------------------------------

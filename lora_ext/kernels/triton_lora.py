@@ -345,11 +345,17 @@ _INTERPRET_BLOCKS = _Blocks(32, 32)
 # only (benchmarks/masked_pieces.py, 2026-11-28 18:39, bf16, M=8192, dropout 0.1, 4 Llama
 # shapes): the reduction over x with dropout (_UP_INP_GRAD_DROPOUT_TILES) is 1.4-1.5x faster with
 # 32 x 32 tiles than 64 x 64 (e.g. 484 -> 313 us at 4096 x 4096), and after the grouped mask
-# (18:53) 7-30% faster again with 16 x 64; for the other passes no tile, warp or stage count
-# in the sweep was more than 5% faster than these.
-#   r_pad: (block_m, block_c) for _lora_down_kernel with out only / with the panel gradient,
-#          and for _lora_up_kernel writing only (without / with dropout) / with the input gradient.
+# (18:53) 7-30% faster again with 16 x 64; the contraction of x with dropout
+# (_DOWN_OUT_DROPOUT_TILES) is 14-17% faster with 32 x 128 than 64 x 64 (21:20, e.g. 87 -> 75 us).
+# _DOWN_PANEL_GRAD_TILES (21:20, the reduce kernel): 32 x 256 was the fastest at 4096 x 4096 and
+# 14336 x 4096; 64 x 64 was 10-20% faster at 4096 x 1024 and 4096 x 14336 (not applied: one
+# table per rank). For the other passes no tile, warp or stage count in the sweep was more than
+# 5% faster than these.
+#   r_pad: (block_m, block_c) for _lora_down_kernel (without / with dropout), for
+#          _lora_down_reduce_kernel, and for _lora_up_kernel writing only (without / with
+#          dropout) / with the input gradient (without / with dropout).
 _DOWN_OUT_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32), 256: (32, 32)}
+_DOWN_OUT_DROPOUT_TILES = {**_DOWN_OUT_TILES, 16: (32, 128)}
 # _lora_down_reduce_kernel holds a (block_c, r_pad) float32 accumulator: wide column blocks
 # (fewer out partials to read-add-write), short row blocks.
 _DOWN_PANEL_GRAD_TILES = {16: (32, 256), 32: (32, 256), 64: (32, 128), 128: (16, 64), 256: (16, 32)}
@@ -372,7 +378,11 @@ def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, fp32_opera
                  programs_wanted: int) -> _Blocks:
     if _INTERPRET:
         return _INTERPRET_BLOCKS
-    tile = _tile(_DOWN_PANEL_GRAD_TILES if panel_grad else _DOWN_OUT_TILES, r_pad, dropout, fp32_operands)
+    if panel_grad:
+        tiles = _DOWN_PANEL_GRAD_TILES
+    else:
+        tiles = _DOWN_OUT_DROPOUT_TILES if dropout else _DOWN_OUT_TILES
+    tile = _tile(tiles, r_pad, dropout, fp32_operands)
     block_m = tile.block_m
     if panel_grad and fp32_operands:
         block_m = 16  # the float32 accumulator and operands spill at 32 rows (ptxas, sm_90)
@@ -552,6 +562,8 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
     r_pad = _rank_pad(r)
     device = inp.device
     panel_grad_wanted = rows is not None
+    if not need_out and not panel_grad_wanted:
+        return None, None  # (the out-only kernel would write through its placeholder out pointer)
     out = torch.empty((M, r), dtype=out_dtype, device=device) if need_out else None
     panel_grad = torch.empty((C, r), dtype=panel.dtype, device=device) if panel_grad_wanted else None
     if M == 0:
