@@ -9,8 +9,8 @@ Four parts, each printed as a markdown table and written as CSV rows to --out:
 2. floor: at M=8192, r=16 (bf16), GPU time of the mask alone (keep_mask_range over the
    dropped tensor), of one copy pass over it, and of the same thin products on cuBLAS
    without a mask: what a masked piece cannot beat.
-3. ranks: the reduction pieces at r = 16 and 64: one pass over dY against two, and the
-   reductions over rows as rows^T inp (default) against inp^T rows.
+3. ranks: the reduction pieces at r = 16 and 64: one pass over dY against two, and dA
+   as rows^T inp (default) against inp^T rows.
 4. sweep: each piece at the four Llama shapes, over tile shape, warps, stages and
    programs per SM; the best configuration per piece next to the current default.
 
@@ -172,17 +172,17 @@ def two_pass_grad_y(g2, B, xa, seed):
         triton_lora.MASK_REUSE_BUDGET_BYTES, triton_lora.MASK_REUSE_BUDGET_FRACTION = saved
 
 
-def with_reduce_as_inp_t(fn):
-    """fn() with the reductions over rows as inp^T @ rows (the form before REDUCE_AS_ROWS_T)."""
-    triton_lora.REDUCE_AS_ROWS_T = False
+def with_inp_grad_as_inp_t(fn):
+    """fn() with the up kernel's reduction over rows as inp^T @ rows (not INP_GRAD_AS_ROWS_T)."""
+    triton_lora.INP_GRAD_AS_ROWS_T = False
     try:
         return fn()
     finally:
-        triton_lora.REDUCE_AS_ROWS_T = True
+        triton_lora.INP_GRAD_AS_ROWS_T = True
 
 
 def part_ranks(rows):
-    """The reduction pieces at r = 16 and 64: one pass over dY (default) vs two, dB / dA as rows^T inp
+    """The reduction pieces at r = 16 and 64: one pass over dY (default) vs two, dA as rows^T inp
     (default) vs inp^T rows, and cuBLAS without a mask."""
     out = []
     for r in (16, 64):
@@ -193,10 +193,9 @@ def part_ranks(rows):
             results = {
                 "masked_grad_y (default)": gpu_us(grad_y),
                 "masked_grad_y (two passes)": gpu_us(lambda: two_pass_grad_y(g2, B, xa, seed)),
-                "masked_grad_y (dB as inp^T rows)": gpu_us(lambda: with_reduce_as_inp_t(grad_y)),
                 "cuBLAS (g B, g^T xa), no mask": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
                 "masked_up (default)": gpu_us(up),
-                "masked_up (dA as inp^T rows)": gpu_us(lambda: with_reduce_as_inp_t(up)),
+                "masked_up (dA as inp^T rows)": gpu_us(lambda: with_inp_grad_as_inp_t(up)),
             }
             for name, us in results.items():
                 rows.append(dict(part="ranks", shape=shape, r=r, name=name, us=round(us, 1)))

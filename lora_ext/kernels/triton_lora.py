@@ -143,7 +143,7 @@ def _lora_down_reduce_kernel(
     drop_threshold, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
     COMPUTE_OUT: tl.constexpr, DROPOUT: tl.constexpr, ROWS_HOLD_GROUPS: tl.constexpr,
-    REDUCE_AS_ROWS_T: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over inp (M x C) for its reduction over rows, and optionally its contraction:
       panel_grad[c, :] = drop(inp)[:, c]^T @ rows      (C x R; rows is M x R)
@@ -186,25 +186,17 @@ def _lora_down_reduce_kernel(
             tl.debug_barrier()
             # (A vector, not the scalar cb > cb_start: the interpreter rejects a scalar in a mask.)
             continues_partial = (r * 0 + cb) > cb_start
-        if REDUCE_AS_ROWS_T:
-            grad_acc_t = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
-        else:
-            grad_acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
+        grad_acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
         for mb in range(mb_start, mb_end):
             m = m_first + (mb - mb_start) * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = m < M
             inp = _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
                                      key_lo, key_hi, drop_threshold, keep_scale,
                                      BLOCK_M, BLOCK_C, DROPOUT, ROWS_HOLD_GROUPS, COMPUTE_DTYPE)
-            if REDUCE_AS_ROWS_T:
-                # panel_grad^T += rows^T inp: the small rows tile is the transposed operand.
-                rows_t = tl.load(rows_ptr + r[:, None] * stride_rr + m[None, :] * stride_rm,
-                                 mask=r_ok[:, None] & m_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
-                grad_acc_t = tl.dot(rows_t, inp, grad_acc_t, input_precision=INPUT_PRECISION)
-            else:
-                rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
-                               mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
-                grad_acc = tl.dot(tl.trans(inp), rows, grad_acc, input_precision=INPUT_PRECISION)
+            rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
+                           mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+            # (As rows^T @ inp, accumulating dB^T, this was 1-8% slower on the H200: NOTES #17.)
+            grad_acc = tl.dot(tl.trans(inp), rows, grad_acc, input_precision=INPUT_PRECISION)
             if COMPUTE_OUT:
                 out_ptrs = (out_ptr + pid_c_group.to(tl.int64) * stride_os
                             + m[:, None] * stride_om + r[None, :] * stride_or)
@@ -212,13 +204,9 @@ def _lora_down_reduce_kernel(
                 # The first c-block starts the partial (the buffer is uninitialised).
                 previous = tl.load(out_ptrs, mask=out_ok & continues_partial[None, :], other=0.0)
                 tl.store(out_ptrs, tl.dot(inp, panel, previous, input_precision=INPUT_PRECISION), mask=out_ok)
-        grad_base = panel_grad_ptr + pid_m_group.to(tl.int64) * stride_gs
-        if REDUCE_AS_ROWS_T:
-            tl.store(grad_base + c[None, :] * stride_gc + r[:, None] * stride_gr, grad_acc_t,
-                     mask=r_ok[:, None] & c_ok[None, :])
-        else:
-            tl.store(grad_base + c[:, None] * stride_gc + r[None, :] * stride_gr, grad_acc,
-                     mask=c_ok[:, None] & r_ok[None, :])
+        grad_ptrs = (panel_grad_ptr + pid_m_group.to(tl.int64) * stride_gs
+                     + c[:, None] * stride_gc + r[None, :] * stride_gr)
+        tl.store(grad_ptrs, grad_acc, mask=c_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_rm", "stride_gs", "stride_gc", "stride_gr", "blocks_m_per_split"])
@@ -235,7 +223,7 @@ def _lora_up_kernel(
     out_scale, drop_threshold, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
     WRITE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_INP_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-    ROWS_HOLD_GROUPS: tl.constexpr, REDUCE_AS_ROWS_T: tl.constexpr,
+    ROWS_HOLD_GROUPS: tl.constexpr, INP_GRAD_AS_ROWS_T: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over the M x C tiles of a column block for the rank-r expansion.
@@ -262,7 +250,7 @@ def _lora_up_kernel(
                         mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + c * stride_b, mask=c_ok, other=0.0).to(tl.float32)
-    if REDUCE_AS_ROWS_T:
+    if INP_GRAD_AS_ROWS_T:
         grad_acc_t = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     else:
         grad_acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
@@ -291,13 +279,13 @@ def _lora_up_kernel(
             inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic, mask=tile_ok, other=0.0)
             if DROPOUT:
                 inp = inp.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
-            if REDUCE_AS_ROWS_T:
+            if INP_GRAD_AS_ROWS_T:
                 grad_acc_t = tl.dot(tl.trans(rows), inp.to(COMPUTE_DTYPE), grad_acc_t, input_precision=INPUT_PRECISION)
             else:
                 grad_acc = tl.dot(tl.trans(inp.to(COMPUTE_DTYPE)), rows, grad_acc, input_precision=INPUT_PRECISION)
     if COMPUTE_INP_GRAD:
         grad_base = inp_grad_ptr + pid_split.to(tl.int64) * stride_gs
-        if REDUCE_AS_ROWS_T:
+        if INP_GRAD_AS_ROWS_T:
             tl.store(grad_base + c[None, :] * stride_gc + r[:, None] * stride_gr,
                      grad_acc_t.to(inp_grad_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
         else:
@@ -370,8 +358,8 @@ _INTERPRET_BLOCKS = _Blocks(32, 32)
 # shapes): the reduction over x with dropout (_UP_INP_GRAD_DROPOUT_TILES) is 1.4-1.5x faster with
 # 32 x 32 tiles than 64 x 64 (e.g. 484 -> 313 us at 4096 x 4096), and after the grouped mask
 # (18:53) 7-30% faster again with 16 x 64; the contraction of x with dropout
-# (_DOWN_OUT_DROPOUT_TILES) is 14-17% faster with 32 x 128 than 64 x 64 (21:20, e.g. 87 -> 75 us).
-# _DOWN_PANEL_GRAD_TILES at r <= 16 (21:20, the reduce kernel): 64 x 64 is 10-20% faster than
+# (_DOWN_OUT_DROPOUT_TILES) is 14-17% faster with 32 x 128 than 64 x 64 (20:30, e.g. 87 -> 75 us).
+# _DOWN_PANEL_GRAD_TILES at r <= 16 (20:30, the reduce kernel): 64 x 64 is 10-20% faster than
 # 32 x 256 at 4096 x 1024 and 4096 x 14336 and 2-3% slower at 4096 x 4096 and 14336 x 4096
 # (fastest in sum; larger tiles were not reached by the sweep). For the other passes no tile,
 # warp or stage count in the sweep was more than 5% faster than these.
@@ -477,16 +465,17 @@ def _split_groups(num_blocks: int, groups: int) -> tuple[int, int]:
 PARTIAL_BUDGET_BYTES = 1 << 20
 MASK_REUSE_BUDGET_BYTES = 16 << 20
 
-# The reductions over rows (dB = drop(dY)^T xa in _lora_down_reduce_kernel, dA^T = drop(x)^T dxa
-# in _lora_up_kernel) as rows^T @ inp, accumulating the transposed (r, C) result, instead of
-# inp^T @ rows: the transposed dot operand is then the small (M, r) tile, not the large
-# dropped (M, C) one, which the contraction also uses untransposed. 16-bit operands only:
-# with float32 operands ptxas spills more that way (up to 848 bytes at rank 256).
-REDUCE_AS_ROWS_T = True
+# _lora_up_kernel's reduction over rows (dA = dxa^T drop(x)) as rows^T @ inp, accumulating the
+# (r, C) result, instead of inp^T @ rows (accumulating its transpose): the transposed dot
+# operand is then the small (M, r) tile, not the large dropped (M, C) one. Measured on the H200
+# (masked_pieces.py ranks, 2026-11-28 20:54, bf16, M=8192, p=0.1): 8-11% faster at r=64, within
+# 1% at r=16; the same change to dB in _lora_down_reduce_kernel was 1-8% slower and is not made.
+# 16-bit operands only: with float32 operands ptxas spills more that way (848 bytes at rank 256).
+INP_GRAD_AS_ROWS_T = True
 
 
-def _reduce_as_rows_t(lora_dtype: torch.dtype) -> bool:
-    return REDUCE_AS_ROWS_T and lora_dtype != torch.float32
+def _inp_grad_as_rows_t(lora_dtype: torch.dtype) -> bool:
+    return INP_GRAD_AS_ROWS_T and lora_dtype != torch.float32
 MASK_REUSE_BUDGET_FRACTION = 1.0
 
 
@@ -639,7 +628,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
             *grad_buffer.stride(),
             plan.m_per_group, plan.c_per_group,
             dropout.threshold, dropout.keep_scale,
-            COMPUTE_OUT=need_out, REDUCE_AS_ROWS_T=_reduce_as_rows_t(panel.dtype), **common,
+            COMPUTE_OUT=need_out, **common,
         )
     else:
         replay.launch(
@@ -751,7 +740,7 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
-        ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0, REDUCE_AS_ROWS_T=_reduce_as_rows_t(panel.dtype),
+        ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0, INP_GRAD_AS_ROWS_T=_inp_grad_as_rows_t(panel.dtype),
         **_dot_options(panel.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
