@@ -57,6 +57,28 @@ _SIZE_ARGS = ["M", "C", "R", "drop_threshold"]
 
 
 @triton.jit
+def _program_blocks(M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (i, j)'s m-blocks [mb_start, mb_end) (group i) and c-blocks [cb_start, cb_end)
+    (group j), and the int64 index of its first row and first column: m * stride and m * C may
+    pass 2**31 (the loop counters stay int32 and only count blocks within the program)."""
+    mb_start = tl.program_id(0) * blocks_m_per_group
+    mb_end = tl.minimum(mb_start + blocks_m_per_group, tl.cdiv(M, BLOCK_M))
+    cb_start = tl.program_id(1) * blocks_c_per_group
+    cb_end = tl.minimum(cb_start + blocks_c_per_group, tl.cdiv(C, BLOCK_C))
+    return mb_start, mb_end, cb_start, cb_end, mb_start.to(tl.int64) * BLOCK_M, cb_start.to(tl.int64) * BLOCK_C
+
+
+@triton.jit
+def _dropout_key(seed_ptr, DROPOUT: tl.constexpr):
+    """The Philox key from the seed tensor; placeholders (unused) without dropout."""
+    key_lo = 0
+    key_hi = 0
+    if DROPOUT:
+        key_lo, key_hi = load_seed_words(seed_ptr)
+    return key_lo, key_hi
+
+
+@triton.jit
 def _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
                        key_lo, key_hi, drop_threshold, keep_scale,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
@@ -96,20 +118,11 @@ def _lora_down_kernel(
     """
     pid_m_group = tl.program_id(0)
     pid_c_group = tl.program_id(1)
-    mb_start = pid_m_group * blocks_m_per_group
-    mb_end = tl.minimum(mb_start + blocks_m_per_group, tl.cdiv(M, BLOCK_M))
-    cb_start = pid_c_group * blocks_c_per_group
-    cb_end = tl.minimum(cb_start + blocks_c_per_group, tl.cdiv(C, BLOCK_C))
+    mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
+        M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
     r = tl.arange(0, R_PAD)
     r_ok = r < R
-    # int64 row and column indices: m * stride and m * C may pass 2**31. (The loop
-    # counters stay int32 and only count blocks within this program.)
-    m_first = mb_start.to(tl.int64) * BLOCK_M
-    c_first = cb_start.to(tl.int64) * BLOCK_C
-    key_lo = 0  # placeholders for _load_dropped_tile without dropout
-    key_hi = 0
-    if DROPOUT:
-        key_lo, key_hi = load_seed_words(seed_ptr)
+    key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
     for mb in range(mb_start, mb_end):
         m = m_first + (mb - mb_start) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,25 +167,19 @@ def _lora_down_reduce_kernel(
     innermost: a c-block's panel_grad rows are accumulated in registers over the whole
     m-group and written once, to slice i. Its out rows go to slice j: the first c-block of
     the group writes them, later ones add to them. That read-add-write of an m-block's
-    rows comes a whole m-group sweep after their last store, so it does not wait on it
-    (the earlier version of this pass kept out in registers instead and read-added-wrote
-    the C x R panel_grad for every tile, right after storing it: 3-4x slower on the H200).
+    rows comes a whole m-group sweep after their last store, so it does not wait on it.
+    (The earlier version of this pass kept out in registers instead and read-added-wrote
+    panel_grad's rows for every tile, right after storing them: ~10% slower on the H200
+    at r=16; benchmarks/NOTES.md #14.)
     backward: inp = dY, panel = B, rows = xa, out = dxa / s, panel_grad = dB / s.
     """
     pid_m_group = tl.program_id(0)
     pid_c_group = tl.program_id(1)
-    mb_start = pid_m_group * blocks_m_per_group
-    mb_end = tl.minimum(mb_start + blocks_m_per_group, tl.cdiv(M, BLOCK_M))
-    cb_start = pid_c_group * blocks_c_per_group
-    cb_end = tl.minimum(cb_start + blocks_c_per_group, tl.cdiv(C, BLOCK_C))
+    mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
+        M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
     r = tl.arange(0, R_PAD)
     r_ok = r < R
-    m_first = mb_start.to(tl.int64) * BLOCK_M
-    c_first = cb_start.to(tl.int64) * BLOCK_C
-    key_lo = 0  # placeholders for _load_dropped_tile without dropout
-    key_hi = 0
-    if DROPOUT:
-        key_lo, key_hi = load_seed_words(seed_ptr)
+    key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
     for cb in range(cb_start, cb_end):
         c_tile = c_first + (cb - cb_start) * BLOCK_C
