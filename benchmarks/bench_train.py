@@ -116,6 +116,7 @@ def build_model(provider, dropout, args, device, dtype):
     model = build_meta_model(config, dtype)
     if provider.startswith("lora_ext"):
         peft_config = lora_ext.PeftConfig(match_all_linear=True, dim=args.rank, alpha=args.alpha, dropout=dropout,
+                                          dropout_position=args.dropout_position,
                                           use_triton=provider == "lora_ext_triton")
         n_lora = lora_ext.apply_lora_to_linear_modules(model, peft_config)  # on meta: allocates nothing
         model.to_empty(device=device)
@@ -317,7 +318,9 @@ def environment(device, args) -> dict:
     meta["settings"] = (f"{args.dtype}, LoRA r={args.rank} alpha={args.alpha:g} on every Linear (lm_head too); "
                         f"model {sizes}; compile={args.compile}; warm-up {args.warmup} steps, timed {args.steps}; "
                         f"PEFT adapters in {'fp32' if args.peft_fp32_adapters else 'the base dtype'}; "
-                        "lora_ext dropout 'post' (its default), PEFT dropout on x")
+                        f"lora_ext dropout '{args.dropout_position}'"
+                        f"{' (its default)' if args.dropout_position == 'post' else ' (on x, as PEFT)'}, "
+                        "PEFT dropout on x")
     return meta
 
 
@@ -329,6 +332,9 @@ def parse_args():
     parser.add_argument("--dropouts", type=float, nargs="+", default=None,
                         help="default: 0.0 0.1 (--quick: 0.1, the configuration the end-to-end target is about)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dropout-position", default="post", choices=["pre", "post"],
+                        help="lora_ext's dropout position: 'post' (its default, NeMo's) drops the LoRA term's "
+                             "M x N output; 'pre' drops x (M x K), as PEFT does")
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
