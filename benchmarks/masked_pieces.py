@@ -23,6 +23,7 @@ import csv
 import itertools
 import os
 import time
+import unittest.mock
 
 import torch
 import triton
@@ -162,23 +163,9 @@ def part_floor(rows, r=16):
     print(common.markdown_table(["shape", "what", "elements", "µs", "ps/element", "copy pass µs"], out))
 
 
-def two_pass_grad_y(g2, B, xa, seed):
-    """masked_grad_y forced to two passes over dY (dxa, then dB), for comparison with one."""
-    saved = triton_lora.MASK_REUSE_BUDGET_BYTES, triton_lora.MASK_REUSE_BUDGET_FRACTION
-    triton_lora.MASK_REUSE_BUDGET_BYTES, triton_lora.MASK_REUSE_BUDGET_FRACTION = 0, 0.0
-    try:
-        return triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True, True)
-    finally:
-        triton_lora.MASK_REUSE_BUDGET_BYTES, triton_lora.MASK_REUSE_BUDGET_FRACTION = saved
-
-
-def with_inp_grad_as_inp_t(fn):
-    """fn() with the up kernel's reduction over rows as inp^T @ rows (not INP_GRAD_AS_ROWS_T)."""
-    triton_lora.INP_GRAD_AS_ROWS_T = False
-    try:
-        return fn()
-    finally:
-        triton_lora.INP_GRAD_AS_ROWS_T = True
+def patched(fn, **settings):
+    """fn with triton_lora's module settings replaced while it runs (e.g. to time another variant)."""
+    return lambda: unittest.mock.patch.multiple(triton_lora, **settings)(fn)()
 
 
 def part_ranks(rows):
@@ -192,10 +179,12 @@ def part_ranks(rows):
             up = lambda: triton_lora.masked_up(xa, A, x2, seed, P, True, True)  # noqa: E731
             results = {
                 "masked_grad_y (default)": gpu_us(grad_y),
-                "masked_grad_y (two passes)": gpu_us(lambda: two_pass_grad_y(g2, B, xa, seed)),
+                # Budgets of 0: dxa and dB from two passes over dY.
+                "masked_grad_y (two passes)": gpu_us(patched(grad_y, MASK_REUSE_BUDGET_BYTES=0,
+                                                             MASK_REUSE_BUDGET_FRACTION=0.0)),
                 "cuBLAS (g B, g^T xa), no mask": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
                 "masked_up (default)": gpu_us(up),
-                "masked_up (dA as inp^T rows)": gpu_us(lambda: with_inp_grad_as_inp_t(up)),
+                "masked_up (dA as inp^T rows)": gpu_us(patched(up, INP_GRAD_AS_ROWS_T=False)),
             }
             for name, us in results.items():
                 rows.append(dict(part="ranks", shape=shape, r=r, name=name, us=round(us, 1)))
