@@ -49,11 +49,13 @@ from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, loa
 # ---------------------------------------------------------------------------
 
 
-# Sizes, loop counts and the strides of the small (rank-r) tensors are not specialised:
-# Triton would otherwise compile a variant for each value equal to 1 or divisible by 16
-# (e.g. direct output vs float32 partials, r = 1 / 3 / 16). The strides of x, dY, y, dx
-# and the adapters are, for vectorised access to the large tiles.
-_SIZE_ARGS = ["M", "C", "R", "drop_threshold"]
+# Row counts, loop counts and the partial buffers' strides are not specialised: Triton would
+# otherwise compile a variant for each value equal to 1 or divisible by 16 (e.g. direct
+# output vs float32 partials). C and R are, like the strides of x, dY, y, dx, xa and the
+# adapters: a tile's column mask (c < C, r < R) must be known constant over 8 columns for
+# its loads to be 16-byte vectors (and cp.async-pipelined). With C unspecialised the
+# masked pieces loaded dY / x one bf16 element per instruction (SASS, sm_90; NOTES #19).
+_SIZE_ARGS = ["M", "drop_threshold"]
 
 
 @triton.jit
@@ -142,7 +144,7 @@ def _lora_down_kernel(
         tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_os", "stride_om", "stride_rm", "stride_gs",
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_os", "stride_om", "stride_gs",
                                             "blocks_m_per_group", "blocks_c_per_group"])
 def _lora_down_reduce_kernel(
     inp_ptr, panel_ptr, out_ptr, rows_ptr, panel_grad_ptr, seed_ptr,
