@@ -9,8 +9,8 @@ Four parts, each printed as a markdown table and written as CSV rows to --out:
 2. floor: at M=8192, r=16 (bf16), GPU time of the mask alone (keep_mask_range over the
    dropped tensor), of one copy pass over it, and of the same thin products on cuBLAS
    without a mask: what a masked piece cannot beat.
-3. ranks: the reduction pieces at r = 16 and 64: one pass over dY against two, and dA
-   as rows^T inp (default) against inp^T rows.
+3. ranks: the reduction pieces at r = 16 and 64: one pass over dY against two, the
+   native CUDA pass, and dA as rows^T inp (default) against inp^T rows.
 4. sweep: each piece at the four Llama shapes, over tile shape, warps, stages and
    programs per SM; the best configuration per piece next to the current default.
 
@@ -169,8 +169,8 @@ def patched(fn, **settings):
 
 
 def part_ranks(rows):
-    """The reduction pieces at r = 16 and 64: one pass over dY (default) vs two, dA as rows^T inp
-    (default) vs inp^T rows, and cuBLAS without a mask."""
+    """The reduction pieces at r = 16 and 64: one pass over dY (default) vs two and vs the native
+    CUDA pass, dA as rows^T inp (default) vs inp^T rows, and cuBLAS without a mask."""
     out = []
     for r in (16, 64):
         for shape, (K, N) in SHAPES.items():
@@ -183,6 +183,9 @@ def part_ranks(rows):
                 "masked_grad_y (two passes)": gpu_us(patched(grad_y, MASK_REUSE_BUDGET_BYTES=0,
                                                              MASK_REUSE_BUDGET_FRACTION=0.0)),
                 "cuBLAS (g B, g^T xa), no mask": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
+                # What the native path runs (csrc/cuda/masked_grad_y.cu), when built with CUDA.
+                "masked_grad_y (native CUDA)": gpu_us(lambda: lora_ext._C.masked_grad_y_cuda(
+                    g2, B, xa, 2.0, seed, P, True, True)) if lora_ext._C.has_cuda() else float("nan"),
                 "masked_up (default)": gpu_us(up),
                 "masked_up (dA as inp^T rows)": gpu_us(patched(up, INP_GRAD_AS_ROWS_T=False)),
             }

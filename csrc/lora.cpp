@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "lora_aten.h"
 #include "triton_bridge.h"
 #include "triton_replay.h"
 
@@ -301,4 +302,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Turns the C++ replay of recorded masked-piece launches on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,
              "(recipes recorded, keys left on the Python route, calls replayed)");
+#ifdef LORA_WITH_CUDA
+  module.def("masked_grad_y_cuda_supports", &lora::masked_grad_y_cuda_supports,
+             "Whether masked_grad_y_cuda takes these (g2, lora_B, xa)");
+  module.def("masked_grad_y_cuda", &lora::masked_grad_y_cuda,
+             "(s drop(g2) B, s drop(g2)^T xa): the native 'post' dropout backward step (csrc/cuda/masked_grad_y.cu)");
+#endif
 }

@@ -52,6 +52,17 @@ bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
          lora_A.scalar_type() != at::kDouble && lora_A.size(0) <= 256;
 }
 
+// Whether the 'post' backward's masked step runs the native one-pass kernel (cuda/masked_grad_y.cu).
+// Measured on the H200 against the Triton pass it replaces (benchmarks/NOTES.md #19).
+bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, const at::Tensor& xa) {
+#ifdef LORA_WITH_CUDA
+  return masked_grad_y_cuda_supports(g, lora_B, xa);
+#else
+  (void)g, (void)lora_B, (void)xa;
+  return false;
+#endif
+}
+
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
 // ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
 // afterwards: addmm skips the product then, and a NaN/Inf input must still give NaN.
@@ -173,7 +184,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
 
   at::Tensor grad_xa;  // (M, r): s drop_post(g) B
   const bool need_lora_grads = need_A || need_x || need_B;
-  if (post_dropout && masked_pieces && need_lora_grads) {
+  if (post_dropout && need_lora_grads && use_native_masked_grad_y(g, lora_B, xa)) {
+#ifdef LORA_WITH_CUDA
+    at::Tensor masked_grad_B;
+    std::tie(grad_xa, masked_grad_B) =
+        masked_grad_y_cuda(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B);
+    if (need_B) grad_B = masked_grad_B;
+#endif
+  } else if (post_dropout && masked_pieces && need_lora_grads) {
     at::Tensor masked_grad_B;
     std::tie(grad_xa, masked_grad_B) =
         triton_masked_grad_y(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B);

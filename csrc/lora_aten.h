@@ -16,6 +16,17 @@ void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double
 #endif
 void dropout_scale_(at::Tensor& t, const at::Tensor& seed, double p, double kept_scale);
 
+#ifdef LORA_WITH_CUDA
+// The 'post' backward's LoRA step in one pass over the (M, N) dY g2, natively (cuda/masked_grad_y.cu):
+// (s drop(g2) B, s drop(g2)^T xa) in lora_B's dtype; empty tensors where not needed. Supported:
+// contiguous 16-byte-aligned bf16/f16 g2 with N % 8 == 0, lora_B and xa of the same dtype,
+// r <= 64, sm_80 or newer; LORA_EXT_NATIVE_GRAD_Y=0 turns it off (then the Triton pass runs).
+bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa);
+std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, const at::Tensor& lora_B,
+                                                      const at::Tensor& xa, double scale, const at::Tensor& seed,
+                                                      double p, bool need_grad_xa, bool need_grad_B);
+#endif
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,

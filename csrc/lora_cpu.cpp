@@ -17,7 +17,7 @@ namespace {
 // Elements per mask block: one block's keep flags live on the stack.
 constexpr int64_t kMaskBlock = 512;
 
-// keep[j] = dropout_keep(seed, first + j) for j < count. Whole groups of four elements share
+// keep[j] = dropout_keep(seed, first + j) for j < count. Whole groups of eight elements share
 // one Philox evaluation (philox.h); the group loop has no branches, so the compiler vectorises
 // it (32x32->64-bit multiplies). target_clones builds an AVX2 and an AVX-512 variant next to
 // the baseline one and picks at load time, so the wheel still runs on any x86-64.
@@ -26,18 +26,21 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 void dropout_keep_block(uint64_t seed, uint64_t first, int64_t count, uint32_t threshold, uint8_t* keep) {
   int64_t j = 0;
-  for (; j < count && ((first + static_cast<uint64_t>(j)) & 3) != 0; ++j) {  // up to a group boundary
+  for (; j < count && ((first + static_cast<uint64_t>(j)) % kMaskGroup) != 0; ++j) {  // up to a group boundary
     keep[j] = dropout_keep(seed, first + static_cast<uint64_t>(j), threshold) ? 1 : 0;
   }
-  const int64_t groups = (count - j) / 4;
-  const uint64_t first_group = (first + static_cast<uint64_t>(j)) >> 2;
+  const int64_t groups = (count - j) / kMaskGroup;
+  const uint64_t first_group = (first + static_cast<uint64_t>(j)) / kMaskGroup;
   uint8_t* group_keep = keep + j;
   for (int64_t g = 0; g < groups; ++g) {
     uint32_t words[4];
     philox4(seed, first_group + static_cast<uint64_t>(g), words);
-    for (int k = 0; k < 4; ++k) group_keep[4 * g + k] = keep_word(words[k], threshold) ? 1 : 0;
+    for (int w = 0; w < 4; ++w) {
+      group_keep[kMaskGroup * g + 2 * w] = keep_low_half(words[w], threshold) ? 1 : 0;
+      group_keep[kMaskGroup * g + 2 * w + 1] = keep_high_half(words[w], threshold) ? 1 : 0;
+    }
   }
-  for (j += 4 * groups; j < count; ++j) {  // the last partial group
+  for (j += kMaskGroup * groups; j < count; ++j) {  // the last partial group
     keep[j] = dropout_keep(seed, first + static_cast<uint64_t>(j), threshold) ? 1 : 0;
   }
 }

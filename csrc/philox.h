@@ -1,12 +1,14 @@
 // Counter-based dropout mask shared by every backend.
 //
 // An element at linear (row-major) index `i` of the M x C tensor being dropped is kept iff
-//   (philox(counter = {lo(i / 4), hi(i / 4), 0, 0}, key = {lo(seed), hi(seed)})[i % 4] >> 1)
-//       >= threshold,   threshold = floor(p * 2^31).
-// One Philox-4x32-10 evaluation gives the mask of four consecutive elements (all four of its
-// output words are used): the mask costs a quarter of the 32-bit multiplies it cost when each
-// element took the first word of its own evaluation, and a mask kernel was bound on those
-// multiplies (H200: 34 us for the 8 M elements of a k/v LoRA term, benchmarks/NOTES.md).
+//   half(i % 2) of philox(counter = {lo(i / 8), hi(i / 8), 0, 0}, key = {lo(seed), hi(seed)})[(i / 2) % 4]
+//       >= threshold,   threshold = floor(p * 2^16),
+// where half 0 is a word's low 16 bits and half 1 its high 16 bits. One Philox-4x32-10
+// evaluation gives the masks of eight consecutive elements (every bit of its four output
+// words is used). Mask kernels were bound on Philox's 32-bit multiplies: one evaluation per
+// element, then per four (one 31-bit number each), cut that cost by 4x and then 2x
+// (benchmarks/NOTES.md #9, #19). p is thereby resolved to 2^-16: an element is dropped with
+// probability floor(p * 2^16) / 2^16, within 1.5e-5 of p, and kept ones are scaled by 1 / (1 - p).
 // The Triton kernels (lora_ext/kernels/philox.py), the CUDA kernels and the plain-numpy
 // reference (lora_ext/reference.py) implement the same function, so a mask never has to be
 // stored: every backend regenerates it from (seed, i).
@@ -56,18 +58,35 @@ LORA_HOST_DEVICE void philox4(uint64_t seed, uint64_t counter, uint32_t words[4]
   words[3] = c3;
 }
 
-// floor(p * 2^31): an element is dropped with probability threshold / 2^31.
+// Elements per Philox evaluation.
+constexpr int kMaskGroup = 8;
+
+// floor(p * 2^16): an element is dropped with probability threshold / 2^16.
 inline uint32_t dropout_threshold(double p) {
-  return static_cast<uint32_t>(p * 2147483648.0);
+  return static_cast<uint32_t>(p * 65536.0);
 }
 
-LORA_HOST_DEVICE bool keep_word(uint32_t word, uint32_t threshold) { return (word >> 1) >= threshold; }
+// Whether the two elements whose 16-bit numbers are the halves of `word` are kept: bit 0 for
+// the even (low half) element, bit 1 for the odd one.
+LORA_HOST_DEVICE bool keep_low_half(uint32_t word, uint32_t threshold) { return (word & 0xFFFFu) >= threshold; }
+LORA_HOST_DEVICE bool keep_high_half(uint32_t word, uint32_t threshold) { return (word >> 16) >= threshold; }
+
+// keep[k] for the eight elements of group `group` (element 8 * group + k).
+LORA_HOST_DEVICE void dropout_keep_group(uint64_t seed, uint64_t group, uint32_t threshold, bool keep[kMaskGroup]) {
+  uint32_t words[4];
+  philox4(seed, group, words);
+  for (int w = 0; w < 4; ++w) {
+    keep[2 * w] = keep_low_half(words[w], threshold);
+    keep[2 * w + 1] = keep_high_half(words[w], threshold);
+  }
+}
 
 // The mask of one element (see the top of this file).
 LORA_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold) {
   uint32_t words[4];
-  philox4(seed, index >> 2, words);
-  return keep_word(words[index & 3], threshold);
+  philox4(seed, index >> 3, words);
+  const uint32_t word = words[(index >> 1) & 3];
+  return (index & 1) ? keep_high_half(word, threshold) : keep_low_half(word, threshold);
 }
 
 }  // namespace lora

@@ -47,23 +47,24 @@ def philox4(seed: int, counter: np.ndarray) -> tuple:
     return c0, c1, c2, c3
 
 
-def philox_mask_word(seed: int, index: np.ndarray) -> np.ndarray:
-    """The 32-bit random word of element `index`: word index % 4 of philox4(seed, index // 4)."""
+def philox_mask_bits(seed: int, index: np.ndarray) -> np.ndarray:
+    """The 16-bit random number of element `index`: half (index % 2; low half first) of word
+    (index // 2) % 4 of philox4(seed, index // 8). One Philox evaluation covers eight elements."""
     index = np.asarray(index, dtype=np.uint64)
-    words = np.stack(philox4(seed, index >> np.uint64(2)))
-    return np.take_along_axis(words, (index & np.uint64(3)).astype(np.int64)[None], axis=0)[0]
+    words = np.stack(philox4(seed, index >> np.uint64(3)))
+    word = np.take_along_axis(words, ((index >> np.uint64(1)) & np.uint64(3)).astype(np.int64)[None], axis=0)[0]
+    return (word >> ((index & np.uint64(1)) * np.uint64(16))) & np.uint64(0xFFFF)
 
 
 def dropout_threshold(p: float) -> int:
-    """An element is dropped when its 31-bit random number is below this: floor(p * 2**31)."""
-    return int(p * 2147483648.0)
+    """An element is dropped when its 16-bit random number is below this: floor(p * 2**16)."""
+    return int(p * 65536.0)
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float) -> torch.Tensor:
     """Boolean (rows, cols) mask of kept elements, element (i, j) at linear index i*cols + j."""
     index = np.arange(rows * cols, dtype=np.uint64)
-    bits31 = philox_mask_word(seed, index) >> np.uint64(1)
-    keep = bits31 >= np.uint64(dropout_threshold(p))
+    keep = philox_mask_bits(seed, index) >= np.uint64(dropout_threshold(p))
     return torch.from_numpy(keep.reshape(rows, cols))
 
 

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import lora_ext  # noqa: E402,F401  (registers torch.ops.lora.*)
 from lora_ext.kernels import philox, triton_lora  # noqa: E402
-from lora_ext.reference import dropout_keep_mask, lora_linear_reference, philox_mask_word  # noqa: E402
+from lora_ext.reference import dropout_keep_mask, lora_linear_reference, philox_mask_bits  # noqa: E402
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
 # Slack added to the bound, relative to max |reference|, by the least precise dtype involved.
@@ -126,15 +126,15 @@ def test_keep_mask_matches_reference(seed_value):
     assert torch.equal(mask, dropout_keep_mask(seed_value, 19, 37, 0.3))
 
 
-@pytest.mark.parametrize("first_index", [2**31 - 40, 2**32 - 40, 5 * 2**32 + 11])
+@pytest.mark.parametrize("first_index", [2**31 - 40, 2**32 - 40, 2**35 - 40, 9 * 2**32 + 11])
 def test_keep_mask_high_counter_word(first_index):
-    """Indices past 2**31 and 2**32 (the counter's high word) match the numpy Philox."""
+    """Indices past 2**31, 2**32 and 2**35 (group index 2**32: the counter's high word) match the numpy Philox."""
     import numpy as np
 
     seed_value = 987654321987
     mask = philox.keep_mask_range(seed_tensor(seed_value), first_index, 80, 0.5)
     index = np.arange(first_index, first_index + 80, dtype=np.uint64)
-    expected = (philox_mask_word(seed_value, index) >> np.uint64(1)) >= np.uint64(philox.dropout_threshold(0.5))
+    expected = philox_mask_bits(seed_value, index) >= np.uint64(philox.dropout_threshold(0.5))
     assert np.array_equal(mask.numpy(), expected)
 
 

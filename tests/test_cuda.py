@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext.reference import dropout_keep_mask, dropout_threshold, lora_linear_reference, philox_mask_word
+from lora_ext.reference import dropout_keep_mask, dropout_threshold, lora_linear_reference, philox_mask_bits
 
 pytestmark = [
     pytest.mark.cuda,
@@ -340,10 +340,12 @@ def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
     """The native path's dropout pieces, replayed from C++ (csrc/triton_replay.h), give
     bitwise the results of the Python route, and are replayed (the recording works on
     this triton)."""
-    inputs = make_inputs((5, 77), 96, 80, 16, dtype, dtype)
+    # N = 84 is not a multiple of 8: the 'post' backward then runs the Triton masked_grad_y
+    # piece, not the native kernel (csrc/cuda/masked_grad_y.cu, tested below).
+    inputs = make_inputs((5, 77), 96, 84, 16, dtype, dtype)
     leaves = list(present(inputs).values())
     args = [inputs[k] for k in GRAD_NAMES]
-    grad_y = torch.randn(5, 77, 80, device=DEVICE, dtype=dtype)
+    grad_y = torch.randn(5, 77, 84, device=DEVICE, dtype=dtype)
 
     def fwd_bwd():
         y, xa = torch.ops.lora.linear(*args, 2.0, 0.25, position, seed_tensor(11), "native")
@@ -365,6 +367,73 @@ def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
 
 
 # ---------------------------------------------------------------------------
+# The native 'post' backward step (csrc/cuda/masked_grad_y.cu)
+# ---------------------------------------------------------------------------
+
+native_only = pytest.mark.skipif(not lora_ext._C.has_cuda(), reason="needs the native CUDA build")
+
+
+def _grad_y_inputs(M, N, r, dtype, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.randn(M, N, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    B = (torch.randn(N, r, generator=gen, dtype=torch.float64) / math.sqrt(r)).to(DEVICE, dtype)
+    xa = torch.randn(M, r, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    return g, B, xa
+
+
+@native_only
+@pytest.mark.parametrize("M,N,r", [(1, 8, 1), (63, 136, 3), (200, 264, 16), (130, 1032, 17), (257, 512, 33),
+                                   (64, 128, 64), (1000, 4104, 16), (77, 392, 50)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_native_masked_grad_y_matches_float64(M, N, r, dtype):
+    """dxa = s drop(dY) B and dB = s drop(dY)^T xa against float64 with the numpy mask, on
+    sizes that leave partial row and column tiles, ranks padded to 16 / 32 / 64, and several
+    row and column groups (M = 1000, N = 4104)."""
+    g, B, xa = _grad_y_inputs(M, N, r, dtype)
+    p, scale, seed_value = 0.3, 0.7, 4242
+    assert lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
+    grad_xa, grad_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True)
+    dropped = g.double().cpu() * dropout_keep_mask(seed_value, M, N, p).double() / (1 - p)
+    expected_xa = scale * dropped @ B.double().cpu()
+    expected_B = scale * dropped.t() @ xa.double().cpu()
+    for what, actual, expected in (("dxa", grad_xa, expected_xa), ("dB", grad_B, expected_B)):
+        assert actual.dtype == dtype and actual.shape == expected.shape, f"{what}: {actual.dtype} {actual.shape}"
+        bound = 4 * EPS[dtype] * max(expected.abs().max().item(), 1.0)
+        err = (actual.double().cpu() - expected).abs().max().item()
+        assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+    # Asked for one output only, it gives bitwise that output; and twice the same bits.
+    only_xa = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, False)
+    only_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, False, True)
+    assert only_xa[1].numel() == 0 and only_B[0].numel() == 0
+    assert torch.equal(only_xa[0], grad_xa) and torch.equal(only_B[1], grad_B)
+
+
+@native_only
+def test_native_masked_grad_y_keeps_nan_and_handles_zero_rows():
+    g, B, xa = _grad_y_inputs(40, 64, 8, torch.bfloat16, seed=1)
+    g[3, 5] = float("nan")  # dropped or kept, a NaN in dY reaches dB's row 5 and dxa's row 3
+    grad_xa, grad_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, 1.0, seed_tensor(9), 0.5, True, True)
+    assert grad_xa[3].isnan().all() and grad_B[5].isnan().all()
+    assert grad_xa[[0, 1, 2, 4]].isfinite().all() and grad_B[[0, 1, 2, 4]].isfinite().all()
+    empty = torch.empty(0, 64, device=DEVICE, dtype=torch.bfloat16)
+    grad_xa, grad_B = lora_ext._C.masked_grad_y_cuda(empty, B, xa[:0], 1.0, seed_tensor(9), 0.5, True, True)
+    assert grad_xa.shape == (0, 8) and torch.equal(grad_B, torch.zeros_like(B))
+
+
+@native_only
+def test_native_masked_grad_y_refuses_what_it_does_not_support():
+    g, B, xa = _grad_y_inputs(16, 64, 8, torch.bfloat16)
+    supports = lora_ext._C.masked_grad_y_cuda_supports
+    assert not supports(g[:, :60].contiguous(), B[:60], xa)  # N % 8 != 0
+    assert not supports(g.t().contiguous().t(), B, xa)  # not contiguous
+    assert not supports(g, B.float(), xa.float())  # float32 adapters
+    assert not supports(g.float(), B.float(), xa.float())  # float32 dY
+    assert not supports(*_grad_y_inputs(16, 64, 65, torch.bfloat16))  # rank > 64
+    with pytest.raises(RuntimeError, match="does not support"):
+        lora_ext._C.masked_grad_y_cuda(g, B.float(), xa.float(), 1.0, seed_tensor(1), 0.1, True, True)
+
+
+# ---------------------------------------------------------------------------
 # More than 2**31 elements
 # ---------------------------------------------------------------------------
 
@@ -372,8 +441,7 @@ def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
 def _rows_keep_mask(seed_value, rows, cols, p):
     """Keep-mask of the given global rows of an (M, cols) tensor (numpy Philox)."""
     index = rows.astype(np.uint64)[:, None] * np.uint64(cols) + np.arange(cols, dtype=np.uint64)[None, :]
-    bits = philox_mask_word(seed_value, index) >> np.uint64(1)
-    return torch.from_numpy(bits >= np.uint64(dropout_threshold(p)))
+    return torch.from_numpy(philox_mask_bits(seed_value, index) >= np.uint64(dropout_threshold(p)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1])

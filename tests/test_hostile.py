@@ -281,8 +281,8 @@ def test_module_with_dim_above_its_features():
 
 @pytest.mark.parametrize("position", ["pre", "post"])
 def test_largest_p_below_one_works_and_matches_the_reference(position):
-    # p = 1 - 2**-53: threshold 2**31 - 1, so an element is kept with probability 2**-31 and
-    # scaled by 1 / (1 - p) = 2**53 if it is: finite, and all but certainly all dropped here.
+    # p = 1 - 2**-53: threshold 2**16 - 1, so an element is kept with probability 2**-16 and
+    # scaled by 1 / (1 - p) = 2**53 if it is: finite, and almost certainly all dropped here.
     p = math.nextafter(1.0, 0.0)
     t = make_inputs(M=64, K=33, N=17)
     seed = torch.tensor([2024], dtype=torch.int64)
@@ -293,7 +293,7 @@ def test_largest_p_below_one_works_and_matches_the_reference(position):
 
 
 def test_tiny_p_drops_nothing_and_equals_no_dropout():
-    # floor(5e-324 * 2**31) = 0: no element is dropped and 1 / (1 - p) rounds to 1.
+    # floor(5e-324 * 2**16) = 0: no element is dropped and 1 / (1 - p) rounds to 1.
     t = make_inputs()
     y_tiny, _ = call(t, 0.5, 5e-324, "post", torch.tensor([1], dtype=torch.int64))
     y_none, _ = call(t, 0.5)

@@ -20,30 +20,43 @@
 namespace lora {
 namespace {
 
+// Multiplying by 0 (rather than writing 0) lets a dropped NaN/Inf stay NaN, as in
+// torch.nn.functional.dropout and lora_ext.reference (and the CPU kernel).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t dropped(scalar_t value, bool keep, float kept_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return static_cast<scalar_t>(static_cast<acc_t>(value) * (keep ? static_cast<acc_t>(kept_scale) : acc_t(0)));
+}
+
 template <typename scalar_t>
 __global__ void dropout_scale_kernel(scalar_t* __restrict__ data, int64_t n, const int64_t* __restrict__ seed_ptr,
                                      uint32_t threshold, float kept_scale) {
   // The seed is read on the device, so the launch needs no host sync and is
   // safe to capture in a CUDA graph.
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t groups = (n + 3) / 4;
+  const int64_t groups = (n + kMaskGroup - 1) / kMaskGroup;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  // One thread per group of four consecutive elements: one Philox evaluation gives all
-  // four masks (philox.h).
+  // 16-bit types: a group's eight elements are one 16-byte access when aligned.
+  const bool vectors = sizeof(scalar_t) * kMaskGroup == 16 && reinterpret_cast<uintptr_t>(data) % 16 == 0;
+  // One thread per group of eight consecutive elements: one Philox evaluation gives all
+  // eight masks (philox.h).
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    uint32_t words[4];
-    philox4(seed, static_cast<uint64_t>(g), words);
+    bool keep[kMaskGroup];
+    dropout_keep_group(seed, static_cast<uint64_t>(g), threshold, keep);
+    scalar_t* group = data + kMaskGroup * g;
+    if constexpr (sizeof(scalar_t) * kMaskGroup == 16) {
+      if (vectors && kMaskGroup * g + kMaskGroup <= n) {
+        uint4 packed = *reinterpret_cast<const uint4*>(group);
+        scalar_t* values = reinterpret_cast<scalar_t*>(&packed);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = 4 * g + k;
-      if (i < n) {
-        // Multiplying by 0 (rather than writing 0) lets a dropped NaN/Inf stay NaN, as in
-        // torch.nn.functional.dropout and lora_ext.reference (and the CPU kernel).
-        const bool keep = keep_word(words[k], threshold);
-        data[i] = static_cast<scalar_t>(static_cast<acc_t>(data[i]) *
-                                        (keep ? static_cast<acc_t>(kept_scale) : acc_t(0)));
+        for (int k = 0; k < kMaskGroup; ++k) values[k] = dropped(values[k], keep[k], kept_scale);
+        *reinterpret_cast<uint4*>(group) = packed;
+        continue;
       }
+    }
+#pragma unroll
+    for (int k = 0; k < kMaskGroup; ++k) {
+      if (kMaskGroup * g + k < n) group[k] = dropped(group[k], keep[k], kept_scale);
     }
   }
 }
@@ -56,7 +69,7 @@ void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double
   const c10::cuda::CUDAGuard guard(t.device());
   const int threads = 256;
   const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  const int64_t groups = (n + 3) / 4;
+  const int64_t groups = (n + kMaskGroup - 1) / kMaskGroup;
   const int blocks = static_cast<int>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lora_dropout_scale_cuda", [&] {

@@ -2,15 +2,16 @@
 
 Element `index` (the row-major linear index into the M x C tensor being dropped) is kept iff
 
-    (philox4(seed, index // 4)[index % 4] >> 1) >= floor(p * 2**31)
+    half(index % 2) of philox4(seed, index // 8)[(index // 2) % 4] >= floor(p * 2**16)
 
 where philox4 gives the four output words of Philox-4x32-10 with counter
-(lo32(c), hi32(c), 0, 0) and key (lo32(seed), hi32(seed)): four consecutive elements share one
-evaluation. This is csrc/philox.h, bit for bit. It is written out here instead of calling
-tl.randint4x because how tl.randint splits an int64 offset into the counter has changed
-between triton versions; the mask must not depend on the installed triton. Kernels whose
-tile rows hold whole groups (C % 4 == 0) evaluate one Philox per group (`dropout_keep_tile`);
-otherwise each element evaluates its own group's (`dropout_keep`).
+(lo32(c), hi32(c), 0, 0) and key (lo32(seed), hi32(seed)), and half 0 / 1 is a word's low /
+high 16 bits: eight consecutive elements share one evaluation. This is csrc/philox.h, bit for
+bit. It is written out here instead of calling tl.randint4x because how tl.randint splits an
+int64 offset into the counter has changed between triton versions; the mask must not depend
+on the installed triton. Kernels whose tile rows hold whole groups (C % 8 == 0) evaluate one
+Philox per group (`dropout_keep_tile`); otherwise each element evaluates its own group's
+(`dropout_keep`).
 
 `dropout_keep_mask` materialises the mask with a small kernel: the float64 fallback of
 triton_lora.py uses it (a temporary, never saved), and the tests compare it with
@@ -71,16 +72,26 @@ def philox4(key_lo, key_hi, counter_lo, counter_hi):
     return c0, c1, c2, c3
 
 
+# Elements per Philox evaluation (csrc/philox.h kMaskGroup).
+MASK_GROUP = tl.constexpr(8)
+
+
+@triton.jit
+def _halves_kept(word, threshold):
+    """(low half kept, high half kept) of a uint32 word: the even and the odd element."""
+    return (word & 0xFFFF).to(tl.int32) >= threshold, (word >> 16).to(tl.int32) >= threshold
+
+
 @triton.jit
 def dropout_keep(key_lo, key_hi, index, threshold):
     """True where the element at int64 linear `index` survives dropout with the given
-    threshold (floor(p * 2**31), an int32 scalar)."""
-    group = index >> 2
+    threshold (floor(p * 2**16), an int32 scalar)."""
+    group = index >> 3
     c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
-    lane = index & 3
+    lane = (index >> 1) & 3
     word = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
-    # word >> 1 < 2**31, so comparing as int32 is exact.
-    return (word >> 1).to(tl.int32) >= threshold
+    half = tl.where((index & 1) == 0, word & 0xFFFF, word >> 16)
+    return half.to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -89,19 +100,24 @@ def dropout_keep_tile(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.cons
     """dropout_keep for the (BLOCK_M, BLOCK_C) tile of rows m (int64) and columns c_first ..
     c_first + BLOCK_C - 1 of a row-major M x C tensor.
 
-    ROWS_HOLD_GROUPS (C % 4 == 0; c_first is a multiple of BLOCK_C, itself of 4): each group
-    of four consecutive elements lies in one row of the tile, so one Philox evaluation per
-    group gives the masks of its four elements (a quarter of the Philox work of evaluating
+    ROWS_HOLD_GROUPS (C % 8 == 0; c_first is a multiple of BLOCK_C, itself of 8): each group
+    of eight consecutive elements lies in one row of the tile, so one Philox evaluation per
+    group gives the masks of its eight elements (an eighth of the Philox work of evaluating
     per element). Otherwise groups straddle rows and each element evaluates its own group.
     """
     if ROWS_HOLD_GROUPS:
-        group = (m[:, None] * C + c_first + 4 * tl.arange(0, BLOCK_C // 4)[None, :]) >> 2
+        group = (m[:, None] * C + c_first + MASK_GROUP * tl.arange(0, BLOCK_C // MASK_GROUP)[None, :]) >> 3
         c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
-        # (BLOCK_M, BLOCK_C // 4, 2, 2) with [.., b, a] = word 2a + b, so that the row-major
-        # reshape puts word k of group j at column 4j + k.
-        words = tl.join(tl.join(c0, c2), tl.join(c1, c3))
-        words = tl.reshape(words, (BLOCK_M, BLOCK_C))
-        return (words >> 1).to(tl.int32) >= threshold
+        lo0, hi0 = _halves_kept(c0, threshold)
+        lo1, hi1 = _halves_kept(c1, threshold)
+        lo2, hi2 = _halves_kept(c2, threshold)
+        lo3, hi3 = _halves_kept(c3, threshold)
+        # (BLOCK_M, BLOCK_C // 8, 2, 2, 2) with [.., a, b, h] = half h of word 2a + b (each join
+        # adds the new last dimension), so that the row-major reshape puts element k of group j,
+        # half k % 2 of word k // 2, at column 8j + k.
+        keep = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)),
+                       tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
+        return tl.reshape(keep, (BLOCK_M, BLOCK_C))
     else:
         c = c_first + tl.arange(0, BLOCK_C)
         return dropout_keep(key_lo, key_hi, m[:, None] * C + c[None, :], threshold)
@@ -116,8 +132,8 @@ def _keep_mask_kernel(out_ptr, seed_ptr, first_index, numel, threshold, BLOCK: t
 
 
 def dropout_threshold(p: float) -> int:
-    """floor(p * 2**31), as dropout_threshold in csrc/philox.h."""
-    return int(p * 2147483648.0)
+    """floor(p * 2**16), as dropout_threshold in csrc/philox.h."""
+    return int(p * 65536.0)
 
 
 def keep_mask_range(seed: torch.Tensor, first_index: int, numel: int, p: float) -> torch.Tensor:

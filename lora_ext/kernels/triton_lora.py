@@ -614,7 +614,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
     blocks = plan.blocks
     seed = dropout.seed if dropout.on else inp  # placeholder pointer when unused
     common = dict(BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad, DROPOUT=dropout.on,
-                  ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0, **_dot_options(panel.dtype),
+                  ROWS_HOLD_GROUPS=dropout.on and C % 8 == 0, **_dot_options(panel.dtype),
                   num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     out_partials = need_out and (b > 1 or panel_grad_wanted)
     if not need_out:
@@ -750,7 +750,7 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
-        ROWS_HOLD_GROUPS=dropout.on and C % 4 == 0, INP_GRAD_AS_ROWS_T=_inp_grad_as_rows_t(panel.dtype),
+        ROWS_HOLD_GROUPS=dropout.on and C % 8 == 0, INP_GRAD_AS_ROWS_T=_inp_grad_as_rows_t(panel.dtype),
         **_dot_options(panel.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )

@@ -1,0 +1,333 @@
+// The 'post' dropout backward's LoRA step in one pass over dY, natively:
+//   grad_xa = s * drop(dY) B      (M x r)
+//   grad_B  = s * drop(dY)^T xa   (N x r)
+// with drop(dY) = dY * keep / (1 - p) regenerated from the seed (philox.h), never stored.
+//
+// Why a CUDA kernel next to the Triton one (triton_lora.masked_grad_y): on the H200 at
+// M = 8192, 4096 x 4096, r = 16 the Triton pass took 147 us against 41 us for cuBLAS without
+// a mask; Nsight Compute showed it latency-bound (one 8-warp program per SM at 177 registers,
+// 35% of issue slots used, 12 barriers per tile) and 31% of its instructions in Philox
+// (benchmarks/NOTES.md #19). Here each thread reads its eight consecutive dY elements as one
+// 16-byte load, one Philox evaluation gives their eight masks (philox.h), the dropped tile is
+// written once to shared memory, and both products read it from there with tensor-core
+// fragments (WMMA): the tile as row-major A for grad_xa, as column-major A (its transpose)
+// for grad_B. The next tile's loads are issued before this tile's products, and two programs
+// share an SM (at ranks <= 32).
+//
+// Work split (like the Triton pass): program (i, j) owns the 64-row blocks of row group i
+// and the 128-column blocks of column group j, row blocks innermost. Warps 0-3 own grad_xa's
+// rows (16 each), summed over the program's column blocks in slice j of a float32 partial;
+// warps 4-7 own grad_B's rows (32 each), accumulated in registers over the row group and
+// written once to slice i. A last small kernel per output sums the slices in a fixed order
+// (deterministic: no atomics) and applies s.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "../lora_aten.h"
+#include "../philox.h"
+
+namespace lora {
+namespace {
+
+constexpr int kTileRows = 64;
+constexpr int kTileCols = 128;
+constexpr int kThreads = 256;
+// Shared rows are padded by 16 bytes so that consecutive rows start in different banks.
+constexpr int kPad = 8;
+// Eight 16-bit elements per 16-byte vector: one vector is one Philox group (kMaskGroup).
+constexpr int kVectorsPerRow = kTileCols / kMaskGroup;
+constexpr int kVectorsPerThread = kTileRows * kVectorsPerRow / kThreads;
+constexpr int kMaxRank = 64;
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+template <typename T, int R_PAD>
+struct alignas(128) SharedTiles {
+  T tile[kTileRows][kTileCols + kPad];   // drop(dY) for the current (row block, column block)
+  T panel[kTileCols][R_PAD + kPad];      // B's rows of the current column block
+  T rows[kTileRows][R_PAD + kPad];       // xa's rows of the current row block
+};
+
+// dY[m0 .. m0+63, c0 .. c0+127] as 16-byte vectors, zero outside the matrix (C % 8 == 0).
+template <typename T>
+__device__ __forceinline__ void load_tile(uint4 (&data)[kVectorsPerThread], const T* __restrict__ g, int64_t M,
+                                          int64_t C, int64_t m0, int64_t c0) {
+#pragma unroll
+  for (int v = 0; v < kVectorsPerThread; ++v) {
+    const int q = v * kThreads + threadIdx.x;
+    const int64_t m = m0 + q / kVectorsPerRow;
+    const int64_t c = c0 + (q % kVectorsPerRow) * kMaskGroup;
+    data[v] = (m < M && c < C) ? __ldcs(reinterpret_cast<const uint4*>(g + m * C + c)) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// rows x R_PAD block of a row-major (.., r) matrix into shared memory, zero outside it.
+template <typename T, int ROWS, int R_PAD>
+__device__ __forceinline__ void load_thin(T (&dst)[ROWS][R_PAD + kPad], const T* __restrict__ src, int64_t first,
+                                          int64_t count, int r) {
+  for (int idx = threadIdx.x; idx < ROWS * R_PAD; idx += kThreads) {
+    const int row = idx / R_PAD, col = idx % R_PAD;
+    dst[row][col] = (first + row < count && col < r) ? src[(first + row) * r + col] : from_float<T>(0.f);
+  }
+}
+
+// Programs per SM: two at ranks <= 32 (<= 128 registers, no spill on sm_90); one at 64, whose
+// grad_B accumulators would spill under that bound.
+template <int R_PAD>
+constexpr int programs_per_sm() { return R_PAD <= 32 ? 2 : 1; }
+
+template <typename T, int R_PAD>
+__global__ void __launch_bounds__(kThreads, programs_per_sm<R_PAD>())
+masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const T* __restrict__ rows,
+                     float* __restrict__ rows_grad_part, float* __restrict__ panel_grad_part,
+                     const int64_t* __restrict__ seed_ptr, int64_t M, int64_t C, int r, int64_t M_pad, int64_t C_pad,
+                     int blocks_m_per_group, int blocks_c_per_group, uint32_t threshold, float keep_scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr int R_FRAGS = R_PAD / 16;
+  __shared__ SharedTiles<T, R_PAD> s;
+  const int warp = threadIdx.x / 32;
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);  // read on the device: no host sync
+  const int64_t m_blocks = (M + kTileRows - 1) / kTileRows;
+  const int64_t c_blocks = (C + kTileCols - 1) / kTileCols;
+  const int64_t mb_first = static_cast<int64_t>(blockIdx.x) * blocks_m_per_group;
+  const int64_t mb_end = mb_first + blocks_m_per_group < m_blocks ? mb_first + blocks_m_per_group : m_blocks;
+  const int64_t cb_first = static_cast<int64_t>(blockIdx.y) * blocks_c_per_group;
+  const int64_t cb_end = cb_first + blocks_c_per_group < c_blocks ? cb_first + blocks_c_per_group : c_blocks;
+  const bool want_rows_grad = rows_grad_part != nullptr;
+  const bool want_panel_grad = panel_grad_part != nullptr;
+
+  for (int64_t cb = cb_first; cb < cb_end; ++cb) {
+    const int64_t c0 = cb * kTileCols;
+    if (want_rows_grad) load_thin<T, kTileCols, R_PAD>(s.panel, panel, c0, C, r);
+    // grad_B rows c0 + 32 (warp - 4) + 16 cf, all R_PAD columns (warps 4-7).
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> panel_acc[2][R_FRAGS];
+#pragma unroll
+    for (int cf = 0; cf < 2; ++cf)
+#pragma unroll
+      for (int f = 0; f < R_FRAGS; ++f) wmma::fill_fragment(panel_acc[cf][f], 0.f);
+
+    uint4 data[kVectorsPerThread];
+    load_tile(data, g, M, C, mb_first * kTileRows, c0);
+    for (int64_t mb = mb_first; mb < mb_end; ++mb) {
+      const int64_t m0 = mb * kTileRows;
+#pragma unroll
+      for (int v = 0; v < kVectorsPerThread; ++v) {
+        const int q = v * kThreads + threadIdx.x;
+        const int row = q / kVectorsPerRow, col = (q % kVectorsPerRow) * kMaskGroup;
+        // Out of the matrix the vector is zero already and its mask does not matter.
+        const uint64_t group = static_cast<uint64_t>(((m0 + row) * C + c0 + col) / kMaskGroup);
+        bool keep[kMaskGroup];
+        dropout_keep_group(seed, group, threshold, keep);
+        T* values = reinterpret_cast<T*>(&data[v]);
+#pragma unroll
+        for (int k = 0; k < kMaskGroup; ++k) {
+          // Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch dropout, the reference).
+          values[k] = from_float<T>(to_float(values[k]) * (keep[k] ? keep_scale : 0.f));
+        }
+        *reinterpret_cast<uint4*>(&s.tile[row][col]) = data[v];
+      }
+      if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(s.rows, rows, m0, M, r);
+      __syncthreads();
+      // The next tile's loads fly while this one's products run.
+      if (mb + 1 < mb_end) load_tile(data, g, M, C, m0 + kTileRows, c0);
+
+      if (warp < 4 && want_rows_grad) {
+        // Rows m0 + 16 warp of slice blockIdx.y: started by the group's first column block.
+        float* part = rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + 16 * warp) * R_PAD;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[R_FRAGS];
+#pragma unroll
+        for (int f = 0; f < R_FRAGS; ++f) {
+          if (cb == cb_first) {
+            wmma::fill_fragment(acc[f], 0.f);
+          } else {
+            wmma::load_matrix_sync(acc[f], part + 16 * f, R_PAD, wmma::mem_row_major);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kTileCols / 16; ++k) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          wmma::load_matrix_sync(a, &s.tile[16 * warp][16 * k], kTileCols + kPad);
+#pragma unroll
+          for (int f = 0; f < R_FRAGS; ++f) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+            wmma::load_matrix_sync(b, &s.panel[16 * k][16 * f], R_PAD + kPad);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+          }
+        }
+#pragma unroll
+        for (int f = 0; f < R_FRAGS; ++f) wmma::store_matrix_sync(part + 16 * f, acc[f], R_PAD, wmma::mem_row_major);
+      } else if (warp >= 4 && want_panel_grad) {
+#pragma unroll
+        for (int k = 0; k < kTileRows / 16; ++k) {
+#pragma unroll
+          for (int cf = 0; cf < 2; ++cf) {
+            // The tile's transpose: column-major A of (columns x rows).
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+            wmma::load_matrix_sync(a, &s.tile[16 * k][32 * (warp - 4) + 16 * cf], kTileCols + kPad);
+#pragma unroll
+            for (int f = 0; f < R_FRAGS; ++f) {
+              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+              wmma::load_matrix_sync(b, &s.rows[16 * k][16 * f], R_PAD + kPad);
+              wmma::mma_sync(panel_acc[cf][f], a, b, panel_acc[cf][f]);
+            }
+          }
+        }
+      }
+      __syncthreads();  // the tile, rows (and at the end panel) are rewritten next
+    }
+    if (warp >= 4 && want_panel_grad) {
+#pragma unroll
+      for (int cf = 0; cf < 2; ++cf) {
+        float* part = panel_grad_part +
+                      (static_cast<int64_t>(blockIdx.x) * C_pad + c0 + 32 * (warp - 4) + 16 * cf) * R_PAD;
+#pragma unroll
+        for (int f = 0; f < R_FRAGS; ++f) {
+          wmma::store_matrix_sync(part + 16 * f, panel_acc[cf][f], R_PAD, wmma::mem_row_major);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // masked_grad_y_cuda_supports() refuses devices below sm_80
+#endif
+}
+
+// out[i, :r] = scale * sum over slices of part[slice, i, :r], in slice order.
+template <typename T>
+__global__ void sum_slices_kernel(const float* __restrict__ part, int slices, int64_t slice_stride, int64_t count,
+                                  int r, int r_pad, float scale, T* __restrict__ out) {
+  const int64_t n = count * r;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / r;
+    const int col = static_cast<int>(idx % r);
+    float sum = 0.f;
+    for (int slice = 0; slice < slices; ++slice) sum += part[slice * slice_stride + row * r_pad + col];
+    out[idx] = from_float<T>(scale * sum);
+  }
+}
+
+template <typename T>
+at::Tensor sum_slices(const at::Tensor& part, int64_t count, int r, int r_pad, double scale,
+                      const at::TensorOptions& options, cudaStream_t stream) {
+  at::Tensor out = at::empty({count, r}, options);
+  const int64_t n = count * r;
+  if (n == 0) return out;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
+  sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(part.data_ptr<float>(), static_cast<int>(part.size(0)),
+                                                        part.stride(0), count, r, r_pad, static_cast<float>(scale),
+                                                        reinterpret_cast<T*>(out.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, int R_PAD>
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa,
+                                       double scale, const at::Tensor& seed, double p, bool need_grad_xa,
+                                       bool need_grad_B) {
+  const int64_t M = g2.size(0), C = g2.size(1);
+  const int r = static_cast<int>(lora_B.size(1));
+  const auto options = lora_B.options();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t m_blocks = ceil_div(M, kTileRows), c_blocks = ceil_div(C, kTileCols);
+  const int64_t M_pad = m_blocks * kTileRows, C_pad = c_blocks * kTileCols;
+  // About programs_per_sm programs per SM (what __launch_bounds__ fits), split between row and column
+  // groups so that the two float32 partials, c_groups x M and m_groups x C rows of R_PAD,
+  // are about equal in size: m_groups ~ sqrt(programs * M / C).
+  const double programs =
+      static_cast<double>(programs_per_sm<R_PAD>()) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t m_groups_wanted =
+      std::clamp<int64_t>(std::llround(std::sqrt(programs * static_cast<double>(M) / static_cast<double>(C))), 1,
+                          m_blocks);
+  const int64_t blocks_m_per_group = ceil_div(m_blocks, m_groups_wanted);
+  const int64_t m_groups = ceil_div(m_blocks, blocks_m_per_group);
+  const int64_t c_groups_wanted =
+      std::clamp<int64_t>(std::llround(programs / static_cast<double>(m_groups)), 1, c_blocks);
+  const int64_t blocks_c_per_group = ceil_div(c_blocks, c_groups_wanted);
+  const int64_t c_groups = ceil_div(c_blocks, blocks_c_per_group);
+
+  const auto f32 = options.dtype(at::kFloat);
+  at::Tensor rows_part = need_grad_xa ? at::empty({c_groups, M_pad, R_PAD}, f32) : at::Tensor();
+  at::Tensor panel_part = need_grad_B ? at::empty({m_groups, C_pad, R_PAD}, f32) : at::Tensor();
+  const at::Tensor B = lora_B.contiguous(), rows = xa.contiguous();
+  const dim3 grid(static_cast<unsigned>(m_groups), static_cast<unsigned>(c_groups));
+  masked_grad_y_kernel<T, R_PAD><<<grid, kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(B.data_ptr()),
+      reinterpret_cast<const T*>(rows.data_ptr()), need_grad_xa ? rows_part.data_ptr<float>() : nullptr,
+      need_grad_B ? panel_part.data_ptr<float>() : nullptr, seed.data_ptr<int64_t>(), M, C, r, M_pad, C_pad,
+      static_cast<int>(blocks_m_per_group), static_cast<int>(blocks_c_per_group), dropout_threshold(p),
+      static_cast<float>(1.0 / (1.0 - p)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor grad_xa = need_grad_xa ? sum_slices<T>(rows_part, M, r, R_PAD, scale, options, stream)
+                                    : at::empty({0}, options);
+  at::Tensor grad_B = need_grad_B ? sum_slices<T>(panel_part, C, r, R_PAD, scale, options, stream)
+                                  : at::empty({0}, options);
+  return {grad_xa, grad_B};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> run_for_rank(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa,
+                                                double scale, const at::Tensor& seed, double p, bool need_grad_xa,
+                                                bool need_grad_B) {
+  const int64_t r = lora_B.size(1);
+  if (r <= 16) return run<T, 16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+  if (r <= 32) return run<T, 32>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+  return run<T, 64>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+}
+
+}  // namespace
+
+bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa) {
+  static const bool disabled = [] {
+    const char* env = std::getenv("LORA_EXT_NATIVE_GRAD_Y");
+    return env != nullptr && std::string(env) == "0";
+  }();
+  if (disabled || !g2.is_cuda() || g2.dim() != 2 || !g2.is_contiguous()) return false;
+  const auto dtype = g2.scalar_type();
+  if ((dtype != at::kBFloat16 && dtype != at::kHalf) || lora_B.scalar_type() != dtype || xa.scalar_type() != dtype) {
+    return false;
+  }
+  // Whole 16-byte vectors per row (one Philox group each), and wmma's bf16/f16 fragments (sm_80+).
+  return g2.size(1) % kMaskGroup == 0 && reinterpret_cast<uintptr_t>(g2.data_ptr()) % 16 == 0 &&
+         lora_B.size(1) <= kMaxRank && at::cuda::getDeviceProperties(g2.get_device())->major >= 8;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, const at::Tensor& lora_B,
+                                                      const at::Tensor& xa, double scale, const at::Tensor& seed,
+                                                      double p, bool need_grad_xa, bool need_grad_B) {
+  TORCH_CHECK(masked_grad_y_cuda_supports(g2, lora_B, xa),
+              "lora: masked_grad_y_cuda got inputs it does not support (masked_grad_y_cuda_supports)");
+  const c10::cuda::CUDAGuard guard(g2.device());
+  const int64_t M = g2.size(0), C = g2.size(1), r = lora_B.size(1);
+  if (M == 0 || C == 0 || !(need_grad_xa || need_grad_B)) {
+    // Nothing to read: sums over no elements are zero.
+    return {need_grad_xa ? at::zeros({M, r}, lora_B.options()) : at::empty({0}, lora_B.options()),
+            need_grad_B ? at::zeros({C, r}, lora_B.options()) : at::empty({0}, lora_B.options())};
+  }
+  if (g2.scalar_type() == at::kBFloat16) {
+    return run_for_rank<__nv_bfloat16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+  }
+  return run_for_rank<__half>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+}
+
+}  // namespace lora
