@@ -3,7 +3,7 @@
     ncu --clock-control none --set full -k regex:_lora_down_reduce --launch-skip 2 --launch-count 1 \
         python3 scripts/ncu_piece.py [piece] [shape] [rank]
 
-piece: grad_y (default), down, up; shape: qo (default), kv, gate_up, down.
+piece: grad_y (default; grad_y_native: csrc/cuda/masked_grad_y.cu), down, up; shape: qo (default), kv, gate_up, down.
 """
 from __future__ import annotations
 
@@ -15,13 +15,19 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import masked_pieces  # noqa: E402
 
+import lora_ext  # noqa: E402
+
 piece = sys.argv[1] if len(sys.argv) > 1 else "grad_y"
 shape = sys.argv[2] if len(sys.argv) > 2 else "qo"
 rank = int(sys.argv[3]) if len(sys.argv) > 3 else 16
 K, N = masked_pieces.SHAPES[shape]
 inputs = masked_pieces.make_inputs(8192, K, N, rank)
 names = {"grad_y": "post_bwd masked_grad_y", "down": "pre_fwd masked_down", "up": "pre_bwd masked_up"}
-fn, _ = masked_pieces.pieces(*inputs)[names[piece]]
+if piece == "grad_y_native":
+    x2, g2, A, B, xa, seed = inputs
+    fn = lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, masked_pieces.P, True, True)  # noqa: E731
+else:
+    fn, _ = masked_pieces.pieces(*inputs)[names[piece]]
 for _ in range(4):
     fn()
 torch.cuda.synchronize()

@@ -12,7 +12,7 @@
 // written once to shared memory, and both products read it from there with tensor-core
 // fragments (WMMA): the tile as row-major A for grad_xa, as column-major A (its transpose)
 // for grad_B. The next tile's loads are issued before this tile's products, and two programs
-// share an SM (at ranks <= 32).
+// share an SM (at ranks <= 16).
 //
 // Work split (like the Triton pass): program (i, j) owns the 64-row blocks of row group i
 // and the 128-column blocks of column group j, row blocks innermost. Warps 0-3 own grad_xa's
@@ -87,10 +87,35 @@ __device__ __forceinline__ void load_thin(T (&dst)[ROWS][R_PAD + kPad], const T*
   }
 }
 
-// Programs per SM: two at ranks <= 32 (<= 128 registers, no spill on sm_90); one at 64, whose
-// grad_B accumulators would spill under that bound.
+// The same for xa's 64 rows, in two steps so that the loads can be issued a tile ahead:
+// into registers (this thread's R_PAD / 4 elements), then from there into shared memory.
 template <int R_PAD>
-constexpr int programs_per_sm() { return R_PAD <= 32 ? 2 : 1; }
+constexpr int thin_per_thread() { return kTileRows * R_PAD / kThreads; }
+
+template <typename T, int R_PAD>
+__device__ __forceinline__ void load_rows(T (&regs)[thin_per_thread<R_PAD>()], const T* __restrict__ src,
+                                          int64_t first, int64_t count, int r) {
+#pragma unroll
+  for (int j = 0; j < thin_per_thread<R_PAD>(); ++j) {
+    const int idx = j * kThreads + threadIdx.x, row = idx / R_PAD, col = idx % R_PAD;
+    regs[j] = (first + row < count && col < r) ? src[(first + row) * r + col] : from_float<T>(0.f);
+  }
+}
+
+template <typename T, int R_PAD>
+__device__ __forceinline__ void store_rows(T (&dst)[kTileRows][R_PAD + kPad],
+                                           const T (&regs)[thin_per_thread<R_PAD>()]) {
+#pragma unroll
+  for (int j = 0; j < thin_per_thread<R_PAD>(); ++j) {
+    const int idx = j * kThreads + threadIdx.x;
+    dst[idx / R_PAD][idx % R_PAD] = regs[j];
+  }
+}
+
+// Programs per SM: two at ranks <= 16 (<= 128 registers, no spill on sm_90); one above, whose
+// accumulators would spill under that bound (ptxas -v).
+template <int R_PAD>
+constexpr int programs_per_sm() { return R_PAD <= 16 ? 2 : 1; }
 
 template <typename T, int R_PAD>
 __global__ void __launch_bounds__(kThreads, programs_per_sm<R_PAD>())
@@ -124,9 +149,25 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       for (int f = 0; f < R_FRAGS; ++f) wmma::fill_fragment(panel_acc[cf][f], 0.f);
 
     uint4 data[kVectorsPerThread];
+    T rows_data[thin_per_thread<R_PAD>()];
     load_tile(data, g, M, C, mb_first * kTileRows, c0);
+    if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, mb_first * kTileRows, M, r);
     for (int64_t mb = mb_first; mb < mb_end; ++mb) {
       const int64_t m0 = mb * kTileRows;
+      // Warps 0-3: grad_xa rows m0 + 16 warp of slice blockIdx.y, started by the group's first
+      // column block. Loaded here, first, so that the load's latency passes under the mask work.
+      float* rows_part = rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + 16 * warp) * R_PAD;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> rows_acc[R_FRAGS];
+      if (warp < 4 && want_rows_grad) {
+#pragma unroll
+        for (int f = 0; f < R_FRAGS; ++f) {
+          if (cb == cb_first) {
+            wmma::fill_fragment(rows_acc[f], 0.f);
+          } else {
+            wmma::load_matrix_sync(rows_acc[f], rows_part + 16 * f, R_PAD, wmma::mem_row_major);
+          }
+        }
+      }
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
         const int q = v * kThreads + threadIdx.x;
@@ -143,23 +184,15 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         }
         *reinterpret_cast<uint4*>(&s.tile[row][col]) = data[v];
       }
-      if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(s.rows, rows, m0, M, r);
+      if (want_panel_grad) store_rows<T, R_PAD>(s.rows, rows_data);
       __syncthreads();
       // The next tile's loads fly while this one's products run.
-      if (mb + 1 < mb_end) load_tile(data, g, M, C, m0 + kTileRows, c0);
+      if (mb + 1 < mb_end) {
+        load_tile(data, g, M, C, m0 + kTileRows, c0);
+        if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, m0 + kTileRows, M, r);
+      }
 
       if (warp < 4 && want_rows_grad) {
-        // Rows m0 + 16 warp of slice blockIdx.y: started by the group's first column block.
-        float* part = rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + 16 * warp) * R_PAD;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[R_FRAGS];
-#pragma unroll
-        for (int f = 0; f < R_FRAGS; ++f) {
-          if (cb == cb_first) {
-            wmma::fill_fragment(acc[f], 0.f);
-          } else {
-            wmma::load_matrix_sync(acc[f], part + 16 * f, R_PAD, wmma::mem_row_major);
-          }
-        }
 #pragma unroll
         for (int k = 0; k < kTileCols / 16; ++k) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -168,11 +201,13 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
           for (int f = 0; f < R_FRAGS; ++f) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
             wmma::load_matrix_sync(b, &s.panel[16 * k][16 * f], R_PAD + kPad);
-            wmma::mma_sync(acc[f], a, b, acc[f]);
+            wmma::mma_sync(rows_acc[f], a, b, rows_acc[f]);
           }
         }
 #pragma unroll
-        for (int f = 0; f < R_FRAGS; ++f) wmma::store_matrix_sync(part + 16 * f, acc[f], R_PAD, wmma::mem_row_major);
+        for (int f = 0; f < R_FRAGS; ++f) {
+          wmma::store_matrix_sync(rows_part + 16 * f, rows_acc[f], R_PAD, wmma::mem_row_major);
+        }
       } else if (warp >= 4 && want_panel_grad) {
 #pragma unroll
         for (int k = 0; k < kTileRows / 16; ++k) {
