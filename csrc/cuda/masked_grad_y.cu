@@ -25,12 +25,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "../lora_aten.h"
 #include "../philox.h"
@@ -48,8 +48,6 @@ constexpr int kVectorsPerRow = kTileCols / kMaskGroup;
 constexpr int kVectorsPerThread = kTileRows * kVectorsPerRow / kThreads;
 constexpr int kMaxRank = 64;
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
@@ -117,17 +115,73 @@ __device__ __forceinline__ void store_rows(T (&dst)[kTileRows][R_PAD + kPad],
 template <int R_PAD>
 constexpr int programs_per_sm() { return R_PAD <= 16 ? 2 : 1; }
 
+// Tensor-core building blocks (PTX, sm_80+): ldmatrix loads a 16 x 16 operand fragment from
+// shared memory in one instruction (.trans: the transposed one), mma.sync m16n8k16 multiplies
+// it with a 16 x 8 fragment into float32. Fragment layouts: PTX ISA, "Matrix Fragments for
+// mma.m16n8k16"; row / column of accumulator element e of lane l: l / 4 + 8 (e / 2), 2 (l % 4) + e % 2.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&frag)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
+               : "r"(shared_address(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&frag)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
+               : "r"(shared_address(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two 16-bit elements times their keep flags (1 or 0, exact): the flags of the pair's two
+// elements are the low and high halves of one Philox word (philox.h). Times 0, not replaced by
+// 0: a dropped NaN/Inf stays NaN (torch dropout, the reference). The 1 / (1 - p) of the kept
+// ones is applied to the float32 sums instead, so dY is never rounded after scaling.
+template <typename T>
+__device__ __forceinline__ uint32_t keep_pair(uint32_t pair, uint32_t word, uint32_t threshold) {
+  constexpr uint32_t one = std::is_same_v<T, __nv_bfloat16> ? 0x3F80u : 0x3C00u;  // 1.0
+  const uint32_t flags = (keep_low_half(word, threshold) ? one : 0u) | (keep_high_half(word, threshold) ? one << 16 : 0u);
+  uint32_t out;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 product = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&pair),
+                                           *reinterpret_cast<const __nv_bfloat162*>(&flags));
+    out = *reinterpret_cast<const uint32_t*>(&product);
+  } else {
+    const __half2 product = __hmul2(*reinterpret_cast<const __half2*>(&pair), *reinterpret_cast<const __half2*>(&flags));
+    out = *reinterpret_cast<const uint32_t*>(&product);
+  }
+  return out;
+}
+
 template <typename T, int R_PAD>
 __global__ void __launch_bounds__(kThreads, programs_per_sm<R_PAD>())
 masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const T* __restrict__ rows,
                      float* __restrict__ rows_grad_part, float* __restrict__ panel_grad_part,
                      const int64_t* __restrict__ seed_ptr, int64_t M, int64_t C, int r, int64_t M_pad, int64_t C_pad,
-                     int blocks_m_per_group, int blocks_c_per_group, uint32_t threshold, float keep_scale) {
+                     int blocks_m_per_group, int blocks_c_per_group, uint32_t threshold) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  constexpr int R_FRAGS = R_PAD / 16;
+  constexpr int N_BLOCKS = R_PAD / 8;  // 8-column accumulator blocks of one 16-row fragment
   __shared__ SharedTiles<T, R_PAD> s;
-  const int warp = threadIdx.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);  // read on the device: no host sync
   const int64_t m_blocks = (M + kTileRows - 1) / kTileRows;
   const int64_t c_blocks = (C + kTileCols - 1) / kTileCols;
@@ -137,16 +191,14 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   const int64_t cb_end = cb_first + blocks_c_per_group < c_blocks ? cb_first + blocks_c_per_group : c_blocks;
   const bool want_rows_grad = rows_grad_part != nullptr;
   const bool want_panel_grad = panel_grad_part != nullptr;
+  // This lane's accumulator positions (see the fragment layouts above).
+  const int acc_row = lane / 4, acc_col = 2 * (lane % 4);
 
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
     const int64_t c0 = cb * kTileCols;
     if (want_rows_grad) load_thin<T, kTileCols, R_PAD>(s.panel, panel, c0, C, r);
-    // grad_B rows c0 + 32 (warp - 4) + 16 cf, all R_PAD columns (warps 4-7).
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> panel_acc[2][R_FRAGS];
-#pragma unroll
-    for (int cf = 0; cf < 2; ++cf)
-#pragma unroll
-      for (int f = 0; f < R_FRAGS; ++f) wmma::fill_fragment(panel_acc[cf][f], 0.f);
+    // Warps 4-7: grad_B rows c0 + 32 (warp - 4) + 16 cf, all R_PAD columns.
+    float panel_acc[2][N_BLOCKS][4] = {};
 
     uint4 data[kVectorsPerThread];
     T rows_data[thin_per_thread<R_PAD>()];
@@ -156,32 +208,31 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       const int64_t m0 = mb * kTileRows;
       // Warps 0-3: grad_xa rows m0 + 16 warp of slice blockIdx.y, started by the group's first
       // column block. Loaded here, first, so that the load's latency passes under the mask work.
-      float* rows_part = rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + 16 * warp) * R_PAD;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> rows_acc[R_FRAGS];
-      if (warp < 4 && want_rows_grad) {
+      float* rows_part = rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + 16 * warp + acc_row) * R_PAD;
+      float rows_acc[N_BLOCKS][4] = {};
+      if (warp < 4 && want_rows_grad && cb != cb_first) {
 #pragma unroll
-        for (int f = 0; f < R_FRAGS; ++f) {
-          if (cb == cb_first) {
-            wmma::fill_fragment(rows_acc[f], 0.f);
-          } else {
-            wmma::load_matrix_sync(rows_acc[f], rows_part + 16 * f, R_PAD, wmma::mem_row_major);
-          }
+        for (int nb = 0; nb < N_BLOCKS; ++nb) {
+          const float2 top = *reinterpret_cast<const float2*>(rows_part + 8 * nb + acc_col);
+          const float2 bottom = *reinterpret_cast<const float2*>(rows_part + 8 * R_PAD + 8 * nb + acc_col);
+          rows_acc[nb][0] = top.x, rows_acc[nb][1] = top.y, rows_acc[nb][2] = bottom.x, rows_acc[nb][3] = bottom.y;
         }
       }
+      // Philox group of this thread's first vector, (m0 + row) * C / 8 + (c0 + col) / 8; vector v
+      // sits 16 v rows further. (Unsigned and incremental: the index math is per element otherwise.)
+      const uint64_t groups_per_row = static_cast<uint64_t>(C) / kMaskGroup;
+      const uint64_t first_group = static_cast<uint64_t>(m0 + threadIdx.x / kVectorsPerRow) * groups_per_row +
+                                   static_cast<uint64_t>(c0) / kMaskGroup + threadIdx.x % kVectorsPerRow;
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
         const int q = v * kThreads + threadIdx.x;
         const int row = q / kVectorsPerRow, col = (q % kVectorsPerRow) * kMaskGroup;
         // Out of the matrix the vector is zero already and its mask does not matter.
-        const uint64_t group = static_cast<uint64_t>(((m0 + row) * C + c0 + col) / kMaskGroup);
-        bool keep[kMaskGroup];
-        dropout_keep_group(seed, group, threshold, keep);
-        T* values = reinterpret_cast<T*>(&data[v]);
+        uint32_t words[4];
+        philox4(seed, first_group + static_cast<uint64_t>(v * (kThreads / kVectorsPerRow)) * groups_per_row, words);
+        uint32_t* pairs = reinterpret_cast<uint32_t*>(&data[v]);
 #pragma unroll
-        for (int k = 0; k < kMaskGroup; ++k) {
-          // Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch dropout, the reference).
-          values[k] = from_float<T>(to_float(values[k]) * (keep[k] ? keep_scale : 0.f));
-        }
+        for (int w = 0; w < 4; ++w) pairs[w] = keep_pair<T>(pairs[w], words[w], threshold);
         *reinterpret_cast<uint4*>(&s.tile[row][col]) = data[v];
       }
       if (want_panel_grad) store_rows<T, R_PAD>(s.rows, rows_data);
@@ -193,34 +244,43 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       }
 
       if (warp < 4 && want_rows_grad) {
+        // grad_xa rows += tile rows (A, row-major) x panel (B).
 #pragma unroll
         for (int k = 0; k < kTileCols / 16; ++k) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::load_matrix_sync(a, &s.tile[16 * warp][16 * k], kTileCols + kPad);
+          uint32_t a[4];
+          ldmatrix_x4(a, &s.tile[16 * warp + lane % 16][16 * k + 8 * (lane / 16)]);
 #pragma unroll
-          for (int f = 0; f < R_FRAGS; ++f) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-            wmma::load_matrix_sync(b, &s.panel[16 * k][16 * f], R_PAD + kPad);
-            wmma::mma_sync(rows_acc[f], a, b, rows_acc[f]);
+          for (int nb2 = 0; nb2 < N_BLOCKS / 2; ++nb2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, &s.panel[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
+            mma_16816<T>(rows_acc[2 * nb2], a, b[0], b[1]);
+            mma_16816<T>(rows_acc[2 * nb2 + 1], a, b[2], b[3]);
           }
         }
 #pragma unroll
-        for (int f = 0; f < R_FRAGS; ++f) {
-          wmma::store_matrix_sync(rows_part + 16 * f, rows_acc[f], R_PAD, wmma::mem_row_major);
+        for (int nb = 0; nb < N_BLOCKS; ++nb) {
+          *reinterpret_cast<float2*>(rows_part + 8 * nb + acc_col) = make_float2(rows_acc[nb][0], rows_acc[nb][1]);
+          *reinterpret_cast<float2*>(rows_part + 8 * R_PAD + 8 * nb + acc_col) =
+              make_float2(rows_acc[nb][2], rows_acc[nb][3]);
         }
       } else if (warp >= 4 && want_panel_grad) {
+        // grad_B rows += tile^T (A: the tile through ldmatrix .trans) x xa rows (B).
 #pragma unroll
         for (int k = 0; k < kTileRows / 16; ++k) {
+          uint32_t a[2][4];
 #pragma unroll
           for (int cf = 0; cf < 2; ++cf) {
-            // The tile's transpose: column-major A of (columns x rows).
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-            wmma::load_matrix_sync(a, &s.tile[16 * k][32 * (warp - 4) + 16 * cf], kTileCols + kPad);
+            ldmatrix_x4_trans(a[cf], &s.tile[16 * k + lane % 8 + 8 * (lane / 16)]
+                                            [32 * (warp - 4) + 16 * cf + 8 * ((lane / 8) % 2)]);
+          }
 #pragma unroll
-            for (int f = 0; f < R_FRAGS; ++f) {
-              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-              wmma::load_matrix_sync(b, &s.rows[16 * k][16 * f], R_PAD + kPad);
-              wmma::mma_sync(panel_acc[cf][f], a, b, panel_acc[cf][f]);
+          for (int nb2 = 0; nb2 < N_BLOCKS / 2; ++nb2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, &s.rows[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
+#pragma unroll
+            for (int cf = 0; cf < 2; ++cf) {
+              mma_16816<T>(panel_acc[cf][2 * nb2], a[cf], b[0], b[1]);
+              mma_16816<T>(panel_acc[cf][2 * nb2 + 1], a[cf], b[2], b[3]);
             }
           }
         }
@@ -231,10 +291,12 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
 #pragma unroll
       for (int cf = 0; cf < 2; ++cf) {
         float* part = panel_grad_part +
-                      (static_cast<int64_t>(blockIdx.x) * C_pad + c0 + 32 * (warp - 4) + 16 * cf) * R_PAD;
+                      (static_cast<int64_t>(blockIdx.x) * C_pad + c0 + 32 * (warp - 4) + 16 * cf + acc_row) * R_PAD;
 #pragma unroll
-        for (int f = 0; f < R_FRAGS; ++f) {
-          wmma::store_matrix_sync(part + 16 * f, panel_acc[cf][f], R_PAD, wmma::mem_row_major);
+        for (int nb = 0; nb < N_BLOCKS; ++nb) {
+          *reinterpret_cast<float2*>(part + 8 * nb + acc_col) = make_float2(panel_acc[cf][nb][0], panel_acc[cf][nb][1]);
+          *reinterpret_cast<float2*>(part + 8 * R_PAD + 8 * nb + acc_col) =
+              make_float2(panel_acc[cf][nb][2], panel_acc[cf][nb][3]);
         }
       }
     }
@@ -310,12 +372,13 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
       reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(B.data_ptr()),
       reinterpret_cast<const T*>(rows.data_ptr()), need_grad_xa ? rows_part.data_ptr<float>() : nullptr,
       need_grad_B ? panel_part.data_ptr<float>() : nullptr, seed.data_ptr<int64_t>(), M, C, r, M_pad, C_pad,
-      static_cast<int>(blocks_m_per_group), static_cast<int>(blocks_c_per_group), dropout_threshold(p),
-      static_cast<float>(1.0 / (1.0 - p)));
+      static_cast<int>(blocks_m_per_group), static_cast<int>(blocks_c_per_group), dropout_threshold(p));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor grad_xa = need_grad_xa ? sum_slices<T>(rows_part, M, r, R_PAD, scale, options, stream)
+  // The kernel summed dY * keep; s and the kept elements' 1 / (1 - p) apply here, in float32.
+  const double sum_scale = scale / (1.0 - p);
+  at::Tensor grad_xa = need_grad_xa ? sum_slices<T>(rows_part, M, r, R_PAD, sum_scale, options, stream)
                                     : at::empty({0}, options);
-  at::Tensor grad_B = need_grad_B ? sum_slices<T>(panel_part, C, r, R_PAD, scale, options, stream)
+  at::Tensor grad_B = need_grad_B ? sum_slices<T>(panel_part, C, r, R_PAD, sum_scale, options, stream)
                                   : at::empty({0}, options);
   return {grad_xa, grad_B};
 }
@@ -342,7 +405,7 @@ bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B,
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || lora_B.scalar_type() != dtype || xa.scalar_type() != dtype) {
     return false;
   }
-  // Whole 16-byte vectors per row (one Philox group each), and wmma's bf16/f16 fragments (sm_80+).
+  // Whole 16-byte vectors per row (one Philox group each), and bf16/f16 mma.sync (sm_80+).
   return g2.size(1) % kMaskGroup == 0 && reinterpret_cast<uintptr_t>(g2.data_ptr()) % 16 == 0 &&
          lora_B.size(1) <= kMaxRank && at::cuda::getDeviceProperties(g2.get_device())->major >= 8;
 }
