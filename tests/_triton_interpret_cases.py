@@ -21,6 +21,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (run via test_triton_interpret.py)",
                 allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import lora_ext  # noqa: E402,F401  (registers torch.ops.lora.*)
 from lora_ext.kernels import philox, triton_lora  # noqa: E402
 from lora_ext.reference import dropout_keep_mask, lora_linear_reference, philox_mask_bits  # noqa: E402
@@ -136,6 +139,29 @@ def test_keep_mask_high_counter_word(first_index):
     index = np.arange(first_index, first_index + 80, dtype=np.uint64)
     expected = philox_mask_bits(seed_value, index) >= np.uint64(philox.dropout_threshold(0.5))
     assert np.array_equal(mask.numpy(), expected)
+
+
+@triton.jit
+def _keep_tile_kernel(out_ptr, seed_ptr, M, C, threshold, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                      GROUP_COLUMNS: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_first = tl.program_id(1).to(tl.int64) * BLOCK_C
+    c = c_first + tl.arange(0, BLOCK_C)
+    key_lo, key_hi = philox.load_seed_words(seed_ptr)
+    keep = philox.dropout_keep_tile(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M, BLOCK_C, GROUP_COLUMNS)
+    tl.store(out_ptr + m[:, None] * C + c[None, :], keep.to(tl.uint8), mask=(m[:, None] < M) & (c[None, :] < C))
+
+
+@pytest.mark.parametrize("group_columns,C", [(8, 48), (4, 48), (4, 36), (0, 37)])
+def test_keep_tile_every_grouping_matches_reference(group_columns, C):
+    """dropout_keep_tile's three ways to spread Philox words over a tile (one evaluation per
+    eight elements, per four, per element) give the reference mask, partial tiles included."""
+    M, seed_value, p = 21, 4321, 0.4
+    out = torch.zeros(M, C, dtype=torch.uint8)
+    grid = (triton.cdiv(M, 8), triton.cdiv(C, 16))
+    _keep_tile_kernel[grid](out, seed_tensor(seed_value), M, C, philox.dropout_threshold(p), BLOCK_M=8, BLOCK_C=16,
+                            GROUP_COLUMNS=group_columns)
+    assert torch.equal(out.bool(), dropout_keep_mask(seed_value, M, C, p))
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,8 @@ high 16 bits: eight consecutive elements share one evaluation. This is csrc/phil
 bit. It is written out here instead of calling tl.randint4x because how tl.randint splits an
 int64 offset into the counter has changed between triton versions; the mask must not depend
 on the installed triton. Kernels whose tile rows hold whole groups (C % 8 == 0) evaluate one
-Philox per group (`dropout_keep_tile`); otherwise each element evaluates its own group's
-(`dropout_keep`).
+Philox per group or half group (`dropout_keep_tile`); otherwise each element evaluates its own
+group's (`dropout_keep`).
 
 `dropout_keep_mask` materialises the mask with a small kernel: the float64 fallback of
 triton_lora.py uses it (a temporary, never saved), and the tests compare it with
@@ -96,16 +96,20 @@ def dropout_keep(key_lo, key_hi, index, threshold):
 
 @triton.jit
 def dropout_keep_tile(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                      ROWS_HOLD_GROUPS: tl.constexpr):
+                      GROUP_COLUMNS: tl.constexpr):
     """dropout_keep for the (BLOCK_M, BLOCK_C) tile of rows m (int64) and columns c_first ..
-    c_first + BLOCK_C - 1 of a row-major M x C tensor.
+    c_first + BLOCK_C - 1 of a row-major M x C tensor (c_first a multiple of BLOCK_C, itself of 8).
 
-    ROWS_HOLD_GROUPS (C % 8 == 0; c_first is a multiple of BLOCK_C, itself of 8): each group
-    of eight consecutive elements lies in one row of the tile, so one Philox evaluation per
-    group gives the masks of its eight elements (an eighth of the Philox work of evaluating
-    per element). Otherwise groups straddle rows and each element evaluates its own group.
+    GROUP_COLUMNS = 8 (C % 8 == 0): each group of eight consecutive elements lies in one row of
+    the tile, so one Philox evaluation per group gives the masks of its eight elements (an
+    eighth of the work of evaluating per element). Spreading a group's eight bits over the tile
+    takes three nested joins, which Triton lowers through shared memory when a thread of the
+    tile's layout holds fewer than eight elements: then
+    GROUP_COLUMNS = 4 (C % 4 == 0): each half group of four elements evaluates its group's Philox
+    and takes two of its words (two joins; a quarter of the work of evaluating per element).
+    GROUP_COLUMNS = 0: groups straddle rows and each element evaluates its own group.
     """
-    if ROWS_HOLD_GROUPS:
+    if GROUP_COLUMNS == 8:
         group = (m[:, None] * C + c_first + MASK_GROUP * tl.arange(0, BLOCK_C // MASK_GROUP)[None, :]) >> 3
         c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
         lo0, hi0 = _halves_kept(c0, threshold)
@@ -117,6 +121,17 @@ def dropout_keep_tile(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.cons
         # half k % 2 of word k // 2, at column 8j + k.
         keep = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)),
                        tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
+        return tl.reshape(keep, (BLOCK_M, BLOCK_C))
+    elif GROUP_COLUMNS == 4:
+        half_group = (m[:, None] * C + c_first + 4 * tl.arange(0, BLOCK_C // 4)[None, :]) >> 2
+        group = half_group >> 1
+        c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
+        # Elements 0-3 of a group take words 0 and 1, elements 4-7 words 2 and 3.
+        second = (half_group & 1) == 1
+        lo_a, hi_a = _halves_kept(tl.where(second, c2, c0), threshold)
+        lo_b, hi_b = _halves_kept(tl.where(second, c3, c1), threshold)
+        # (BLOCK_M, BLOCK_C // 4, 2, 2) with [.., w, h] = half h of word w: column 4j + 2w + h.
+        keep = tl.join(tl.join(lo_a, lo_b), tl.join(hi_a, hi_b))
         return tl.reshape(keep, (BLOCK_M, BLOCK_C))
     else:
         c = c_first + tl.arange(0, BLOCK_C)

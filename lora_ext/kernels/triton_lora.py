@@ -84,13 +84,13 @@ def _dropout_key(seed_ptr, DROPOUT: tl.constexpr):
 def _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
                        key_lo, key_hi, drop_threshold, keep_scale,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
-                       ROWS_HOLD_GROUPS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+                       GROUP_COLUMNS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     """The (BLOCK_M, BLOCK_C) tile inp[m, c] as dot operand, dropped out (mask index m * C + c)
     and its kept values times keep_scale when DROPOUT; zero outside the matrix."""
     inp = tl.load(inp_ptr + m[:, None] * stride_im + c[None, :] * stride_ic,
                   mask=m_ok[:, None] & c_ok[None, :], other=0.0)
     if DROPOUT:
-        keep = dropout_keep_tile(key_lo, key_hi, m, c_tile, C, drop_threshold, BLOCK_M, BLOCK_C, ROWS_HOLD_GROUPS)
+        keep = dropout_keep_tile(key_lo, key_hi, m, c_tile, C, drop_threshold, BLOCK_M, BLOCK_C, GROUP_COLUMNS)
         # Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch dropout, the reference).
         inp = inp.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
     return inp.to(COMPUTE_DTYPE)
@@ -106,7 +106,7 @@ def _lora_down_kernel(
     blocks_m_per_group, blocks_c_per_group,
     out_scale, drop_threshold, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-    ROWS_HOLD_GROUPS: tl.constexpr,
+    GROUP_COLUMNS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """out[m, :] = out_scale * drop(inp)[m, :] @ panel: one pass over inp (M x C) contracting it
@@ -136,7 +136,7 @@ def _lora_down_kernel(
             c_ok = c < C
             inp = _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
                                      key_lo, key_hi, drop_threshold, keep_scale,
-                                     BLOCK_M, BLOCK_C, DROPOUT, ROWS_HOLD_GROUPS, COMPUTE_DTYPE)
+                                     BLOCK_M, BLOCK_C, DROPOUT, GROUP_COLUMNS, COMPUTE_DTYPE)
             panel = tl.load(panel_ptr + c[:, None] * stride_pc + r[None, :] * stride_pr,
                             mask=c_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
             acc = tl.dot(inp, panel, acc, input_precision=INPUT_PRECISION)
@@ -157,7 +157,7 @@ def _lora_down_reduce_kernel(
     blocks_m_per_group, blocks_c_per_group,
     drop_threshold, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
-    COMPUTE_OUT: tl.constexpr, DROPOUT: tl.constexpr, ROWS_HOLD_GROUPS: tl.constexpr,
+    COMPUTE_OUT: tl.constexpr, DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over inp (M x C) for its reduction over rows, and optionally its contraction:
@@ -201,7 +201,7 @@ def _lora_down_reduce_kernel(
             m_ok = m < M
             inp = _load_dropped_tile(inp_ptr, m, c, m_ok, c_ok, stride_im, stride_ic, c_tile, C,
                                      key_lo, key_hi, drop_threshold, keep_scale,
-                                     BLOCK_M, BLOCK_C, DROPOUT, ROWS_HOLD_GROUPS, COMPUTE_DTYPE)
+                                     BLOCK_M, BLOCK_C, DROPOUT, GROUP_COLUMNS, COMPUTE_DTYPE)
             rows = tl.load(rows_ptr + m[:, None] * stride_rm + r[None, :] * stride_rr,
                            mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
             # (As rows^T @ inp, accumulating dB^T, this was 1-8% slower on the H200: NOTES #17.)
@@ -232,7 +232,7 @@ def _lora_up_kernel(
     out_scale, drop_threshold, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
     WRITE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_INP_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-    ROWS_HOLD_GROUPS: tl.constexpr, INP_GRAD_AS_ROWS_T: tl.constexpr,
+    GROUP_COLUMNS: tl.constexpr, INP_GRAD_AS_ROWS_T: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over the M x C tiles of a column block for the rank-r expansion.
@@ -275,7 +275,7 @@ def _lora_up_kernel(
                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         if DROPOUT:
             keep = dropout_keep_tile(key_lo, key_hi, m, pid_c.to(tl.int64) * BLOCK_C, C, drop_threshold, BLOCK_M,
-                                     BLOCK_C, ROWS_HOLD_GROUPS)
+                                     BLOCK_C, GROUP_COLUMNS)
         if WRITE_OUT:
             value = tl.dot(rows, panel, input_precision=INPUT_PRECISION) * out_scale
             if DROPOUT:
@@ -484,6 +484,20 @@ MASK_REUSE_BUDGET_BYTES = 16 << 20
 INP_GRAD_AS_ROWS_T = True
 
 
+def _mask_group_columns(dropout_on: bool, C: int, blocks: "_Blocks") -> int:
+    """philox.dropout_keep_tile's GROUP_COLUMNS for a tile: 8 (one Philox per eight elements) when a
+    thread of the tile holds at least eight elements; else 4 (per four); 0 when groups straddle rows.
+
+    With fewer than eight elements per thread, a group's eight mask bits are spread over threads,
+    and Triton converts the joined mask's layout through shared memory: the 16-bit mask (eight per
+    Philox) made the 'pre' backward's pass on 16 x 64 tiles with 8 warps (4 elements per thread)
+    16% slower on the H200 than four per Philox (benchmarks/NOTES.md #20)."""
+    if not dropout_on or C % 4 != 0:
+        return 0
+    per_thread = blocks.block_m * blocks.block_c // (32 * blocks.num_warps)
+    return 8 if C % 8 == 0 and per_thread >= 8 else 4
+
+
 def _inp_grad_as_rows_t(lora_dtype: torch.dtype) -> bool:
     return INP_GRAD_AS_ROWS_T and lora_dtype != torch.float32
 MASK_REUSE_BUDGET_FRACTION = 1.0
@@ -614,7 +628,7 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
     blocks = plan.blocks
     seed = dropout.seed if dropout.on else inp  # placeholder pointer when unused
     common = dict(BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad, DROPOUT=dropout.on,
-                  ROWS_HOLD_GROUPS=dropout.on and C % 8 == 0, **_dot_options(panel.dtype),
+                  GROUP_COLUMNS=_mask_group_columns(dropout.on, C, blocks), **_dot_options(panel.dtype),
                   num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     out_partials = need_out and (b > 1 or panel_grad_wanted)
     if not need_out:
@@ -750,7 +764,7 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         float(out_scale), dropout.threshold, dropout.keep_scale,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, R_PAD=r_pad,
         WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
-        ROWS_HOLD_GROUPS=dropout.on and C % 8 == 0, INP_GRAD_AS_ROWS_T=_inp_grad_as_rows_t(panel.dtype),
+        GROUP_COLUMNS=_mask_group_columns(dropout.on, C, blocks), INP_GRAD_AS_ROWS_T=_inp_grad_as_rows_t(panel.dtype),
         **_dot_options(panel.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
