@@ -584,9 +584,9 @@ def test_philox_matches_the_random123_known_answer():
 
 
 @pytest.mark.parametrize("M, N", [(211, 191), (1, 7), (3, 1)])
-def test_mask_groups_of_four_across_thread_and_block_boundaries(M, N, all_threads):
+def test_mask_groups_of_eight_across_thread_and_block_boundaries(M, N, all_threads):
     # Odd sizes: the CPU loop's thread chunks and 512-element blocks start inside a group of
-    # four elements that shares one Philox evaluation (csrc/lora_cpu.cpp), and the last group
+    # eight elements that shares one Philox evaluation (csrc/lora_cpu.cpp), and the last group
     # is partial.
     x, _, _, lora_A, lora_B = small_inputs(M=M, K=4, N=N, r=2, requires_grad=False)
     seed = torch.tensor([12345], dtype=torch.int64)

@@ -8,18 +8,18 @@
 // a mask; Nsight Compute showed it latency-bound (one 8-warp program per SM at 177 registers,
 // 35% of issue slots used, 12 barriers per tile) and 31% of its instructions in Philox
 // (benchmarks/NOTES.md #19). Here each thread reads its eight consecutive dY elements as one
-// 16-byte load, one Philox evaluation gives their eight masks (philox.h), the dropped tile is
-// written once to shared memory, and both products read it from there with tensor-core
-// fragments (WMMA): the tile as row-major A for grad_xa, as column-major A (its transpose)
+// 16-byte load, one Philox evaluation gives their eight masks (philox.h), dY times its 0/1
+// flags is written once to shared memory, and both products read it from there on tensor
+// cores (ldmatrix + mma.sync): the tile as A for grad_xa, its transpose (ldmatrix .trans) as A
 // for grad_B. The next tile's loads are issued before this tile's products, and two programs
-// share an SM (at ranks <= 16).
+// share an SM (at ranks <= 16). Measured: 63.8 us there (NOTES.md #21; a WMMA version took 80).
 //
 // Work split (like the Triton pass): program (i, j) owns the 64-row blocks of row group i
 // and the 128-column blocks of column group j, row blocks innermost. Warps 0-3 own grad_xa's
 // rows (16 each), summed over the program's column blocks in slice j of a float32 partial;
 // warps 4-7 own grad_B's rows (32 each), accumulated in registers over the row group and
 // written once to slice i. A last small kernel per output sums the slices in a fixed order
-// (deterministic: no atomics) and applies s.
+// (deterministic: no atomics) and applies s / (1 - p).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -467,7 +467,7 @@ def _split_groups(num_blocks: int, groups: int) -> tuple[int, int]:
 # (besides xa, dxa). A split that needs more than PARTIAL_BUDGET_BYTES is avoided when
 # the work can be arranged otherwise (fewer programs, or a second pass over dY). With
 # 'post' dropout, one pass over dY for both dxa and dB saves regenerating the M x N
-# mask (one Philox-4x32-10 per four elements, the dominant cost of that pass), so that
+# mask (one Philox-4x32-10 per eight elements, the dominant cost of that pass), so that
 # pass may use up to MASK_REUSE_BUDGET_BYTES or MASK_REUSE_BUDGET_FRACTION of dY's size.
 # Both are transient: freed by the op, before the backward allocates dx. At the benchmarked
 # shapes the layer's peak did not grow with them (+1.3 MiB at r=16, +5.3 MiB at r=64 over the
