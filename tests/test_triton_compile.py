@@ -62,9 +62,17 @@ def compile_launch(fn, args, kwargs):
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip(fn.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k not in options})
-    signature, constexprs = {}, {}
-    for param in fn.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
         value = values[param.name]
+        # Triton's launch also marks pointers and integers divisible by 16 (unless
+        # do_not_specialize): the compiled variant then has 16-byte vector loads. Mirrored here
+        # so that the variant the GPU runs is the one compiled.
+        specialisable = not param.is_constexpr and not getattr(param, "do_not_specialize", False)
+        if specialisable and isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif specialisable and type(value) is int and value % 16 == 0:
+            attrs[(index,)] = [["tt.divisibility", 16]]
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
@@ -82,8 +90,8 @@ def compile_launch(fn, args, kwargs):
         else:
             raise TypeError(f"{fn.__name__}: argument {param.name} of type {type(value)}")
     key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
-           tuple(sorted(options.items())))
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=SM90, options=options)
+           tuple(sorted(options.items())), tuple(sorted(attrs)))
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=SM90, options=options)
     assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
     return key
 
