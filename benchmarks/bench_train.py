@@ -41,7 +41,7 @@ import lora_ext  # noqa: E402
 ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native")
 CSV_FIELDS = ["provider", "dropout", "compile", "graphs", "batch", "seq", "params_m", "trainable_m", "n_lora_layers",
               "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s", "peak_gib", "first_loss", "last_loss",
-              "warmup_s", "note"]
+              "warmup_s", "note", "repeat"]
 
 # ~0.85B parameters: Llama-2/TinyLlama-like proportions with grouped-query attention.
 GPU_MODEL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -254,36 +254,62 @@ def run_provider(provider, dropout, args, device, dtype) -> dict:
 
 
 def render(rows, metas) -> str:
+    """The markdown table. With several repeats (--repeats; the CSV's `repeat` column) each
+    provider shows its median step over the repeats, and the ratios to PEFT are the median and
+    range of the same-repeat ratios: end-to-end step times on the H200 host moved by up to 40%
+    between runs of the same code, and only ratios measured side by side are comparable."""
     meta = metas[0]
     by_dropout = {}
     for row in rows:
-        by_dropout.setdefault(float(row["dropout"]), {})[row["provider"]] = row
+        by_dropout.setdefault(float(row["dropout"]), {}).setdefault(row["provider"], []).append(row)
 
     def num(v):
         return None if v in (None, "") else float(v)
+
+    def repeat_of(row):
+        return int(row.get("repeat") or 0)
+
+    def ratio_text(ratios):
+        if not ratios:
+            return "—"
+        if len(ratios) == 1:
+            return f"**{ratios[0]:.2f}**"
+        return f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f})"
 
     headers = ["dropout", "provider", "step ms (median; min–max)", "tokens/s", "peak GiB",
                "tokens/s ÷ peft", "peak ÷ peft", "loss first → last", "warm-up s", "graphs"]
     lines = []
     for p in sorted(by_dropout):
         group = by_dropout[p]
-        peft = group.get("peft")
+        peft_by_repeat = {repeat_of(r): r for r in group.get("peft", [])}
         for name in ALL_PROVIDERS:
-            row = group.get(name)
-            if row is None:
+            runs = group.get(name)
+            if not runs:
                 continue
-            tps, peak = num(row["tokens_per_s"]), num(row["peak_gib"])
-            tps_ratio = peak_ratio = "—"
-            if peft is not None and name != "peft":
-                if tps and num(peft["tokens_per_s"]):
-                    tps_ratio = f"**{tps / num(peft['tokens_per_s']):.2f}**"
-                if peak and num(peft["peak_gib"]):
-                    peak_ratio = f"**{peak / num(peft['peak_gib']):.2f}**"
-            lines.append([p, name + (f" ({row['note']})" if row.get("note") else ""),
-                          f"{num(row['step_ms']):.1f} ({num(row['step_ms_min']):.1f}–{num(row['step_ms_max']):.1f})",
-                          f"{tps:,.0f}", f"{peak:.2f}" if peak is not None else "—", tps_ratio, peak_ratio,
-                          f"{num(row['first_loss']):.3f} → {num(row['last_loss']):.3f}", row["warmup_s"],
-                          row.get("graphs", "")])
+            step = statistics.median(num(r["step_ms"]) for r in runs)
+            tps = statistics.median(num(r["tokens_per_s"]) for r in runs)
+            peaks = [num(r["peak_gib"]) for r in runs if num(r["peak_gib"]) is not None]
+            peak = max(peaks) if peaks else None
+            tps_ratios, peak_ratios = [], []
+            if name != "peft":
+                for r in runs:
+                    peft = peft_by_repeat.get(repeat_of(r))
+                    if peft is None:
+                        continue
+                    if num(r["tokens_per_s"]) and num(peft["tokens_per_s"]):
+                        tps_ratios.append(num(r["tokens_per_s"]) / num(peft["tokens_per_s"]))
+                    if num(r["peak_gib"]) and num(peft["peak_gib"]):
+                        peak_ratios.append(num(r["peak_gib"]) / num(peft["peak_gib"]))
+            notes = sorted({r["note"] for r in runs if r.get("note")})
+            first, last = runs[0], runs[-1]
+            lines.append([p, name + (f" ({'; '.join(notes)})" if notes else "") +
+                          (f" ×{len(runs)}" if len(runs) > 1 else ""),
+                          f"{step:.1f} ({min(num(r['step_ms_min']) for r in runs):.1f}–"
+                          f"{max(num(r['step_ms_max']) for r in runs):.1f})",
+                          f"{tps:,.0f}", f"{peak:.2f}" if peak is not None else "—", ratio_text(tps_ratios),
+                          ratio_text(peak_ratios),
+                          f"{num(first['first_loss']):.3f} → {num(last['last_loss']):.3f}", first["warmup_s"],
+                          first.get("graphs", "")])
     first = rows[0] if rows else {}
     commands = "; ".join(f"`{m['command']}`" for m in metas)
     return "\n".join([
@@ -297,7 +323,8 @@ def render(rows, metas) -> str:
         "- step = forward + loss (torch.compile scope as in settings: 'layers' = each decoder layer and "
         "lm_head+loss compiled), backward, AdamW (fused on CUDA) on the adapters; "
         "time = median over the timed steps after warm-up (synchronised per step); peak = "
-        "torch.cuda.max_memory_allocated over the timed steps (weights included)",
+        "torch.cuda.max_memory_allocated over the timed steps (weights included); ×n: n repeats of the "
+        "provider sequence (medians over them; ratios: median and range of the same-repeat ratios)",
         "",
         common.markdown_table(headers, lines),
     ])
@@ -347,6 +374,9 @@ def parse_args():
     parser.add_argument("--peft-fp32-adapters", action="store_true",
                         help="PEFT's default autocast of bf16 adapters to fp32 (off: adapters in the base dtype)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole provider sequence this many times (A B A B ...): the table then "
+                             "shows medians and the range of the same-repeat ratios")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: start no new run after this (rows so far are kept)")
     parser.add_argument("--out", default=common.BENCH_DIR)
@@ -411,15 +441,15 @@ def main() -> None:
     meta = environment(device, args)
     with open(stem + ".meta.json", "w") as f:
         json.dump(meta, f, indent=1)
-    runs = [(p, d) for d in args.dropouts for p in providers]
-    print(f"{len(runs)} runs: {runs}; each = build + {args.warmup} warm-up steps (compile) + {args.steps} timed",
-          flush=True)
+    runs = [(repeat, p, d) for repeat in range(args.repeats) for d in args.dropouts for p in providers]
+    print(f"{len(runs)} runs: {[(p, d) for _, p, d in runs]}; each = build + {args.warmup} warm-up steps (compile) "
+          f"+ {args.steps} timed", flush=True)
     started = time.perf_counter()
     rows = []
     with open(stem + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        for i, (provider, dropout) in enumerate(runs):
+        for i, (repeat, provider, dropout) in enumerate(runs):
             if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
                 print(f"time budget reached: {len(runs) - i} runs not started", flush=True)
                 break
@@ -429,6 +459,7 @@ def main() -> None:
             except Exception as e:  # one failing provider must not lose the others' numbers
                 print(f"  !! {provider} dropout={dropout} failed: {type(e).__name__}: {e}", flush=True)
                 continue
+            row["repeat"] = repeat
             rows.append(row)
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
             f.flush()
