@@ -53,7 +53,7 @@ bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
 }
 
 // Whether the 'post' backward's masked step runs the native one-pass kernel (cuda/masked_grad_y.cu).
-// Measured on the H200 against the Triton pass it replaces (benchmarks/NOTES.md #19).
+// Measured on the H200 against the Triton pass it replaces (benchmarks/NOTES.md #21).
 bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, const at::Tensor& xa) {
 #ifdef LORA_WITH_CUDA
   return masked_grad_y_cuda_supports(g, lora_B, xa);

@@ -33,12 +33,7 @@ void dropout_keep_block(uint64_t seed, uint64_t first, int64_t count, uint32_t t
   const uint64_t first_group = (first + static_cast<uint64_t>(j)) / kMaskGroup;
   uint8_t* group_keep = keep + j;
   for (int64_t g = 0; g < groups; ++g) {
-    uint32_t words[4];
-    philox4(seed, first_group + static_cast<uint64_t>(g), words);
-    for (int w = 0; w < 4; ++w) {
-      group_keep[kMaskGroup * g + 2 * w] = keep_low_half(words[w], threshold) ? 1 : 0;
-      group_keep[kMaskGroup * g + 2 * w + 1] = keep_high_half(words[w], threshold) ? 1 : 0;
-    }
+    dropout_keep_group(seed, first_group + static_cast<uint64_t>(g), threshold, group_keep + kMaskGroup * g);
   }
   for (j += kMaskGroup * groups; j < count; ++j) {  // the last partial group
     keep[j] = dropout_keep(seed, first + static_cast<uint64_t>(j), threshold) ? 1 : 0;

@@ -7,7 +7,7 @@
 // evaluation gives the masks of eight consecutive elements (every bit of its four output
 // words is used). Mask kernels were bound on Philox's 32-bit multiplies: one evaluation per
 // element, then per four (one 31-bit number each), cut that cost by 4x and then 2x
-// (benchmarks/NOTES.md #9, #19). p is thereby resolved to 2^-16: an element is dropped with
+// (benchmarks/NOTES.md #9, #20). p is thereby resolved to 2^-16: an element is dropped with
 // probability floor(p * 2^16) / 2^16, within 1.5e-5 of p, and kept ones are scaled by 1 / (1 - p).
 // The Triton kernels (lora_ext/kernels/philox.py), the CUDA kernels and the plain-numpy
 // reference (lora_ext/reference.py) implement the same function, so a mask never has to be
@@ -66,18 +66,20 @@ inline uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(p * 65536.0);
 }
 
-// Whether the two elements whose 16-bit numbers are the halves of `word` are kept: bit 0 for
-// the even (low half) element, bit 1 for the odd one.
+// Whether the even (low half of `word`) and the odd (high half) of the two elements whose
+// 16-bit numbers `word` holds are kept.
 LORA_HOST_DEVICE bool keep_low_half(uint32_t word, uint32_t threshold) { return (word & 0xFFFFu) >= threshold; }
 LORA_HOST_DEVICE bool keep_high_half(uint32_t word, uint32_t threshold) { return (word >> 16) >= threshold; }
 
-// keep[k] for the eight elements of group `group` (element 8 * group + k).
-LORA_HOST_DEVICE void dropout_keep_group(uint64_t seed, uint64_t group, uint32_t threshold, bool keep[kMaskGroup]) {
+// keep[k] for the eight elements of group `group` (element 8 * group + k), as bool (CUDA) or
+// uint8 flags (the CPU loop's buffer).
+template <typename Flag>
+LORA_HOST_DEVICE void dropout_keep_group(uint64_t seed, uint64_t group, uint32_t threshold, Flag* keep) {
   uint32_t words[4];
   philox4(seed, group, words);
   for (int w = 0; w < 4; ++w) {
-    keep[2 * w] = keep_low_half(words[w], threshold);
-    keep[2 * w + 1] = keep_high_half(words[w], threshold);
+    keep[2 * w] = static_cast<Flag>(keep_low_half(words[w], threshold));
+    keep[2 * w + 1] = static_cast<Flag>(keep_high_half(words[w], threshold));
   }
 }
 

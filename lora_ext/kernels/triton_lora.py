@@ -474,6 +474,7 @@ def _split_groups(num_blocks: int, groups: int) -> tuple[int, int]:
 # frozen base, dropout 0.1 included; benchmarks/RESULTS.md).
 PARTIAL_BUDGET_BYTES = 1 << 20
 MASK_REUSE_BUDGET_BYTES = 16 << 20
+MASK_REUSE_BUDGET_FRACTION = 1.0
 
 # _lora_up_kernel's reduction over rows (dA = dxa^T drop(x)) as rows^T @ inp, accumulating the
 # (r, C) result, instead of inp^T @ rows (accumulating its transpose): the transposed dot
@@ -484,7 +485,11 @@ MASK_REUSE_BUDGET_BYTES = 16 << 20
 INP_GRAD_AS_ROWS_T = True
 
 
-def _mask_group_columns(dropout_on: bool, C: int, blocks: "_Blocks") -> int:
+def _inp_grad_as_rows_t(lora_dtype: torch.dtype) -> bool:
+    return INP_GRAD_AS_ROWS_T and lora_dtype != torch.float32
+
+
+def _mask_group_columns(dropout_on: bool, C: int, blocks: _Blocks) -> int:
     """philox.dropout_keep_tile's GROUP_COLUMNS for a tile: 8 (one Philox per eight elements) when a
     thread of the tile holds at least eight elements; else 4 (per four); 0 when groups straddle rows.
 
@@ -496,11 +501,6 @@ def _mask_group_columns(dropout_on: bool, C: int, blocks: "_Blocks") -> int:
         return 0
     per_thread = blocks.block_m * blocks.block_c // (32 * blocks.num_warps)
     return 8 if C % 8 == 0 and per_thread >= 8 else 4
-
-
-def _inp_grad_as_rows_t(lora_dtype: torch.dtype) -> bool:
-    return INP_GRAD_AS_ROWS_T and lora_dtype != torch.float32
-MASK_REUSE_BUDGET_FRACTION = 1.0
 
 
 def _down_partition(m_blocks, c_blocks, M, C, r_pad, enough, compute_out, panel_grad, budget):
