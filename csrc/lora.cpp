@@ -307,5 +307,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Whether masked_grad_y_cuda takes these (g2, lora_B, xa)");
   module.def("masked_grad_y_cuda", &lora::masked_grad_y_cuda,
              "(s drop(g2) B, s drop(g2)^T xa): the native 'post' dropout backward step (csrc/cuda/masked_grad_y.cu)");
+  module.def("small_m_forward_cuda_supports", &lora::small_m_forward_cuda_supports,
+             "Whether small_m_forward_cuda takes these (x2, lora_A, lora_B)");
+  module.def("small_m_forward_cuda", &lora::small_m_forward_cuda,
+             "xa <- x2 A^T and y += s xa B^T in place: the few-token forward's LoRA term (csrc/cuda/small_m_forward.cu)",
+             pybind11::arg("x2"), pybind11::arg("lora_A"), pybind11::arg("lora_B"), pybind11::arg("y"),
+             pybind11::arg("xa"), pybind11::arg("scale"));
 #endif
 }

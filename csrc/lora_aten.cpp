@@ -63,6 +63,22 @@ bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, con
 #endif
 }
 
+// Whether a dropout-free forward takes the few-token path: the base GEMM on cuBLAS, then the
+// whole LoRA term in one kernel (cuda/small_m_forward.cu) instead of two more cuBLAS calls.
+// For decode, whose time is the host's launch path (benchmarks/NOTES.md #24).
+bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+#ifdef LORA_WITH_CUDA
+  static const bool disabled = [] {
+    const char* env = std::getenv("LORA_EXT_SMALL_M_FORWARD");
+    return env != nullptr && std::string(env) == "0";
+  }();
+  return !disabled && x2.is_cuda() && small_m_forward_cuda_supports(x2, lora_A, lora_B);
+#else
+  (void)x2, (void)lora_A, (void)lora_B;
+  return false;
+#endif
+}
+
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
 // ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
 // afterwards: addmm skips the product then, and a NaN/Inf input must still give NaN.
@@ -99,6 +115,18 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   const bool post_dropout = dropout && s.position == DropoutPosition::kPost;
 
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(s.N);
+
+#ifdef LORA_WITH_CUDA
+  if (!dropout && weight.has_value() && use_small_m_forward(x2, lora_A, lora_B)) {
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
+    at::Tensor xa = at::empty({s.M, s.r}, lora_A.options());
+    small_m_forward_cuda(x2, lora_A, lora_B, y, xa, scale);
+    return {y.view(out_shape), xa};
+  }
+#endif
+
   at::Tensor xa;  // (M, r)
   if (pre_dropout && use_masked_pieces(x, lora_A)) {
     xa = triton_masked_down(x2, lora_A, *seed, dropout_p);
@@ -112,9 +140,6 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     }
     xa = at::mm(x_lora, lora_A.t());
   }
-
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(s.N);
 
   at::Tensor y;
   // scale == 0 also takes the separate path: addmm with alpha=0 skips the product, so a

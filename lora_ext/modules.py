@@ -53,6 +53,18 @@ def _check_module_hyperparameters(dim, alpha, dropout, dropout_position, lora_A_
     check_lora_hyperparameters(dim, dropout, dropout_position, lora_A_init_method, alpha)
 
 
+def _parameter(module: nn.Module, name: str):
+    """`getattr(module, name)` for a parameter (or None), read from `module._parameters` when it is there.
+
+    Why: nn.Module.__getattr__, which `module.weight` goes through, costs about 1-2 us per lookup
+    (2-core CPU, torch 2.13), and a LoRA forward needs four of them; in decode, which is
+    host-bound, that was a third of the layer's host time (benchmarks/NOTES.md #24). Falls back
+    to getattr for anything else, e.g. a parametrized weight (torch.nn.utils.parametrize).
+    """
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 class LinearLoRA(nn.Linear):
     """Linear + LoRA; keeps the checkpoint structure (`weight`/`bias` stay at the same FQN).
 
@@ -178,8 +190,9 @@ class LinearLoRA(nn.Linear):
             return nn.functional.linear(x, self.weight, self.bias)
         dropout_p = self.dropout_p if self.training else 0.0
         return lora_ops.linear(
-            x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale,
-            dropout_p, self.dropout_position, backend=self.lora_backend,
+            x, _parameter(self, "weight"), _parameter(self, "bias"),
+            _parameter(self._modules["lora_A"], "weight"), _parameter(self._modules["lora_B"], "weight"),
+            self.scale, dropout_p, self.dropout_position, backend=self.lora_backend,
         )
 
     def extra_repr(self) -> str:

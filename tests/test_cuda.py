@@ -434,6 +434,79 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
 
 
 # ---------------------------------------------------------------------------
+# The few-token forward (csrc/cuda/small_m_forward.cu)
+# ---------------------------------------------------------------------------
+
+# (M, K, N, r): one row (decode), partial row fragments, K not a multiple of 16, ranks padded to
+# 16 / 32 / 64, several column chunks per program (N = 14336 with 3 row groups), the largest M.
+SMALL_M_SHAPES = [(1, 64, 8, 1), (5, 130, 96, 7), (16, 4096, 4096, 16), (17, 258, 514, 33), (40, 512, 14336, 16),
+                  (128, 1024, 264, 64), (3, 2, 2, 3)]
+
+
+@native_only
+@pytest.mark.parametrize("M,K,N,r", SMALL_M_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_small_m_forward_kernel_matches_float64(M, K, N, r, dtype):
+    """y += s (x A^T) B^T and xa = x A^T, against float64; twice gives the same bits."""
+    gen = torch.Generator(device="cpu").manual_seed(M * 7 + r)
+    x, A, B, y0 = (torch.randn(*shape, generator=gen, dtype=torch.float64) * std
+                   for shape, std in (((M, K), 1.0), ((r, K), K**-0.5), ((N, r), r**-0.5), ((M, N), 1.0)))
+    x, A, B, y0 = (t.to(DEVICE, dtype) for t in (x, A, B, y0))
+    scale = 1.7
+    assert lora_ext._C.small_m_forward_cuda_supports(x, A, B)
+    y, xa = y0.clone(), torch.full((M, r), float("nan"), device=DEVICE, dtype=dtype)
+    lora_ext._C.small_m_forward_cuda(x, A, B, y, xa, scale)
+    xa_ref = x.double() @ A.double().t()
+    y_ref = y0.double() + scale * (xa.double() @ B.double().t())  # from the xa it returned (rounded to dtype)
+    for what, actual, expected in (("xa", xa, xa_ref), ("y", y, y_ref)):
+        bound = 2 * EPS[dtype] * max(expected.abs().max().item(), 1.0)
+        err = (actual.double() - expected).abs().max().item()
+        assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+    y_again, xa_again = y0.clone(), torch.empty_like(xa)
+    lora_ext._C.small_m_forward_cuda(x, A, B, y_again, xa_again, scale)
+    assert torch.equal(y_again, y) and torch.equal(xa_again, xa)
+
+
+@native_only
+@pytest.mark.parametrize("M,K,N,r", SMALL_M_SHAPES[:4], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_small_m_forward_is_what_the_op_runs(M, K, N, r, bias):
+    """The op's dropout-free forward at few tokens is cuBLAS's x W^T + b, then this kernel:
+    bitwise (so the op does take the path), and its y and every gradient are within the
+    float64 bound (run_and_check)."""
+    inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=bias, seed=M + r)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")
+    with torch.no_grad():
+        expected = torch.addmm(b, x, w.t()) if bias else x @ w.t()
+        expected_xa = torch.empty(M, r, device=DEVICE, dtype=torch.bfloat16)
+        lora_ext._C.small_m_forward_cuda(x, A, B, expected, expected_xa, 0.5)
+    assert torch.equal(y, expected) and torch.equal(xa, expected_xa)
+
+
+@native_only
+def test_small_m_forward_keeps_nan_at_scale_zero_and_refuses_what_it_does_not_support():
+    x = torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16)
+    A = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    B = torch.randn(32, 8, device=DEVICE, dtype=torch.bfloat16)
+    B[5, 2] = float("nan")  # 0 * NaN is NaN (the reference): row 5 of B reaches y's column 5
+    y, xa = torch.zeros(4, 32, device=DEVICE, dtype=torch.bfloat16), torch.empty(4, 8, device=DEVICE, dtype=torch.bfloat16)
+    lora_ext._C.small_m_forward_cuda(x, A, B, y, xa, 0.0)
+    assert y[:, 5].isnan().all() and torch.equal(y[:, :5], torch.zeros_like(y[:, :5]))
+    supports = lora_ext._C.small_m_forward_cuda_supports
+    assert not supports(torch.randn(129, 64, device=DEVICE, dtype=torch.bfloat16), A, B)  # more rows than the path
+    assert not supports(torch.randn(4, 63, device=DEVICE, dtype=torch.bfloat16), A[:, :63].contiguous(), B)  # odd K
+    assert not supports(x, A, B[:31].contiguous())  # odd N
+    assert not supports(x.float(), A.float(), B.float())  # float32
+    assert not supports(x, A.half(), B.half())  # adapters in another dtype
+    assert not supports(x, torch.randn(65, 64, device=DEVICE, dtype=torch.bfloat16),
+                        torch.randn(32, 65, device=DEVICE, dtype=torch.bfloat16))  # rank > 64
+    assert not supports(x.t().contiguous().t(), A, B)  # not contiguous
+    with pytest.raises(RuntimeError, match="does not support"):
+        lora_ext._C.small_m_forward_cuda(x.float(), A.float(), B.float(), y.float(), xa.float(), 1.0)
+
+
+# ---------------------------------------------------------------------------
 # More than 2**31 elements
 # ---------------------------------------------------------------------------
 

@@ -149,6 +149,28 @@ def test_forward_and_backward_match_reference(cls, shape, bias):
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("where", ["lora_A", "base"])
+def test_forward_sees_parametrized_weights(where):
+    """forward reads parameters from `_parameters` (fast) but must still see a weight that
+    torch.nn.utils.parametrize turned into a computed property."""
+    torch.manual_seed(0)
+    layer = make_lora(dim=3, alpha=6)
+    x = torch.randn(5, 12)
+    owner = layer.lora_A if where == "lora_A" else layer
+    plain = owner.weight.detach().clone()
+    torch.nn.utils.parametrize.register_parametrization(owner, "weight", _Doubled())
+    assert "weight" not in owner._parameters
+    A = 2 * plain if where == "lora_A" else layer.lora_A.weight
+    W = 2 * plain if where == "base" else layer.weight
+    expected = lora_linear_reference(x, W, layer.bias, A, layer.lora_B.weight, layer.scale)
+    assert_close_to_reference(layer(x), expected, torch.float32)
+
+
 def test_triton_layer_equals_plain_layer_on_cpu():
     torch.manual_seed(1)
     layer = make_lora()
