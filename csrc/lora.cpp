@@ -302,6 +302,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Turns the C++ replay of recorded masked-piece launches on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,
              "(recipes recorded, keys left on the Python route, calls replayed)");
+  module.def("set_small_m_forward", &lora::set_small_m_forward,
+             "Turns the op's few-token CUDA forward (csrc/cuda/small_m_forward.cu) on or off; returns the previous "
+             "setting (LORA_EXT_SMALL_M_FORWARD=0: off at import)");
 #ifdef LORA_WITH_CUDA
   module.def("masked_grad_y_cuda_supports", &lora::masked_grad_y_cuda_supports,
              "Whether masked_grad_y_cuda takes these (g2, lora_B, xa)");

@@ -1,5 +1,6 @@
 #include "lora_aten.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -66,13 +67,14 @@ bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, con
 // Whether a dropout-free forward takes the few-token path: the base GEMM on cuBLAS, then the
 // whole LoRA term in one kernel (cuda/small_m_forward.cu) instead of two more cuBLAS calls.
 // For decode, whose time is the host's launch path (benchmarks/NOTES.md #24).
+std::atomic<bool> small_m_forward_enabled{[] {
+  const char* env = std::getenv("LORA_EXT_SMALL_M_FORWARD");
+  return env == nullptr || std::string(env) != "0";
+}()};
+
 bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
 #ifdef LORA_WITH_CUDA
-  static const bool disabled = [] {
-    const char* env = std::getenv("LORA_EXT_SMALL_M_FORWARD");
-    return env != nullptr && std::string(env) == "0";
-  }();
-  return !disabled && x2.is_cuda() && small_m_forward_cuda_supports(x2, lora_A, lora_B);
+  return small_m_forward_enabled && x2.is_cuda() && small_m_forward_cuda_supports(x2, lora_A, lora_B);
 #else
   (void)x2, (void)lora_A, (void)lora_B;
   return false;
@@ -100,6 +102,8 @@ at::Tensor reduce_over_tokens(const at::Tensor& a, const at::Tensor& b, double a
 }
 
 }  // namespace
+
+bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange(enabled); }
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

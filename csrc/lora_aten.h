@@ -29,12 +29,17 @@ std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, cons
 // A forward's LoRA term for few tokens in one kernel (cuda/small_m_forward.cu): xa = x2 A^T
 // written into xa (M, r), and y (M, N, holding x W^T + b) += s xa B^T. Supported: 1 to
 // kSmallForwardMaxRows rows, contiguous bf16/f16 x2, lora_A, lora_B of one dtype, even K and
-// N, r <= 64, sm_80 or newer. LORA_EXT_SMALL_M_FORWARD=0 turns it off in the op.
+// N, r <= 64, sm_80 or newer. The op uses it unless LORA_EXT_SMALL_M_FORWARD=0 (at import) or
+// set_small_m_forward(false) (for A/B measurements and tests).
 constexpr int64_t kSmallForwardMaxRows = 128;
 bool small_m_forward_cuda_supports(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B);
 void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y,
                           at::Tensor& xa, double scale);
 #endif
+
+// Turns the op's few-token forward path on or off (all builds; without CUDA it is never taken);
+// returns the previous setting.
+bool set_small_m_forward(bool enabled);
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
