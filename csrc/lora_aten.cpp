@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 #include "triton_bridge.h"
@@ -29,7 +30,16 @@ at::Tensor owned_copy(const at::Tensor& t, at::ScalarType dtype) {
 // `t` flattened to (rows, cols), without copying when its strides allow. Both sizes are
 // given: reshape({-1, 0}) of an empty tensor is ambiguous (in_features or out_features 0).
 at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
-  return t.reshape({rows, cols});
+  // Already 2-D: no reshape call (host time: decode is host-bound, NOTES.md #24).
+  return t.dim() == 2 ? t : t.reshape({rows, cols});
+}
+
+// y (M, N) in x's leading shape (..., N); no view call when x is 2-D.
+at::Tensor with_leading_shape(const at::Tensor& y, const at::Tensor& x) {
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(y.size(1));
+  return y.view(shape);
 }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -119,15 +129,13 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   const bool post_dropout = dropout && s.position == DropoutPosition::kPost;
 
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(s.N);
 
 #ifdef LORA_WITH_CUDA
   if (!dropout && weight.has_value() && use_small_m_forward(x2, lora_A, lora_B)) {
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
     at::Tensor xa = at::empty({s.M, s.r}, lora_A.options());
     small_m_forward_cuda(x2, lora_A, lora_B, y, xa, scale);
-    return {y.view(out_shape), xa};
+    return {with_leading_shape(y, x), xa};
   }
 #endif
 
@@ -184,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     }
     if (weight.has_value()) y.addmm_(x2, weight->t());
   }
-  return {y.view(out_shape), xa};
+  return {with_leading_shape(y, x), xa};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_aten(

@@ -437,8 +437,9 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
 # The few-token forward (csrc/cuda/small_m_forward.cu)
 # ---------------------------------------------------------------------------
 
-# (M, K, N, r): one row (decode), partial row fragments, K not a multiple of 16, ranks padded to
-# 16 / 32 / 64, several column chunks per program (N = 14336 with 3 row groups), the largest M.
+# (M, K, N, r): one row (decode), partial row fragments, K not a multiple of 16 nor of the 8 K-slices,
+# ranks padded to 16 / 32 / 64, blocks with two column chunks (N = 14336 with 3 row groups: 5
+# clusters for 56 chunks), the largest M (8 row groups), K smaller than the cluster's slices.
 SMALL_M_SHAPES = [(1, 64, 8, 1), (5, 130, 96, 7), (16, 4096, 4096, 16), (17, 258, 514, 33), (40, 512, 14336, 16),
                   (128, 1024, 264, 64), (3, 2, 2, 3)]
 

@@ -3,21 +3,29 @@
 //   y += s * xa B^T      (y already holds x W^T + b from one cuBLAS call)
 //
 // Why: at M <= 16 the layer is host-bound on the H200 (the frozen base's GEMV reads W in
-// ~8 us; the host needs ~20 us per nn.Linear call), so its time is the host's launch path.
-// The general path spends three cuBLAS calls and two allocations (x A^T, s xa B^T, then the
-// base GEMM accumulating onto it); here the LoRA term is one plain kernel launch after the
-// base GEMM (benchmarks/NOTES.md #24).
+// ~9 us; the host needs ~14 us per nn.Linear call), so its time is the host's launch path.
+// The general path spends three cuBLAS calls (~7 us of host time each there) and two
+// allocations (x A^T, s xa B^T, then the base GEMM accumulating onto it); here the LoRA term
+// is one plain kernel launch after the base GEMM (benchmarks/NOTES.md #24).
 //
-// Work split: program (j, i) owns row group i (16 rows, one mma.sync row fragment) and the
-// 256-column chunks of column group j. Every program first computes its 16 rows of xa
-// (16 x K times K x r: ~1 M multiply-adds at K = 4096, r = 16; the 8 warps split K and their
-// float32 partials are summed through shared memory), so xa never makes a round trip
-// through memory between two kernels; x and A come from L2 after the first program. Then
-// each warp owns 32 columns of every chunk: (16 x r) times (r x 32) on tensor cores, added
-// to y in float32 and rounded once.
+// The work is a few hundred KiB of loads, so its time is latency: it is spread so that each
+// block issues about one round of loads per phase. Blocks come in clusters of 8 (sm_90
+// thread-block clusters); cluster (q, i) serves row group i (16 rows, one mma.sync row
+// fragment):
+// 1. block c of the cluster sums x A^T over K-slice c (its 8 warps split the slice; their
+//    float32 partials are summed through shared memory);
+// 2. after a cluster barrier every block adds the 8 slices' sums, in rank order, from the
+//    blocks' shared memory (distributed shared memory), and rounds xa to T;
+// 3. block c of cluster q adds s xa B^T to y's 256-column chunks 8 q + c, 8 q + c + 8 Q, ...
+//    (warp w: 32 columns of a chunk, tensor cores, added to y in float32, rounded once).
+// Each of the Q clusters of a row group repeats steps 1-2 (x and A come from L2 then), so that
+// step 3 is spread over up to all SMs. First version (NOTES.md #24): every block summed x A^T
+// over all of K itself, 14 us at 4096 x 4096 and 47 at 14336 x 4096 (rank 16), against 9 us
+// for the two cuBLAS calls it replaces.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -28,10 +36,11 @@
 namespace lora {
 namespace {
 
-constexpr int kRows = 16;  // rows of one program: one mma row fragment
+constexpr int kRows = 16;  // rows of a row group: one mma row fragment
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kChunkCols = kWarps * 32;  // columns per pass of phase 2: four 8-column tiles per warp
+constexpr int kChunkCols = kWarps * 32;  // columns of one step-3 chunk: four 8-column tiles per warp
+constexpr int kCluster = 8;              // blocks per cluster (the portable maximum)
 constexpr int kMaxRank = 64;
 constexpr int kPad = 8;  // 16 bytes: consecutive shared rows start in different banks
 
@@ -42,8 +51,9 @@ constexpr int steps_in_flight() { return R_PAD <= 16 ? 8 : (R_PAD <= 32 ? 4 : 2)
 
 template <typename T, int R_PAD>
 struct SmallMShared {
-  float partial[kWarps][kRows][R_PAD];  // each warp's share of xa (its part of the K sum)
-  T xa[kRows][R_PAD + kPad];            // xa rounded to T: phase 2's A operand
+  float partial[kWarps][kRows][R_PAD];  // each warp's share of this block's K-slice
+  float slice_sum[kRows][R_PAD];        // this block's K-slice of x A^T, read by the whole cluster
+  T xa[kRows][R_PAD + kPad];            // xa rounded to T: step 3's A operand
 };
 
 // Two consecutive 16-bit elements as one 32-bit register; zero when `valid` is false.
@@ -70,107 +80,128 @@ __device__ __forceinline__ uint32_t add_scaled_pair(uint32_t pair, float a, floa
 template <typename T, int R_PAD>
 __global__ void __launch_bounds__(kThreads)
 small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ y,
-                    T* __restrict__ xa_out, int64_t M, int64_t K, int64_t N, int r, float scale,
-                    int chunks_per_program) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+                    T* __restrict__ xa_out, int64_t M, int64_t K, int64_t N, int r, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
   constexpr int N_BLOCKS = R_PAD / 8;
   constexpr int IN_FLIGHT = steps_in_flight<R_PAD>();
   __shared__ SmallMShared<T, R_PAD> s;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, pair_col = 2 * (lane % 4);  // fragment coordinates (mma_sm80.cuh)
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
-
-  // Phase 1: this warp's k-steps warp, warp + 8, ... of xa[m0 .. m0+15, :] = x A^T.
-  // A operand (x, row-major): rows group and group + 8, columns pair_col and pair_col + 8.
-  // B operand (A^T, i.e. rows of A): A row 8 nb + group, columns pair_col and pair_col + 8.
   const bool row_lo = m0 + group < M, row_hi = m0 + group + 8 < M;
-  const T* x_lo = x + (m0 + group) * K;
-  const T* x_hi = x_lo + 8 * K;
-  float acc[N_BLOCKS][4] = {};
-  const int64_t k_steps = (K + 15) / 16;
-  for (int64_t first = warp; first < k_steps; first += static_cast<int64_t>(kWarps) * IN_FLIGHT) {
-    uint32_t xf[IN_FLIGHT][4];
-    uint32_t af[IN_FLIGHT][N_BLOCKS][2];
+
+  // Step 1: k-steps [step_begin, step_end) of xa[m0 .. m0+15, :] = x A^T, warp w taking every
+  // 8th. A operand (x, row-major): rows group and group + 8, columns pair_col and pair_col + 8.
+  // B operand (A^T, i.e. rows of A): A row 8 nb + group, columns pair_col and pair_col + 8.
+  {
+    const int64_t k_steps = (K + 15) / 16;
+    const int64_t steps_per_block = (k_steps + kCluster - 1) / kCluster;
+    const int64_t step_begin = rank * steps_per_block;
+    const int64_t step_end = step_begin + steps_per_block < k_steps ? step_begin + steps_per_block : k_steps;
+    const T* x_lo = x + (m0 + group) * K;
+    const T* x_hi = x_lo + 8 * K;
+    float acc[N_BLOCKS][4] = {};
+    for (int64_t first = step_begin + warp; first < step_end; first += static_cast<int64_t>(kWarps) * IN_FLIGHT) {
+      uint32_t xf[IN_FLIGHT][4];
+      uint32_t af[IN_FLIGHT][N_BLOCKS][2];
 #pragma unroll
-    for (int u = 0; u < IN_FLIGHT; ++u) {
-      const int64_t k = (first + static_cast<int64_t>(u) * kWarps) * 16 + pair_col;
-      // K is even (small_m_forward_cuda_supports): a pair is wholly inside or outside.
-      const bool in_lo = k < K, in_hi = k + 8 < K;
-      xf[u][0] = load_pair(x_lo + k, row_lo && in_lo);
-      xf[u][1] = load_pair(x_hi + k, row_hi && in_lo);
-      xf[u][2] = load_pair(x_lo + k + 8, row_lo && in_hi);
-      xf[u][3] = load_pair(x_hi + k + 8, row_hi && in_hi);
+      for (int u = 0; u < IN_FLIGHT; ++u) {
+        const int64_t step = first + static_cast<int64_t>(u) * kWarps;
+        const int64_t k = step * 16 + pair_col;
+        // K is even (small_m_forward_cuda_supports): a pair is wholly inside or outside.
+        const bool in_lo = step < step_end && k < K, in_hi = step < step_end && k + 8 < K;
+        xf[u][0] = load_pair(x_lo + k, row_lo && in_lo);
+        xf[u][1] = load_pair(x_hi + k, row_hi && in_lo);
+        xf[u][2] = load_pair(x_lo + k + 8, row_lo && in_hi);
+        xf[u][3] = load_pair(x_hi + k + 8, row_hi && in_hi);
 #pragma unroll
-      for (int nb = 0; nb < N_BLOCKS; ++nb) {
-        const int j = 8 * nb + group;
-        const T* a_row = A + static_cast<int64_t>(j) * K;
-        af[u][nb][0] = load_pair(a_row + k, j < r && in_lo);
-        af[u][nb][1] = load_pair(a_row + k + 8, j < r && in_hi);
+        for (int nb = 0; nb < N_BLOCKS; ++nb) {
+          const int j = 8 * nb + group;
+          const T* a_row = A + static_cast<int64_t>(j) * K;
+          af[u][nb][0] = load_pair(a_row + k, j < r && in_lo);
+          af[u][nb][1] = load_pair(a_row + k + 8, j < r && in_hi);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < IN_FLIGHT; ++u) {
+#pragma unroll
+        for (int nb = 0; nb < N_BLOCKS; ++nb) mma_16816<T>(acc[nb], xf[u], af[u][nb][0], af[u][nb][1]);
       }
     }
 #pragma unroll
-    for (int u = 0; u < IN_FLIGHT; ++u) {
+    for (int nb = 0; nb < N_BLOCKS; ++nb) {
+      s.partial[warp][group][8 * nb + pair_col] = acc[nb][0];
+      s.partial[warp][group][8 * nb + pair_col + 1] = acc[nb][1];
+      s.partial[warp][group + 8][8 * nb + pair_col] = acc[nb][2];
+      s.partial[warp][group + 8][8 * nb + pair_col + 1] = acc[nb][3];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kRows * R_PAD; idx += kThreads) {
+      const int row = idx / R_PAD, col = idx % R_PAD;
+      float sum = 0.f;
 #pragma unroll
-      for (int nb = 0; nb < N_BLOCKS; ++nb) mma_16816<T>(acc[nb], xf[u], af[u][nb][0], af[u][nb][1]);
+      for (int w = 0; w < kWarps; ++w) sum += s.partial[w][row][col];
+      s.slice_sum[row][col] = sum;
     }
   }
-#pragma unroll
-  for (int nb = 0; nb < N_BLOCKS; ++nb) {
-    s.partial[warp][group][8 * nb + pair_col] = acc[nb][0];
-    s.partial[warp][group][8 * nb + pair_col + 1] = acc[nb][1];
-    s.partial[warp][group + 8][8 * nb + pair_col] = acc[nb][2];
-    s.partial[warp][group + 8][8 * nb + pair_col + 1] = acc[nb][3];
-  }
-  __syncthreads();
-  // The warps' partials summed in a fixed order (deterministic), rounded to T like a GEMM output.
+  cluster.sync();  // every block's slice_sum is complete and visible to the cluster
+
+  // Step 2: xa = the slices' sums in rank order (deterministic), rounded to T like a GEMM output.
   for (int idx = threadIdx.x; idx < kRows * R_PAD; idx += kThreads) {
     const int row = idx / R_PAD, col = idx % R_PAD;
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += s.partial[w][row][col];
+    for (int c = 0; c < kCluster; ++c) sum += cluster.map_shared_rank(&s.slice_sum[0][0], c)[idx];
     const T value = from_float<T>(sum);
     s.xa[row][col] = value;
     if (xa_out != nullptr && blockIdx.x == 0 && m0 + row < M && col < r) xa_out[(m0 + row) * r + col] = value;
   }
-  __syncthreads();
+  cluster.sync();  // no block leaves (freeing its shared memory) while others still read it; s.xa complete
 
-  // Phase 2: y[m0 .. m0+15, chunk] += scale * xa B^T, warp `warp` owning 32 columns per chunk.
+  // Step 3: y[m0 .. m0+15, chunk] += scale * xa B^T for this block's chunks.
   uint32_t xa_frag[R_PAD / 16][4];
 #pragma unroll
   for (int ks = 0; ks < R_PAD / 16; ++ks) ldmatrix_x4(xa_frag[ks], &s.xa[lane % 16][16 * ks + 8 * (lane / 16)]);
   const int64_t chunks = (N + kChunkCols - 1) / kChunkCols;
-  const int64_t chunk_first = static_cast<int64_t>(blockIdx.x) * chunks_per_program;
-  const int64_t chunk_end = chunk_first + chunks_per_program < chunks ? chunk_first + chunks_per_program : chunks;
-  for (int64_t chunk = chunk_first; chunk < chunk_end; ++chunk) {
-    float out[4][4] = {};
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    // This warp's B fragments and y pairs first (one round of loads), then the products.
+    uint32_t bf[4][R_PAD / 16][2];
+    uint32_t y_pairs[4][2];
 #pragma unroll
     for (int tile = 0; tile < 4; ++tile) {
       const int64_t n = chunk * kChunkCols + 32 * warp + 8 * tile + group;  // B operand column
       const T* b_row = B + n * r;
 #pragma unroll
       for (int ks = 0; ks < R_PAD / 16; ++ks) {
-        const int j = 16 * ks + pair_col;
-        const uint32_t b0 = n < N ? load_rank_pair(b_row, j, r) : 0u;
-        const uint32_t b1 = n < N ? load_rank_pair(b_row, j + 8, r) : 0u;
-        mma_16816<T>(out[tile], xa_frag[ks], b0, b1);
+        bf[tile][ks][0] = n < N ? load_rank_pair(b_row, 16 * ks + pair_col, r) : 0u;
+        bf[tile][ks][1] = n < N ? load_rank_pair(b_row, 16 * ks + pair_col + 8, r) : 0u;
       }
+      const int64_t col = chunk * kChunkCols + 32 * warp + 8 * tile + pair_col;  // N is even: pairs
+      y_pairs[tile][0] = row_lo && col < N ? *reinterpret_cast<const uint32_t*>(y + (m0 + group) * N + col) : 0u;
+      y_pairs[tile][1] = row_hi && col < N ? *reinterpret_cast<const uint32_t*>(y + (m0 + group + 8) * N + col) : 0u;
     }
 #pragma unroll
     for (int tile = 0; tile < 4; ++tile) {
-      const int64_t col = chunk * kChunkCols + 32 * warp + 8 * tile + pair_col;  // N is even: pairs
+      float out[4] = {};
+#pragma unroll
+      for (int ks = 0; ks < R_PAD / 16; ++ks) mma_16816<T>(out, xa_frag[ks], bf[tile][ks][0], bf[tile][ks][1]);
+      const int64_t col = chunk * kChunkCols + 32 * warp + 8 * tile + pair_col;
       if (col >= N) continue;
       if (row_lo) {
-        uint32_t* p = reinterpret_cast<uint32_t*>(y + (m0 + group) * N + col);
-        *p = add_scaled_pair<T>(*p, out[tile][0], out[tile][1], scale);
+        *reinterpret_cast<uint32_t*>(y + (m0 + group) * N + col) =
+            add_scaled_pair<T>(y_pairs[tile][0], out[0], out[1], scale);
       }
       if (row_hi) {
-        uint32_t* p = reinterpret_cast<uint32_t*>(y + (m0 + group + 8) * N + col);
-        *p = add_scaled_pair<T>(*p, out[tile][2], out[tile][3], scale);
+        *reinterpret_cast<uint32_t*>(y + (m0 + group + 8) * N + col) =
+            add_scaled_pair<T>(y_pairs[tile][1], out[2], out[3], scale);
       }
     }
   }
 #else
-  __trap();  // small_m_forward_cuda_supports() refuses devices below sm_80
+  __trap();  // small_m_forward_cuda_supports() refuses devices below sm_90
 #endif
 }
 
@@ -181,19 +212,27 @@ void launch(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lo
   const int r = static_cast<int>(lora_A.size(0));
   const int64_t row_groups = (M + kRows - 1) / kRows;
   const int64_t chunks = (N + kChunkCols - 1) / kChunkCols;
-  // About one program per SM in all: every program recomputes its rows of xa, so more
-  // programs than SMs would only repeat that work in a second wave.
+  // Q clusters per row group: enough for one chunk per block where the SMs allow, as every
+  // cluster repeats steps 1-2.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t column_groups_wanted = std::clamp<int64_t>(sms / row_groups, 1, chunks);
-  const int64_t chunks_per_program = (chunks + column_groups_wanted - 1) / column_groups_wanted;
-  const int64_t column_groups = (chunks + chunks_per_program - 1) / chunks_per_program;
-  const dim3 grid(static_cast<unsigned>(column_groups), static_cast<unsigned>(row_groups));
-  small_m_lora_kernel<T, R_PAD><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x2.data_ptr()), reinterpret_cast<const T*>(lora_A.data_ptr()),
-      reinterpret_cast<const T*>(lora_B.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
-      reinterpret_cast<T*>(xa.data_ptr()), M, K, N, r, static_cast<float>(scale),
-      static_cast<int>(chunks_per_program));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t clusters_per_group =
+      std::clamp<int64_t>(sms / (kCluster * row_groups), 1, (chunks + kCluster - 1) / kCluster);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(kCluster * clusters_per_group), static_cast<unsigned>(row_groups));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute cluster_dims[1];
+  cluster_dims[0].id = cudaLaunchAttributeClusterDimension;
+  cluster_dims[0].val.clusterDim.x = kCluster;
+  cluster_dims[0].val.clusterDim.y = 1;
+  cluster_dims[0].val.clusterDim.z = 1;
+  config.attrs = cluster_dims;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, small_m_lora_kernel<T, R_PAD>, reinterpret_cast<const T*>(x2.data_ptr()),
+                                    reinterpret_cast<const T*>(lora_A.data_ptr()),
+                                    reinterpret_cast<const T*>(lora_B.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
+                                    reinterpret_cast<T*>(xa.data_ptr()), M, K, N, r, static_cast<float>(scale)));
 }
 
 template <typename T>
@@ -220,7 +259,7 @@ bool small_m_forward_cuda_supports(const at::Tensor& x2, const at::Tensor& lora_
   // x and A are read as pairs of elements (32-bit loads), y is updated in pairs.
   const int64_t K = x2.size(1), N = lora_B.size(0);
   return K % 2 == 0 && N % 2 == 0 && N > 0 && aligned_4(x2) && aligned_4(lora_A) && lora_A.size(0) <= kMaxRank &&
-         at::cuda::getDeviceProperties(x2.get_device())->major >= 8;
+         at::cuda::getDeviceProperties(x2.get_device())->major >= 9;  // thread-block clusters
 }
 
 void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y,
