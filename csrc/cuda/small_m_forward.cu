@@ -45,9 +45,10 @@ constexpr int kMaxRank = 64;
 constexpr int kPad = 8;  // 16 bytes: consecutive shared rows start in different banks
 
 // k-steps (16 columns of x and A) whose loads are issued together before their mma.sync: as
-// many as the registers allow (20 32-bit registers per step at r = 64, 8 at r = 16).
+// many as the registers allow without spilling (20 32-bit registers per step at r = 64, 8 at
+// r = 16; ptxas -v).
 template <int R_PAD>
-constexpr int steps_in_flight() { return R_PAD <= 16 ? 8 : (R_PAD <= 32 ? 4 : 2); }
+constexpr int steps_in_flight() { return R_PAD <= 16 ? 8 : 4; }
 
 template <typename T, int R_PAD>
 struct SmallMShared {
@@ -61,9 +62,11 @@ __device__ __forceinline__ uint32_t load_pair(const void* p, bool valid) {
   return valid ? __ldg(reinterpret_cast<const uint32_t*>(p)) : 0u;
 }
 
-// Two elements of a row of lora_B (N x r, r possibly odd: no 32-bit alignment), zero past r.
+// Elements j and j + 1 (j even) of a row of lora_B (N x r), zero past r: one 32-bit load when
+// the rows are 4-byte aligned (`pairs`: r even), else two 16-bit ones.
 template <typename T>
-__device__ __forceinline__ uint32_t load_rank_pair(const T* row, int j, int r) {
+__device__ __forceinline__ uint32_t load_rank_pair(const T* row, int j, int r, bool pairs) {
+  if (pairs) return j < r ? __ldg(reinterpret_cast<const uint32_t*>(row + j)) : 0u;
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
   const uint32_t lo = j < r ? __ldg(bits + j) : 0u;
   const uint32_t hi = j + 1 < r ? __ldg(bits + j + 1) : 0u;
@@ -80,7 +83,7 @@ __device__ __forceinline__ uint32_t add_scaled_pair(uint32_t pair, float a, floa
 template <typename T, int R_PAD>
 __global__ void __launch_bounds__(kThreads)
 small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ y,
-                    T* __restrict__ xa_out, int64_t M, int64_t K, int64_t N, int r, float scale) {
+                    T* __restrict__ xa_out, int64_t M, int64_t K, int64_t N, int r, float scale, bool b_pairs) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int N_BLOCKS = R_PAD / 8;
@@ -176,8 +179,8 @@ small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* _
       const T* b_row = B + n * r;
 #pragma unroll
       for (int ks = 0; ks < R_PAD / 16; ++ks) {
-        bf[tile][ks][0] = n < N ? load_rank_pair(b_row, 16 * ks + pair_col, r) : 0u;
-        bf[tile][ks][1] = n < N ? load_rank_pair(b_row, 16 * ks + pair_col + 8, r) : 0u;
+        bf[tile][ks][0] = n < N ? load_rank_pair(b_row, 16 * ks + pair_col, r, b_pairs) : 0u;
+        bf[tile][ks][1] = n < N ? load_rank_pair(b_row, 16 * ks + pair_col + 8, r, b_pairs) : 0u;
       }
       const int64_t col = chunk * kChunkCols + 32 * warp + 8 * tile + pair_col;  // N is even: pairs
       y_pairs[tile][0] = row_lo && col < N ? *reinterpret_cast<const uint32_t*>(y + (m0 + group) * N + col) : 0u;
@@ -204,6 +207,8 @@ small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* _
   __trap();  // small_m_forward_cuda_supports() refuses devices below sm_90
 #endif
 }
+
+bool aligned_4(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0; }
 
 template <typename T, int R_PAD>
 void launch(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y, at::Tensor& xa,
@@ -232,7 +237,8 @@ void launch(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lo
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, small_m_lora_kernel<T, R_PAD>, reinterpret_cast<const T*>(x2.data_ptr()),
                                     reinterpret_cast<const T*>(lora_A.data_ptr()),
                                     reinterpret_cast<const T*>(lora_B.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
-                                    reinterpret_cast<T*>(xa.data_ptr()), M, K, N, r, static_cast<float>(scale)));
+                                    reinterpret_cast<T*>(xa.data_ptr()), M, K, N, r, static_cast<float>(scale),
+                                    /*b_pairs=*/r % 2 == 0 && aligned_4(lora_B)));
 }
 
 template <typename T>
@@ -243,8 +249,6 @@ void launch_for_rank(const at::Tensor& x2, const at::Tensor& lora_A, const at::T
   if (r <= 32) return launch<T, 32>(x2, lora_A, lora_B, y, xa, scale);
   return launch<T, 64>(x2, lora_A, lora_B, y, xa, scale);
 }
-
-bool aligned_4(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0; }
 
 }  // namespace
 
