@@ -76,7 +76,13 @@ bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, con
 
 // Whether a dropout-free forward takes the few-token path: the base GEMM on cuBLAS, then the
 // whole LoRA term in one kernel (cuda/small_m_forward.cu) instead of two more cuBLAS calls.
-// For decode, whose time is the host's launch path (benchmarks/NOTES.md #24).
+// For decode, whose time is the host's launch path (benchmarks/NOTES.md #24). Up to 16 rows it
+// is used at every shape; from 17 to 128 rows only for narrow layers (K + N <= 8192): measured
+// on the H200 at M = 128, the kernel took 5-7 us more device time than the two cuBLAS calls at
+// 4096 x 14336 and 14336 x 4096, where the base GEMM makes the call device-bound, and saved
+// ~20 us of host time at 4096 x 4096 and 4096 x 1024, where the call is host-bound.
+constexpr int64_t kSmallForwardAnyShapeRows = 16;
+constexpr int64_t kSmallForwardNarrowWidth = 8192;
 std::atomic<bool> small_m_forward_enabled{[] {
   const char* env = std::getenv("LORA_EXT_SMALL_M_FORWARD");
   return env == nullptr || std::string(env) != "0";
@@ -84,7 +90,10 @@ std::atomic<bool> small_m_forward_enabled{[] {
 
 bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
 #ifdef LORA_WITH_CUDA
-  return small_m_forward_enabled && x2.is_cuda() && small_m_forward_cuda_supports(x2, lora_A, lora_B);
+  const int64_t M = x2.size(0), width = x2.size(1) + lora_B.size(0);
+  return small_m_forward_enabled && x2.is_cuda() &&
+         (M <= kSmallForwardAnyShapeRows || width <= kSmallForwardNarrowWidth) &&
+         small_m_forward_cuda_supports(x2, lora_A, lora_B);
 #else
   (void)x2, (void)lora_A, (void)lora_B;
   return false;

@@ -29,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, cons
 // A forward's LoRA term for few tokens in one kernel (cuda/small_m_forward.cu): xa = x2 A^T
 // written into xa (M, r), and y (M, N, holding x W^T + b) += s xa B^T. Supported: 1 to
 // kSmallForwardMaxRows rows, contiguous bf16/f16 x2, lora_A, lora_B of one dtype, even K and
-// N, r <= 64, sm_90 or newer (thread-block clusters). The op uses it unless LORA_EXT_SMALL_M_FORWARD=0 (at import) or
+// N, r <= 64, sm_90 or newer (thread-block clusters). The op uses it for up to 16 rows, and up to
+// 128 when K + N <= 8192 (lora_aten.cpp), unless LORA_EXT_SMALL_M_FORWARD=0 (at import) or
 // set_small_m_forward(false) (for A/B measurements and tests).
 constexpr int64_t kSmallForwardMaxRows = 128;
 bool small_m_forward_cuda_supports(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B);

@@ -486,6 +486,26 @@ def test_small_m_forward_is_what_the_op_runs(M, K, N, r, bias):
 
 
 @native_only
+def test_small_m_forward_is_not_used_for_wide_layers_above_16_rows():
+    """From 17 rows on, wide layers (K + N > 8192) keep the general path (cuBLAS; NOTES.md #24):
+    the op gives the general path's bits there, and the kernel's at 16 rows."""
+    for M, expect_kernel in ((16, True), (40, False)):
+        inputs = make_inputs((M,), 512, 8192, 16, torch.bfloat16, bias=False, requires_grad=False, seed=M)
+        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+        args = (x, w, None, A, B, 0.5, 0.0, "post", None, "native")
+        previous = lora_ext._C.set_small_m_forward(False)
+        try:
+            general, _ = torch.ops.lora.linear(*args)
+        finally:
+            lora_ext._C.set_small_m_forward(previous)
+        default, _ = torch.ops.lora.linear(*args)
+        kernel = x @ w.t()
+        lora_ext._C.small_m_forward_cuda(x, A, B, kernel, torch.empty(M, 16, device=DEVICE, dtype=x.dtype), 0.5)
+        assert not torch.equal(general, kernel)  # the two paths round differently: the check can tell them apart
+        assert torch.equal(default, kernel if expect_kernel else general), f"M={M}"
+
+
+@native_only
 def test_small_m_forward_keeps_nan_at_scale_zero_and_refuses_what_it_does_not_support():
     x = torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16)
     A = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
