@@ -410,9 +410,18 @@ def main() -> None:
         rows, metas = [], []
         for path in args.from_csv:
             with open(path, newline="") as f:
-                rows += list(csv.DictReader(f))
+                file_rows = list(csv.DictReader(f))
+            # Repeats are numbered per run: renumber so that rows of different runs are never
+            # paired as one repeat's side-by-side ratio.
+            first_repeat = 1 + max((int(r.get("repeat") or 0) for r in rows), default=-1)
+            for row in file_rows:
+                row["repeat"] = str(first_repeat + int(row.get("repeat") or 0))
+            rows += file_rows
             with open(os.path.splitext(path)[0] + ".meta.json") as f:
                 metas.append(json.load(f))
+        if len({m.get("settings") for m in metas}) > 1:
+            raise SystemExit("bench_train.py --from-csv: these runs used different settings (e.g. the dropout "
+                             "position), which one table cannot tell apart; render them separately")
         text = render(rows, metas)
         print(text)
         if args.results_md:
