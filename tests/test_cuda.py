@@ -16,6 +16,10 @@ the matrices below are arranged so that about 80 variants serve all tests.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -431,6 +435,77 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
     assert not supports(*_grad_y_inputs(16, 64, 65, torch.bfloat16))  # rank > 64
     with pytest.raises(RuntimeError, match="does not support"):
         lora_ext._C.masked_grad_y_cuda(g, B.float(), xa.float(), 1.0, seed_tensor(1), 0.1, True, True)
+
+
+@native_only
+def test_native_kernels_can_be_turned_off_by_environment():
+    """LORA_EXT_NATIVE_GRAD_Y=0 and LORA_EXT_SMALL_M_FORWARD=0 (read once per process) turn the two
+    native kernels off; the op still gives the right answer on the paths it falls back to."""
+    script = textwrap.dedent("""
+        import torch, lora_ext
+        from lora_ext.reference import lora_linear_reference
+        g = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+        B = torch.randn(128, 8, device="cuda", dtype=torch.bfloat16)
+        xa = torch.randn(64, 8, device="cuda", dtype=torch.bfloat16)
+        assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
+        assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
+        x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
+        A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
+        Bp = B.clone().requires_grad_()
+        seed = torch.tensor([5], device="cuda")
+        y, _ = torch.ops.lora.linear(x, w, None, A, Bp, 0.5, 0.25, "post", seed, "native")
+        ref = lora_linear_reference(x.double(), w.double(), None, A.double(), Bp.double(), 0.5, 0.25, "post", seed,
+                                    compute_dtype=torch.float64)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, A, Bp], gy)
+        want = torch.autograd.grad(ref, [x, A, Bp], gy.double())
+        assert (y.double() - ref).abs().max() <= 0.05 * ref.abs().max()
+        for a, b in zip(got, want):
+            assert (a.double() - b).abs().max() <= 0.05 * b.abs().max()
+        print("ok")
+    """)
+    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+@native_only
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the chunked reference mask uses the Triton Philox")
+def test_native_masked_grad_y_past_2_31_elements():
+    """dY of (2**31 / 4096 + 3) x 4096 bf16 (4 GiB) through csrc/cuda/masked_grad_y.cu: row offsets and
+    Philox group indices pass 2**31."""
+    from lora_ext.kernels.philox import keep_mask_range
+
+    torch.manual_seed(0)
+    N, r, p, s, seed_value = 4096, 16, 0.1, 0.5, 987654321
+    M = 2**31 // N + 3
+    g = torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
+    assert g.numel() > 2**31
+    B = (torch.randn(N, r, device=DEVICE) * r**-0.5).to(torch.bfloat16)
+    xa = torch.randn(M, r, device=DEVICE, dtype=torch.bfloat16)
+    seed = seed_tensor(seed_value)
+    assert lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
+    grad_xa, grad_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, s, seed, p, True, True)
+
+    def check(actual, expected, what, rel):
+        err = max_abs_diff(actual, expected)
+        assert err <= rel * expected.abs().max().item(), f"{what}: error {err:.3g}"
+
+    # Sampled rows of dxa, including the last ones whose elements sit past index 2**31 (numpy mask).
+    rows = np.array([0, 1, 12345, M // 2, 2**31 // N - 1, M - 3, M - 2, M - 1])
+    rows_t = torch.from_numpy(rows).to(DEVICE)
+    keep = _rows_keep_mask(seed_value, rows, N, p).to(DEVICE).double() / (1 - p)
+    check(grad_xa[rows_t], s * (g[rows_t].double() * keep) @ B.double(), "grad_xa rows", 1e-2)
+    # dB sums over all M rows: float32 chunks, each chunk's mask from the Triton Philox.
+    grad_B_ref = torch.zeros(N, r, device=DEVICE, dtype=torch.float64)
+    chunk = 32768
+    for start in range(0, M, chunk):
+        stop = min(M, start + chunk)
+        keep_chunk = keep_mask_range(seed, start * N, (stop - start) * N, p).view(stop - start, N)
+        dropped = g[start:stop].float() * keep_chunk / (1 - p)
+        grad_B_ref += (s * dropped.t() @ xa[start:stop].float()).double()
+    check(grad_B, grad_B_ref, "grad_B", 2e-2)
 
 
 # ---------------------------------------------------------------------------
