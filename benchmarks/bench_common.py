@@ -100,3 +100,17 @@ def format_spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
 def median(values: Sequence[float]) -> Optional[float]:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def cuda_events_ms(fn, calls: int) -> float:
+    """Milliseconds per call of `calls` back-to-back calls of fn between two CUDA events
+    (the host's launch time shows when it exceeds the device's)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls

@@ -314,26 +314,12 @@ def _events_median(fn, warmup_ms, rep_ms, calls_per_sample: int) -> float:
     """Median ms per call over samples of `calls_per_sample` back-to-back calls between CUDA events."""
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls_per_sample):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    per_sample_ms = max(start.elapsed_time(end), 1e-3)
+    per_sample_ms = max(common.cuda_events_ms(fn, calls_per_sample) * calls_per_sample, 1e-3)
     n_warmup = max(1, int(warmup_ms / per_sample_ms))
     n_samples = max(5, int(rep_ms / per_sample_ms))
     for _ in range(n_warmup):
         fn()
-    samples = []
-    for _ in range(n_samples):
-        start.record()
-        for _ in range(calls_per_sample):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / calls_per_sample)
-    return statistics.median(samples)
+    return statistics.median(common.cuda_events_ms(fn, calls_per_sample) for _ in range(n_samples))
 
 
 def _cpu_median(fn, warmup_ms, rep_ms) -> float:

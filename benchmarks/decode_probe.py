@@ -61,13 +61,7 @@ def back_to_back_us(fn, calls=200) -> float:
     """What bench_linear's decode column sees: calls back to back between two events."""
     for _ in range(20):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
+    return common.cuda_events_ms(fn, calls) * 1e3
 
 
 def layer_pair(K, N, r, device, dtype):
