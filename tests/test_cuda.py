@@ -433,6 +433,7 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
     assert not supports(g, B.float(), xa.float())  # float32 adapters
     assert not supports(g.float(), B.float(), xa.float())  # float32 dY
     assert not supports(*_grad_y_inputs(16, 64, 65, torch.bfloat16))  # rank > 64
+    assert not supports(g, B.cpu(), xa) and not supports(g, B, xa.cpu())  # on another device
     with pytest.raises(RuntimeError, match="does not support"):
         lora_ext._C.masked_grad_y_cuda(g, B.float(), xa.float(), 1.0, seed_tensor(1), 0.1, True, True)
 
@@ -598,8 +599,13 @@ def test_small_m_forward_keeps_nan_at_scale_zero_and_refuses_what_it_does_not_su
     assert not supports(x, torch.randn(65, 64, device=DEVICE, dtype=torch.bfloat16),
                         torch.randn(32, 65, device=DEVICE, dtype=torch.bfloat16))  # rank > 64
     assert not supports(x.t().contiguous().t(), A, B)  # not contiguous
+    assert not supports(x, A.cpu(), B) and not supports(x, A, B.cpu())  # adapters on another device
     with pytest.raises(RuntimeError, match="does not support"):
         lora_ext._C.small_m_forward_cuda(x.float(), A.float(), B.float(), y.float(), xa.float(), 1.0)
+    with pytest.raises(RuntimeError, match="on x's device"):
+        lora_ext._C.small_m_forward_cuda(x, A, B, y.cpu(), xa, 1.0)
+    with pytest.raises(RuntimeError, match="needs xa"):
+        lora_ext._C.small_m_forward_cuda(x, A, B, y, xa[:, :7], 1.0)
 
 
 # ---------------------------------------------------------------------------

@@ -362,6 +362,7 @@ bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B,
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || lora_B.scalar_type() != dtype || xa.scalar_type() != dtype) {
     return false;
   }
+  if (lora_B.device() != g2.device() || xa.device() != g2.device()) return false;
   // Whole 16-byte vectors per row (one Philox group each), and bf16/f16 mma.sync (sm_80+).
   return g2.size(1) % kMaskGroup == 0 && reinterpret_cast<uintptr_t>(g2.data_ptr()) % 16 == 0 &&
          lora_B.size(1) <= kMaxRank && at::cuda::getDeviceProperties(g2.get_device())->major >= 8;

@@ -260,6 +260,7 @@ bool small_m_forward_cuda_supports(const at::Tensor& x2, const at::Tensor& lora_
     return false;
   }
   if (!x2.is_contiguous() || !lora_A.is_contiguous() || !lora_B.is_contiguous()) return false;
+  if (lora_A.device() != x2.device() || lora_B.device() != x2.device()) return false;
   // x and A are read as pairs of elements (32-bit loads), y is updated in pairs.
   const int64_t K = x2.size(1), N = lora_B.size(0);
   return K % 2 == 0 && N % 2 == 0 && N > 0 && aligned_4(x2) && aligned_4(lora_A) && lora_A.size(0) <= kMaxRank &&
@@ -270,12 +271,12 @@ void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const 
                           at::Tensor& xa, double scale) {
   TORCH_CHECK(small_m_forward_cuda_supports(x2, lora_A, lora_B),
               "lora: small_m_forward_cuda got inputs it does not support (small_m_forward_cuda_supports)");
-  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == x2.scalar_type() && y.size(0) == x2.size(0) &&
-                  y.size(1) == lora_B.size(0) && aligned_4(y),
-              "lora: small_m_forward_cuda needs y contiguous (M, N) in x's dtype");
-  TORCH_CHECK(xa.is_contiguous() && xa.scalar_type() == x2.scalar_type() && xa.size(0) == x2.size(0) &&
-                  xa.size(1) == lora_A.size(0),
-              "lora: small_m_forward_cuda needs xa contiguous (M, r) in x's dtype");
+  TORCH_CHECK(y.device() == x2.device() && y.dim() == 2 && y.is_contiguous() && y.scalar_type() == x2.scalar_type() &&
+                  y.size(0) == x2.size(0) && y.size(1) == lora_B.size(0) && aligned_4(y),
+              "lora: small_m_forward_cuda needs y contiguous (M, N) in x's dtype, on x's device");
+  TORCH_CHECK(xa.device() == x2.device() && xa.dim() == 2 && xa.is_contiguous() &&
+                  xa.scalar_type() == x2.scalar_type() && xa.size(0) == x2.size(0) && xa.size(1) == lora_A.size(0),
+              "lora: small_m_forward_cuda needs xa contiguous (M, r) in x's dtype, on x's device");
   const c10::cuda::CUDAGuard guard(x2.device());
   if (x2.scalar_type() == at::kBFloat16) return launch_for_rank<__nv_bfloat16>(x2, lora_A, lora_B, y, xa, scale);
   launch_for_rank<__half>(x2, lora_A, lora_B, y, xa, scale);
