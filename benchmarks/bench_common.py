@@ -114,3 +114,31 @@ def cuda_events_ms(fn, calls: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / calls
+
+
+def wall_us_per_call(fn, calls: int, device, warmup: int = 0, repeats: int = 1, wait_for_device: bool = True) -> float:
+    """Wall-clock µs per call of `calls` back-to-back calls of fn after `warmup` untimed ones;
+    the best of `repeats` such loops. On CUDA the device is idle when each loop starts, and
+    with `wait_for_device` the loop's time runs until its queued work has finished (else it
+    is the host's issue time alone)."""
+    import time
+
+    import torch
+
+    def synchronize():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if wait_for_device:
+            synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        synchronize()
+    return best

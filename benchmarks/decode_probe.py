@@ -9,7 +9,6 @@ base that bench_linear.py reports is mostly a ratio of host times; this splits i
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -22,16 +21,8 @@ SHAPES = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "dow
 
 
 def host_us(fn, calls=3000, repeats=5) -> float:
-    """Best of `repeats` of the wall time per call over `calls` calls issued back to back."""
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
+    """Best of `repeats` of the host's issue time per call over `calls` calls back to back."""
+    return common.wall_us_per_call(fn, calls, "cuda", repeats=repeats, wait_for_device=False)
 
 
 def graph_device_us(fn, calls=20, replays=50) -> float:

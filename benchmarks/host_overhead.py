@@ -9,7 +9,6 @@ wall time of a long loop is the host's launch path. Printed per provider, in µs
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -20,16 +19,7 @@ import lora_ext  # noqa: E402
 
 
 def per_call_us(fn, device, calls=2000) -> float:
-    for _ in range(200):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
+    return common.wall_us_per_call(fn, calls, device, warmup=200)
 
 
 def main():

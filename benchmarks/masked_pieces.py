@@ -41,14 +41,7 @@ P = 0.1
 
 
 def host_us(fn, calls=1000) -> float:
-    for _ in range(100):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
+    return common.wall_us_per_call(fn, calls, "cuda", warmup=100)
 
 
 def gpu_us(fn) -> float:

@@ -89,6 +89,13 @@ def max_abs_diff(a, b):
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
+def assert_relative_error(actual, expected, what, rel, floor=0.0):
+    """max |actual - expected| <= rel * max(max |expected|, floor), expected in float64 on any device."""
+    err = max_abs_diff(actual.to(expected.device), expected)
+    bound = rel * max(expected.abs().max().item(), floor)
+    assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+
+
 def assert_within_bound(actual, reference, same_dtype, dtype, what):
     assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
     if reference.numel() == 0:
@@ -402,9 +409,7 @@ def test_native_masked_grad_y_matches_float64(M, N, r, dtype):
     expected_B = scale * dropped.t() @ xa.double().cpu()
     for what, actual, expected in (("dxa", grad_xa, expected_xa), ("dB", grad_B, expected_B)):
         assert actual.dtype == dtype and actual.shape == expected.shape, f"{what}: {actual.dtype} {actual.shape}"
-        bound = 4 * EPS[dtype] * max(expected.abs().max().item(), 1.0)
-        err = (actual.double().cpu() - expected).abs().max().item()
-        assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+        assert_relative_error(actual, expected, what, 4 * EPS[dtype], floor=1.0)
     # Asked for one output only, it gives bitwise that output; and twice the same bits.
     only_xa = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, False)
     only_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, False, True)
@@ -489,15 +494,11 @@ def test_native_masked_grad_y_past_2_31_elements():
     assert lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
     grad_xa, grad_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, s, seed, p, True, True)
 
-    def check(actual, expected, what, rel):
-        err = max_abs_diff(actual, expected)
-        assert err <= rel * expected.abs().max().item(), f"{what}: error {err:.3g}"
-
     # Sampled rows of dxa, including the last ones whose elements sit past index 2**31 (numpy mask).
     rows = np.array([0, 1, 12345, M // 2, 2**31 // N - 1, M - 3, M - 2, M - 1])
     rows_t = torch.from_numpy(rows).to(DEVICE)
     keep = _rows_keep_mask(seed_value, rows, N, p).to(DEVICE).double() / (1 - p)
-    check(grad_xa[rows_t], s * (g[rows_t].double() * keep) @ B.double(), "grad_xa rows", 1e-2)
+    assert_relative_error(grad_xa[rows_t], s * (g[rows_t].double() * keep) @ B.double(), "grad_xa rows", 1e-2)
     # dB sums over all M rows: float32 chunks, each chunk's mask from the Triton Philox.
     grad_B_ref = torch.zeros(N, r, device=DEVICE, dtype=torch.float64)
     chunk = 32768
@@ -506,7 +507,7 @@ def test_native_masked_grad_y_past_2_31_elements():
         keep_chunk = keep_mask_range(seed, start * N, (stop - start) * N, p).view(stop - start, N)
         dropped = g[start:stop].float() * keep_chunk / (1 - p)
         grad_B_ref += (s * dropped.t() @ xa[start:stop].float()).double()
-    check(grad_B, grad_B_ref, "grad_B", 2e-2)
+    assert_relative_error(grad_B, grad_B_ref, "grad_B", 2e-2)
 
 
 # ---------------------------------------------------------------------------
@@ -536,9 +537,7 @@ def test_small_m_forward_kernel_matches_float64(M, K, N, r, dtype):
     xa_ref = x.double() @ A.double().t()
     y_ref = y0.double() + scale * (xa.double() @ B.double().t())  # from the xa it returned (rounded to dtype)
     for what, actual, expected in (("xa", xa, xa_ref), ("y", y, y_ref)):
-        bound = 2 * EPS[dtype] * max(expected.abs().max().item(), 1.0)
-        err = (actual.double() - expected).abs().max().item()
-        assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+        assert_relative_error(actual, expected, what, 2 * EPS[dtype], floor=1.0)
     y_again, xa_again = y0.clone(), torch.empty_like(xa)
     lora_ext._C.small_m_forward_cuda(x, A, B, y_again, xa_again, scale)
     assert torch.equal(y_again, y) and torch.equal(xa_again, xa)
@@ -648,13 +647,9 @@ def test_more_than_2_31_input_elements(backend):
     grad_xa_ref = s * g_rows @ B.double()
     grad_x_ref = g_rows @ w.double() + keep * (grad_xa_ref @ A.double())
 
-    def check(actual, expected, what, rel):
-        err = max_abs_diff(actual, expected)
-        assert err <= rel * expected.abs().max().item(), f"{what}: error {err:.3g}"
-
-    check(xa[rows_t], xa_ref, "xa rows", 1e-2)
-    check(y[rows_t], y_ref, "y rows", 1e-2)
-    check(grad_x[rows_t], grad_x_ref, "grad_x rows", 1e-2)
+    assert_relative_error(xa[rows_t], xa_ref, "xa rows", 1e-2)
+    assert_relative_error(y[rows_t], y_ref, "y rows", 1e-2)
+    assert_relative_error(grad_x[rows_t], grad_x_ref, "grad_x rows", 1e-2)
 
     # Full reductions over M, in float32 chunks; the mask of each chunk from the Triton
     # Philox (checked against numpy above and in the interpreter tests).
@@ -671,5 +666,5 @@ def test_more_than_2_31_input_elements(backend):
         grad_xa_chunk = s * g @ B.float()
         grad_A_ref += (grad_xa_chunk.t() @ x_drop).double()
         grad_B_ref += (s * g.t() @ xa[start:stop].float()).double()
-    check(grad_A, grad_A_ref, "grad_A", 2e-2)
-    check(grad_B, grad_B_ref, "grad_B", 2e-2)
+    assert_relative_error(grad_A, grad_A_ref, "grad_A", 2e-2)
+    assert_relative_error(grad_B, grad_B_ref, "grad_B", 2e-2)

@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+# floor(p * 2**16), as csrc/philox.h: one definition for the Python side (the numpy reference's).
+from ..reference import dropout_threshold
+
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
 # All four are >= 2**31, so Triton types them uint32, like the counter words. (Globals
 # read by @triton.jit code must be tl.constexpr instances, not annotations.)
@@ -144,11 +147,6 @@ def _keep_mask_kernel(out_ptr, seed_ptr, first_index, numel, threshold, BLOCK: t
     key_lo, key_hi = load_seed_words(seed_ptr)
     keep = dropout_keep(key_lo, key_hi, first_index + offset, threshold)
     tl.store(out_ptr + offset, keep.to(tl.uint8), mask=offset < numel)
-
-
-def dropout_threshold(p: float) -> int:
-    """floor(p * 2**16), as dropout_threshold in csrc/philox.h."""
-    return int(p * 65536.0)
 
 
 def keep_mask_range(seed: torch.Tensor, first_index: int, numel: int, p: float) -> torch.Tensor:
