@@ -2,9 +2,10 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, pieces; or all (tests,bench).
+#   MODES: comma-separated from tests, bench, probe, pieces, fused; or all (tests,bench).
 #   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
+#   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -50,6 +51,9 @@ if has probe; then
 fi
 if has pieces; then
   python3 benchmarks/masked_pieces.py --out "$OUT" --time-budget ${SWEEP_BUDGET:-180} 2>&1 | tee "$OUT/pieces.log" | tail -80
+fi
+if has fused; then
+  python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80
 fi
 if has bench; then
   shift || true

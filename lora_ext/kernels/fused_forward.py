@@ -1,0 +1,235 @@
+"""The LoRA linear forward as one GEMM: y = x W^T + b + drop_post(s (x A^T) B^T), and xa = x A^T.
+
+Why (benchmarks/NOTES.md, "What the two numbers say" and #7): every base GEMM here is
+compute-bound, so bytes a kernel moves while the tensor cores are busy are free and bytes a
+separate kernel moves are not. The composed forward pays a separate pass over x for xa
+(27 us at 4096x1024, 30% of that base GEMM) and a read-modify-write of y for the LoRA term;
+with 'post' dropout one more pass over y for the mask. Here the base GEMM's own x tiles feed
+x A^T, and the LoRA term (with its mask) joins the accumulator in the epilogue.
+
+Schedule. The output's (BLOCK_M x BLOCK_N) tiles are grouped into *runs*: a run is a row
+block and a contiguous range of its column blocks, processed by one program in order. The
+run's first tile also accumulates x A^T (r extra columns of MMA over the x tiles it loads
+anyway) and keeps xa in registers for every tile of the run. A row block split into S runs
+computes xa S times: S*r/N extra FLOPs (kv, N=1024, r=16, S=2: 3%), against a separate pass
+over x, and no program waits on another (no cross-program reduction: deterministic, and no
+hang when the GPU is shared). Runs of one row block are adjacent program ids, so programs
+running together share W's column blocks in L2.
+
+Operands travel by TMA (tensor descriptors, Hopper and later): the descriptor zero-fills
+loads past the edges (rows of A beyond r, columns of B beyond r, K and N tails) and clips the
+stores, so the rank is padded to 16 for the MMA without a padded copy of the adapters.
+Requirements (checked by `supports`): CUDA sm_90+, x/W/A/B/y 2-D with unit last stride and
+16-byte aligned rows and base pointers (K, N, r multiples of 8 for 16-bit types), one dtype
+(bfloat16 or float16) for x, W, A, B, r <= 64.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import dropout_keep_tile, dropout_threshold, load_seed_words
+
+try:  # triton >= 3.3 (host-side TMA descriptors); the op falls back without it
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+MAX_FUSED_RANK = 64
+
+
+@triton.jit
+def _epilogue_chunk(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
+                    keep_scale, BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr, HAS_LORA: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr):
+    """Columns off_n .. off_n + CHUNK_N of one output tile: acc (float32, x W^T) plus the LoRA
+    term s * xa B^T (masked and scaled by 1/(1-p) for 'post' dropout) plus the bias, stored
+    once. The LoRA term is its own (BLOCK_M, CHUNK_N) product, so the chunking bounds the
+    registers the mask and the term need next to the tile's accumulator."""
+    out = acc
+    if HAS_LORA:  # False only for benchmarks/fused_forward_probe.py's plain-GEMM baseline
+        b_chunk = b_desc.load([off_n, 0])  # (CHUNK_N, R_PAD), zero past N and r
+        lora = tl.dot(xa, b_chunk.T)
+        if POST_DROPOUT:
+            rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+            keep = dropout_keep_tile(key_lo, key_hi, rows, off_n, N, drop_threshold, BLOCK_M, CHUNK_N,
+                                     GROUP_COLUMNS)
+            lora = tl.where(keep, lora * keep_scale, 0.0)
+        out += scale * lora
+    if HAS_BIAS:
+        cols = off_n + tl.arange(0, CHUNK_N)
+        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y_desc.store([off_m, off_n], out.to(y_desc.dtype))
+
+
+@triton.jit
+def _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
+              keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_CHUNKS: tl.constexpr,
+              HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, POST_DROPOUT: tl.constexpr,
+              GROUP_COLUMNS: tl.constexpr):
+    """The tile's accumulator split column-wise into EPILOGUE_CHUNKS (1, 2 or 4) chunks."""
+    if EPILOGUE_CHUNKS == 1:
+        _epilogue_chunk(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
+                        keep_scale, BLOCK_M, BLOCK_N, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+    else:
+        HALF: tl.constexpr = BLOCK_N // 2
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        if EPILOGUE_CHUNKS == 2:
+            _epilogue_chunk(left, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi,
+                            drop_threshold, keep_scale, BLOCK_M, HALF, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+            _epilogue_chunk(right, xa, b_desc, y_desc, bias_ptr, off_m, off_n + HALF, N, scale, key_lo, key_hi,
+                            drop_threshold, keep_scale, BLOCK_M, HALF, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+        else:
+            QUARTER: tl.constexpr = BLOCK_N // 4
+            q0, q1 = tl.split(tl.permute(tl.reshape(left, (BLOCK_M, 2, QUARTER)), (0, 2, 1)))
+            q2, q3 = tl.split(tl.permute(tl.reshape(right, (BLOCK_M, 2, QUARTER)), (0, 2, 1)))
+            _epilogue_chunk(q0, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi,
+                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+            _epilogue_chunk(q1, xa, b_desc, y_desc, bias_ptr, off_m, off_n + QUARTER, N, scale, key_lo, key_hi,
+                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+            _epilogue_chunk(q2, xa, b_desc, y_desc, bias_ptr, off_m, off_n + 2 * QUARTER, N, scale, key_lo, key_hi,
+                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+            _epilogue_chunk(q3, xa, b_desc, y_desc, bias_ptr, off_m, off_n + 3 * QUARTER, N, scale, key_lo, key_hi,
+                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+
+
+@triton.jit
+def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, seed_ptr,
+                          M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
+                          R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr):
+    run = tl.program_id(0)
+    row_block = run // runs_per_row
+    off_m = row_block * BLOCK_M
+    first_col = (run % runs_per_row) * cols_per_run
+    end_col = tl.minimum(first_col + cols_per_run, tl.cdiv(N, BLOCK_N))
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if POST_DROPOUT:
+        key_lo, key_hi = load_seed_words(seed_ptr)
+    else:
+        key_lo = 0
+        key_hi = 0
+
+    # The run's first tile: x W^T and, from the same x tiles, x A^T.
+    off_n = first_col * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    xa_acc = tl.zeros((BLOCK_M, R_PAD), tl.float32)
+    for kt in range(k_tiles):
+        x_tile = x_desc.load([off_m, kt * BLOCK_K])
+        acc = tl.dot(x_tile, w_desc.load([off_n, kt * BLOCK_K]).T, acc)
+        if HAS_LORA:
+            xa_acc = tl.dot(x_tile, a_desc.load([0, kt * BLOCK_K]).T, xa_acc)
+    # xa in the adapters' dtype, as the composed path rounds it: the LoRA term and the saved
+    # xa of backward are the same numbers.
+    xa = xa_acc.to(a_desc.dtype)
+    if HAS_LORA:
+        if first_col == 0:  # one writer per row block
+            rows = off_m + tl.arange(0, BLOCK_M)
+            ranks = tl.arange(0, R_PAD)
+            tl.store(xa_ptr + rows[:, None] * stride_xa + ranks[None, :], xa,
+                     mask=(rows[:, None] < M) & (ranks[None, :] < R))
+    _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold, keep_scale,
+              BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+
+    for col in range(first_col + 1, end_col):
+        off_n = col * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for kt in range(k_tiles):
+            acc = tl.dot(x_desc.load([off_m, kt * BLOCK_K]), w_desc.load([off_n, kt * BLOCK_K]).T, acc)
+        _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
+                  keep_scale, BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def runs_per_row(row_blocks: int, col_blocks: int, programs_at_once: int, rank_pad: int, block_n: int) -> int:
+    """How many runs to split each row block's column blocks into: the fewest waves of programs
+    times the longest run (in tiles, its first tile counted r/BLOCK_N longer for x A^T); ties go
+    to fewer runs (less recomputation of xa)."""
+    best, best_cost = 1, None
+    for runs in range(1, col_blocks + 1):
+        cols = -(-col_blocks // runs)
+        if -(-col_blocks // cols) != runs:  # same schedule as a smaller split
+            continue
+        waves = -(-(row_blocks * runs) // programs_at_once)
+        cost = waves * (cols + rank_pad / block_n)
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = runs, cost
+    return best
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def supports(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
+             lora_B: torch.Tensor) -> bool:
+    """Whether the fused forward can compute this call (layouts TMA can address, one 16-bit dtype)."""
+    if TensorDescriptor is None or weight is None or not x2.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(x2.device)[0] < 9:
+        return False
+    dtype = x2.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if any(t.dtype != dtype or t.device != x2.device for t in (weight, lora_A, lora_B)):
+        return False
+    if bias is not None and (bias.device != x2.device or bias.dim() != 1 or bias.stride(0) != 1):
+        return False
+    if lora_A.shape[0] > MAX_FUSED_RANK or lora_A.shape[0] == 0 or x2.shape[0] == 0:
+        return False
+    return all(_aligned(t) for t in (x2, weight, lora_A, lora_B)) and (weight.shape[0] * x2.element_size()) % 16 == 0
+
+
+DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=3, num_warps=8)
+
+
+def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+                   *, has_lora: bool = True, runs: int | None = None, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) for x2 (M, K): y = x2 W^T + b + drop_post(s xa B^T), xa = x2 A^T (see the module doc).
+    `config` overrides DEFAULT_CONFIG (block sizes, stages, warps) and `runs` the split of
+    each row block's column blocks; both for the benchmarks' sweeps."""
+    cfg = {**DEFAULT_CONFIG, **config}
+    block_m, block_n, block_k, chunks = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["epilogue_chunks"]
+    M, K = x2.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    rank_pad = max(16, triton.next_power_of_2(r))
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    xa = torch.empty((M, r), device=x2.device, dtype=lora_A.dtype)
+    row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+    if runs is None:
+        device_index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+        programs = _sm_count(device_index) if x2.is_cuda else 4
+        runs = runs_per_row(row_blocks, col_blocks, programs, rank_pad, block_n)
+    cols_per_run = triton.cdiv(col_blocks, runs)
+    runs = triton.cdiv(col_blocks, cols_per_run)
+    chunk_n = block_n // chunks
+    post_dropout = dropout_p > 0.0
+    if N % 8 == 0:
+        group_columns = 8
+    elif N % 4 == 0:
+        group_columns = 4
+    else:
+        group_columns = 0
+    _fused_forward_kernel[(row_blocks * runs,)](
+        TensorDescriptor.from_tensor(x2, [block_m, block_k]),
+        TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+        TensorDescriptor.from_tensor(lora_A, [rank_pad, block_k]),
+        TensorDescriptor.from_tensor(lora_B, [chunk_n, rank_pad]),
+        TensorDescriptor.from_tensor(y, [block_m, chunk_n]),
+        xa, bias if bias is not None else y, seed if post_dropout else xa,
+        M, N, K, r, xa.stride(0), float(scale), dropout_threshold(dropout_p) if post_dropout else 0,
+        1.0 / (1.0 - dropout_p), cols_per_run, runs,
+        R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout, GROUP_COLUMNS=group_columns,
+        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+    )
+    return y, xa
