@@ -127,11 +127,17 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
     # xa of backward are the same numbers.
     xa = xa_acc.to(a_desc.dtype)
     if HAS_LORA:
-        if first_col == 0:  # one writer per row block
-            rows = off_m + tl.arange(0, BLOCK_M)
-            ranks = tl.arange(0, R_PAD)
-            tl.store(xa_ptr + rows[:, None] * stride_xa + ranks[None, :], xa,
-                     mask=(rows[:, None] < M) & (ranks[None, :] < R))
+        # Every run of the row block stores its xa (the same bits: same instructions on the
+        # same data) and reads it back. The round trip through memory (4 KiB, L2) is on
+        # purpose: fed straight from registers into the epilogue's MMA, ptxas serialises
+        # every wgmma of the kernel, main loop included (warning C7514, sm_90a).
+        rows = off_m + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, R_PAD)
+        xa_ptrs = xa_ptr + rows[:, None] * stride_xa + ranks[None, :]
+        xa_mask = (rows[:, None] < M) & (ranks[None, :] < R)
+        tl.store(xa_ptrs, xa, mask=xa_mask)
+        tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
+        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold, keep_scale,
               BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
 
