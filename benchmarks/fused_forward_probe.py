@@ -32,6 +32,7 @@ CONFIGS = {
     "256x3": dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=3, num_warps=8),
     "256x4": dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=4, num_warps=8),
     "128x4": dict(block_m=128, block_n=128, block_k=64, epilogue_chunks=2, num_stages=4, num_warps=8),
+    "m256x3": dict(block_m=256, block_n=128, block_k=64, epilogue_chunks=2, num_stages=3, num_warps=8),
 }
 
 

@@ -102,6 +102,12 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
                           R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
                           POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr):
+    # Without dropout the up-projection is one more K step of the tile's own accumulator,
+    # acc += (s xa) B^T with K = R_PAD: no second accumulator, no layout change, B's tile
+    # loaded before the main loop (its latency hidden behind it). With 'post' dropout the
+    # mask applies to the LoRA term alone, so it is its own product in the epilogue.
+    LORA_IN_ACC: tl.constexpr = HAS_LORA and not POST_DROPOUT
+    LORA_IN_EPILOGUE: tl.constexpr = HAS_LORA and POST_DROPOUT
     run = tl.program_id(0)
     row_block = run // runs_per_row
     off_m = row_block * BLOCK_M
@@ -116,6 +122,8 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
 
     # The run's first tile: x W^T and, from the same x tiles, x A^T.
     off_n = first_col * BLOCK_N
+    if LORA_IN_ACC:
+        b_tile = b_desc.load([off_n, 0])  # (BLOCK_N, R_PAD), zero past N and r
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     xa_acc = tl.zeros((BLOCK_M, R_PAD), tl.float32)
     for kt in range(k_tiles):
@@ -126,11 +134,12 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
     # xa in the adapters' dtype, as the composed path rounds it: the LoRA term and the saved
     # xa of backward are the same numbers.
     xa = xa_acc.to(a_desc.dtype)
+    xs = xa
     if HAS_LORA:
         # Every run of the row block stores its xa (the same bits: same instructions on the
         # same data) and reads it back. The round trip through memory (4 KiB, L2) is on
-        # purpose: fed straight from registers into the epilogue's MMA, ptxas serialises
-        # every wgmma of the kernel, main loop included (warning C7514, sm_90a).
+        # purpose: fed straight from registers into the next MMA, ptxas serialises every
+        # wgmma of the kernel, main loop included (warning C7514, sm_90a).
         rows = off_m + tl.arange(0, BLOCK_M)
         ranks = tl.arange(0, R_PAD)
         xa_ptrs = xa_ptr + rows[:, None] * stride_xa + ranks[None, :]
@@ -138,16 +147,25 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
         tl.store(xa_ptrs, xa, mask=xa_mask)
         tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
         xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+        # s xa, rounded once more (exact when s is a power of two, as alpha / r usually is).
+        xs = (xa.to(tl.float32) * scale).to(xa.dtype)
+    if LORA_IN_ACC:
+        acc = tl.dot(xs, b_tile.T, acc)
     _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold, keep_scale,
-              BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+              BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
 
     for col in range(first_col + 1, end_col):
         off_n = col * BLOCK_N
+        if LORA_IN_ACC:
+            b_tile = b_desc.load([off_n, 0])
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for kt in range(k_tiles):
             acc = tl.dot(x_desc.load([off_m, kt * BLOCK_K]), w_desc.load([off_n, kt * BLOCK_K]).T, acc)
+        if LORA_IN_ACC:
+            acc = tl.dot(xs, b_tile.T, acc)
         _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
-                  keep_scale, BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+                  keep_scale, BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS, POST_DROPOUT,
+                  GROUP_COLUMNS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,13 +230,16 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     xa = torch.empty((M, r), device=x2.device, dtype=lora_A.dtype)
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
-        device_index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-        programs = _sm_count(device_index) if x2.is_cuda else 4
+        if x2.is_cuda:
+            device_index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+            programs = _sm_count(device_index)
+        else:  # the Triton interpreter (CPU tensors): any split is correct
+            programs = 4
         runs = runs_per_row(row_blocks, col_blocks, programs, rank_pad, block_n)
     cols_per_run = triton.cdiv(col_blocks, runs)
     runs = triton.cdiv(col_blocks, cols_per_run)
     chunk_n = block_n // chunks
-    post_dropout = dropout_p > 0.0
+    post_dropout = has_lora and dropout_p > 0.0
     if N % 8 == 0:
         group_columns = 8
     elif N % 4 == 0:
@@ -229,7 +250,9 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         TensorDescriptor.from_tensor(x2, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         TensorDescriptor.from_tensor(lora_A, [rank_pad, block_k]),
-        TensorDescriptor.from_tensor(lora_B, [chunk_n, rank_pad]),
+        # B's block: the whole tile's columns when the LoRA term joins the accumulator, an
+        # epilogue chunk's when it is a product of its own ('post' dropout).
+        TensorDescriptor.from_tensor(lora_B, [chunk_n if post_dropout else block_n, rank_pad]),
         TensorDescriptor.from_tensor(y, [block_m, chunk_n]),
         xa, bias if bias is not None else y, seed if post_dropout else xa,
         M, N, K, r, xa.stride(0), float(scale), dropout_threshold(dropout_p) if post_dropout else 0,
