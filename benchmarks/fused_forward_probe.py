@@ -4,6 +4,7 @@ For each Llama-3-8B shape at M tokens, in one run (METHOD.md: same-run ratios on
 median (L2 flushed) of:
   base        F.linear(x, W): the frozen layer, the floor
   op p=0      torch.ops.lora.linear, dropout 0 (the op's current path)
+  op p=0 composed   the same with the op's fused forward turned off (set_fused_forward(False))
   op p=0.1    the same, 'post' dropout 0.1
   gemm[cfg]   the fused kernel without the LoRA term (HAS_LORA=False): Triton's GEMM alone
   fused[cfg]  the fused kernel, p=0 and p=0.1
@@ -43,7 +44,7 @@ def bench_us(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="none: the op's timings only")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--runs", type=int, nargs="*", default=[None], help="forced runs per row (default: auto)")
@@ -64,8 +65,12 @@ def main() -> None:
         B = torch.randn(N, r, device=device, dtype=dtype) / r**0.5
         base = bench_us(lambda: F.linear(x, W))
         line = [f"{shape} {K}x{N}: base {base:.1f} us"]
-        for name, dp in (("op p=0", 0.0), ("op p=0.1", p)):
-            t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
+        for name, dp, fused in (("op p=0", 0.0, True), ("op p=0 composed", 0.0, False), ("op p=0.1", p, True)):
+            previous = lora_ext._C.set_fused_forward(fused)  # the op's own choice when True (use_fused_forward)
+            try:
+                t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
+            finally:
+                lora_ext._C.set_fused_forward(previous)
             line.append(f"{name} {t:.1f} ({t / base:.3f})")
         print("; ".join(line), flush=True)
         for cfg_name in args.configs:

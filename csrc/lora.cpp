@@ -46,6 +46,11 @@ void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_f
   triton_backward_fn = new pybind11::object(std::move(backward_fn));
 }
 
+// lora_ext.kernels.fused_forward.op_forward: the dropout-free forward as one Triton GEMM.
+pybind11::object* triton_fused_forward_fn = nullptr;
+
+void set_triton_fused_forward(pybind11::object fn) { triton_fused_forward_fn = new pybind11::object(std::move(fn)); }
+
 pybind11::object* triton_masked_down_fn = nullptr;
 pybind11::object* triton_masked_grad_y_fn = nullptr;
 pybind11::object* triton_masked_up_fn = nullptr;
@@ -265,6 +270,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
   return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
 }
 
+bool triton_fused_forward_registered() { return triton_fused_forward_fn != nullptr; }
+
+c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
+                                                                       const c10::optional<at::Tensor>& bias,
+                                                                       const at::Tensor& lora_A,
+                                                                       const at::Tensor& lora_B, double scale) {
+  pybind11::gil_scoped_acquire gil;
+  pybind11::object result = (*triton_fused_forward_fn)(x2, weight, bias, lora_A, lora_B, scale);
+  if (result.is_none()) return c10::nullopt;
+  return result.cast<std::tuple<at::Tensor, at::Tensor>>();
+}
+
 bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }
 
 at::Tensor triton_masked_down(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& seed, double p) {
@@ -298,6 +315,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_triton_masked_pieces", &set_triton_masked_pieces,
              "Registers the Triton masked thin products the native CUDA path uses for its dropout steps, and the "
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
+  module.def("set_triton_fused_forward", &set_triton_fused_forward,
+             "Registers the fused Triton forward GEMM the native CUDA path runs for dropout-free k/v-sized layers "
+             "(lora_ext/kernels/fused_forward.py op_forward: (y, xa), or None where it does not apply)");
+  module.def("set_fused_forward", &lora::set_fused_forward,
+             "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
+             "(LORA_EXT_FUSED_FORWARD=0: off at import)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded masked-piece launches on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

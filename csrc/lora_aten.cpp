@@ -100,6 +100,29 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 #endif
 }
 
+// Whether a dropout-free forward at training sizes runs as one Triton GEMM
+// (lora_ext/kernels/fused_forward.py): x W^T and x A^T from the same x tiles, and s xa B^T as
+// one more K step of the same accumulator, so neither the separate pass over x for xa nor the
+// read-modify-write of y is paid. Measured on the H200 at M = 8192, r = 16 (benchmarks/NOTES.md
+// #26, same-run ratios to cuBLAS's x W^T): 1.19 against the composed path's 1.35 at
+// 4096 x 1024 (k, v). At the wide layers Triton's GEMM itself is 0-15% slower than cuBLAS's,
+// which eats the gain (4096 x 14336: 1.06 vs 1.09; 14336 x 4096: 1.07 vs 1.03; 4096 x 4096:
+// 1.24 vs 1.25), so those stay composed. Measured at M = 8192 and r = 16 only: used from 4096
+// rows, for N <= 2048 and r <= 16 (the kernel pads the rank to 16 either way).
+constexpr int64_t kFusedForwardMinRows = 4096;
+constexpr int64_t kFusedForwardMaxWidth = 2048;
+constexpr int64_t kFusedForwardMaxRank = 16;
+std::atomic<bool> fused_forward_enabled{[] {
+  const char* env = std::getenv("LORA_EXT_FUSED_FORWARD");
+  return env == nullptr || std::string(env) != "0";
+}()};
+
+bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return fused_forward_enabled && x2.is_cuda() && triton_fused_forward_registered() &&
+         x2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
+         lora_A.size(0) <= kFusedForwardMaxRank;
+}
+
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
 // ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
 // afterwards: addmm skips the product then, and a NaN/Inf input must still give NaN.
@@ -124,6 +147,8 @@ at::Tensor reduce_over_tokens(const at::Tensor& a, const at::Tensor& b, double a
 
 bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange(enabled); }
 
+bool set_fused_forward(bool enabled) { return fused_forward_enabled.exchange(enabled); }
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
@@ -147,6 +172,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     return {with_leading_shape(y, x), xa};
   }
 #endif
+  if (!dropout && weight.has_value() && use_fused_forward(x2, *weight, lora_A)) {
+    if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale)) {
+      return {with_leading_shape(std::get<0>(*fused), x), std::get<1>(*fused)};
+    }
+  }
 
   at::Tensor xa;  // (M, r)
   if (pre_dropout && use_masked_pieces(x, lora_A)) {

@@ -41,6 +41,9 @@ void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const 
 // Turns the op's few-token forward path on or off (all builds; without CUDA it is never taken);
 // returns the previous setting.
 bool set_small_m_forward(bool enabled);
+// Turns the native CUDA path's fused Triton forward (lora_aten.cpp use_fused_forward) on or off;
+// returns the previous setting. LORA_EXT_FUSED_FORWARD=0 turns it off at import.
+bool set_fused_forward(bool enabled);
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

@@ -22,6 +22,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask);
 
+// The dropout-free forward as one Triton GEMM on Hopper (lora_ext/kernels/fused_forward.py):
+// (y, xa) for x2 (M, K), or nullopt where the kernel does not take these tensors (its
+// supports(): sm_90+, one 16-bit dtype, TMA-addressable layouts). Registered with
+// lora_ext._C.set_triton_fused_forward; called from Python on every use (its TMA descriptors
+// are built on the host per call, so the masked pieces' C++ replay does not apply).
+bool triton_fused_forward_registered();
+c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
+                                                                       const c10::optional<at::Tensor>& bias,
+                                                                       const at::Tensor& lora_A,
+                                                                       const at::Tensor& lora_B, double scale);
+
 // The native path's dropout steps on Triton (triton_lora.masked_*): thin products whose
 // large operand is dropped out by a mask regenerated on load, so the native path writes
 // no dropped copy of x or dY. Registered with lora_ext._C.set_triton_masked_pieces. After the

@@ -382,3 +382,55 @@ def test_masked_grad_y_with_nothing_wanted_writes_nothing():
                                                 0.7, seed_tensor(1), 0.3, False, False)
     assert grad_xa.numel() == 0 and grad_B.numel() == 0
     assert torch.equal(g, before)
+
+
+# The fused forward GEMM (lora_ext/kernels/fused_forward.py; the native CUDA path runs it on
+# Hopper for dropout-free k/v-sized layers). Small tiles so that the odd shapes below have row,
+# column, K and rank tails, and runs of several column blocks (xa reused across a run's tiles).
+TINY_TILES = dict(block_m=16, block_n=32, block_k=32, epilogue_chunks=2, num_stages=1, num_warps=4)
+
+
+@pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("runs", [1, 2, None])
+def test_fused_forward_matches_float64(M, K, N, r, p, runs):
+    """y (LoRA term in the accumulator without dropout, masked in the epilogue with 'post' dropout)
+    and xa against float64, with and without bias, within the CPU op's bound; every run of a row
+    block stores the same xa. The scale makes the LoRA term the larger part of y, so that an error
+    in it (1% is enough) cannot hide in the base GEMM's rounding."""
+    from lora_ext.kernels import fused_forward
+
+    scale = 3.0
+    for bias in (True, False):
+        inputs = make_inputs((M,), K, N, r, torch.float16, bias=bias, seed=M + N + r)
+        x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+        assert fused_forward.layout_supported(x, w, b, A, B)
+        seed = seed_tensor(99) if p > 0 else None
+        y, xa = fused_forward.linear_forward(x, w, b, A, B, scale, p, seed, runs=runs, **TINY_TILES)
+        y_cpu, xa_cpu = torch.ops.lora.linear(x, w, b, A, B, scale, p, "post", seed)
+        ref = lora_linear_reference(x, w, b, A, B, scale, p, "post", seed, compute_dtype=torch.float64)
+        assert y.dtype == xa.dtype == torch.float16
+        assert_within_bound(y, ref, y_cpu, torch.float16, f"y (bias={bias})")
+        assert_within_bound(xa, x.double() @ A.double().t(), xa_cpu, torch.float16, "xa")
+
+
+def test_fused_forward_layout_checks():
+    """What TMA cannot address or the kernel does not compute is refused (the op then composes)."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs((64,), 64, 48, 8, torch.float16, seed=5)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    ok = fused_forward.layout_supported
+    assert ok(x, w, b, A, B) and ok(x, w, None, A, B)
+    assert not fused_forward.supports(x, w, b, A, B)  # CPU tensors: the GPU path never takes them
+    assert not ok(x, None, b, A, B)  # no base weight
+    assert not ok(x.float(), w.float(), b.float(), A.float(), B.float())  # float32
+    assert not ok(x, w, b, A.double(), B.double())  # adapters in another dtype
+    a5, b5 = A[:5].contiguous(), B[:, :5].contiguous()
+    assert not ok(x, w, b, a5, b5)  # r = 5: B's rows are 10 bytes, not 16-byte aligned
+    x_odd = torch.randn(64, 60, dtype=torch.float16)
+    assert not ok(x_odd, w[:, :60].contiguous(), b, A[:, :60].contiguous(), B)  # K = 60
+    assert not ok(x[:, 1:], w[:, 1:], b, A[:, 1:], B)  # base pointers off by 2 bytes
+    assert not ok(x.t().contiguous().t(), w, b, A, B)  # column-major x
+    assert not ok(x, w, b, torch.randn(72, 64, dtype=torch.float16), torch.randn(48, 72, dtype=torch.float16))
+    assert not ok(x[:0], w, b, A, B)  # no tokens

@@ -445,8 +445,8 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
 
 @native_only
 def test_native_kernels_can_be_turned_off_by_environment():
-    """LORA_EXT_NATIVE_GRAD_Y=0 and LORA_EXT_SMALL_M_FORWARD=0 (read once per process) turn the two
-    native kernels off; the op still gives the right answer on the paths it falls back to."""
+    """LORA_EXT_NATIVE_GRAD_Y=0, LORA_EXT_SMALL_M_FORWARD=0 and LORA_EXT_FUSED_FORWARD=0 (read once per
+    process) turn the three kernels off; the op still gives the right answer on the paths it falls back to."""
     script = textwrap.dedent("""
         import torch, lora_ext
         from lora_ext.reference import lora_linear_reference
@@ -455,6 +455,7 @@ def test_native_kernels_can_be_turned_off_by_environment():
         xa = torch.randn(64, 8, device="cuda", dtype=torch.bfloat16)
         assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
         assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
+        assert lora_ext._C.set_fused_forward(False) is False
         x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
         A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
@@ -471,7 +472,7 @@ def test_native_kernels_can_be_turned_off_by_environment():
             assert (a.double() - b).abs().max() <= 0.05 * b.abs().max()
         print("ok")
     """)
-    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0")
+    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="0")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
@@ -605,6 +606,107 @@ def test_small_m_forward_keeps_nan_at_scale_zero_and_refuses_what_it_does_not_su
         lora_ext._C.small_m_forward_cuda(x, A, B, y.cpu(), xa, 1.0)
     with pytest.raises(RuntimeError, match="needs xa"):
         lora_ext._C.small_m_forward_cuda(x, A, B, y, xa[:, :7], 1.0)
+
+
+# ---------------------------------------------------------------------------
+# The fused forward GEMM (lora_ext/kernels/fused_forward.py), run by the native path for
+# dropout-free k/v-sized layers at training sizes (csrc/lora_aten.cpp, use_fused_forward)
+# ---------------------------------------------------------------------------
+
+
+def _fused_forward_available():
+    if not (lora_ext._C.has_cuda() and "triton" in BACKENDS and torch.cuda.is_available()):
+        return False
+    from lora_ext.kernels import fused_forward
+
+    return fused_forward.TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
+
+
+fused_only = pytest.mark.skipif(not _fused_forward_available(),
+                                reason="needs sm_90+, triton with tensor descriptors and the native CUDA build")
+
+
+# (M, K, N, r): tails in every dimension (M past a 128-row block, K past a 64-wide step, N past a
+# 256-wide tile), the ranks padded to 16 and to 64, a k/v shape of Llama-3-8B.
+FUSED_SHAPES = [(300, 264, 1032, 8), (257, 128, 4096, 64), (4100, 4096, 1024, 16)]
+
+
+@fused_only
+@pytest.mark.parametrize("M,K,N,r", FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_forward_kernel_matches_float64(M, K, N, r, p, dtype):
+    """y and xa against float64 within the same-dtype bound, with bias; the scale makes the LoRA term
+    the larger part of y. Twice gives the same bits (no cross-program reduction)."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs((M,), K, N, r, dtype, requires_grad=False, seed=M + r)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    scale, seed = 3.0, seed_tensor(77) if p > 0 else None
+    assert fused_forward.supports(x, w, b, A, B)
+    y, xa = fused_forward.linear_forward(x, w, b, A, B, scale, p, seed)
+    ref = lora_linear_reference(x, w, b, A, B, scale, p, "post", seed, compute_dtype=torch.float64)
+    same = lora_linear_reference(x, w, b, A, B, scale, p, "post", seed, compute_dtype=dtype)
+    assert_within_bound(y, ref, same, dtype, "y")
+    xa_ref = x.double() @ A.double().t()
+    assert_within_bound(xa, xa_ref, x @ A.t(), dtype, "xa")
+    y_again, xa_again = fused_forward.linear_forward(x, w, b, A, B, scale, p, seed)
+    assert torch.equal(y_again, y) and torch.equal(xa_again, xa)
+
+
+@fused_only
+@pytest.mark.parametrize("lead_shape,bias", [((4100,), True), ((2, 2050), False)], ids=str)
+def test_fused_forward_is_what_the_op_runs(lead_shape, bias):
+    """A dropout-free k/v-sized layer at 4096+ rows: the op's y and xa are the fused kernel's bits,
+    y and every gradient are within the float64 bound (run_and_check), and turned off
+    (set_fused_forward) the op composes cuBLAS calls, which round differently."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs(lead_shape, 512, 1032, 16, torch.bfloat16, bias=bias, seed=11)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")
+    with torch.no_grad():
+        expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, 0.5)
+        assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
+        previous = lora_ext._C.set_fused_forward(False)
+        try:
+            composed, _ = torch.ops.lora.linear(x, w, b, A, B, 0.5, 0.0, "post", None, "native")
+        finally:
+            lora_ext._C.set_fused_forward(previous)
+    assert previous is True and not torch.equal(composed, y)
+
+
+@fused_only
+def test_fused_forward_is_not_used_outside_its_measured_range():
+    """Fewer than 4096 rows, N > 2048, r > 16, dropout, or a layout TMA cannot address: the op
+    composes (its bits equal the composed path's)."""
+    def op_bits(x, w, A, B, p, fused):
+        previous = lora_ext._C.set_fused_forward(fused)
+        try:
+            seed = seed_tensor(3) if p > 0 else None
+            return torch.ops.lora.linear(x, w, None, A, B, 0.5, p, "post", seed, "native")[0]
+        finally:
+            lora_ext._C.set_fused_forward(previous)
+
+    cases = {"4095 rows": (4095, 256, 1024, 16, 0.0), "N = 2056": (4096, 256, 2056, 16, 0.0),
+             "r = 24": (4096, 256, 1024, 24, 0.0), "dropout": (4096, 256, 1024, 16, 0.1),
+             "K = 260 (rows not 16-byte aligned)": (4096, 260, 1024, 16, 0.0)}
+    for what, (M, K, N, r, p) in cases.items():
+        inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=False, requires_grad=False, seed=M + N)
+        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+        assert torch.equal(op_bits(x, w, A, B, p, True), op_bits(x, w, A, B, p, False)), what
+    # ...and the check can tell the paths apart where the kernel is used:
+    inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, bias=False, requires_grad=False, seed=1)
+    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    assert not torch.equal(op_bits(x, w, A, B, 0.0, True), op_bits(x, w, A, B, 0.0, False))
+
+
+@fused_only
+def test_opcheck_linear_on_the_fused_forward():
+    inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=4)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.0, "post", None,
+                                                          "native"))
 
 
 # ---------------------------------------------------------------------------

@@ -60,6 +60,12 @@ def _triton_lora_function(name: str):
     return call
 
 
+def _fused_forward(x2, weight, bias, lora_A, lora_B, scale):
+    from . import fused_forward  # imported on first use, as triton_lora
+
+    return fused_forward.op_forward(x2, weight, bias, lora_A, lora_B, scale)
+
+
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
@@ -67,6 +73,8 @@ if native_available():
         # recipes C++ replays without Python (replay.py).
         from . import replay
 
+        # The dropout-free forward of k/v-sized layers as one Triton GEMM (fused_forward.py).
+        _C.set_triton_fused_forward(_fused_forward)
         _C.set_triton_masked_pieces(
             *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )

@@ -1,11 +1,19 @@
 """The LoRA linear forward as one GEMM: y = x W^T + b + drop_post(s (x A^T) B^T), and xa = x A^T.
 
-Why (benchmarks/NOTES.md, "What the two numbers say" and #7): every base GEMM here is
+Why (benchmarks/NOTES.md, "What the two numbers say", #7 and #26): every base GEMM here is
 compute-bound, so bytes a kernel moves while the tensor cores are busy are free and bytes a
 separate kernel moves are not. The composed forward pays a separate pass over x for xa
 (27 us at 4096x1024, 30% of that base GEMM) and a read-modify-write of y for the LoRA term;
 with 'post' dropout one more pass over y for the mask. Here the base GEMM's own x tiles feed
-x A^T, and the LoRA term (with its mask) joins the accumulator in the epilogue.
+x A^T, and the LoRA term joins the tile's accumulator: without dropout as one more K step
+(acc += (s xa) B^T, K = the rank padded to 16), with 'post' dropout as a product of its own
+in the epilogue, masked there.
+
+Where it is used: the native CUDA path runs it for dropout-free k/v-sized layers at training
+sizes (csrc/lora_aten.cpp, use_fused_forward: measured 1.19x the base GEMM against the composed
+path's 1.35x at 4096x1024). Elsewhere it loses: Triton's GEMM alone is 0-15% slower than
+cuBLAS's at the wide shapes, and the 'post' epilogue (B chunks loaded and multiplied per tile,
+not overlapped with the main loop) costs 20-30%.
 
 Schedule. The output's (BLOCK_M x BLOCK_N) tiles are grouped into *runs*: a run is a row
 block and a contiguous range of its column blocks, processed by one program in order. The
@@ -19,9 +27,10 @@ running together share W's column blocks in L2.
 Operands travel by TMA (tensor descriptors, Hopper and later): the descriptor zero-fills
 loads past the edges (rows of A beyond r, columns of B beyond r, K and N tails) and clips the
 stores, so the rank is padded to 16 for the MMA without a padded copy of the adapters.
-Requirements (checked by `supports`): CUDA sm_90+, x/W/A/B/y 2-D with unit last stride and
-16-byte aligned rows and base pointers (K, N, r multiples of 8 for 16-bit types), one dtype
-(bfloat16 or float16) for x, W, A, B, r <= 64.
+Requirements (`supports`, `layout_supported`): CUDA sm_90+, x/W/A/B/y 2-D with unit last
+stride and 16-byte aligned rows and base pointers (K, N, r multiples of 8 for 16-bit types),
+one dtype (bfloat16 or float16) for x, W, A, B, r <= 64. Under TRITON_INTERPRET=1 it runs on
+CPU tensors (float16; the CI tests).
 """
 from __future__ import annotations
 
@@ -193,12 +202,13 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def supports(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
-             lora_B: torch.Tensor) -> bool:
-    """Whether the fused forward can compute this call (layouts TMA can address, one 16-bit dtype)."""
-    if TensorDescriptor is None or weight is None or not x2.is_cuda:
-        return False
-    if torch.cuda.get_device_capability(x2.device)[0] < 9:
+def layout_supported(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """Whether TMA can address these tensors and the kernel computes this call: one 16-bit dtype
+    for x, W, A, B on one device, 2-D with unit last stride, 16-byte aligned base and rows
+    (K, N and r multiples of 8), 1 <= r <= 64, nothing empty. Independent of the device kind,
+    so the CPU tests check it too."""
+    if weight is None:
         return False
     dtype = x2.dtype
     if dtype not in (torch.bfloat16, torch.float16):
@@ -207,9 +217,18 @@ def supports(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
         return False
     if bias is not None and (bias.device != x2.device or bias.dim() != 1 or bias.stride(0) != 1):
         return False
-    if lora_A.shape[0] > MAX_FUSED_RANK or lora_A.shape[0] == 0 or x2.shape[0] == 0:
+    if lora_A.shape[0] > MAX_FUSED_RANK or min(lora_A.shape[0], x2.shape[0], x2.shape[1], weight.shape[0]) == 0:
         return False
     return all(_aligned(t) for t in (x2, weight, lora_A, lora_B)) and (weight.shape[0] * x2.element_size()) % 16 == 0
+
+
+def supports(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
+             lora_B: torch.Tensor) -> bool:
+    """Whether the fused forward can compute this call on the GPU: CUDA, sm_90 or newer (TMA),
+    triton with host-side tensor descriptors, and `layout_supported`."""
+    if TensorDescriptor is None or not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+        return False
+    return layout_supported(x2, weight, bias, lora_A, lora_B)
 
 
 DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=3, num_warps=8)
@@ -262,3 +281,13 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
     )
     return y, xa
+
+
+def op_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+               lora_B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The native CUDA path's call (csrc/lora_aten.cpp, use_fused_forward; dropout 0): (y, xa), or
+    None where `supports` refuses these tensors (the op then composes cuBLAS calls)."""
+    if not supports(x2, weight, bias, lora_A, lora_B):
+        return None
+    with torch.cuda.device(x2.device):  # Triton launches on the current device's stream
+        return linear_forward(x2, weight, bias, lora_A, lora_B, scale)
