@@ -24,7 +24,12 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH
 # The system compiler links it dynamically, as torch does.
 # setuptools links with LDSHARED (the interpreter's, /opt/gcc's g++), not CXX: set both.
 # build/ is removed so that no object or link from an earlier call (other compiler) survives.
-if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"; fi
+# The image may set CXX to /opt/gcc's g++ itself (2026-12-04: the static link came back with
+# CXX set), so the system compiler wins whenever it exists; LORA_EXT_KEEP_CXX=1 keeps CXX.
+echo "compiler: CXX=${CXX:-unset}, /usr/bin/g++ $([[ -x /usr/bin/g++ ]] && echo present || echo absent)"
+if [[ ${LORA_EXT_KEEP_CXX:-0} != 1 && -x /usr/bin/g++ ]]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
 rm -rf build lora_ext/_C*.so
 t0=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
