@@ -41,6 +41,56 @@ def bench_us(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
 
 
+def host_probe(tokens: int, rank: int) -> None:
+    """Where the op's time goes with the fused forward on and off at k/v (4096 x 1024): host issue
+    time per call (no waiting for the device) of the op and of the fused launch's Python pieces,
+    and fwd+bwd through autograd (do_bench median, and back to back between CUDA events)."""
+    from lora_ext.kernels.fused_forward import TensorDescriptor
+
+    dtype, device, scale = torch.bfloat16, "cuda", 2.0
+    K, N = SHAPES["kv"]
+    x = torch.randn(tokens, K, device=device, dtype=dtype, requires_grad=True)
+    W = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+    A = (torch.randn(rank, K, device=device, dtype=dtype) / K**0.5).requires_grad_()
+    B = (torch.randn(N, rank, device=device, dtype=dtype) / rank**0.5).requires_grad_()
+    gy = torch.randn(tokens, N, device=device, dtype=dtype)
+
+    def forward():
+        return torch.ops.lora.linear(x, W, None, A, B, scale, 0.0, "post", None)
+
+    def fwd_bwd():
+        y, _ = forward()
+        torch.autograd.grad(y, (x, A, B), gy)
+
+    print(f"host probe, kv {K}x{N} M={tokens} r={rank}: us per call")
+    base = bench_us(lambda: torch.nn.functional.linear(x, W))
+    for fused in (False, True):
+        previous = lora_ext._C.set_fused_forward(fused)
+        try:
+            with torch.no_grad():
+                issue = common.wall_us_per_call(forward, 200, device, warmup=20, repeats=3, wait_for_device=False)
+            issue_grad = common.wall_us_per_call(forward, 200, device, warmup=20, repeats=3, wait_for_device=False)
+            issue_fb = common.wall_us_per_call(fwd_bwd, 100, device, warmup=10, repeats=3, wait_for_device=False)
+            fb = bench_us(fwd_bwd)
+            fb_events = common.cuda_events_ms(fwd_bwd, 100) * 1e3
+        finally:
+            lora_ext._C.set_fused_forward(previous)
+        print(f"  fused={fused}: host issue fwd no_grad {issue:.1f}, fwd grad {issue_grad:.1f}, fwd+bwd {issue_fb:.1f}; "
+              f"device fwd+bwd do_bench {fb:.1f} ({fb / base:.2f}x base fwd), back to back {fb_events:.1f}", flush=True)
+    x2 = x.detach()
+    pieces = {
+        "supports()": lambda: fused_forward.supports(x2, W, None, A, B),
+        "TensorDescriptor.from_tensor x1": lambda: TensorDescriptor.from_tensor(x2, [128, 64]),
+        "linear_forward (5 descriptors + launch)": lambda: fused_forward.linear_forward(x2, W, None, A.detach(),
+                                                                                        B.detach(), scale),
+        "op_forward (the C++ callback's body)": lambda: fused_forward.op_forward(x2, W, None, A.detach(),
+                                                                                 B.detach(), scale),
+    }
+    for name, fn in pieces.items():
+        t = common.wall_us_per_call(fn, 200, device, warmup=20, repeats=3, wait_for_device=False)
+        print(f"  host {name}: {t:.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
@@ -49,7 +99,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--runs", type=int, nargs="*", default=[None], help="forced runs per row (default: auto)")
     parser.add_argument("--time-budget", type=float, default=400.0)
+    parser.add_argument("--host", action="store_true", help="the host-time probe at k/v only (host_probe)")
     args = parser.parse_args()
+    if args.host:
+        host_probe(args.tokens, args.rank)
+        return
     torch.manual_seed(0)
     dtype, device, scale, p = torch.bfloat16, "cuda", 2.0, 0.1
     seed = torch.tensor([20261129], dtype=torch.int64, device=device)

@@ -320,7 +320,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(lora_ext/kernels/fused_forward.py op_forward: (y, xa), or None where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
-             "(LORA_EXT_FUSED_FORWARD=0: off at import)");
+             "(off by default; LORA_EXT_FUSED_FORWARD=1: on at import)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded masked-piece launches on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

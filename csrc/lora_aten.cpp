@@ -109,12 +109,16 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 // which eats the gain (4096 x 14336: 1.06 vs 1.09; 14336 x 4096: 1.07 vs 1.03; 4096 x 4096:
 // 1.24 vs 1.25), so those stay composed. Measured at M = 8192 and r = 16 only: used from 4096
 // rows, for N <= 2048 and r <= 16 (the kernel pads the rank to 16 either way).
+// Off unless asked for (LORA_EXT_FUSED_FORWARD=1 or set_fused_forward(true)): the kernel is
+// launched from Python on every call (host-side TMA descriptors, Triton's launcher), ~100 us of
+// host time, and k/v fwd+bwd is host-bound: measured there it went from ~2.2-2.7x to 3.2x the base
+// (NOTES.md #26). It pays where the device is the bottleneck; a C++ launch is the next step.
 constexpr int64_t kFusedForwardMinRows = 4096;
 constexpr int64_t kFusedForwardMaxWidth = 2048;
 constexpr int64_t kFusedForwardMaxRank = 16;
 std::atomic<bool> fused_forward_enabled{[] {
   const char* env = std::getenv("LORA_EXT_FUSED_FORWARD");
-  return env == nullptr || std::string(env) != "0";
+  return env != nullptr && std::string(env) == "1";
 }()};
 
 bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {

@@ -42,7 +42,7 @@ void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const 
 // returns the previous setting.
 bool set_small_m_forward(bool enabled);
 // Turns the native CUDA path's fused Triton forward (lora_aten.cpp use_fused_forward) on or off;
-// returns the previous setting. LORA_EXT_FUSED_FORWARD=0 turns it off at import.
+// returns the previous setting. Off by default; LORA_EXT_FUSED_FORWARD=1 turns it on at import.
 bool set_fused_forward(bool enabled);
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(

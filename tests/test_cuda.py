@@ -445,8 +445,9 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
 
 @native_only
 def test_native_kernels_can_be_turned_off_by_environment():
-    """LORA_EXT_NATIVE_GRAD_Y=0, LORA_EXT_SMALL_M_FORWARD=0 and LORA_EXT_FUSED_FORWARD=0 (read once per
-    process) turn the three kernels off; the op still gives the right answer on the paths it falls back to."""
+    """LORA_EXT_NATIVE_GRAD_Y=0 and LORA_EXT_SMALL_M_FORWARD=0 (read once per process) turn the two
+    native kernels off, LORA_EXT_FUSED_FORWARD=1 the fused forward on; the op still gives the right
+    answer on the paths it falls back to."""
     script = textwrap.dedent("""
         import torch, lora_ext
         from lora_ext.reference import lora_linear_reference
@@ -455,7 +456,7 @@ def test_native_kernels_can_be_turned_off_by_environment():
         xa = torch.randn(64, 8, device="cuda", dtype=torch.bfloat16)
         assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
         assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
-        assert lora_ext._C.set_fused_forward(False) is False
+        assert lora_ext._C.set_fused_forward(False) is True  # LORA_EXT_FUSED_FORWARD=1 turns it on
         x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
         A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
@@ -472,7 +473,7 @@ def test_native_kernels_can_be_turned_off_by_environment():
             assert (a.double() - b).abs().max() <= 0.05 * b.abs().max()
         print("ok")
     """)
-    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="0")
+    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
@@ -626,6 +627,14 @@ fused_only = pytest.mark.skipif(not _fused_forward_available(),
                                 reason="needs sm_90+, triton with tensor descriptors and the native CUDA build")
 
 
+@pytest.fixture
+def fused_forward_on():
+    """The op's fused forward is off by default (its Python launch costs host time); on for one test."""
+    previous = lora_ext._C.set_fused_forward(True)
+    yield
+    lora_ext._C.set_fused_forward(previous)
+
+
 # (M, K, N, r): tails in every dimension (M past a 128-row block, K past a 64-wide step, N past a
 # 256-wide tile), the ranks padded to 16 and to 64, a k/v shape of Llama-3-8B.
 FUSED_SHAPES = [(300, 264, 1032, 8), (257, 128, 4096, 64), (4100, 4096, 1024, 16)]
@@ -656,10 +665,10 @@ def test_fused_forward_kernel_matches_float64(M, K, N, r, p, dtype):
 
 @fused_only
 @pytest.mark.parametrize("lead_shape,bias", [((4100,), True), ((2, 2050), False)], ids=str)
-def test_fused_forward_is_what_the_op_runs(lead_shape, bias):
-    """A dropout-free k/v-sized layer at 4096+ rows: the op's y and xa are the fused kernel's bits,
-    y and every gradient are within the float64 bound (run_and_check), and turned off
-    (set_fused_forward) the op composes cuBLAS calls, which round differently."""
+def test_fused_forward_is_what_the_op_runs(lead_shape, bias, fused_forward_on):
+    """Turned on, a dropout-free k/v-sized layer at 4096+ rows: the op's y and xa are the fused
+    kernel's bits, y and every gradient are within the float64 bound (run_and_check), and turned
+    off (the default) the op composes cuBLAS calls, which round differently."""
     from lora_ext.kernels import fused_forward
 
     inputs = make_inputs(lead_shape, 512, 1032, 16, torch.bfloat16, bias=bias, seed=11)
@@ -678,8 +687,10 @@ def test_fused_forward_is_what_the_op_runs(lead_shape, bias):
 
 @fused_only
 def test_fused_forward_is_not_used_outside_its_measured_range():
-    """Fewer than 4096 rows, N > 2048, r > 16, dropout, or a layout TMA cannot address: the op
-    composes (its bits equal the composed path's)."""
+    """Turned on, with fewer than 4096 rows, N > 2048, r > 16, dropout, or a layout TMA cannot
+    address: the op composes (its bits equal the composed path's). Off by default."""
+    assert lora_ext._C.set_fused_forward(False) is False  # the default (no LORA_EXT_FUSED_FORWARD=1 here)
+
     def op_bits(x, w, A, B, p, fused):
         previous = lora_ext._C.set_fused_forward(fused)
         try:
@@ -702,7 +713,7 @@ def test_fused_forward_is_not_used_outside_its_measured_range():
 
 
 @fused_only
-def test_opcheck_linear_on_the_fused_forward():
+def test_opcheck_linear_on_the_fused_forward(fused_forward_on):
     inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=4)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
     torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.0, "post", None,

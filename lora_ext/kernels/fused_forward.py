@@ -9,9 +9,11 @@ x A^T, and the LoRA term joins the tile's accumulator: without dropout as one mo
 (acc += (s xa) B^T, K = the rank padded to 16), with 'post' dropout as a product of its own
 in the epilogue, masked there.
 
-Where it is used: the native CUDA path runs it for dropout-free k/v-sized layers at training
-sizes (csrc/lora_aten.cpp, use_fused_forward: measured 1.19x the base GEMM against the composed
-path's 1.35x at 4096x1024). Elsewhere it loses: Triton's GEMM alone is 0-15% slower than
+Where it is used: when turned on (LORA_EXT_FUSED_FORWARD=1 or lora_ext._C.set_fused_forward),
+the native CUDA path runs it for dropout-free k/v-sized layers at training sizes
+(csrc/lora_aten.cpp, use_fused_forward: measured 1.23x the base GEMM against the composed
+path's 1.35x at 4096x1024). It is off by default because its launch from Python costs ~100 us
+of host time per call, and k/v fwd+bwd is host-bound (NOTES.md #26). Elsewhere it loses: Triton's GEMM alone is 0-15% slower than
 cuBLAS's at the wide shapes, and the 'post' epilogue (B chunks loaded and multiplied per tile,
 not overlapped with the main loop) costs 20-30%.
 
