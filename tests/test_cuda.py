@@ -686,6 +686,24 @@ def test_fused_forward_is_what_the_op_runs(lead_shape, bias, fused_forward_on):
 
 
 @fused_only
+def test_triton_backend_forward_is_the_fused_kernel_from_4096_rows():
+    """backend 'triton', dropout-free, 4096+ rows on Hopper: y and xa are the fused kernel's bits and
+    y and every gradient are within the float64 bound; at 4095 rows the thin kernels + cuBLAS run."""
+    from lora_ext.kernels import fused_forward
+
+    for M, fused in ((4100, True), (4095, False)):
+        inputs = make_inputs((M,), 256, 4104, 16, torch.bfloat16, seed=M)
+        x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+        y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "triton")
+        with torch.no_grad():
+            kernel_y, kernel_xa = fused_forward.linear_forward(x, w, b, A, B, 0.5)
+        if fused:
+            assert torch.equal(y, kernel_y) and torch.equal(xa, kernel_xa), f"M={M}: not the fused kernel's bits"
+        else:  # the composed path rounds the LoRA term once more: the check tells the paths apart
+            assert not torch.equal(y, kernel_y), f"M={M}: the fused kernel ran below FUSED_FORWARD_MIN_ROWS"
+
+
+@fused_only
 def test_fused_forward_is_not_used_outside_its_measured_range():
     """Turned on, with fewer than 4096 rows, N > 2048, r > 16, dropout, or a layout TMA cannot
     address: the op composes (its bits equal the composed path's). Off by default."""

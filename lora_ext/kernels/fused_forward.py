@@ -151,7 +151,7 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
         # same data) and reads it back. The round trip through memory (4 KiB, L2) is on
         # purpose: fed straight from registers into the next MMA, ptxas serialises every
         # wgmma of the kernel, main loop included (warning C7514, sm_90a).
-        rows = off_m + tl.arange(0, BLOCK_M)
+        rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * r may pass 2**31
         ranks = tl.arange(0, R_PAD)
         xa_ptrs = xa_ptr + rows[:, None] * stride_xa + ranks[None, :]
         xa_mask = (rows[:, None] < M) & (ranks[None, :] < R)
@@ -220,6 +220,8 @@ def layout_supported(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     if bias is not None and (bias.device != x2.device or bias.dim() != 1 or bias.stride(0) != 1):
         return False
     if lora_A.shape[0] > MAX_FUSED_RANK or min(lora_A.shape[0], x2.shape[0], x2.shape[1], weight.shape[0]) == 0:
+        return False
+    if max(x2.shape[0], x2.shape[1], weight.shape[0]) >= 2**31:  # the kernel's tile coordinates are int32
         return False
     return all(_aligned(t) for t in (x2, weight, lora_A, lora_B)) and (weight.shape[0] * x2.element_size()) % 16 == 0
 

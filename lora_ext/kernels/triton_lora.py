@@ -14,6 +14,9 @@ the op's own outputs. With x2 = x as (M, K), g = dY as (M, N), s = scale:
              dx += g W                              torch addmm_
              dW  = g^T x2, db = sum_rows(g)         torch
 
+On Hopper, a dropout-free forward from FUSED_FORWARD_MIN_ROWS tokens is one GEMM instead
+(fused_forward.py: x W^T, x A^T and the LoRA term in one Triton kernel over TMA tiles).
+
 Dropout masks are generated in the kernels from the seed tensor (lora_ext/kernels/philox.py)
 and regenerated in backward; no mask and no dropped copy is written. Reductions whose
 output is small (xa/dxa over a long row when M is small, dB and dA over M) are split
@@ -41,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from . import replay
+from . import fused_forward, replay
 from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, load_seed_words
 
 # ---------------------------------------------------------------------------
@@ -780,6 +783,12 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
 
 # Largest rank the kernels take; the tiles above are sized up to it.
 MAX_KERNEL_RANK = 256
+# From this many tokens a dropout-free forward on Hopper is fused_forward's one GEMM (TMA; x A^T
+# from the base GEMM's x tiles, the LoRA term one more K step of its accumulator) instead of
+# the two thin kernels below plus cuBLAS. Measured on the H200 at M = 8192, r = 16 (NOTES.md #26,
+# ratio to the base GEMM): 1.06-1.24 against this module's 1.5-2.7 at the four Llama shapes.
+# Fewer tokens were not measured.
+FUSED_FORWARD_MIN_ROWS = 4096
 
 
 def _uses_composition(x, lora_A) -> bool:
@@ -796,6 +805,9 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
     dropout = dropout_p > 0.0
     with _device_guard(x):
         x2 = x.reshape(M, K)  # a view when x's strides allow
+        if not dropout and M >= FUSED_FORWARD_MIN_ROWS and fused_forward.supports(x2, weight, bias, lora_A, lora_B):
+            y2, xa = fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale)
+            return y2.view(*x.shape[:-1], N), xa
         xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0,
                            _Dropout.make(dropout and dropout_position == "pre", dropout_p, seed))
         y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
