@@ -184,6 +184,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=256)  # per layer shape: the search below is a Python loop over column blocks
 def runs_per_row(row_blocks: int, col_blocks: int, programs_at_once: int, rank_pad: int, block_n: int) -> int:
     """How many runs to split each row block's column blocks into: the fewest waves of programs
     times the longest run (in tiles, its first tile counted r/BLOCK_N longer for x A^T); ties go
@@ -230,9 +231,14 @@ def supports(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
              lora_B: torch.Tensor) -> bool:
     """Whether the fused forward can compute this call on the GPU: CUDA, sm_90 or newer (TMA),
     triton with host-side tensor descriptors, and `layout_supported`."""
-    if TensorDescriptor is None or not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+    if TensorDescriptor is None or not x2.is_cuda or _major_capability(x2.device.index) < 9:
         return False
     return layout_supported(x2, weight, bias, lora_A, lora_B)
+
+
+@functools.lru_cache(maxsize=None)
+def _major_capability(device_index: int | None) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=3, num_warps=8)
@@ -293,5 +299,7 @@ def op_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     None where `supports` refuses these tensors (the op then composes cuBLAS calls)."""
     if not supports(x2, weight, bias, lora_A, lora_B):
         return None
+    if x2.device.index == torch.cuda.current_device():  # the usual case: no device switch (~7 us of host time)
+        return linear_forward(x2, weight, bias, lora_A, lora_B, scale)
     with torch.cuda.device(x2.device):  # Triton launches on the current device's stream
         return linear_forward(x2, weight, bias, lora_A, lora_B, scale)
