@@ -45,6 +45,7 @@ def host_probe(tokens: int, rank: int) -> None:
     """Where the op's time goes with the fused forward on and off at k/v (4096 x 1024): host issue
     time per call (no waiting for the device) of the op and of the fused launch's Python pieces,
     and fwd+bwd through autograd (do_bench median, and back to back between CUDA events)."""
+    from lora_ext.kernels.cuda_dispatch import fused_forward_callback
     from lora_ext.kernels.fused_forward import TensorDescriptor
 
     dtype, device, scale = torch.bfloat16, "cuda", 2.0
@@ -83,8 +84,7 @@ def host_probe(tokens: int, rank: int) -> None:
         "TensorDescriptor.from_tensor x1": lambda: TensorDescriptor.from_tensor(x2, [128, 64]),
         "linear_forward (5 descriptors + launch)": lambda: fused_forward.linear_forward(x2, W, None, A.detach(),
                                                                                         B.detach(), scale),
-        "op_forward (the C++ callback's body)": lambda: fused_forward.op_forward(x2, W, None, A.detach(),
-                                                                                 B.detach(), scale),
+        "the C++ callback's body": lambda: fused_forward_callback(x2, W, None, A.detach(), B.detach(), scale),
     }
     for name, fn in pieces.items():
         t = common.wall_us_per_call(fn, 200, device, warmup=20, repeats=3, wait_for_device=False)

@@ -46,7 +46,7 @@ void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_f
   triton_backward_fn = new pybind11::object(std::move(backward_fn));
 }
 
-// lora_ext.kernels.fused_forward.op_forward: the dropout-free forward as one Triton GEMM.
+// lora_ext.kernels.cuda_dispatch.fused_forward_callback: the dropout-free forward as one Triton GEMM.
 pybind11::object* triton_fused_forward_fn = nullptr;
 
 void set_triton_fused_forward(pybind11::object fn) { triton_fused_forward_fn = new pybind11::object(std::move(fn)); }
@@ -317,7 +317,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
   module.def("set_triton_fused_forward", &set_triton_fused_forward,
              "Registers the fused Triton forward GEMM the native CUDA path runs for dropout-free k/v-sized layers "
-             "(lora_ext/kernels/fused_forward.py op_forward: (y, xa), or None where it does not apply)");
+             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), or None where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
              "(off by default; LORA_EXT_FUSED_FORWARD=1: on at import)");

@@ -60,10 +60,15 @@ def _triton_lora_function(name: str):
     return call
 
 
-def _fused_forward(x2, weight, bias, lora_A, lora_B, scale):
-    from . import fused_forward  # imported on first use, as triton_lora
+def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale):
+    """The native path's fused forward (csrc/lora_aten.cpp, use_fused_forward; dropout 0): (y, xa),
+    or None where fused_forward.supports refuses these tensors (C++ then composes cuBLAS calls)."""
+    from . import fused_forward, triton_lora  # imported on first use, as in the callbacks above
 
-    return fused_forward.op_forward(x2, weight, bias, lora_A, lora_B, scale)
+    if not fused_forward.supports(x2, weight, bias, lora_A, lora_B):
+        return None
+    with triton_lora.device_guard(x2):
+        return fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale)
 
 
 if native_available():
@@ -74,7 +79,7 @@ if native_available():
         from . import replay
 
         # The dropout-free forward of k/v-sized layers as one Triton GEMM (fused_forward.py).
-        _C.set_triton_fused_forward(_fused_forward)
+        _C.set_triton_fused_forward(fused_forward_callback)
         _C.set_triton_masked_pieces(
             *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )

@@ -145,7 +145,6 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
     # xa in the adapters' dtype, as the composed path rounds it: the LoRA term and the saved
     # xa of backward are the same numbers.
     xa = xa_acc.to(a_desc.dtype)
-    xs = xa
     if HAS_LORA:
         # Every run of the row block stores its xa (the same bits: same instructions on the
         # same data) and reads it back. The round trip through memory (4 KiB, L2) is on
@@ -260,8 +259,7 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
         if x2.is_cuda:
-            device_index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-            programs = _sm_count(device_index)
+            programs = _sm_count(x2.device.index)
         else:  # the Triton interpreter (CPU tensors): any split is correct
             programs = 4
         runs = runs_per_row(row_blocks, col_blocks, programs, rank_pad, block_n)
@@ -292,14 +290,3 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     )
     return y, xa
 
-
-def op_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-               lora_B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The native CUDA path's call (csrc/lora_aten.cpp, use_fused_forward; dropout 0): (y, xa), or
-    None where `supports` refuses these tensors (the op then composes cuBLAS calls)."""
-    if not supports(x2, weight, bias, lora_A, lora_B):
-        return None
-    if x2.device.index == torch.cuda.current_device():  # the usual case: no device switch (~7 us of host time)
-        return linear_forward(x2, weight, bias, lora_A, lora_B, scale)
-    with torch.cuda.device(x2.device):  # Triton launches on the current device's stream
-        return linear_forward(x2, weight, bias, lora_A, lora_B, scale)

@@ -555,8 +555,9 @@ def _down_plan(M, C, r, device, need_out, panel_grad, dropout_on, lora_dtype, bu
     return _DownPlan(blocks, m_per_group, c_per_group, a, b, partial_bytes)
 
 
-def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device; custom ops registered from Python get no device guard.
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device; custom ops registered from Python (and the
+    native path's Python callbacks) get no device guard. A no-op where t is on it already."""
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
@@ -803,7 +804,7 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
     if _uses_composition(x, lora_A):
         return _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, M, K, N)
     dropout = dropout_p > 0.0
-    with _device_guard(x):
+    with device_guard(x):
         x2 = x.reshape(M, K)  # a view when x's strides allow
         if not dropout and M >= FUSED_FORWARD_MIN_ROWS and fused_forward.supports(x2, weight, bias, lora_A, lora_B):
             y2, xa = fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale)
@@ -839,7 +840,7 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
     grad_A = lora_A.new_empty(0)
     grad_B = lora_B.new_empty(0)
 
-    with _device_guard(x):
+    with device_guard(x):
         g2 = grad_y.reshape(M, N)
         x2 = x.reshape(M, K)
         need_dxa = need_x or need_A
@@ -879,14 +880,14 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
 
 def masked_down(x2, lora_A, seed, p):
     """xa = drop_pre(x2) A^T, (M, r) in lora_A's dtype: the 'pre' forward without a dropped copy of x."""
-    with _device_guard(x2):
+    with device_guard(x2):
         xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0, _Dropout.make(True, p, seed))
     return xa
 
 
 def masked_grad_y(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B):
     """(s drop_post(g2) B, s drop_post(g2)^T xa): the 'post' backward without a dropped copy of dY."""
-    with _device_guard(g2):
+    with device_guard(g2):
         grad_xa, grad_B = _grad_y_pass(g2, lora_B, xa, lora_B.dtype, scale, _Dropout.make(True, p, seed),
                                        need_grad_xa, need_grad_B)
     return (grad_xa if grad_xa is not None else xa.new_empty(0),
@@ -897,7 +898,7 @@ def masked_up(grad_xa, lora_A, x2, seed, p, need_x, need_A):
     """(drop_pre(grad_xa A) as (M, K) in x2's dtype, grad_xa^T drop_pre(x2) as (r, K)): the 'pre'
     backward's LoRA part of dx and dA in one pass over x, without a dropped copy of x."""
     M, K = x2.shape
-    with _device_guard(x2):
+    with device_guard(x2):
         grad_x2 = torch.empty((M, K), dtype=x2.dtype, device=x2.device) if need_x else None
         grad_A = _lora_up(grad_xa, lora_A, _Dropout.make(True, p, seed), out=grad_x2, inp=x2 if need_A else None,
                           inp_grad_dtype=lora_A.dtype)
@@ -924,7 +925,7 @@ def _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropou
     pre = dropout and dropout_position == "pre"
     post = dropout and dropout_position == "post"
     keep_scale = 1.0 / (1.0 - dropout_p)
-    with _device_guard(x):
+    with device_guard(x):
         x2 = x.reshape(M, K)
         x_lora = x2.to(lora_dtype)
         if pre:
@@ -962,7 +963,7 @@ def _composite_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p,
     keep_scale = 1.0 / (1.0 - dropout_p)
     grad_x, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     grad_A, grad_B = lora_A.new_empty(0), lora_B.new_empty(0)
-    with _device_guard(x):
+    with device_guard(x):
         g = grad_y.reshape(M, N)
         x2 = x.reshape(M, K)
         g_lora = g.to(lora_dtype)
