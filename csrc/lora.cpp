@@ -86,9 +86,12 @@ void set_triton_replay(bool enabled) { replay_enabled = enabled; }
 // (recipes recorded, keys left on the Python route, calls replayed)
 std::tuple<int64_t, int64_t, int64_t> triton_replay_stats() {
   std::lock_guard<std::mutex> lock(recipes_mutex);
-  int64_t recorded = 0;
-  for (const auto& entry : *recipes) recorded += entry.second != nullptr;
-  return {recorded, static_cast<int64_t>(recipes->size()) - recorded, replay_count.load()};
+  int64_t recorded = 0, python_route = 0;  // keys a piece declined are neither
+  for (const auto& entry : *recipes) {
+    recorded += entry.second != nullptr && !entry.second->declined;
+    python_route += entry.second == nullptr;
+  }
+  return {recorded, python_route, replay_count.load()};
 }
 
 // A piece's argument: a tensor, a float or a flag, in its Python position.
@@ -98,6 +101,7 @@ struct PieceArg {
   bool flag = false;
   enum class Kind { kTensor, kReal, kFlag } kind;
   PieceArg(const at::Tensor& t) : tensor(t), kind(Kind::kTensor) {}  // NOLINT: implicit by design
+  PieceArg(const c10::optional<at::Tensor>& t) : tensor(t.value_or(at::Tensor())), kind(Kind::kTensor) {}  // NOLINT: None: undefined
   PieceArg(double v) : real(v), kind(Kind::kReal) {}                 // NOLINT
   PieceArg(bool v) : flag(v), kind(Kind::kFlag) {}                    // NOLINT
   pybind11::object to_python() const {
@@ -121,6 +125,10 @@ struct PieceArg {
     switch (arg.kind) {
       case PieceArg::Kind::kTensor: {
         const at::Tensor& t = arg.tensor;
+        if (!t.defined()) {  // None
+          add(-1);
+          break;
+        }
         add(static_cast<int64_t>(t.scalar_type()));
         add(t.device().index());
         for (int64_t size : t.sizes()) add(size);
@@ -167,18 +175,34 @@ std::shared_ptr<lora::replay::Recipe> parse_recipe(const pybind11::object& recip
       auto kind_value = spec.cast<pybind11::tuple>();
       const auto kind = kind_value[0].cast<std::string>();
       Arg arg{Arg::Kind::kInput};
-      if (kind == "fp32") {
+      auto tensor_kind = [](const std::string& name) {
+        TORCH_INTERNAL_ASSERT(name == "input" || name == "output" || name == "temp");
+        return name == "input" ? Arg::Kind::kInput : name == "output" ? Arg::Kind::kOutput : Arg::Kind::kTemp;
+      };
+      if (kind == "tensormap") {  // ("tensormap", base kind, base index, encoding): replay._tensor_map
+        arg.kind = Arg::Kind::kTensorMap;
+        arg.base = tensor_kind(kind_value[1].cast<std::string>());
+        arg.integer = kind_value[2].cast<int64_t>();
+        auto encoding = kind_value[3].cast<pybind11::tuple>();
+        arg.map.data_type = encoding[0].cast<uint32_t>();
+        arg.map.dims = encoding[1].cast<std::vector<uint64_t>>();
+        arg.map.byte_strides = encoding[2].cast<std::vector<uint64_t>>();
+        arg.map.box = encoding[3].cast<std::vector<uint32_t>>();
+        arg.map.swizzle = encoding[4].cast<int>();
+        arg.map.fill = encoding[5].cast<int>();
+        TORCH_INTERNAL_ASSERT(arg.map.box.size() == arg.map.dims.size() &&
+                              arg.map.byte_strides.size() + 1 == arg.map.dims.size());
+        ++launch.tensor_maps;
+      } else if (kind == "fp32") {
         arg.kind = Arg::Kind::kFloat32;
         arg.real = kind_value[1].cast<float>();
       } else {
         arg.integer = kind_value[1].cast<int64_t>();
-        arg.kind = kind == "input"    ? Arg::Kind::kInput
-                   : kind == "output" ? Arg::Kind::kOutput
-                   : kind == "temp"   ? Arg::Kind::kTemp
-                   : kind == "i32"    ? Arg::Kind::kInt32
-                                      : Arg::Kind::kInt64;
-        TORCH_INTERNAL_ASSERT(kind == "input" || kind == "output" || kind == "temp" || kind == "i32" ||
-                              kind == "i64");
+        if (kind == "i32" || kind == "i64") {
+          arg.kind = kind == "i32" ? Arg::Kind::kInt32 : Arg::Kind::kInt64;
+        } else {
+          arg.kind = tensor_kind(kind);
+        }
       }
       launch.args.push_back(arg);
     }
@@ -187,11 +211,15 @@ std::shared_ptr<lora::replay::Recipe> parse_recipe(const pybind11::object& recip
   return parsed;
 }
 
-// Runs masked piece `fn` on `args`: replayed from its recipe when one exists for the key,
-// else in Python (recorded first when the key is new).
-std::vector<at::Tensor> run_masked_piece(const char* piece, pybind11::object* fn, const std::vector<PieceArg>& args) {
+// Runs piece `fn` on `args`: replayed from its recipe when one exists for the key, else in
+// Python (recorded first when the key is new). nullopt where the piece returned None (it
+// declined these inputs: the fused forward); a key it declined once is declined from then on
+// without Python (what a piece accepts depends only on what the key holds).
+c10::optional<std::vector<at::Tensor>> run_piece(const char* piece, pybind11::object* fn,
+                                                 const std::vector<PieceArg>& args) {
 #ifdef LORA_WITH_CUDA
-  // Only 16-bit adapters: with float32 ones the kernels also depend on torch's TF32 setting.
+  // Only 16-bit adapters (the fused forward: weights): with float32 ones the kernels also
+  // depend on torch's TF32 setting.
   const at::ScalarType lora_dtype = args.at(1).tensor.scalar_type();
   // And non-empty tensors only: with an empty one a piece may fill an output without a launch (zero_).
   bool replayable = replay_enabled && (lora_dtype == at::kHalf || lora_dtype == at::kBFloat16);
@@ -207,6 +235,7 @@ std::vector<at::Tensor> run_masked_piece(const char* piece, pybind11::object* fn
       known = found != recipes->end();
       if (known) recipe = found->second;
     }
+    if (recipe != nullptr && recipe->declined) return c10::nullopt;
     if (recipe != nullptr) {
       std::vector<at::Tensor> inputs;
       for (const PieceArg& arg : args) inputs.push_back(arg.tensor);
@@ -223,16 +252,30 @@ std::vector<at::Tensor> run_masked_piece(const char* piece, pybind11::object* fn
   for (size_t i = 0; i < args.size(); ++i) py_args[i] = args[i].to_python();
   if (key.empty()) {
     pybind11::object result = (*fn)(*py_args);
+    if (result.is_none()) return c10::nullopt;
     if (pybind11::isinstance<pybind11::tuple>(result)) return result.cast<std::vector<at::Tensor>>();
-    return {result.cast<at::Tensor>()};
+    return std::vector<at::Tensor>{result.cast<at::Tensor>()};
   }
   auto recorded = (*record_masked_piece_fn)(*fn, py_args).cast<pybind11::tuple>();
-  auto outputs = recorded[0].cast<std::vector<at::Tensor>>();
   std::shared_ptr<lora::replay::Recipe> recipe;
-  if (!recorded[1].is_none()) recipe = parse_recipe(recorded[1], outputs);
+  c10::optional<std::vector<at::Tensor>> outputs;
+  if (recorded[0].is_none()) {
+    recipe = std::make_shared<lora::replay::Recipe>();
+    recipe->declined = true;
+  } else {
+    outputs = recorded[0].cast<std::vector<at::Tensor>>();
+    if (!recorded[1].is_none()) recipe = parse_recipe(recorded[1], *outputs);
+  }
   std::lock_guard<std::mutex> lock(recipes_mutex);
   if (recipes->size() < kMaxRecipes) recipes->emplace(key, std::move(recipe));
   return outputs;
+}
+
+// A masked piece always computes (it never declines).
+std::vector<at::Tensor> run_masked_piece(const char* piece, pybind11::object* fn, const std::vector<PieceArg>& args) {
+  auto outputs = run_piece(piece, fn, args);
+  TORCH_INTERNAL_ASSERT(outputs.has_value(), "lora: masked piece ", piece, " returned None");
+  return std::move(*outputs);
 }
 
 bool built_with_cuda() {
@@ -276,10 +319,9 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at:
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lora_A,
                                                                        const at::Tensor& lora_B, double scale) {
-  pybind11::gil_scoped_acquire gil;
-  pybind11::object result = (*triton_fused_forward_fn)(x2, weight, bias, lora_A, lora_B, scale);
-  if (result.is_none()) return c10::nullopt;
-  return result.cast<std::tuple<at::Tensor, at::Tensor>>();
+  auto outputs = run_piece("fused_forward", triton_fused_forward_fn, {x2, weight, bias, lora_A, lora_B, scale});
+  if (!outputs.has_value()) return c10::nullopt;
+  return std::make_tuple(outputs->at(0), outputs->at(1));
 }
 
 bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }

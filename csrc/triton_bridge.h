@@ -25,8 +25,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
 // The dropout-free forward as one Triton GEMM on Hopper (lora_ext/kernels/fused_forward.py):
 // (y, xa) for x2 (M, K), or nullopt where the kernel does not take these tensors (its
 // supports(): sm_90+, one 16-bit dtype, TMA-addressable layouts). Registered with
-// lora_ext._C.set_triton_fused_forward; called from Python on every use (its TMA descriptors
-// are built on the host per call, so the masked pieces' C++ replay does not apply).
+// lora_ext._C.set_triton_fused_forward. Run like the masked pieces: the first call with a new
+// key in Python, recorded; later ones replayed from C++ (its TMA descriptors encoded there per
+// call, triton_replay.h), or declined at once for a key the callback declined.
 bool triton_fused_forward_registered();
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,

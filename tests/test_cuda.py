@@ -731,6 +731,43 @@ def test_fused_forward_is_not_used_outside_its_measured_range():
 
 
 @fused_only
+@pytest.mark.skipif(BACKENDS != ["triton", "native"], reason="needs both triton and the native CUDA build")
+@pytest.mark.parametrize("lead_shape,bias", [((4100,), True), ((2, 2048), False)], ids=str)
+def test_replayed_fused_forward_equals_the_python_route(lead_shape, bias, fused_forward_on):
+    """The fused forward launched from C++ (its TMA descriptors encoded there, triton_replay.h)
+    gives bitwise the Python launch's y and xa, and is replayed on this triton (the recording
+    understood the kernel's descriptor parameters). A key the callback declines (rows not 16-byte
+    aligned) stays declined without a recipe or a Python route, and composes."""
+    inputs = make_inputs(lead_shape, 512, 1032, 16, torch.bfloat16, bias=bias, requires_grad=False, seed=21)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+
+    def forward():
+        return torch.ops.lora.linear(x, w, b, A, B, 0.5, 0.0, "post", None, "native")
+
+    lora_ext._C.set_triton_replay(False)
+    try:
+        python_route = forward()
+    finally:
+        lora_ext._C.set_triton_replay(True)
+    before = lora_ext._C.triton_replay_stats()
+    first, second = forward(), forward()  # the first records the key when it is new
+    recorded, not_replayable, replayed = lora_ext._C.triton_replay_stats()
+    assert not_replayable == before[1] and recorded >= 1 and replayed - before[2] >= 1, (before, recorded, replayed)
+    for name, a, b_, c in zip(("y", "xa"), python_route, first, second):
+        assert torch.equal(a, b_) and torch.equal(a, c), f"{name}: the replay differs from the Python launch"
+
+    inputs = make_inputs((4096,), 260, 1024, 16, torch.bfloat16, bias=False, requires_grad=False, seed=22)
+    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    before = lora_ext._C.triton_replay_stats()
+    declined = [torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.0, "post", None, "native")[0] for _ in range(2)]
+    assert lora_ext._C.triton_replay_stats()[1] == before[1]
+    lora_ext._C.set_fused_forward(False)
+    composed = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.0, "post", None, "native")[0]
+    lora_ext._C.set_fused_forward(True)
+    assert torch.equal(declined[0], composed) and torch.equal(declined[1], composed)
+
+
+@fused_only
 def test_opcheck_linear_on_the_fused_forward(fused_forward_on):
     inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=4)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)

@@ -14,11 +14,38 @@ import torch
 from lora_ext.kernels import replay
 
 
-def compiled_kernel(signature, **metadata):
+PTX_DECLARATION = {"ptr": ".u64 .ptr .global .align 1 {}", "u32": ".u32 {}", "u64": ".u64 {}", "f32": ".f32 {}",
+                   "u8": ".u8 {}", "map": ".align 64 .b8 {}[128]"}
+SIGNATURE_PARAMETER = {"i32": "u32", "i64": "u64", "fp32": "f32", "u1": "u8"}
+
+
+def ptx_entry(parameters, name="kernel_name"):
+    """A PTX kernel entry with these parameters (keys of PTX_DECLARATION), as Triton writes them."""
+    listed = ",\n".join("\t.param " + PTX_DECLARATION[p].format(f"{name}_param_{i}") for i, p in enumerate(parameters))
+    return f".visible .entry {name}(\n{listed}\n)\n.reqntid 128\n{{\n\tret;\n}}\n"
+
+
+def signature_parameters(signature):
+    """The PTX parameters Triton declares for a signature: one per non-constexpr argument (a
+    tensor descriptor: the CUtensorMap block, then its shape and strides), then two scratch pointers."""
+    parameters = []
+    for kind in signature.values():
+        if kind.startswith("tensordesc<"):
+            rank = kind.split("[")[1].count(",") + 1
+            parameters += ["map"] + ["u32"] * rank + ["u64"] * rank
+        elif kind.startswith("*"):
+            parameters.append("ptr")
+        elif kind != "constexpr":
+            parameters.append(SIGNATURE_PARAMETER[kind])
+    return parameters + ["ptr", "ptr"]
+
+
+def compiled_kernel(signature, parameters=None, **metadata):
     meta = dict(num_warps=4, shared=1024, num_ctas=1, global_scratch_size=0, cluster_dims=(1, 1, 1))
     meta.update(metadata)
+    ptx = ptx_entry(signature_parameters(signature) if parameters is None else parameters)
     return SimpleNamespace(metadata=SimpleNamespace(**meta), src=SimpleNamespace(signature=signature),
-                           kernel=b"cubin", name="kernel_name")
+                           kernel=b"cubin", name="kernel_name", asm={"ptx": ptx})
 
 
 def jit_kernel(names):
@@ -100,3 +127,64 @@ def test_recordings_do_not_nest():
     x = torch.randn(2)
     with pytest.raises(RuntimeError, match="cannot nest"):
         replay.record(lambda t: replay.record(lambda u: u * 2, (t,)), (x,))
+
+
+def test_the_kernel_parameter_list_must_match_the_arguments():
+    """The PTX entry is the ground truth of what the kernel reads: a Triton that lays the
+    parameters out otherwise (one more, one fewer, another type) gives no recipe."""
+    x, out, tmp = torch.randn(8, 4), torch.empty(8, 2), torch.empty(3)
+    args = (x, out, tmp, 8, 1, 7, 0.5)
+    expected = signature_parameters(SIGNATURE)
+    assert replay._recipe((x,), (out,), [(jit_kernel(NAMES), compiled_kernel(SIGNATURE, expected), (1,), args)])
+    for parameters in (expected[:-1], expected + ["ptr"], expected[:3] + ["u64"] + expected[4:],
+                       expected[:3] + ["u8"] + expected[4:]):
+        _refused((x,), (out,), [(jit_kernel(NAMES), compiled_kernel(SIGNATURE, parameters), (1,), args)])
+    no_ptx = compiled_kernel(SIGNATURE)
+    no_ptx.asm = {}
+    _refused((x,), (out,), [(jit_kernel(NAMES), no_ptx, (1,), args)])
+
+
+DESC_NAMES = ["x_desc", "y_desc", "scale", "BLOCK"]
+DESC_SIGNATURE = {"x_desc": "tensordesc<bf16[16, 16]>", "y_desc": "tensordesc<bf16[8, 32]>", "scale": "fp32",
+                  "BLOCK": "constexpr"}
+# What Triton 3.6 (H200) and 3.9 record per descriptor: swizzle mode, element bytes, the device's
+# data-type number (10: bfloat16), the block shape the compiler chose.
+DESC_META = [dict(swizzle=3, elem_size=2, elem_type=10, block_size=[16, 16], fp4_padded=False),
+             dict(swizzle=1, elem_size=2, elem_type=10, block_size=[8, 32], fp4_padded=False)]
+
+
+def descriptor_launch(x, y, meta=DESC_META, signature=DESC_SIGNATURE):
+    descriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    compiled = compiled_kernel(signature, tensordesc_meta=meta)
+    return (jit_kernel(DESC_NAMES), compiled, (4, 2),
+            (descriptor.from_tensor(x, [16, 16]), descriptor.from_tensor(y, [8, 32]), 0.25))
+
+
+def test_tensor_descriptors_become_tensor_maps_with_shape_and_strides():
+    x = torch.randn(40, 64, dtype=torch.bfloat16)[:, :48]  # rows of 64 elements, 48 used
+    y = torch.empty(40, 96, dtype=torch.bfloat16)
+    temps, specs = replay._recipe((x,), (y,), [descriptor_launch(x, y)])
+    assert temps == [] and specs[0][4] == (4, 2, 1)
+    assert specs[0][5] == [
+        # host data type 9 (bfloat16), dims and box innermost first, byte strides of the outer dims
+        ("tensormap", "input", 0, (9, [48, 40], [128], [16, 16], 3, 0)), ("i32", 40), ("i32", 48), ("i64", 64),
+        ("i64", 1),
+        ("tensormap", "output", 0, (9, [96, 40], [192], [32, 8], 1, 0)), ("i32", 40), ("i32", 96), ("i64", 96),
+        ("i64", 1),
+        ("fp32", 0.25),
+    ]
+
+
+def test_tensor_descriptors_the_recipe_cannot_encode_are_refused():
+    x = torch.randn(40, 48, dtype=torch.bfloat16)
+    y = torch.empty(40, 96, dtype=torch.bfloat16)
+    _refused((x,), (y,), [descriptor_launch(x, y, meta=None)])  # a Triton without descriptor metadata
+    _refused((x,), (y,), [descriptor_launch(x, y, meta=DESC_META[:1])])
+    _refused((x,), (y,), [descriptor_launch(x, y, meta=[DESC_META[0], {**DESC_META[1], "fp4_padded": True}])])
+    _refused((x,), (y,), [descriptor_launch(x, y, meta=[DESC_META[0], {**DESC_META[1], "elem_size": 4}])])
+    # A descriptor over a tensor that is neither an input, an output nor a fresh temporary.
+    _refused((x,), (y,), [descriptor_launch(x[8:], y)])
+
+
+def test_a_piece_that_declines_gives_no_outputs_and_no_recipe():
+    assert replay.record(lambda t: None, (torch.randn(3),)) == (None, None)

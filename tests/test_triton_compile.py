@@ -27,7 +27,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import lora_ext  # noqa: E402,F401
-from lora_ext.kernels import philox, triton_lora  # noqa: E402
+from lora_ext.kernels import fused_forward, philox, replay, triton_lora  # noqa: E402
+
+TensorDescriptor = fused_forward.TensorDescriptor
 
 SM90 = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {
@@ -59,6 +61,11 @@ class RecordingKernel:
 
 def compile_launch(fn, args, kwargs):
     """Compiles one recorded launch for sm_90; returns a key that identifies the variant."""
+    return compile_for_sm90(fn, args, kwargs)[0]
+
+
+def compile_for_sm90(fn, args, kwargs):
+    """(a key that identifies the variant, the compiled kernel) of one recorded launch."""
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip(fn.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k not in options})
@@ -78,6 +85,9 @@ def compile_launch(fn, args, kwargs):
             constexprs[param.name] = value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = POINTER_TYPES[value.dtype]
+        elif isinstance(value, TensorDescriptor):  # as triton's launch types a host descriptor
+            block = ", ".join(str(b) for b in value.block_shape)
+            signature[param.name] = f"tensordesc<{POINTER_TYPES[value.base.dtype][1:]}[{block}]>"
         elif isinstance(value, bool):
             signature[param.name] = "i1"
         elif isinstance(value, int) and value == 1 and not getattr(param, "do_not_specialize", False):
@@ -93,7 +103,7 @@ def compile_launch(fn, args, kwargs):
            tuple(sorted(options.items())), tuple(sorted(attrs)))
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=SM90, options=options)
     assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
-    return key
+    return key, compiled
 
 
 def scenario_inputs(M, K, N, r, dtype, lora_dtype=None, bias=True, weight=True):
@@ -148,3 +158,27 @@ def test_launched_kernels_compile_for_sm90(monkeypatch):
     for fn, args, kwargs in launches:
         compiled.add(compile_launch(fn, args, kwargs))
     assert len(compiled) >= 8
+
+
+@pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
+def test_fused_forward_compiles_for_sm90_into_a_launch_the_replay_understands(monkeypatch):
+    """The fused forward GEMM (TMA descriptors) compiled for sm_90 as on the H200, and the
+    recipe the native path would replay: its argument expansion must match the compiled
+    kernel's PTX parameter list (replay._recipe checks it), the descriptors become tensor maps
+    over the right tensors, and every output is written by the launch."""
+    launches = []
+    monkeypatch.setattr(fused_forward, "_fused_forward_kernel",
+                        RecordingKernel(fused_forward._fused_forward_kernel, launches))
+    x, w, b, A, B = scenario_inputs(300, 192, 264, 16, torch.bfloat16)
+    y, xa = fused_forward.linear_forward(x, w, b, A, B, 0.5)
+    monkeypatch.undo()
+    (fn, args, kwargs), = launches
+    _, compiled = compile_for_sm90(fn, args, kwargs)
+    assert compiled.metadata.tensordesc_meta, "no descriptor metadata: the replay could not encode the maps"
+    temps, specs = replay._recipe((x, w, b, A, B, 0.5), (y, xa), [(fn, compiled, (3, 1), args)])
+    assert temps == []
+    maps = [arg for arg in specs[0][5] if arg[0] == "tensormap"]
+    assert [arg[1:3] for arg in maps] == [("input", 0), ("input", 1), ("input", 3), ("input", 4), ("output", 0)]
+    data_type, dims, byte_strides, box, swizzle, fill = maps[0][3]
+    assert (dims, byte_strides, fill) == ([192, 300], [384], 0) and box == [64, 128]
+    assert ("output", 1) in specs[0][5] and ("input", 2) in specs[0][5]  # xa and the bias as pointers

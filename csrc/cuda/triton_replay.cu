@@ -26,6 +26,7 @@ struct Driver {
   decltype(&cuModuleGetFunction) module_get_function = nullptr;
   decltype(&cuFuncSetAttribute) func_set_attribute = nullptr;
   decltype(&cuLaunchKernel) launch_kernel = nullptr;
+  decltype(&cuTensorMapEncodeTiled) tensor_map_encode_tiled = nullptr;
 };
 
 const Driver& driver() {
@@ -44,6 +45,7 @@ const Driver& driver() {
     find(d.module_get_function, "cuModuleGetFunction");
     find(d.func_set_attribute, "cuFuncSetAttribute");
     find(d.launch_kernel, "cuLaunchKernel");
+    find(d.tensor_map_encode_tiled, "cuTensorMapEncodeTiled");
     return d;
   }();
   return table;
@@ -87,6 +89,19 @@ CUfunction load_shared(const Launch& launch, c10::DeviceIndex device) {
   return function;
 }
 
+// The map Triton's launcher would pass for `spec` over `address` (its fill_tma_descriptor:
+// tiled, element strides 1, no interleave, L2 promotion 128 B). The driver checks address
+// alignment and sizes; the recording only records maps it encoded itself for the same key.
+void encode_tensor_map(CUtensorMap* map, const TensorMapSpec& spec, void* address, const std::string& kernel) {
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  check_driver(driver().tensor_map_encode_tiled(
+                   map, static_cast<CUtensorMapDataType>(spec.data_type), static_cast<cuuint32_t>(spec.dims.size()),
+                   address, spec.dims.data(), spec.byte_strides.data(), spec.box.data(), element_strides,
+                   CU_TENSOR_MAP_INTERLEAVE_NONE, static_cast<CUtensorMapSwizzle>(spec.swizzle),
+                   CU_TENSOR_MAP_L2_PROMOTION_L2_128B, static_cast<CUtensorMapFloatOOBfill>(spec.fill)),
+               "cuTensorMapEncodeTiled", kernel);
+}
+
 }  // namespace
 
 std::vector<at::Tensor> run(Recipe& recipe, const std::vector<at::Tensor>& inputs) {
@@ -107,23 +122,36 @@ std::vector<at::Tensor> run(Recipe& recipe, const std::vector<at::Tensor>& input
         std::string().swap(launch.cubin);  // the loaded function is all this recipe needs from now on
       }
     }
-    // One 8-byte slot per parameter; the kernel reads 4 or 8 bytes from the start of each
-    // (little-endian). Triton kernels end with two scratch pointers (global, profile),
-    // unused here (the recording refuses kernels that need scratch): null.
+    // One 8-byte slot per scalar parameter; the kernel reads 4 or 8 bytes from the start of
+    // each (little-endian); a tensor map is a 128-byte parameter of its own. Triton kernels end
+    // with two scratch pointers (global, profile), unused here (the recording refuses kernels
+    // that need scratch): null.
     std::vector<uint64_t> slots(launch.args.size() + 2, 0);
+    std::vector<CUtensorMap> maps(launch.tensor_maps);
     std::vector<void*> params(slots.size());
+    auto address_of = [&](Arg::Kind kind, int64_t index) -> void* {
+      switch (kind) {
+        case Arg::Kind::kInput: return inputs.at(index).data_ptr();
+        case Arg::Kind::kOutput: return outputs.at(index).data_ptr();
+        case Arg::Kind::kTemp: return temps.at(index).data_ptr();
+        default: break;
+      }
+      TORCH_INTERNAL_ASSERT(false, "lora: a replayed tensor is an input, an output or a temporary");
+      return nullptr;
+    };
+    size_t next_map = 0;
     for (size_t i = 0; i < launch.args.size(); ++i) {
       const Arg& arg = launch.args[i];
       void* slot = &slots[i];
       switch (arg.kind) {
         case Arg::Kind::kInput:
-          *static_cast<uint64_t*>(slot) = reinterpret_cast<uint64_t>(inputs.at(arg.integer).data_ptr());
-          break;
         case Arg::Kind::kOutput:
-          *static_cast<uint64_t*>(slot) = reinterpret_cast<uint64_t>(outputs.at(arg.integer).data_ptr());
-          break;
         case Arg::Kind::kTemp:
-          *static_cast<uint64_t*>(slot) = reinterpret_cast<uint64_t>(temps.at(arg.integer).data_ptr());
+          *static_cast<uint64_t*>(slot) = reinterpret_cast<uint64_t>(address_of(arg.kind, arg.integer));
+          break;
+        case Arg::Kind::kTensorMap:
+          slot = &maps.at(next_map++);
+          encode_tensor_map(static_cast<CUtensorMap*>(slot), arg.map, address_of(arg.base, arg.integer), launch.name);
           break;
         case Arg::Kind::kInt32:
           *static_cast<int32_t*>(slot) = static_cast<int32_t>(arg.integer);

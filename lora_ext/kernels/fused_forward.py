@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import replay
 from .philox import dropout_keep_tile, dropout_threshold, load_seed_words
 
 try:  # triton >= 3.3 (host-side TMA descriptors); the op falls back without it
@@ -273,7 +274,9 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         group_columns = 4
     else:
         group_columns = 0
-    _fused_forward_kernel[(row_blocks * runs,)](
+    # Through replay.launch: the native path records this launch and replays it from C++.
+    replay.launch(
+        _fused_forward_kernel, (row_blocks * runs,),
         TensorDescriptor.from_tensor(x2, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         TensorDescriptor.from_tensor(lora_A, [rank_pad, block_k]),
