@@ -65,8 +65,9 @@ def host_probe(tokens: int, rank: int) -> None:
 
     print(f"host probe, kv {K}x{N} M={tokens} r={rank}: us per call")
     base = bench_us(lambda: torch.nn.functional.linear(x, W))
-    for fused in (False, True):
-        previous = lora_ext._C.set_fused_forward(fused)
+    # (fused forward, fused input gradient)
+    for fused, fused_grad in ((False, False), (True, False), (True, True)):
+        previous = lora_ext._C.set_fused_forward(fused), lora_ext._C.set_fused_grad_input(fused_grad)
         try:
             with torch.no_grad():
                 issue = common.wall_us_per_call(forward, 200, device, warmup=20, repeats=3, wait_for_device=False)
@@ -75,8 +76,9 @@ def host_probe(tokens: int, rank: int) -> None:
             fb = bench_us(fwd_bwd)
             fb_events = common.cuda_events_ms(fwd_bwd, 100) * 1e3
         finally:
-            lora_ext._C.set_fused_forward(previous)
-        print(f"  fused={fused}: host issue fwd no_grad {issue:.1f}, fwd grad {issue_grad:.1f}, fwd+bwd {issue_fb:.1f}; "
+            lora_ext._C.set_fused_forward(previous[0])
+            lora_ext._C.set_fused_grad_input(previous[1])
+        print(f"  fused forward={fused} grad_input={fused_grad}: host issue fwd no_grad {issue:.1f}, fwd grad {issue_grad:.1f}, fwd+bwd {issue_fb:.1f}; "
               f"device fwd+bwd do_bench {fb:.1f} ({fb / base:.2f}x base fwd), back to back {fb_events:.1f}", flush=True)
     x2 = x.detach()
     pieces = {
@@ -91,6 +93,45 @@ def host_probe(tokens: int, rank: int) -> None:
         print(f"  host {name}: {t:.1f}", flush=True)
 
 
+def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
+    """The dropout-free input gradient per shape: cuBLAS's g W (the floor), the native path's composed
+    dx (s g B, then (s g B) A written and g W accumulated onto it, as csrc/lora_aten.cpp), and
+    fused_forward.grad_input per tile configuration, with Triton's GEMM alone (no LoRA term)."""
+    torch.manual_seed(0)
+    dtype, device, scale = torch.bfloat16, "cuda", 2.0
+    print(f"input gradient, M={tokens} r={rank} bf16; us = do_bench median; ratio to g W in the same run")
+    for shape in shapes:
+        K, N = SHAPES[shape]
+        g = torch.randn(tokens, N, device=device, dtype=dtype)
+        W = torch.randn(N, K, device=device, dtype=dtype) / N**0.5
+        A = torch.randn(rank, K, device=device, dtype=dtype) / K**0.5
+        B = torch.randn(N, rank, device=device, dtype=dtype) / rank**0.5
+
+        def composed():
+            grad_xa = torch.mm(g, B).mul_(scale)
+            dx = torch.mm(grad_xa, A)
+            return dx.addmm_(g, W)
+
+        base = bench_us(lambda: torch.mm(g, W))
+        comp = bench_us(composed)
+        line = [f"{shape} {K}x{N}: g W {base:.1f} us", f"composed dx {comp:.1f} ({comp / base:.3f})"]
+        ref = g.double() @ W.double() + scale * (g.double() @ B.double()) @ A.double()
+        for cfg_name in configs:
+            cfg = CONFIGS[cfg_name]
+            try:
+                dx, _ = fused_forward.grad_input(g, W, A, B, scale, **cfg)
+                err = ((dx.double() - ref).abs().max() / ref.abs().max()).item()
+                gemm = bench_us(lambda: fused_forward.grad_input(g, W, A, B, scale, has_lora=False, **cfg))
+                fused = bench_us(lambda: fused_forward.grad_input(g, W, A, B, scale, **cfg))
+                line.append(f"[{cfg_name}] gemm {gemm:.1f} ({gemm / base:.3f}) fused {fused:.1f} ({fused / base:.3f})"
+                            f"{' WRONG' if err > 2e-2 else ''} err {err:.1e}")
+            except Exception as exc:  # a config that does not compile or fit: report, go on
+                line.append(f"[{cfg_name}] failed: {type(exc).__name__}: {str(exc)[:200]}")
+        print("; ".join(line), flush=True)
+        del g, W, A, B
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
@@ -100,9 +141,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, nargs="*", default=[None], help="forced runs per row (default: auto)")
     parser.add_argument("--time-budget", type=float, default=400.0)
     parser.add_argument("--host", action="store_true", help="the host-time probe at k/v only (host_probe)")
+    parser.add_argument("--grad-input", action="store_true", help="the input-gradient GEMM (grad_input_probe)")
     args = parser.parse_args()
     if args.host:
         host_probe(args.tokens, args.rank)
+        return
+    if args.grad_input:
+        grad_input_probe(args.shapes, args.configs, args.tokens, args.rank)
         return
     torch.manual_seed(0)
     dtype, device, scale, p = torch.bfloat16, "cuda", 2.0, 0.1

@@ -46,10 +46,15 @@ void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_f
   triton_backward_fn = new pybind11::object(std::move(backward_fn));
 }
 
-// lora_ext.kernels.cuda_dispatch.fused_forward_callback: the dropout-free forward as one Triton GEMM.
+// lora_ext.kernels.cuda_dispatch.fused_forward_callback / fused_grad_input_callback: the
+// dropout-free forward and input gradient as one Triton GEMM each.
 pybind11::object* triton_fused_forward_fn = nullptr;
+pybind11::object* triton_fused_grad_input_fn = nullptr;
 
-void set_triton_fused_forward(pybind11::object fn) { triton_fused_forward_fn = new pybind11::object(std::move(fn)); }
+void set_triton_fused_gemms(pybind11::object forward_fn, pybind11::object grad_input_fn) {
+  triton_fused_forward_fn = new pybind11::object(std::move(forward_fn));
+  triton_fused_grad_input_fn = new pybind11::object(std::move(grad_input_fn));
+}
 
 pybind11::object* triton_masked_down_fn = nullptr;
 pybind11::object* triton_masked_grad_y_fn = nullptr;
@@ -324,6 +329,15 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at:
   return std::make_tuple(outputs->at(0), outputs->at(1));
 }
 
+c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const at::Tensor& g2,
+                                                                          const at::Tensor& weight,
+                                                                          const at::Tensor& lora_A,
+                                                                          const at::Tensor& lora_B, double scale) {
+  auto outputs = run_piece("fused_grad_input", triton_fused_grad_input_fn, {g2, weight, lora_A, lora_B, scale});
+  if (!outputs.has_value()) return c10::nullopt;
+  return std::make_tuple(outputs->at(0), outputs->at(1));
+}
+
 bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }
 
 at::Tensor triton_masked_down(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& seed, double p) {
@@ -357,14 +371,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_triton_masked_pieces", &set_triton_masked_pieces,
              "Registers the Triton masked thin products the native CUDA path uses for its dropout steps, and the "
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
-  module.def("set_triton_fused_forward", &set_triton_fused_forward,
-             "Registers the fused Triton forward GEMM the native CUDA path runs for dropout-free k/v-sized layers "
-             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), or None where it does not apply)");
+  module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
+             "Registers the fused Triton GEMMs the native CUDA path runs for dropout-free k/v-sized layers "
+             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), fused_grad_input_callback: "
+             "(dx, g B); each None where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
-             "(off by default; LORA_EXT_FUSED_FORWARD=1: on at import)");
+             "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");
+  module.def("set_fused_grad_input", &lora::set_fused_grad_input,
+             "Turns the native CUDA path's fused Triton input gradient on or off; returns the previous setting "
+             "(LORA_EXT_FUSED_GRAD_INPUT=0 / 1 at import)");
   module.def("set_triton_replay", &set_triton_replay,
-             "Turns the C++ replay of recorded masked-piece launches on or off (LORA_EXT_TRITON_REPLAY=0: off)");
+             "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,
              "(recipes recorded, keys left on the Python route, calls replayed)");
   module.def("set_small_m_forward", &lora::set_small_m_forward,

@@ -109,22 +109,37 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 // which eats the gain (4096 x 14336: 1.06 vs 1.09; 14336 x 4096: 1.07 vs 1.03; 4096 x 4096:
 // 1.24 vs 1.25), so those stay composed. Measured at M = 8192 and r = 16 only: used from 4096
 // rows, for N <= 2048 and r <= 16 (the kernel pads the rank to 16 either way).
-// Off unless asked for (LORA_EXT_FUSED_FORWARD=1 or set_fused_forward(true)): the kernel is
-// launched from Python on every call (host-side TMA descriptors, Triton's launcher), ~100 us of
-// host time, and k/v fwd+bwd is host-bound: measured there it went from ~2.2-2.7x to 3.2x the base
-// (NOTES.md #26). It pays where the device is the bottleneck; a C++ launch is the next step.
+// On by default (LORA_EXT_FUSED_FORWARD=0 or set_fused_forward(false): off). The launch is a
+// replayed piece (triton_bridge.h): from the second call with a key it is launched from C++,
+// its TMA descriptors encoded there, 14 us of host time against the composed path's 62 (a
+// launch from Python cost ~100 us and made the host-bound k/v fwd+bwd slower: NOTES.md #26, #27).
 constexpr int64_t kFusedForwardMinRows = 4096;
 constexpr int64_t kFusedForwardMaxWidth = 2048;
 constexpr int64_t kFusedForwardMaxRank = 16;
 std::atomic<bool> fused_forward_enabled{[] {
   const char* env = std::getenv("LORA_EXT_FUSED_FORWARD");
-  return env != nullptr && std::string(env) == "1";
+  return env == nullptr || std::string(env) != "0";
 }()};
 
 bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_forward_enabled && x2.is_cuda() && triton_fused_forward_registered() &&
          x2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
          lora_A.size(0) <= kFusedForwardMaxRank;
+}
+
+// The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
+// as one GEMM whose reduction runs over the layer's N outputs, g B from the same g tiles. Saves
+// the composed path's separate g B product and the (M, K) write and re-read of the LoRA part of
+// dx (~36 us of device time at 4096 x 1024, M = 8192; NOTES.md #27). Same sizes as the forward.
+std::atomic<bool> fused_grad_input_enabled{[] {
+  const char* env = std::getenv("LORA_EXT_FUSED_GRAD_INPUT");
+  return env != nullptr && std::string(env) == "1";
+}()};
+
+bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return fused_grad_input_enabled && g2.is_cuda() && triton_fused_forward_registered() &&
+         g2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
+         lora_A.size(0) <= kFusedForwardMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
@@ -152,6 +167,8 @@ at::Tensor reduce_over_tokens(const at::Tensor& a, const at::Tensor& b, double a
 bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange(enabled); }
 
 bool set_fused_forward(bool enabled) { return fused_forward_enabled.exchange(enabled); }
+
+bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchange(enabled); }
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -262,7 +279,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
   const bool masked_pieces = dropout && use_masked_pieces(x, lora_A);
 
-  at::Tensor grad_xa;  // (M, r): s drop_post(g) B
+  at::Tensor grad_xa;  // (M, r): s drop_post(g) B, or g B when grad_xa_scale is s
+  double grad_xa_scale = 1.0;  // what dA still multiplies by
+  bool grad_x_fused = false;   // dx came with grad_xa from the fused input gradient
   const bool need_lora_grads = need_A || need_x || need_B;
   if (post_dropout && need_lora_grads && use_native_masked_grad_y(g, lora_B, xa)) {
 #ifdef LORA_WITH_CUDA
@@ -285,7 +304,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       dropout_scale_(g_lora, *seed, dropout_p, keep_scale);
     }
     if (need_B) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
-    if (need_A || need_x) grad_xa = scaled_mm(g_lora, lora_B, scale);
+    if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
+      if (auto fused = triton_fused_grad_input(g, *weight, lora_A, lora_B, scale)) {
+        grad_x = std::get<0>(*fused).view(x.sizes());
+        grad_xa = std::get<1>(*fused);
+        grad_xa_scale = scale;
+        grad_x_fused = true;
+      }
+    }
+    if ((need_A || need_x) && !grad_xa.defined()) grad_xa = scaled_mm(g_lora, lora_B, scale);
   }
   if ((need_A || need_x) && pre_dropout && masked_pieces) {
     // One Triton pass over x: dA and the dropped LoRA part of dx, then cuBLAS adds dY W (beta=1).
@@ -315,9 +342,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
         x_lora = owned_copy(x2, lora_dtype);
         dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
       }
-      grad_A = reduce_over_tokens(grad_xa, x_lora);  // (r, K)
+      grad_A = reduce_over_tokens(grad_xa, x_lora, grad_xa_scale);  // (r, K)
     }
-    if (need_x) {
+    if (need_x && !grad_x_fused) {
       if (!pre_dropout && lora_dtype == x.scalar_type()) {
         // The small GEMM writes dx, the large one accumulates onto it in its epilogue (beta=1).
         grad_x = at::mm(grad_xa, lora_A);

@@ -44,6 +44,8 @@ bool set_small_m_forward(bool enabled);
 // Turns the native CUDA path's fused Triton forward (lora_aten.cpp use_fused_forward) on or off;
 // returns the previous setting. Off by default; LORA_EXT_FUSED_FORWARD=1 turns it on at import.
 bool set_fused_forward(bool enabled);
+// The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
+bool set_fused_grad_input(bool enabled);
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

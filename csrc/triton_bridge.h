@@ -29,6 +29,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
 // key in Python, recorded; later ones replayed from C++ (its TMA descriptors encoded there per
 // call, triton_replay.h), or declined at once for a key the callback declined.
 bool triton_fused_forward_registered();
+// (dx, g B) for g2 (M, N), dropout 0: dx = g W + (s g B) A as one GEMM (fused_forward.grad_input),
+// g B unscaled in the adapters' dtype; nullopt where the kernel does not take these tensors.
+// Registered and run with the forward's.
+c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const at::Tensor& g2,
+                                                                          const at::Tensor& weight,
+                                                                          const at::Tensor& lora_A,
+                                                                          const at::Tensor& lora_B, double scale);
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lora_A,

@@ -414,6 +414,45 @@ def test_fused_forward_matches_float64(M, K, N, r, p, runs):
         assert_within_bound(xa, x.double() @ A.double().t(), xa_cpu, torch.float16, "xa")
 
 
+@pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64)])
+@pytest.mark.parametrize("runs", [1, 2, None])
+def test_fused_grad_input_matches_float64(M, K, N, r, runs):
+    """The input gradient as one GEMM of the same kernel (transposed operands): dx = g W + (s g B) A
+    and g B against float64, within the CPU op's bound (its dx from autograd through the op).
+    The scale makes the LoRA term the larger part of dx, as in the forward cases."""
+    from lora_ext.kernels import fused_forward
+
+    scale = 3.0
+    inputs = make_inputs((M,), K, N, r, torch.float16, bias=False, seed=M + N + r + 1)
+    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    g = torch.randn(M, N, generator=torch.Generator().manual_seed(M), dtype=torch.float64).to(torch.float16)
+    x, w, A, B = x.detach().requires_grad_(), w.detach(), A.detach(), B.detach()
+    assert fused_forward.grad_input_layout_supported(g, w, A, B)
+    grad_x, g_b = fused_forward.grad_input(g, w, A, B, scale, runs=runs, **TINY_TILES)
+    y_cpu, _ = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None)
+    (grad_x_cpu,) = torch.autograd.grad(y_cpu, [x], g)
+    g_b_ref = g.double() @ B.double()
+    grad_x_ref = g.double() @ w.double() + scale * g_b_ref @ A.double()
+    assert grad_x.dtype == g_b.dtype == torch.float16
+    assert_within_bound(grad_x, grad_x_ref, grad_x_cpu, torch.float16, "dx")
+    assert_within_bound(g_b, g_b_ref, g @ B, torch.float16, "g B")
+
+
+def test_fused_grad_input_layout_checks():
+    from lora_ext.kernels import fused_forward
+
+    g = torch.randn(64, 48, dtype=torch.float16)
+    w, A, B = (torch.randn(*shape, dtype=torch.float16) for shape in ((48, 64), (8, 64), (48, 8)))
+    ok = fused_forward.grad_input_layout_supported
+    assert ok(g, w, A, B) and not fused_forward.grad_input_supports(g, w, A, B)  # CPU: never on the GPU path
+    assert not ok(g, None, A, B)  # no base weight
+    assert not ok(g[:, :40], w, A, B)  # g's columns are not W's rows
+    assert not ok(g.float(), w.float(), A.float(), B.float())  # float32
+    assert not ok(g, w[:, :60], A[:, :60], B)  # dx rows of 60 halves: not 16-byte aligned
+    assert not ok(g[:, 1:], w[1:], A, B[1:])  # base pointers off by 2 bytes
+    assert not ok(g[:0], w, A, B)  # no tokens
+
+
 def test_fused_forward_layout_checks():
     """What TMA cannot address or the kernel does not compute is refused (the op then composes)."""
     from lora_ext.kernels import fused_forward

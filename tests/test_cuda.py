@@ -446,7 +446,7 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
 @native_only
 def test_native_kernels_can_be_turned_off_by_environment():
     """LORA_EXT_NATIVE_GRAD_Y=0 and LORA_EXT_SMALL_M_FORWARD=0 (read once per process) turn the two
-    native kernels off, LORA_EXT_FUSED_FORWARD=1 the fused forward on; the op still gives the right
+    native kernels off and LORA_EXT_FUSED_FORWARD=0 the fused forward; the op still gives the right
     answer on the paths it falls back to."""
     script = textwrap.dedent("""
         import torch, lora_ext
@@ -456,7 +456,7 @@ def test_native_kernels_can_be_turned_off_by_environment():
         xa = torch.randn(64, 8, device="cuda", dtype=torch.bfloat16)
         assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
         assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
-        assert lora_ext._C.set_fused_forward(False) is True  # LORA_EXT_FUSED_FORWARD=1 turns it on
+        assert lora_ext._C.set_fused_forward(True) is False  # LORA_EXT_FUSED_FORWARD=0 turns it off
         x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
         A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
@@ -473,7 +473,7 @@ def test_native_kernels_can_be_turned_off_by_environment():
             assert (a.double() - b).abs().max() <= 0.05 * b.abs().max()
         print("ok")
     """)
-    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="1")
+    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="0")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
@@ -629,7 +629,7 @@ fused_only = pytest.mark.skipif(not _fused_forward_available(),
 
 @pytest.fixture
 def fused_forward_on():
-    """The op's fused forward is off by default (its Python launch costs host time); on for one test."""
+    """The op's fused forward on for one test (the default, unless LORA_EXT_FUSED_FORWARD=0)."""
     previous = lora_ext._C.set_fused_forward(True)
     yield
     lora_ext._C.set_fused_forward(previous)
@@ -663,12 +663,74 @@ def test_fused_forward_kernel_matches_float64(M, K, N, r, p, dtype):
     assert torch.equal(y_again, y) and torch.equal(xa_again, xa)
 
 
+@pytest.fixture
+def fused_grad_input_on():
+    """The op's fused input gradient on for one test."""
+    previous = lora_ext._C.set_fused_grad_input(True)
+    yield
+    lora_ext._C.set_fused_grad_input(previous)
+
+
+@fused_only
+@pytest.mark.parametrize("M,K,N,r", FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_grad_input_kernel_matches_float64(M, K, N, r, dtype):
+    """dx = g W + (s g B) A and g B against float64 within the same-dtype bound; the scale makes the
+    LoRA term the larger part of dx. Twice gives the same bits."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs((M,), K, N, r, dtype, bias=False, requires_grad=False, seed=M + r + 1)
+    _, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    g = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    scale = 3.0
+    assert fused_forward.grad_input_supports(g, w, A, B)
+    grad_x, g_b = fused_forward.grad_input(g, w, A, B, scale)
+    g_b_ref = g.double() @ B.double()
+    ref = g.double() @ w.double() + scale * g_b_ref @ A.double()
+    same = g @ w + (scale * (g @ B)) @ A
+    assert_within_bound(grad_x, ref, same, dtype, "dx")
+    assert_within_bound(g_b, g_b_ref, g @ B, dtype, "g B")
+    again = fused_forward.grad_input(g, w, A, B, scale)
+    assert torch.equal(again[0], grad_x) and torch.equal(again[1], g_b)
+
+
+@fused_only
+@pytest.mark.parametrize("lead_shape", [(4100,), (2, 2048)], ids=str)
+def test_fused_grad_input_is_what_the_op_runs(lead_shape, fused_grad_input_on):
+    """Turned on, the dropout-free backward of a k/v-sized layer at 4096+ rows: dx is the fused
+    kernel's bits (replayed from C++ from the second call), every gradient within the float64
+    bound (run_and_check); turned off the op composes cuBLAS calls, which round differently."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs(lead_shape, 512, 1032, 16, torch.bfloat16, seed=12)
+    run_and_check(inputs, 0.5, 0.0, "post", 0, "native")
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    gy = torch.randn(*lead_shape, 1032, device=DEVICE, dtype=torch.bfloat16)
+
+    def grad_x():
+        y, _ = torch.ops.lora.linear(x, w, b, A, B, 0.5, 0.0, "post", None, "native")
+        return torch.autograd.grad(y, [x], gy)[0]
+
+    first = grad_x()  # the keys were recorded by run_and_check's call, or now
+    before = lora_ext._C.triton_replay_stats()[2]
+    second = grad_x()
+    assert lora_ext._C.triton_replay_stats()[2] - before == 2  # the forward and the input gradient
+    expected, _ = fused_forward.grad_input(gy.reshape(-1, 1032), w.detach(), A.detach(), B.detach(), 0.5)
+    assert torch.equal(first.reshape(-1, 512), expected) and torch.equal(second, first)
+    lora_ext._C.set_fused_grad_input(False)
+    try:
+        composed = grad_x()
+    finally:
+        lora_ext._C.set_fused_grad_input(True)
+    assert not torch.equal(composed, first)
+
+
 @fused_only
 @pytest.mark.parametrize("lead_shape,bias", [((4100,), True), ((2, 2050), False)], ids=str)
 def test_fused_forward_is_what_the_op_runs(lead_shape, bias, fused_forward_on):
     """Turned on, a dropout-free k/v-sized layer at 4096+ rows: the op's y and xa are the fused
     kernel's bits, y and every gradient are within the float64 bound (run_and_check), and turned
-    off (the default) the op composes cuBLAS calls, which round differently."""
+    off the op composes cuBLAS calls, which round differently."""
     from lora_ext.kernels import fused_forward
 
     inputs = make_inputs(lead_shape, 512, 1032, 16, torch.bfloat16, bias=bias, seed=11)
@@ -706,8 +768,8 @@ def test_triton_backend_forward_is_the_fused_kernel_from_4096_rows():
 @fused_only
 def test_fused_forward_is_not_used_outside_its_measured_range():
     """Turned on, with fewer than 4096 rows, N > 2048, r > 16, dropout, or a layout TMA cannot
-    address: the op composes (its bits equal the composed path's). Off by default."""
-    assert lora_ext._C.set_fused_forward(False) is False  # the default (no LORA_EXT_FUSED_FORWARD=1 here)
+    address: the op composes (its bits equal the composed path's). On by default."""
+    assert lora_ext._C.set_fused_forward(True) is True  # the default (no LORA_EXT_FUSED_FORWARD=0 here)
 
     def op_bits(x, w, A, B, p, fused):
         previous = lora_ext._C.set_fused_forward(fused)
@@ -768,7 +830,7 @@ def test_replayed_fused_forward_equals_the_python_route(lead_shape, bias, fused_
 
 
 @fused_only
-def test_opcheck_linear_on_the_fused_forward(fused_forward_on):
+def test_opcheck_linear_on_the_fused_forward(fused_forward_on, fused_grad_input_on):
     inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=4)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
     torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.0, "post", None,

@@ -161,24 +161,35 @@ def test_launched_kernels_compile_for_sm90(monkeypatch):
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
-def test_fused_forward_compiles_for_sm90_into_a_launch_the_replay_understands(monkeypatch):
-    """The fused forward GEMM (TMA descriptors) compiled for sm_90 as on the H200, and the
-    recipe the native path would replay: its argument expansion must match the compiled
-    kernel's PTX parameter list (replay._recipe checks it), the descriptors become tensor maps
-    over the right tensors, and every output is written by the launch."""
+@pytest.mark.parametrize("product", ["forward", "grad_input"])
+def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monkeypatch, product):
+    """The fused GEMM (TMA descriptors), forward and input gradient, compiled for sm_90 as on the
+    H200, and the recipe the native path would replay: its argument expansion must match the
+    compiled kernel's PTX parameter list (replay._recipe checks it), the descriptors become
+    tensor maps over the right tensors, and every output is written by the launch."""
     launches = []
     monkeypatch.setattr(fused_forward, "_fused_forward_kernel",
                         RecordingKernel(fused_forward._fused_forward_kernel, launches))
     x, w, b, A, B = scenario_inputs(300, 192, 264, 16, torch.bfloat16)
-    y, xa = fused_forward.linear_forward(x, w, b, A, B, 0.5)
+    if product == "forward":
+        inputs = (x, w, b, A, B, 0.5)
+        outputs = fused_forward.linear_forward(x, w, b, A, B, 0.5)
+        # x, W, A, B, y; (rows, columns) innermost first
+        expected_maps = [("input", 0, [192, 300]), ("input", 1, [192, 264]), ("input", 3, [192, 16]),
+                         ("input", 4, [16, 264]), ("output", 0, [264, 300])]
+    else:
+        g = torch.randn(300, 264, dtype=torch.bfloat16)
+        inputs = (g, w, A, B, 0.5)
+        outputs = fused_forward.grad_input(g, w, A, B, 0.5)
+        # g, then W, B, A as stored (reduction-major), dx
+        expected_maps = [("input", 0, [264, 300]), ("input", 1, [192, 264]), ("input", 3, [16, 264]),
+                         ("input", 2, [192, 16]), ("output", 0, [192, 300])]
     monkeypatch.undo()
     (fn, args, kwargs), = launches
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.tensordesc_meta, "no descriptor metadata: the replay could not encode the maps"
-    temps, specs = replay._recipe((x, w, b, A, B, 0.5), (y, xa), [(fn, compiled, (3, 1), args)])
+    temps, specs = replay._recipe(inputs, outputs, [(fn, compiled, (3, 1), args)])
     assert temps == []
     maps = [arg for arg in specs[0][5] if arg[0] == "tensormap"]
-    assert [arg[1:3] for arg in maps] == [("input", 0), ("input", 1), ("input", 3), ("input", 4), ("output", 0)]
-    data_type, dims, byte_strides, box, swizzle, fill = maps[0][3]
-    assert (dims, byte_strides, fill) == ([192, 300], [384], 0) and box == [64, 128]
-    assert ("output", 1) in specs[0][5] and ("input", 2) in specs[0][5]  # xa and the bias as pointers
+    assert [(kind, index, encoding[1]) for _, kind, index, encoding in maps] == expected_maps
+    assert ("output", 1) in specs[0][5]  # xa (g B) as a pointer

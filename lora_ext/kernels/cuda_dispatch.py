@@ -71,6 +71,17 @@ def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale):
         return fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale)
 
 
+def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
+    """The native path's fused input gradient (csrc/lora_aten.cpp, use_fused_grad_input; dropout 0):
+    (dx, g B), or None where fused_forward.grad_input_supports refuses these tensors."""
+    from . import fused_forward, triton_lora
+
+    if not fused_forward.grad_input_supports(grad_y2, weight, lora_A, lora_B):
+        return None
+    with triton_lora.device_guard(grad_y2):
+        return fused_forward.grad_input(grad_y2, weight, lora_A, lora_B, scale)
+
+
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
@@ -78,8 +89,9 @@ if native_available():
         # recipes C++ replays without Python (replay.py).
         from . import replay
 
-        # The dropout-free forward of k/v-sized layers as one Triton GEMM (fused_forward.py).
-        _C.set_triton_fused_forward(fused_forward_callback)
+        # The dropout-free forward and input gradient of k/v-sized layers as one Triton GEMM
+        # each (fused_forward.py).
+        _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback)
         _C.set_triton_masked_pieces(
             *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )

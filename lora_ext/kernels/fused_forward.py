@@ -109,11 +109,24 @@ def _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo,
 
 
 @triton.jit
+def _operand_tile(desc, off_out, off_red, TRANSPOSED: tl.constexpr):
+    """The (reduction, out) tile of a second operand: stored (out, reduction) for the forward
+    (W, A, B of x W^T, x A^T, xa B^T) or, TRANSPOSED, stored (reduction, out) for the input
+    gradient (W, B, A of g W, g B, (g B) A)."""
+    if TRANSPOSED:
+        return desc.load([off_red, off_out])
+    else:
+        return desc.load([off_out, off_red]).T
+
+
+@triton.jit
 def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, seed_ptr,
                           M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
                           R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr):
+                          POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    # The same product serves the input gradient (TRANSPOSED, see grad_input): there x is g
+    # (M, N_layer), the reduction runs over the layer's outputs and the "xa" it stores is g B.
     # Without dropout the up-projection is one more K step of the tile's own accumulator,
     # acc += (s xa) B^T with K = R_PAD: no second accumulator, no layout change, B's tile
     # loaded before the main loop (its latency hidden behind it). With 'post' dropout the
@@ -135,14 +148,14 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
     # The run's first tile: x W^T and, from the same x tiles, x A^T.
     off_n = first_col * BLOCK_N
     if LORA_IN_ACC:
-        b_tile = b_desc.load([off_n, 0])  # (BLOCK_N, R_PAD), zero past N and r
+        b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)  # (R_PAD, BLOCK_N), zero past N and r
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     xa_acc = tl.zeros((BLOCK_M, R_PAD), tl.float32)
     for kt in range(k_tiles):
         x_tile = x_desc.load([off_m, kt * BLOCK_K])
-        acc = tl.dot(x_tile, w_desc.load([off_n, kt * BLOCK_K]).T, acc)
+        acc = tl.dot(x_tile, _operand_tile(w_desc, off_n, kt * BLOCK_K, TRANSPOSED), acc)
         if HAS_LORA:
-            xa_acc = tl.dot(x_tile, a_desc.load([0, kt * BLOCK_K]).T, xa_acc)
+            xa_acc = tl.dot(x_tile, _operand_tile(a_desc, 0, kt * BLOCK_K, TRANSPOSED), xa_acc)
     # xa in the adapters' dtype, as the composed path rounds it: the LoRA term and the saved
     # xa of backward are the same numbers.
     xa = xa_acc.to(a_desc.dtype)
@@ -161,19 +174,20 @@ def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_p
         # s xa, rounded once more (exact when s is a power of two, as alpha / r usually is).
         xs = (xa.to(tl.float32) * scale).to(xa.dtype)
     if LORA_IN_ACC:
-        acc = tl.dot(xs, b_tile.T, acc)
+        acc = tl.dot(xs, b_tile, acc)
     _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold, keep_scale,
               BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
 
     for col in range(first_col + 1, end_col):
         off_n = col * BLOCK_N
         if LORA_IN_ACC:
-            b_tile = b_desc.load([off_n, 0])
+            b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for kt in range(k_tiles):
-            acc = tl.dot(x_desc.load([off_m, kt * BLOCK_K]), w_desc.load([off_n, kt * BLOCK_K]).T, acc)
+            acc = tl.dot(x_desc.load([off_m, kt * BLOCK_K]), _operand_tile(w_desc, off_n, kt * BLOCK_K, TRANSPOSED),
+                         acc)
         if LORA_IN_ACC:
-            acc = tl.dot(xs, b_tile.T, acc)
+            acc = tl.dot(xs, b_tile, acc)
         _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
                   keep_scale, BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS, POST_DROPOUT,
                   GROUP_COLUMNS)
@@ -205,35 +219,57 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
+def _operands_supported(a2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """One 16-bit dtype on one device, TMA-addressable (2-D, unit last stride, 16-byte aligned
+    base and rows), 1 <= r <= 64, nothing empty, sizes within the kernel's int32 coordinates."""
+    dtype = a2.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if any(t.dtype != dtype or t.device != a2.device for t in (weight, lora_A, lora_B)):
+        return False
+    if lora_A.shape[0] > MAX_FUSED_RANK or min(lora_A.shape[0], a2.shape[0], *weight.shape) == 0:
+        return False
+    if max(a2.shape[0], *weight.shape) >= 2**31:  # the kernel's tile coordinates are int32
+        return False
+    return all(_aligned(t) for t in (a2, weight, lora_A, lora_B))
+
+
 def layout_supported(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
     """Whether TMA can address these tensors and the kernel computes this call: one 16-bit dtype
     for x, W, A, B on one device, 2-D with unit last stride, 16-byte aligned base and rows
     (K, N and r multiples of 8), 1 <= r <= 64, nothing empty. Independent of the device kind,
     so the CPU tests check it too."""
-    if weight is None:
-        return False
-    dtype = x2.dtype
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if any(t.dtype != dtype or t.device != x2.device for t in (weight, lora_A, lora_B)):
+    if weight is None or x2.shape[1] != weight.shape[1]:
         return False
     if bias is not None and (bias.device != x2.device or bias.dim() != 1 or bias.stride(0) != 1):
         return False
-    if lora_A.shape[0] > MAX_FUSED_RANK or min(lora_A.shape[0], x2.shape[0], x2.shape[1], weight.shape[0]) == 0:
+    return _operands_supported(x2, weight, lora_A, lora_B) and (weight.shape[0] * x2.element_size()) % 16 == 0
+
+
+def grad_input_layout_supported(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
+                                lora_B: torch.Tensor) -> bool:
+    """layout_supported for grad_input: g (M, N) in x's place, dx (M, K) the output."""
+    if weight is None or grad_y2.dim() != 2 or grad_y2.shape[1] != weight.shape[0]:
         return False
-    if max(x2.shape[0], x2.shape[1], weight.shape[0]) >= 2**31:  # the kernel's tile coordinates are int32
-        return False
-    return all(_aligned(t) for t in (x2, weight, lora_A, lora_B)) and (weight.shape[0] * x2.element_size()) % 16 == 0
+    return _operands_supported(grad_y2, weight, lora_A, lora_B) and (weight.shape[1] * weight.element_size()) % 16 == 0
+
+
+def _on_hopper(t: torch.Tensor) -> bool:
+    """CUDA sm_90 or newer (TMA), and a triton with host-side tensor descriptors."""
+    return TensorDescriptor is not None and t.is_cuda and _major_capability(t.device.index) >= 9
 
 
 def supports(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
              lora_B: torch.Tensor) -> bool:
-    """Whether the fused forward can compute this call on the GPU: CUDA, sm_90 or newer (TMA),
-    triton with host-side tensor descriptors, and `layout_supported`."""
-    if TensorDescriptor is None or not x2.is_cuda or _major_capability(x2.device.index) < 9:
-        return False
-    return layout_supported(x2, weight, bias, lora_A, lora_B)
+    """Whether the fused forward can compute this call on the GPU: `_on_hopper` and `layout_supported`."""
+    return _on_hopper(x2) and layout_supported(x2, weight, bias, lora_A, lora_B)
+
+
+def grad_input_supports(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
+                        lora_B: torch.Tensor) -> bool:
+    """Whether grad_input can compute this call on the GPU."""
+    return _on_hopper(grad_y2) and grad_input_layout_supported(grad_y2, weight, lora_A, lora_B)
 
 
 @functools.lru_cache(maxsize=None)
@@ -250,17 +286,35 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """(y, xa) for x2 (M, K): y = x2 W^T + b + drop_post(s xa B^T), xa = x2 A^T (see the module doc).
     `config` overrides DEFAULT_CONFIG (block sizes, stages, warps) and `runs` the split of
     each row block's column blocks; both for the benchmarks' sweeps."""
+    return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, has_lora, runs, False, config)
+
+
+def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scale: float, *, has_lora: bool = True, runs: int | None = None,
+               **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, g B) for the dropout-free backward, grad_y2 = g (M, N): dx = g W + (s g B) A as one GEMM
+    of the same kernel (the reduction runs over N; g B from the g tiles the base product loads,
+    the LoRA term one more K step), and g B (M, r) in the adapters' dtype, unscaled: the caller's
+    dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supported`)."""
+    return _launch(grad_y2, weight, lora_B, lora_A, None, scale, 0.0, None, has_lora, runs, True, config)
+
+
+def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, transposed, config):
+    """One launch of _fused_forward_kernel: out = a2 W' + b + drop_post(s (a2 D') U'), and a2 D',
+    where W', D', U' are weight, down, up transposed for the forward (transposed=False: stored
+    (out, reduction)) and as stored for the input gradient (transposed=True)."""
     cfg = {**DEFAULT_CONFIG, **config}
     block_m, block_n, block_k, chunks = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["epilogue_chunks"]
-    M, K = x2.shape
-    N, r = weight.shape[0], lora_A.shape[0]
+    M, K = a2.shape
+    N = weight.shape[1] if transposed else weight.shape[0]
+    r = down.shape[1] if transposed else down.shape[0]
     rank_pad = max(16, triton.next_power_of_2(r))
-    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    xa = torch.empty((M, r), device=x2.device, dtype=lora_A.dtype)
+    y = torch.empty((M, N), device=a2.device, dtype=a2.dtype)
+    xa = torch.empty((M, r), device=a2.device, dtype=down.dtype)
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
-        if x2.is_cuda:
-            programs = _sm_count(x2.device.index)
+        if a2.is_cuda:
+            programs = _sm_count(a2.device.index)
         else:  # the Triton interpreter (CPU tensors): any split is correct
             programs = 4
         runs = runs_per_row(row_blocks, col_blocks, programs, rank_pad, block_n)
@@ -268,28 +322,33 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     runs = triton.cdiv(col_blocks, cols_per_run)
     chunk_n = block_n // chunks
     post_dropout = has_lora and dropout_p > 0.0
+    assert not (post_dropout and transposed), "the input gradient is computed without dropout only"
     if N % 8 == 0:
         group_columns = 8
     elif N % 4 == 0:
         group_columns = 4
     else:
         group_columns = 0
+
+    def operand(t, out_block, red_block):
+        """The descriptor of a second operand, blocks of (out_block, red_block) in its own layout."""
+        return TensorDescriptor.from_tensor(t, [red_block, out_block] if transposed else [out_block, red_block])
+
     # Through replay.launch: the native path records this launch and replays it from C++.
     replay.launch(
         _fused_forward_kernel, (row_blocks * runs,),
-        TensorDescriptor.from_tensor(x2, [block_m, block_k]),
-        TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-        TensorDescriptor.from_tensor(lora_A, [rank_pad, block_k]),
-        # B's block: the whole tile's columns when the LoRA term joins the accumulator, an
-        # epilogue chunk's when it is a product of its own ('post' dropout).
-        TensorDescriptor.from_tensor(lora_B, [chunk_n if post_dropout else block_n, rank_pad]),
+        TensorDescriptor.from_tensor(a2, [block_m, block_k]),
+        operand(weight, block_n, block_k),
+        operand(down, rank_pad, block_k),
+        # The up-projection's block: the whole tile's columns when the LoRA term joins the
+        # accumulator, an epilogue chunk's when it is a product of its own ('post' dropout).
+        operand(up, chunk_n if post_dropout else block_n, rank_pad),
         TensorDescriptor.from_tensor(y, [block_m, chunk_n]),
         xa, bias if bias is not None else y, seed if post_dropout else xa,
         M, N, K, r, xa.stride(0), float(scale), dropout_threshold(dropout_p) if post_dropout else 0,
         1.0 / (1.0 - dropout_p), cols_per_run, runs,
         R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout, GROUP_COLUMNS=group_columns,
-        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        TRANSPOSED=transposed, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
     )
     return y, xa
-
