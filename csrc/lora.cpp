@@ -380,7 +380,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");
   module.def("set_fused_grad_input", &lora::set_fused_grad_input,
              "Turns the native CUDA path's fused Triton input gradient on or off; returns the previous setting "
-             "(LORA_EXT_FUSED_GRAD_INPUT=0 / 1 at import)");
+             "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

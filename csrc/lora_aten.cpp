@@ -130,15 +130,18 @@ bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at:
 // The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
 // as one GEMM whose reduction runs over the layer's N outputs, g B from the same g tiles. Saves
 // the composed path's separate g B product and the (M, K) write and re-read of the LoRA part of
-// dx (~36 us of device time at 4096 x 1024, M = 8192; NOTES.md #27). Same sizes as the forward.
+// dx. Measured on the H200 (M = 8192, r = 16, ratio to cuBLAS's g W; NOTES.md #27): 4096 x 1024
+// 1.25 vs 1.57 composed, 4096 x 4096 1.09 vs 1.12, 14336 x 4096 1.03 vs 1.05; at 4096 x 14336
+// (a reduction over 14336) Triton's GEMM loses: 1.13 vs 1.06. So: N <= 4096, from 4096 rows.
+constexpr int64_t kFusedGradInputMaxWidth = 4096;
 std::atomic<bool> fused_grad_input_enabled{[] {
   const char* env = std::getenv("LORA_EXT_FUSED_GRAD_INPUT");
-  return env != nullptr && std::string(env) == "1";
+  return env == nullptr || std::string(env) != "0";
 }()};
 
 bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_grad_input_enabled && g2.is_cuda() && triton_fused_forward_registered() &&
-         g2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
+         g2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedGradInputMaxWidth &&
          lora_A.size(0) <= kFusedForwardMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 
@@ -305,7 +308,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     }
     if (need_B) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
     if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
-      if (auto fused = triton_fused_grad_input(g, *weight, lora_A, lora_B, scale)) {
+      // Contiguous g whatever autograd hands in (an expanded gradient of a sum, say), so that
+      // which path runs, and so the bits of dx, depend on the sizes alone (the fused kernel
+      // needs TMA-addressable rows).
+      if (auto fused = triton_fused_grad_input(g.contiguous(), *weight, lora_A, lora_B, scale)) {
         grad_x = std::get<0>(*fused).view(x.sizes());
         grad_xa = std::get<1>(*fused);
         grad_xa_scale = scale;

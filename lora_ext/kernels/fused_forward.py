@@ -296,6 +296,11 @@ def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     of the same kernel (the reduction runs over N; g B from the g tiles the base product loads,
     the LoRA term one more K step), and g B (M, r) in the adapters' dtype, unscaled: the caller's
     dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supported`)."""
+    if "num_stages" not in config:
+        # Measured on the H200 (M = 8192, r = 16; benchmarks/NOTES.md #27): with a short reduction
+        # (k/v: N = 1024, 16 steps of 64) a 4th stage takes Triton's GEMM alone from 1.53x to
+        # 1.12x cuBLAS's g W; at N = 4096 3 stages are as fast or faster (qo: 1.09 vs 1.21 fused).
+        config = {**config, "num_stages": 4 if grad_y2.shape[1] <= 2048 else 3}
     return _launch(grad_y2, weight, lora_B, lora_A, None, scale, 0.0, None, has_lora, runs, True, config)
 
 
