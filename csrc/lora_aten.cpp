@@ -115,7 +115,7 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 // launch from Python cost ~100 us and made the host-bound k/v fwd+bwd slower: NOTES.md #26, #27).
 constexpr int64_t kFusedForwardMinRows = 4096;
 constexpr int64_t kFusedForwardMaxWidth = 2048;
-constexpr int64_t kFusedForwardMaxRank = 16;
+constexpr int64_t kFusedForwardMaxRank = 64;
 std::atomic<bool> fused_forward_enabled{[] {
   const char* env = std::getenv("LORA_EXT_FUSED_FORWARD");
   return env == nullptr || std::string(env) != "0";
@@ -130,10 +130,11 @@ bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at:
 // The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
 // as one GEMM whose reduction runs over the layer's N outputs, g B from the same g tiles. Saves
 // the composed path's separate g B product and the (M, K) write and re-read of the LoRA part of
-// dx. Measured on the H200 (M = 8192, r = 16, ratio to cuBLAS's g W; NOTES.md #27): 4096 x 1024
-// 1.25 vs 1.57 composed, 4096 x 4096 1.09 vs 1.12, 14336 x 4096 1.03 vs 1.05; at 4096 x 14336
-// (a reduction over 14336) Triton's GEMM loses: 1.13 vs 1.06. So: N <= 4096, from 4096 rows.
-constexpr int64_t kFusedGradInputMaxWidth = 4096;
+// dx. Measured on the H200 (M = 8192, r = 16, ratio to cuBLAS's g W, two runs; NOTES.md #27):
+// 4096 x 1024 1.23-1.25 against 1.56-1.57 composed. At the wide layers Triton's GEMM swings
+// between runs and does not win reliably (4096 x 4096 1.09-1.21 vs 1.12-1.13, 14336 x 4096
+// 1.03-1.12 vs 1.05-1.06, 4096 x 14336 1.13 vs 1.06): the same sizes as the forward.
+constexpr int64_t kFusedGradInputMaxWidth = kFusedForwardMaxWidth;
 std::atomic<bool> fused_grad_input_enabled{[] {
   const char* env = std::getenv("LORA_EXT_FUSED_GRAD_INPUT");
   return env == nullptr || std::string(env) != "0";

@@ -780,7 +780,7 @@ def test_fused_forward_is_not_used_outside_its_measured_range():
             lora_ext._C.set_fused_forward(previous)
 
     cases = {"4095 rows": (4095, 256, 1024, 16, 0.0), "N = 2056": (4096, 256, 2056, 16, 0.0),
-             "r = 24": (4096, 256, 1024, 24, 0.0), "dropout": (4096, 256, 1024, 16, 0.1),
+             "r = 72": (4096, 256, 1024, 72, 0.0), "dropout": (4096, 256, 1024, 16, 0.1),
              "K = 260 (rows not 16-byte aligned)": (4096, 260, 1024, 16, 0.0)}
     for what, (M, K, N, r, p) in cases.items():
         inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=False, requires_grad=False, seed=M + N)
