@@ -107,8 +107,8 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 // #26, same-run ratios to cuBLAS's x W^T): 1.19 against the composed path's 1.35 at
 // 4096 x 1024 (k, v). At the wide layers Triton's GEMM itself is 0-15% slower than cuBLAS's,
 // which eats the gain (4096 x 14336: 1.06 vs 1.09; 14336 x 4096: 1.07 vs 1.03; 4096 x 4096:
-// 1.24 vs 1.25), so those stay composed. Measured at M = 8192 and r = 16 only: used from 4096
-// rows, for N <= 2048 and r <= 16 (the kernel pads the rank to 16 either way).
+// 1.24 vs 1.25), so those stay composed. Measured at M = 8192, r = 16 and 64 (1.30 vs 1.42 at
+// 4096 x 1024, NOTES.md #27): used from 4096 rows, for N <= 2048 and r <= 64.
 // On by default (LORA_EXT_FUSED_FORWARD=0 or set_fused_forward(false): off). The launch is a
 // replayed piece (triton_bridge.h): from the second call with a key it is launched from C++,
 // its TMA descriptors encoded there, 14 us of host time against the composed path's 62 (a
@@ -140,10 +140,12 @@ std::atomic<bool> fused_grad_input_enabled{[] {
   return env == nullptr || std::string(env) != "0";
 }()};
 
+constexpr int64_t kFusedGradInputMaxRank = 16;  // measured at r = 16 only
+
 bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_grad_input_enabled && g2.is_cuda() && triton_fused_forward_registered() &&
          g2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedGradInputMaxWidth &&
-         lora_A.size(0) <= kFusedForwardMaxRank && lora_A.scalar_type() == g2.scalar_type();
+         lora_A.size(0) <= kFusedGradInputMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are

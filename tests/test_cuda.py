@@ -726,16 +726,17 @@ def test_fused_grad_input_is_what_the_op_runs(lead_shape, fused_grad_input_on):
 
 
 @fused_only
-@pytest.mark.parametrize("lead_shape,bias", [((4100,), True), ((2, 2050), False)], ids=str)
-def test_fused_forward_is_what_the_op_runs(lead_shape, bias, fused_forward_on):
+@pytest.mark.parametrize("lead_shape,bias,r", [((4100,), True, 16), ((2, 2050), False, 16), ((4100,), False, 64)],
+                         ids=str)
+def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on):
     """Turned on, a dropout-free k/v-sized layer at 4096+ rows: the op's y and xa are the fused
     kernel's bits, y and every gradient are within the float64 bound (run_and_check), and turned
     off the op composes cuBLAS calls, which round differently."""
     from lora_ext.kernels import fused_forward
 
-    inputs = make_inputs(lead_shape, 512, 1032, 16, torch.bfloat16, bias=bias, seed=11)
+    inputs = make_inputs(lead_shape, 512, 1032, r, torch.bfloat16, bias=bias, seed=11)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
-    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")
+    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")  # r = 64: the composed backward
     with torch.no_grad():
         expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, 0.5)
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
@@ -767,7 +768,7 @@ def test_triton_backend_forward_is_the_fused_kernel_from_4096_rows():
 
 @fused_only
 def test_fused_forward_is_not_used_outside_its_measured_range():
-    """Turned on, with fewer than 4096 rows, N > 2048, r > 16, dropout, or a layout TMA cannot
+    """Turned on, with fewer than 4096 rows, N > 2048, r > 64, dropout, or a layout TMA cannot
     address: the op composes (its bits equal the composed path's). On by default."""
     assert lora_ext._C.set_fused_forward(True) is True  # the default (no LORA_EXT_FUSED_FORWARD=0 here)
 

@@ -193,3 +193,27 @@ def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monke
     maps = [arg for arg in specs[0][5] if arg[0] == "tensormap"]
     assert [(kind, index, encoding[1]) for _, kind, index, encoding in maps] == expected_maps
     assert ("output", 1) in specs[0][5]  # xa (g B) as a pointer
+
+
+HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
+
+
+@pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
+@pytest.mark.parametrize("product,N,r", [("forward", 1024, 64), ("grad_input", 1024, 16), ("grad_input", 1024, 64),
+                                         ("grad_input", 4096, 64)], ids=str)
+def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, product, N, r):
+    """The tile configuration each fused GEMM picks for itself must fit an H100/H200 block's shared
+    memory at every rank it accepts (r <= 64): a 4-stage input gradient at r = 64 needed 262 KB,
+    and the launch failed on the H200 (OutOfResources) before the stages rule took the rank in."""
+    launches = []
+    monkeypatch.setattr(fused_forward, "_fused_forward_kernel",
+                        RecordingKernel(fused_forward._fused_forward_kernel, launches))
+    x, w, b, A, B = scenario_inputs(256, 512, N, r, torch.bfloat16)
+    if product == "forward":
+        fused_forward.linear_forward(x, w, b, A, B, 0.5)
+    else:
+        fused_forward.grad_input(torch.randn(256, N, dtype=torch.bfloat16), w, A, B, 0.5)
+    monkeypatch.undo()
+    (fn, args, kwargs), = launches
+    _, compiled = compile_for_sm90(fn, args, kwargs)
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"

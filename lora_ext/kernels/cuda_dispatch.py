@@ -60,26 +60,39 @@ def _triton_lora_function(name: str):
     return call
 
 
+def _fused_or_none(run, device_of):
+    """run() on device_of's device, or None where the compiled kernel does not fit this GPU
+    (shared memory, registers): the caller then composes cuBLAS calls, as for refused layouts,
+    and the key stays declined (csrc/lora.cpp run_piece)."""
+    from triton.runtime.errors import OutOfResources
+
+    from . import triton_lora
+
+    try:
+        with triton_lora.device_guard(device_of):
+            return run()
+    except OutOfResources:
+        return None
+
+
 def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale):
     """The native path's fused forward (csrc/lora_aten.cpp, use_fused_forward; dropout 0): (y, xa),
     or None where fused_forward.supports refuses these tensors (C++ then composes cuBLAS calls)."""
-    from . import fused_forward, triton_lora  # imported on first use, as in the callbacks above
+    from . import fused_forward  # imported on first use, as in the callbacks above
 
     if not fused_forward.supports(x2, weight, bias, lora_A, lora_B):
         return None
-    with triton_lora.device_guard(x2):
-        return fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale)
+    return _fused_or_none(lambda: fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale), x2)
 
 
 def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
     """The native path's fused input gradient (csrc/lora_aten.cpp, use_fused_grad_input; dropout 0):
     (dx, g B), or None where fused_forward.grad_input_supports refuses these tensors."""
-    from . import fused_forward, triton_lora
+    from . import fused_forward
 
     if not fused_forward.grad_input_supports(grad_y2, weight, lora_A, lora_B):
         return None
-    with triton_lora.device_guard(grad_y2):
-        return fused_forward.grad_input(grad_y2, weight, lora_A, lora_B, scale)
+    return _fused_or_none(lambda: fused_forward.grad_input(grad_y2, weight, lora_A, lora_B, scale), grad_y2)
 
 
 if native_available():

@@ -297,10 +297,12 @@ def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     the LoRA term one more K step), and g B (M, r) in the adapters' dtype, unscaled: the caller's
     dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supported`)."""
     if "num_stages" not in config:
-        # Measured on the H200 (M = 8192, r = 16; benchmarks/NOTES.md #27): with a short reduction
-        # (k/v: N = 1024, 16 steps of 64) a 4th stage takes Triton's GEMM alone from 1.53x to
-        # 1.12x cuBLAS's g W; at N = 4096 3 stages are as fast or faster (qo: 1.09 vs 1.21 fused).
-        config = {**config, "num_stages": 4 if grad_y2.shape[1] <= 2048 else 3}
+        # A 4th stage with a short reduction (k/v: N = 1024, 16 steps of 64): on the H200 (M = 8192,
+        # r = 16; benchmarks/NOTES.md #27) 1.11x cuBLAS's g W for Triton's GEMM alone in two runs,
+        # where 3 stages gave 1.11 once and 1.53 once. It fits in shared memory only with the rank
+        # padded to 16 (r = 64: 262 KB of 227).
+        short = grad_y2.shape[1] <= 2048 and lora_A.shape[0] <= 16
+        config = {**config, "num_stages": 4 if short else 3}
     return _launch(grad_y2, weight, lora_B, lora_A, None, scale, 0.0, None, has_lora, runs, True, config)
 
 
