@@ -9,6 +9,7 @@ median (L2 flushed) of:
   gemm[cfg]   the fused kernel without the LoRA term (HAS_LORA=False): Triton's GEMM alone
   fused[cfg]  the fused kernel, p=0 and p=0.1
 for a few tile configurations; each fused result is first checked against float64.
+--grad-input: the input gradient instead (grad_input_probe); --host: host time at k/v (host_probe).
 
     python benchmarks/fused_forward_probe.py [--shapes qo kv ...] [--rank 16] [--tokens 8192]
 """

@@ -1,4 +1,6 @@
-"""The LoRA linear forward as one GEMM: y = x W^T + b + drop_post(s (x A^T) B^T), and xa = x A^T.
+"""The LoRA linear forward as one GEMM: y = x W^T + b + drop_post(s (x A^T) B^T), and xa = x A^T;
+and, the same kernel with transposed operands, the dropout-free input gradient dx = g W + (s g B) A
+with g B (grad_input).
 
 Why (benchmarks/NOTES.md, "What the two numbers say", #7 and #26): every base GEMM here is
 compute-bound, so bytes a kernel moves while the tensor cores are busy are free and bytes a
@@ -7,15 +9,18 @@ separate kernel moves are not. The composed forward pays a separate pass over x 
 with 'post' dropout one more pass over y for the mask. Here the base GEMM's own x tiles feed
 x A^T, and the LoRA term joins the tile's accumulator: without dropout as one more K step
 (acc += (s xa) B^T, K = the rank padded to 16), with 'post' dropout as a product of its own
-in the epilogue, masked there.
+in the epilogue, masked there. The composed input gradient likewise pays a pass over g for g B
+and a write and re-read of the LoRA part of dx (NOTES.md #28).
 
-Where it is used: when turned on (LORA_EXT_FUSED_FORWARD=1 or lora_ext._C.set_fused_forward),
-the native CUDA path runs it for dropout-free k/v-sized layers at training sizes
-(csrc/lora_aten.cpp, use_fused_forward: measured 1.23x the base GEMM against the composed
-path's 1.35x at 4096x1024). It is off by default because its launch from Python costs ~100 us
-of host time per call, and k/v fwd+bwd is host-bound (NOTES.md #26). Elsewhere it loses: Triton's GEMM alone is 0-15% slower than
-cuBLAS's at the wide shapes, and the 'post' epilogue (B chunks loaded and multiplied per tile,
-not overlapped with the main loop) costs 20-30%.
+Where it is used: the native CUDA path runs both for dropout-free k/v-sized layers at training
+sizes (csrc/lora_aten.cpp, use_fused_forward / use_fused_grad_input; on by default,
+LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched from C++ after
+the first call with a key (replay.py records the launch, tensor descriptors included): at
+4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
+1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
+4096 tokens. Elsewhere it loses: Triton's GEMM alone is 0-15% slower than cuBLAS's at the wide
+shapes, and the 'post' epilogue (B chunks loaded and multiplied per tile, not overlapped with
+the main loop) costs 20-30%.
 
 Schedule. The output's (BLOCK_M x BLOCK_N) tiles are grouped into *runs*: a run is a row
 block and a contiguous range of its column blocks, processed by one program in order. The
