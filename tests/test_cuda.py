@@ -344,6 +344,19 @@ def test_triton_and_native_agree(p, position, dtype, lora_dtype):
         assert max_abs_diff(a, b) <= bound, f"{name}: triton and native differ by {max_abs_diff(a, b):.3g}"
 
 
+def python_route_then_replayed(fn):
+    """(fn() with the C++ replay of Triton pieces off, fn() twice with it on (the first records the
+    keys it has not seen), the replay stats before those two, and after)."""
+    lora_ext._C.set_triton_replay(False)
+    try:
+        python_route = fn()
+    finally:
+        lora_ext._C.set_triton_replay(True)
+    before = lora_ext._C.triton_replay_stats()
+    first, second = fn(), fn()
+    return python_route, first, second, before, lora_ext._C.triton_replay_stats()
+
+
 @pytest.mark.skipif(BACKENDS != ["triton", "native"], reason="needs both triton and the native CUDA build")
 @pytest.mark.parametrize("position", ["pre", "post"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -362,14 +375,7 @@ def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
         y, xa = torch.ops.lora.linear(*args, 2.0, 0.25, position, seed_tensor(11), "native")
         return (y, xa, *torch.autograd.grad(y, leaves, grad_y))
 
-    lora_ext._C.set_triton_replay(False)
-    try:
-        python_route = fwd_bwd()
-    finally:
-        lora_ext._C.set_triton_replay(True)
-    before = lora_ext._C.triton_replay_stats()
-    first, second = fwd_bwd(), fwd_bwd()  # the first records the keys it has not seen
-    recorded, not_replayable, replayed = lora_ext._C.triton_replay_stats()
+    python_route, first, second, before, (recorded, not_replayable, replayed) = python_route_then_replayed(fwd_bwd)
     pieces_per_step = 2 if position == "pre" else 1  # pre: masked_down + masked_up; post: masked_grad_y
     assert recorded >= pieces_per_step and not_replayable == before[1], (before, (recorded, not_replayable))
     assert replayed - before[2] >= pieces_per_step
@@ -807,14 +813,7 @@ def test_replayed_fused_forward_equals_the_python_route(lead_shape, bias, fused_
     def forward():
         return torch.ops.lora.linear(x, w, b, A, B, 0.5, 0.0, "post", None, "native")
 
-    lora_ext._C.set_triton_replay(False)
-    try:
-        python_route = forward()
-    finally:
-        lora_ext._C.set_triton_replay(True)
-    before = lora_ext._C.triton_replay_stats()
-    first, second = forward(), forward()  # the first records the key when it is new
-    recorded, not_replayable, replayed = lora_ext._C.triton_replay_stats()
+    python_route, first, second, before, (recorded, not_replayable, replayed) = python_route_then_replayed(forward)
     assert not_replayable == before[1] and recorded >= 1 and replayed - before[2] >= 1, (before, recorded, replayed)
     for name, a, b_, c in zip(("y", "xa"), python_route, first, second):
         assert torch.equal(a, b_) and torch.equal(a, c), f"{name}: the replay differs from the Python launch"
