@@ -188,3 +188,9 @@ def test_tensor_descriptors_the_recipe_cannot_encode_are_refused():
 
 def test_a_piece_that_declines_gives_no_outputs_and_no_recipe():
     assert replay.record(lambda t: None, (torch.randn(3),)) == (None, None)
+
+
+def test_a_descriptor_data_type_the_launcher_does_not_know_is_refused():
+    x = torch.randn(40, 48, dtype=torch.bfloat16)
+    y = torch.empty(40, 96, dtype=torch.bfloat16)
+    _refused((x,), (y,), [descriptor_launch(x, y, meta=[DESC_META[0], {**DESC_META[1], "elem_type": 99}])])

@@ -194,10 +194,13 @@ def _tensor_map(descriptor, meta: dict) -> tuple:
     _require(not meta.get("fp4_padded") and not meta.get("is_im2col") and not getattr(descriptor, "round_f32_to_tf32", False))
     shape, strides, block = list(descriptor.shape), list(descriptor.strides), list(meta["block_size"])
     _require(1 <= len(shape) <= 5 and len(strides) == len(shape) == len(block) and strides[-1] == 1)
-    from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST  # the encoding's data-type numbers
-
+    try:  # the encoding's data-type numbers, as Triton's launcher maps them (absent: no recipe)
+        from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+        data_type = int(TMA_DTYPE_DEVICE_TO_HOST[meta["elem_type"]])
+    except (ImportError, KeyError):
+        raise _NotReplayable from None
     elem_size = int(meta["elem_size"])
     _require(elem_size == descriptor.base.element_size())
-    return (int(TMA_DTYPE_DEVICE_TO_HOST[meta["elem_type"]]), [int(d) for d in reversed(shape)],
+    return (data_type, [int(d) for d in reversed(shape)],
             [int(s) * elem_size for s in reversed(strides[:-1])], [int(b) for b in reversed(block)],
             int(meta["swizzle"]), 1 if descriptor.padding == "nan" else 0)
