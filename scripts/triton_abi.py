@@ -22,7 +22,7 @@ w = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16)
 a = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
 b = torch.randn(1024, 16, device="cuda", dtype=torch.bfloat16)
 fused_forward.linear_forward(x, w, None, a, b, 0.5)
-caches = fused_forward._fused_forward_kernel.device_caches
+caches = fused_forward._lora_gemm_kernel.device_caches
 for device, cache in caches.items():
     for key, compiled in cache[0].items():
         meta = compiled.metadata

@@ -168,8 +168,8 @@ def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monke
     compiled kernel's PTX parameter list (replay._recipe checks it), the descriptors become
     tensor maps over the right tensors, and every output is written by the launch."""
     launches = []
-    monkeypatch.setattr(fused_forward, "_fused_forward_kernel",
-                        RecordingKernel(fused_forward._fused_forward_kernel, launches))
+    monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
+                        RecordingKernel(fused_forward._lora_gemm_kernel, launches))
     x, w, b, A, B = scenario_inputs(300, 192, 264, 16, torch.bfloat16)
     if product == "forward":
         inputs = (x, w, b, A, B, 0.5)
@@ -206,8 +206,8 @@ def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, prod
     memory at every rank it accepts (r <= 64): a 4-stage input gradient at r = 64 needed 262 KB,
     and the launch failed on the H200 (OutOfResources) before the stages rule took the rank in."""
     launches = []
-    monkeypatch.setattr(fused_forward, "_fused_forward_kernel",
-                        RecordingKernel(fused_forward._fused_forward_kernel, launches))
+    monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
+                        RecordingKernel(fused_forward._lora_gemm_kernel, launches))
     x, w, b, A, B = scenario_inputs(256, 512, N, r, torch.bfloat16)
     if product == "forward":
         fused_forward.linear_forward(x, w, b, A, B, 0.5)

@@ -125,7 +125,7 @@ def _operand_tile(desc, off_out, off_red, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _fused_forward_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, seed_ptr,
+def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, seed_ptr,
                           M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
                           R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -312,7 +312,7 @@ def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
 
 
 def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, transposed, config):
-    """One launch of _fused_forward_kernel: out = a2 W' + b + drop_post(s (a2 D') U'), and a2 D',
+    """One launch of _lora_gemm_kernel: out = a2 W' + b + drop_post(s (a2 D') U'), and a2 D',
     where W', D', U' are weight, down, up transposed for the forward (transposed=False: stored
     (out, reduction)) and as stored for the input gradient (transposed=True)."""
     cfg = {**DEFAULT_CONFIG, **config}
@@ -348,7 +348,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
 
     # Through replay.launch: the native path records this launch and replays it from C++.
     replay.launch(
-        _fused_forward_kernel, (row_blocks * runs,),
+        _lora_gemm_kernel, (row_blocks * runs,),
         TensorDescriptor.from_tensor(a2, [block_m, block_k]),
         operand(weight, block_n, block_k),
         operand(down, rank_pad, block_k),
