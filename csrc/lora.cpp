@@ -59,18 +59,18 @@ void set_triton_fused_gemms(pybind11::object forward_fn, pybind11::object grad_i
 pybind11::object* triton_masked_down_fn = nullptr;
 pybind11::object* triton_masked_grad_y_fn = nullptr;
 pybind11::object* triton_masked_up_fn = nullptr;
-pybind11::object* record_masked_piece_fn = nullptr;  // lora_ext.kernels.replay.record
+pybind11::object* record_piece_fn = nullptr;  // lora_ext.kernels.replay.record
 
 void set_triton_masked_pieces(pybind11::object down_fn, pybind11::object grad_y_fn, pybind11::object up_fn,
                               pybind11::object record_fn) {
   triton_masked_down_fn = new pybind11::object(std::move(down_fn));
   triton_masked_grad_y_fn = new pybind11::object(std::move(grad_y_fn));
   triton_masked_up_fn = new pybind11::object(std::move(up_fn));
-  record_masked_piece_fn = new pybind11::object(std::move(record_fn));
+  record_piece_fn = new pybind11::object(std::move(record_fn));
 }
 
 // ---------------------------------------------------------------------------
-// Replay of the masked pieces' Triton launches from C++ (triton_replay.h). The first call
+// Replay of the Triton pieces' launches from C++ (triton_replay.h). The first call
 // with a new key runs in Python, recorded; later calls with that key are replayed.
 // ---------------------------------------------------------------------------
 
@@ -223,11 +223,12 @@ std::shared_ptr<lora::replay::Recipe> parse_recipe(const pybind11::object& recip
 c10::optional<std::vector<at::Tensor>> run_piece(const char* piece, pybind11::object* fn,
                                                  const std::vector<PieceArg>& args) {
 #ifdef LORA_WITH_CUDA
-  // Only 16-bit adapters (the fused forward: weights): with float32 ones the kernels also
+  // Only 16-bit adapters (the fused GEMMs: weights): with float32 ones the kernels also
   // depend on torch's TF32 setting.
   const at::ScalarType lora_dtype = args.at(1).tensor.scalar_type();
   // And non-empty tensors only: with an empty one a piece may fill an output without a launch (zero_).
-  bool replayable = replay_enabled && (lora_dtype == at::kHalf || lora_dtype == at::kBFloat16);
+  bool replayable =
+      replay_enabled && record_piece_fn != nullptr && (lora_dtype == at::kHalf || lora_dtype == at::kBFloat16);
   for (const PieceArg& arg : args) replayable = replayable && (!arg.tensor.defined() || arg.tensor.numel() > 0);
   std::string key;
   if (replayable) {
@@ -261,7 +262,7 @@ c10::optional<std::vector<at::Tensor>> run_piece(const char* piece, pybind11::ob
     if (pybind11::isinstance<pybind11::tuple>(result)) return result.cast<std::vector<at::Tensor>>();
     return std::vector<at::Tensor>{result.cast<at::Tensor>()};
   }
-  auto recorded = (*record_masked_piece_fn)(*fn, py_args).cast<pybind11::tuple>();
+  auto recorded = (*record_piece_fn)(*fn, py_args).cast<pybind11::tuple>();
   std::shared_ptr<lora::replay::Recipe> recipe;
   c10::optional<std::vector<at::Tensor>> outputs;
   if (recorded[0].is_none()) {

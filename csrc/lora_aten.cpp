@@ -130,7 +130,7 @@ bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at:
 // The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
 // as one GEMM whose reduction runs over the layer's N outputs, g B from the same g tiles. Saves
 // the composed path's separate g B product and the (M, K) write and re-read of the LoRA part of
-// dx. Measured on the H200 (M = 8192, r = 16, ratio to cuBLAS's g W, two runs; NOTES.md #27):
+// dx. Measured on the H200 (M = 8192, r = 16, ratio to cuBLAS's g W, two runs; NOTES.md #28):
 // 4096 x 1024 1.23-1.25 against 1.56-1.57 composed. At the wide layers Triton's GEMM swings
 // between runs and does not win reliably (4096 x 4096 1.09-1.21 vs 1.12-1.13, 14336 x 4096
 // 1.03-1.12 vs 1.05-1.06, 4096 x 14336 1.13 vs 1.06): the same sizes as the forward.

@@ -126,10 +126,10 @@ def _operand_tile(desc, off_out, off_red, TRANSPOSED: tl.constexpr):
 
 @triton.jit
 def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, seed_ptr,
-                          M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
-                          R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr, TRANSPOSED: tl.constexpr):
+                      M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
+                      R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr, TRANSPOSED: tl.constexpr):
     # The same product serves the input gradient (TRANSPOSED, see grad_input): there x is g
     # (M, N_layer), the reduction runs over the layer's outputs and the "xa" it stores is g B.
     # Without dropout the up-projection is one more K step of the tile's own accumulator,
@@ -303,7 +303,7 @@ def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supported`)."""
     if "num_stages" not in config:
         # A 4th stage with a short reduction (k/v: N = 1024, 16 steps of 64): on the H200 (M = 8192,
-        # r = 16; benchmarks/NOTES.md #27) 1.11x cuBLAS's g W for Triton's GEMM alone in two runs,
+        # r = 16; benchmarks/NOTES.md #28) 1.11x cuBLAS's g W for Triton's GEMM alone in two runs,
         # where 3 stages gave 1.11 once and 1.53 once. It fits in shared memory only with the rank
         # padded to 16 (r = 64: 262 KB of 227).
         short = grad_y2.shape[1] <= 2048 and lora_A.shape[0] <= 16
