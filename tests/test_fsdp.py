@@ -29,10 +29,15 @@ def free_port() -> int:
 def run_worker(tmp_path, *extra_args, **extra_env):
     out = tmp_path / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
-    proc = subprocess.run(
-        [sys.executable, WORKER, "--world-size", "2", "--port", str(free_port()), "--out", str(out), *extra_args],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
+    # free_port() releases the port before the workers bind it: another process may take it in
+    # between. Only that failure is retried (with a new port).
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, WORKER, "--world-size", "2", "--port", str(free_port()), "--out", str(out), *extra_args],
+            capture_output=True, text=True, timeout=240, env=env,
+        )
+        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+            break
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return json.loads(out.read_text())
 
