@@ -277,6 +277,12 @@ c10::optional<std::vector<at::Tensor>> run_piece(const char* piece, pybind11::ob
   return outputs;
 }
 
+// The two outputs of a fused GEMM piece, or nullopt where it declined.
+c10::optional<std::tuple<at::Tensor, at::Tensor>> as_pair(const c10::optional<std::vector<at::Tensor>>& outputs) {
+  if (!outputs.has_value()) return c10::nullopt;
+  return std::make_tuple(outputs->at(0), outputs->at(1));
+}
+
 // A masked piece always computes (it never declines).
 std::vector<at::Tensor> run_masked_piece(const char* piece, pybind11::object* fn, const std::vector<PieceArg>& args) {
   auto outputs = run_piece(piece, fn, args);
@@ -319,24 +325,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
   return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
 }
 
-bool triton_fused_forward_registered() { return triton_fused_forward_fn != nullptr; }
+bool triton_fused_gemms_registered() { return triton_fused_forward_fn != nullptr; }
 
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lora_A,
                                                                        const at::Tensor& lora_B, double scale) {
-  auto outputs = run_piece("fused_forward", triton_fused_forward_fn, {x2, weight, bias, lora_A, lora_B, scale});
-  if (!outputs.has_value()) return c10::nullopt;
-  return std::make_tuple(outputs->at(0), outputs->at(1));
+  return as_pair(run_piece("fused_forward", triton_fused_forward_fn, {x2, weight, bias, lora_A, lora_B, scale}));
 }
 
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const at::Tensor& g2,
                                                                           const at::Tensor& weight,
                                                                           const at::Tensor& lora_A,
                                                                           const at::Tensor& lora_B, double scale) {
-  auto outputs = run_piece("fused_grad_input", triton_fused_grad_input_fn, {g2, weight, lora_A, lora_B, scale});
-  if (!outputs.has_value()) return c10::nullopt;
-  return std::make_tuple(outputs->at(0), outputs->at(1));
+  return as_pair(run_piece("fused_grad_input", triton_fused_grad_input_fn, {g2, weight, lora_A, lora_B, scale}));
 }
 
 bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }

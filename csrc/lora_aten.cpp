@@ -74,6 +74,12 @@ bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, con
 #endif
 }
 
+// A switch read once from the environment: on unless the variable is "0".
+bool on_unless_env_zero(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::string(env) != "0";
+}
+
 // Whether a dropout-free forward takes the few-token path: the base GEMM on cuBLAS, then the
 // whole LoRA term in one kernel (cuda/small_m_forward.cu) instead of two more cuBLAS calls.
 // For decode, whose time is the host's launch path (benchmarks/NOTES.md #24). Up to 16 rows it
@@ -83,10 +89,7 @@ bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, con
 // ~20 us of host time at 4096 x 4096 and 4096 x 1024, where the call is host-bound.
 constexpr int64_t kSmallForwardAnyShapeRows = 16;
 constexpr int64_t kSmallForwardNarrowWidth = 8192;
-std::atomic<bool> small_m_forward_enabled{[] {
-  const char* env = std::getenv("LORA_EXT_SMALL_M_FORWARD");
-  return env == nullptr || std::string(env) != "0";
-}()};
+std::atomic<bool> small_m_forward_enabled{on_unless_env_zero("LORA_EXT_SMALL_M_FORWARD")};
 
 bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
 #ifdef LORA_WITH_CUDA
@@ -116,13 +119,10 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 constexpr int64_t kFusedForwardMinRows = 4096;
 constexpr int64_t kFusedForwardMaxWidth = 2048;
 constexpr int64_t kFusedForwardMaxRank = 64;
-std::atomic<bool> fused_forward_enabled{[] {
-  const char* env = std::getenv("LORA_EXT_FUSED_FORWARD");
-  return env == nullptr || std::string(env) != "0";
-}()};
+std::atomic<bool> fused_forward_enabled{on_unless_env_zero("LORA_EXT_FUSED_FORWARD")};
 
 bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_forward_enabled && x2.is_cuda() && triton_fused_forward_registered() &&
+  return fused_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
          x2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
          lora_A.size(0) <= kFusedForwardMaxRank;
 }
@@ -133,18 +133,14 @@ bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at:
 // dx. Measured on the H200 (M = 8192, r = 16, ratio to cuBLAS's g W, two runs; NOTES.md #28):
 // 4096 x 1024 1.23-1.25 against 1.56-1.57 composed. At the wide layers Triton's GEMM swings
 // between runs and does not win reliably (4096 x 4096 1.09-1.21 vs 1.12-1.13, 14336 x 4096
-// 1.03-1.12 vs 1.05-1.06, 4096 x 14336 1.13 vs 1.06): the same sizes as the forward.
-constexpr int64_t kFusedGradInputMaxWidth = kFusedForwardMaxWidth;
-std::atomic<bool> fused_grad_input_enabled{[] {
-  const char* env = std::getenv("LORA_EXT_FUSED_GRAD_INPUT");
-  return env == nullptr || std::string(env) != "0";
-}()};
+// 1.03-1.12 vs 1.05-1.06, 4096 x 14336 1.13 vs 1.06): the forward's sizes, r <= 16.
+std::atomic<bool> fused_grad_input_enabled{on_unless_env_zero("LORA_EXT_FUSED_GRAD_INPUT")};
 
 constexpr int64_t kFusedGradInputMaxRank = 16;  // measured at r = 16 only
 
 bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_grad_input_enabled && g2.is_cuda() && triton_fused_forward_registered() &&
-         g2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedGradInputMaxWidth &&
+  return fused_grad_input_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
+         g2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
          lora_A.size(0) <= kFusedGradInputMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 

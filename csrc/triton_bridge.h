@@ -25,10 +25,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
 // The dropout-free forward as one Triton GEMM on Hopper (lora_ext/kernels/fused_forward.py):
 // (y, xa) for x2 (M, K), or nullopt where the kernel does not take these tensors (its
 // supports(): sm_90+, one 16-bit dtype, TMA-addressable layouts). Registered with
-// lora_ext._C.set_triton_fused_forward. Run like the masked pieces: the first call with a new
-// key in Python, recorded; later ones replayed from C++ (its TMA descriptors encoded there per
-// call, triton_replay.h), or declined at once for a key the callback declined.
-bool triton_fused_forward_registered();
+// lora_ext._C.set_triton_fused_gemms (triton_fused_gemms_registered says whether). Run like the
+// masked pieces: the first call with a new key in Python, recorded; later ones replayed from C++
+// (its TMA descriptors encoded there per call, triton_replay.h), or declined at once for a key
+// the callback declined.
+bool triton_fused_gemms_registered();
 // (dx, g B) for g2 (M, N), dropout 0: dx = g W + (s g B) A as one GEMM (fused_forward.grad_input),
 // g B unscaled in the adapters' dtype; nullopt where the kernel does not take these tensors.
 // Registered and run with the forward's.

@@ -300,7 +300,7 @@ def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     """(dx, g B) for the dropout-free backward, grad_y2 = g (M, N): dx = g W + (s g B) A as one GEMM
     of the same kernel (the reduction runs over N; g B from the g tiles the base product loads,
     the LoRA term one more K step), and g B (M, r) in the adapters' dtype, unscaled: the caller's
-    dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supported`)."""
+    dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supports`)."""
     if "num_stages" not in config:
         # A 4th stage with a short reduction (k/v: N = 1024, 16 steps of 64): on the H200 (M = 8192,
         # r = 16; benchmarks/NOTES.md #28) 1.11x cuBLAS's g W for Triton's GEMM alone in two runs,

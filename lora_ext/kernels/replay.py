@@ -1,8 +1,9 @@
 """Recording the Triton launches of one piece so that C++ can replay them.
 
 The native CUDA path calls Triton pieces: the masked pieces (triton_lora.masked_*) for its
-dropout steps and the fused forward GEMM (fused_forward.py) for dropout-free k/v layers. Called through Python on every layer call they cost ~100-150 µs of host time each
-(GIL, plan lookups, Triton's launcher; benchmarks/NOTES.md #6). Everything a piece launches is
+dropout steps and the fused GEMMs (fused_forward.py: forward, input gradient) for dropout-free
+k/v layers. Called through Python on every layer call they cost ~100-150 µs of host time each
+(GIL, plan lookups, Triton's launcher; benchmarks/NOTES.md #6, #27). Everything a piece launches is
 fixed by its inputs' shapes, strides, dtypes and alignment and by the scalars (scale, p):
 only the tensors' addresses change from call to call. So the first call with a new such key
 runs in Python with the launches recorded, and csrc/triton_replay.cu replays the recipe for
@@ -57,7 +58,7 @@ def record(piece, inputs):
         result = piece(*inputs)
     finally:
         _state.launches = None
-    if result is None:  # the piece declined these inputs (fused_forward_callback); so will it for the key
+    if result is None:  # the piece declined these inputs (the fused GEMMs' callbacks); so will it for the key
         return None, None
     outputs = result if isinstance(result, tuple) else (result,)
     try:
@@ -191,7 +192,8 @@ def _tensor_map(descriptor, meta: dict) -> tuple:
     passes them (tiled, element strides 1, no interleave, L2 promotion 128 B): (data type,
     dims, byte strides of dims 1.., box dims, swizzle, out-of-bounds fill), innermost dimension
     first."""
-    _require(not meta.get("fp4_padded") and not meta.get("is_im2col") and not getattr(descriptor, "round_f32_to_tf32", False))
+    _require(not meta.get("fp4_padded") and not meta.get("is_im2col"))
+    _require(not getattr(descriptor, "round_f32_to_tf32", False))
     shape, strides, block = list(descriptor.shape), list(descriptor.strides), list(meta["block_size"])
     _require(1 <= len(shape) <= 5 and len(strides) == len(shape) == len(block) and strides[-1] == 1)
     try:  # the encoding's data-type numbers, as Triton's launcher maps them (absent: no recipe)
