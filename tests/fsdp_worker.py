@@ -17,6 +17,7 @@ Rank 0 writes the differences to --out as JSON; the test asserts on them.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -118,6 +119,15 @@ def build_fsdp(lora_ext, weights, device, mesh):
 
 
 def run(rank, world_size, port, out, backend, device_type):
+    train_and_compare(rank, world_size, port, out, backend, device_type)
+    # Everything that referenced the process group (the device mesh, the sharded parameters)
+    # is gone now: collect it here, while the interpreter is alive. Left to interpreter
+    # shutdown, gloo's threads were sometimes destroyed still joinable, and the rank died
+    # with SIGABRT ("terminate called without an active exception") after it had finished.
+    gc.collect()
+
+
+def train_and_compare(rank, world_size, port, out, backend, device_type):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # The LM head's output is a view of the op's result; nothing here modifies it in place.
