@@ -31,7 +31,7 @@ from lora_ext.reference import lora_linear_reference  # noqa: E402
 
 SHAPES = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
 CONFIGS = {
-    "default": {},  # fused_forward's own choice (DEFAULT_CONFIG; grad_input: its stages rule)
+    "default": {},  # fused_forward's own choice (DEFAULT_CONFIG and its stages rule, _pipeline_stages)
     "256x3": dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=3, num_warps=8),
     "256x4": dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=4, num_warps=8),
     "128x4": dict(block_m=128, block_n=128, block_k=64, epilogue_chunks=2, num_stages=4, num_warps=8),

@@ -473,3 +473,39 @@ def test_fused_forward_layout_checks():
     assert not ok(x.t().contiguous().t(), w, b, A, B)  # column-major x
     assert not ok(x, w, b, torch.randn(72, 64, dtype=torch.float16), torch.randn(48, 72, dtype=torch.float16))
     assert not ok(x[:0], w, b, A, B)  # no tokens
+
+
+def test_triton_backend_composes_where_the_fused_forward_does_not_fit(monkeypatch):
+    """On a GPU with less shared memory than Hopper's 227 KiB the fused GEMM's launch fails
+    (OutOfResources, when the compiled kernel is loaded): the Triton backend's forward must then
+    compute y and xa with its other kernels (against float64), and that variant is refused
+    afterwards without another load; a variant that differs (another rank padding) still tries."""
+    from triton.runtime.errors import OutOfResources
+
+    from lora_ext.kernels import fused_forward
+
+    attempts = []
+    real_launch = fused_forward.replay.launch
+
+    def launch(kernel, grid, *args, **meta):
+        if kernel is fused_forward._lora_gemm_kernel:
+            attempts.append(meta["R_PAD"])
+            raise OutOfResources(262208, 101376, "shared memory")
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(fused_forward.replay, "launch", launch)
+    monkeypatch.setattr(fused_forward, "_DOES_NOT_FIT", {})
+    monkeypatch.setattr(fused_forward, "supports", lambda *tensors: True)  # as on a CUDA sm_90+ device
+    monkeypatch.setattr(triton_lora, "FUSED_FORWARD_MIN_ROWS", 1)
+    for r, tries in ((8, [16]), (8, [16]), (24, [16, 32])):
+        inputs = make_inputs((40,), 48, 56, r, torch.float16, seed=r)
+        x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+        y, xa = triton_lora.linear_forward(x, w, b, A, B, SCALE)
+        y_cpu, xa_cpu = torch.ops.lora.linear(x, w, b, A, B, SCALE)
+        assert_within_bound(y, lora_linear_reference(x, w, b, A, B, SCALE, compute_dtype=torch.float64), y_cpu,
+                            torch.float16, f"y (r={r})")
+        assert_within_bound(xa, x.double() @ A.double().t(), xa_cpu, torch.float16, f"xa (r={r})")
+        assert attempts == tries
+    assert fused_forward.unless_out_of_resources(
+        lambda: fused_forward.linear_forward(x, w, b, A, B, SCALE)) is None
+    assert attempts == [16, 32] and len(fused_forward._DOES_NOT_FIT) == 2

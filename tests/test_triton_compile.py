@@ -199,12 +199,14 @@ HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_9
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
-@pytest.mark.parametrize("product,N,r", [("forward", 1024, 64), ("grad_input", 1024, 16), ("grad_input", 1024, 64),
+@pytest.mark.parametrize("product,N,r", [("forward", 1024, 16), ("forward", 1024, 24), ("forward", 1024, 64),
+                                         ("forward", 4096, 64), ("grad_input", 1024, 16), ("grad_input", 1024, 64),
                                          ("grad_input", 4096, 64)], ids=str)
 def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, product, N, r):
     """The tile configuration each fused GEMM picks for itself must fit an H100/H200 block's shared
     memory at every rank it accepts (r <= 64): a 4-stage input gradient at r = 64 needed 262 KB,
-    and the launch failed on the H200 (OutOfResources) before the stages rule took the rank in."""
+    and the launch failed on the H200 (OutOfResources) before the stages rule took the rank in.
+    The k/v-sized cases at r <= 16 are the 4-stage ones."""
     launches = []
     monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
                         RecordingKernel(fused_forward._lora_gemm_kernel, launches))
@@ -215,5 +217,6 @@ def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, prod
         fused_forward.grad_input(torch.randn(256, N, dtype=torch.bfloat16), w, A, B, 0.5)
     monkeypatch.undo()
     (fn, args, kwargs), = launches
+    assert kwargs["num_stages"] == (4 if N <= 2048 and r <= 16 else 3)
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"

@@ -64,15 +64,10 @@ def _fused_or_none(run, device_of):
     """run() on device_of's device, or None where the compiled kernel does not fit this GPU
     (shared memory, registers): the caller then composes cuBLAS calls, as for refused layouts,
     and the key stays declined (csrc/lora.cpp run_piece)."""
-    from triton.runtime.errors import OutOfResources
+    from . import fused_forward, triton_lora
 
-    from . import triton_lora
-
-    try:
-        with triton_lora.device_guard(device_of):
-            return run()
-    except OutOfResources:
-        return None
+    with triton_lora.device_guard(device_of):
+        return fused_forward.unless_out_of_resources(run)
 
 
 def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale):

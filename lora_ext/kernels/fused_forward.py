@@ -36,8 +36,10 @@ loads past the edges (rows of A beyond r, columns of B beyond r, K and N tails) 
 stores, so the rank is padded to 16 for the MMA without a padded copy of the adapters.
 Requirements (`supports`, `layout_supported`): CUDA sm_90+, x/W/A/B/y 2-D with unit last
 stride and 16-byte aligned rows and base pointers (K, N, r multiples of 8 for 16-bit types),
-one dtype (bfloat16 or float16) for x, W, A, B, r <= 64. Under TRITON_INTERPRET=1 it runs on
-CPU tensors (float16; the CI tests).
+one dtype (bfloat16 or float16) for x, W, A, B, r <= 64. The tiles are sized for Hopper's 227 KiB
+of shared memory per block; where a GPU has less, the launch fails (OutOfResources) and every
+caller composes the product from other kernels instead (`unless_out_of_resources`). Under
+TRITON_INTERPRET=1 it runs on CPU tensors (float16; the CI tests).
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ import triton.language as tl
 
 from . import replay
 from .philox import dropout_keep_tile, dropout_threshold, load_seed_words
+
+from triton.runtime.errors import OutOfResources
 
 try:  # triton >= 3.3 (host-side TMA descriptors); the op falls back without it
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -282,7 +286,21 @@ def _major_capability(device_index: int | None) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=3, num_warps=8)
+# The tiles of both GEMMs; the pipeline's stages come from _pipeline_stages.
+DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_warps=8)
+
+
+def _pipeline_stages(layer_out_features: int, r: int) -> int:
+    """Pipeline stages for a k/v-sized layer (N <= 2048 outputs) at r <= 16: 4, else 3.
+
+    Measured on the H200 at 4096 x 1024 (M = 8192, r = 16, ratios to cuBLAS; benchmarks/NOTES.md #26,
+    #28, #30), a 4th stage helped every form of the kernel there: Triton's GEMM alone 1.03 and 1.03
+    against 1.08 and 1.20 with 3 stages (two runs), the fused forward 1.19 against 1.24, its first
+    cut 1.36 against 1.46, Triton's GEMM in the input gradient's layout 1.11 twice against 1.11 and
+    1.53. At 4096 x 4096 it lost (fused forward 1.29 against 1.24). The rank bounds it by shared
+    memory: with r padded past 16, four stages need more than the 227 KiB a block may use (262 KB
+    at r = 64)."""
+    return 4 if layer_out_features <= 2048 and r <= 16 else 3
 
 
 def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -291,6 +309,7 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """(y, xa) for x2 (M, K): y = x2 W^T + b + drop_post(s xa B^T), xa = x2 A^T (see the module doc).
     `config` overrides DEFAULT_CONFIG (block sizes, stages, warps) and `runs` the split of
     each row block's column blocks; both for the benchmarks' sweeps."""
+    config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
     return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, has_lora, runs, False, config)
 
 
@@ -301,13 +320,7 @@ def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     of the same kernel (the reduction runs over N; g B from the g tiles the base product loads,
     the LoRA term one more K step), and g B (M, r) in the adapters' dtype, unscaled: the caller's
     dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supports`)."""
-    if "num_stages" not in config:
-        # A 4th stage with a short reduction (k/v: N = 1024, 16 steps of 64): on the H200 (M = 8192,
-        # r = 16; benchmarks/NOTES.md #28) 1.11x cuBLAS's g W for Triton's GEMM alone in two runs,
-        # where 3 stages gave 1.11 once and 1.53 once. It fits in shared memory only with the rank
-        # padded to 16 (r = 64: 262 KB of 227).
-        short = grad_y2.shape[1] <= 2048 and lora_A.shape[0] <= 16
-        config = {**config, "num_stages": 4 if short else 3}
+    config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
     return _launch(grad_y2, weight, lora_B, lora_A, None, scale, 0.0, None, has_lora, runs, True, config)
 
 
@@ -346,21 +359,47 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
         """The descriptor of a second operand, blocks of (out_block, red_block) in its own layout."""
         return TensorDescriptor.from_tensor(t, [red_block, out_block] if transposed else [out_block, red_block])
 
-    # Through replay.launch: the native path records this launch and replays it from C++.
-    replay.launch(
-        _lora_gemm_kernel, (row_blocks * runs,),
-        TensorDescriptor.from_tensor(a2, [block_m, block_k]),
-        operand(weight, block_n, block_k),
-        operand(down, rank_pad, block_k),
-        # The up-projection's block: the whole tile's columns when the LoRA term joins the
-        # accumulator, an epilogue chunk's when it is a product of its own ('post' dropout).
-        operand(up, chunk_n if post_dropout else block_n, rank_pad),
-        TensorDescriptor.from_tensor(y, [block_m, chunk_n]),
-        xa, bias if bias is not None else y, seed if post_dropout else xa,
-        M, N, K, r, xa.stride(0), float(scale), dropout_threshold(dropout_p) if post_dropout else 0,
-        1.0 / (1.0 - dropout_p), cols_per_run, runs,
-        R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout, GROUP_COLUMNS=group_columns,
-        TRANSPOSED=transposed, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
-    )
+    # What the compiled kernel's resources depend on; a variant that did not fit this device once
+    # is refused without loading it again (the load is what fails, on every call).
+    variant = (a2.device, a2.dtype, transposed, has_lora, post_dropout, bias is not None, rank_pad, group_columns,
+               tuple(sorted(cfg.items())))
+    refused = _DOES_NOT_FIT.get(variant)
+    if refused is not None:
+        raise refused.with_traceback(None)  # the first failure's error, without piling up tracebacks
+    try:
+        # Through replay.launch: the native path records this launch and replays it from C++.
+        replay.launch(
+            _lora_gemm_kernel, (row_blocks * runs,),
+            TensorDescriptor.from_tensor(a2, [block_m, block_k]),
+            operand(weight, block_n, block_k),
+            operand(down, rank_pad, block_k),
+            # The up-projection's block: the whole tile's columns when the LoRA term joins the
+            # accumulator, an epilogue chunk's when it is a product of its own ('post' dropout).
+            operand(up, chunk_n if post_dropout else block_n, rank_pad),
+            TensorDescriptor.from_tensor(y, [block_m, chunk_n]),
+            xa, bias if bias is not None else y, seed if post_dropout else xa,
+            M, N, K, r, xa.stride(0), float(scale), dropout_threshold(dropout_p) if post_dropout else 0,
+            1.0 / (1.0 - dropout_p), cols_per_run, runs,
+            R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
+            HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout, GROUP_COLUMNS=group_columns,
+            TRANSPOSED=transposed, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        )
+    except OutOfResources as error:
+        _DOES_NOT_FIT[variant] = error
+        raise
     return y, xa
+
+
+# Compiled variants of _lora_gemm_kernel that need more than the device has (shared memory,
+# registers), by what decides it; see _launch.
+_DOES_NOT_FIT: dict[tuple, OutOfResources] = {}
+
+
+def unless_out_of_resources(run):
+    """run(), or None where the fused kernel does not fit the GPU (a block's shared memory: the
+    configurations are sized for Hopper's 227 KiB; GPUs of a later major version may have less).
+    The callers then compose the product from other kernels, as for a layout `supports` refuses."""
+    try:
+        return run()
+    except OutOfResources:
+        return None

@@ -807,8 +807,11 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
     with device_guard(x):
         x2 = x.reshape(M, K)  # a view when x's strides allow
         if not dropout and M >= FUSED_FORWARD_MIN_ROWS and fused_forward.supports(x2, weight, bias, lora_A, lora_B):
-            y2, xa = fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale)
-            return y2.view(*x.shape[:-1], N), xa
+            fused = fused_forward.unless_out_of_resources(
+                lambda: fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale))
+            if fused is not None:  # else this GPU has too little shared memory for it: composed below
+                y2, xa = fused
+                return y2.view(*x.shape[:-1], N), xa
         xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0,
                            _Dropout.make(dropout and dropout_position == "pre", dropout_p, seed))
         y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
