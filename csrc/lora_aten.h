@@ -42,7 +42,7 @@ void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const 
 // returns the previous setting.
 bool set_small_m_forward(bool enabled);
 // Turns the native CUDA path's fused Triton forward (lora_aten.cpp use_fused_forward) on or off;
-// returns the previous setting. Off by default; LORA_EXT_FUSED_FORWARD=1 turns it on at import.
+// returns the previous setting. On by default; LORA_EXT_FUSED_FORWARD=0 turns it off at import.
 bool set_fused_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
 bool set_fused_grad_input(bool enabled);

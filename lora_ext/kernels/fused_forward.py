@@ -359,13 +359,16 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
         """The descriptor of a second operand, blocks of (out_block, red_block) in its own layout."""
         return TensorDescriptor.from_tensor(t, [red_block, out_block] if transposed else [out_block, red_block])
 
-    # What the compiled kernel's resources depend on; a variant that did not fit this device once
-    # is refused without loading it again (the load is what fails, on every call).
-    variant = (a2.device, a2.dtype, transposed, has_lora, post_dropout, bias is not None, rank_pad, group_columns,
-               tuple(sorted(cfg.items())))
-    refused = _DOES_NOT_FIT.get(variant)
-    if refused is not None:
-        raise refused.with_traceback(None)  # the first failure's error, without piling up tracebacks
+    def variant():
+        """What the compiled kernel's resources depend on: a variant that did not fit this device
+        once is refused without loading it again (the load is what fails, on every call)."""
+        return (a2.device, a2.dtype, transposed, has_lora, post_dropout, bias is not None, rank_pad, group_columns,
+                tuple(sorted(cfg.items())))
+
+    if _DOES_NOT_FIT:  # empty on a GPU where every variant fits: no key built per call
+        refused = _DOES_NOT_FIT.get(variant())
+        if refused is not None:
+            raise refused.with_traceback(None)  # the first failure's error, without piling up tracebacks
     try:
         # Through replay.launch: the native path records this launch and replays it from C++.
         replay.launch(
@@ -385,7 +388,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
             TRANSPOSED=transposed, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
         )
     except OutOfResources as error:
-        _DOES_NOT_FIT[variant] = error
+        _DOES_NOT_FIT[variant()] = error
         raise
     return y, xa
 
