@@ -134,6 +134,53 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
         torch.cuda.empty_cache()
 
 
+ADAPTER_GRAD_CONFIGS = {
+    f"m{bm}c{bc}s{st}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=4)
+    for bm in (64, 128, 256) for bc in (32, 64) for st in (3, 4)
+}
+
+
+def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
+    """The two adapter gradients of the dropout-free backward per shape: base fwd+bwd's two GEMMs
+    for scale (x W^T, g W), cuBLAS's dA = grad_xa^T x and dB = s g^T xa as the native path ran
+    them (csrc/lora_aten.cpp reduce_over_tokens), and adapter_grads.py's one launch per config."""
+    from lora_ext.kernels import adapter_grads
+
+    torch.manual_seed(0)
+    dtype, device, scale = torch.bfloat16, "cuda", 2.0
+    print(f"adapter gradients, M={tokens} r={rank} bf16; us = do_bench median; ratio to cuBLAS's pair in the same run")
+    for shape in shapes:
+        K, N = SHAPES[shape]
+        x = torch.randn(tokens, K, device=device, dtype=dtype)
+        g = torch.randn(tokens, N, device=device, dtype=dtype)
+        W = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+        xa = torch.randn(tokens, rank, device=device, dtype=dtype)
+        grad_xa = torch.randn(tokens, rank, device=device, dtype=dtype)
+
+        def cublas_pair():
+            grad_A = torch.mm(grad_xa.t(), x)
+            grad_B = torch.addmm(torch.empty(N, rank, device=device, dtype=dtype), g.t(), xa, beta=0, alpha=scale)
+            return grad_A, grad_B
+
+        base = bench_us(lambda: F.linear(x, W)) + bench_us(lambda: torch.mm(g, W))
+        pair = bench_us(cublas_pair)
+        line = [f"{shape} {K}x{N}: base fwd+bwd GEMMs {base:.1f} us", f"cuBLAS dA+dB {pair:.1f} ({pair / base:.3f} of base)"]
+        ref_A = grad_xa.double().t() @ x.double()
+        ref_B = scale * g.double().t() @ xa.double()
+        for name, cfg in ADAPTER_GRAD_CONFIGS.items():
+            try:
+                grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg)
+                err = max(((grad_A.double() - ref_A).abs().max() / ref_A.abs().max()).item(),
+                          ((grad_B.double() - ref_B).abs().max() / ref_B.abs().max()).item())
+                t = bench_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg))
+                line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''}")
+            except Exception as exc:  # a config that does not compile or fit: report, go on
+                line.append(f"[{name}] failed: {type(exc).__name__}: {str(exc)[:120]}")
+        print("; ".join(line), flush=True)
+        del x, g, W
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
@@ -144,7 +191,11 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=400.0)
     parser.add_argument("--host", action="store_true", help="the host-time probe at k/v only (host_probe)")
     parser.add_argument("--grad-input", action="store_true", help="the input-gradient GEMM (grad_input_probe)")
+    parser.add_argument("--adapter-grads", action="store_true", help="dA and dB of the backward (adapter_grads_probe)")
     args = parser.parse_args()
+    if args.adapter_grads:
+        adapter_grads_probe(args.shapes, args.tokens, args.rank)
+        return
     if args.host:
         host_probe(args.tokens, args.rank)
         return

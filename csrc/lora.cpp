@@ -46,14 +46,18 @@ void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_f
   triton_backward_fn = new pybind11::object(std::move(backward_fn));
 }
 
-// lora_ext.kernels.cuda_dispatch.fused_forward_callback / fused_grad_input_callback: the
-// dropout-free forward and input gradient as one Triton GEMM each.
+// lora_ext.kernels.cuda_dispatch.fused_forward_callback / fused_grad_input_callback /
+// adapter_grads_callback: the dropout-free forward and input gradient as one Triton GEMM each,
+// and both adapter gradients in one launch.
 pybind11::object* triton_fused_forward_fn = nullptr;
 pybind11::object* triton_fused_grad_input_fn = nullptr;
+pybind11::object* triton_adapter_grads_fn = nullptr;
 
-void set_triton_fused_gemms(pybind11::object forward_fn, pybind11::object grad_input_fn) {
+void set_triton_fused_gemms(pybind11::object forward_fn, pybind11::object grad_input_fn,
+                            pybind11::object adapter_grads_fn) {
   triton_fused_forward_fn = new pybind11::object(std::move(forward_fn));
   triton_fused_grad_input_fn = new pybind11::object(std::move(grad_input_fn));
+  triton_adapter_grads_fn = new pybind11::object(std::move(adapter_grads_fn));
 }
 
 pybind11::object* triton_masked_down_fn = nullptr;
@@ -341,6 +345,12 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const 
   return as_pair(run_piece("fused_grad_input", triton_fused_grad_input_fn, {g2, weight, lora_A, lora_B, scale}));
 }
 
+c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at::Tensor& grad_xa, const at::Tensor& x2,
+                                                                       const at::Tensor& xa, const at::Tensor& g2,
+                                                                       double scale_A, double scale_B) {
+  return as_pair(run_piece("adapter_grads", triton_adapter_grads_fn, {grad_xa, x2, xa, g2, scale_A, scale_B}));
+}
+
 bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }
 
 at::Tensor triton_masked_down(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& seed, double p) {
@@ -377,13 +387,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
              "Registers the fused Triton GEMMs the native CUDA path runs for dropout-free k/v-sized layers "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), fused_grad_input_callback: "
-             "(dx, g B); each None where it does not apply)");
+             "(dx, g B), adapter_grads_callback: (dA, dB); each None where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");
   module.def("set_fused_grad_input", &lora::set_fused_grad_input,
              "Turns the native CUDA path's fused Triton input gradient on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
+  module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
+             "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
+             "setting (on by default; LORA_EXT_FUSED_ADAPTER_GRADS=0: off at import)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

@@ -144,6 +144,21 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
          lora_A.size(0) <= kFusedGradInputMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 
+// Both adapter gradients of the dropout-free backward in one Triton launch
+// (lora_ext/kernels/adapter_grads.py): each program owns a block of dA's or dB's columns and
+// walks all M tokens, so x and g are read once, with no split-K partials or reduce kernels.
+// cuBLAS runs each as a split-K GEMM plus a reduce (four launches). Measured on the H200 at
+// M = 8192 (benchmarks/NOTES.md #31). 16-bit tensors of one dtype (no conversion copy of x or g).
+std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED_ADAPTER_GRADS")};
+constexpr int64_t kFusedAdapterGradsMaxRank = 64;
+
+bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
+  const auto dtype = lora_A.scalar_type();
+  return fused_adapter_grads_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
+         g2.size(0) >= kFusedForwardMinRows && lora_A.size(0) <= kFusedAdapterGradsMaxRank &&
+         (dtype == at::kHalf || dtype == at::kBFloat16) && g2.scalar_type() == dtype && x2.scalar_type() == dtype;
+}
+
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
 // ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
 // afterwards: addmm skips the product then, and a NaN/Inf input must still give NaN.
@@ -171,6 +186,8 @@ bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange
 bool set_fused_forward(bool enabled) { return fused_forward_enabled.exchange(enabled); }
 
 bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchange(enabled); }
+
+bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.exchange(enabled); }
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -285,6 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   double grad_xa_scale = 1.0;  // what dA still multiplies by
   bool grad_x_fused = false;   // dx came with grad_xa from the fused input gradient
   const bool need_lora_grads = need_A || need_x || need_B;
+  // dA and dB in one launch once grad_xa is known (below), instead of two cuBLAS GEMMs.
+  const bool adapter_grads_together = !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A);
   if (post_dropout && need_lora_grads && use_native_masked_grad_y(g, lora_B, xa)) {
 #ifdef LORA_WITH_CUDA
     at::Tensor masked_grad_B;
@@ -305,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       g_lora = owned_copy(g, lora_dtype);
       dropout_scale_(g_lora, *seed, dropout_p, keep_scale);
     }
-    if (need_B) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
+    if (need_B && !adapter_grads_together) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
     if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
       // Contiguous g whatever autograd hands in (an expanded gradient of a sum, say), so that
       // which path runs, and so the bits of dx, depend on the sizes alone (the fused kernel
@@ -339,7 +358,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       keep_scale_mask = at::ones({s.M, s.K}, lora_A.options());
       dropout_scale_(keep_scale_mask, *seed, dropout_p, keep_scale);
     }
-    if (need_A) {
+    c10::optional<std::tuple<at::Tensor, at::Tensor>> adapter_grads;
+    if (adapter_grads_together) {
+      adapter_grads = triton_adapter_grads(grad_xa, x2, xa, g, grad_xa_scale, scale);
+      if (adapter_grads.has_value()) {
+        std::tie(grad_A, grad_B) = *adapter_grads;
+      } else {  // the kernel declined these tensors: dB the composed way (dA just below)
+        grad_B = reduce_over_tokens(g, xa, scale);
+      }
+    }
+    if (need_A && !adapter_grads.has_value()) {
       at::Tensor x_lora = x2.to(lora_dtype);
       if (keep_scale_mask.defined()) {
         x_lora = x_lora * keep_scale_mask;

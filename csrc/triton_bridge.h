@@ -37,6 +37,12 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const 
                                                                           const at::Tensor& weight,
                                                                           const at::Tensor& lora_A,
                                                                           const at::Tensor& lora_B, double scale);
+// (dA, dB) = (scale_A grad_xa^T x2 (r, K), scale_B g2^T xa (N, r)), dropout 0, in one launch
+// (lora_ext/kernels/adapter_grads.py); nullopt where the kernel does not take these tensors.
+// Registered and run with the fused GEMMs.
+c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at::Tensor& grad_xa, const at::Tensor& x2,
+                                                                       const at::Tensor& xa, const at::Tensor& g2,
+                                                                       double scale_A, double scale_B);
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lora_A,

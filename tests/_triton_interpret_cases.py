@@ -509,3 +509,49 @@ def test_triton_backend_composes_where_the_fused_forward_does_not_fit(monkeypatc
     assert fused_forward.unless_out_of_resources(
         lambda: fused_forward.linear_forward(x, w, b, A, B, SCALE)) is None
     assert attempts == [16, 32] and len(fused_forward._DOES_NOT_FIT) == 2
+
+
+@pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64),
+                                        (70, 3, 17, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_adapter_grads_match_float64(M, K, N, r, layout):
+    """Both adapter gradients of the dropout-free backward in one launch (adapter_grads.py):
+    dA = s_A grad_xa^T x and dB = s_B g^T xa against float64, within the bound of the same
+    products in float16; row counts that are not multiples of the tile, K and N that are not
+    multiples of the column block, r padded to the MMA's 16, x and g as strided views (the
+    kernel reads any strides). Twice gives the same bits (each output has one summation order)."""
+    from lora_ext.kernels import adapter_grads
+
+    gen = torch.Generator().manual_seed(M + K + r)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(torch.float16)
+
+    grad_xa, xa = randn(M, r), randn(M, r)
+    if layout == "strided":
+        x, g = randn(K, M).t(), randn(M, 2 * N)[:, ::2]  # column-major x, every other column of g
+    else:
+        x, g = randn(M, K), randn(M, N)
+    assert adapter_grads.supported(grad_xa, x, xa, g)
+    grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, block_m=32, block_c=16)
+    assert grad_A.dtype == grad_B.dtype == torch.float16
+    assert_within_bound(grad_A, 0.5 * grad_xa.double().t() @ x.double(), 0.5 * (grad_xa.t() @ x), torch.float16, "dA")
+    assert_within_bound(grad_B, 3.0 * g.double().t() @ xa.double(), 3.0 * (g.t() @ xa), torch.float16, "dB")
+    again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, block_m=32, block_c=16)
+    assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
+
+
+def test_adapter_grads_refuse_what_they_do_not_compute():
+    from lora_ext.kernels import adapter_grads
+
+    grad_xa, xa = torch.randn(64, 8, dtype=torch.float16), torch.randn(64, 8, dtype=torch.float16)
+    x, g = torch.randn(64, 48, dtype=torch.float16), torch.randn(64, 40, dtype=torch.float16)
+    ok = adapter_grads.supported
+    assert ok(grad_xa, x, xa, g)
+    assert not ok(grad_xa.float(), x.float(), xa.float(), g.float())  # float32
+    assert not ok(grad_xa, x.double(), xa, g)  # mixed dtypes
+    assert not ok(grad_xa, x[:63], xa, g)  # x's rows are not the tokens of xa
+    assert not ok(grad_xa[:, :4], x, xa, g)  # grad_xa's rank is not xa's
+    assert not ok(grad_xa.t().contiguous().t(), x, xa, g)  # column-major (M, r): rows of r are not contiguous
+    assert not ok(torch.randn(64, 72, dtype=torch.float16), x, torch.randn(64, 72, dtype=torch.float16), g)  # r > 64
+    assert not ok(grad_xa[:0], x[:0], xa[:0], g[:0])  # no tokens

@@ -754,6 +754,83 @@ def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on
     assert previous is True and not torch.equal(composed, y)
 
 
+# ---------------------------------------------------------------------------
+# Both adapter gradients in one launch (lora_ext/kernels/adapter_grads.py), run by the native
+# path's dropout-free backward from 4096 rows (csrc/lora_aten.cpp, use_fused_adapter_grads)
+# ---------------------------------------------------------------------------
+
+native_triton_only = pytest.mark.skipif(not (lora_ext._C.has_cuda() and "triton" in BACKENDS),
+                                        reason="needs triton and the native CUDA build")
+
+
+@native_triton_only
+@pytest.mark.parametrize("M,K,N,r", [(4100, 4096, 1024, 16), (1000, 520, 1032, 64), (257, 72, 40, 8)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adapter_grads_kernel_matches_float64(M, K, N, r, dtype):
+    """dA = s_A grad_xa^T x and dB = s_B g^T xa against float64 within the bound of the same products
+    in the dtype (cuBLAS); g as a strided view. Twice gives the same bits (one summation order)."""
+    from lora_ext.kernels import adapter_grads
+
+    gen = torch.Generator(device="cpu").manual_seed(M + r)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+
+    grad_xa, xa, x, g = randn(M, r), randn(M, r), randn(M, K), randn(M, 2 * N)[:, ::2]
+    assert adapter_grads.supported(grad_xa, x, xa, g)
+    grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0)
+    assert_within_bound(grad_A, 0.5 * grad_xa.double().t() @ x.double(), 0.5 * (grad_xa.t() @ x), dtype, "dA")
+    assert_within_bound(grad_B, 3.0 * g.double().t() @ xa.double(), 3.0 * (g.t() @ xa), dtype, "dB")
+    again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0)
+    assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
+
+
+@native_triton_only
+@pytest.mark.parametrize("K,N,r", [(512, 1032, 16), (512, 4104, 64)], ids=str)
+def test_adapter_grads_are_what_the_op_runs(K, N, r):
+    """The dropout-free backward at 4096+ rows with every gradient wanted: within the float64 bound
+    (run_and_check), dA and dB are the one-launch kernel's bits (replayed from C++ from the second
+    call: one more replayed piece than with it off). Its grad_xa: r = 16 at N <= 2048 on Hopper,
+    g B from the fused input gradient (dA's launch scales it); else s g B from cuBLAS."""
+    from lora_ext.kernels import adapter_grads, fused_forward
+
+    M, scale = 4100, 0.5
+    inputs = make_inputs((M,), K, N, r, torch.bfloat16, seed=13)
+    run_and_check(inputs, scale, 0.0, "post", 0, "native")
+    leaves = [inputs[k] for k in GRAD_NAMES]
+    x, w, _, A, B = (t.detach() for t in leaves)
+    gy = torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
+
+    def grads():
+        y, _ = torch.ops.lora.linear(*leaves, scale, 0.0, "post", None, "native")
+        return torch.autograd.grad(y, [inputs["x"], inputs["lora_A"], inputs["lora_B"]], gy)
+
+    first = grads()
+    replayed = lora_ext._C.triton_replay_stats()[2]
+    second = grads()
+    with_it = lora_ext._C.triton_replay_stats()[2] - replayed
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with torch.no_grad():
+        _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
+        if _fused_forward_available() and N <= 2048 and r <= 16:
+            _, grad_xa = fused_forward.grad_input(gy, w, A, B, scale)
+            grad_xa_scale = scale
+        else:
+            grad_xa = torch.addmm(torch.empty(M, r, device=DEVICE, dtype=B.dtype), gy, B, beta=0, alpha=scale)
+            grad_xa_scale = 1.0
+        expected = adapter_grads.adapter_grads(grad_xa, x, xa, gy, grad_xa_scale, scale)
+    assert torch.equal(first[1], expected[0]) and torch.equal(first[2], expected[1])
+    previous = lora_ext._C.set_fused_adapter_grads(False)
+    try:
+        replayed = lora_ext._C.triton_replay_stats()[2]
+        composed = grads()
+        without_it = lora_ext._C.triton_replay_stats()[2] - replayed
+    finally:
+        lora_ext._C.set_fused_adapter_grads(previous)
+    assert previous is True and with_it == without_it + 1
+    assert torch.equal(composed[0], first[0])  # dx does not depend on it
+
+
 @fused_only
 def test_triton_backend_forward_is_the_fused_kernel_from_4096_rows():
     """backend 'triton', dropout-free, 4096+ rows on Hopper: y and xa are the fused kernel's bits and

@@ -220,3 +220,29 @@ def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, prod
     assert kwargs["num_stages"] == (4 if N <= 2048 and r <= 16 else 3)
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
+
+
+@pytest.mark.parametrize("r", [8, 16, 64])
+def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(monkeypatch, r):
+    """The one-launch adapter gradients (adapter_grads.py) at its default tiles, compiled for sm_90 as
+    on the H200: it fits a block's shared memory at every rank it accepts, and the recipe the native
+    path replays writes both outputs from the one launch (no temporaries)."""
+    from lora_ext.kernels import adapter_grads
+
+    launches = []
+    monkeypatch.setattr(adapter_grads, "_adapter_grads_kernel",
+                        RecordingKernel(adapter_grads._adapter_grads_kernel, launches))
+    M, K, N = 300, 192, 264
+    grad_xa, xa = torch.randn(M, r, dtype=torch.bfloat16), torch.randn(M, r, dtype=torch.bfloat16)
+    x, g = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
+    inputs = (grad_xa, x, xa, g, 0.5, 2.0)
+    outputs = adapter_grads.adapter_grads(*inputs)
+    monkeypatch.undo()
+    (fn, args, kwargs), = launches
+    _, compiled = compile_for_sm90(fn, args, kwargs)
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
+    block_c = adapter_grads.DEFAULT_CONFIG["block_c"]
+    grid = (-(-K // block_c) - (-N // block_c),)
+    temps, specs = replay._recipe(inputs, outputs, [(fn, compiled, grid, args)])
+    assert temps == []
+    assert ("output", 0) in specs[0][5] and ("output", 1) in specs[0][5]

@@ -90,6 +90,16 @@ def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
     return _fused_or_none(lambda: fused_forward.grad_input(grad_y2, weight, lora_A, lora_B, scale), grad_y2)
 
 
+def adapter_grads_callback(grad_xa, x2, xa, grad_y2, scale_A, scale_B):
+    """The native path's adapter gradients in one launch (csrc/lora_aten.cpp, use_fused_adapter_grads;
+    dropout 0): (dA, dB), or None where adapter_grads.supported refuses these tensors."""
+    from . import adapter_grads
+
+    if not adapter_grads.supported(grad_xa, x2, xa, grad_y2):
+        return None
+    return _fused_or_none(lambda: adapter_grads.adapter_grads(grad_xa, x2, xa, grad_y2, scale_A, scale_B), x2)
+
+
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
@@ -98,8 +108,8 @@ if native_available():
         from . import replay
 
         # The dropout-free forward and input gradient of k/v-sized layers as one Triton GEMM
-        # each (fused_forward.py).
-        _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback)
+        # each (fused_forward.py), and the adapter gradients in one launch (adapter_grads.py).
+        _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback, adapter_grads_callback)
         _C.set_triton_masked_pieces(
             *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )

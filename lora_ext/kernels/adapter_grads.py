@@ -1,0 +1,105 @@
+"""Both adapter gradients of the dropout-free backward in one Triton launch, without partials.
+
+    dA = scale_A * grad_xaᵀ x      (r, K)     grad_xa (M, r), x (M, K)
+    dB = scale_B * (xaᵀ g)ᵀ        (N, r)     xa (M, r),      g (M, N)
+
+Both are `smallᵀ big`: an (r, C) output, thin, whose reduction runs over all M tokens. The
+time is reading the big operand (x, g) once: at 4096 x 1024, M = 8192, 80 MiB, ~20 µs at the
+H200's ~4 TB/s. cuBLAS runs each as a split-K GEMM plus a reduce kernel (four launches; 25 + 8 +
+2 x 2 µs there, benchmarks/NOTES.md #31). Here one program owns BLOCK_C columns of one output and
+walks all M rows: no split of the reduction, so no float32 partials (no extra memory), no atomics
+and a fixed summation order (bitwise reproducible). Parallelism comes from the columns: K / BLOCK_C
+programs for dA and N / BLOCK_C for dB, in one grid (128 + 32 at k/v with 32 columns), each
+streaming BLOCK_M x BLOCK_C tiles of its big operand through a software pipeline.
+
+Any strides; the small operands' r is padded to 16 for the MMA by masked loads. The operands of
+all four share one 16-bit dtype (float16/bfloat16), float32 accumulation, outputs in that dtype.
+Under TRITON_INTERPRET=1 it runs on CPU tensors (float16; the CI tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import replay
+
+DEFAULT_CONFIG = dict(block_m=128, block_c=32, num_stages=4, num_warps=4)
+
+
+@triton.jit
+def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_big_m, stride_big_c,
+                  stride_out_r, stride_out_c, scale, col_block,
+                  R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """out[:, cols] = scale * small[:, :R]ᵀ big[:, cols] for this program's BLOCK_C columns."""
+    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    ranks = tl.arange(0, R_PAD)
+    row_offsets = tl.arange(0, BLOCK_M)
+    col_ok = cols < C
+    rank_ok = ranks < R
+    acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    for m0 in tl.range(0, M, BLOCK_M, num_stages=NUM_STAGES):
+        rows = (m0 + row_offsets).to(tl.int64)  # 64-bit offsets: x may hold more than 2^31 elements
+        row_ok = rows < M
+        small = tl.load(small_ptr + rows[None, :] * stride_small_m + ranks[:, None],
+                        mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # (R_PAD, BLOCK_M)
+        big = tl.load(big_ptr + rows[:, None] * stride_big_m + cols[None, :] * stride_big_c,
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
+        acc = tl.dot(small, big, acc)
+    tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=rank_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _adapter_grads_kernel(grad_xa_ptr, x_ptr, grad_A_ptr, xa_ptr, g_ptr, grad_B_ptr, M, K, N, R,
+                          stride_grad_xa_m, stride_x_m, stride_x_k, stride_xa_m, stride_g_m, stride_g_n,
+                          scale_A, scale_B, blocks_A,
+                          R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                          NUM_STAGES: tl.constexpr):
+    # Programs [0, blocks_A) own dA's column blocks, the rest dB's; dA (r, K) row-major, dB
+    # (N, r) row-major written as the transposed (r, N) product.
+    pid = tl.program_id(0)
+    if pid < blocks_A:
+        _thin_product(grad_xa_ptr, x_ptr, grad_A_ptr, M, K, R, stride_grad_xa_m, stride_x_m, stride_x_k,
+                      K, 1, scale_A, pid, R_PAD, BLOCK_M, BLOCK_C, NUM_STAGES)
+    else:
+        _thin_product(xa_ptr, g_ptr, grad_B_ptr, M, N, R, stride_xa_m, stride_g_m, stride_g_n,
+                      1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_M, BLOCK_C, NUM_STAGES)
+
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def supported(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2: torch.Tensor) -> bool:
+    """Whether adapter_grads computes this call: 2-D tensors on one device, one dtype among DTYPES,
+    grad_xa and xa (M, r) with unit last stride and 1 <= r <= 64, x2 (M, K), g2 (M, N), nothing empty."""
+    tensors = (grad_xa, x2, xa, g2)
+    if any(t.dim() != 2 or t.numel() == 0 for t in tensors):
+        return False
+    if len({t.dtype for t in tensors}) != 1 or x2.dtype not in DTYPES or len({t.device for t in tensors}) != 1:
+        return False
+    M, r = xa.shape
+    return (grad_xa.shape == xa.shape and x2.shape[0] == M and g2.shape[0] == M and 1 <= r <= 64
+            and grad_xa.stride(1) == 1 and xa.stride(1) == 1)
+
+
+def adapter_grads(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2: torch.Tensor,
+                  scale_A: float, scale_B: float, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA, dB) = (scale_A grad_xaᵀ x2, scale_B g2ᵀ xa), both in the operands' dtype (`supported`).
+    `config` overrides DEFAULT_CONFIG (block_m, block_c, num_stages, num_warps), for the probes."""
+    cfg = {**DEFAULT_CONFIG, **config}
+    M, r = xa.shape
+    K, N = x2.shape[1], g2.shape[1]
+    grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device)
+    grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device)
+    block_c = cfg["block_c"]
+    blocks_A = triton.cdiv(K, block_c)
+    replay.launch(
+        _adapter_grads_kernel, (blocks_A + triton.cdiv(N, block_c),),
+        grad_xa, x2, grad_A, xa, g2, grad_B, M, K, N, r,
+        grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
+        float(scale_A), float(scale_B), blocks_A,
+        R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
+        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+    )
+    return grad_A, grad_B
