@@ -142,8 +142,9 @@ ADAPTER_GRAD_CONFIGS = {
 
 def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
     """The two adapter gradients of the dropout-free backward per shape: base fwd+bwd's two GEMMs
-    for scale (x W^T, g W), cuBLAS's dA = grad_xa^T x and dB = s g^T xa as the native path ran
-    them (csrc/lora_aten.cpp reduce_over_tokens), and adapter_grads.py's one launch per config."""
+    for scale (x W^T, g W), cuBLAS's dA = grad_xa^T x and dB = s g^T xa as the native path runs
+    them (csrc/lora_aten.cpp reduce_over_tokens), adapter_grads.py's one launch per config, and
+    the op's fwd+bwd (dropout 0, native) with the one launch off and on (set_fused_adapter_grads)."""
     from lora_ext.kernels import adapter_grads
 
     torch.manual_seed(0)
@@ -176,8 +177,23 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
                 line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''}")
             except Exception as exc:  # a config that does not compile or fit: report, go on
                 line.append(f"[{name}] failed: {type(exc).__name__}: {str(exc)[:120]}")
+        A = (torch.randn(rank, K, device=device, dtype=dtype) / K**0.5).requires_grad_()
+        B = (torch.randn(N, rank, device=device, dtype=dtype) / rank**0.5).requires_grad_()
+        x.requires_grad_()
+
+        def op_fwd_bwd():
+            y, _ = torch.ops.lora.linear(x, W, None, A, B, scale, 0.0, "post", None, "native")
+            torch.autograd.grad(y, (x, A, B), g)
+
+        for on in (False, True):
+            previous = lora_ext._C.set_fused_adapter_grads(on)
+            try:
+                t = bench_us(op_fwd_bwd)
+            finally:
+                lora_ext._C.set_fused_adapter_grads(previous)
+            line.append(f"op fwd+bwd one launch {'on' if on else 'off'} {t:.1f} ({t / base:.3f} of base)")
         print("; ".join(line), flush=True)
-        del x, g, W
+        del x, g, W, A, B
         torch.cuda.empty_cache()
 
 

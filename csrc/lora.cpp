@@ -396,7 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
-             "setting (on by default; LORA_EXT_FUSED_ADAPTER_GRADS=0: off at import)");
+             "setting (off by default until measured on a GPU; LORA_EXT_FUSED_ADAPTER_GRADS=1: on at import)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

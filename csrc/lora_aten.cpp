@@ -64,9 +64,20 @@ bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
 }
 
 // Whether the 'post' backward's masked step runs the native one-pass kernel (cuda/masked_grad_y.cu).
-// Measured on the H200 against the Triton pass it replaces (benchmarks/NOTES.md #21).
+// Measured on the H200 against the Triton pass it replaces (benchmarks/NOTES.md #21), faster at
+// every shape but one: at r > 32 over a wide dY (N >= 8192) its grad_xa partials' read-add-write
+// (column blocks x M x r x 8 bytes, 2x dY's bytes at 4096 x 14336) made it slower than Triton's two
+// passes (one per reduction; triton_lora._grad_y_pass takes them there): 478.5 against 425.1 us at
+// M = 8192, r = 64 in one run (2026-12-04, NOTES.md #32; 486 and 424 in two runs on 11-28).
+constexpr int64_t kWideMaskedGradYColumns = 8192;
+constexpr int64_t kWideMaskedGradYMaxNativeRank = 32;
+
 bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, const at::Tensor& xa) {
 #ifdef LORA_WITH_CUDA
+  if (g.size(1) >= kWideMaskedGradYColumns && lora_B.size(1) > kWideMaskedGradYMaxNativeRank &&
+      use_masked_pieces(g, lora_B.t())) {
+    return false;
+  }
   return masked_grad_y_cuda_supports(g, lora_B, xa);
 #else
   (void)g, (void)lora_B, (void)xa;
@@ -147,9 +158,14 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
 // Both adapter gradients of the dropout-free backward in one Triton launch
 // (lora_ext/kernels/adapter_grads.py): each program owns a block of dA's or dB's columns and
 // walks all M tokens, so x and g are read once, with no split-K partials or reduce kernels.
-// cuBLAS runs each as a split-K GEMM plus a reduce (four launches). Measured on the H200 at
-// M = 8192 (benchmarks/NOTES.md #31). 16-bit tensors of one dtype (no conversion copy of x or g).
-std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED_ADAPTER_GRADS")};
+// cuBLAS runs each as a split-K GEMM plus a reduce (four launches). Predicted at 4096 x 1024,
+// M = 8192: ~22 us against cuBLAS's 37 (benchmarks/NOTES.md #31); not yet run on a GPU, so OFF
+// by default: LORA_EXT_FUSED_ADAPTER_GRADS=1 or set_fused_adapter_grads(true) turns it on.
+// 16-bit tensors of one dtype (no conversion copy of x or g), from 4096 rows.
+std::atomic<bool> fused_adapter_grads_enabled{[] {
+  const char* env = std::getenv("LORA_EXT_FUSED_ADAPTER_GRADS");
+  return env != nullptr && std::string(env) == "1";
+}()};
 constexpr int64_t kFusedAdapterGradsMaxRank = 64;
 
 bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {

@@ -46,7 +46,8 @@ bool set_small_m_forward(bool enabled);
 bool set_fused_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
 bool set_fused_grad_input(bool enabled);
-// The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads).
+// The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); off by
+// default, LORA_EXT_FUSED_ADAPTER_GRADS=1 turns it on at import.
 bool set_fused_adapter_grads(bool enabled);
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(

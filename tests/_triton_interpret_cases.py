@@ -372,6 +372,29 @@ def test_masked_pieces_of_the_native_path_match_float64(M, K, N, r, dtype):
     torch.testing.assert_close(only_A[1], grad_A, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("N, r, passes", [(64, 40, 2), (64, 16, 1), (48, 40, 1)])
+def test_masked_grad_y_over_wide_grad_y_at_large_rank_takes_two_passes(monkeypatch, N, r, passes):
+    """'post' dropout, r > 32, dY at least WIDE_MASKED_TWO_PASSES_COLUMNS wide (lowered here to 64
+    so the interpreter runs it): one pass per reduction (measured faster on the H200 at 4096 x 14336,
+    r = 64), else one pass for both; the same numbers either way, within the float64 bound."""
+    monkeypatch.setattr(triton_lora, "WIDE_MASKED_TWO_PASSES_COLUMNS", 64)
+    calls = []
+    lora_down = triton_lora._lora_down
+    monkeypatch.setattr(triton_lora, "_lora_down", lambda *a, **k: calls.append(1) or lora_down(*a, **k))
+    gen = torch.Generator().manual_seed(N + r)
+    M, p, scale, seed = 40, 0.3, 0.7, seed_tensor(9)
+    g = torch.randn(M, N, generator=gen).to(torch.float16)
+    B = (torch.randn(N, r, generator=gen) / math.sqrt(r)).to(torch.float16)
+    xa = torch.randn(M, r, generator=gen).to(torch.float16)
+    grad_xa, grad_B = triton_lora.masked_grad_y(g, B, xa, scale, seed, p, True, True)
+    assert len(calls) == passes
+    dropped = g.double() * dropout_keep_mask(seed, M, N, p).double() / (1 - p)
+    for actual, expected, what in ((grad_xa, scale * dropped @ B.double(), "dxa"),
+                                   (grad_B, scale * dropped.t() @ xa.double(), "dB")):
+        err = (actual.double() - expected).abs().max().item()
+        assert err <= EPS[torch.float16] * 4 * expected.abs().max().item(), f"{what}: error {err}"
+
+
 def test_masked_grad_y_with_nothing_wanted_writes_nothing():
     """Asked for neither dxa nor dB (e.g. only the bias gradient), the piece returns empty
     tensors and leaves dY alone (a kernel launched with placeholder pointers wrote into it)."""

@@ -450,6 +450,22 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
 
 
 @native_only
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+def test_post_backward_over_wide_grad_y_at_rank_above_32_runs_the_triton_passes():
+    """'post' dropout, dY 8192+ wide: at r > 32 the masked step is Triton's two passes (measured
+    faster there, NOTES.md #32; one more replayed piece per backward), at r = 16 the native kernel;
+    both within the float64 bound."""
+    replayed = {}
+    for r in (40, 16):
+        inputs = make_inputs((64,), 64, 8200, r, torch.bfloat16, seed=r)
+        run_and_check(inputs, 0.5, 0.1, "post", 5, "native")  # records the keys
+        before = lora_ext._C.triton_replay_stats()[2]
+        run_and_check(inputs, 0.5, 0.1, "post", 5, "native")
+        replayed[r] = lora_ext._C.triton_replay_stats()[2] - before
+    assert replayed[40] == replayed[16] + 1
+
+
+@native_only
 def test_native_kernels_can_be_turned_off_by_environment():
     """LORA_EXT_NATIVE_GRAD_Y=0 and LORA_EXT_SMALL_M_FORWARD=0 (read once per process) turn the two
     native kernels off and LORA_EXT_FUSED_FORWARD=0 the fused forward; the op still gives the right
@@ -785,9 +801,17 @@ def test_adapter_grads_kernel_matches_float64(M, K, N, r, dtype):
     assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
 
 
+@pytest.fixture
+def fused_adapter_grads_on():
+    """The op's one-launch adapter gradients on for one test (off by default: not yet measured)."""
+    previous = lora_ext._C.set_fused_adapter_grads(True)
+    yield
+    lora_ext._C.set_fused_adapter_grads(previous)
+
+
 @native_triton_only
 @pytest.mark.parametrize("K,N,r", [(512, 1032, 16), (512, 4104, 64)], ids=str)
-def test_adapter_grads_are_what_the_op_runs(K, N, r):
+def test_adapter_grads_are_what_the_op_runs(K, N, r, fused_adapter_grads_on):
     """The dropout-free backward at 4096+ rows with every gradient wanted: within the float64 bound
     (run_and_check), dA and dB are the one-launch kernel's bits (replayed from C++ from the second
     call: one more replayed piece than with it off). Its grad_xa: r = 16 at N <= 2048 on Hopper,
@@ -820,14 +844,14 @@ def test_adapter_grads_are_what_the_op_runs(K, N, r):
             grad_xa_scale = 1.0
         expected = adapter_grads.adapter_grads(grad_xa, x, xa, gy, grad_xa_scale, scale)
     assert torch.equal(first[1], expected[0]) and torch.equal(first[2], expected[1])
-    previous = lora_ext._C.set_fused_adapter_grads(False)
+    lora_ext._C.set_fused_adapter_grads(False)
     try:
         replayed = lora_ext._C.triton_replay_stats()[2]
         composed = grads()
         without_it = lora_ext._C.triton_replay_stats()[2] - replayed
     finally:
-        lora_ext._C.set_fused_adapter_grads(previous)
-    assert previous is True and with_it == without_it + 1
+        lora_ext._C.set_fused_adapter_grads(True)
+    assert with_it == without_it + 1
     assert torch.equal(composed[0], first[0])  # dx does not depend on it
 
 

@@ -676,6 +676,18 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
     return out, panel_grad
 
 
+# 'post' dropout at r > 32 over a wide dY: two passes, one per reduction, measured faster than the
+# one pass (H200, M = 8192, 4096 x 14336, r = 64: 425 against 580 us, benchmarks/NOTES.md #32); at
+# N = 4096 and 1024 one pass won (qo r = 64: 184 against 256). csrc/lora_aten.cpp sends the native
+# path here at the same sizes (use_native_masked_grad_y).
+WIDE_MASKED_TWO_PASSES_COLUMNS = 8192
+WIDE_MASKED_TWO_PASSES_MIN_RANK = 33
+
+
+def _wide_masked_two_passes(N: int, r: int, post_dropout: bool) -> bool:
+    return post_dropout and N >= WIDE_MASKED_TWO_PASSES_COLUMNS and r >= WIDE_MASKED_TWO_PASSES_MIN_RANK
+
+
 def _grad_y_pass(g2, lora_B, xa, lora_dtype, scale, post: _Dropout, need_grad_xa, need_grad_B):
     """(dxa, dB) = (s drop(g) B, s drop(g)^T xa), each None unless needed.
 
@@ -696,7 +708,8 @@ def _grad_y_pass(g2, lora_B, xa, lora_dtype, scale, post: _Dropout, need_grad_xa
         m_blocks = _cdiv(M, plan.blocks.block_m)
         c_blocks = _cdiv(N, plan.blocks.block_c)
         programs_wanted = min(_num_sms(g2.device), m_blocks * c_blocks)
-        if plan.partial_bytes > budget or 2 * plan.groups_m * plan.groups_c < programs_wanted:
+        if (plan.partial_bytes > budget or 2 * plan.groups_m * plan.groups_c < programs_wanted
+                or _wide_masked_two_passes(N, r, post.on)):
             grad_xa, _ = _lora_down(g2, lora_B, lora_dtype, scale, post)
             _, grad_B = _lora_down(g2, lora_B, lora_dtype, scale, post, need_out=False, rows=xa,
                                    panel_grad_scale=scale)
