@@ -44,6 +44,7 @@ CUDA_CASES = [
     (8192, 1024, 1024, 64, torch.bfloat16, torch.bfloat16, 0.1, "pre"),
     (4099, 513, 257, 8, torch.float16, torch.float32, 0.0, "post"),
     (2048, 4096, 1024, 256, torch.float32, torch.float32, 0.2, "pre"),
+    (8192, 1024, 1032, 16, torch.bfloat16, torch.bfloat16, 0.0, "post"),  # the dropout-free k/v path
 ]
 
 
@@ -184,15 +185,18 @@ def test_two_processes_compute_bitwise_equal_results():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", ["triton", "native", "native-adapter-grads"])
 def test_cuda_backends_are_bitwise_reproducible_under_deterministic_algorithms(backend):
     from lora_ext.kernels import cuda_dispatch
 
-    if backend == "native" and not cuda_dispatch.native_available():
+    if backend.startswith("native") and not cuda_dispatch.native_available():
         pytest.skip("built without the native CUDA kernels")
     # Deterministic cuBLAS needs this before CUDA starts, hence the child processes; the
-    # child also checks two runs in one process.
+    # child also checks two runs in one process. native-adapter-grads: the native path with the
+    # one-launch adapter gradients on (off by default; LORA_EXT_FUSED_ADAPTER_GRADS, read at import).
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    if backend == "native-adapter-grads":
+        backend, env = "native", {**env, "LORA_EXT_FUSED_ADAPTER_GRADS": "1"}
     first = _child_digests("cuda", backend, CUDA_CASES, env)
     second = _child_digests("cuda", backend, CUDA_CASES, env)
     assert first == second
