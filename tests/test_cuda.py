@@ -649,12 +649,18 @@ fused_only = pytest.mark.skipif(not _fused_forward_available(),
                                 reason="needs sm_90+, triton with tensor descriptors and the native CUDA build")
 
 
+def _switched_on(set_enabled):
+    """For a fixture: a native-path switch (lora_ext._C.set_*, which returns the previous setting)
+    on for one test, then back as it was."""
+    previous = set_enabled(True)
+    yield
+    set_enabled(previous)
+
+
 @pytest.fixture
 def fused_forward_on():
     """The op's fused forward on for one test (the default, unless LORA_EXT_FUSED_FORWARD=0)."""
-    previous = lora_ext._C.set_fused_forward(True)
-    yield
-    lora_ext._C.set_fused_forward(previous)
+    yield from _switched_on(lora_ext._C.set_fused_forward)
 
 
 # (M, K, N, r): tails in every dimension (M past a 128-row block, K past a 64-wide step, N past a
@@ -688,9 +694,7 @@ def test_fused_forward_kernel_matches_float64(M, K, N, r, p, dtype):
 @pytest.fixture
 def fused_grad_input_on():
     """The op's fused input gradient on for one test."""
-    previous = lora_ext._C.set_fused_grad_input(True)
-    yield
-    lora_ext._C.set_fused_grad_input(previous)
+    yield from _switched_on(lora_ext._C.set_fused_grad_input)
 
 
 @fused_only
@@ -804,9 +808,7 @@ def test_adapter_grads_kernel_matches_float64(M, K, N, r, dtype):
 @pytest.fixture
 def fused_adapter_grads_on():
     """The op's one-launch adapter gradients on for one test (off by default: not yet measured)."""
-    previous = lora_ext._C.set_fused_adapter_grads(True)
-    yield
-    lora_ext._C.set_fused_adapter_grads(previous)
+    yield from _switched_on(lora_ext._C.set_fused_adapter_grads)
 
 
 @native_triton_only
