@@ -30,7 +30,7 @@ DEFAULT_CONFIG = dict(block_m=128, block_c=32, num_stages=4, num_warps=4)
 @triton.jit
 def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_big_m, stride_big_c,
                   stride_out_r, stride_out_c, scale, col_block,
-                  R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[:, cols] = scale * small[:, :R]ᵀ big[:, cols] for this program's BLOCK_C columns."""
     cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
     ranks = tl.arange(0, R_PAD)
@@ -38,7 +38,7 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
     col_ok = cols < C
     rank_ok = ranks < R
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
-    for m0 in tl.range(0, M, BLOCK_M, num_stages=NUM_STAGES):
+    for m0 in range(0, M, BLOCK_M):  # software-pipelined by the launch's num_stages
         rows = (m0 + row_offsets).to(tl.int64)  # 64-bit offsets: x may hold more than 2^31 elements
         row_ok = rows < M
         small = tl.load(small_ptr + rows[None, :] * stride_small_m + ranks[:, None],
@@ -54,17 +54,16 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
 def _adapter_grads_kernel(grad_xa_ptr, x_ptr, grad_A_ptr, xa_ptr, g_ptr, grad_B_ptr, M, K, N, R,
                           stride_grad_xa_m, stride_x_m, stride_x_k, stride_xa_m, stride_g_m, stride_g_n,
                           scale_A, scale_B, blocks_A,
-                          R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                          NUM_STAGES: tl.constexpr):
+                          R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # Programs [0, blocks_A) own dA's column blocks, the rest dB's; dA (r, K) row-major, dB
     # (N, r) row-major written as the transposed (r, N) product.
     pid = tl.program_id(0)
     if pid < blocks_A:
         _thin_product(grad_xa_ptr, x_ptr, grad_A_ptr, M, K, R, stride_grad_xa_m, stride_x_m, stride_x_k,
-                      K, 1, scale_A, pid, R_PAD, BLOCK_M, BLOCK_C, NUM_STAGES)
+                      K, 1, scale_A, pid, R_PAD, BLOCK_M, BLOCK_C)
     else:
         _thin_product(xa_ptr, g_ptr, grad_B_ptr, M, N, R, stride_xa_m, stride_g_m, stride_g_n,
-                      1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_M, BLOCK_C, NUM_STAGES)
+                      1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_M, BLOCK_C)
 
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -100,6 +99,6 @@ def adapter_grads(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2:
         grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
         float(scale_A), float(scale_B), blocks_A,
         R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
-        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
     )
     return grad_A, grad_B
