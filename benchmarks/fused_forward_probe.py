@@ -39,6 +39,11 @@ CONFIGS = {
 }
 
 
+def random_bf16(*shape, std: float = 1.0) -> torch.Tensor:
+    """A standard-normal bf16 tensor on the GPU, times std: the probes' operands."""
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * std
+
+
 def bench_us(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
 
@@ -100,14 +105,12 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
     dx (s g B, then (s g B) A written and g W accumulated onto it, as csrc/lora_aten.cpp), and
     fused_forward.grad_input per tile configuration, with Triton's GEMM alone (no LoRA term)."""
     torch.manual_seed(0)
-    dtype, device, scale = torch.bfloat16, "cuda", 2.0
+    scale = 2.0
     print(f"input gradient, M={tokens} r={rank} bf16; us = do_bench median; ratio to g W in the same run")
     for shape in shapes:
         K, N = SHAPES[shape]
-        g = torch.randn(tokens, N, device=device, dtype=dtype)
-        W = torch.randn(N, K, device=device, dtype=dtype) / N**0.5
-        A = torch.randn(rank, K, device=device, dtype=dtype) / K**0.5
-        B = torch.randn(N, rank, device=device, dtype=dtype) / rank**0.5
+        g, W = random_bf16(tokens, N), random_bf16(N, K, std=N**-0.5)
+        A, B = random_bf16(rank, K, std=K**-0.5), random_bf16(N, rank, std=rank**-0.5)
 
         def composed():
             grad_xa = torch.mm(g, B).mul_(scale)
@@ -148,19 +151,16 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
     from lora_ext.kernels import adapter_grads
 
     torch.manual_seed(0)
-    dtype, device, scale = torch.bfloat16, "cuda", 2.0
+    scale = 2.0
     print(f"adapter gradients, M={tokens} r={rank} bf16; us = do_bench median; ratio to cuBLAS's pair in the same run")
     for shape in shapes:
         K, N = SHAPES[shape]
-        x = torch.randn(tokens, K, device=device, dtype=dtype)
-        g = torch.randn(tokens, N, device=device, dtype=dtype)
-        W = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
-        xa = torch.randn(tokens, rank, device=device, dtype=dtype)
-        grad_xa = torch.randn(tokens, rank, device=device, dtype=dtype)
+        x, g, W = random_bf16(tokens, K), random_bf16(tokens, N), random_bf16(N, K, std=K**-0.5)
+        xa, grad_xa = random_bf16(tokens, rank), random_bf16(tokens, rank)
 
         def cublas_pair():
             grad_A = torch.mm(grad_xa.t(), x)
-            grad_B = torch.addmm(torch.empty(N, rank, device=device, dtype=dtype), g.t(), xa, beta=0, alpha=scale)
+            grad_B = torch.addmm(xa.new_empty(N, rank), g.t(), xa, beta=0, alpha=scale)
             return grad_A, grad_B
 
         base = bench_us(lambda: F.linear(x, W)) + bench_us(lambda: torch.mm(g, W))
@@ -177,8 +177,8 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
                 line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''}")
             except Exception as exc:  # a config that does not compile or fit: report, go on
                 line.append(f"[{name}] failed: {type(exc).__name__}: {str(exc)[:120]}")
-        A = (torch.randn(rank, K, device=device, dtype=dtype) / K**0.5).requires_grad_()
-        B = (torch.randn(N, rank, device=device, dtype=dtype) / rank**0.5).requires_grad_()
+        A = random_bf16(rank, K, std=K**-0.5).requires_grad_()
+        B = random_bf16(N, rank, std=rank**-0.5).requires_grad_()
         x.requires_grad_()
 
         def op_fwd_bwd():

@@ -44,6 +44,17 @@ at::Tensor with_leading_shape(const at::Tensor& y, const at::Tensor& x) {
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// Switches read once from the environment: on unless the variable is "0" / off unless it is "1".
+bool on_unless_env_zero(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::string(env) != "0";
+}
+
+bool on_if_env_one(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::string(env) == "1";
+}
+
 // Dropout steps on CUDA go to the Triton masked thin products (triton_bridge.h) when they
 // are registered and take these inputs (their tl.dot has no float64; rank <= 256, the
 // Triton MAX_KERNEL_RANK): the mask is then applied on load and no dropped M x K copy of
@@ -55,10 +66,7 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 // layer call). It was faster end to end while the pieces were launched from Python (~100-150 us
 // of host time per call; NOTES.md #6); they are now replayed from C++ (NOTES.md #10).
 bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
-  static const bool copy_route = [] {
-    const char* env = std::getenv("LORA_EXT_DROPOUT_COPY");
-    return env != nullptr && std::string(env) == "1";
-  }();
+  static const bool copy_route = on_if_env_one("LORA_EXT_DROPOUT_COPY");
   return !copy_route && x.is_cuda() && triton_masked_pieces_registered() && x.scalar_type() != at::kDouble &&
          lora_A.scalar_type() != at::kDouble && lora_A.size(0) <= 256;
 }
@@ -74,6 +82,7 @@ constexpr int64_t kWideMaskedGradYMaxNativeRank = 32;
 
 bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, const at::Tensor& xa) {
 #ifdef LORA_WITH_CUDA
+  // use_masked_pieces: where the Triton pieces take this call (B^T is (r, N), as A is (r, K)).
   if (g.size(1) >= kWideMaskedGradYColumns && lora_B.size(1) > kWideMaskedGradYMaxNativeRank &&
       use_masked_pieces(g, lora_B.t())) {
     return false;
@@ -83,12 +92,6 @@ bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, con
   (void)g, (void)lora_B, (void)xa;
   return false;
 #endif
-}
-
-// A switch read once from the environment: on unless the variable is "0".
-bool on_unless_env_zero(const char* name) {
-  const char* env = std::getenv(name);
-  return env == nullptr || std::string(env) != "0";
 }
 
 // Whether a dropout-free forward takes the few-token path: the base GEMM on cuBLAS, then the
@@ -162,10 +165,7 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
 // M = 8192: ~22 us against cuBLAS's 37 (benchmarks/NOTES.md #31); not yet run on a GPU, so OFF
 // by default: LORA_EXT_FUSED_ADAPTER_GRADS=1 or set_fused_adapter_grads(true) turns it on.
 // 16-bit tensors of one dtype (no conversion copy of x or g), from 4096 rows.
-std::atomic<bool> fused_adapter_grads_enabled{[] {
-  const char* env = std::getenv("LORA_EXT_FUSED_ADAPTER_GRADS");
-  return env != nullptr && std::string(env) == "1";
-}()};
+std::atomic<bool> fused_adapter_grads_enabled{on_if_env_one("LORA_EXT_FUSED_ADAPTER_GRADS")};
 constexpr int64_t kFusedAdapterGradsMaxRank = 64;
 
 bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
