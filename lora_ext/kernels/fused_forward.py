@@ -19,8 +19,9 @@ the first call with a key (replay.py records the launch, tensor descriptors incl
 4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
 4096 tokens. Elsewhere it loses: Triton's GEMM alone is 0-15% slower than cuBLAS's at the wide
-shapes, and the 'post' epilogue (B chunks loaded and multiplied per tile, not overlapped with
-the main loop) costs 20-30%.
+shapes, and the 'post' epilogue costs 20-30% (measured before NOTES.md #33: with triton 3.6 a
+product of its own in the epilogue makes ptxas serialise every wgmma of the kernel, main loop
+included; triton 3.9 keeps the main loop pipelined).
 
 Schedule. The output's (BLOCK_M x BLOCK_N) tiles are grouped into *runs*: a run is a row
 block and a contiguous range of its column blocks, processed by one program in order. The
@@ -50,7 +51,7 @@ import triton
 import triton.language as tl
 
 from . import replay
-from .philox import dropout_keep_tile, dropout_threshold, load_seed_words
+from .philox import dropout_keep_bits, dropout_threshold, keep_from_bits
 
 from triton.runtime.errors import OutOfResources
 
@@ -63,23 +64,30 @@ MAX_FUSED_RANK = 64
 
 
 @triton.jit
-def _epilogue_chunk(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
-                    keep_scale, BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr, HAS_LORA: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr):
-    """Columns off_n .. off_n + CHUNK_N of one output tile: acc (float32, x W^T) plus the LoRA
-    term s * xa B^T (masked and scaled by 1/(1-p) for 'post' dropout) plus the bias, stored
-    once. The LoRA term is its own (BLOCK_M, CHUNK_N) product, so the chunking bounds the
-    registers the mask and the term need next to the tile's accumulator."""
+def _epilogue_chunk(acc, xa, b_chunk, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
+                    BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr, LORA_IN_EPILOGUE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    """Columns off_n .. off_n + CHUNK_N of one output tile: acc (float32, x W^T) plus, with 'post'
+    dropout, the LoRA term xa B^T masked and scaled by lora_scale = s/(1-p), plus the bias, stored once.
+    The LoRA term is its own (BLOCK_M, CHUNK_N) product, so the chunking bounds the registers
+    the mask and the term need next to the tile's accumulator; B's chunk (CHUNK_N, R_PAD) was
+    loaded before the tile's main loop."""
     out = acc
-    if HAS_LORA:  # False only for benchmarks/fused_forward_probe.py's plain-GEMM baseline
-        b_chunk = b_desc.load([off_n, 0])  # (CHUNK_N, R_PAD), zero past N and r
+    if LORA_IN_EPILOGUE:
         lora = tl.dot(xa, b_chunk.T)
-        if POST_DROPOUT:
-            rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
-            keep = dropout_keep_tile(key_lo, key_hi, rows, off_n, N, drop_threshold, BLOCK_M, CHUNK_N,
-                                     GROUP_COLUMNS)
-            lora = tl.where(keep, lora * keep_scale, 0.0)
-        out += scale * lora
+        # The mask: one Philox evaluation per group of eight elements, its eight keep bits packed
+        # into one integer, then spread over the chunk (benchmarks/NOTES.md #33). The seed is loaded as a
+        # (BLOCK_M, CHUNK_N / 8) tile (one address: an L1 broadcast) on purpose: the load pins the
+        # Philox to a blocked layout, one evaluation per group, and only the packed bits move to
+        # the accumulator's layout (one small shared-memory exchange). Without it Triton computes
+        # the Philox in the accumulator's layout, where a thread holds two columns of each group:
+        # four times the evaluations (SASS, sm_90a, triton 3.6: 3890 IMAD against 1039). The
+        # 8-bit joins of dropout_keep_tile moved bytes through shared memory instead (449 LDS).
+        seed_tile = tl.load(seed_ptr + tl.zeros((BLOCK_M, CHUNK_N // 8), tl.int32))
+        rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        bits = dropout_keep_bits(seed_tile.to(tl.uint32), (seed_tile >> 32).to(tl.uint32), rows, off_n, N,
+                                 drop_threshold, BLOCK_M, CHUNK_N)
+        out += tl.where(keep_from_bits(bits, BLOCK_M, CHUNK_N), lora * lora_scale, 0.0)
     if HAS_BIAS:
         cols = off_n + tl.arange(0, CHUNK_N)
         out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -87,34 +95,51 @@ def _epilogue_chunk(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, k
 
 
 @triton.jit
-def _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
-              keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_CHUNKS: tl.constexpr,
-              HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, POST_DROPOUT: tl.constexpr,
-              GROUP_COLUMNS: tl.constexpr):
-    """The tile's accumulator split column-wise into EPILOGUE_CHUNKS (1, 2 or 4) chunks."""
+def _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_CHUNKS: tl.constexpr,
+              LORA_IN_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The tile's accumulator split column-wise into EPILOGUE_CHUNKS (1, 2 or 4) chunks; b0 .. b3
+    are B's chunks of the tile (those past EPILOGUE_CHUNKS unused)."""
     if EPILOGUE_CHUNKS == 1:
-        _epilogue_chunk(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
-                        keep_scale, BLOCK_M, BLOCK_N, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+        _epilogue_chunk(acc, xa, b0, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
+                        BLOCK_M, BLOCK_N, LORA_IN_EPILOGUE, HAS_BIAS)
     else:
         HALF: tl.constexpr = BLOCK_N // 2
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
         if EPILOGUE_CHUNKS == 2:
-            _epilogue_chunk(left, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi,
-                            drop_threshold, keep_scale, BLOCK_M, HALF, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
-            _epilogue_chunk(right, xa, b_desc, y_desc, bias_ptr, off_m, off_n + HALF, N, scale, key_lo, key_hi,
-                            drop_threshold, keep_scale, BLOCK_M, HALF, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+            _epilogue_chunk(left, xa, b0, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
+                            BLOCK_M, HALF, LORA_IN_EPILOGUE, HAS_BIAS)
+            _epilogue_chunk(right, xa, b1, y_desc, bias_ptr, seed_ptr, off_m, off_n + HALF, N, drop_threshold,
+                            lora_scale, BLOCK_M, HALF, LORA_IN_EPILOGUE, HAS_BIAS)
         else:
             QUARTER: tl.constexpr = BLOCK_N // 4
             q0, q1 = tl.split(tl.permute(tl.reshape(left, (BLOCK_M, 2, QUARTER)), (0, 2, 1)))
             q2, q3 = tl.split(tl.permute(tl.reshape(right, (BLOCK_M, 2, QUARTER)), (0, 2, 1)))
-            _epilogue_chunk(q0, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi,
-                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
-            _epilogue_chunk(q1, xa, b_desc, y_desc, bias_ptr, off_m, off_n + QUARTER, N, scale, key_lo, key_hi,
-                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
-            _epilogue_chunk(q2, xa, b_desc, y_desc, bias_ptr, off_m, off_n + 2 * QUARTER, N, scale, key_lo, key_hi,
-                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
-            _epilogue_chunk(q3, xa, b_desc, y_desc, bias_ptr, off_m, off_n + 3 * QUARTER, N, scale, key_lo, key_hi,
-                            drop_threshold, keep_scale, BLOCK_M, QUARTER, HAS_LORA, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+            _epilogue_chunk(q0, xa, b0, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
+                            BLOCK_M, QUARTER, LORA_IN_EPILOGUE, HAS_BIAS)
+            _epilogue_chunk(q1, xa, b1, y_desc, bias_ptr, seed_ptr, off_m, off_n + QUARTER, N, drop_threshold,
+                            lora_scale, BLOCK_M, QUARTER, LORA_IN_EPILOGUE, HAS_BIAS)
+            _epilogue_chunk(q2, xa, b2, y_desc, bias_ptr, seed_ptr, off_m, off_n + 2 * QUARTER, N, drop_threshold,
+                            lora_scale, BLOCK_M, QUARTER, LORA_IN_EPILOGUE, HAS_BIAS)
+            _epilogue_chunk(q3, xa, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n + 3 * QUARTER, N, drop_threshold,
+                            lora_scale, BLOCK_M, QUARTER, LORA_IN_EPILOGUE, HAS_BIAS)
+
+
+@triton.jit
+def _b_chunks(b_desc, off_n, CHUNK_N: tl.constexpr, EPILOGUE_CHUNKS: tl.constexpr):
+    """B's (CHUNK_N, R_PAD) chunks of the tile at off_n, zero past N and r, loaded before the tile's
+    main loop (their latency hidden behind it; loaded in the epilogue, each chunk waited for its
+    own load: NOTES.md #26 a). Chunks past EPILOGUE_CHUNKS repeat the first (never used)."""
+    b0 = b_desc.load([off_n, 0])
+    b1 = b0
+    b2 = b0
+    b3 = b0
+    if EPILOGUE_CHUNKS > 1:
+        b1 = b_desc.load([off_n + CHUNK_N, 0])
+    if EPILOGUE_CHUNKS > 2:
+        b2 = b_desc.load([off_n + 2 * CHUNK_N, 0])
+        b3 = b_desc.load([off_n + 3 * CHUNK_N, 0])
+    return b0, b1, b2, b3
 
 
 @triton.jit
@@ -133,31 +158,36 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
                       M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
                       R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      POST_DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr, TRANSPOSED: tl.constexpr):
+                      POST_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr):
     # The same product serves the input gradient (TRANSPOSED, see grad_input): there x is g
     # (M, N_layer), the reduction runs over the layer's outputs and the "xa" it stores is g B.
     # Without dropout the up-projection is one more K step of the tile's own accumulator,
     # acc += (s xa) B^T with K = R_PAD: no second accumulator, no layout change, B's tile
     # loaded before the main loop (its latency hidden behind it). With 'post' dropout the
-    # mask applies to the LoRA term alone, so it is its own product in the epilogue.
+    # mask applies to the LoRA term alone, so it is its own product in the epilogue, per chunk,
+    # with B's chunks likewise loaded before the main loop.
     LORA_IN_ACC: tl.constexpr = HAS_LORA and not POST_DROPOUT
     LORA_IN_EPILOGUE: tl.constexpr = HAS_LORA and POST_DROPOUT
+    CHUNK_N: tl.constexpr = BLOCK_N // EPILOGUE_CHUNKS
     run = tl.program_id(0)
     row_block = run // runs_per_row
     off_m = row_block * BLOCK_M
     first_col = (run % runs_per_row) * cols_per_run
     end_col = tl.minimum(first_col + cols_per_run, tl.cdiv(N, BLOCK_N))
     k_tiles = tl.cdiv(K, BLOCK_K)
-    if POST_DROPOUT:
-        key_lo, key_hi = load_seed_words(seed_ptr)
-    else:
-        key_lo = 0
-        key_hi = 0
+    lora_scale = scale * keep_scale  # 'post' dropout: s / (1 - p)
 
     # The run's first tile: x W^T and, from the same x tiles, x A^T.
     off_n = first_col * BLOCK_N
     if LORA_IN_ACC:
         b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)  # (R_PAD, BLOCK_N), zero past N and r
+    if LORA_IN_EPILOGUE:
+        b0, b1, b2, b3 = _b_chunks(b_desc, off_n, CHUNK_N, EPILOGUE_CHUNKS)
+    else:  # unused
+        b0 = 0
+        b1 = 0
+        b2 = 0
+        b3 = 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     xa_acc = tl.zeros((BLOCK_M, R_PAD), tl.float32)
     for kt in range(k_tiles):
@@ -184,22 +214,23 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
         xs = (xa.to(tl.float32) * scale).to(xa.dtype)
     if LORA_IN_ACC:
         acc = tl.dot(xs, b_tile, acc)
-    _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold, keep_scale,
-              BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS, POST_DROPOUT, GROUP_COLUMNS)
+    _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
+              BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
     for col in range(first_col + 1, end_col):
         off_n = col * BLOCK_N
         if LORA_IN_ACC:
             b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)
+        if LORA_IN_EPILOGUE:
+            b0, b1, b2, b3 = _b_chunks(b_desc, off_n, CHUNK_N, EPILOGUE_CHUNKS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for kt in range(k_tiles):
             acc = tl.dot(x_desc.load([off_m, kt * BLOCK_K]), _operand_tile(w_desc, off_n, kt * BLOCK_K, TRANSPOSED),
                          acc)
         if LORA_IN_ACC:
             acc = tl.dot(xs, b_tile, acc)
-        _epilogue(acc, xa, b_desc, y_desc, bias_ptr, off_m, off_n, N, scale, key_lo, key_hi, drop_threshold,
-                  keep_scale, BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS, POST_DROPOUT,
-                  GROUP_COLUMNS)
+        _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
+                  BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -348,12 +379,6 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     chunk_n = block_n // chunks
     post_dropout = has_lora and dropout_p > 0.0
     assert not (post_dropout and transposed), "the input gradient is computed without dropout only"
-    if N % 8 == 0:
-        group_columns = 8
-    elif N % 4 == 0:
-        group_columns = 4
-    else:
-        group_columns = 0
 
     def operand(t, out_block, red_block):
         """The descriptor of a second operand, blocks of (out_block, red_block) in its own layout."""
@@ -362,7 +387,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     def variant():
         """What the compiled kernel's resources depend on: a variant that did not fit this device
         once is refused without loading it again (the load is what fails, on every call)."""
-        return (a2.device, a2.dtype, transposed, has_lora, post_dropout, bias is not None, rank_pad, group_columns,
+        return (a2.device, a2.dtype, transposed, has_lora, post_dropout, bias is not None, rank_pad,
                 tuple(sorted(cfg.items())))
 
     if _DOES_NOT_FIT:  # empty on a GPU where every variant fits: no key built per call
@@ -384,7 +409,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
             M, N, K, r, xa.stride(0), float(scale), dropout_threshold(dropout_p) if post_dropout else 0,
             1.0 / (1.0 - dropout_p), cols_per_run, runs,
             R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
-            HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout, GROUP_COLUMNS=group_columns,
+            HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout,
             TRANSPOSED=transposed, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
         )
     except OutOfResources as error:

@@ -11,7 +11,9 @@ bit. It is written out here instead of calling tl.randint4x because how tl.randi
 int64 offset into the counter has changed between triton versions; the mask must not depend
 on the installed triton. Kernels whose tile rows hold whole groups (C % 8 == 0) evaluate one
 Philox per group or half group (`dropout_keep_tile`); otherwise each element evaluates its own
-group's (`dropout_keep`).
+group's (`dropout_keep`). Where the mask meets a tensor-core accumulator (the fused GEMM's
+epilogue), `dropout_keep_bits` packs a group's eight keep bits into one integer, one Philox
+evaluation per group, and `keep_from_bits` spreads them over the tile in the accumulator's layout.
 
 `dropout_keep_mask` materialises the mask with a small kernel: the float64 fallback of
 triton_lora.py uses it (a temporary, never saved), and the tests compare it with
@@ -139,6 +141,35 @@ def dropout_keep_tile(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.cons
     else:
         c = c_first + tl.arange(0, BLOCK_C)
         return dropout_keep(key_lo, key_hi, m[:, None] * C + c[None, :], threshold)
+
+
+@triton.jit
+def dropout_keep_bits(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The keep mask of the (BLOCK_M, BLOCK_C) tile as in dropout_keep_tile (C % 8 == 0), packed:
+    (BLOCK_M, BLOCK_C // 8) int32, bit k of [i, j] set iff element (m[i], c_first + 8 j + k) is kept.
+    The keys may be scalars or tensors of the packed shape (fused_forward pins the layout with them)."""
+    group = (m[:, None] * C + c_first + MASK_GROUP * tl.arange(0, BLOCK_C // MASK_GROUP)[None, :]) >> 3
+    c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
+    bits = _word_bits(c0, threshold)
+    bits |= _word_bits(c1, threshold) << 2
+    bits |= _word_bits(c2, threshold) << 4
+    bits |= _word_bits(c3, threshold) << 6
+    return bits
+
+
+@triton.jit
+def _word_bits(word, threshold):
+    """Bit 0: the low half of word kept; bit 1: the high half."""
+    lo = ((word & 0xFFFF).to(tl.int32) >= threshold).to(tl.int32)
+    hi = ((word >> 16).to(tl.int32) >= threshold).to(tl.int32)
+    return lo | (hi << 1)
+
+
+@triton.jit
+def keep_from_bits(bits, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (BLOCK_M, BLOCK_C) boolean mask of dropout_keep_bits' packed (BLOCK_M, BLOCK_C // 8) bits."""
+    spread = tl.reshape(tl.broadcast_to(bits[:, :, None], (BLOCK_M, BLOCK_C // 8, 8)), (BLOCK_M, BLOCK_C))
+    return ((spread >> (tl.arange(0, BLOCK_C) % 8)[None, :]) & 1) != 0
 
 
 @triton.jit
