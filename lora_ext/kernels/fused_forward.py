@@ -174,7 +174,11 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
     off_m = row_block * BLOCK_M
     first_col = (run % runs_per_row) * cols_per_run
     end_col = tl.minimum(first_col + cols_per_run, tl.cdiv(N, BLOCK_N))
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    # At least one K step, visibly (K >= 1 anyway; a step past K loads TMA's zero fill): with a
+    # possible zero-trip path, triton 3.6 zeroes the accumulators there with plain moves just
+    # before the loop's last wgmma wait, and ptxas then serialises every wgmma of the kernel
+    # (C7515; the 'post' variant, NOTES.md #33).
+    k_tiles = tl.maximum(tl.cdiv(K, BLOCK_K), 1)
     lora_scale = scale * keep_scale  # 'post' dropout: s / (1 - p)
 
     # The run's first tile: x W^T and, from the same x tiles, x A^T.
