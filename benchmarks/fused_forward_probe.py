@@ -5,7 +5,8 @@ median (L2 flushed) of:
   base        F.linear(x, W): the frozen layer, the floor
   op p=0      torch.ops.lora.linear, dropout 0 (the op's current path)
   op p=0 composed   the same with the op's fused forward turned off (set_fused_forward(False))
-  op p=0.1    the same, 'post' dropout 0.1
+  op p=0.1    the same, 'post' dropout 0.1 (and with the fused 'post' forward turned on, which is
+              off by default: set_fused_post_forward, NOTES.md #33)
   gemm[cfg]   the fused kernel without the LoRA term (HAS_LORA=False): Triton's GEMM alone
   fused[cfg]  the fused kernel, p=0 and p=0.1
 for a few tile configurations; each fused result is first checked against float64.
@@ -233,12 +234,15 @@ def main() -> None:
         B = torch.randn(N, r, device=device, dtype=dtype) / r**0.5
         base = bench_us(lambda: F.linear(x, W))
         line = [f"{shape} {K}x{N}: base {base:.1f} us"]
-        for name, dp, fused in (("op p=0", 0.0, True), ("op p=0 composed", 0.0, False), ("op p=0.1", p, True)):
-            previous = lora_ext._C.set_fused_forward(fused)  # the op's own choice when True (use_fused_forward)
+        for name, dp, fused, post in (("op p=0", 0.0, True, False), ("op p=0 composed", 0.0, False, False),
+                                      ("op p=0.1", p, True, False), ("op p=0.1 fused-post on", p, True, True)):
+            # the op's own choice when True (use_fused_forward, use_fused_post_forward: NOTES.md #33)
+            previous = lora_ext._C.set_fused_forward(fused), lora_ext._C.set_fused_post_forward(post)
             try:
                 t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
             finally:
-                lora_ext._C.set_fused_forward(previous)
+                lora_ext._C.set_fused_forward(previous[0])
+                lora_ext._C.set_fused_post_forward(previous[1])
             line.append(f"{name} {t:.1f} ({t / base:.3f})")
         print("; ".join(line), flush=True)
         for cfg_name in args.configs:

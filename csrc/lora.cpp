@@ -334,8 +334,11 @@ bool triton_fused_gemms_registered() { return triton_fused_forward_fn != nullptr
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lora_A,
-                                                                       const at::Tensor& lora_B, double scale) {
-  return as_pair(run_piece("fused_forward", triton_fused_forward_fn, {x2, weight, bias, lora_A, lora_B, scale}));
+                                                                       const at::Tensor& lora_B, double scale,
+                                                                       double post_dropout_p,
+                                                                       const c10::optional<at::Tensor>& seed) {
+  return as_pair(run_piece("fused_forward", triton_fused_forward_fn,
+                           {x2, weight, bias, lora_A, lora_B, scale, post_dropout_p, seed}));
 }
 
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const at::Tensor& g2,
@@ -386,7 +389,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
              "Registers the fused Triton GEMMs the native CUDA path runs for dropout-free k/v-sized layers "
-             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), fused_grad_input_callback: "
+             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
+             "fused_grad_input_callback: "
              "(dx, g B), adapter_grads_callback: (dA, dB); each None where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
@@ -397,6 +401,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
              "setting (off by default until measured on a GPU; LORA_EXT_FUSED_ADAPTER_GRADS=1: on at import)");
+  module.def("set_fused_post_forward", &lora::set_fused_post_forward,
+             "Turns the native CUDA path's fused Triton forward with 'post' dropout (the mask in its epilogue) "
+             "on or off; returns the previous setting (off by default until measured on a GPU; "
+             "LORA_EXT_FUSED_POST_FORWARD=1: on at import)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

@@ -158,6 +158,20 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
          lora_A.size(0) <= kFusedGradInputMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 
+// The forward with 'post' dropout the same way (same sizes): the mask is generated in the fused
+// GEMM's epilogue, on the LoRA term's own product per 64-column chunk (one Philox evaluation per
+// group of eight, as csrc/philox.h), so neither the composed path's pass over x for xa nor its
+// separate mask pass over the (M, N) LoRA term and the beta = 1 read of it are paid. Counted
+// (benchmarks/NOTES.md #33; the SASS after two fixes there): at 4096 x 1024 ~1.25x the base
+// against the composed 1.48x. Not yet run on a GPU, so OFF by default:
+// LORA_EXT_FUSED_POST_FORWARD=1 or set_fused_post_forward(true) turns it on (LORA_EXT_FUSED_FORWARD=0
+// turns both fused forwards off).
+std::atomic<bool> fused_post_forward_enabled{on_if_env_one("LORA_EXT_FUSED_POST_FORWARD")};
+
+bool use_fused_post_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return fused_post_forward_enabled && use_fused_forward(x2, weight, lora_A);
+}
+
 // Both adapter gradients of the dropout-free backward in one Triton launch
 // (lora_ext/kernels/adapter_grads.py): each program owns a block of dA's or dB's columns and
 // walks all M tokens, so x and g are read once, with no split-K partials or reduce kernels.
@@ -205,6 +219,8 @@ bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchan
 
 bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.exchange(enabled); }
 
+bool set_fused_post_forward(bool enabled) { return fused_post_forward_enabled.exchange(enabled); }
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
@@ -228,8 +244,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     return {with_leading_shape(y, x), xa};
   }
 #endif
-  if (!dropout && weight.has_value() && use_fused_forward(x2, *weight, lora_A)) {
-    if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale)) {
+  if (weight.has_value() && (dropout ? post_dropout && use_fused_post_forward(x2, *weight, lora_A)
+                                     : use_fused_forward(x2, *weight, lora_A))) {
+    if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, post_dropout ? dropout_p : 0.0,
+                                          post_dropout ? seed : c10::optional<at::Tensor>())) {
       return {with_leading_shape(std::get<0>(*fused), x), std::get<1>(*fused)};
     }
   }

@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask);
 
-// The dropout-free forward as one Triton GEMM on Hopper (lora_ext/kernels/fused_forward.py):
+// The forward as one Triton GEMM on Hopper (lora_ext/kernels/fused_forward.py), without dropout
+// or with 'post' dropout (dropout_p > 0 and its seed; the mask in the epilogue):
 // (y, xa) for x2 (M, K), or nullopt where the kernel does not take these tensors (its
 // supports(): sm_90+, one 16-bit dtype, TMA-addressable layouts). Registered with
 // lora_ext._C.set_triton_fused_gemms (triton_fused_gemms_registered says whether). Run like the
@@ -46,7 +47,9 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at:
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lora_A,
-                                                                       const at::Tensor& lora_B, double scale);
+                                                                       const at::Tensor& lora_B, double scale,
+                                                                       double post_dropout_p,
+                                                                       const c10::optional<at::Tensor>& seed);
 
 // The native path's dropout steps on Triton (triton_lora.masked_*): thin products whose
 // large operand is dropped out by a mask regenerated on load, so the native path writes

@@ -875,6 +875,48 @@ def test_triton_backend_forward_is_the_fused_kernel_from_4096_rows():
             assert not torch.equal(y, kernel_y), f"M={M}: the fused kernel ran below FUSED_FORWARD_MIN_ROWS"
 
 
+@pytest.fixture
+def fused_post_forward_on():
+    """The op's fused forward with 'post' dropout on for one test (off by default: not yet measured)."""
+    yield from _switched_on(lora_ext._C.set_fused_post_forward)
+
+
+@fused_only
+@pytest.mark.parametrize("lead_shape,bias,r", [((4100,), True, 16), ((2, 2050), False, 64)], ids=str)
+def test_fused_post_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on, fused_post_forward_on):
+    """Turned on, 'post' dropout at a k/v-sized layer with 4096+ rows: the op's y and xa are the fused
+    kernel's bits (the mask in its epilogue), y and every gradient (the native 'post' backward,
+    which regenerates the mask from the seed) within the float64 bound, the launch replayed from
+    C++ from the second call with the same bits, and turned off the op composes (other rounding)."""
+    from lora_ext.kernels import fused_forward
+
+    p, seed_value, scale = 0.25, 5, 0.5
+    inputs = make_inputs(lead_shape, 512, 1032, r, torch.bfloat16, bias=bias, seed=17)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    y, xa, _ = run_and_check(inputs, scale, p, "post", seed_value, "native")
+    seed = seed_tensor(seed_value)
+    with torch.no_grad():
+        expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, scale, p, seed)
+        assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
+        replayed = lora_ext._C.triton_replay_stats()[2]
+        again, _ = torch.ops.lora.linear(x, w, b, A, B, scale, p, "post", seed, "native")
+        assert lora_ext._C.triton_replay_stats()[2] == replayed + 1 and torch.equal(again, y)
+        lora_ext._C.set_fused_post_forward(False)
+        try:
+            composed, _ = torch.ops.lora.linear(x, w, b, A, B, scale, p, "post", seed, "native")
+        finally:
+            lora_ext._C.set_fused_post_forward(True)
+    assert not torch.equal(composed, y)
+
+
+@fused_only
+def test_opcheck_linear_on_the_fused_post_forward(fused_forward_on, fused_post_forward_on):
+    inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=5)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.1, "post",
+                                                          seed_tensor(9), "native"))
+
+
 @fused_only
 def test_fused_forward_is_not_used_outside_its_measured_range():
     """Turned on, with fewer than 4096 rows, N > 2048, r > 64, dropout, or a layout TMA cannot

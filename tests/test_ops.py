@@ -869,3 +869,27 @@ def test_schema_defined_by_the_extension_alone():
     assert "float dropout_p=0." in linear_schema and "Tensor? seed=None" in linear_schema
     assert backward_schema.startswith("lora::linear_backward(Tensor grad_y")
     assert "bool[5] output_mask" in backward_schema
+
+
+# The native CUDA path's switches (csrc/lora_aten.cpp): what is measured is on by default, what is
+# built but not yet measured on a GPU is off; each env var is read once, when the extension loads.
+SWITCH_DEFAULTS = {"set_fused_forward": ("LORA_EXT_FUSED_FORWARD", "0", True),
+                   "set_fused_grad_input": ("LORA_EXT_FUSED_GRAD_INPUT", "0", True),
+                   "set_fused_adapter_grads": ("LORA_EXT_FUSED_ADAPTER_GRADS", "1", False),
+                   "set_fused_post_forward": ("LORA_EXT_FUSED_POST_FORWARD", "1", False)}
+
+
+def test_native_path_switches_default_and_env():
+    lines = "\n".join(
+        f"print(lora_ext._C.{name}(True), lora_ext._C.{name}(False), lora_ext._C.{name}(True))"
+        for name in SWITCH_DEFAULTS)
+    script = f"import lora_ext\n{lines}\n"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LORA_EXT_FUSED_")}
+    flipped = {**clean, **{var: value for var, value, _ in SWITCH_DEFAULTS.values()}}
+    for env, flip in ((clean, False), (flipped, True)):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                                env={**env, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+        for (name, (_, _, default)), line in zip(SWITCH_DEFAULTS.items(), result.stdout.split("\n")):
+            # each call returns the setting before it: the loaded one, then True, then False
+            assert line.split() == [str(default != flip), "True", "False"], (name, flip, line)

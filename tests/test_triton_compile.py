@@ -161,19 +161,21 @@ def test_launched_kernels_compile_for_sm90(monkeypatch):
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
-@pytest.mark.parametrize("product", ["forward", "grad_input"])
+@pytest.mark.parametrize("product", ["forward", "forward_post", "grad_input"])
 def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monkeypatch, product):
-    """The fused GEMM (TMA descriptors), forward and input gradient, compiled for sm_90 as on the
-    H200, and the recipe the native path would replay: its argument expansion must match the
-    compiled kernel's PTX parameter list (replay._recipe checks it), the descriptors become
-    tensor maps over the right tensors, and every output is written by the launch."""
+    """The fused GEMM (TMA descriptors), forward (without and with 'post' dropout) and input
+    gradient, compiled for sm_90 as on the H200, and the recipe the native path would replay: its
+    argument expansion must match the compiled kernel's PTX parameter list (replay._recipe checks
+    it), the descriptors become tensor maps over the right tensors, every output is written by the
+    launch, and with dropout the kernel reads the seed the op was given (the callback's 8th input)."""
     launches = []
     monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
                         RecordingKernel(fused_forward._lora_gemm_kernel, launches))
     x, w, b, A, B = scenario_inputs(300, 192, 264, 16, torch.bfloat16)
-    if product == "forward":
-        inputs = (x, w, b, A, B, 0.5)
-        outputs = fused_forward.linear_forward(x, w, b, A, B, 0.5)
+    if product.startswith("forward"):
+        p, seed = (0.1, torch.tensor([3], dtype=torch.int64)) if product == "forward_post" else (0.0, None)
+        inputs = (x, w, b, A, B, 0.5, p, seed)  # as csrc/lora.cpp triton_fused_forward passes them
+        outputs = fused_forward.linear_forward(x, w, b, A, B, 0.5, p, seed)
         # x, W, A, B, y; (rows, columns) innermost first
         expected_maps = [("input", 0, [192, 300]), ("input", 1, [192, 264]), ("input", 3, [192, 16]),
                          ("input", 4, [16, 264]), ("output", 0, [264, 300])]
@@ -193,6 +195,7 @@ def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monke
     maps = [arg for arg in specs[0][5] if arg[0] == "tensormap"]
     assert [(kind, index, encoding[1]) for _, kind, index, encoding in maps] == expected_maps
     assert ("output", 1) in specs[0][5]  # xa (g B) as a pointer
+    assert (("input", 7) in specs[0][5]) == (product == "forward_post")  # the seed
 
 
 HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)

@@ -70,14 +70,16 @@ def _fused_or_none(run, device_of):
         return fused_forward.unless_out_of_resources(run)
 
 
-def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale):
-    """The native path's fused forward (csrc/lora_aten.cpp, use_fused_forward; dropout 0): (y, xa),
-    or None where fused_forward.supports refuses these tensors (C++ then composes cuBLAS calls)."""
+def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale, post_dropout_p=0.0, seed=None):
+    """The native path's fused forward (csrc/lora_aten.cpp, use_fused_forward: dropout 0;
+    use_fused_post_forward: 'post' dropout with p = post_dropout_p and its seed): (y, xa), or None
+    where fused_forward.supports refuses these tensors (C++ then composes cuBLAS calls)."""
     from . import fused_forward  # imported on first use, as in the callbacks above
 
     if not fused_forward.supports(x2, weight, bias, lora_A, lora_B):
         return None
-    return _fused_or_none(lambda: fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale), x2)
+    return _fused_or_none(
+        lambda: fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale, post_dropout_p, seed), x2)
 
 
 def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):

@@ -19,9 +19,9 @@ the first call with a key (replay.py records the launch, tensor descriptors incl
 4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
 4096 tokens. Elsewhere it loses: Triton's GEMM alone is 0-15% slower than cuBLAS's at the wide
-shapes, and the 'post' epilogue costs 20-30% (measured before NOTES.md #33: with triton 3.6 a
-product of its own in the epilogue makes ptxas serialise every wgmma of the kernel, main loop
-included; triton 3.9 keeps the main loop pipelined).
+shapes. The 'post' epilogue cost 20-30% when measured (NOTES.md #26), before #33 found that
+triton 3.6 serialised every wgmma of that variant, main loop included, and that its mask moved
+bytes through shared memory; both are mended, not yet measured.
 
 Schedule. The output's (BLOCK_M x BLOCK_N) tiles are grouped into *runs*: a run is a row
 block and a contiguous range of its column blocks, processed by one program in order. The
