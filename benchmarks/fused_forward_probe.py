@@ -6,7 +6,7 @@ median (L2 flushed) of:
   op p=0      torch.ops.lora.linear, dropout 0 (the op's current path)
   op p=0 composed   the same with the op's fused forward turned off (set_fused_forward(False))
   op p=0.1    the same, 'post' dropout 0.1 (and with the fused 'post' forward turned on, which is
-              off by default: set_fused_post_forward, NOTES.md #33)
+              off by default: set_fused_post_dropout, NOTES.md #33)
   gemm[cfg]   the fused kernel without the LoRA term (HAS_LORA=False): Triton's GEMM alone
   fused[cfg]  the fused kernel, p=0 and p=0.1
 for a few tile configurations; each fused result is first checked against float64.
@@ -236,14 +236,29 @@ def main() -> None:
         line = [f"{shape} {K}x{N}: base {base:.1f} us"]
         for name, dp, fused, post in (("op p=0", 0.0, True, False), ("op p=0 composed", 0.0, False, False),
                                       ("op p=0.1", p, True, False), ("op p=0.1 fused-post on", p, True, True)):
-            # the op's own choice when True (use_fused_forward, use_fused_post_forward: NOTES.md #33)
-            previous = lora_ext._C.set_fused_forward(fused), lora_ext._C.set_fused_post_forward(post)
+            # the op's own choice when True (use_fused_forward, use_fused_post_dropout_forward: NOTES.md #33)
+            previous = lora_ext._C.set_fused_forward(fused), lora_ext._C.set_fused_post_dropout(post)
             try:
                 t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
             finally:
                 lora_ext._C.set_fused_forward(previous[0])
-                lora_ext._C.set_fused_post_forward(previous[1])
+                lora_ext._C.set_fused_post_dropout(previous[1])
             line.append(f"{name} {t:.1f} ({t / base:.3f})")
+        # fwd+bwd with 'post' dropout (x requiring grad, as in a middle layer), the fused GEMMs with
+        # 'post' dropout off and on (set_fused_post_dropout: the forward and the input gradient, #33, #34)
+        g = torch.randn(M, N, device=device, dtype=dtype)
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        base_bwd = base + bench_us(lambda: torch.mm(g, W))
+        for post in (False, True):
+            previous = lora_ext._C.set_fused_post_dropout(post)
+            try:
+                def fwd_bwd():
+                    y, _ = torch.ops.lora.linear(leaves[0], W, None, leaves[1], leaves[2], scale, p, "post", seed)
+                    torch.autograd.grad(y, leaves, g)
+                t = bench_us(fwd_bwd)
+            finally:
+                lora_ext._C.set_fused_post_dropout(previous)
+            line.append(f"op p=0.1 fwd+bwd fused-post {'on' if post else 'off'} {t:.1f} ({t / base_bwd:.3f} of base fwd+bwd)")
         print("; ".join(line), flush=True)
         for cfg_name in args.configs:
             cfg = CONFIGS[cfg_name]

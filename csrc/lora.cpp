@@ -52,12 +52,14 @@ void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_f
 pybind11::object* triton_fused_forward_fn = nullptr;
 pybind11::object* triton_fused_grad_input_fn = nullptr;
 pybind11::object* triton_adapter_grads_fn = nullptr;
+pybind11::object* triton_fused_grad_input_given_xa_fn = nullptr;
 
 void set_triton_fused_gemms(pybind11::object forward_fn, pybind11::object grad_input_fn,
-                            pybind11::object adapter_grads_fn) {
+                            pybind11::object adapter_grads_fn, pybind11::object grad_input_given_xa_fn) {
   triton_fused_forward_fn = new pybind11::object(std::move(forward_fn));
   triton_fused_grad_input_fn = new pybind11::object(std::move(grad_input_fn));
   triton_adapter_grads_fn = new pybind11::object(std::move(adapter_grads_fn));
+  triton_fused_grad_input_given_xa_fn = new pybind11::object(std::move(grad_input_given_xa_fn));
 }
 
 pybind11::object* triton_masked_down_fn = nullptr;
@@ -348,6 +350,15 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const 
   return as_pair(run_piece("fused_grad_input", triton_fused_grad_input_fn, {g2, weight, lora_A, lora_B, scale}));
 }
 
+c10::optional<at::Tensor> triton_fused_grad_input_given_xa(const at::Tensor& g2, const at::Tensor& weight,
+                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                           const at::Tensor& grad_xa) {
+  auto outputs = run_piece("fused_grad_input_given_xa", triton_fused_grad_input_given_xa_fn,
+                           {g2, weight, lora_A, lora_B, grad_xa});
+  if (!outputs.has_value()) return c10::nullopt;
+  return outputs->at(0);
+}
+
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at::Tensor& grad_xa, const at::Tensor& x2,
                                                                        const at::Tensor& xa, const at::Tensor& g2,
                                                                        double scale_A, double scale_B) {
@@ -388,10 +399,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Registers the Triton masked thin products the native CUDA path uses for its dropout steps, and the "
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
-             "Registers the fused Triton GEMMs the native CUDA path runs for dropout-free k/v-sized layers "
+             "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
-             "fused_grad_input_callback: "
-             "(dx, g B), adapter_grads_callback: (dA, dB); each None where it does not apply)");
+             "fused_grad_input_callback: (dx, g B), adapter_grads_callback: (dA, dB), "
+             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout; each None where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");
@@ -401,10 +412,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
              "setting (off by default until measured on a GPU; LORA_EXT_FUSED_ADAPTER_GRADS=1: on at import)");
-  module.def("set_fused_post_forward", &lora::set_fused_post_forward,
-             "Turns the native CUDA path's fused Triton forward with 'post' dropout (the mask in its epilogue) "
-             "on or off; returns the previous setting (off by default until measured on a GPU; "
-             "LORA_EXT_FUSED_POST_FORWARD=1: on at import)");
+  module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
+             "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
+             "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "
+             "setting (off by default until measured on a GPU; LORA_EXT_FUSED_POST_DROPOUT=1: on at import)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

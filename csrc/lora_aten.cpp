@@ -158,18 +158,25 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
          lora_A.size(0) <= kFusedGradInputMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 
-// The forward with 'post' dropout the same way (same sizes): the mask is generated in the fused
+// With 'post' dropout (one switch for both, same sizes as without): the forward's mask is generated in the fused
 // GEMM's epilogue, on the LoRA term's own product per 64-column chunk (one Philox evaluation per
 // group of eight, as csrc/philox.h), so neither the composed path's pass over x for xa nor its
 // separate mask pass over the (M, N) LoRA term and the beta = 1 read of it are paid. Counted
 // (benchmarks/NOTES.md #33; the SASS after two fixes there): at 4096 x 1024 ~1.25x the base
-// against the composed 1.48x. Not yet run on a GPU, so OFF by default:
-// LORA_EXT_FUSED_POST_FORWARD=1 or set_fused_post_forward(true) turns it on (LORA_EXT_FUSED_FORWARD=0
-// turns both fused forwards off).
-std::atomic<bool> fused_post_forward_enabled{on_if_env_one("LORA_EXT_FUSED_POST_FORWARD")};
+// against the composed 1.48x. And the input gradient dx = g W + grad_xa A as one GEMM with
+// grad_xa = s drop(g) B given (from the masked step): no (M, K) write of grad_xa A and no beta = 1
+// read of it by cuBLAS's g W (the dropout-free fused input gradient measured 1.23-1.25x cuBLAS's
+// g W against 1.56x composed, #28; NOTES.md #34). Not yet run on a GPU, so OFF by default:
+// LORA_EXT_FUSED_POST_DROPOUT=1 or set_fused_post_dropout(true) turns both on
+// (LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 still turn the fused GEMMs off).
+std::atomic<bool> fused_post_dropout_enabled{on_if_env_one("LORA_EXT_FUSED_POST_DROPOUT")};
 
-bool use_fused_post_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_post_forward_enabled && use_fused_forward(x2, weight, lora_A);
+bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return fused_post_dropout_enabled && use_fused_forward(x2, weight, lora_A);
+}
+
+bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return fused_post_dropout_enabled && use_fused_grad_input(g2, weight, lora_A);
 }
 
 // Both adapter gradients of the dropout-free backward in one Triton launch
@@ -219,7 +226,7 @@ bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchan
 
 bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.exchange(enabled); }
 
-bool set_fused_post_forward(bool enabled) { return fused_post_forward_enabled.exchange(enabled); }
+bool set_fused_post_dropout(bool enabled) { return fused_post_dropout_enabled.exchange(enabled); }
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -244,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     return {with_leading_shape(y, x), xa};
   }
 #endif
-  if (weight.has_value() && (dropout ? post_dropout && use_fused_post_forward(x2, *weight, lora_A)
+  if (weight.has_value() && (dropout ? post_dropout && use_fused_post_dropout_forward(x2, *weight, lora_A)
                                      : use_fused_forward(x2, *weight, lora_A))) {
     if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, post_dropout ? dropout_p : 0.0,
                                           post_dropout ? seed : c10::optional<at::Tensor>())) {
@@ -334,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
 
   at::Tensor grad_xa;  // (M, r): s drop_post(g) B, or g B when grad_xa_scale is s
   double grad_xa_scale = 1.0;  // what dA still multiplies by
-  bool grad_x_fused = false;   // dx came with grad_xa from the fused input gradient
+  bool grad_x_fused = false;   // dx came from a fused input gradient (with grad_xa when dropout-free)
   const bool need_lora_grads = need_A || need_x || need_B;
   // dA and dB in one launch once grad_xa is known (below), instead of two cuBLAS GEMMs.
   const bool adapter_grads_together = !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A);
@@ -410,6 +417,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
         dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
       }
       grad_A = reduce_over_tokens(grad_xa, x_lora, grad_xa_scale);  // (r, K)
+    }
+    if (need_x && !grad_x_fused && post_dropout && weight.has_value() &&
+        use_fused_post_dropout_grad_input(g, *weight, lora_A)) {
+      // grad_xa = s drop(g) B from the masked step (grad_xa_scale 1): dx = g W + grad_xa A in one GEMM.
+      if (auto fused = triton_fused_grad_input_given_xa(g.contiguous(), *weight, lora_A, lora_B, grad_xa)) {
+        grad_x = fused->view(x.sizes());
+        grad_x_fused = true;
+      }
     }
     if (need_x && !grad_x_fused) {
       if (!pre_dropout && lora_dtype == x.scalar_type()) {

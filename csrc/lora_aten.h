@@ -49,9 +49,9 @@ bool set_fused_grad_input(bool enabled);
 // The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); off by
 // default, LORA_EXT_FUSED_ADAPTER_GRADS=1 turns it on at import.
 bool set_fused_adapter_grads(bool enabled);
-// The same for the fused forward with 'post' dropout (lora_aten.cpp use_fused_post_forward); off by
-// default, LORA_EXT_FUSED_POST_FORWARD=1 turns it on at import.
-bool set_fused_post_forward(bool enabled);
+// The same for the fused forward and input gradient with 'post' dropout (lora_aten.cpp
+// use_fused_post_dropout_*); off by default, LORA_EXT_FUSED_POST_DROPOUT=1 turns them on at import.
+bool set_fused_post_dropout(bool enabled);
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

@@ -461,6 +461,43 @@ def test_fused_grad_input_matches_float64(M, K, N, r, runs):
     assert_within_bound(g_b, g_b_ref, g @ B, torch.float16, "g B")
 
 
+@pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64)])
+@pytest.mark.parametrize("runs", [1, 2, None])
+def test_fused_grad_input_given_xa_matches_float64(M, K, N, r, runs):
+    """The input gradient with 'post' dropout: dx = g W + grad_xa A with grad_xa (M, r) given (a
+    column slice of a wider tensor: its own row stride), against float64 within the bound of the
+    same products in float16; grad_xa is large so that the LoRA term dominates dx, and the kernel
+    must not write into it."""
+    from lora_ext.kernels import fused_forward
+
+    gen = torch.Generator().manual_seed(M + r)
+    inputs = make_inputs((M,), K, N, r, torch.float16, bias=False, seed=M + N + r + 2)
+    w, A, B = (inputs[k].detach() for k in ("weight", "lora_A", "lora_B"))
+    g = torch.randn(M, N, generator=gen, dtype=torch.float64).to(torch.float16)
+    grad_xa = (3.0 * torch.randn(M, r + 8, generator=gen, dtype=torch.float64)).to(torch.float16)[:, 8:]
+    before = grad_xa.clone()
+    assert fused_forward.grad_input_given_xa_layout_supported(g, w, A, B, grad_xa)
+    grad_x = fused_forward.grad_input_given_xa(g, w, A, B, grad_xa, runs=runs, **TINY_TILES)
+    ref = g.double() @ w.double() + grad_xa.double() @ A.double()
+    assert grad_x.dtype == torch.float16 and grad_x.shape == (M, K)
+    assert_within_bound(grad_x, ref, (g.float() @ w.float() + grad_xa.float() @ A.float()).half(), torch.float16, "dx")
+    assert torch.equal(grad_xa, before)
+
+
+def test_fused_grad_input_given_xa_layout_checks():
+    from lora_ext.kernels import fused_forward
+
+    g = torch.randn(64, 48, dtype=torch.float16)
+    w, A, B = (torch.randn(*shape, dtype=torch.float16) for shape in ((48, 64), (8, 64), (48, 8)))
+    grad_xa = torch.randn(64, 8, dtype=torch.float16)
+    ok = fused_forward.grad_input_given_xa_layout_supported
+    assert ok(g, w, A, B, grad_xa) and not fused_forward.grad_input_given_xa_supports(g, w, A, B, grad_xa)
+    assert not ok(g, w, A, B, grad_xa.float())  # another dtype than the adapters'
+    assert not ok(g, w, A, B, grad_xa[:63])  # not one row per token
+    assert not ok(g, w, A, B, torch.randn(64, 16, dtype=torch.float16)[:, ::2])  # ranks not contiguous
+    assert not ok(g, None, A, B, grad_xa)  # no base weight
+
+
 def test_fused_grad_input_layout_checks():
     from lora_ext.kernels import fused_forward
 

@@ -876,18 +876,20 @@ def test_triton_backend_forward_is_the_fused_kernel_from_4096_rows():
 
 
 @pytest.fixture
-def fused_post_forward_on():
-    """The op's fused forward with 'post' dropout on for one test (off by default: not yet measured)."""
-    yield from _switched_on(lora_ext._C.set_fused_post_forward)
+def fused_post_dropout_on():
+    """The op's fused GEMMs with 'post' dropout on for one test (off by default: not yet measured)."""
+    yield from _switched_on(lora_ext._C.set_fused_post_dropout)
 
 
 @fused_only
 @pytest.mark.parametrize("lead_shape,bias,r", [((4100,), True, 16), ((2, 2050), False, 64)], ids=str)
-def test_fused_post_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on, fused_post_forward_on):
+def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fused_forward_on, fused_grad_input_on,
+                                                      fused_post_dropout_on):
     """Turned on, 'post' dropout at a k/v-sized layer with 4096+ rows: the op's y and xa are the fused
-    kernel's bits (the mask in its epilogue), y and every gradient (the native 'post' backward,
-    which regenerates the mask from the seed) within the float64 bound, the launch replayed from
-    C++ from the second call with the same bits, and turned off the op composes (other rounding)."""
+    forward's bits (the mask in its epilogue); dx is the fused input gradient's bits with the masked
+    step's grad_xa at r <= 16 (the composed path's at r = 64, outside its measured range); y and every
+    gradient within the float64 bound; the forward replayed from C++ from the second call with the
+    same bits; and turned off, the op composes (other rounding)."""
     from lora_ext.kernels import fused_forward
 
     p, seed_value, scale = 0.25, 5, 0.5
@@ -895,22 +897,38 @@ def test_fused_post_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forwa
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
     y, xa, _ = run_and_check(inputs, scale, p, "post", seed_value, "native")
     seed = seed_tensor(seed_value)
+    gy = torch.randn_like(y)
+
+    def forward_and_dx():
+        out, _ = torch.ops.lora.linear(x, w, b, A, B, scale, p, "post", seed, "native")
+        return out, torch.autograd.grad(out, [x], gy)[0]
+
+    replayed = lora_ext._C.triton_replay_stats()[2]
+    again, grad_x = forward_and_dx()
+    assert lora_ext._C.triton_replay_stats()[2] > replayed and torch.equal(again, y)
     with torch.no_grad():
-        expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, scale, p, seed)
+        x2, w_, A_, B_ = x.reshape(-1, 512).detach(), w.detach(), A.detach(), B.detach()
+        expected_y, expected_xa = fused_forward.linear_forward(x2, w_, b if b is None else b.detach(), A_, B_, scale,
+                                                               p, seed)
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
-        replayed = lora_ext._C.triton_replay_stats()[2]
-        again, _ = torch.ops.lora.linear(x, w, b, A, B, scale, p, "post", seed, "native")
-        assert lora_ext._C.triton_replay_stats()[2] == replayed + 1 and torch.equal(again, y)
-        lora_ext._C.set_fused_post_forward(False)
+        lora_ext._C.set_fused_post_dropout(False)
         try:
-            composed, _ = torch.ops.lora.linear(x, w, b, A, B, scale, p, "post", seed, "native")
+            composed_y, composed_dx = forward_and_dx()
         finally:
-            lora_ext._C.set_fused_post_forward(True)
-    assert not torch.equal(composed, y)
+            lora_ext._C.set_fused_post_dropout(True)
+        if r <= 16:
+            g2 = gy.reshape(-1, 1032)
+            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(g2, B_, xa, scale, seed, p, True, False)
+            expected_dx = fused_forward.grad_input_given_xa(g2, w_, A_, B_, grad_xa)
+            assert torch.equal(grad_x.reshape(-1, 512), expected_dx)
+            assert not torch.equal(grad_x, composed_dx)
+        else:
+            assert torch.equal(grad_x, composed_dx)
+    assert not torch.equal(composed_y, y)
 
 
 @fused_only
-def test_opcheck_linear_on_the_fused_post_forward(fused_forward_on, fused_post_forward_on):
+def test_opcheck_linear_on_the_fused_post_dropout_gemms(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
     inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=5)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
     torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.1, "post",

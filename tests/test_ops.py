@@ -876,7 +876,7 @@ def test_schema_defined_by_the_extension_alone():
 SWITCH_DEFAULTS = {"set_fused_forward": ("LORA_EXT_FUSED_FORWARD", "0", True),
                    "set_fused_grad_input": ("LORA_EXT_FUSED_GRAD_INPUT", "0", True),
                    "set_fused_adapter_grads": ("LORA_EXT_FUSED_ADAPTER_GRADS", "1", False),
-                   "set_fused_post_forward": ("LORA_EXT_FUSED_POST_FORWARD", "1", False)}
+                   "set_fused_post_dropout": ("LORA_EXT_FUSED_POST_DROPOUT", "1", False)}
 
 
 def test_native_path_switches_default_and_env():

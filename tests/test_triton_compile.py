@@ -161,13 +161,14 @@ def test_launched_kernels_compile_for_sm90(monkeypatch):
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
-@pytest.mark.parametrize("product", ["forward", "forward_post", "grad_input"])
+@pytest.mark.parametrize("product", ["forward", "forward_post", "grad_input", "grad_input_given_xa"])
 def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monkeypatch, product):
     """The fused GEMM (TMA descriptors), forward (without and with 'post' dropout) and input
-    gradient, compiled for sm_90 as on the H200, and the recipe the native path would replay: its
-    argument expansion must match the compiled kernel's PTX parameter list (replay._recipe checks
-    it), the descriptors become tensor maps over the right tensors, every output is written by the
-    launch, and with dropout the kernel reads the seed the op was given (the callback's 8th input)."""
+    gradient (computing g B, or given grad_xa), compiled for sm_90 as on the H200, and the recipe
+    the native path would replay: its argument expansion must match the compiled kernel's PTX
+    parameter list (replay._recipe checks it), the descriptors become tensor maps over the right
+    tensors, every output is written by the launch, with dropout the kernel reads the seed the op
+    was given (the callback's 8th input), and a given grad_xa is read from the caller's tensor."""
     launches = []
     monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
                         RecordingKernel(fused_forward._lora_gemm_kernel, launches))
@@ -181,8 +182,13 @@ def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monke
                          ("input", 4, [16, 264]), ("output", 0, [264, 300])]
     else:
         g = torch.randn(300, 264, dtype=torch.bfloat16)
-        inputs = (g, w, A, B, 0.5)
-        outputs = fused_forward.grad_input(g, w, A, B, 0.5)
+        if product == "grad_input":
+            inputs = (g, w, A, B, 0.5)
+            outputs = fused_forward.grad_input(g, w, A, B, 0.5)
+        else:
+            grad_xa = torch.randn(300, 16, dtype=torch.bfloat16)
+            inputs = (g, w, A, B, grad_xa)  # as csrc/lora.cpp triton_fused_grad_input_given_xa passes them
+            outputs = (fused_forward.grad_input_given_xa(g, w, A, B, grad_xa),)
         # g, then W, B, A as stored (reduction-major), dx
         expected_maps = [("input", 0, [264, 300]), ("input", 1, [192, 264]), ("input", 3, [16, 264]),
                          ("input", 2, [192, 16]), ("output", 0, [192, 300])]
@@ -194,7 +200,10 @@ def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monke
     assert temps == []
     maps = [arg for arg in specs[0][5] if arg[0] == "tensormap"]
     assert [(kind, index, encoding[1]) for _, kind, index, encoding in maps] == expected_maps
-    assert ("output", 1) in specs[0][5]  # xa (g B) as a pointer
+    if product == "grad_input_given_xa":
+        assert ("input", 4) in specs[0][5] and ("output", 1) not in specs[0][5]  # grad_xa read, not written
+    else:
+        assert ("output", 1) in specs[0][5]  # xa (g B) as a pointer
     assert (("input", 7) in specs[0][5]) == (product == "forward_post")  # the seed
 
 
@@ -203,7 +212,8 @@ HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_9
 
 def record_fused_launch(monkeypatch, product, N, r):
     """The one launch of the fused GEMM for `product` ("forward", "forward_post": with 'post'
-    dropout, or "grad_input") at M = 256, K = 512, with the tiles it picks for itself."""
+    dropout, "grad_input" or "grad_input_given_xa") at M = 256, K = 512, with the tiles it picks
+    for itself."""
     launches = []
     monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
                         RecordingKernel(fused_forward._lora_gemm_kernel, launches))
@@ -212,6 +222,9 @@ def record_fused_launch(monkeypatch, product, N, r):
         fused_forward.linear_forward(x, w, b, A, B, 0.5)
     elif product == "forward_post":
         fused_forward.linear_forward(x, w, b, A, B, 0.5, 0.1, torch.tensor([3], dtype=torch.int64))
+    elif product == "grad_input_given_xa":
+        fused_forward.grad_input_given_xa(torch.randn(256, N, dtype=torch.bfloat16), w, A, B,
+                                          torch.randn(256, r, dtype=torch.bfloat16))
     else:
         fused_forward.grad_input(torch.randn(256, N, dtype=torch.bfloat16), w, A, B, 0.5)
     monkeypatch.undo()
@@ -223,7 +236,8 @@ def record_fused_launch(monkeypatch, product, N, r):
 @pytest.mark.parametrize("product,N,r", [("forward", 1024, 16), ("forward", 1024, 24), ("forward", 1024, 64),
                                          ("forward", 4096, 64), ("forward_post", 1024, 16),
                                          ("forward_post", 1024, 64), ("grad_input", 1024, 16),
-                                         ("grad_input", 1024, 64), ("grad_input", 4096, 64)], ids=str)
+                                         ("grad_input", 1024, 64), ("grad_input", 4096, 64),
+                                         ("grad_input_given_xa", 1024, 16)], ids=str)
 def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, product, N, r):
     """The tile configuration each fused GEMM picks for itself must fit an H100/H200 block's shared
     memory at every rank it accepts (r <= 64): a 4-stage input gradient at r = 64 needed 262 KB,
@@ -238,7 +252,8 @@ def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, prod
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
 @pytest.mark.parametrize("product,N,r", [("forward", 1024, 16), ("forward", 4096, 16), ("forward_post", 1024, 16),
-                                         ("forward_post", 4096, 64), ("grad_input", 1024, 16)], ids=str)
+                                         ("forward_post", 4096, 64), ("grad_input", 1024, 16),
+                                         ("grad_input_given_xa", 1024, 16)], ids=str)
 def test_fused_gemm_main_loop_keeps_its_wgmmas_in_flight(monkeypatch, product, N, r):
     """The fused GEMM's speed rests on its main loop issuing several asynchronous wgmmas before
     waiting for them (sm_90). When ptxas cannot prove that safe it serialises every wgmma of the

@@ -72,7 +72,7 @@ def _fused_or_none(run, device_of):
 
 def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale, post_dropout_p=0.0, seed=None):
     """The native path's fused forward (csrc/lora_aten.cpp, use_fused_forward: dropout 0;
-    use_fused_post_forward: 'post' dropout with p = post_dropout_p and its seed): (y, xa), or None
+    use_fused_post_dropout_forward: 'post' dropout with p = post_dropout_p and its seed): (y, xa), or None
     where fused_forward.supports refuses these tensors (C++ then composes cuBLAS calls)."""
     from . import fused_forward  # imported on first use, as in the callbacks above
 
@@ -90,6 +90,18 @@ def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
     if not fused_forward.grad_input_supports(grad_y2, weight, lora_A, lora_B):
         return None
     return _fused_or_none(lambda: fused_forward.grad_input(grad_y2, weight, lora_A, lora_B, scale), grad_y2)
+
+
+def fused_grad_input_given_xa_callback(grad_y2, weight, lora_A, lora_B, grad_xa):
+    """The native path's input gradient with 'post' dropout (csrc/lora_aten.cpp,
+    use_fused_post_dropout_grad_input): (dx,) = (g W + grad_xa A,) with grad_xa = s drop(g) B given,
+    or None where fused_forward.grad_input_given_xa_supports refuses these tensors."""
+    from . import fused_forward
+
+    if not fused_forward.grad_input_given_xa_supports(grad_y2, weight, lora_A, lora_B, grad_xa):
+        return None
+    return _fused_or_none(
+        lambda: (fused_forward.grad_input_given_xa(grad_y2, weight, lora_A, lora_B, grad_xa),), grad_y2)
 
 
 def adapter_grads_callback(grad_xa, x2, xa, grad_y2, scale_A, scale_B):
@@ -111,7 +123,8 @@ if native_available():
 
         # The dropout-free forward and input gradient of k/v-sized layers as one Triton GEMM
         # each (fused_forward.py), and the adapter gradients in one launch (adapter_grads.py).
-        _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback, adapter_grads_callback)
+        _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback, adapter_grads_callback,
+                                  fused_grad_input_given_xa_callback)
         _C.set_triton_masked_pieces(
             *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )

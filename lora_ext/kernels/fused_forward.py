@@ -158,14 +158,16 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
                       M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
                       R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      POST_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr):
+                      POST_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, XA_GIVEN: tl.constexpr):
     # The same product serves the input gradient (TRANSPOSED, see grad_input): there x is g
     # (M, N_layer), the reduction runs over the layer's outputs and the "xa" it stores is g B.
     # Without dropout the up-projection is one more K step of the tile's own accumulator,
     # acc += (s xa) B^T with K = R_PAD: no second accumulator, no layout change, B's tile
     # loaded before the main loop (its latency hidden behind it). With 'post' dropout the
     # mask applies to the LoRA term alone, so it is its own product in the epilogue, per chunk,
-    # with B's chunks likewise loaded before the main loop.
+    # with B's chunks likewise loaded before the main loop. XA_GIVEN (the input gradient with
+    # 'post' dropout, grad_input_given_xa): the (M, R) LoRA input is read from xa_ptr, already
+    # scaled (s drop(g) B from the masked backward step), instead of computed from the x tiles.
     LORA_IN_ACC: tl.constexpr = HAS_LORA and not POST_DROPOUT
     LORA_IN_EPILOGUE: tl.constexpr = HAS_LORA and POST_DROPOUT
     CHUNK_N: tl.constexpr = BLOCK_N // EPILOGUE_CHUNKS
@@ -197,7 +199,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
     for kt in range(k_tiles):
         x_tile = x_desc.load([off_m, kt * BLOCK_K])
         acc = tl.dot(x_tile, _operand_tile(w_desc, off_n, kt * BLOCK_K, TRANSPOSED), acc)
-        if HAS_LORA:
+        if HAS_LORA and not XA_GIVEN:
             xa_acc = tl.dot(x_tile, _operand_tile(a_desc, 0, kt * BLOCK_K, TRANSPOSED), xa_acc)
     # xa in the adapters' dtype, as the composed path rounds it: the LoRA term and the saved
     # xa of backward are the same numbers.
@@ -211,8 +213,9 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
         ranks = tl.arange(0, R_PAD)
         xa_ptrs = xa_ptr + rows[:, None] * stride_xa + ranks[None, :]
         xa_mask = (rows[:, None] < M) & (ranks[None, :] < R)
-        tl.store(xa_ptrs, xa, mask=xa_mask)
-        tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
+        if not XA_GIVEN:
+            tl.store(xa_ptrs, xa, mask=xa_mask)
+            tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
         xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
         # s xa, rounded once more (exact when s is a power of two, as alpha / r usually is).
         xs = (xa.to(tl.float32) * scale).to(xa.dtype)
@@ -316,6 +319,21 @@ def grad_input_supports(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora
     return _on_hopper(grad_y2) and grad_input_layout_supported(grad_y2, weight, lora_A, lora_B)
 
 
+def grad_input_given_xa_layout_supported(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
+                                         lora_B: torch.Tensor, grad_xa: torch.Tensor) -> bool:
+    """grad_input_layout_supported, and grad_xa (M, r) in the adapters' dtype on their device with
+    unit last stride (the kernel reads its rows through pointers)."""
+    return (grad_input_layout_supported(grad_y2, weight, lora_A, lora_B) and grad_xa.dim() == 2
+            and tuple(grad_xa.shape) == (grad_y2.shape[0], lora_A.shape[0]) and grad_xa.dtype == lora_A.dtype
+            and grad_xa.device == lora_A.device and grad_xa.stride(1) == 1)
+
+
+def grad_input_given_xa_supports(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
+                                 lora_B: torch.Tensor, grad_xa: torch.Tensor) -> bool:
+    """Whether grad_input_given_xa can compute this call on the GPU."""
+    return _on_hopper(grad_y2) and grad_input_given_xa_layout_supported(grad_y2, weight, lora_A, lora_B, grad_xa)
+
+
 @functools.lru_cache(maxsize=None)
 def _major_capability(device_index: int | None) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
@@ -345,7 +363,7 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     `config` overrides DEFAULT_CONFIG (block sizes, stages, warps) and `runs` the split of
     each row block's column blocks; both for the benchmarks' sweeps."""
     config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
-    return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, has_lora, runs, False, config)
+    return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, has_lora, runs, False, None, config)
 
 
 def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -356,13 +374,25 @@ def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     the LoRA term one more K step), and g B (M, r) in the adapters' dtype, unscaled: the caller's
     dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supports`)."""
     config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
-    return _launch(grad_y2, weight, lora_B, lora_A, None, scale, 0.0, None, has_lora, runs, True, config)
+    return _launch(grad_y2, weight, lora_B, lora_A, None, scale, 0.0, None, has_lora, runs, True, None, config)
 
 
-def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, transposed, config):
+def grad_input_given_xa(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        grad_xa: torch.Tensor, *, runs: int | None = None, **config) -> torch.Tensor:
+    """dx = g W + grad_xa A as one GEMM for grad_y2 = g (M, N), with grad_xa (M, r) given: the input
+    gradient with 'post' dropout, where grad_xa = s drop(g) B comes from the masked backward step
+    (csrc/cuda/masked_grad_y.cu) and only the base product reads g. Saves the composed path's
+    (M, K) write of grad_xa A and the base GEMM's beta = 1 read of it (NOTES.md #34). lora_B only
+    shapes an unused descriptor. Requirements: grad_input_given_xa_supports."""
+    config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
+    return _launch(grad_y2, weight, lora_B, lora_A, None, 1.0, 0.0, None, True, runs, True, grad_xa, config)[0]
+
+
+def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, transposed, given_xa, config):
     """One launch of _lora_gemm_kernel: out = a2 W' + b + drop_post(s (a2 D') U'), and a2 D',
     where W', D', U' are weight, down, up transposed for the forward (transposed=False: stored
-    (out, reduction)) and as stored for the input gradient (transposed=True)."""
+    (out, reduction)) and as stored for the input gradient (transposed=True); with given_xa
+    (M, r), out = a2 W' + s given_xa U' and given_xa is returned in a2 D''s place."""
     cfg = {**DEFAULT_CONFIG, **config}
     block_m, block_n, block_k, chunks = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["epilogue_chunks"]
     M, K = a2.shape
@@ -370,7 +400,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     r = down.shape[1] if transposed else down.shape[0]
     rank_pad = max(16, triton.next_power_of_2(r))
     y = torch.empty((M, N), device=a2.device, dtype=a2.dtype)
-    xa = torch.empty((M, r), device=a2.device, dtype=down.dtype)
+    xa = torch.empty((M, r), device=a2.device, dtype=down.dtype) if given_xa is None else given_xa
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
         if a2.is_cuda:
@@ -392,7 +422,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
         """What the compiled kernel's resources depend on: a variant that did not fit this device
         once is refused without loading it again (the load is what fails, on every call)."""
         return (a2.device, a2.dtype, transposed, has_lora, post_dropout, bias is not None, rank_pad,
-                tuple(sorted(cfg.items())))
+                given_xa is not None, tuple(sorted(cfg.items())))
 
     if _DOES_NOT_FIT:  # empty on a GPU where every variant fits: no key built per call
         refused = _DOES_NOT_FIT.get(variant())
@@ -414,7 +444,8 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
             1.0 / (1.0 - dropout_p), cols_per_run, runs,
             R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
             HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout,
-            TRANSPOSED=transposed, num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+            TRANSPOSED=transposed, XA_GIVEN=given_xa is not None, num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"],
         )
     except OutOfResources as error:
         _DOES_NOT_FIT[variant()] = error
