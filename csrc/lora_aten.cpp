@@ -158,9 +158,10 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
          lora_A.size(0) <= kFusedGradInputMaxRank && lora_A.scalar_type() == g2.scalar_type();
 }
 
-// With 'post' dropout (one switch for both, same sizes as without): the forward's mask is generated in the fused
-// GEMM's epilogue, on the LoRA term's own product per 64-column chunk (one Philox evaluation per
-// group of eight, as csrc/philox.h), so neither the composed path's pass over x for xa nor its
+// With 'post' dropout (one switch for both, the sizes of the dropout-free forms): the forward's
+// mask is generated in the fused GEMM's epilogue, on the LoRA term's own product per 64-column
+// chunk (one Philox evaluation per group of eight, as csrc/philox.h), so neither the composed
+// path's pass over x for xa nor its
 // separate mask pass over the (M, N) LoRA term and the beta = 1 read of it are paid. Counted
 // (benchmarks/NOTES.md #33; the SASS after two fixes there): at 4096 x 1024 ~1.25x the base
 // against the composed 1.48x. And the input gradient dx = g W + grad_xa A as one GEMM with
