@@ -53,13 +53,16 @@ pybind11::object* triton_fused_forward_fn = nullptr;
 pybind11::object* triton_fused_grad_input_fn = nullptr;
 pybind11::object* triton_adapter_grads_fn = nullptr;
 pybind11::object* triton_fused_grad_input_given_xa_fn = nullptr;
+pybind11::object* triton_grad_A_only_fn = nullptr;
 
 void set_triton_fused_gemms(pybind11::object forward_fn, pybind11::object grad_input_fn,
-                            pybind11::object adapter_grads_fn, pybind11::object grad_input_given_xa_fn) {
+                            pybind11::object adapter_grads_fn, pybind11::object grad_input_given_xa_fn,
+                            pybind11::object grad_A_only_fn) {
   triton_fused_forward_fn = new pybind11::object(std::move(forward_fn));
   triton_fused_grad_input_fn = new pybind11::object(std::move(grad_input_fn));
   triton_adapter_grads_fn = new pybind11::object(std::move(adapter_grads_fn));
   triton_fused_grad_input_given_xa_fn = new pybind11::object(std::move(grad_input_given_xa_fn));
+  triton_grad_A_only_fn = new pybind11::object(std::move(grad_A_only_fn));
 }
 
 pybind11::object* triton_masked_down_fn = nullptr;
@@ -359,6 +362,12 @@ c10::optional<at::Tensor> triton_fused_grad_input_given_xa(const at::Tensor& g2,
   return outputs->at(0);
 }
 
+c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at::Tensor& x2, double scale_A) {
+  auto outputs = run_piece("grad_A_only", triton_grad_A_only_fn, {grad_xa, x2, scale_A});
+  if (!outputs.has_value()) return c10::nullopt;
+  return outputs->at(0);
+}
+
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at::Tensor& grad_xa, const at::Tensor& x2,
                                                                        const at::Tensor& xa, const at::Tensor& g2,
                                                                        double scale_A, double scale_B) {
@@ -402,7 +411,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
              "fused_grad_input_callback: (dx, g B), adapter_grads_callback: (dA, dB), "
-             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout; each None where it does not apply)");
+             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); each None "
+             "where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");

@@ -185,7 +185,10 @@ bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& w
 // walks all M tokens, so x and g are read once, with no split-K partials or reduce kernels.
 // cuBLAS runs each as a split-K GEMM plus a reduce (four launches). Predicted at 4096 x 1024,
 // M = 8192: ~22 us against cuBLAS's 37 (benchmarks/NOTES.md #31); not yet run on a GPU, so OFF
-// by default: LORA_EXT_FUSED_ADAPTER_GRADS=1 or set_fused_adapter_grads(true) turns it on.
+// by default: LORA_EXT_FUSED_ADAPTER_GRADS=1 or set_fused_adapter_grads(true) turns it on. Where dB
+// is not computed with dA ('post' dropout: the masked step gives it; or not wanted), dA alone
+// runs as the same kernel's dA programs (adapter_grads.grad_A_only): at k/v ~18 us against
+// cuBLAS's 27 (NOTES.md #31, its dA part).
 // 16-bit tensors of one dtype (no conversion copy of x or g), from 4096 rows.
 std::atomic<bool> fused_adapter_grads_enabled{on_if_env_one("LORA_EXT_FUSED_ADAPTER_GRADS")};
 constexpr int64_t kFusedAdapterGradsMaxRank = 64;
@@ -409,7 +412,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
         grad_B = reduce_over_tokens(g, xa, scale);
       }
     }
-    if (need_A && !adapter_grads.has_value()) {
+    // dA alone in one launch where dB is not computed with it (the 'post' backward's masked step gave
+    // dB, or dB is not wanted): the same switch and sizes as both together.
+    c10::optional<at::Tensor> grad_A_alone;
+    if (need_A && !adapter_grads.has_value() && !pre_dropout && use_fused_adapter_grads(g, x2, lora_A)) {
+      grad_A_alone = triton_grad_A_only(grad_xa, x2, grad_xa_scale);
+      if (grad_A_alone.has_value()) grad_A = *grad_A_alone;
+    }
+    if (need_A && !adapter_grads.has_value() && !grad_A_alone.has_value()) {
       at::Tensor x_lora = x2.to(lora_dtype);
       if (keep_scale_mask.defined()) {
         x_lora = x_lora * keep_scale_mask;

@@ -579,7 +579,8 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     dA = s_A grad_xa^T x and dB = s_B g^T xa against float64, within the bound of the same
     products in float16; row counts that are not multiples of the tile, K and N that are not
     multiples of the column block, r padded to the MMA's 16, x and g as strided views (the
-    kernel reads any strides). Twice gives the same bits (each output has one summation order)."""
+    kernel reads any strides). Twice gives the same bits (each output has one summation order),
+    and dA alone (grad_A_only) the same bits as with dB."""
     from lora_ext.kernels import adapter_grads
 
     gen = torch.Generator().manual_seed(M + K + r)
@@ -599,6 +600,8 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     assert_within_bound(grad_B, 3.0 * g.double().t() @ xa.double(), 3.0 * (g.t() @ xa), torch.float16, "dB")
     again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, block_m=32, block_c=16)
     assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
+    # dA alone (the 'post' dropout backward): the same programs, so the same bits
+    assert torch.equal(adapter_grads.grad_A_only(grad_xa, x, 0.5, block_m=32, block_c=16), grad_A)
 
 
 def test_adapter_grads_refuse_what_they_do_not_compute():

@@ -857,6 +857,38 @@ def test_adapter_grads_are_what_the_op_runs(K, N, r, fused_adapter_grads_on):
     assert torch.equal(composed[0], first[0])  # dx does not depend on it
 
 
+@native_triton_only
+def test_adapter_grads_dA_alone_is_what_the_post_backward_runs(fused_adapter_grads_on):
+    """'post' dropout at 4096+ rows with the one launch on: dB comes from the masked step, and dA is
+    grad_A_only's bits on the masked step's grad_xa; every gradient within the float64 bound
+    (run_and_check); turned off, cuBLAS's dA (another summation order)."""
+    from lora_ext.kernels import adapter_grads
+
+    M, K, N, r, p, scale, seed_value = 4100, 512, 1032, 16, 0.25, 0.5, 7
+    inputs = make_inputs((M,), K, N, r, torch.bfloat16, seed=19)
+    run_and_check(inputs, scale, p, "post", seed_value, "native")
+    leaves = [inputs[k] for k in GRAD_NAMES]
+    x, w, _, A, B = (t.detach() for t in leaves)
+    seed = seed_tensor(seed_value)
+    gy = torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
+
+    def grad_A():
+        y, _ = torch.ops.lora.linear(*leaves, scale, p, "post", seed, "native")
+        return torch.autograd.grad(y, [inputs["lora_A"]], gy)[0]
+
+    got = grad_A()
+    with torch.no_grad():
+        _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, p, "post", seed, "native")
+        grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B, xa, scale, seed, p, True, False)
+        assert torch.equal(got, adapter_grads.grad_A_only(grad_xa, x, 1.0))
+    lora_ext._C.set_fused_adapter_grads(False)
+    try:
+        composed = grad_A()
+    finally:
+        lora_ext._C.set_fused_adapter_grads(True)
+    assert not torch.equal(composed, got)
+
+
 @fused_only
 def test_triton_backend_forward_is_the_fused_kernel_from_4096_rows():
     """backend 'triton', dropout-free, 4096+ rows on Hopper: y and xa are the fused kernel's bits and

@@ -272,10 +272,12 @@ def test_fused_gemm_main_loop_keeps_its_wgmmas_in_flight(monkeypatch, product, N
 
 
 @pytest.mark.parametrize("r", [8, 16, 64])
-def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(monkeypatch, r):
+@pytest.mark.parametrize("both", [True, False], ids=["dA_and_dB", "dA_only"])
+def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(monkeypatch, r, both):
     """The one-launch adapter gradients (adapter_grads.py) at its default tiles, compiled for sm_90 as
     on the H200: it fits a block's shared memory at every rank it accepts, and the recipe the native
-    path replays writes both outputs from the one launch (no temporaries)."""
+    path replays writes both outputs from the one launch (no temporaries); dA alone (grad_A_only)
+    launches dA's programs only and writes just dA."""
     from lora_ext.kernels import adapter_grads
 
     launches = []
@@ -284,14 +286,18 @@ def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(mon
     M, K, N = 300, 192, 264
     grad_xa, xa = torch.randn(M, r, dtype=torch.bfloat16), torch.randn(M, r, dtype=torch.bfloat16)
     x, g = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
-    inputs = (grad_xa, x, xa, g, 0.5, 2.0)
-    outputs = adapter_grads.adapter_grads(*inputs)
+    if both:
+        inputs = (grad_xa, x, xa, g, 0.5, 2.0)
+        outputs = adapter_grads.adapter_grads(*inputs)
+    else:
+        inputs = (grad_xa, x, 0.5)  # as csrc/lora.cpp triton_grad_A_only passes them
+        outputs = (adapter_grads.grad_A_only(*inputs),)
     monkeypatch.undo()
     (fn, args, kwargs), = launches
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
     block_c = adapter_grads.DEFAULT_CONFIG["block_c"]
-    grid = (-(-K // block_c) - (-N // block_c),)
+    grid = (-(-K // block_c) - (-N // block_c if both else 0),)
     temps, specs = replay._recipe(inputs, outputs, [(fn, compiled, grid, args)])
     assert temps == []
-    assert ("output", 0) in specs[0][5] and ("output", 1) in specs[0][5]
+    assert ("output", 0) in specs[0][5] and (("output", 1) in specs[0][5]) == both

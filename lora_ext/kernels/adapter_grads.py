@@ -1,4 +1,5 @@
-"""Both adapter gradients of the dropout-free backward in one Triton launch, without partials.
+"""Both adapter gradients of the dropout-free backward in one Triton launch, without partials
+(and dA alone, `grad_A_only`, where the 'post' dropout backward's masked step gives dB).
 
     dA = scale_A * grad_xaᵀ x      (r, K)     grad_xa (M, r), x (M, K)
     dB = scale_B * (xaᵀ g)ᵀ        (N, r)     xa (M, r),      g (M, N)
@@ -86,15 +87,27 @@ def adapter_grads(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2:
                   scale_A: float, scale_B: float, **config) -> tuple[torch.Tensor, torch.Tensor]:
     """(dA, dB) = (scale_A grad_xaᵀ x2, scale_B g2ᵀ xa), both in the operands' dtype (`supported`).
     `config` overrides DEFAULT_CONFIG (block_m, block_c, num_stages, num_warps), for the probes."""
+    return _launch(grad_xa, x2, xa, g2, scale_A, scale_B, True, config)
+
+
+def grad_A_only(grad_xa: torch.Tensor, x2: torch.Tensor, scale_A: float, **config) -> torch.Tensor:
+    """dA = scale_A grad_xaᵀ x2 alone, where dB comes from elsewhere (the 'post' dropout backward's
+    masked step) or is not wanted: the same kernel with dA's programs only (`supported` with
+    grad_xa in xa's place and x2 in g2's)."""
+    return _launch(grad_xa, x2, grad_xa, x2, scale_A, 0.0, False, config)[0]
+
+
+def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, config):
     cfg = {**DEFAULT_CONFIG, **config}
     M, r = xa.shape
     K, N = x2.shape[1], g2.shape[1]
     grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device)
-    grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device)
+    # Without dB no program writes it: grad_A stands in for its pointer.
+    grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else grad_A
     block_c = cfg["block_c"]
     blocks_A = triton.cdiv(K, block_c)
     replay.launch(
-        _adapter_grads_kernel, (blocks_A + triton.cdiv(N, block_c),),
+        _adapter_grads_kernel, (blocks_A + (triton.cdiv(N, block_c) if with_B else 0),),
         grad_xa, x2, grad_A, xa, g2, grad_B, M, K, N, r,
         grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
         float(scale_A), float(scale_B), blocks_A,

@@ -114,6 +114,17 @@ def adapter_grads_callback(grad_xa, x2, xa, grad_y2, scale_A, scale_B):
     return _fused_or_none(lambda: adapter_grads.adapter_grads(grad_xa, x2, xa, grad_y2, scale_A, scale_B), x2)
 
 
+def grad_A_only_callback(grad_xa, x2, scale_A):
+    """The native path's dA alone in one launch (csrc/lora_aten.cpp, use_fused_adapter_grads, where dB
+    comes from the 'post' dropout backward's masked step or is not wanted): (dA,), or None where
+    adapter_grads.supported refuses these tensors."""
+    from . import adapter_grads
+
+    if not adapter_grads.supported(grad_xa, x2, grad_xa, x2):
+        return None
+    return _fused_or_none(lambda: (adapter_grads.grad_A_only(grad_xa, x2, scale_A),), x2)
+
+
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
@@ -121,10 +132,11 @@ if native_available():
         # recipes C++ replays without Python (replay.py).
         from . import replay
 
-        # The dropout-free forward and input gradient of k/v-sized layers as one Triton GEMM
-        # each (fused_forward.py), and the adapter gradients in one launch (adapter_grads.py).
+        # The forward and input gradient of k/v-sized layers as one Triton GEMM each
+        # (fused_forward.py: dropout-free, and with 'post' dropout), and the adapter gradients
+        # in one launch (adapter_grads.py: both, or dA alone).
         _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback, adapter_grads_callback,
-                                  fused_grad_input_given_xa_callback)
+                                  fused_grad_input_given_xa_callback, grad_A_only_callback)
         _C.set_triton_masked_pieces(
             *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )
@@ -154,3 +166,4 @@ else:
         return _triton_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask
         )
+
