@@ -244,21 +244,26 @@ def main() -> None:
                 lora_ext._C.set_fused_forward(previous[0])
                 lora_ext._C.set_fused_post_dropout(previous[1])
             line.append(f"{name} {t:.1f} ({t / base:.3f})")
-        # fwd+bwd with 'post' dropout (x requiring grad, as in a middle layer), the fused GEMMs with
-        # 'post' dropout off and on (set_fused_post_dropout: the forward and the input gradient, #33, #34)
+        # fwd+bwd with 'post' dropout (x requiring grad, as in a middle layer): the fused GEMMs with
+        # 'post' dropout (set_fused_post_dropout: the forward and the input gradient, #33, #34) off
+        # and on, then also dA in one launch (set_fused_adapter_grads: dA alone here, #35)
         g = torch.randn(M, N, device=device, dtype=dtype)
         leaves = [t.detach().requires_grad_() for t in (x, A, B)]
         base_bwd = base + bench_us(lambda: torch.mm(g, W))
-        for post in (False, True):
-            previous = lora_ext._C.set_fused_post_dropout(post)
+
+        def fwd_bwd():
+            y, _ = torch.ops.lora.linear(leaves[0], W, None, leaves[1], leaves[2], scale, p, "post", seed)
+            torch.autograd.grad(y, leaves, g)
+
+        for post, one_launch in ((False, False), (True, False), (True, True)):
+            previous = lora_ext._C.set_fused_post_dropout(post), lora_ext._C.set_fused_adapter_grads(one_launch)
             try:
-                def fwd_bwd():
-                    y, _ = torch.ops.lora.linear(leaves[0], W, None, leaves[1], leaves[2], scale, p, "post", seed)
-                    torch.autograd.grad(y, leaves, g)
                 t = bench_us(fwd_bwd)
             finally:
-                lora_ext._C.set_fused_post_dropout(previous)
-            line.append(f"op p=0.1 fwd+bwd fused-post {'on' if post else 'off'} {t:.1f} ({t / base_bwd:.3f} of base fwd+bwd)")
+                lora_ext._C.set_fused_post_dropout(previous[0])
+                lora_ext._C.set_fused_adapter_grads(previous[1])
+            line.append(f"op p=0.1 fwd+bwd fused-post {'on' if post else 'off'} dA-launch {'on' if one_launch else 'off'} "
+                        f"{t:.1f} ({t / base_bwd:.3f} of base fwd+bwd)")
         print("; ".join(line), flush=True)
         for cfg_name in args.configs:
             cfg = CONFIGS[cfg_name]

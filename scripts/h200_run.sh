@@ -2,10 +2,13 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, pieces, fused; or all (tests,bench).
+#   MODES: comma-separated from tests, bench, probe, pieces, fused, switches; or all (tests,bench).
 #   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
+#   switches: the native path's off-by-default kernels against what runs by default, same run
+#     (fused_forward_probe.py --configs default: the op with the 'post' fused GEMMs off / on;
+#     then --adapter-grads: the one launch's tiles and the op off / on; NOTES.md #31, #33-#35).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -59,6 +62,10 @@ if has pieces; then
 fi
 if has fused; then
   python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80
+fi
+if has switches; then
+  python3 benchmarks/fused_forward_probe.py --configs default 2>&1 | tee "$OUT/switches_fused.log" | tail -40
+  python3 benchmarks/fused_forward_probe.py --adapter-grads 2>&1 | tee "$OUT/switches_adapter_grads.log" | tail -20
 fi
 if has bench; then
   shift || true
