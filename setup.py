@@ -13,6 +13,8 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# nvcc's flags for csrc/cuda (tests/test_cuda_compile.py reads this line: keep it a literal list).
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
 
 
 def cuda_build_reason():
@@ -41,7 +43,7 @@ def extension():
         "lora_ext._C",
         cpp_sources + cuda_sources,
         define_macros=[("LORA_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
     )
 
 

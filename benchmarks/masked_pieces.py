@@ -179,6 +179,9 @@ def part_ranks(rows):
                 # What the native path runs (csrc/cuda/masked_grad_y.cu), when built with CUDA.
                 "masked_grad_y (native CUDA)": gpu_us(lambda: lora_ext._C.masked_grad_y_cuda(
                     g2, B, xa, 2.0, seed, P, True, True)) if lora_ext._C.has_cuda() else float("nan"),
+                # The same with the cp.async load scheme (off by default: NOTES.md #36).
+                "masked_grad_y (native CUDA, 3 cp.async stages)": native_with_stages(
+                    3, lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, P, True, True)),
                 "masked_up (default)": gpu_us(up),
                 "masked_up (dA as inp^T rows)": gpu_us(patched(up, INP_GRAD_AS_ROWS_T=False)),
             }
@@ -186,6 +189,17 @@ def part_ranks(rows):
                 rows.append(dict(part="ranks", shape=shape, r=r, name=name, us=round(us, 1)))
                 out.append((shape, r, name, f"{us:.1f}"))
     print(common.markdown_table(["shape", "r", "what", "µs"], out))
+
+
+def native_with_stages(stages, fn):
+    """gpu_us(fn) with the native 'post' backward kernel's load scheme set to `stages` (NaN without it)."""
+    if not lora_ext._C.has_cuda():
+        return float("nan")
+    previous = lora_ext._C.set_masked_grad_y_stages(stages)
+    try:
+        return gpu_us(fn)
+    finally:
+        lora_ext._C.set_masked_grad_y_stages(previous)
 
 
 def part_sweep(rows, budget_s, r=16):

@@ -25,6 +25,9 @@ bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B,
 std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, const at::Tensor& lora_B,
                                                       const at::Tensor& xa, double scale, const at::Tensor& seed,
                                                       double p, bool need_grad_xa, bool need_grad_B);
+// Which load scheme masked_grad_y_cuda's kernel uses: 0 (registers one tile ahead, the default)
+// or 3 (a cp.async ring of three shared-memory tiles); returns the previous one.
+int set_masked_grad_y_stages(int stages);
 
 // A forward's LoRA term for few tokens in one kernel (cuda/small_m_forward.cu): xa = x2 A^T
 // written into xa (M, r), and y (M, N, holding x W^T + b) += s xa B^T. Supported: 1 to

@@ -8,7 +8,8 @@
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
 #     (fused_forward_probe.py --configs default: the op with the 'post' fused GEMMs off / on;
-#     then --adapter-grads: the one launch's tiles and the op off / on; NOTES.md #31, #33-#35).
+#     then --adapter-grads: the one launch's tiles and the op off / on; then masked_pieces.py's
+#     ranks part: the native 'post' backward step with 3 cp.async stages; NOTES.md #31, #33-#36).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -66,6 +67,7 @@ fi
 if has switches; then
   python3 benchmarks/fused_forward_probe.py --configs default 2>&1 | tee "$OUT/switches_fused.log" | tail -40
   python3 benchmarks/fused_forward_probe.py --adapter-grads 2>&1 | tee "$OUT/switches_adapter_grads.log" | tail -20
+  python3 benchmarks/masked_pieces.py --parts ranks --out "$OUT" 2>&1 | tee "$OUT/switches_pieces.log" | tail -45
 fi
 if has bench; then
   shift || true

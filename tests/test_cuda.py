@@ -421,6 +421,16 @@ def test_native_masked_grad_y_matches_float64(M, N, r, dtype):
     only_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, False, True)
     assert only_xa[1].numel() == 0 and only_B[0].numel() == 0
     assert torch.equal(only_xa[0], grad_xa) and torch.equal(only_B[1], grad_B)
+    # The cp.async load scheme (off by default, NOTES.md #36) feeds the same products the same
+    # masked tiles: the same bits.
+    previous = lora_ext._C.set_masked_grad_y_stages(3)
+    try:
+        piped = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True)
+        piped_xa = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, False)[0]
+    finally:
+        lora_ext._C.set_masked_grad_y_stages(previous)
+    assert previous == 0
+    assert torch.equal(piped[0], grad_xa) and torch.equal(piped[1], grad_B) and torch.equal(piped_xa, grad_xa)
 
 
 @native_only
@@ -433,6 +443,13 @@ def test_native_masked_grad_y_keeps_nan_and_handles_zero_rows():
     empty = torch.empty(0, 64, device=DEVICE, dtype=torch.bfloat16)
     grad_xa, grad_B = lora_ext._C.masked_grad_y_cuda(empty, B, xa[:0], 1.0, seed_tensor(9), 0.5, True, True)
     assert grad_xa.shape == (0, 8) and torch.equal(grad_B, torch.zeros_like(B))
+
+
+@native_only
+def test_native_masked_grad_y_stages_setting():
+    with pytest.raises(RuntimeError, match="takes 0 or 3"):
+        lora_ext._C.set_masked_grad_y_stages(2)
+    assert lora_ext._C.set_masked_grad_y_stages(0) == 0  # the default (no LORA_EXT_MASKED_GRAD_Y_STAGES here)
 
 
 @native_only

@@ -20,6 +20,15 @@
 // warps 4-7 own grad_B's rows (32 each), accumulated in registers over the row group and
 // written once to slice i. A last small kernel per output sums the slices in a fixed order
 // (deterministic: no atomics) and applies s / (1 - p).
+//
+// Loads (STAGES): 0, the measured default, reads each thread's next-tile vectors into registers
+// one tile ahead. That keeps 16 KiB per program in flight, 32 KiB per SM with two programs,
+// while the H200's HBM needs ~48 KiB per SM in flight (~32 GB/s per SM x ~1.5 us loaded
+// latency): at 1.1 TB/s (gate_up 205.8 us for 224 MiB, 12-04 21:29) the pass is latency-bound.
+// 3: cp.async copies whole tiles into a ring of three shared-memory stages, two tiles ahead
+// (64 KiB per SM in flight, no registers held for them), each thread masks in place the vectors
+// it copied itself, and the products read the stage (benchmarks/NOTES.md #36; off by default
+// until measured: LORA_EXT_MASKED_GRAD_Y_STAGES=3 or set_masked_grad_y_stages(3)).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +36,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -55,6 +65,41 @@ struct alignas(128) SharedTiles {
   T panel[kTileCols][R_PAD + kPad];      // B's rows of the current column block
   T rows[kTileRows][R_PAD + kPad];       // xa's rows of the current row block
 };
+
+// The pipelined variant's shared memory: STAGES raw (then masked in place) dY tiles, B's and
+// xa's rows as in SharedTiles. Dynamic shared memory (61 KiB at r <= 16 with three stages).
+template <typename T, int R_PAD, int STAGES>
+struct alignas(128) PipelinedTiles {
+  T stage[STAGES][kTileRows][kTileCols + kPad];
+  T panel[kTileCols][R_PAD + kPad];
+  T rows[kTileRows][R_PAD + kPad];
+};
+
+// 16 bytes global -> shared without registers (sm_80+); zero-filled when !inside (src-size 0:
+// nothing is read, `src` must still be a valid address).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool inside) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+               "r"(inside ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most PENDING of this thread's committed groups are still in flight.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
+// dY[m0 .. m0+63, c0 .. c0+127] into a shared stage by cp.async, zero outside the matrix. Thread
+// t copies the vectors v * kThreads + t, the ones it masks (same order as load_tile).
+template <typename T>
+__device__ __forceinline__ void copy_tile_async(T (&dst)[kTileRows][kTileCols + kPad], const T* __restrict__ g,
+                                                int64_t M, int64_t C, int64_t m0, int64_t c0) {
+#pragma unroll
+  for (int v = 0; v < kVectorsPerThread; ++v) {
+    const int q = v * kThreads + threadIdx.x;
+    const int row = q / kVectorsPerRow, col = (q % kVectorsPerRow) * kMaskGroup;
+    const int64_t m = m0 + row, c = c0 + col;
+    const bool inside = m < M && c < C;
+    cp_async_16(&dst[row][col], inside ? g + m * C + c : g, inside);
+  }
+}
 
 // dY[m0 .. m0+63, c0 .. c0+127] as 16-byte vectors, zero outside the matrix (C % 8 == 0).
 template <typename T>
@@ -129,7 +174,83 @@ __device__ __forceinline__ uint32_t keep_pair(uint32_t pair, uint32_t word, uint
   return out;
 }
 
+// One 16-byte vector (one Philox group) times its eight keep flags.
+template <typename T>
+__device__ __forceinline__ void mask_vector(uint4& data, uint64_t seed, uint64_t group, uint32_t threshold) {
+  uint32_t words[4];
+  philox4(seed, group, words);
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(&data);
+#pragma unroll
+  for (int w = 0; w < 4; ++w) pairs[w] = keep_pair<T>(pairs[w], words[w], threshold);
+}
+
+// Warps 0-3: grad_xa rows (16 per warp) += tile rows (A, row-major) x panel (B).
 template <typename T, int R_PAD>
+__device__ __forceinline__ void rows_grad_products(float (&rows_acc)[R_PAD / 8][4],
+                                                   const T (&tile)[kTileRows][kTileCols + kPad],
+                                                   const T (&panel)[kTileCols][R_PAD + kPad], int warp, int lane) {
+#pragma unroll
+  for (int k = 0; k < kTileCols / 16; ++k) {
+    uint32_t a[4];
+    ldmatrix_x4(a, &tile[16 * warp + lane % 16][16 * k + 8 * (lane / 16)]);
+#pragma unroll
+    for (int nb2 = 0; nb2 < R_PAD / 16; ++nb2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, &panel[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
+      mma_16816<T>(rows_acc[2 * nb2], a, b[0], b[1]);
+      mma_16816<T>(rows_acc[2 * nb2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Warps 4-7: grad_B rows (32 per warp) += tile^T (A: the tile through ldmatrix .trans) x xa rows (B).
+template <typename T, int R_PAD>
+__device__ __forceinline__ void panel_grad_products(float (&panel_acc)[2][R_PAD / 8][4],
+                                                    const T (&tile)[kTileRows][kTileCols + kPad],
+                                                    const T (&rows)[kTileRows][R_PAD + kPad], int warp, int lane) {
+#pragma unroll
+  for (int k = 0; k < kTileRows / 16; ++k) {
+    uint32_t a[2][4];
+#pragma unroll
+    for (int cf = 0; cf < 2; ++cf) {
+      ldmatrix_x4_trans(a[cf], &tile[16 * k + lane % 8 + 8 * (lane / 16)][32 * (warp - 4) + 16 * cf + 8 * ((lane / 8) % 2)]);
+    }
+#pragma unroll
+    for (int nb2 = 0; nb2 < R_PAD / 16; ++nb2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, &rows[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
+#pragma unroll
+      for (int cf = 0; cf < 2; ++cf) {
+        mma_16816<T>(panel_acc[cf][2 * nb2], a[cf], b[0], b[1]);
+        mma_16816<T>(panel_acc[cf][2 * nb2 + 1], a[cf], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// A 16-row accumulator fragment from / to a float32 partial (rows of R_PAD), this lane's positions.
+template <int R_PAD>
+__device__ __forceinline__ void load_fragment(float (&acc)[R_PAD / 8][4], const float* part, int acc_col) {
+#pragma unroll
+  for (int nb = 0; nb < R_PAD / 8; ++nb) {
+    const float2 top = *reinterpret_cast<const float2*>(part + 8 * nb + acc_col);
+    const float2 bottom = *reinterpret_cast<const float2*>(part + 8 * R_PAD + 8 * nb + acc_col);
+    acc[nb][0] = top.x, acc[nb][1] = top.y, acc[nb][2] = bottom.x, acc[nb][3] = bottom.y;
+  }
+}
+
+template <int R_PAD>
+__device__ __forceinline__ void store_fragment(float* part, const float (&acc)[R_PAD / 8][4], int acc_col) {
+#pragma unroll
+  for (int nb = 0; nb < R_PAD / 8; ++nb) {
+    *reinterpret_cast<float2*>(part + 8 * nb + acc_col) = make_float2(acc[nb][0], acc[nb][1]);
+    *reinterpret_cast<float2*>(part + 8 * R_PAD + 8 * nb + acc_col) = make_float2(acc[nb][2], acc[nb][3]);
+  }
+}
+
+// STAGES: 0 = registers one tile ahead (static shared memory); >= 2 = cp.async ring of STAGES
+// shared tiles (dynamic shared memory, sizeof(PipelinedTiles)). See the file's head.
+template <typename T, int R_PAD, int STAGES>
 __global__ void __launch_bounds__(kThreads, programs_per_sm<R_PAD>())
 masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const T* __restrict__ rows,
                      float* __restrict__ rows_grad_part, float* __restrict__ panel_grad_part,
@@ -137,7 +258,11 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
                      int blocks_m_per_group, int blocks_c_per_group, uint32_t threshold) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int N_BLOCKS = R_PAD / 8;  // 8-column accumulator blocks of one 16-row fragment
-  __shared__ SharedTiles<T, R_PAD> s;
+  constexpr bool kPipelined = STAGES > 0;
+  using Tiles = std::conditional_t<kPipelined, PipelinedTiles<T, R_PAD, (kPipelined ? STAGES : 1)>,
+                                   SharedTiles<T, R_PAD>>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  Tiles& s = *reinterpret_cast<Tiles*>(shared_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);  // read on the device: no host sync
   const int64_t m_blocks = (M + kTileRows - 1) / kTileRows;
@@ -150,6 +275,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   const bool want_panel_grad = panel_grad_part != nullptr;
   // This lane's accumulator positions (see the fragment layouts above).
   const int acc_row = lane / 4, acc_col = 2 * (lane % 4);
+  const uint64_t groups_per_row = static_cast<uint64_t>(C) / kMaskGroup;
 
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
     const int64_t c0 = cb * kTileCols;
@@ -157,90 +283,70 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
     // Warps 4-7: grad_B rows c0 + 32 (warp - 4) + 16 cf, all R_PAD columns.
     float panel_acc[2][N_BLOCKS][4] = {};
 
-    uint4 data[kVectorsPerThread];
+    uint4 data[kPipelined ? 1 : kVectorsPerThread];  // STAGES == 0: the next tile's vectors
     T rows_data[thin_per_thread<R_PAD>()];
-    load_tile(data, g, M, C, mb_first * kTileRows, c0);
+    if constexpr (kPipelined) {
+#pragma unroll
+      for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
+        if (mb_first + ahead < mb_end) copy_tile_async(s.stage[ahead], g, M, C, (mb_first + ahead) * kTileRows, c0);
+        cp_async_commit();  // one group per tile slot, empty or not: the wait below counts groups
+      }
+    } else {
+      load_tile(data, g, M, C, mb_first * kTileRows, c0);
+    }
     if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, mb_first * kTileRows, M, r);
     for (int64_t mb = mb_first; mb < mb_end; ++mb) {
       const int64_t m0 = mb * kTileRows;
+      const int slot = kPipelined ? static_cast<int>((mb - mb_first) % (kPipelined ? STAGES : 1)) : 0;
+      auto& tile = [&]() -> T(&)[kTileRows][kTileCols + kPad] {
+        if constexpr (kPipelined) return s.stage[slot]; else return s.tile;
+      }();
+      if constexpr (kPipelined) {
+        // Refill the slot the previous tile used (its products ended at the last barrier).
+        const int64_t ahead = mb + STAGES - 1;
+        if (ahead < mb_end) copy_tile_async(s.stage[(slot + STAGES - 1) % STAGES], g, M, C, ahead * kTileRows, c0);
+        cp_async_commit();
+      }
       // Warps 0-3: grad_xa rows m0 + 16 warp of slice blockIdx.y, started by the group's first
       // column block. Loaded here, first, so that the load's latency passes under the mask work.
       float* rows_part = rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + 16 * warp + acc_row) * R_PAD;
       float rows_acc[N_BLOCKS][4] = {};
-      if (warp < 4 && want_rows_grad && cb != cb_first) {
-#pragma unroll
-        for (int nb = 0; nb < N_BLOCKS; ++nb) {
-          const float2 top = *reinterpret_cast<const float2*>(rows_part + 8 * nb + acc_col);
-          const float2 bottom = *reinterpret_cast<const float2*>(rows_part + 8 * R_PAD + 8 * nb + acc_col);
-          rows_acc[nb][0] = top.x, rows_acc[nb][1] = top.y, rows_acc[nb][2] = bottom.x, rows_acc[nb][3] = bottom.y;
-        }
-      }
+      if (warp < 4 && want_rows_grad && cb != cb_first) load_fragment<R_PAD>(rows_acc, rows_part, acc_col);
       // Philox group of this thread's first vector, (m0 + row) * C / 8 + (c0 + col) / 8; vector v
       // sits 16 v rows further. (Unsigned and incremental: the index math is per element otherwise.)
-      const uint64_t groups_per_row = static_cast<uint64_t>(C) / kMaskGroup;
       const uint64_t first_group = static_cast<uint64_t>(m0 + threadIdx.x / kVectorsPerRow) * groups_per_row +
                                    static_cast<uint64_t>(c0) / kMaskGroup + threadIdx.x % kVectorsPerRow;
+      // This tile's copies by this thread have landed (all groups but the STAGES - 1 newest): each
+      // thread masks exactly the vectors it copied, so no barrier is needed before the mask.
+      if constexpr (kPipelined) cp_async_wait<(kPipelined ? STAGES : 2) - 1>();
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
         const int q = v * kThreads + threadIdx.x;
         const int row = q / kVectorsPerRow, col = (q % kVectorsPerRow) * kMaskGroup;
+        const uint64_t group = first_group + static_cast<uint64_t>(v * (kThreads / kVectorsPerRow)) * groups_per_row;
         // Out of the matrix the vector is zero already and its mask does not matter.
-        uint32_t words[4];
-        philox4(seed, first_group + static_cast<uint64_t>(v * (kThreads / kVectorsPerRow)) * groups_per_row, words);
-        uint32_t* pairs = reinterpret_cast<uint32_t*>(&data[v]);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) pairs[w] = keep_pair<T>(pairs[w], words[w], threshold);
-        *reinterpret_cast<uint4*>(&s.tile[row][col]) = data[v];
+        uint4* vector = reinterpret_cast<uint4*>(&tile[row][col]);
+        if constexpr (kPipelined) {
+          uint4 in_place = *vector;
+          mask_vector<T>(in_place, seed, group, threshold);
+          *vector = in_place;
+        } else {
+          mask_vector<T>(data[v], seed, group, threshold);
+          *vector = data[v];
+        }
       }
       if (want_panel_grad) store_rows<T, R_PAD>(s.rows, rows_data);
       __syncthreads();
       // The next tile's loads fly while this one's products run.
       if (mb + 1 < mb_end) {
-        load_tile(data, g, M, C, m0 + kTileRows, c0);
+        if constexpr (!kPipelined) load_tile(data, g, M, C, m0 + kTileRows, c0);
         if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, m0 + kTileRows, M, r);
       }
-
       if (warp < 4 && want_rows_grad) {
-        // grad_xa rows += tile rows (A, row-major) x panel (B).
-#pragma unroll
-        for (int k = 0; k < kTileCols / 16; ++k) {
-          uint32_t a[4];
-          ldmatrix_x4(a, &s.tile[16 * warp + lane % 16][16 * k + 8 * (lane / 16)]);
-#pragma unroll
-          for (int nb2 = 0; nb2 < N_BLOCKS / 2; ++nb2) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, &s.panel[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
-            mma_16816<T>(rows_acc[2 * nb2], a, b[0], b[1]);
-            mma_16816<T>(rows_acc[2 * nb2 + 1], a, b[2], b[3]);
-          }
-        }
-#pragma unroll
-        for (int nb = 0; nb < N_BLOCKS; ++nb) {
-          *reinterpret_cast<float2*>(rows_part + 8 * nb + acc_col) = make_float2(rows_acc[nb][0], rows_acc[nb][1]);
-          *reinterpret_cast<float2*>(rows_part + 8 * R_PAD + 8 * nb + acc_col) =
-              make_float2(rows_acc[nb][2], rows_acc[nb][3]);
-        }
+        rows_grad_products<T, R_PAD>(rows_acc, tile, s.panel, warp, lane);
+        store_fragment<R_PAD>(rows_part, rows_acc, acc_col);
       } else if (warp >= 4 && want_panel_grad) {
-        // grad_B rows += tile^T (A: the tile through ldmatrix .trans) x xa rows (B).
-#pragma unroll
-        for (int k = 0; k < kTileRows / 16; ++k) {
-          uint32_t a[2][4];
-#pragma unroll
-          for (int cf = 0; cf < 2; ++cf) {
-            ldmatrix_x4_trans(a[cf], &s.tile[16 * k + lane % 8 + 8 * (lane / 16)]
-                                            [32 * (warp - 4) + 16 * cf + 8 * ((lane / 8) % 2)]);
-          }
-#pragma unroll
-          for (int nb2 = 0; nb2 < N_BLOCKS / 2; ++nb2) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, &s.rows[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
-#pragma unroll
-            for (int cf = 0; cf < 2; ++cf) {
-              mma_16816<T>(panel_acc[cf][2 * nb2], a[cf], b[0], b[1]);
-              mma_16816<T>(panel_acc[cf][2 * nb2 + 1], a[cf], b[2], b[3]);
-            }
-          }
-        }
+        panel_grad_products<T, R_PAD>(panel_acc, tile, s.rows, warp, lane);
       }
       __syncthreads();  // the tile, rows (and at the end panel) are rewritten next
     }
@@ -249,12 +355,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       for (int cf = 0; cf < 2; ++cf) {
         float* part = panel_grad_part +
                       (static_cast<int64_t>(blockIdx.x) * C_pad + c0 + 32 * (warp - 4) + 16 * cf + acc_row) * R_PAD;
-#pragma unroll
-        for (int nb = 0; nb < N_BLOCKS; ++nb) {
-          *reinterpret_cast<float2*>(part + 8 * nb + acc_col) = make_float2(panel_acc[cf][nb][0], panel_acc[cf][nb][1]);
-          *reinterpret_cast<float2*>(part + 8 * R_PAD + 8 * nb + acc_col) =
-              make_float2(panel_acc[cf][nb][2], panel_acc[cf][nb][3]);
-        }
+        store_fragment<R_PAD>(part, panel_acc[cf], acc_col);
       }
     }
   }
@@ -295,6 +396,14 @@ at::Tensor sum_slices(const at::Tensor& part, int64_t count, int r, int r_pad, d
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Which load scheme the launches use (the kernel's STAGES): 0, the default, or kPipelineStages
+// (LORA_EXT_MASKED_GRAD_Y_STAGES=3 at import, or set_masked_grad_y_stages).
+constexpr int kPipelineStages = 3;
+std::atomic<int> masked_grad_y_stages{[] {
+  const char* env = std::getenv("LORA_EXT_MASKED_GRAD_Y_STAGES");
+  return env != nullptr && std::string(env) == "3" ? kPipelineStages : 0;
+}()};
+
 template <typename T, int R_PAD>
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa,
                                        double scale, const at::Tensor& seed, double p, bool need_grad_xa,
@@ -325,12 +434,30 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   at::Tensor panel_part = need_grad_B ? at::empty({m_groups, C_pad, R_PAD}, f32) : at::Tensor();
   const at::Tensor B = lora_B.contiguous(), rows = xa.contiguous();
   const dim3 grid(static_cast<unsigned>(m_groups), static_cast<unsigned>(c_groups));
-  masked_grad_y_kernel<T, R_PAD><<<grid, kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(B.data_ptr()),
-      reinterpret_cast<const T*>(rows.data_ptr()), need_grad_xa ? rows_part.data_ptr<float>() : nullptr,
-      need_grad_B ? panel_part.data_ptr<float>() : nullptr, seed.data_ptr<int64_t>(), M, C, r, M_pad, C_pad,
-      static_cast<int>(blocks_m_per_group), static_cast<int>(blocks_c_per_group), dropout_threshold(p));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto launch = [&](auto kernel, size_t shared) {
+    kernel<<<grid, kThreads, shared, stream>>>(
+        reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(B.data_ptr()),
+        reinterpret_cast<const T*>(rows.data_ptr()), need_grad_xa ? rows_part.data_ptr<float>() : nullptr,
+        need_grad_B ? panel_part.data_ptr<float>() : nullptr, seed.data_ptr<int64_t>(), M, C, r, M_pad, C_pad,
+        static_cast<int>(blocks_m_per_group), static_cast<int>(blocks_c_per_group), dropout_threshold(p));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (masked_grad_y_stages.load() == kPipelineStages) {
+    constexpr size_t shared = sizeof(PipelinedTiles<T, R_PAD, kPipelineStages>);
+    auto kernel = masked_grad_y_kernel<T, R_PAD, kPipelineStages>;
+    // Over 48 KiB of dynamic shared memory needs the opt-in, per device.
+    const int device = g2.get_device();
+    static std::atomic<uint64_t> opted_in{0};
+    if (device < 64 && !(opted_in.load() & (uint64_t{1} << device))) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      opted_in |= uint64_t{1} << device;
+    } else if (device >= 64) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    }
+    launch(kernel, shared);
+  } else {
+    launch(masked_grad_y_kernel<T, R_PAD, 0>, sizeof(SharedTiles<T, R_PAD>));
+  }
   // The kernel summed dY * keep; s and the kept elements' 1 / (1 - p) apply here, in float32.
   const double sum_scale = scale / (1.0 - p);
   at::Tensor grad_xa = need_grad_xa ? sum_slices<T>(rows_part, M, r, R_PAD, sum_scale, options, stream)
@@ -351,6 +478,12 @@ std::tuple<at::Tensor, at::Tensor> run_for_rank(const at::Tensor& g2, const at::
 }
 
 }  // namespace
+
+int set_masked_grad_y_stages(int stages) {
+  TORCH_CHECK(stages == 0 || stages == kPipelineStages, "lora: set_masked_grad_y_stages takes 0 or ", kPipelineStages,
+              ", got ", stages);
+  return masked_grad_y_stages.exchange(stages);
+}
 
 bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa) {
   static const bool disabled = [] {
