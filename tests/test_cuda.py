@@ -977,6 +977,22 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
 
 
 @fused_only
+def test_fused_post_dropout_forward_is_not_used_past_4096_inputs(fused_forward_on, fused_post_dropout_on):
+    """Turned on, a 'post' forward with more than 4096 input features (down-sized) composes: the
+    same bits as with the switch off."""
+    inputs = make_inputs((4096,), 4104, 1024, 16, torch.bfloat16, bias=False, requires_grad=False, seed=3)
+    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    seed = seed_tensor(3)
+    on = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, "native")[0]
+    lora_ext._C.set_fused_post_dropout(False)
+    try:
+        off = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, "native")[0]
+    finally:
+        lora_ext._C.set_fused_post_dropout(True)
+    assert torch.equal(on, off)
+
+
+@fused_only
 def test_opcheck_linear_on_the_fused_post_dropout_gemms(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
     inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=5)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
