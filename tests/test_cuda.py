@@ -15,6 +15,7 @@ the matrices below are arranged so that about 80 variants serve all tests.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -62,6 +63,17 @@ def least_precise(*dtypes):
 
 def seed_tensor(value):
     return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+@contextlib.contextmanager
+def switched(set_setting, value):
+    """A native-path setting (lora_ext._C.set_*, which returns the previous one) at `value` inside
+    the block, then back as it was; yields the previous setting."""
+    previous = set_setting(value)
+    try:
+        yield previous
+    finally:
+        set_setting(previous)
 
 
 def make_inputs(lead_shape, K, N, r, dtype, lora_dtype=None, bias=True, weight=True, requires_grad=True, seed=0):
@@ -347,11 +359,8 @@ def test_triton_and_native_agree(p, position, dtype, lora_dtype):
 def python_route_then_replayed(fn):
     """(fn() with the C++ replay of Triton pieces off, fn() twice with it on (the first records the
     keys it has not seen), the replay stats before those two, and after)."""
-    lora_ext._C.set_triton_replay(False)
-    try:
+    with switched(lora_ext._C.set_triton_replay, False):
         python_route = fn()
-    finally:
-        lora_ext._C.set_triton_replay(True)
     before = lora_ext._C.triton_replay_stats()
     first, second = fn(), fn()
     return python_route, first, second, before, lora_ext._C.triton_replay_stats()
@@ -423,12 +432,9 @@ def test_native_masked_grad_y_matches_float64(M, N, r, dtype):
     assert torch.equal(only_xa[0], grad_xa) and torch.equal(only_B[1], grad_B)
     # The cp.async load scheme (off by default, NOTES.md #36) feeds the same products the same
     # masked tiles: the same bits.
-    previous = lora_ext._C.set_masked_grad_y_stages(3)
-    try:
+    with switched(lora_ext._C.set_masked_grad_y_stages, 3) as previous:
         piped = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True)
         piped_xa = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, False)[0]
-    finally:
-        lora_ext._C.set_masked_grad_y_stages(previous)
     assert previous == 0
     assert torch.equal(piped[0], grad_xa) and torch.equal(piped[1], grad_B) and torch.equal(piped_xa, grad_xa)
 
@@ -609,11 +615,8 @@ def test_small_m_forward_is_not_used_for_wide_layers_above_16_rows():
         inputs = make_inputs((M,), 512, 8192, 16, torch.bfloat16, bias=False, requires_grad=False, seed=M)
         x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
         args = (x, w, None, A, B, 0.5, 0.0, "post", None, "native")
-        previous = lora_ext._C.set_small_m_forward(False)
-        try:
+        with switched(lora_ext._C.set_small_m_forward, False):
             general, _ = torch.ops.lora.linear(*args)
-        finally:
-            lora_ext._C.set_small_m_forward(previous)
         default, _ = torch.ops.lora.linear(*args)
         kernel = x @ w.t()
         lora_ext._C.small_m_forward_cuda(x, A, B, kernel, torch.empty(M, 16, device=DEVICE, dtype=x.dtype), 0.5)
@@ -667,11 +670,9 @@ fused_only = pytest.mark.skipif(not _fused_forward_available(),
 
 
 def _switched_on(set_enabled):
-    """For a fixture: a native-path switch (lora_ext._C.set_*, which returns the previous setting)
-    on for one test, then back as it was."""
-    previous = set_enabled(True)
-    yield
-    set_enabled(previous)
+    """For a fixture: a native-path switch on for one test, then back as it was."""
+    with switched(set_enabled, True):
+        yield
 
 
 @pytest.fixture
@@ -760,11 +761,8 @@ def test_fused_grad_input_is_what_the_op_runs(lead_shape, fused_grad_input_on):
     assert lora_ext._C.triton_replay_stats()[2] - before == 2  # the forward and the input gradient
     expected, _ = fused_forward.grad_input(gy.reshape(-1, 1032), w.detach(), A.detach(), B.detach(), 0.5)
     assert torch.equal(first.reshape(-1, 512), expected) and torch.equal(second, first)
-    lora_ext._C.set_fused_grad_input(False)
-    try:
+    with switched(lora_ext._C.set_fused_grad_input, False):
         composed = grad_x()
-    finally:
-        lora_ext._C.set_fused_grad_input(True)
     assert not torch.equal(composed, first)
 
 
@@ -783,11 +781,8 @@ def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on
     with torch.no_grad():
         expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, 0.5)
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
-        previous = lora_ext._C.set_fused_forward(False)
-        try:
+        with switched(lora_ext._C.set_fused_forward, False) as previous:
             composed, _ = torch.ops.lora.linear(x, w, b, A, B, 0.5, 0.0, "post", None, "native")
-        finally:
-            lora_ext._C.set_fused_forward(previous)
     assert previous is True and not torch.equal(composed, y)
 
 
@@ -863,13 +858,10 @@ def test_adapter_grads_are_what_the_op_runs(K, N, r, fused_adapter_grads_on):
             grad_xa_scale = 1.0
         expected = adapter_grads.adapter_grads(grad_xa, x, xa, gy, grad_xa_scale, scale)
     assert torch.equal(first[1], expected[0]) and torch.equal(first[2], expected[1])
-    lora_ext._C.set_fused_adapter_grads(False)
-    try:
+    with switched(lora_ext._C.set_fused_adapter_grads, False):
         replayed = lora_ext._C.triton_replay_stats()[2]
         composed = grads()
         without_it = lora_ext._C.triton_replay_stats()[2] - replayed
-    finally:
-        lora_ext._C.set_fused_adapter_grads(True)
     assert with_it == without_it + 1
     assert torch.equal(composed[0], first[0])  # dx does not depend on it
 
@@ -898,11 +890,8 @@ def test_adapter_grads_dA_alone_is_what_the_post_backward_runs(fused_adapter_gra
         _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, p, "post", seed, "native")
         grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B, xa, scale, seed, p, True, False)
         assert torch.equal(got, adapter_grads.grad_A_only(grad_xa, x, 1.0))
-    lora_ext._C.set_fused_adapter_grads(False)
-    try:
+    with switched(lora_ext._C.set_fused_adapter_grads, False):
         composed = grad_A()
-    finally:
-        lora_ext._C.set_fused_adapter_grads(True)
     assert not torch.equal(composed, got)
 
 
@@ -960,11 +949,8 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
         expected_y, expected_xa = fused_forward.linear_forward(x2, w_, b if b is None else b.detach(), A_, B_, scale,
                                                                p, seed)
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
-        lora_ext._C.set_fused_post_dropout(False)
-        try:
+        with switched(lora_ext._C.set_fused_post_dropout, False):
             composed_y, composed_dx = forward_and_dx()
-        finally:
-            lora_ext._C.set_fused_post_dropout(True)
         if r <= 16:
             g2 = gy.reshape(-1, 1032)
             grad_xa, _ = lora_ext._C.masked_grad_y_cuda(g2, B_, xa, scale, seed, p, True, False)
@@ -984,11 +970,8 @@ def test_fused_post_dropout_forward_is_not_used_past_4096_inputs(fused_forward_o
     x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
     seed = seed_tensor(3)
     on = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, "native")[0]
-    lora_ext._C.set_fused_post_dropout(False)
-    try:
+    with switched(lora_ext._C.set_fused_post_dropout, False):
         off = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, "native")[0]
-    finally:
-        lora_ext._C.set_fused_post_dropout(True)
     assert torch.equal(on, off)
 
 
@@ -1007,12 +990,9 @@ def test_fused_forward_is_not_used_outside_its_measured_range():
     assert lora_ext._C.set_fused_forward(True) is True  # the default (no LORA_EXT_FUSED_FORWARD=0 here)
 
     def op_bits(x, w, A, B, p, fused):
-        previous = lora_ext._C.set_fused_forward(fused)
-        try:
+        with switched(lora_ext._C.set_fused_forward, fused):
             seed = seed_tensor(3) if p > 0 else None
             return torch.ops.lora.linear(x, w, None, A, B, 0.5, p, "post", seed, "native")[0]
-        finally:
-            lora_ext._C.set_fused_forward(previous)
 
     cases = {"4095 rows": (4095, 256, 1024, 16, 0.0), "N = 2056": (4096, 256, 2056, 16, 0.0),
              "r = 72": (4096, 256, 1024, 72, 0.0), "dropout": (4096, 256, 1024, 16, 0.1),
@@ -1051,9 +1031,8 @@ def test_replayed_fused_forward_equals_the_python_route(lead_shape, bias, fused_
     before = lora_ext._C.triton_replay_stats()
     declined = [torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.0, "post", None, "native")[0] for _ in range(2)]
     assert lora_ext._C.triton_replay_stats()[1] == before[1]
-    lora_ext._C.set_fused_forward(False)
-    composed = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.0, "post", None, "native")[0]
-    lora_ext._C.set_fused_forward(True)
+    with switched(lora_ext._C.set_fused_forward, False):
+        composed = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.0, "post", None, "native")[0]
     assert torch.equal(declined[0], composed) and torch.equal(declined[1], composed)
 
 
