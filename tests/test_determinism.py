@@ -185,7 +185,7 @@ def test_two_processes_compute_bitwise_equal_results():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["triton", "native", "native-adapter-grads"])
+@pytest.mark.parametrize("backend", ["triton", "native", "native-adapter-grads", "native-unmeasured"])
 def test_cuda_backends_are_bitwise_reproducible_under_deterministic_algorithms(backend):
     from lora_ext.kernels import cuda_dispatch
 
@@ -193,10 +193,15 @@ def test_cuda_backends_are_bitwise_reproducible_under_deterministic_algorithms(b
         pytest.skip("built without the native CUDA kernels")
     # Deterministic cuBLAS needs this before CUDA starts, hence the child processes; the
     # child also checks two runs in one process. native-adapter-grads: the native path with the
-    # one-launch adapter gradients on (off by default; LORA_EXT_FUSED_ADAPTER_GRADS, read at import).
+    # one-launch adapter gradients on (off by default; LORA_EXT_FUSED_ADAPTER_GRADS, read at import);
+    # native-unmeasured: every off-by-default kernel on (also the 'post' fused GEMMs and the
+    # masked step's cp.async loads: LORA_EXT_FUSED_POST_DROPOUT, LORA_EXT_MASKED_GRAD_Y_STAGES).
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     if backend == "native-adapter-grads":
         backend, env = "native", {**env, "LORA_EXT_FUSED_ADAPTER_GRADS": "1"}
+    elif backend == "native-unmeasured":
+        backend, env = "native", {**env, "LORA_EXT_FUSED_ADAPTER_GRADS": "1", "LORA_EXT_FUSED_POST_DROPOUT": "1",
+                                  "LORA_EXT_MASKED_GRAD_Y_STAGES": "3"}
     first = _child_digests("cuda", backend, CUDA_CASES, env)
     second = _child_digests("cuda", backend, CUDA_CASES, env)
     assert first == second
