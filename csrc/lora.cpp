@@ -426,6 +426,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "
              "setting (off by default until measured on a GPU; LORA_EXT_FUSED_POST_DROPOUT=1: on at import)");
+  module.def("fused_post_dropout_enabled", &lora::fused_post_dropout_on,
+             "Whether the fused Triton GEMMs with 'post' dropout are on (set_fused_post_dropout)");
   module.def("set_triton_replay", &set_triton_replay,
              "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
   module.def("triton_replay_stats", &triton_replay_stats,

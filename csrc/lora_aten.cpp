@@ -241,6 +241,8 @@ bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.
 
 bool set_fused_post_dropout(bool enabled) { return fused_post_dropout_enabled.exchange(enabled); }
 
+bool fused_post_dropout_on() { return fused_post_dropout_enabled; }
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,

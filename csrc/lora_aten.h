@@ -55,6 +55,8 @@ bool set_fused_adapter_grads(bool enabled);
 // The same for the fused forward and input gradient with 'post' dropout (lora_aten.cpp
 // use_fused_post_dropout_*); off by default, LORA_EXT_FUSED_POST_DROPOUT=1 turns them on at import.
 bool set_fused_post_dropout(bool enabled);
+// Its current setting (the Triton backend reads it too: triton_lora.linear_forward).
+bool fused_post_dropout_on();
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

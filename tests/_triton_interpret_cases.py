@@ -571,6 +571,43 @@ def test_triton_backend_composes_where_the_fused_forward_does_not_fit(monkeypatc
     assert attempts == [16, 32] and len(fused_forward._DOES_NOT_FIT) == 2
 
 
+@pytest.mark.parametrize("switch", [True, False], ids=["fused_post_dropout_on", "off"])
+def test_triton_backend_post_forward_is_the_fused_kernel_when_switched_on(monkeypatch, switch):
+    """'post' dropout on the Triton backend: with lora_ext._C.set_fused_post_dropout(True) (off by default)
+    the forward is the fused GEMM with the mask in its epilogue (at sizes the native rule takes:
+    here FUSED_FORWARD_MIN_ROWS lowered, the device check passed, as on an sm_90 GPU), else its thin
+    kernels; y within the float64 bound either way (the same mask), xa = x A^T."""
+    from lora_ext.kernels import fused_forward
+
+    launched = []
+    real_launch = fused_forward.replay.launch
+
+    def launch(kernel, grid, *args, **meta):
+        if kernel is fused_forward._lora_gemm_kernel:
+            launched.append(meta["POST_DROPOUT"])
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(fused_forward.replay, "launch", launch)
+    monkeypatch.setattr(fused_forward, "supports", lambda *tensors: True)  # as on a CUDA sm_90+ device
+    monkeypatch.setattr(triton_lora, "FUSED_FORWARD_MIN_ROWS", 1)
+    previous = lora_ext._C.set_fused_post_dropout(switch)
+    try:
+        inputs = make_inputs((40,), 48, 56, 8, torch.float16, seed=8)
+        x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+        seed, p = seed_tensor(5), 0.3
+        y, xa = triton_lora.linear_forward(x, w, b, A, B, SCALE, p, "post", seed)
+        y_cpu, _ = torch.ops.lora.linear(x, w, b, A, B, SCALE, p, "post", seed)
+        ref = lora_linear_reference(x, w, b, A, B, SCALE, p, "post", seed, compute_dtype=torch.float64)
+        assert_within_bound(y, ref, y_cpu, torch.float16, "y")
+        assert_within_bound(xa, x.double() @ A.double().t(), x @ A.t(), torch.float16, "xa")
+        assert launched == ([True] if switch else [])
+        # 'pre' dropout never takes it
+        triton_lora.linear_forward(x, w, b, A, B, SCALE, p, "pre", seed)
+        assert launched == ([True] if switch else [])
+    finally:
+        lora_ext._C.set_fused_post_dropout(previous)
+
+
 @pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64),
                                         (70, 3, 17, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])

@@ -15,7 +15,9 @@ the op's own outputs. With x2 = x as (M, K), g = dY as (M, N), s = scale:
              dW  = g^T x2, db = sum_rows(g)         torch
 
 On Hopper, a dropout-free forward from FUSED_FORWARD_MIN_ROWS tokens is one GEMM instead
-(fused_forward.py: x W^T, x A^T and the LoRA term in one Triton kernel over TMA tiles).
+(fused_forward.py: x W^T, x A^T and the LoRA term in one Triton kernel over TMA tiles); so is a
+'post' dropout forward up to FUSED_POST_FORWARD_MAX_INPUTS input features when
+lora_ext._C.set_fused_post_dropout(True) (off by default until measured).
 
 Dropout masks are generated in the kernels from the seed tensor (lora_ext/kernels/philox.py)
 and regenerated in backward; no mask and no dropped copy is written. Reductions whose
@@ -43,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import ops
+from .. import _C, ops
 from . import fused_forward, replay
 from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, load_seed_words
 
@@ -803,6 +805,10 @@ MAX_KERNEL_RANK = 256
 # ratio to the base GEMM): 1.06-1.24 against this module's 1.5-2.7 at the four Llama shapes.
 # Fewer tokens were not measured.
 FUSED_FORWARD_MIN_ROWS = 4096
+# With 'post' dropout, when lora_ext._C.set_fused_post_dropout(True) (LORA_EXT_FUSED_POST_DROPOUT=1;
+# off by default until measured, NOTES.md #33), the fused GEMM applies the mask in its epilogue, up
+# to this many input features: the native path's rule (csrc/lora_aten.cpp, kFusedPostForwardMaxInputs).
+FUSED_POST_FORWARD_MAX_INPUTS = 4096
 
 
 def _uses_composition(x, lora_A) -> bool:
@@ -819,9 +825,13 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
     dropout = dropout_p > 0.0
     with device_guard(x):
         x2 = x.reshape(M, K)  # a view when x's strides allow
-        if not dropout and M >= FUSED_FORWARD_MIN_ROWS and fused_forward.supports(x2, weight, bias, lora_A, lora_B):
+        fused_post = (dropout and dropout_position == "post" and K <= FUSED_POST_FORWARD_MAX_INPUTS
+                      and _C.fused_post_dropout_enabled())
+        if ((not dropout or fused_post) and M >= FUSED_FORWARD_MIN_ROWS
+                and fused_forward.supports(x2, weight, bias, lora_A, lora_B)):
             fused = fused_forward.unless_out_of_resources(
-                lambda: fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale))
+                lambda: fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale, dropout_p if fused_post
+                                                     else 0.0, seed if fused_post else None))
             if fused is not None:  # else this GPU has too little shared memory for it: composed below
                 y2, xa = fused
                 return y2.view(*x.shape[:-1], N), xa
