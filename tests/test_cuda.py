@@ -963,6 +963,20 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
 
 
 @fused_only
+def test_triton_backend_post_forward_is_the_fused_kernel_when_switched_on(fused_post_dropout_on):
+    """backend 'triton', 'post' dropout, 4096+ rows, the switch on: y and xa are the fused kernel's
+    bits (mask in its epilogue), y and every gradient within the float64 bound."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs((4100,), 256, 4104, 16, torch.bfloat16, seed=21)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    y, xa, _ = run_and_check(inputs, 0.5, 0.25, "post", 6, "triton")
+    with torch.no_grad():
+        kernel_y, kernel_xa = fused_forward.linear_forward(x, w, b, A, B, 0.5, 0.25, seed_tensor(6))
+    assert torch.equal(y, kernel_y) and torch.equal(xa, kernel_xa)
+
+
+@fused_only
 def test_fused_post_dropout_forward_is_not_used_past_4096_inputs(fused_forward_on, fused_post_dropout_on):
     """Turned on, a 'post' forward with more than 4096 input features (down-sized) composes: the
     same bits as with the switch off."""
