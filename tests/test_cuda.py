@@ -944,13 +944,13 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
     replayed = lora_ext._C.triton_replay_stats()[2]
     again, grad_x = forward_and_dx()
     assert lora_ext._C.triton_replay_stats()[2] > replayed and torch.equal(again, y)
+    with switched(lora_ext._C.set_fused_post_dropout, False):
+        composed_y, composed_dx = forward_and_dx()
     with torch.no_grad():
         x2, w_, A_, B_ = x.reshape(-1, 512).detach(), w.detach(), A.detach(), B.detach()
         expected_y, expected_xa = fused_forward.linear_forward(x2, w_, b if b is None else b.detach(), A_, B_, scale,
                                                                p, seed)
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
-        with switched(lora_ext._C.set_fused_post_dropout, False):
-            composed_y, composed_dx = forward_and_dx()
         if r <= 16:
             g2 = gy.reshape(-1, 1032)
             grad_xa, _ = lora_ext._C.masked_grad_y_cuda(g2, B_, xa, scale, seed, p, True, False)
