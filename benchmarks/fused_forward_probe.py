@@ -37,6 +37,10 @@ CONFIGS = {
     "256x4": dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=4, num_warps=8),
     "128x4": dict(block_m=128, block_n=128, block_k=64, epilogue_chunks=2, num_stages=4, num_warps=8),
     "m256x3": dict(block_m=256, block_n=128, block_k=64, epilogue_chunks=2, num_stages=3, num_warps=8),
+    # One warpgroup per 64-row tile: at k/v the auto split is then one run per row block (128
+    # programs), so each row's x A^T is computed once instead of twice (NOTES.md #37: its cost is
+    # the count of small wgmmas). 180 KB of shared memory at r = 16 (sm_90 compile, triton 3.6).
+    "m64x4": dict(block_m=64, block_n=256, block_k=64, epilogue_chunks=4, num_stages=4, num_warps=4),
 }
 
 
