@@ -135,10 +135,14 @@ constexpr int64_t kFusedForwardMaxWidth = 2048;
 constexpr int64_t kFusedForwardMaxRank = 64;
 std::atomic<bool> fused_forward_enabled{on_unless_env_zero("LORA_EXT_FUSED_FORWARD")};
 
-bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
+// What both fused forwards (with and without 'post' dropout) need besides their width rule.
+bool fused_forward_takes(const at::Tensor& x2, const at::Tensor& lora_A) {
   return fused_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
-         x2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
-         lora_A.size(0) <= kFusedForwardMaxRank;
+         x2.size(0) >= kFusedForwardMinRows && lora_A.size(0) <= kFusedForwardMaxRank;
+}
+
+bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return fused_forward_takes(x2, lora_A) && weight.size(0) <= kFusedForwardMaxWidth;
 }
 
 // The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
@@ -179,10 +183,8 @@ std::atomic<bool> fused_post_dropout_enabled{on_if_env_one("LORA_EXT_FUSED_POST_
 // and the small mask pass (2.7%) leave it even, so wider inputs stay composed.
 constexpr int64_t kFusedPostForwardMaxInputs = 4096;
 
-bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_post_dropout_enabled && fused_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
-         x2.size(0) >= kFusedForwardMinRows && x2.size(1) <= kFusedPostForwardMaxInputs &&
-         lora_A.size(0) <= kFusedForwardMaxRank;
+bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& lora_A) {
+  return fused_post_dropout_enabled && fused_forward_takes(x2, lora_A) && x2.size(1) <= kFusedPostForwardMaxInputs;
 }
 
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
@@ -266,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     return {with_leading_shape(y, x), xa};
   }
 #endif
-  if (weight.has_value() && (dropout ? post_dropout && use_fused_post_dropout_forward(x2, *weight, lora_A)
+  if (weight.has_value() && (dropout ? post_dropout && use_fused_post_dropout_forward(x2, lora_A)
                                      : use_fused_forward(x2, *weight, lora_A))) {
     if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, post_dropout ? dropout_p : 0.0,
                                           post_dropout ? seed : c10::optional<at::Tensor>())) {
@@ -425,20 +427,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     }
     // dA alone in one launch where dB is not computed with it (the 'post' backward's masked step gave
     // dB, or dB is not wanted): the same switch and sizes as both together.
-    c10::optional<at::Tensor> grad_A_alone;
-    if (need_A && !adapter_grads.has_value() && !pre_dropout && use_fused_adapter_grads(g, x2, lora_A)) {
-      grad_A_alone = triton_grad_A_only(grad_xa, x2, grad_xa_scale);
-      if (grad_A_alone.has_value()) grad_A = *grad_A_alone;
-    }
-    if (need_A && !adapter_grads.has_value() && !grad_A_alone.has_value()) {
-      at::Tensor x_lora = x2.to(lora_dtype);
-      if (keep_scale_mask.defined()) {
-        x_lora = x_lora * keep_scale_mask;
-      } else if (pre_dropout) {
-        x_lora = owned_copy(x2, lora_dtype);
-        dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+    if (need_A && !adapter_grads.has_value()) {
+      c10::optional<at::Tensor> alone;
+      if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A)) {
+        alone = triton_grad_A_only(grad_xa, x2, grad_xa_scale);
       }
-      grad_A = reduce_over_tokens(grad_xa, x_lora, grad_xa_scale);  // (r, K)
+      if (alone.has_value()) {
+        grad_A = *alone;
+      } else {
+        at::Tensor x_lora = x2.to(lora_dtype);
+        if (keep_scale_mask.defined()) {
+          x_lora = x_lora * keep_scale_mask;
+        } else if (pre_dropout) {
+          x_lora = owned_copy(x2, lora_dtype);
+          dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+        }
+        grad_A = reduce_over_tokens(grad_xa, x_lora, grad_xa_scale);  // (r, K)
+      }
     }
     if (need_x && !grad_x_fused && post_dropout && weight.has_value() &&
         use_fused_post_dropout_grad_input(g, *weight, lora_A)) {

@@ -318,7 +318,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
                                    static_cast<uint64_t>(c0) / kMaskGroup + threadIdx.x % kVectorsPerRow;
       // This tile's copies by this thread have landed (all groups but the STAGES - 1 newest): each
       // thread masks exactly the vectors it copied, so no barrier is needed before the mask.
-      if constexpr (kPipelined) cp_async_wait<(kPipelined ? STAGES : 2) - 1>();
+      if constexpr (kPipelined) cp_async_wait<STAGES - 1>();
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
         const int q = v * kThreads + threadIdx.x;

@@ -100,6 +100,14 @@ def dropout_keep(key_lo, key_hi, index, threshold):
 
 
 @triton.jit
+def _tile_group_words(key_lo, key_hi, m, c_first, C, BLOCK_C: tl.constexpr):
+    """philox4's four words for each group of eight of the tile's rows m and columns c_first ..
+    c_first + BLOCK_C - 1 (C % 8 == 0): (BLOCK_M, BLOCK_C // 8) each."""
+    group = (m[:, None] * C + c_first + MASK_GROUP * tl.arange(0, BLOCK_C // MASK_GROUP)[None, :]) >> 3
+    return philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
+
+
+@triton.jit
 def dropout_keep_tile(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                       GROUP_COLUMNS: tl.constexpr):
     """dropout_keep for the (BLOCK_M, BLOCK_C) tile of rows m (int64) and columns c_first ..
@@ -115,8 +123,7 @@ def dropout_keep_tile(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.cons
     GROUP_COLUMNS = 0: groups straddle rows and each element evaluates its own group.
     """
     if GROUP_COLUMNS == 8:
-        group = (m[:, None] * C + c_first + MASK_GROUP * tl.arange(0, BLOCK_C // MASK_GROUP)[None, :]) >> 3
-        c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
+        c0, c1, c2, c3 = _tile_group_words(key_lo, key_hi, m, c_first, C, BLOCK_C)
         lo0, hi0 = _halves_kept(c0, threshold)
         lo1, hi1 = _halves_kept(c1, threshold)
         lo2, hi2 = _halves_kept(c2, threshold)
@@ -148,8 +155,7 @@ def dropout_keep_bits(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.cons
     """The keep mask of the (BLOCK_M, BLOCK_C) tile as in dropout_keep_tile (C % 8 == 0), packed:
     (BLOCK_M, BLOCK_C // 8) int32, bit k of [i, j] set iff element (m[i], c_first + 8 j + k) is kept.
     The keys may be scalars or tensors of the packed shape (fused_forward pins the layout with them)."""
-    group = (m[:, None] * C + c_first + MASK_GROUP * tl.arange(0, BLOCK_C // MASK_GROUP)[None, :]) >> 3
-    c0, c1, c2, c3 = philox4(key_lo, key_hi, group.to(tl.uint32), (group >> 32).to(tl.uint32))
+    c0, c1, c2, c3 = _tile_group_words(key_lo, key_hi, m, c_first, C, BLOCK_C)
     bits = _word_bits(c0, threshold)
     bits |= _word_bits(c1, threshold) << 2
     bits |= _word_bits(c2, threshold) << 4
@@ -160,9 +166,8 @@ def dropout_keep_bits(key_lo, key_hi, m, c_first, C, threshold, BLOCK_M: tl.cons
 @triton.jit
 def _word_bits(word, threshold):
     """Bit 0: the low half of word kept; bit 1: the high half."""
-    lo = ((word & 0xFFFF).to(tl.int32) >= threshold).to(tl.int32)
-    hi = ((word >> 16).to(tl.int32) >= threshold).to(tl.int32)
-    return lo | (hi << 1)
+    lo, hi = _halves_kept(word, threshold)
+    return lo.to(tl.int32) | (hi.to(tl.int32) << 1)
 
 
 @triton.jit
