@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason
 
 # Type stand-ins for the CUDA math libraries' headers that ATen/cuda includes (CPU torch lacks them).
 STUB_HEADERS = {
-    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;",
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\ntypedef int cusparseStatus_t;",
     "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t;\ntypedef int cublasStatus_t;",
     "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;",
     "cusolverDn.h": "typedef struct cusolverDnContext* cusolverDnHandle_t;\ntypedef int cusolverStatus_t;",
