@@ -15,6 +15,7 @@ every rank class and dropout variant (several minutes).
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -262,13 +263,20 @@ def test_fused_gemm_main_loop_keeps_its_wgmmas_in_flight(monkeypatch, product, N
     (HGMMA) means some wgmmas are in flight together; serialised, there is one wait per wgmma.
     The 'post' variant was serialised with triton 3.6 until the main loop's trip count was
     visibly >= 1 (NOTES.md #33): its zero-trip path zeroed the accumulators with plain moves
-    just before the loop's final wait."""
+    just before the loop's final wait. Nor may it spill registers (none does, triton 3.6 or 3.9)."""
     fn, args, kwargs = record_fused_launch(monkeypatch, product, N, r)
     _, compiled = compile_for_sm90(fn, args, kwargs)
     sass = compiled.asm["sass"]
     wgmmas, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR")
     assert wgmmas > 0, "no wgmma in the SASS"
     assert waits < wgmmas, f"{wgmmas} wgmmas, {waits} waits: every wgmma is serialised"
+    assert local_memory_accesses(sass) == 0, "registers spilled to local memory"
+
+
+def local_memory_accesses(sass: str) -> int:
+    """Loads and stores of thread-local memory (LDL / STL) in SASS: register spills, which would cost
+    these bandwidth-lean kernels a memory round trip per spilled value."""
+    return len(re.findall(r"\b(?:LDL|STL)\b", sass))
 
 
 @pytest.mark.parametrize("r", [8, 16, 64])
@@ -296,6 +304,7 @@ def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(mon
     (fn, args, kwargs), = launches
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
+    assert local_memory_accesses(compiled.asm["sass"]) == 0, "registers spilled to local memory"
     block_c = adapter_grads.DEFAULT_CONFIG["block_c"]
     grid = (-(-K // block_c) - (-N // block_c if both else 0),)
     temps, specs = replay._recipe(inputs, outputs, [(fn, compiled, grid, args)])
