@@ -356,9 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
   const bool masked_pieces = dropout && use_masked_pieces(x, lora_A);
 
-  at::Tensor grad_xa;  // (M, r): s drop_post(g) B, or g B when grad_xa_scale is s
-  double grad_xa_scale = 1.0;  // what dA still multiplies by
-  bool grad_x_fused = false;   // dx came from a fused input gradient (with grad_xa when dropout-free)
+  at::Tensor grad_xa;         // (M, r): s drop_post(g) B, from every producer below
+  bool grad_x_fused = false;  // dx came from a fused input gradient (with grad_xa when dropout-free)
   const bool need_lora_grads = need_A || need_x || need_B;
   // dA and dB in one launch once grad_xa is known (below), instead of two cuBLAS GEMMs.
   const bool adapter_grads_together = !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A);
@@ -390,7 +389,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       if (auto fused = triton_fused_grad_input(g.contiguous(), *weight, lora_A, lora_B, scale)) {
         grad_x = std::get<0>(*fused).view(x.sizes());
         grad_xa = std::get<1>(*fused);
-        grad_xa_scale = scale;
         grad_x_fused = true;
       }
     }
@@ -418,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     }
     c10::optional<std::tuple<at::Tensor, at::Tensor>> adapter_grads;
     if (adapter_grads_together) {
-      adapter_grads = triton_adapter_grads(grad_xa, x2, xa, g, grad_xa_scale, scale);
+      adapter_grads = triton_adapter_grads(grad_xa, x2, xa, g, /*scale_A=*/1.0, scale);
       if (adapter_grads.has_value()) {
         std::tie(grad_A, grad_B) = *adapter_grads;
       } else {  // the kernel declined these tensors: dB the composed way (dA just below)
@@ -430,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
       if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A)) {
-        alone = triton_grad_A_only(grad_xa, x2, grad_xa_scale);
+        alone = triton_grad_A_only(grad_xa, x2, /*scale_A=*/1.0);
       }
       if (alone.has_value()) {
         grad_A = *alone;
@@ -442,12 +440,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
           x_lora = owned_copy(x2, lora_dtype);
           dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
         }
-        grad_A = reduce_over_tokens(grad_xa, x_lora, grad_xa_scale);  // (r, K)
+        grad_A = reduce_over_tokens(grad_xa, x_lora);  // (r, K)
       }
     }
     if (need_x && !grad_x_fused && post_dropout && weight.has_value() &&
         use_fused_post_dropout_grad_input(g, *weight, lora_A)) {
-      // grad_xa = s drop(g) B from the masked step (grad_xa_scale 1): dx = g W + grad_xa A in one GEMM.
+      // grad_xa = s drop(g) B from the masked step: dx = g W + grad_xa A in one GEMM.
       if (auto fused = triton_fused_grad_input_given_xa(g.contiguous(), *weight, lora_A, lora_B, grad_xa)) {
         grad_x = fused->view(x.sizes());
         grad_x_fused = true;

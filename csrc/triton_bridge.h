@@ -31,8 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_li
 // (its TMA descriptors encoded there per call, triton_replay.h), or declined at once for a key
 // the callback declined.
 bool triton_fused_gemms_registered();
-// (dx, g B) for g2 (M, N), dropout 0: dx = g W + (s g B) A as one GEMM (fused_forward.grad_input),
-// g B unscaled in the adapters' dtype; nullopt where the kernel does not take these tensors.
+// (dx, s g B) for g2 (M, N), dropout 0: dx = g W + (s g B) A as one GEMM (fused_forward.grad_input),
+// s g B in the adapters' dtype; nullopt where the kernel does not take these tensors.
 // Registered and run with the forward's.
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const at::Tensor& g2,
                                                                           const at::Tensor& weight,

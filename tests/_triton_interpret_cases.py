@@ -437,11 +437,52 @@ def test_fused_forward_matches_float64(M, K, N, r, p, runs):
         assert_within_bound(xa, x.double() @ A.double().t(), xa_cpu, torch.float16, "xa")
 
 
+def test_fused_forward_keeps_s_xa_out_of_float16():
+    """float16, |xa| = 32000 (representable) and s = 4: s xa = 128000 is not, but the composed path
+    applies s in float32 (addmm's alpha) and y is finite. The fused forward must agree, with and
+    without 'post' dropout: the scale goes on B's tile, not on xa."""
+    from lora_ext.kernels import fused_forward
+
+    M, K, N, r, scale = 20, 32, 40, 8, 4.0
+    x = torch.full((M, K), 100.0, dtype=torch.float16)
+    A = torch.full((r, K), 10.0, dtype=torch.float16)  # xa = 32 * 100 * 10 = 32000
+    B = torch.full((N, r), 1e-3, dtype=torch.float16)
+    w = (torch.randn(N, K, generator=torch.Generator().manual_seed(3)) / K).to(torch.float16)
+    for p in (0.0, 0.5):
+        seed = seed_tensor(4) if p > 0 else None
+        y, xa = fused_forward.linear_forward(x, w, None, A, B, scale, p, seed, **TINY_TILES)
+        y_cpu, _ = torch.ops.lora.linear(x, w, None, A, B, scale, p, "post", seed)
+        ref = lora_linear_reference(x, w, None, A, B, scale, p, "post", seed, compute_dtype=torch.float64)
+        assert torch.equal(xa, torch.full((M, r), 32000.0, dtype=torch.float16))
+        assert bool(torch.isfinite(y).all()), f"p={p}: s xa overflowed float16"
+        assert_within_bound(y, ref, y_cpu, torch.float16, f"y (p={p})")
+
+
+def test_fused_forward_post_dropout_keeps_a_dropped_inf_as_nan():
+    """'post' dropout multiplies a dropped LoRA term by 0, as torch's dropout and every other path:
+    an Inf in B gives NaN in the dropped elements of its column, never a finite value, and the
+    kept ones are Inf, exactly as the float64 reference."""
+    from lora_ext.kernels import fused_forward
+
+    M, K, N, r, p, scale = 32, 32, 32, 8, 0.5, 0.75
+    inputs = make_inputs((M,), K, N, r, torch.float16, bias=False, seed=7)
+    x, w, A, B = (inputs[k].detach() for k in ("x", "weight", "lora_A", "lora_B"))
+    B = B.clone()
+    B[5, 0] = float("inf")
+    seed = seed_tensor(7)
+    y, _ = fused_forward.linear_forward(x, w, None, A, B, scale, p, seed, **TINY_TILES)
+    ref = lora_linear_reference(x, w, None, A, B, scale, p, "post", seed, compute_dtype=torch.float64)
+    dropped = ~dropout_keep_mask(7, M, N, p)[:, 5]
+    assert 0 < int(dropped.sum()) < M
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert bool(torch.isnan(y[dropped, 5]).all())
+
+
 @pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64)])
 @pytest.mark.parametrize("runs", [1, 2, None])
 def test_fused_grad_input_matches_float64(M, K, N, r, runs):
     """The input gradient as one GEMM of the same kernel (transposed operands): dx = g W + (s g B) A
-    and g B against float64, within the CPU op's bound (its dx from autograd through the op).
+    and s g B against float64, within the CPU op's bound (its dx from autograd through the op).
     The scale makes the LoRA term the larger part of dx, as in the forward cases."""
     from lora_ext.kernels import fused_forward
 
@@ -458,7 +499,26 @@ def test_fused_grad_input_matches_float64(M, K, N, r, runs):
     grad_x_ref = g.double() @ w.double() + scale * g_b_ref @ A.double()
     assert grad_x.dtype == g_b.dtype == torch.float16
     assert_within_bound(grad_x, grad_x_ref, grad_x_cpu, torch.float16, "dx")
-    assert_within_bound(g_b, g_b_ref, g @ B, torch.float16, "g B")
+    assert_within_bound(g_b, scale * g_b_ref, scale * (g @ B), torch.float16, "s g B")
+
+
+def test_fused_grad_input_rounds_s_g_B_once_as_the_composed_path():
+    """float16 with s < 1 where g B itself passes float16's 65504 but s g B does not: the fused input
+    gradient rounds s g B once (as the composed path's scaled GEMM), so grad_xa and dx stay finite
+    (rounded before scaling, g B would be inf and so would dx and dA)."""
+    from lora_ext.kernels import fused_forward
+
+    M, K, N, r, scale = 20, 40, 48, 8, 0.25
+    gen = torch.Generator().manual_seed(5)
+    g = torch.full((M, N), 64.0, dtype=torch.float16)
+    B = torch.full((N, r), 32.0, dtype=torch.float16)  # g B = 48 * 64 * 32 = 98304 > 65504; s g B = 24576
+    w = (torch.randn(N, K, generator=gen) / N).to(torch.float16)
+    A = (torch.randn(r, K, generator=gen) / (8 * K)).to(torch.float16)
+    grad_x, grad_xa = fused_forward.grad_input(g, w, A, B, scale, **TINY_TILES)
+    assert bool(torch.isfinite(grad_xa).all()) and bool(torch.isfinite(grad_x).all())
+    assert torch.equal(grad_xa, torch.full((M, r), 24576.0, dtype=torch.float16))
+    grad_x_ref = g.double() @ w.double() + scale * (g.double() @ B.double()) @ A.double()
+    assert_within_bound(grad_x, grad_x_ref, g @ w + (scale * (g.float() @ B.float())).half() @ A, torch.float16, "dx")
 
 
 @pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64)])

@@ -84,7 +84,7 @@ def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale, post_dropout
 
 def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
     """The native path's fused input gradient (csrc/lora_aten.cpp, use_fused_grad_input; dropout 0):
-    (dx, g B), or None where fused_forward.grad_input_supports refuses these tensors."""
+    (dx, s g B), or None where fused_forward.grad_input_supports refuses these tensors."""
     from . import fused_forward
 
     if not fused_forward.grad_input_supports(grad_y2, weight, lora_A, lora_B):

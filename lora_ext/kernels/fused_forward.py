@@ -1,6 +1,6 @@
 """The LoRA linear forward as one GEMM: y = x W^T + b + drop_post(s (x A^T) B^T), and xa = x A^T;
 and, the same kernel with transposed operands, the dropout-free input gradient dx = g W + (s g B) A
-with g B (grad_input).
+with s g B (grad_input).
 
 Why (benchmarks/NOTES.md, "What the two numbers say", #7 and #26): every base GEMM here is
 compute-bound, so bytes a kernel moves while the tensor cores are busy are free and bytes a
@@ -87,7 +87,8 @@ def _epilogue_chunk(acc, xa, b_chunk, y_desc, bias_ptr, seed_ptr, off_m, off_n, 
         rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
         bits = dropout_keep_bits(seed_tile.to(tl.uint32), (seed_tile >> 32).to(tl.uint32), rows, off_n, N,
                                  drop_threshold, BLOCK_M, CHUNK_N)
-        out += tl.where(keep_from_bits(bits, BLOCK_M, CHUNK_N), lora * lora_scale, 0.0)
+        # Times 0 where dropped, not replaced by 0: a dropped NaN or Inf stays NaN (as torch's dropout).
+        out += lora * tl.where(keep_from_bits(bits, BLOCK_M, CHUNK_N), lora_scale, 0.0)
     if HAS_BIAS:
         cols = off_n + tl.arange(0, CHUNK_N)
         out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -154,6 +155,18 @@ def _operand_tile(desc, off_out, off_red, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _up_operand(b_desc, off_n, scale, TRANSPOSED: tl.constexpr):
+    """The up-projection's (R_PAD, BLOCK_N) tile for the accumulator's last K step. The forward's
+    scale goes on B here, not on xa: s xa rounded to float16 overflows from |xa| > 65504 / s where
+    the composed path (s applied in float32, addmm's alpha) stays finite; |s B| of adapter weights
+    is far from that. The input gradient's LoRA input (s g B, or the given grad_xa) is scaled already."""
+    tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)
+    if not TRANSPOSED:
+        tile = (tile.to(tl.float32) * scale).to(tile.dtype)
+    return tile
+
+
+@triton.jit
 def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, seed_ptr,
                       M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
                       R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -186,7 +199,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
     # The run's first tile: x W^T and, from the same x tiles, x A^T.
     off_n = first_col * BLOCK_N
     if LORA_IN_ACC:
-        b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)  # (R_PAD, BLOCK_N), zero past N and r
+        b_tile = _up_operand(b_desc, off_n, scale, TRANSPOSED)  # (R_PAD, BLOCK_N), zero past N and r
     if LORA_IN_EPILOGUE:
         b0, b1, b2, b3 = _b_chunks(b_desc, off_n, CHUNK_N, EPILOGUE_CHUNKS)
     else:  # unused
@@ -202,8 +215,13 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
         if HAS_LORA and not XA_GIVEN:
             xa_acc = tl.dot(x_tile, _operand_tile(a_desc, 0, kt * BLOCK_K, TRANSPOSED), xa_acc)
     # xa in the adapters' dtype, as the composed path rounds it: the LoRA term and the saved
-    # xa of backward are the same numbers.
-    xa = xa_acc.to(a_desc.dtype)
+    # xa of backward are the same numbers. The input gradient's g B is rounded scaled, s g B, as
+    # the composed path's scaled GEMM rounds it: rounded before scaling, a float16 g B past 65504
+    # would be inf where s g B (s < 1) is not. (A given grad_xa comes scaled; scale is 1 then.)
+    if TRANSPOSED:
+        xa = (xa_acc * scale).to(a_desc.dtype)
+    else:
+        xa = xa_acc.to(a_desc.dtype)
     if HAS_LORA:
         # Every run of the row block stores its xa (the same bits: same instructions on the
         # same data) and reads it back. The round trip through memory (4 KiB, L2) is on
@@ -217,17 +235,15 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
             tl.store(xa_ptrs, xa, mask=xa_mask)
             tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
         xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
-        # s xa, rounded once more (exact when s is a power of two, as alpha / r usually is).
-        xs = (xa.to(tl.float32) * scale).to(xa.dtype)
     if LORA_IN_ACC:
-        acc = tl.dot(xs, b_tile, acc)
+        acc = tl.dot(xa, b_tile, acc)
     _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
               BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
     for col in range(first_col + 1, end_col):
         off_n = col * BLOCK_N
         if LORA_IN_ACC:
-            b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)
+            b_tile = _up_operand(b_desc, off_n, scale, TRANSPOSED)
         if LORA_IN_EPILOGUE:
             b0, b1, b2, b3 = _b_chunks(b_desc, off_n, CHUNK_N, EPILOGUE_CHUNKS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -235,7 +251,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
             acc = tl.dot(x_desc.load([off_m, kt * BLOCK_K]), _operand_tile(w_desc, off_n, kt * BLOCK_K, TRANSPOSED),
                          acc)
         if LORA_IN_ACC:
-            acc = tl.dot(xs, b_tile, acc)
+            acc = tl.dot(xa, b_tile, acc)
         _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
                   BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
@@ -369,10 +385,11 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                scale: float, *, has_lora: bool = True, runs: int | None = None,
                **config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, g B) for the dropout-free backward, grad_y2 = g (M, N): dx = g W + (s g B) A as one GEMM
+    """(dx, s g B) for the dropout-free backward, grad_y2 = g (M, N): dx = g W + (s g B) A as one GEMM
     of the same kernel (the reduction runs over N; g B from the g tiles the base product loads,
-    the LoRA term one more K step), and g B (M, r) in the adapters' dtype, unscaled: the caller's
-    dA = s (g B)^T x. Same requirements as linear_forward (`grad_input_supports`)."""
+    the LoRA term one more K step), and grad_xa = s g B (M, r) in the adapters' dtype, rounded once
+    as the composed path's: the caller's dA = grad_xa^T x. Same requirements as linear_forward
+    (`grad_input_supports`)."""
     config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
     return _launch(grad_y2, weight, lora_B, lora_A, None, scale, 0.0, None, has_lora, runs, True, None, config)
 
@@ -389,10 +406,10 @@ def grad_input_given_xa(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: tor
 
 
 def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, transposed, given_xa, config):
-    """One launch of _lora_gemm_kernel: out = a2 W' + b + drop_post(s (a2 D') U'), and a2 D',
-    where W', D', U' are weight, down, up transposed for the forward (transposed=False: stored
-    (out, reduction)) and as stored for the input gradient (transposed=True); with given_xa
-    (M, r), out = a2 W' + s given_xa U' and given_xa is returned in a2 D''s place."""
+    """One launch of _lora_gemm_kernel: out = a2 W' + b + drop_post(s (a2 D') U'), and a2 D' (s a2 D'
+    when transposed), where W', D', U' are weight, down, up transposed for the forward (transposed=False:
+    stored (out, reduction)) and as stored for the input gradient (transposed=True); with given_xa
+    (M, r) and s = 1, out = a2 W' + given_xa U' and given_xa is returned in a2 D''s place."""
     cfg = {**DEFAULT_CONFIG, **config}
     block_m, block_n, block_k, chunks = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["epilogue_chunks"]
     M, K = a2.shape
