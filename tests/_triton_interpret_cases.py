@@ -593,6 +593,7 @@ def test_fused_forward_layout_checks():
     assert not ok(x.t().contiguous().t(), w, b, A, B)  # column-major x
     assert not ok(x, w, b, torch.randn(72, 64, dtype=torch.float16), torch.randn(48, 72, dtype=torch.float16))
     assert not ok(x[:0], w, b, A, B)  # no tokens
+    assert not ok(x[:1].expand(64, 64), w, b, A, B)  # expanded x: row stride 0
 
 
 def test_triton_backend_composes_where_the_fused_forward_does_not_fit(monkeypatch):

@@ -279,7 +279,10 @@ def runs_per_row(row_blocks: int, col_blocks: int, programs_at_once: int, rank_p
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    """TMA-addressable rows: unit last stride, 16-byte aligned base and row stride, and rows that do
+    not overlap (an expanded tensor's row stride 0 is not a tensor map's, and TMA would not repeat)."""
+    return (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def _operands_supported(a2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
