@@ -702,6 +702,26 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     assert torch.equal(adapter_grads.grad_A_only(grad_xa, x, 0.5, block_m=32, block_c=16), grad_A)
 
 
+def test_adapter_grads_address_column_major_operands_past_2_31_elements():
+    """A column-major x whose last column starts past element 2^31 (a transposed view of a large
+    tensor): the kernel's column offsets are 64-bit, so every column block of dA is right (in int32
+    they wrapped to a negative offset: a crash or another allocation's data). The storage is
+    allocated, not touched: only the pages of the 32 x 160 elements read are resident."""
+    from lora_ext.kernels import adapter_grads
+
+    M, K, r, column_stride = 32, 160, 8, 2**24  # column 128's first element is element 2^31
+    gen = torch.Generator().manual_seed(11)
+    storage = torch.empty((K - 1) * column_stride + M, dtype=torch.float16)  # ~5.3 GB of address space
+    x = storage.as_strided((M, K), (1, column_stride))
+    x.copy_(torch.randn(M, K, generator=gen).to(torch.float16))
+    grad_xa, xa = (torch.randn(M, r, generator=gen).to(torch.float16) for _ in range(2))
+    g = torch.randn(M, 24, generator=gen).to(torch.float16)
+    assert adapter_grads.supported(grad_xa, x, xa, g)
+    grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, 1.0, block_m=32, block_c=16)
+    assert_within_bound(grad_A, grad_xa.double().t() @ x.double(), grad_xa.t() @ x, torch.float16, "dA")
+    assert_within_bound(grad_B, g.double().t() @ xa.double(), g.t() @ xa, torch.float16, "dB")
+
+
 def test_adapter_grads_refuse_what_they_do_not_compute():
     from lora_ext.kernels import adapter_grads
 

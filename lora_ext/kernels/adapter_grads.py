@@ -34,6 +34,9 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[:, cols] = scale * small[:, :R]ᵀ big[:, cols] for this program's BLOCK_C columns."""
     cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    # 64-bit column offsets too: with a column-major big operand (a transposed x), cols * stride_big_c
+    # passes 2^31 from 2^31 elements on, in int32 a wrapped address.
+    big_col_offsets = cols.to(tl.int64) * stride_big_c
     ranks = tl.arange(0, R_PAD)
     row_offsets = tl.arange(0, BLOCK_M)
     col_ok = cols < C
@@ -44,7 +47,7 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
         row_ok = rows < M
         small = tl.load(small_ptr + rows[None, :] * stride_small_m + ranks[:, None],
                         mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # (R_PAD, BLOCK_M)
-        big = tl.load(big_ptr + rows[:, None] * stride_big_m + cols[None, :] * stride_big_c,
+        big = tl.load(big_ptr + rows[:, None] * stride_big_m + big_col_offsets[None, :],
                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
         acc = tl.dot(small, big, acc)
     tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
