@@ -722,6 +722,42 @@ def test_adapter_grads_address_column_major_operands_past_2_31_elements():
     assert_within_bound(grad_B, g.double().t() @ xa.double(), g.t() @ xa, torch.float16, "dB")
 
 
+@pytest.mark.parametrize("strided", ["lora_A", "lora_B", "xa"])
+def test_thin_kernels_address_rank_strides_past_2_31_elements(strided):
+    """Operands whose rank index has a large stride (views of big tensors): lora_A a row slice of an
+    (r, 2^24) tensor, lora_B or xa column-major with column stride 2^24; at r = 129 the last rank
+    starts at element 2^31. The kernels' rank offsets are 64-bit, so y and every gradient match
+    float64 (in int32 they wrapped: a crash). The storage is allocated, only touched pages resident."""
+    M, K, N, r, big, scale = 32, 40, 48, 129, 2**24, 0.5
+    gen = torch.Generator().manual_seed(13)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) / 8).to(torch.float16)
+
+    def spread(t, strides):  # t's values in a view with these strides over a large lazy storage
+        extent = sum((n - 1) * st for n, st in zip(t.shape, strides)) + 1
+        return torch.empty(extent, dtype=t.dtype).as_strided(t.shape, strides).copy_(t)
+
+    x, A, B, gy = randn(M, K), randn(r, K), randn(N, r), randn(M, N)
+    if strided == "lora_A":
+        A = spread(A, (big, 1))
+    elif strided == "lora_B":
+        B = spread(B, (1, big))
+    y, xa = triton_lora.linear_forward(x, None, None, A, B, scale)
+    xd, Ad, Bd, gd = x.double(), A.double(), B.double(), gy.double()
+    xa_ref = xd @ Ad.t()
+    assert_within_bound(xa, xa_ref, x @ A.t(), torch.float16, "xa")
+    assert_within_bound(y, scale * xa_ref @ Bd.t(), scale * ((x @ A.t()) @ B.t()), torch.float16, "y")
+    if strided == "xa":
+        xa = spread(xa, (1, big))
+    grad_x, _, _, grad_A, grad_B = triton_lora.linear_backward(gy, x, None, A, B, xa, scale, 0.0, "post", None,
+                                                               [True, False, False, True, True])
+    grad_xa_ref = scale * gd @ Bd
+    assert_within_bound(grad_x, grad_xa_ref @ Ad, (scale * (gy @ B)) @ A, torch.float16, "dx")
+    assert_within_bound(grad_A, grad_xa_ref.t() @ xd, (scale * (gy @ B)).t() @ x, torch.float16, "dA")
+    assert_within_bound(grad_B, scale * gd.t() @ xa.double(), scale * (gy.t() @ xa), torch.float16, "dB")
+
+
 def test_adapter_grads_refuse_what_they_do_not_compute():
     from lora_ext.kernels import adapter_grads
 

@@ -127,7 +127,7 @@ def _lora_down_kernel(
     pid_c_group = tl.program_id(1)
     mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
         M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
-    r = tl.arange(0, R_PAD)
+    r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
     r_ok = r < R
     key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
@@ -184,7 +184,7 @@ def _lora_down_reduce_kernel(
     pid_c_group = tl.program_id(1)
     mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
         M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
-    r = tl.arange(0, R_PAD)
+    r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
     r_ok = r < R
     key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
@@ -254,7 +254,7 @@ def _lora_up_kernel(
     pid_split = tl.program_id(1)
     c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    r = tl.arange(0, R_PAD)
+    r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
     r_ok = r < R
     if DROPOUT:
         key_lo, key_hi = load_seed_words(seed_ptr)
@@ -317,7 +317,7 @@ def _sum_partials_kernel(
 ):
     """out[i, j] = scale * sum_s part[s, i, j], summed in a fixed order (deterministic)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    j = tl.arange(0, BLOCK_COLS)
+    j = tl.arange(0, BLOCK_COLS).to(tl.int64)  # j * stride_ocol: 64-bit, as i
     ok = (i < n_rows)[:, None] & (j < n_cols)[None, :]
     acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
     part_ptrs = part_ptr + i[:, None] * stride_prow + j[None, :] * stride_pcol
