@@ -643,12 +643,44 @@ def test_small_m_forward_keeps_nan_at_scale_zero_and_refuses_what_it_does_not_su
                         torch.randn(32, 65, device=DEVICE, dtype=torch.bfloat16))  # rank > 64
     assert not supports(x.t().contiguous().t(), A, B)  # not contiguous
     assert not supports(x, A.cpu(), B) and not supports(x, A, B.cpu())  # adapters on another device
+    assert not supports(x, A[:, :32].contiguous(), B)  # A's columns are not x's features
+    assert not supports(x, A, B[:, :4].contiguous())  # B's columns are not A's rank
+    assert not supports(x, A.reshape(8, 4, 16), B)  # A not a matrix
     with pytest.raises(RuntimeError, match="does not support"):
         lora_ext._C.small_m_forward_cuda(x.float(), A.float(), B.float(), y.float(), xa.float(), 1.0)
     with pytest.raises(RuntimeError, match="on x's device"):
         lora_ext._C.small_m_forward_cuda(x, A, B, y.cpu(), xa, 1.0)
     with pytest.raises(RuntimeError, match="needs xa"):
         lora_ext._C.small_m_forward_cuda(x, A, B, y, xa[:, :7], 1.0)
+
+
+@native_only
+@pytest.mark.parametrize("r", [3, 8, 16])
+def test_small_m_forward_keeps_an_inf_in_x_as_inf(r):
+    """An Inf in x with positive W, A and B: y's row is +Inf in every column, as the float64
+    reference, for ranks padded to 16 (3, 8) and not (16). The padding ranks' sums (Inf * 0 = NaN)
+    must not reach y through B's zero padding."""
+    M, K, N = 2, 64, 32
+    x = torch.rand(M, K, device=DEVICE, dtype=torch.float64)
+    x[0, 0] = float("inf")
+    A, B = (torch.rand(*shape, device=DEVICE, dtype=torch.float64) + 0.1 for shape in ((r, K), (N, r)))
+    y0 = torch.rand(M, N, device=DEVICE, dtype=torch.float64)
+    x, A, B, y = (t.to(torch.bfloat16) for t in (x, A, B, y0))
+    xa = torch.empty(M, r, device=DEVICE, dtype=torch.bfloat16)
+    lora_ext._C.small_m_forward_cuda(x, A, B, y, xa, 0.5)
+    ref = y0 + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert torch.equal(torch.isinf(y), torch.isinf(ref)) and not bool(torch.isnan(y).any())
+    assert bool(torch.isinf(y[0]).all()) and bool(torch.isfinite(y[1]).all())
+
+
+@native_only
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_float64_dropout_keeps_its_keep_scale_in_float64(position):
+    """float64 on CUDA with dropout: the native path scales a dropped copy with its mask kernel. Within
+    the float64 bound (1e-12) of the reference; a keep scale 1 / (1 - p) rounded to float32 (off by
+    ~5e-8 at p = 0.1) is far outside it."""
+    inputs = make_inputs((33,), 96, 80, 16, torch.float64, seed=3)
+    run_and_check(inputs, 0.5, 0.1, position, 21, "native")
 
 
 # ---------------------------------------------------------------------------

@@ -21,16 +21,17 @@ namespace lora {
 namespace {
 
 // Multiplying by 0 (rather than writing 0) lets a dropped NaN/Inf stay NaN, as in
-// torch.nn.functional.dropout and lora_ext.reference (and the CPU kernel).
+// torch.nn.functional.dropout and lora_ext.reference (and the CPU kernel). The keep scale is in
+// the element's math type: double for float64 (as the CPU kernel), float for the others.
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t dropped(scalar_t value, bool keep, float kept_scale) {
+__device__ __forceinline__ scalar_t dropped(scalar_t value, bool keep, at::opmath_type<scalar_t> kept_scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  return static_cast<scalar_t>(static_cast<acc_t>(value) * (keep ? static_cast<acc_t>(kept_scale) : acc_t(0)));
+  return static_cast<scalar_t>(static_cast<acc_t>(value) * (keep ? kept_scale : acc_t(0)));
 }
 
 template <typename scalar_t>
 __global__ void dropout_scale_kernel(scalar_t* __restrict__ data, int64_t n, const int64_t* __restrict__ seed_ptr,
-                                     uint32_t threshold, float kept_scale) {
+                                     uint32_t threshold, at::opmath_type<scalar_t> kept_scale) {
   // The seed is read on the device, so the launch needs no host sync and is
   // safe to capture in a CUDA graph.
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
@@ -76,7 +77,7 @@ void dropout_scale_cuda_(at::Tensor& t, const at::Tensor& seed, double p, double
     dropout_scale_kernel<scalar_t><<<blocks, threads, 0, stream>>>(t.data_ptr<scalar_t>(), n,
                                                                    seed.data_ptr<int64_t>(),
                                                                    dropout_threshold(p),
-                                                                   static_cast<float>(kept_scale));
+                                                                   static_cast<at::opmath_type<scalar_t>>(kept_scale));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -159,7 +159,9 @@ small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* _
 #pragma unroll
     for (int c = 0; c < kCluster; ++c) sum += cluster.map_shared_rank(&s.slice_sum[0][0], c)[idx];
     const T value = from_float<T>(sum);
-    s.xa[row][col] = value;
+    // Ranks past r are zero, not their sums: with an Inf in x those are Inf * 0 = NaN (A's padding
+    // rows are zero), and step 3 would add NaN * 0 (B's padding) to every y of the row.
+    s.xa[row][col] = col < r ? value : from_float<T>(0.f);
     if (xa_out != nullptr && blockIdx.x == 0 && m0 + row < M && col < r) xa_out[(m0 + row) * r + col] = value;
   }
   cluster.sync();  // no block leaves (freeing its shared memory) while others still read it; s.xa complete
@@ -261,6 +263,10 @@ bool small_m_forward_cuda_supports(const at::Tensor& x2, const at::Tensor& lora_
   }
   if (!x2.is_contiguous() || !lora_A.is_contiguous() || !lora_B.is_contiguous()) return false;
   if (lora_A.device() != x2.device() || lora_B.device() != x2.device()) return false;
+  // The op checks these shapes; this entry point is also called directly (lora_ext._C).
+  if (lora_A.dim() != 2 || lora_B.dim() != 2 || lora_A.size(1) != x2.size(1) || lora_B.size(1) != lora_A.size(0)) {
+    return false;
+  }
   // x and A are read as pairs of elements (32-bit loads), y is updated in pairs.
   const int64_t K = x2.size(1), N = lora_B.size(0);
   return K % 2 == 0 && N % 2 == 0 && N > 0 && aligned_4(x2) && aligned_4(lora_A) && lora_A.size(0) <= kMaxRank &&
