@@ -392,6 +392,38 @@ def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
         assert torch.equal(a, b) and torch.equal(a, c), f"{name}: replay differs from the Python route"
 
 
+@pytest.mark.skipif(BACKENDS != ["triton", "native"], reason="needs both triton and the native CUDA build")
+def test_replay_runs_in_a_thread_whose_first_cuda_work_it_is():
+    """A 'pre' dropout forward (two replayed Triton pieces before any cuBLAS call) recorded on this
+    thread, then run from a new thread: the device is already the runtime's current one there (no
+    cudaSetDevice) and the outputs come from the caching allocator, so no runtime call has made a
+    driver context current when the replay loads and launches its kernels. It must run, replayed,
+    with the same bits."""
+    import threading
+
+    inputs = make_inputs((64,), 96, 80, 16, torch.bfloat16, requires_grad=False, seed=31)
+    args = (*(inputs[k] for k in GRAD_NAMES), 0.5, 0.25, "pre", seed_tensor(5), "native")
+    expected = torch.ops.lora.linear(*args)[0]
+    assert torch.equal(torch.ops.lora.linear(*args)[0], expected)  # recorded, then replayed here
+    torch.cuda.synchronize()
+    result = {}
+
+    def worker():
+        try:
+            before = lora_ext._C.triton_replay_stats()[2]
+            result["y"] = torch.ops.lora.linear(*args)[0]
+            torch.cuda.synchronize()
+            result["replayed"] = lora_ext._C.triton_replay_stats()[2] - before
+        except Exception as error:  # reported below, in the test's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert "error" not in result, f"replay from a fresh thread failed: {result.get('error')}"
+    assert result["replayed"] >= 1 and torch.equal(result["y"], expected)
+
+
 # ---------------------------------------------------------------------------
 # The native 'post' backward step (csrc/cuda/masked_grad_y.cu)
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ namespace {
 // wheels do not ship ATen's driver stub header), so importing lora_ext never needs a driver.
 struct Driver {
   decltype(&cuGetErrorString) get_error_string = nullptr;
+  decltype(&cuCtxGetCurrent) ctx_get_current = nullptr;
   decltype(&cuModuleLoadData) module_load_data = nullptr;
   decltype(&cuModuleGetFunction) module_get_function = nullptr;
   decltype(&cuFuncSetAttribute) func_set_attribute = nullptr;
@@ -41,6 +42,7 @@ const Driver& driver() {
       TORCH_CHECK(function != nullptr, "lora: the CUDA driver has no ", name);
     };
     find(d.get_error_string, "cuGetErrorString");
+    find(d.ctx_get_current, "cuCtxGetCurrent");
     find(d.module_load_data, "cuModuleLoadData");
     find(d.module_get_function, "cuModuleGetFunction");
     find(d.func_set_attribute, "cuFuncSetAttribute");
@@ -108,6 +110,13 @@ std::vector<at::Tensor> run(Recipe& recipe, const std::vector<at::Tensor>& input
   TORCH_INTERNAL_ASSERT(!recipe.outputs.empty());
   const c10::Device device = recipe.outputs.front().options.device();
   const c10::cuda::CUDAGuard guard(device);
+  // The driver calls below need a current context. A thread whose first CUDA work on this device is
+  // a replay may have none: the guard does not set a device that is already the runtime's current
+  // one, and cached allocations call no runtime function. cudaSetDevice makes the device's primary
+  // context current (CUDA >= 12), as the runtime's own first call in the thread would.
+  CUcontext current = nullptr;
+  check_driver(driver().ctx_get_current(&current), "cuCtxGetCurrent", "(replay)");
+  if (current == nullptr) C10_CUDA_CHECK(cudaSetDevice(device.index()));
   std::vector<at::Tensor> outputs, temps;
   outputs.reserve(recipe.outputs.size());
   for (const auto& spec : recipe.outputs) outputs.push_back(at::empty(spec.sizes, spec.options));
