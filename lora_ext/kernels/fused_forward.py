@@ -155,15 +155,16 @@ def _operand_tile(desc, off_out, off_red, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _up_operand(b_desc, off_n, scale, TRANSPOSED: tl.constexpr):
+def _scaled_up(b_tile, scale, TRANSPOSED: tl.constexpr):
     """The up-projection's (R_PAD, BLOCK_N) tile for the accumulator's last K step. The forward's
     scale goes on B here, not on xa: s xa rounded to float16 overflows from |xa| > 65504 / s where
     the composed path (s applied in float32, addmm's alpha) stays finite; |s B| of adapter weights
-    is far from that. The input gradient's LoRA input (s g B, or the given grad_xa) is scaled already."""
-    tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)
+    is far from that. The input gradient's LoRA input (s g B, or the given grad_xa) is scaled already.
+    Called after the main loop: scaled before it, the tile's load would be waited for there (SASS:
+    a TMA wait ahead of every tile's main loop), not behind the loop as an operand of the last step."""
     if not TRANSPOSED:
-        tile = (tile.to(tl.float32) * scale).to(tile.dtype)
-    return tile
+        b_tile = (b_tile.to(tl.float32) * scale).to(b_tile.dtype)
+    return b_tile
 
 
 @triton.jit
@@ -199,7 +200,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
     # The run's first tile: x W^T and, from the same x tiles, x A^T.
     off_n = first_col * BLOCK_N
     if LORA_IN_ACC:
-        b_tile = _up_operand(b_desc, off_n, scale, TRANSPOSED)  # (R_PAD, BLOCK_N), zero past N and r
+        b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)  # (R_PAD, BLOCK_N), zero past N and r
     if LORA_IN_EPILOGUE:
         b0, b1, b2, b3 = _b_chunks(b_desc, off_n, CHUNK_N, EPILOGUE_CHUNKS)
     else:  # unused
@@ -236,14 +237,14 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
             tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
         xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     if LORA_IN_ACC:
-        acc = tl.dot(xa, b_tile, acc)
+        acc = tl.dot(xa, _scaled_up(b_tile, scale, TRANSPOSED), acc)
     _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
               BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
     for col in range(first_col + 1, end_col):
         off_n = col * BLOCK_N
         if LORA_IN_ACC:
-            b_tile = _up_operand(b_desc, off_n, scale, TRANSPOSED)
+            b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)
         if LORA_IN_EPILOGUE:
             b0, b1, b2, b3 = _b_chunks(b_desc, off_n, CHUNK_N, EPILOGUE_CHUNKS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -251,7 +252,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
             acc = tl.dot(x_desc.load([off_m, kt * BLOCK_K]), _operand_tile(w_desc, off_n, kt * BLOCK_K, TRANSPOSED),
                          acc)
         if LORA_IN_ACC:
-            acc = tl.dot(xa, b_tile, acc)
+            acc = tl.dot(xa, _scaled_up(b_tile, scale, TRANSPOSED), acc)
         _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
                   BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
