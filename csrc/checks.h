@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 
 namespace lora {
@@ -56,10 +57,26 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const ch
               " but x is on ", fmt(x.device()), "; all tensors must be on one device");
 }
 
+// The largest finite value of a floating dtype the ops accept (check_floating).
+inline double max_finite(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::max());
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+    case at::kFloat: return static_cast<double>(std::numeric_limits<float>::max());
+    default: return std::numeric_limits<double>::max();
+  }
+}
+
 // A non-finite scale (alpha = inf or nan) can only produce garbage, and which garbage
-// (inf or nan, where) would differ between backends; it is refused instead.
-inline void check_scale(double scale) {
+// (inf or nan, where) would differ between backends; it is refused instead. So is a finite one
+// past the range of x's or the adapters' dtype: some paths apply it in those dtypes (an in-place
+// multiply, s B in the fused GEMM, a float32 GEMM alpha), where it becomes inf, and the output
+// would be inf, NaN (0 * inf) or right depending on the path.
+inline void check_scale(double scale, at::ScalarType x_dtype, at::ScalarType lora_dtype) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "lora: scale must be a finite number, got ", fmt(scale));
+  const at::ScalarType narrow = max_finite(x_dtype) <= max_finite(lora_dtype) ? x_dtype : lora_dtype;
+  TORCH_CHECK_VALUE(std::abs(scale) <= max_finite(narrow), "lora: scale ", fmt(scale), " is beyond the range of ",
+                    fmt(narrow), " (largest finite value ", fmt(max_finite(narrow)), "), the dtype of x or the adapters");
 }
 
 // The ops' `backend` argument: which CUDA implementation runs ("auto" lets lora_ext

@@ -72,10 +72,16 @@ def _check_same_device(t: Tensor, x: Tensor, name: str) -> None:
         )
 
 
-def check_scale(scale) -> None:
-    """A non-finite scale (alpha = inf or nan) is refused: it can only give garbage (csrc/checks.h)."""
+def check_scale(scale, x: Tensor, lora_A: Tensor) -> None:
+    """A non-finite scale (alpha = inf or nan) is refused: it can only give garbage; so is one past
+    the range of x's or the adapters' dtype, where some paths would turn it into inf (csrc/checks.h)."""
     if not math.isfinite(scale):
         raise ValueError(f"lora: scale must be a finite number, got {scale}")
+    narrow = min((x.dtype, lora_A.dtype), key=lambda d: torch.finfo(d).max)
+    limit = torch.finfo(narrow).max
+    if abs(scale) > limit:
+        raise ValueError(f"lora: scale {scale:g} is beyond the range of {narrow} (largest finite value {limit:g}), "
+                         f"the dtype of x or the adapters")
 
 
 def check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r) -> None:
@@ -175,7 +181,7 @@ def _linear_fake(
     x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None, backend="auto"
 ):
     M, K, N, r = check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, backend)
-    check_scale(scale)
+    check_scale(scale, x, lora_A)
     y = x.new_empty(*x.shape[:-1], N)
     xa = lora_A.new_empty(M, r)
     return y, xa
@@ -186,7 +192,7 @@ def _linear_backward_fake(
     grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend="auto"
 ):
     M, K, N, r = check_linear_args(x, weight, None, lora_A, lora_B, dropout_p, dropout_position, seed, backend)
-    check_scale(scale)
+    check_scale(scale, x, lora_A)
     check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r)
     need_x, need_weight, need_bias, need_A, need_B = output_mask
 

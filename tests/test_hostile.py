@@ -327,6 +327,23 @@ def test_non_finite_scale_raises_in_forward_and_backward(scale, device):
                                        0.0, "post", None, [True, True, False, True, True])
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("dtype,lora_dtype,scale", [(torch.float16, torch.float16, 1e5), (torch.float32, torch.float16, -7e4),
+                                                    (torch.float16, torch.float32, 7e4),
+                                                    (torch.float32, torch.float32, 1e39)], ids=str)
+def test_scale_past_the_dtype_range_raises(dtype, lora_dtype, scale, device):
+    """A finite scale that x's or the adapters' dtype cannot hold: some paths apply it in that dtype,
+    where it would become inf (outputs inf, NaN or right depending on the path): refused, naming scale."""
+    x = torch.randn(3, 8, device=device, dtype=dtype)
+    w = torch.randn(4, 8, device=device, dtype=dtype)
+    A, B = torch.randn(2, 8, device=device, dtype=lora_dtype), torch.zeros(4, 2, device=device, dtype=lora_dtype)
+    with pytest.raises(ValueError, match=r"lora: scale .* is beyond the range of"):
+        torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None)
+    limit = 65504.0 if torch.float16 in (dtype, lora_dtype) else 3e38
+    y, _ = torch.ops.lora.linear(x, w, None, A, B, limit, 0.0, "post", None)  # the largest value is accepted
+    assert y.shape == (3, 4)
+
+
 @pytest.mark.parametrize("alpha", [-16, -0.5])
 def test_negative_alpha_is_allowed_and_flips_the_adapter(alpha):
     # A negative alpha is unusual but meaningful (scale = alpha / dim < 0); it is not refused.

@@ -819,7 +819,7 @@ def _uses_composition(x, lora_A) -> bool:
 def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropout_position="post", seed=None):
     """lora::linear on Triton: returns (y, xa) exactly as csrc/lora_aten.cpp does."""
     M, K, N, r = ops.check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
-    ops.check_scale(scale)
+    ops.check_scale(scale, x, lora_A)
     if _uses_composition(x, lora_A):
         return _composite_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, M, K, N)
     dropout = dropout_p > 0.0
@@ -851,7 +851,7 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
     empty tensors for the gradients output_mask does not ask for (as csrc/lora_aten.cpp)."""
     M, K, N, r = ops.check_linear_args(x, weight, None, lora_A, lora_B, dropout_p, dropout_position, seed, "triton")
     # The same checks, and messages, as the CPU kernel (csrc/checks.h) and the fake kernel.
-    ops.check_scale(scale)
+    ops.check_scale(scale, x, lora_A)
     ops.check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r)
     if _uses_composition(x, lora_A):
         return _composite_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
