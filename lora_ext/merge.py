@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .modules import LinearLoRA
 
@@ -135,6 +136,14 @@ def _check_mergeable(model: nn.Module, layers: list[tuple[str, LinearLoRA]]) -> 
             )
         if weight.dtype not in _BITS_DTYPE:
             raise TypeError(f"cannot merge {label}: its weight has dtype {weight.dtype}; merging needs a floating weight")
+        if parametrize.is_parametrized(layer, "weight"):
+            # layer.weight is then computed from the parametrization's original on every access:
+            # an update written into it would be lost while `merged` skips the adapters.
+            raise RuntimeError(
+                f"cannot merge {label}: its weight is parametrized (torch.nn.utils.parametrize); merge into the "
+                "original tensor is not defined. Remove the parametrization first "
+                "(parametrize.remove_parametrizations(layer, 'weight'))"
+            )
         own_names = {_join(n, "weight") for n in module_names[id(layer)]}
         sharers = param_owners.get(id(weight), set()) - own_names
         if sharers:
@@ -204,8 +213,10 @@ def _unmerge_layer(name: str, layer: LinearLoRA) -> None:
                 stacklevel=3,
             )
         elif record.patch_index is not None:
+            # Row-major positions, written through (row, column) pairs: reshape(-1) of a non-contiguous
+            # weight (a transposed view, say) is a copy, and the patch would be lost.
             index = record.patch_index.to(device=weight.device, dtype=torch.int64)
-            weight.reshape(-1).index_copy_(0, index, record.patch_values.to(weight.device))
+            weight.index_put_((index // cols, index % cols), record.patch_values.to(weight.device))
     layer._merge_record = None
     layer.merged = False
 

@@ -233,6 +233,41 @@ def test_meta_weight_refused():
     assert not model.up.merged
 
 
+def test_parametrized_weight_refused_before_anything_changes():
+    """A parametrized weight is recomputed on every access: an update written into it would be lost
+    while the layer, marked merged, skips its adapters (outputs silently without the LoRA term)."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = lora_tower()
+    parametrize.register_parametrization(model.down, "weight", Doubled())
+    x = torch.randn(5, 24)
+    before = model(x)
+    with pytest.raises(RuntimeError, match=r"cannot merge down: its weight is parametrized"):
+        lora_ext.merge_adapters(model)
+    assert not any(m.merged for m in lora_layers(model))
+    assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_unmerge_restores_a_non_contiguous_weight_bitwise(dtype):
+    """A weight stored transposed (a view of a (in, out) tensor): the exact-restore patch is written
+    through (row, column) positions, not through reshape(-1), which is a copy for such a view."""
+    model = lora_tower(dtype, b_std=0.05)  # a few lossy entries: a patch, not the full copy
+    layer = model.up
+    with torch.no_grad():
+        layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t(), requires_grad=False)
+    assert not layer.weight.is_contiguous()
+    original = layer.weight.detach().clone()
+    lora_ext.merge_adapters(model)
+    assert layer._merge_record.patch_index is not None and layer._merge_record.patch_index.numel() > 0
+    lora_ext.unmerge_adapters(model)
+    assert bit_equal(layer.weight.detach(), original)
+
+
 class MyLinear(nn.Linear):
     """A user's Linear subclass: merge_and_unload must give it back, not a plain nn.Linear."""
 
