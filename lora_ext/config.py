@@ -155,6 +155,10 @@ class PeftConfig:
         d["target_modules"] = list(self.target_modules)
         d["exclude_modules"] = list(self.exclude_modules)
         d["lora_dtype"] = None if self.lora_dtype is None else dtype_name(self.lora_dtype)
+        # Python numbers: numpy's (accepted as numbers.Integral / numbers.Real) are not JSON-serialisable.
+        d["dim"] = int(self.dim)
+        d["alpha"] = int(self.alpha) if isinstance(self.alpha, numbers.Integral) else float(self.alpha)
+        d["dropout"] = float(self.dropout)
         return d
 
     @classmethod

@@ -92,6 +92,16 @@ def test_to_dict_is_json_serialisable_with_dtype_name():
     assert PeftConfig.from_dict(json.loads(text)) == c
 
 
+def test_to_dict_is_json_serialisable_with_numpy_numbers():
+    """numpy numbers are accepted as integers / reals (numbers.Integral, numbers.Real); to_dict gives
+    Python numbers, so json (and save_adapter) can write them."""
+    np = pytest.importorskip("numpy")
+    c = PeftConfig(target_modules=["q_proj"], dim=np.int64(4), alpha=np.float32(16.5), dropout=np.float64(0.1))
+    d = json.loads(json.dumps(c.to_dict()))
+    assert (d["dim"], d["alpha"], d["dropout"]) == (4, 16.5, 0.1)
+    assert type(PeftConfig(dim=8, alpha=np.int32(32)).to_dict()["alpha"]) is int
+
+
 @pytest.mark.parametrize("lora_dtype", [None, torch.float32, torch.float16, torch.bfloat16])
 def test_round_trip(lora_dtype):
     c = PeftConfig(exclude_modules=["lm_head"], lora_dtype=lora_dtype)
