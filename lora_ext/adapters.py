@@ -16,7 +16,9 @@ written by `peft` (`save_pretrained`) load here.
 Decisions:
 - `target_modules` is written so that peft selects exactly the adapted layers: the
   leaf names (e.g. ["q_proj", "v_proj"]) where every module of that name is adapted,
-  full module names otherwise.
+  full module names otherwise, and where even a full name would select another module too
+  (a top-level "fc" next to an unadapted "block.fc"), one regex of the full names (peft
+  full-matches a string target_modules).
 - Layers with different ranks or alphas are written with `rank_pattern` /
   `alpha_pattern` (full module names, regex-escaped), as peft does.
 - peft's `lora_dropout` drops the adapters' input (lora_ext's dropout_position 'pre').
@@ -126,17 +128,22 @@ def _most_common(values: list) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def _target_modules(model: nn.Module, layers: dict[str, LinearLoRA]) -> list[str]:
-    """Names for peft's target_modules that select exactly `layers` (see the module docstring).
+def _target_modules(model: nn.Module, layers: dict[str, LinearLoRA]) -> Union[list[str], str]:
+    """peft's target_modules selecting exactly `layers` (see the module docstring).
 
-    peft selects a module when its name equals a target or ends with "." + target.
+    A list: peft selects a module when its name equals a target or ends with "." + target.
+    Where even a full name would also select another module (a top-level "fc" also names
+    "block.fc"), a string instead: one regex that peft full-matches against module names.
     """
     lora_ids = {id(m) for m in layers.values()}
     adapter_ids = {id(sub) for m in layers.values() for sub in (m.lora_A, m.lora_B)}
     modules_by_leaf: dict[str, list[nn.Module]] = collections.defaultdict(list)
+    other_names = []
     for name, module in _unwrap(model).named_modules(remove_duplicate=False):
         if name and id(module) not in adapter_ids:
             modules_by_leaf[name.rsplit(".", 1)[-1]].append(module)
+            if id(module) not in lora_ids:
+                other_names.append(name)
     targets = set()
     for fqn in layers:
         leaf = fqn.rsplit(".", 1)[-1]
@@ -144,6 +151,8 @@ def _target_modules(model: nn.Module, layers: dict[str, LinearLoRA]) -> list[str
             targets.add(leaf)
         else:
             targets.add(fqn)
+    if any(name == t or name.endswith("." + t) for t in targets for name in other_names):
+        return "|".join(re.escape(fqn) for fqn in sorted(layers))
     return sorted(targets)
 
 

@@ -115,6 +115,49 @@ def test_mixed_ranks_and_alphas_load_in_peft(base_model, tokens, tmp_path):
     torch.testing.assert_close(logits(peft_model, tokens), logits(model, tokens), rtol=1e-5, atol=1e-5)
 
 
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _TopAndNested(nn.Module):
+    """A top-level `fc` and a nested `block.fc`: the full name "fc" is also block.fc's suffix."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.block = _Block()
+
+    def forward(self, x):
+        return self.block(self.fc(x))
+
+
+def test_top_level_layer_named_like_a_nested_one_selects_itself_alone(tmp_path):
+    """Only the top-level `fc` adapted: as a list, target_modules ["fc"] would make peft (and
+    read_adapter_config) adapt block.fc too; the file names it with a full-match regex instead, so
+    peft adapts exactly `fc` with the same outputs, and the file loads back into lora_ext."""
+    torch.manual_seed(0)
+    base = _TopAndNested()
+    model = copy.deepcopy(base)
+    assert lora_ext.apply_lora_to_linear_modules(model, lora_ext.PeftConfig(target_modules=["re:fc"], dim=2)) == 1
+    with torch.no_grad():
+        model.fc.lora_B.weight.normal_()
+    lora_ext.save_adapter(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    adapted = sorted(n for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert adapted == ["base_model.model.fc"]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(peft_model(x), model.eval()(x))
+    again = copy.deepcopy(base)
+    assert lora_ext.apply_lora_to_linear_modules(again, lora_ext.read_adapter_config(tmp_path)) == 1
+    lora_ext.load_adapter(again, tmp_path)
+    torch.testing.assert_close(again.eval()(x), model(x))
+
+
 def test_save_of_compiled_wrapper_uses_module_names(base_model, tmp_path):
     model = lora_model(base_model, target_modules=["o_proj"], dim=2)
     perturb_adapters(model)
