@@ -25,6 +25,9 @@ Decisions:
   The dropout probability is written as `lora_dropout` whatever the position; lora_ext's
   position is kept in the safetensors metadata ("lora_ext.dropout_position"), where
   `read_adapter_config` finds it. Dropout only matters for training.
+- peft saves the frozen base weight of some targeted layers too (`<fqn>.base_layer.weight`,
+  e.g. lm_head's). Loading never changes base weights: such a tensor equal to the model's
+  weight is accepted, a different one fails the load.
 - Loading never changes a layer's hyper-parameters: the file's scale (lora_alpha / r,
   or / sqrt(r) with use_rslora) must equal each layer's `scale`, and the file's shapes
   its rank, otherwise loading fails. `read_adapter_config(path)` gives the PeftConfig
@@ -95,6 +98,15 @@ def _lora_layers(model: nn.Module) -> dict[str, LinearLoRA]:
 
 def _key(fqn: str, which: str) -> str:
     return f"{PEFT_KEY_PREFIX}{fqn}.{which}.weight" if fqn else f"{PEFT_KEY_PREFIX}{which}.weight"
+
+
+def _same_base_weight(saved: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a base weight saved by peft is the model's (its values, in the model's dtype)."""
+    if tuple(saved.shape) != tuple(weight.shape) or weight.is_meta:
+        return False
+    if _is_dtensor(weight):
+        weight = weight.full_tensor()
+    return torch.equal(saved.to(dtype=weight.dtype), weight.detach().cpu())
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -370,7 +382,16 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
         expected[_key(fqn, "lora_B")] = (fqn, layer.lora_B.weight)
 
     missing = sorted(k for k in expected if k not in file_shapes)
-    unexpected = sorted(k for k in file_shapes if k not in expected)
+    # peft also saves some targeted layers' frozen base weight (`<fqn>.base_layer.weight`, e.g. for
+    # lm_head). Loading never changes base weights: one equal to the model's is accepted, a different
+    # one is a mismatch (peft would load it over the base).
+    base_keys = {f"{PEFT_KEY_PREFIX}{fqn}.base_layer.weight": layer for fqn, layer in layers.items() if fqn}
+    base_differs = []
+    with safe_open(str(weights_path), framework="pt") as f:
+        for k, layer in base_keys.items():
+            if k in file_shapes and not _same_base_weight(f.get_tensor(k), layer.weight):
+                base_differs.append(k)
+    unexpected = sorted(k for k in file_shapes if k not in expected and k not in base_keys)
     misshaped = sorted(
         f"{k}: file {list(file_shapes[k])}, model {list(param.shape)}"
         for k, (_, param) in expected.items()
@@ -398,6 +419,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
         ("missing from the file (LoRA layers of the model without adapter tensors)", missing),
         ("unexpected in the file (no LoRA layer of that name and shape in the model)", unexpected),
         ("mis-shaped (different rank or layer size)", misshaped),
+        ("base weights that differ from the model's (loading never changes base weights)", sorted(base_differs)),
         ("not floating point (adapters are floating tensors)", not_floating),
         ("scale differs (patch the model with read_adapter_config(path))", wrong_scale),
         ("merged layers (unmerge_adapters first)", merged),

@@ -197,6 +197,34 @@ def test_peft_adapter_loads_in_lora_ext(base_model, tokens, tmp_path, peft_kwarg
     torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_adapter_on_lm_head_loads_and_its_base_weight_is_checked(base_model, tokens, tmp_path):
+    """peft saves lm_head's frozen base weight with its adapters (`lm_head.base_layer.weight`). Equal to
+    the model's it is accepted and the logits are peft's; different, loading refuses (it never changes
+    base weights) and names the key."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(copy.deepcopy(base_model), config).eval()
+    peft_model.save_pretrained(str(tmp_path))
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    base_key = "base_model.model.lm_head.base_layer.weight"
+    assert base_key in weights  # what this test is about: peft writes it
+    model = copy.deepcopy(base_model)
+    lora_ext.apply_lora_to_linear_modules(model, lora_ext.read_adapter_config(tmp_path))
+    lora_ext.load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(model, tokens), logits(peft_model, tokens), rtol=1e-5, atol=1e-5)
+
+    weights[base_key] = weights[base_key] + 1.0
+    save_file(weights, str(tmp_path / "adapter_model.safetensors"))
+    other = copy.deepcopy(base_model)
+    lora_ext.apply_lora_to_linear_modules(other, lora_ext.read_adapter_config(tmp_path))
+    snapshot = state_snapshot(other)
+    with pytest.raises(adapters.AdapterMismatchError, match=r"(?s)base weights that differ.*lm_head\.base_layer"):
+        lora_ext.load_adapter(other, tmp_path)
+    assert_unchanged(other, snapshot)
+
+
 def test_round_trip_keeps_config_and_dtype(base_model, tmp_path):
     config = lora_ext.PeftConfig(target_modules=["*_proj"], dim=3, alpha=7, dropout=0.1, lora_dtype="bf16")
     model = copy.deepcopy(base_model)
