@@ -69,6 +69,12 @@ def apply_lora_to_linear_modules(model: nn.Module, peft_config: Union[PeftConfig
             continue
         if id(module) not in to_patch and selected(fqn):
             to_patch[id(module)] = module
+            if peft_config.lora_dtype is None and not module.weight.dtype.is_floating_point:
+                # patch_linear_module would refuse it too, but only after earlier layers were patched.
+                raise ValueError(
+                    f"apply_lora_to_linear_modules: {fqn}'s weight is {module.weight.dtype}; lora_dtype must be "
+                    "given when a base weight is not floating point"
+                )
 
     adapter_params = {
         id(p) for m in model.modules() if isinstance(m, LinearLoRA) for p in (m.lora_A.weight, m.lora_B.weight)

@@ -235,6 +235,17 @@ def test_value_errors_leave_the_model_untouched(kwargs, message):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_non_floating_base_weight_without_lora_dtype_leaves_the_model_untouched():
+    """A selected Linear whose weight is not floating point (a quantised stand-in here) needs lora_dtype;
+    refused before anything changes, not after the layers before it were patched and the model frozen."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"1's weight is torch.int8; lora_dtype must be given"):
+        apply_lora_to_linear_modules(model, PeftConfig(match_all_linear=True))
+    assert lora_names(model) == [] and model[0].weight.requires_grad
+
+
 def test_nothing_to_target_says_what_to_set():
     with pytest.raises(ValueError) as info:
         apply_lora_to_linear_modules(build_model(), PeftConfig())
