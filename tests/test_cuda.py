@@ -320,13 +320,18 @@ def test_compile_fullgraph_equals_eager(mode, position):
     def layer(x, A, B):
         return lora_ext.ops.linear(x, w.detach(), b.detach(), A, B, 2.0, 0.2, position, seed)
 
+    assert_compiled_equals_eager(layer, (x, A, B), torch.randn(4, 64, 80, device=DEVICE, dtype=torch.bfloat16), mode)
+
+
+def assert_compiled_equals_eager(layer, leaves, grad_y, mode):
+    """torch.compile(layer, fullgraph) gives eager's y and gradients bitwise, three calls in a row
+    (reduce-overhead: warm-up, record, replay of the CUDA graph)."""
     compiled = torch.compile(layer, fullgraph=True, mode=mode)
-    grad_y = torch.randn(4, 64, 80, device=DEVICE, dtype=torch.bfloat16)
-    y_eager = layer(x, A, B)
-    grads_eager = torch.autograd.grad(y_eager, [x, A, B], grad_y)
-    for _ in range(3):  # reduce-overhead: warm-up, record, replay
-        y = compiled(x, A, B)
-        grads = torch.autograd.grad(y, [x, A, B], grad_y)
+    y_eager = layer(*leaves)
+    grads_eager = torch.autograd.grad(y_eager, list(leaves), grad_y)
+    for _ in range(3):
+        y = compiled(*leaves)
+        grads = torch.autograd.grad(y, list(leaves), grad_y)
         torch.testing.assert_close(y.clone(), y_eager, rtol=0, atol=0)
         for g, g_eager in zip(grads, grads_eager):
             torch.testing.assert_close(g.clone(), g_eager, rtol=0, atol=0)
@@ -1125,15 +1130,8 @@ def test_compile_fullgraph_equals_eager_on_the_fused_gemms(mode, fused_forward_o
     def layer(x, A, B):
         return lora_ext.ops.linear(x, w.detach(), b.detach(), A, B, 2.0)
 
-    compiled = torch.compile(layer, fullgraph=True, mode=mode)
-    grad_y = torch.randn(2, 2048, 1024, device=DEVICE, dtype=torch.bfloat16)
-    y_eager = layer(x, A, B)
-    grads_eager = torch.autograd.grad(y_eager, [x, A, B], grad_y)
-    for _ in range(3):  # reduce-overhead: warm-up, record, replay
-        y = compiled(x, A, B)
-        grads = torch.autograd.grad(y, [x, A, B], grad_y)
-        assert torch.equal(y.clone(), y_eager)
-        assert all(torch.equal(g.clone(), g_eager) for g, g_eager in zip(grads, grads_eager))
+    assert_compiled_equals_eager(layer, (x, A, B), torch.randn(2, 2048, 1024, device=DEVICE, dtype=torch.bfloat16),
+                                 mode)
 
 
 @fused_only
