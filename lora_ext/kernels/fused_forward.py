@@ -160,8 +160,8 @@ def _scaled_up(b_tile, scale, TRANSPOSED: tl.constexpr):
     scale goes on B here, not on xa: s xa rounded to float16 overflows from |xa| > 65504 / s where
     the composed path (s applied in float32, addmm's alpha) stays finite; |s B| of adapter weights
     is far from that. The input gradient's LoRA input (s g B, or the given grad_xa) is scaled already.
-    Called after the main loop: scaled before it, the tile's load would be waited for there (SASS:
-    a TMA wait ahead of every tile's main loop), not behind the loop as an operand of the last step."""
+    Called after the main loop: triton then keeps the tile in registers, 4-8 KiB less shared memory
+    than scaling it where it is loaded (sm_90 compiles; NOTES.md #38)."""
     if not TRANSPOSED:
         b_tile = (b_tile.to(tl.float32) * scale).to(b_tile.dtype)
     return b_tile
@@ -176,8 +176,8 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
     # The same product serves the input gradient (TRANSPOSED, see grad_input): there x is g
     # (M, N_layer), the reduction runs over the layer's outputs and the "xa" it stores is g B.
     # Without dropout the up-projection is one more K step of the tile's own accumulator,
-    # acc += (s xa) B^T with K = R_PAD: no second accumulator, no layout change, B's tile
-    # loaded before the main loop (its latency hidden behind it). With 'post' dropout the
+    # acc += xa (s B)^T with K = R_PAD: no second accumulator, no layout change, B's tile loaded
+    # before the main loop (the SASS waits for it there too: NOTES.md #38). With 'post' dropout the
     # mask applies to the LoRA term alone, so it is its own product in the epilogue, per chunk,
     # with B's chunks likewise loaded before the main loop. XA_GIVEN (the input gradient with
     # 'post' dropout, grad_input_given_xa): the (M, R) LoRA input is read from xa_ptr, already
