@@ -34,7 +34,10 @@ def ensure_repo_on_path() -> None:
 def command_line() -> str:
     """The command that ran this script, as a user would type it from the repo root."""
     script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("LORA_EXT_BACKEND", "TRITON_INTERPRET") if k in os.environ)
+    # Every lora_ext switch that is set (LORA_EXT_BACKEND, LORA_EXT_FUSED_*, ...): rows measured with one
+    # must not read as the default path's.
+    names = sorted(k for k in os.environ if k.startswith("LORA_EXT_")) + ["TRITON_INTERPRET"]
+    env = " ".join(f"{k}={os.environ[k]}" for k in names if k in os.environ)
     python = os.path.basename(sys.executable) or "python"
     return (env + " " if env else "") + shlex.join([python, script, *sys.argv[1:]])
 

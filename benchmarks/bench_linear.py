@@ -690,10 +690,18 @@ def section_text(meta_list, rows, providers_present, elapsed_note="") -> str:
 
 
 def read_csvs(paths):
-    rows, metas = [], []
+    """The rows and run metadata of several runs' CSVs. Each (mode, shape, M, r, dropout) row group
+    must come from one run: its ratios divide by the base timed in the same run, and a base from
+    another run would make them cross-run ratios under a "same run" heading."""
+    rows, metas, source = [], [], {}
     for path in paths:
         with open(path, newline="") as f:
-            rows += list(csv.DictReader(f))
+            run_rows = list(csv.DictReader(f))
+        for key in {k for k in _index(run_rows)}:
+            if source.setdefault(key, path) != path:
+                raise ValueError(f"{key} is in both {source[key]} and {path}: render such runs separately "
+                                 "(ratios are same-run ratios)")
+        rows += run_rows
         meta_path = os.path.splitext(path)[0] + ".meta.json"
         if os.path.exists(meta_path):
             with open(meta_path) as f:

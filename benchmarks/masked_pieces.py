@@ -44,10 +44,21 @@ def host_us(fn, calls=1000) -> float:
     return common.wall_us_per_call(fn, calls, "cuda", warmup=100)
 
 
+# Bytes zeroed before each timed call to evict the inputs from L2 (H200: 50 MiB; a kv-sized dY of
+# 16 MiB would otherwise be read from L2 on every replay).
+L2_FLUSH_BYTES = 256 * 2**20
+
+
 def gpu_us(fn) -> float:
-    """Device time of fn, replayed in a CUDA graph: the pieces' Python launch path (~100 µs)
-    would otherwise be what do_bench measures for the small shapes."""
-    return triton.testing.do_bench_cudagraph(fn, rep=30) * 1e3
+    """Device time of fn, replayed in a CUDA graph (the pieces' Python launch path, ~100 µs, would
+    otherwise be what do_bench measures for the small shapes), from HBM: each replay zeroes a 256 MiB
+    buffer first, and the median of [zero, fn] minus the median of [zero] alone is fn's time. (Before
+    12-05 this was the mean over replays of fn alone, whose inputs stayed in L2 when they fit: the
+    k/v shapes' tables of earlier runs are L2-warm.)"""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    with_flush = triton.testing.do_bench_cudagraph(lambda: (flush.zero_(), fn()), rep=30, return_mode="median")
+    flush_only = triton.testing.do_bench_cudagraph(flush.zero_, rep=30, return_mode="median")
+    return (with_flush - flush_only) * 1e3
 
 
 def make_inputs(M, K, N, r, dtype=torch.bfloat16):
