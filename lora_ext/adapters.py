@@ -58,6 +58,7 @@ import torch.nn as nn
 
 from ._report import problem_report
 from .config import PeftConfig
+from .merge import fsdp_modules
 from .modules import LinearLoRA
 
 __all__ = [
@@ -235,8 +236,6 @@ def save_adapter(model: nn.Module, path: PathLike, *, peft_config: Optional[Peft
 
     With FSDP2 (DTensor adapters) call it on every rank; rank 0 writes.
     """
-    from safetensors.torch import save_file
-
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers (apply_lora_to_linear_modules first)")
@@ -251,8 +250,23 @@ def save_adapter(model: nn.Module, path: PathLike, *, peft_config: Optional[Peft
                 f"layers {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}"
             )
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                   and torch.distributed.get_world_size() > 1)
+    if distributed and torch.distributed.get_rank() != 0:
+        # Rank 0 writes; returning before it has would let this rank's next load_adapter miss the files.
+        torch.distributed.barrier()
         return
+    try:
+        _write_adapter(Path(path), tensors, model, layers, peft_config)
+    finally:
+        if distributed:
+            torch.distributed.barrier()  # the other ranks wait here for the files (or rank 0's error)
+
+
+def _write_adapter(directory: Path, tensors: dict[str, torch.Tensor], model: nn.Module,
+                   layers: dict[str, LinearLoRA], peft_config: Optional[PeftConfig]) -> None:
+    from safetensors.torch import save_file
+
     config = _peft_config_dict(model, layers)
     metadata = {
         "format": "pt",
@@ -261,7 +275,6 @@ def save_adapter(model: nn.Module, path: PathLike, *, peft_config: Optional[Peft
     if peft_config is not None:
         metadata[_METADATA_PREFIX + "peft_config"] = json.dumps(peft_config.to_dict())
 
-    directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory, ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -364,6 +377,10 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
         raise FileNotFoundError(
             f"no {ADAPTER_WEIGHTS_NAME} in {directory} (lora_ext reads safetensors only, never pickled .bin files)"
         )
+    # FSDP2 leaves a unit's parameters unsharded after a forward (eval, or the root unit): writing into
+    # those copies would be lost at the next reshard. Resharding first makes them the sharded DTensors.
+    for module in fsdp_modules(model):
+        module.reshard()
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("load_adapter: the model has no LoRA layers (apply_lora_to_linear_modules first)")

@@ -112,12 +112,29 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` sharded by FSDP2 (fully_shard). After a forward (in eval, or for the root
+    unit) their parameters can be plain unsharded tensors that the next reshard discards, so a
+    DTensor check on the weights alone does not tell a sharded model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
 def _check_mergeable(model: nn.Module, layers: list[tuple[str, LinearLoRA]]) -> None:
     """Raises before anything changes if some layer cannot be merged."""
+    if fsdp_modules(model):
+        raise NotImplementedError(
+            "cannot merge: the model is sharded with FSDP2 (fully_shard); its weights may be unsharded copies "
+            "that the next reshard discards. Gather the full weights first (e.g. a full state dict) and merge "
+            "an unsharded model"
+        )
     param_owners: dict[int, set[str]] = {}
     module_names: dict[int, set[str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):

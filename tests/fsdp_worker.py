@@ -11,7 +11,8 @@ It spawns one process per rank. Every rank:
    half of the global batch;
 3. compares per-step global loss, every adapter gradient (gathered) and the final
    adapters; saves the FSDP adapters with lora_ext.save_adapter (collective; rank 0
-   writes) and loads them back into a fresh FSDP model.
+   writes) and loads them back into a fresh FSDP model, and into one left unsharded by an
+   eval forward; merging that sharded model must be refused.
 Rank 0 writes the differences to --out as JSON; the test asserts on them.
 """
 from __future__ import annotations
@@ -176,8 +177,7 @@ def train_and_compare(rank, world_size, port, out, backend, device_type):
         # Adapters of a sharded model: save (gathered, rank 0 writes), load into a fresh sharded model.
         tmp = [tempfile.mkdtemp(prefix="fsdp_adapter_") if rank == 0 else None]
         dist.broadcast_object_list(tmp)
-        lora_ext.save_adapter(model, tmp[0])
-        dist.barrier()
+        lora_ext.save_adapter(model, tmp[0])  # returns on every rank once the files exist (no barrier here)
         fresh = build_fsdp(lora_ext, weights, device, mesh)
         lora_ext.load_adapter(fresh, tmp[0])
         trained = dict(model.named_parameters())
@@ -185,6 +185,24 @@ def train_and_compare(rank, world_size, port, out, backend, device_type):
             (full(p.detach()) - full(trained[n].detach())).abs().max().item()
             for n, p in fresh.named_parameters() if p.requires_grad
         )
+        # After an eval forward FSDP2 leaves the root unit's parameters unsharded: a load must still land
+        # in the shards (compared after an explicit reshard), and a merge must refuse the sharded model.
+        again = build_fsdp(lora_ext, weights, device, mesh).eval()
+        with torch.no_grad():
+            lm_loss(again, data(0, device)[rank * rows:(rank + 1) * rows])
+        lora_ext.load_adapter(again, tmp[0])
+        for module in again.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
+        reload_diff = max(
+            (full(p.detach()) - full(trained[n].detach())).abs().max().item()
+            for n, p in again.named_parameters() if p.requires_grad
+        )
+        try:
+            lora_ext.merge_adapters(again)
+            merge_refused = False
+        except NotImplementedError:
+            merge_refused = not any(getattr(m, "merged", False) for m in again.modules())
         saved_diff = 0.0
         if rank == 0:
             from safetensors.torch import load_file
@@ -196,7 +214,7 @@ def train_and_compare(rank, world_size, port, out, backend, device_type):
             result = dict(
                 world_size=world_size, losses=losses, ref_losses=ref_losses, grad_diff=grad_diff, n_grads=n_grads,
                 param_diff=param_diff, frozen_same=frozen_same, saved_diff=saved_diff, load_diff=load_diff,
-                n_saved=len(saved),
+                n_saved=len(saved), reload_diff=reload_diff, merge_refused=merge_refused,
             )
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)

@@ -53,6 +53,8 @@ def check_result(result):
     assert result["n_saved"] == 14
     assert result["saved_diff"] <= 1e-5
     assert result["load_diff"] == 0.0
+    assert result["reload_diff"] == 0.0  # loaded after an eval forward (root unit unsharded)
+    assert result["merge_refused"]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
