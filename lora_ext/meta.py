@@ -235,7 +235,12 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
         else:
             owners_to_init[id(module)] = (_owner_fqn(fqn), module)
     for owner_fqn, module in owners_to_init.values():
-        _hf_initializer(model, owner_fqn)(module)
+        # The model's _init_weights on the buffer's owner may also draw that module's parameters (Gemma3:
+        # the scaled embedding), which the weights overwrite below; with the random state forked, the
+        # adapters after it are drawn as on a model built on `device` directly.
+        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if torch.device(device).type == "cuda"
+                                   else []):
+            _hf_initializer(model, owner_fqn)(module)
 
     # --- adapters: initialised as on a real device, unless both are in the weights -------
     for name, layer in lora_layers:

@@ -31,6 +31,9 @@ def make_config(kind):
     )
     if kind == "llama":
         return transformers.LlamaConfig(num_key_value_heads=4, **common)
+    if kind == "gemma3":
+        # A non-persistent buffer (the embedding's scale) that only the model's _init_weights recomputes.
+        return transformers.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, **common)
     # Qwen2: grouped-query attention, q/k/v biases, tied input/output embeddings.
     return transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
 
@@ -70,8 +73,9 @@ def all_tensors(model):
         ("llama", ["q_proj", "v_proj"], 4),
         ("qwen2", "*_proj", 14),
         ("llama", [r"re:model\.layers\.1\.(self_attn|mlp)\.(k|up)_proj"], 2),
+        ("gemma3", ["q_proj", "v_proj"], 4),
     ],
-    ids=["llama-names", "qwen2-glob", "llama-regex"],
+    ids=["llama-names", "qwen2-glob", "llama-regex", "gemma3-names"],
 )
 def test_meta_flow_equals_normal_build(kind, patterns, n_expected, tmp_path):
     config = lora_ext.PeftConfig(target_modules=patterns, dim=4, alpha=8)
