@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from . import ops as lora_ops
 from .config import DtypeLike, check_lora_hyperparameters, parse_dtype
@@ -102,6 +103,13 @@ class LinearLoRA(nn.Linear):
     ):
         if not isinstance(orig_linear, nn.Linear):
             raise TypeError(f"orig_linear must be an nn.Linear, got {type(orig_linear).__name__}")
+        if parametrize.is_parametrized(orig_linear, "weight"):
+            # Its weight is computed from the parametrization on every access: taken here it would be
+            # one frozen snapshot. patch_linear_module keeps the module, and so the parametrization.
+            raise ValueError(
+                "orig_linear's weight is parametrized (torch.nn.utils.parametrize); use "
+                "patch_linear_module(orig_linear, ...), which keeps the parametrization"
+            )
         _check_module_hyperparameters(dim, alpha, dropout, dropout_position, lora_A_init_method)
         # nn.Module.__init__, not nn.Linear.__init__: the latter would allocate and
         # initialise a new weight, and we take orig_linear's own Parameters instead.
@@ -144,13 +152,20 @@ class LinearLoRA(nn.Linear):
         obj.dropout_p = float(dropout)
         obj.dropout_position = dropout_position
         obj.lora_A_init_method = lora_A_init_method
-        weight.requires_grad_(False)
+        if parametrize.is_parametrized(obj, "weight"):
+            # weight is computed, not a leaf: the base's trainable tensors are the parametrization's.
+            for p in obj.parametrizations.weight.parameters():
+                p.requires_grad_(False)
+        else:
+            weight.requires_grad_(False)
         if obj.bias is not None:
             obj.bias.requires_grad_(False)
         # Same device as the base weight: on meta, the adapters are meta too.
         factory = dict(device=weight.device, dtype=adapter_dtype)
         obj.lora_A = LoRAAdapterLinear(obj.in_features, obj.dim, bias=False, **factory)
         obj.lora_B = LoRAAdapterLinear(obj.dim, obj.out_features, bias=False, **factory)
+        obj.lora_A.train(obj.training)  # new modules start in training mode; follow the layer's
+        obj.lora_B.train(obj.training)
         LinearLoRA.init_lora_weights(obj, lora_A_init_method)
 
     @torch.no_grad()

@@ -171,6 +171,31 @@ def test_forward_sees_parametrized_weights(where):
     assert_close_to_reference(layer(x), expected, torch.float32)
 
 
+def test_patching_a_parametrized_linear_freezes_the_parametrization_and_keeps_it():
+    """patch_linear_module on a Linear whose weight is parametrized: the base stays the parametrization
+    (frozen: its original tensor no longer requires grad), the adapters are added, and y is the
+    reference's with the computed weight. LinearLoRA(orig) would hold a snapshot: refused, naming the
+    way that works."""
+    torch.manual_seed(2)
+    base = nn.Linear(12, 8)
+    torch.nn.utils.parametrize.register_parametrization(base, "weight", _Doubled())
+    with pytest.raises(ValueError, match="parametrized.*patch_linear_module"):
+        LinearLoRA(base, dim=3)
+    layer = patch_linear_module(base, dim=3, alpha=6, use_triton=False)
+    assert not base.parametrizations.weight.original.requires_grad and not base.bias.requires_grad
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(5, 12)
+    expected = lora_linear_reference(x, base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight, layer.scale)
+    assert_close_to_reference(layer(x), expected, torch.float32)
+
+
+def test_adapters_follow_the_layers_training_mode():
+    layer = patch_linear_module(nn.Linear(6, 4).eval(), dim=2)
+    assert not layer.training and not layer.lora_A.training and not layer.lora_B.training
+    assert LinearLoRA(nn.Linear(6, 4).train(), dim=2).lora_A.training
+
+
 def test_triton_layer_equals_plain_layer_on_cpu():
     torch.manual_seed(1)
     layer = make_lora()
