@@ -334,14 +334,22 @@ def test_non_finite_scale_raises_in_forward_and_backward(scale, device):
 def test_scale_past_the_dtype_range_raises(dtype, lora_dtype, scale, device):
     """A finite scale that x's or the adapters' dtype cannot hold: some paths apply it in that dtype,
     where it would become inf (outputs inf, NaN or right depending on the path): refused, naming scale."""
-    x = torch.randn(3, 8, device=device, dtype=dtype)
-    w = torch.randn(4, 8, device=device, dtype=dtype)
-    A, B = torch.randn(2, 8, device=device, dtype=lora_dtype), torch.zeros(4, 2, device=device, dtype=lora_dtype)
+    gen = torch.Generator().manual_seed(3)
+    x, w = (torch.randn(*shape, generator=gen).to(device=device, dtype=dtype) for shape in ((3, 8), (4, 8)))
+    A = torch.randn(2, 8, generator=gen).to(device=device, dtype=lora_dtype)
     with pytest.raises(ValueError, match=r"lora: scale .* is beyond the range of"):
-        torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None)
+        torch.ops.lora.linear(x, w, None, A, torch.zeros(4, 2, device=device, dtype=lora_dtype), scale, 0.0, "post",
+                              None)
+    if device == "meta":
+        return
+    # The largest value is accepted, and computed right: B ~ 10 / scale (normal numbers in its dtype),
+    # so that the LoRA term is ~10 and y in range, while s xa alone would not be.
     limit = 65504.0 if torch.float16 in (dtype, lora_dtype) else 3e38
-    y, _ = torch.ops.lora.linear(x, w, None, A, B, limit, 0.0, "post", None)  # the largest value is accepted
-    assert y.shape == (3, 4)
+    B = (torch.randn(4, 2, generator=gen, dtype=torch.float64) * 10 / limit).to(dtype=lora_dtype)
+    y, _ = torch.ops.lora.linear(x, w, None, A, B, limit, 0.0, "post", None)
+    ref = lora_linear_reference(x, w, None, A, B, limit, compute_dtype=torch.float64)
+    assert bool(torch.isfinite(y).all())
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("alpha", [-16, -0.5])
