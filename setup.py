@@ -32,11 +32,14 @@ def cuda_build_reason():
 
 def extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for (the CPU dropout loop) runs its chunks on torch's OpenMP threads only when
+    # the extension itself is compiled with OpenMP; without it the loop ran on one thread.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     skip_reason = cuda_build_reason()
     if skip_reason is not None:
         print(f"lora_ext: building CPU kernels only ({skip_reason})")
-        return cpp_extension.CppExtension("lora_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        return cpp_extension.CppExtension("lora_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                                          extra_link_args=["-fopenmp"])
     print("lora_ext: building CPU and CUDA kernels")
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     return cpp_extension.CUDAExtension(
@@ -44,6 +47,7 @@ def extension():
         cpp_sources + cuda_sources,
         define_macros=[("LORA_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
+        extra_link_args=["-fopenmp"],
     )
 
 
