@@ -538,21 +538,22 @@ def test_native_kernels_can_be_turned_off_by_environment():
         xa = torch.randn(64, 8, device="cuda", dtype=torch.bfloat16)
         assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
         assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
-        assert lora_ext._C.set_fused_forward(True) is False  # LORA_EXT_FUSED_FORWARD=0 turns it off
+        assert lora_ext._C.set_fused_forward(False) is False  # LORA_EXT_FUSED_FORWARD=0 turned it off
         x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
         A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
         Bp = B.clone().requires_grad_()
         seed = torch.tensor([5], device="cuda")
-        y, _ = torch.ops.lora.linear(x, w, None, A, Bp, 0.5, 0.25, "post", seed, "native")
-        ref = lora_linear_reference(x.double(), w.double(), None, A.double(), Bp.double(), 0.5, 0.25, "post", seed,
-                                    compute_dtype=torch.float64)
-        gy = torch.randn_like(y)
-        got = torch.autograd.grad(y, [x, A, Bp], gy)
-        want = torch.autograd.grad(ref, [x, A, Bp], gy.double())
-        assert (y.double() - ref).abs().max() <= 0.05 * ref.abs().max()
-        for a, b in zip(got, want):
-            assert (a.double() - b).abs().max() <= 0.05 * b.abs().max()
+        for p in (0.0, 0.25):  # 4 tokens without dropout: the few-token kernel's fallback; with: the masked step's
+            y, _ = torch.ops.lora.linear(x, w, None, A, Bp, 0.5, p, "post", seed if p else None, "native")
+            ref = lora_linear_reference(x.double(), w.double(), None, A.double(), Bp.double(), 0.5, p, "post",
+                                        seed if p else None, compute_dtype=torch.float64)
+            gy = torch.randn_like(y)
+            got = torch.autograd.grad(y, [x, A, Bp], gy)
+            want = torch.autograd.grad(ref, [x, A, Bp], gy.double())
+            assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max(), p
+            for a, b in zip(got, want):
+                assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max(), p
         print("ok")
     """)
     env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="0")

@@ -34,11 +34,12 @@ OTHER_LORA_DTYPE = {
 }
 
 # Largest allowed |actual - reference| relative to max |reference|, by the least precise dtype
-# the computation passes through. Measured errors on these samples are about 10x below these.
+# the computation passes through. Measured errors on these samples are about 10x below these
+# (float16's was 1e-2 until 2026-12-05, loose enough for a 0.8% error in xa to pass).
 RELATIVE_TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
-    torch.float16: 1e-2,
+    torch.float16: 4e-3,
     torch.bfloat16: 2e-2,
 }
 
