@@ -95,7 +95,7 @@ std::atomic<bool> replay_enabled{[] {
 }()};
 std::atomic<int64_t> replay_count{0};
 
-void set_triton_replay(bool enabled) { replay_enabled = enabled; }
+bool set_triton_replay(bool enabled) { return replay_enabled.exchange(enabled); }  // the previous setting, as set_fused_*
 
 // (recipes recorded, keys left on the Python route, calls replayed)
 std::tuple<int64_t, int64_t, int64_t> triton_replay_stats() {
@@ -429,7 +429,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("fused_post_dropout_enabled", &lora::fused_post_dropout_on,
              "Whether the fused Triton GEMMs with 'post' dropout are on (set_fused_post_dropout)");
   module.def("set_triton_replay", &set_triton_replay,
-             "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off)");
+             "Turns the C++ replay of recorded Triton pieces on or off (LORA_EXT_TRITON_REPLAY=0: off); returns the "
+             "previous setting");
   module.def("triton_replay_stats", &triton_replay_stats,
              "(recipes recorded, keys left on the Python route, calls replayed)");
   module.def("set_small_m_forward", &lora::set_small_m_forward,
