@@ -105,8 +105,7 @@ def _same_base_weight(saved: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a base weight saved by peft is the model's (its values, in the model's dtype)."""
     if tuple(saved.shape) != tuple(weight.shape) or weight.is_meta:
         return False
-    if _is_dtensor(weight):
-        weight = weight.full_tensor()
+    weight = _full(weight)
     return torch.equal(saved.to(dtype=weight.dtype), weight.detach().cpu())
 
 
