@@ -349,7 +349,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const bool dropout = dropout_p > 0.0;
   const double keep_scale = 1.0 / (1.0 - dropout_p);
 
-  const at::Tensor g = as_matrix(grad_y, s.M, s.N);
+  // On CUDA, a contiguous g whatever autograd hands in (the expanded gradient of a sum in eager, a
+  // contiguous tangent under AOTAutograd): the native and Triton kernels below take only
+  // contiguous rows, so which one runs, and so the bits of every gradient, depend on the sizes
+  // alone. A copy only where g is not contiguous already (at::mm copies an expanded g too).
+  const at::Tensor g = grad_y.is_cuda() ? as_matrix(grad_y, s.M, s.N).contiguous() : as_matrix(grad_y, s.M, s.N);
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
   at::Tensor grad_x = empty_grad(x), grad_weight = empty_grad(x), grad_bias = empty_grad(x);
@@ -385,10 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     }
     if (need_B && !adapter_grads_together) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
     if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
-      // Contiguous g whatever autograd hands in (an expanded gradient of a sum, say), so that
-      // which path runs, and so the bits of dx, depend on the sizes alone (the fused kernel
-      // needs TMA-addressable rows).
-      if (auto fused = triton_fused_grad_input(g.contiguous(), *weight, lora_A, lora_B, scale)) {
+      // g is contiguous (above): the fused kernel needs TMA-addressable rows.
+      if (auto fused = triton_fused_grad_input(g, *weight, lora_A, lora_B, scale)) {
         grad_x = std::get<0>(*fused).view(x.sizes());
         grad_xa = std::get<1>(*fused);
         grad_x_fused = true;
@@ -451,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     if (need_x && !grad_x_fused && post_dropout && weight.has_value() &&
         use_fused_post_dropout_grad_input(g, *weight, lora_A)) {
       // grad_xa = s drop(g) B from the masked step: dx = g W + grad_xa A in one GEMM.
-      if (auto fused = triton_fused_grad_input_given_xa(g.contiguous(), *weight, lora_A, lora_B, grad_xa)) {
+      if (auto fused = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
         grad_x = fused->view(x.sizes());
         grad_x_fused = true;
       }

@@ -557,7 +557,9 @@ def test_native_kernels_can_be_turned_off_by_environment():
         print("ok")
     """)
     env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="0")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    # -X faulthandler: a crash or abort (at exit too) prints every thread's Python stack in the message.
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
