@@ -2,7 +2,10 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, pieces, fused, switches; or all (tests,bench).
+#   MODES: comma-separated from tests, bench, probe, pieces, fused, switches, ab, exitprobe, train; or all (tests,bench).
+#   ab: bench_linear, base and lora_ext, with the off-by-default switch sets alternated (AB_ROUNDS, AB_RANKS).
+#   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
+#   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments).
 #   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
@@ -68,6 +71,37 @@ if has switches; then
   python3 benchmarks/fused_forward_probe.py --configs default 2>&1 | tee "$OUT/switches_fused.log" | tail -40
   python3 benchmarks/fused_forward_probe.py --adapter-grads 2>&1 | tee "$OUT/switches_adapter_grads.log" | tail -20
   python3 benchmarks/masked_pieces.py --parts ranks --out "$OUT" 2>&1 | tee "$OUT/switches_pieces.log" | tail -45
+fi
+if has exitprobe; then
+  # The environment-switch test's subprocess aborts at exit ("terminate called without an active
+  # exception", 12-05): run it under gdb for the C++ stacks of every thread at the abort.
+  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cuda; open('/tmp/exit_probe.py', 'w').write(test_cuda.NATIVE_KERNELS_OFF_SCRIPT)"
+  gdb_bin=$(command -v gdb || command -v cuda-gdb)
+  env LORA_EXT_NATIVE_GRAD_Y=0 LORA_EXT_SMALL_M_FORWARD=0 LORA_EXT_FUSED_FORWARD=0 timeout 240 "$gdb_bin" -q -batch \
+    -ex "set pagination off" -ex run -ex "info threads" -ex "thread apply all bt 25" --args python3 /tmp/exit_probe.py \
+    2>&1 | grep -v "^\[New Thread\|^\[Thread .* exited" | tee "$OUT/exit_probe.log" | tail -120
+fi
+if has ab; then
+  # Whole-op A/B of the off-by-default switches against the defaults: bench_linear runs (base and
+  # lora_ext, same run) alternated set by set, AB_ROUNDS times, so a drift in clocks or a first-run
+  # penalty shows up as a spread between rounds instead of as a difference between sets.
+  for round in $(seq ${AB_ROUNDS:-2}); do
+    for set in default post post_grads; do
+      case $set in
+        default) envs=();;
+        post) envs=(LORA_EXT_FUSED_POST_DROPOUT=1);;
+        post_grads) envs=(LORA_EXT_FUSED_POST_DROPOUT=1 LORA_EXT_FUSED_ADAPTER_GRADS=1);;
+      esac
+      env "${envs[@]}" python3 benchmarks/bench_linear.py --out "$OUT" --tag "ab_${set}_$round" --providers base lora_ext \
+        --ranks ${AB_RANKS:-16 64} --dropouts 0.0 0.1 --modes train --no-check --no-ceilings > "$OUT/ab_${set}_$round.log" 2>&1
+      echo "ab $set round $round: exit $?"
+    done
+  done
+fi
+if has train; then
+  t0=$(date +%s)
+  python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log" | tail -30
+  echo "train: $(( $(date +%s) - t0 )) s"
 fi
 if has bench; then
   shift || true

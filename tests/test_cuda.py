@@ -525,38 +525,44 @@ def test_post_backward_over_wide_grad_y_at_rank_above_32_runs_the_triton_passes(
     assert replayed[40] == replayed[16] + 1
 
 
+# The subprocess of test_native_kernels_can_be_turned_off_by_environment (scripts/h200_run.sh exitprobe
+# runs it under gdb).
+NATIVE_KERNELS_OFF_ENV = {"LORA_EXT_NATIVE_GRAD_Y": "0", "LORA_EXT_SMALL_M_FORWARD": "0", "LORA_EXT_FUSED_FORWARD": "0"}
+NATIVE_KERNELS_OFF_SCRIPT = textwrap.dedent("""
+    import torch, lora_ext
+    from lora_ext.reference import lora_linear_reference
+    g = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    B = torch.randn(128, 8, device="cuda", dtype=torch.bfloat16)
+    xa = torch.randn(64, 8, device="cuda", dtype=torch.bfloat16)
+    assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
+    assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
+    assert lora_ext._C.set_fused_forward(False) is False  # LORA_EXT_FUSED_FORWARD=0 turned it off
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
+    A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
+    Bp = B.clone().requires_grad_()
+    seed = torch.tensor([5], device="cuda")
+    for p in (0.0, 0.25):  # 4 tokens without dropout: the few-token kernel's fallback; with: the masked step's
+        y, _ = torch.ops.lora.linear(x, w, None, A, Bp, 0.5, p, "post", seed if p else None, "native")
+        ref = lora_linear_reference(x.double(), w.double(), None, A.double(), Bp.double(), 0.5, p, "post",
+                                    seed if p else None, compute_dtype=torch.float64)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, A, Bp], gy)
+        want = torch.autograd.grad(ref, [x, A, Bp], gy.double())
+        assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max(), p
+        for a, b in zip(got, want):
+            assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max(), p
+    print("ok")
+""")
+
+
 @native_only
 def test_native_kernels_can_be_turned_off_by_environment():
     """LORA_EXT_NATIVE_GRAD_Y=0 and LORA_EXT_SMALL_M_FORWARD=0 (read once per process) turn the two
     native kernels off and LORA_EXT_FUSED_FORWARD=0 the fused forward; the op still gives the right
     answer on the paths it falls back to."""
-    script = textwrap.dedent("""
-        import torch, lora_ext
-        from lora_ext.reference import lora_linear_reference
-        g = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
-        B = torch.randn(128, 8, device="cuda", dtype=torch.bfloat16)
-        xa = torch.randn(64, 8, device="cuda", dtype=torch.bfloat16)
-        assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
-        assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
-        assert lora_ext._C.set_fused_forward(False) is False  # LORA_EXT_FUSED_FORWARD=0 turned it off
-        x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
-        A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
-        Bp = B.clone().requires_grad_()
-        seed = torch.tensor([5], device="cuda")
-        for p in (0.0, 0.25):  # 4 tokens without dropout: the few-token kernel's fallback; with: the masked step's
-            y, _ = torch.ops.lora.linear(x, w, None, A, Bp, 0.5, p, "post", seed if p else None, "native")
-            ref = lora_linear_reference(x.double(), w.double(), None, A.double(), Bp.double(), 0.5, p, "post",
-                                        seed if p else None, compute_dtype=torch.float64)
-            gy = torch.randn_like(y)
-            got = torch.autograd.grad(y, [x, A, Bp], gy)
-            want = torch.autograd.grad(ref, [x, A, Bp], gy.double())
-            assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max(), p
-            for a, b in zip(got, want):
-                assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max(), p
-        print("ok")
-    """)
-    env = dict(os.environ, LORA_EXT_NATIVE_GRAD_Y="0", LORA_EXT_SMALL_M_FORWARD="0", LORA_EXT_FUSED_FORWARD="0")
+    script = NATIVE_KERNELS_OFF_SCRIPT
+    env = dict(os.environ, **NATIVE_KERNELS_OFF_ENV)
     # -X faulthandler: a crash or abort (at exit too) prints every thread's Python stack in the message.
     done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
