@@ -6,6 +6,8 @@
 #   ab: bench_linear, base and lora_ext, with the off-by-default switch sets alternated (AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
 #   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments).
+# The device tool brings back at most 8 files: everything under $OUT is packed into results.tgz
+# at the end (with env.txt and the summaries kept beside it).
 #   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
@@ -76,6 +78,12 @@ if has exitprobe; then
   # The environment-switch test's subprocess aborts at exit ("terminate called without an active
   # exception", 12-05): run it under gdb for the C++ stacks of every thread at the abort.
   python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cuda; open('/tmp/exit_probe.py', 'w').write(test_cuda.NATIVE_KERNELS_OFF_SCRIPT)"
+  # Three plain runs first: is the abort every time?
+  for i in 1 2 3; do
+    env LORA_EXT_NATIVE_GRAD_Y=0 LORA_EXT_SMALL_M_FORWARD=0 LORA_EXT_FUSED_FORWARD=0 python3 -X faulthandler /tmp/exit_probe.py \
+      > "$OUT/exit_probe_plain.log" 2>&1; echo "exit probe, plain run $i: exit $?"
+  done
+  tail -5 "$OUT/exit_probe_plain.log"
   gdb_bin=$(command -v gdb || command -v cuda-gdb)
   env LORA_EXT_NATIVE_GRAD_Y=0 LORA_EXT_SMALL_M_FORWARD=0 LORA_EXT_FUSED_FORWARD=0 timeout 240 "$gdb_bin" -q -batch \
     -ex "set pagination off" -ex run -ex "info threads" -ex "thread apply all bt 25" --args python3 /tmp/exit_probe.py \
@@ -86,7 +94,7 @@ if has ab; then
   # lora_ext, same run) alternated set by set, AB_ROUNDS times, so a drift in clocks or a first-run
   # penalty shows up as a spread between rounds instead of as a difference between sets.
   for round in $(seq ${AB_ROUNDS:-2}); do
-    for set in default post post_grads; do
+    for set in ${AB_SETS:-default post post_grads}; do
       case $set in
         default) envs=();;
         post) envs=(LORA_EXT_FUSED_POST_DROPOUT=1);;
@@ -97,10 +105,11 @@ if has ab; then
       echo "ab $set round $round: exit $?"
     done
   done
+  python3 benchmarks/ab_summary.py "$OUT" | tee "$OUT/ab_summary.md"
 fi
 if has train; then
   t0=$(date +%s)
-  python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log" | tail -30
+  timeout ${TRAIN_TIMEOUT:-300} python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log" | tail -30
   echo "train: $(( $(date +%s) - t0 )) s"
 fi
 if has bench; then
@@ -109,4 +118,7 @@ if has bench; then
   python3 benchmarks/bench_linear.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_linear.log" | tail -60
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi
+# At most 8 files come back from the device tool: pack everything, keep the small summaries.
+(cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && mv /tmp/results.tgz . &&
+  find . -type f ! -name results.tgz ! -name env.txt ! -name ab_summary.md ! -name run.log ! -name gpu_tests.log -delete)
 exit $status
