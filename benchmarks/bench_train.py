@@ -7,8 +7,9 @@ alpha=32 by default) goes on every Linear layer, lm_head included:
                     applied on meta before materialising (the library's meta flow)
   lora_ext_triton   the same with use_triton=True (TritonLinearLoRA)
   lora_ext_native   the same with every layer's lora_backend = "native"
-  lora_ext_unmeasured  lora_ext with the native path's off-by-default kernels on for its run
-                    (unmeasured_kernels_on: benchmarks/NOTES.md #31, #33-#36)
+  lora_ext_switches_off  lora_ext with the native path's kernels turned on by the 12-05 measurements
+                    turned off for its run: the one-launch adapter gradients and the 'post' fused GEMMs
+                    (switches_off; benchmarks/NOTES.md #39), i.e. the cuBLAS compositions they replace
   peft              peft.get_peft_model with target_modules = the names of every Linear
                     (adapters kept in bf16: autocast_adapter_dtype=False, unless --peft-fp32-adapters)
 One step = torch.compile'd forward + cross-entropy loss, backward, AdamW step (adapters
@@ -41,7 +42,7 @@ import bench_common as common
 common.ensure_repo_on_path()
 import lora_ext  # noqa: E402
 
-ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native", "lora_ext_unmeasured")
+ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native", "lora_ext_switches_off")
 CSV_FIELDS = ["provider", "dropout", "compile", "graphs", "batch", "seq", "params_m", "trainable_m", "n_lora_layers",
               "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s", "peak_gib", "first_loss", "last_loss",
               "warmup_s", "note", "repeat"]
@@ -186,16 +187,14 @@ def synchronize(device):
 
 
 @contextlib.contextmanager
-def unmeasured_kernels_on():
-    """The native path's kernels that are built but off by default until measured, on inside the
-    block, then back as they were: the 'post' dropout fused GEMMs, the one-launch adapter
-    gradients, and (CUDA builds) the masked step's cp.async loads."""
+def switches_off():
+    """The native path's kernels that the 12-05 measurements turned on by default (NOTES.md #39),
+    off inside the block, then back as they were: the 'post' dropout fused GEMMs and the one-launch
+    adapter gradients."""
     restore = []
     for name in ("set_fused_post_dropout", "set_fused_adapter_grads"):
         setter = getattr(lora_ext._C, name)
-        restore.append((setter, setter(True)))
-    if hasattr(lora_ext._C, "set_masked_grad_y_stages"):
-        restore.append((lora_ext._C.set_masked_grad_y_stages, lora_ext._C.set_masked_grad_y_stages(3)))
+        restore.append((setter, setter(False)))
     try:
         yield
     finally:
@@ -204,8 +203,8 @@ def unmeasured_kernels_on():
 
 
 def run_provider(provider, dropout, args, device, dtype) -> dict:
-    if provider == "lora_ext_unmeasured":
-        with unmeasured_kernels_on():
+    if provider == "lora_ext_switches_off":
+        with switches_off():
             return _run_provider(provider, dropout, args, device, dtype)
     return _run_provider(provider, dropout, args, device, dtype)
 

@@ -5,8 +5,8 @@ median (L2 flushed) of:
   base        F.linear(x, W): the frozen layer, the floor
   op p=0      torch.ops.lora.linear, dropout 0 (the op's current path)
   op p=0 composed   the same with the op's fused forward turned off (set_fused_forward(False))
-  op p=0.1    the same, 'post' dropout 0.1 (and with the fused 'post' forward turned on, which is
-              off by default: set_fused_post_dropout, NOTES.md #33)
+  op p=0.1    the same, 'post' dropout 0.1 (with the fused 'post' forward turned off and on, which is
+              the default since NOTES.md #39: set_fused_post_dropout, NOTES.md #33)
   gemm[cfg]   the fused kernel without the LoRA term (HAS_LORA=False): Triton's GEMM alone
   fused[cfg]  the fused kernel, p=0 and p=0.1
 for a few tile configurations; each fused result is first checked against float64.

@@ -421,11 +421,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
-             "setting (off by default until measured on a GPU; LORA_EXT_FUSED_ADAPTER_GRADS=1: on at import)");
+             "setting (on by default, at up to 2048 outputs; LORA_EXT_FUSED_ADAPTER_GRADS=0: off at import)");
   module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "
-             "setting (off by default until measured on a GPU; LORA_EXT_FUSED_POST_DROPOUT=1: on at import)");
+             "setting (on by default; LORA_EXT_FUSED_POST_DROPOUT=0: off at import)");
   module.def("fused_post_dropout_enabled", &lora::fused_post_dropout_on,
              "Whether the fused Triton GEMMs with 'post' dropout are on (set_fused_post_dropout)");
   module.def("set_triton_replay", &set_triton_replay,

@@ -173,10 +173,13 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
 // against the composed 1.48x. And the input gradient dx = g W + grad_xa A as one GEMM with
 // grad_xa = s drop(g) B given (from the masked step): no (M, K) write of grad_xa A and no beta = 1
 // read of it by cuBLAS's g W (the dropout-free fused input gradient measured 1.23-1.25x cuBLAS's
-// g W against 1.56x composed, #28; NOTES.md #34). Not yet run on a GPU, so OFF by default:
-// LORA_EXT_FUSED_POST_DROPOUT=1 or set_fused_post_dropout(true) turns both on
-// (LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 still turn the fused GEMMs off).
-std::atomic<bool> fused_post_dropout_enabled{on_if_env_one("LORA_EXT_FUSED_POST_DROPOUT")};
+// g W against 1.56x composed, #28; NOTES.md #34). Measured on the H200 (M = 8192, bf16, ratio
+// to the frozen base in the same run, two rounds against four of the composed path; NOTES.md #39):
+// forward at p = 0.1, k/v 1.29-1.31 against 1.50-1.53 (r = 16), q/o 1.14-1.18 against 1.20-1.34,
+// gate/up 1.16 against 1.17-1.30; fwd+bwd at k/v 1.48-1.50 against 1.77-2.86 (with the one-launch
+// dA below). On by default: LORA_EXT_FUSED_POST_DROPOUT=0 or set_fused_post_dropout(false) turns
+// both off (LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn the fused GEMMs off too).
+std::atomic<bool> fused_post_dropout_enabled{on_unless_env_zero("LORA_EXT_FUSED_POST_DROPOUT")};
 
 // The forward's sizes differ from the dropout-free rule: the composed 'post' forward pays a mask
 // pass over the (M, N) LoRA term on top (qo +37 us, gate_up +122 us, 12-04 18:31: op p = 0.1 at
@@ -196,21 +199,24 @@ bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& w
 // Both adapter gradients of the dropout-free backward in one Triton launch
 // (lora_ext/kernels/adapter_grads.py): each program owns a block of dA's or dB's columns and
 // walks all M tokens, so x and g are read once, with no split-K partials or reduce kernels.
-// cuBLAS runs each as a split-K GEMM plus a reduce (four launches). Predicted at 4096 x 1024,
-// M = 8192: ~22 us against cuBLAS's 37 (benchmarks/NOTES.md #31); not yet run on a GPU, so OFF
-// by default: LORA_EXT_FUSED_ADAPTER_GRADS=1 or set_fused_adapter_grads(true) turns it on. Where dB
-// is not computed with dA ('post' dropout: the masked step gives it; or not wanted), dA alone
-// runs as the same kernel's dA programs (adapter_grads.grad_A_only): at k/v ~18 us against
-// cuBLAS's 27 (NOTES.md #31, its dA part).
+// cuBLAS runs each as a split-K GEMM plus a reduce (four launches). Where dB is not computed with
+// dA ('post' dropout: the masked step gives it; or not wanted), dA alone runs as the same
+// kernel's dA programs (adapter_grads.grad_A_only). Measured on the H200 in the whole op (M = 8192,
+// bf16, fwd+bwd over the frozen base's, same run; NOTES.md #39): at 4096 x 1024 (k/v), p = 0,
+// 1.34-1.39 against 1.32-2.64 (r = 16) and 1.47-1.49 against 1.97-2.60 (r = 64); but at 4096
+// outputs and more it is even or loses (q/o r = 16 1.14-1.15 against 1.09-1.19, down r = 64 'post'
+// 1.17 against 1.13), so it runs at N <= 2048 outputs only, the fused GEMMs' width. On by default
+// there: LORA_EXT_FUSED_ADAPTER_GRADS=0 or set_fused_adapter_grads(false) turns it off.
 // 16-bit tensors of one dtype (no conversion copy of x or g), from 4096 rows.
-std::atomic<bool> fused_adapter_grads_enabled{on_if_env_one("LORA_EXT_FUSED_ADAPTER_GRADS")};
+std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED_ADAPTER_GRADS")};
 constexpr int64_t kFusedAdapterGradsMaxRank = 64;
+constexpr int64_t kFusedAdapterGradsMaxOutputs = 2048;
 
 bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
   const auto dtype = lora_A.scalar_type();
   return fused_adapter_grads_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
-         g2.size(0) >= kFusedForwardMinRows && lora_A.size(0) <= kFusedAdapterGradsMaxRank &&
-         (dtype == at::kHalf || dtype == at::kBFloat16) && g2.scalar_type() == dtype && x2.scalar_type() == dtype;
+         g2.size(0) >= kFusedForwardMinRows && g2.size(1) <= kFusedAdapterGradsMaxOutputs &&
+         lora_A.size(0) <= kFusedAdapterGradsMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16) && g2.scalar_type() == dtype && x2.scalar_type() == dtype;
 }
 
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are

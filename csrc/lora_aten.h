@@ -49,11 +49,11 @@ bool set_small_m_forward(bool enabled);
 bool set_fused_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
 bool set_fused_grad_input(bool enabled);
-// The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); off by
-// default, LORA_EXT_FUSED_ADAPTER_GRADS=1 turns it on at import.
+// The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); on by
+// default, LORA_EXT_FUSED_ADAPTER_GRADS=0 turns it off at import.
 bool set_fused_adapter_grads(bool enabled);
 // The same for the fused forward and input gradient with 'post' dropout (lora_aten.cpp
-// use_fused_post_dropout_*); off by default, LORA_EXT_FUSED_POST_DROPOUT=1 turns them on at import.
+// use_fused_post_dropout_*); on by default, LORA_EXT_FUSED_POST_DROPOUT=0 turns them off at import.
 bool set_fused_post_dropout(bool enabled);
 // Its current setting (the Triton backend reads it too: triton_lora.linear_forward).
 bool fused_post_dropout_on();

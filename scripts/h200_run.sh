@@ -3,7 +3,7 @@
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
 #   MODES: comma-separated from tests, bench, probe, pieces, fused, switches, ab, exitprobe, train; or all (tests,bench).
-#   ab: bench_linear, base and lora_ext, with the off-by-default switch sets alternated (AB_ROUNDS, AB_RANKS).
+#   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
 #   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments).
 # The device tool brings back at most 8 files: everything under $OUT is packed into results.tgz
@@ -91,15 +91,17 @@ if has exitprobe; then
     2>&1 | grep -v "^\[New Thread\|^\[Thread .* exited" | tee "$OUT/exit_probe.log" | tail -120
 fi
 if has ab; then
-  # Whole-op A/B of the off-by-default switches against the defaults: bench_linear runs (base and
+  # Whole-op A/B of switch sets against the defaults: bench_linear runs (base and
   # lora_ext, same run) alternated set by set, AB_ROUNDS times, so a drift in clocks or a first-run
   # penalty shows up as a spread between rounds instead of as a difference between sets.
   for round in $(seq ${AB_ROUNDS:-2}); do
-    for set in ${AB_SETS:-default post post_grads}; do
+    # default: what ships; post_off / switches_off: the 12-05 switches (NOTES.md #39) turned back off.
+    for set in ${AB_SETS:-default post_off switches_off}; do
       case $set in
         default) envs=();;
-        post) envs=(LORA_EXT_FUSED_POST_DROPOUT=1);;
-        post_grads) envs=(LORA_EXT_FUSED_POST_DROPOUT=1 LORA_EXT_FUSED_ADAPTER_GRADS=1);;
+        post_off) envs=(LORA_EXT_FUSED_POST_DROPOUT=0);;
+        switches_off) envs=(LORA_EXT_FUSED_POST_DROPOUT=0 LORA_EXT_FUSED_ADAPTER_GRADS=0);;
+        *) echo "ab: unknown set $set"; continue;;
       esac
       env "${envs[@]}" python3 benchmarks/bench_linear.py --out "$OUT" --tag "ab_${set}_$round" --providers base lora_ext \
         --ranks ${AB_RANKS:-16 64} --dropouts 0.0 0.1 --modes train --no-check --no-ceilings > "$OUT/ab_${set}_$round.log" 2>&1

@@ -634,7 +634,7 @@ def test_triton_backend_composes_where_the_fused_forward_does_not_fit(monkeypatc
 
 @pytest.mark.parametrize("switch", [True, False], ids=["fused_post_dropout_on", "off"])
 def test_triton_backend_post_forward_is_the_fused_kernel_when_switched_on(monkeypatch, switch):
-    """'post' dropout on the Triton backend: with lora_ext._C.set_fused_post_dropout(True) (off by default)
+    """'post' dropout on the Triton backend: with lora_ext._C.set_fused_post_dropout(True) (the default)
     the forward is the fused GEMM with the mask in its epilogue (at sizes the native rule takes:
     here FUSED_FORWARD_MIN_ROWS lowered, the device check passed, as on an sm_90 GPU), else its thin
     kernels; y within the float64 bound either way (the same mask), xa = x A^T."""

@@ -185,23 +185,22 @@ def test_two_processes_compute_bitwise_equal_results():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["triton", "native", "native-adapter-grads", "native-unmeasured"])
+@pytest.mark.parametrize("backend", ["triton", "native", "native-switches-off", "native-cp-async"])
 def test_cuda_backends_are_bitwise_reproducible_under_deterministic_algorithms(backend):
     from lora_ext.kernels import cuda_dispatch
 
     if backend.startswith("native") and not cuda_dispatch.native_available():
         pytest.skip("built without the native CUDA kernels")
     # Deterministic cuBLAS needs this before CUDA starts, hence the child processes; the
-    # child also checks two runs in one process. native-adapter-grads: the native path with the
-    # one-launch adapter gradients on (off by default; LORA_EXT_FUSED_ADAPTER_GRADS, read at import);
-    # native-unmeasured: every off-by-default kernel on (also the 'post' fused GEMMs and the
-    # masked step's cp.async loads: LORA_EXT_FUSED_POST_DROPOUT, LORA_EXT_MASKED_GRAD_Y_STAGES).
+    # child also checks two runs in one process. native-switches-off: the native path with the
+    # one-launch adapter gradients and the 'post' fused GEMMs off (on by default; the env vars are
+    # read at import), i.e. the cuBLAS compositions they replace; native-cp-async: the masked step's
+    # cp.async loads on (off by default, measured slower: LORA_EXT_MASKED_GRAD_Y_STAGES).
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-    if backend == "native-adapter-grads":
-        backend, env = "native", {**env, "LORA_EXT_FUSED_ADAPTER_GRADS": "1"}
-    elif backend == "native-unmeasured":
-        backend, env = "native", {**env, "LORA_EXT_FUSED_ADAPTER_GRADS": "1", "LORA_EXT_FUSED_POST_DROPOUT": "1",
-                                  "LORA_EXT_MASKED_GRAD_Y_STAGES": "3"}
+    if backend == "native-switches-off":
+        backend, env = "native", {**env, "LORA_EXT_FUSED_ADAPTER_GRADS": "0", "LORA_EXT_FUSED_POST_DROPOUT": "0"}
+    elif backend == "native-cp-async":
+        backend, env = "native", {**env, "LORA_EXT_MASKED_GRAD_Y_STAGES": "3"}
     first = _child_digests("cuda", backend, CUDA_CASES, env)
     second = _child_digests("cuda", backend, CUDA_CASES, env)
     assert first == second

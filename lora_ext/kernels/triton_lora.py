@@ -17,7 +17,7 @@ the op's own outputs. With x2 = x as (M, K), g = dY as (M, N), s = scale:
 On Hopper, a dropout-free forward from FUSED_FORWARD_MIN_ROWS tokens is one GEMM instead
 (fused_forward.py: x W^T, x A^T and the LoRA term in one Triton kernel over TMA tiles); so is a
 'post' dropout forward up to FUSED_POST_FORWARD_MAX_INPUTS input features when
-lora_ext._C.set_fused_post_dropout(True) (off by default until measured).
+lora_ext._C.set_fused_post_dropout(True) (the default; measured, benchmarks/NOTES.md #39).
 
 Dropout masks are generated in the kernels from the seed tensor (lora_ext/kernels/philox.py)
 and regenerated in backward; no mask and no dropped copy is written. Reductions whose
@@ -805,8 +805,8 @@ MAX_KERNEL_RANK = 256
 # ratio to the base GEMM): 1.06-1.24 against this module's 1.5-2.7 at the four Llama shapes.
 # Fewer tokens were not measured.
 FUSED_FORWARD_MIN_ROWS = 4096
-# With 'post' dropout, when lora_ext._C.set_fused_post_dropout(True) (LORA_EXT_FUSED_POST_DROPOUT=1;
-# off by default until measured, NOTES.md #33), the fused GEMM applies the mask in its epilogue, up
+# With 'post' dropout, when lora_ext._C.set_fused_post_dropout(True) (the default, measured: NOTES.md #33,
+# #39; LORA_EXT_FUSED_POST_DROPOUT=0 turns it off), the fused GEMM applies the mask in its epilogue, up
 # to this many input features: the native path's rule (csrc/lora_aten.cpp, kFusedPostForwardMaxInputs).
 FUSED_POST_FORWARD_MAX_INPUTS = 4096
 
