@@ -201,6 +201,17 @@ def test_forward_backward_matches_reference(lead_shape, K, N, r, dtype, lora_dty
     assert xa.shape == (math.prod(lead_shape), r)
 
 
+def test_down_blocks_keep_the_tiles_stage_count(monkeypatch):
+    """_down_blocks shrinks the row block for small M but keeps every other field of the tile
+    (masked_pieces.py's sweep sets warps and stages through _tile; the stage count was dropped)."""
+    monkeypatch.setattr(triton_lora, "_INTERPRET", False)
+    monkeypatch.setattr(triton_lora, "_tile", lambda tiles, r_pad, dropout, fp32: triton_lora._Blocks(64, 128, 8, 5))
+    for panel_grad in (False, True):
+        blocks = triton_lora._down_blocks(256, 16, panel_grad, True, False, programs_wanted=132)
+        assert (blocks.block_c, blocks.num_warps, blocks.num_stages) == (128, 8, 5), panel_grad
+    assert triton_lora._down_blocks(256, 16, False, True, False, programs_wanted=132).block_m == 16
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_reduction_pass_with_several_row_and_column_blocks_per_program(monkeypatch, p):
     """A shape whose one pass over dY (_lora_down_reduce_kernel) gives its programs several

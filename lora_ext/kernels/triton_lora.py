@@ -37,6 +37,7 @@ imported); the interpreter gets small blocks so the tests exercise every split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -417,7 +418,8 @@ def _down_blocks(M: int, r_pad: int, panel_grad: bool, dropout: bool, fp32_opera
         # (which needs partials) when M alone does not give every SM a program.
         while block_m > 16 and _cdiv(M, block_m) < programs_wanted:
             block_m //= 2
-    return _Blocks(block_m, tile.block_c, tile.num_warps)
+    # replace, not a new _Blocks: the tile's stage count (masked_pieces.py's sweep sets it) stays.
+    return dataclasses.replace(tile, block_m=block_m)
 
 
 def _up_blocks(r_pad: int, inp_grad: bool, dropout: bool, fp32_operands: bool) -> _Blocks:
