@@ -56,6 +56,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from ._distributed import is_dtensor as _is_dtensor
 from ._report import problem_report
 from .config import PeftConfig
 from .merge import fsdp_modules
@@ -107,14 +108,6 @@ def _same_base_weight(saved: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     weight = _full(weight)
     return torch.equal(saved.to(dtype=weight.dtype), weight.detach().cpu())
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .modules import LinearLoRA
+from ._distributed import is_dtensor as _is_dtensor
 
 __all__ = ["merge_adapters", "unmerge_adapters", "merge_and_unload"]
 
@@ -102,14 +103,6 @@ def _delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, start: int,
     so they get the same values bit for bit.
     """
     return torch.mm(lora_B[start:stop], lora_A).mul_(scale)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:

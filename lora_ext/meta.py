@@ -33,6 +33,7 @@ from typing import Callable, Mapping, Union
 import torch
 import torch.nn as nn
 
+from ._distributed import is_dtensor as _is_dtensor
 from ._report import problem_report
 from .modules import LinearLoRA
 
@@ -91,14 +92,6 @@ class _WeightSource:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
