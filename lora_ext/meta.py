@@ -226,14 +226,25 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
         if from_weights is not None:
             _copy_full_into(module._buffers[name], source.get(from_weights))
         else:
-            owners_to_init[id(module)] = (_owner_fqn(fqn), module)
-    for owner_fqn, module in owners_to_init.values():
+            owners_to_init.setdefault(id(module), (_owner_fqn(fqn), module, []))[2].append((fqn, name))
+    not_recomputed = []
+    for owner_fqn, module, buffers in owners_to_init.values():
+        # A sentinel first: to_empty left the buffers' memory as it was, and an _init_weights that does
+        # not know this module (a user's module inside a Hugging Face model) leaves them so, silently.
+        for _, name in buffers:
+            _fill_sentinel(module._buffers[name])
         # The model's _init_weights on the buffer's owner may also draw that module's parameters (Gemma3:
         # the scaled embedding), which the weights overwrite below; with the random state forked, the
         # adapters after it are drawn as on a model built on `device` directly.
         with torch.random.fork_rng(devices=[torch.device(device).index or 0] if torch.device(device).type == "cuda"
                                    else []):
             _hf_initializer(model, owner_fqn)(module)
+        not_recomputed += [fqn for fqn, name in buffers if _still_sentinel(module._buffers[name])]
+    if not_recomputed:
+        raise ValueError(
+            "materialize: the model is allocated, but its _init_weights did not recompute these non-persistent "
+            "buffers (in no checkpoint; add their values to the weights under these names):\n"
+            + problem_report([("not recomputed", not_recomputed)]))
 
     # --- adapters: initialised as on a real device, unless both are in the weights -------
     for name, layer in lora_layers:
@@ -252,6 +263,28 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
     if left_on_meta:  # to_empty reaches every tensor, so this would be a bug here
         raise RuntimeError(f"materialize: tensors left on meta: {left_on_meta[:10]}")
     return model
+
+
+def _sentinel(t: torch.Tensor):
+    """A value no recomputed buffer is made of: NaN, or an integer type's minimum; None for bool."""
+    if t.is_floating_point() or t.is_complex():
+        return float("nan")
+    if t.dtype == torch.bool:
+        return None
+    return torch.iinfo(t.dtype).min
+
+
+def _fill_sentinel(t: torch.Tensor) -> None:
+    if _sentinel(t) is not None:
+        t.fill_(_sentinel(t))
+
+
+def _still_sentinel(t: torch.Tensor) -> bool:
+    """Whether every element still holds _fill_sentinel's value (an empty or bool buffer: never)."""
+    value = _sentinel(t)
+    if value is None or t.numel() == 0:
+        return False
+    return bool(t.isnan().all()) if isinstance(value, float) else bool((t == value).all())
 
 
 def _reset_adapters(layer: LinearLoRA) -> None:

@@ -254,3 +254,24 @@ def test_hf_model_inside_a_wrapper_gets_its_rotary_tables():
     rotary = meta["lm"].model.rotary_emb
     assert torch.equal(rotary.inv_freq, normal["lm"].model.rotary_emb.inv_freq)
     assert torch.equal(rotary.original_inv_freq, normal["lm"].model.rotary_emb.original_inv_freq)
+
+
+def test_user_buffer_inside_hf_model_is_refused_unless_in_the_weights():
+    """A user's module with a non-persistent buffer inside a Hugging Face model: the model's
+    _init_weights (found for it) does not know it, so materialize names it instead of leaving
+    to_empty's memory there; given in the weights, it is loaded and the rotary tables recomputed."""
+    normal = build("llama")
+    normal.model.layers[0].extra = WithConstant()
+    weights = normal.state_dict()
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(make_config("llama"))
+        meta.model.layers[0].extra = WithConstant()
+    with pytest.raises(ValueError, match=r"did not recompute.*\n.*\n\s+model\.layers\.0\.extra\.table"):
+        lora_ext.materialize(meta, weights)
+
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(make_config("llama"))
+        meta.model.layers[0].extra = WithConstant()
+    lora_ext.materialize(meta, {**weights, "model.layers.0.extra.table": torch.arange(4.0) * 3})
+    assert torch.equal(meta.model.layers[0].extra.table, torch.arange(4.0) * 3)
+    assert torch.equal(meta.model.rotary_emb.inv_freq, normal.model.rotary_emb.inv_freq)
