@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -22,6 +23,11 @@
 #include "lora_aten.h"
 #include "triton_bridge.h"
 #include "triton_replay.h"
+
+#if defined(__GLIBC__)
+#include <execinfo.h>
+#include <unistd.h>
+#endif
 
 TORCH_LIBRARY(lora, m) {
   m.def(
@@ -397,10 +403,39 @@ std::tuple<at::Tensor, at::Tensor> triton_masked_up(const at::Tensor& grad_xa, c
 
 }  // namespace lora
 
+namespace {
+
+// LORA_EXT_TERMINATE_BACKTRACE=1: a std::terminate anywhere in the process first prints the C++
+// stack (glibc's backtrace; exported symbols only) to stderr, then runs the handler it replaced.
+// A diagnostic for aborts with no Python frame to show, such as the GPU suite's
+// "terminate called without an active exception" at a subprocess's exit (benchmarks/NOTES.md #39).
+std::terminate_handler replaced_terminate_handler = nullptr;
+
+[[noreturn]] void terminate_with_backtrace() {
+#if defined(__GLIBC__)
+  static const char header[] = "lora_ext: std::terminate called; C++ stack (LORA_EXT_TERMINATE_BACKTRACE=1):\n";
+  void* frames[64];
+  const int count = backtrace(frames, 64);
+  ssize_t ignored = write(STDERR_FILENO, header, sizeof(header) - 1);
+  (void)ignored;
+  backtrace_symbols_fd(frames, count, STDERR_FILENO);
+#endif
+  if (replaced_terminate_handler != nullptr) replaced_terminate_handler();
+  std::abort();
+}
+
+void install_terminate_backtrace_if_asked() {
+  const char* env = std::getenv("LORA_EXT_TERMINATE_BACKTRACE");
+  if (env != nullptr && std::string(env) == "1") replaced_terminate_handler = std::set_terminate(terminate_with_backtrace);
+}
+
+}  // namespace
+
 // The Python module: build facts and the registration of the Triton callbacks
 // (lora_ext/kernels/cuda_dispatch.py). The ops themselves are torch.ops.lora.*.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "lora_ext C++/CUDA kernels; the ops are torch.ops.lora.*";
+  install_terminate_backtrace_if_asked();
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
   module.def("set_triton_kernels", &set_triton_kernels,
              "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");

@@ -80,7 +80,7 @@ if has exitprobe; then
   python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cuda; open('/tmp/exit_probe.py', 'w').write(test_cuda.NATIVE_KERNELS_OFF_SCRIPT)"
   # Three plain runs first: is the abort every time?
   for i in 1 2 3; do
-    env LORA_EXT_NATIVE_GRAD_Y=0 LORA_EXT_SMALL_M_FORWARD=0 LORA_EXT_FUSED_FORWARD=0 python3 -X faulthandler /tmp/exit_probe.py \
+    env LORA_EXT_NATIVE_GRAD_Y=0 LORA_EXT_SMALL_M_FORWARD=0 LORA_EXT_FUSED_FORWARD=0 LORA_EXT_TERMINATE_BACKTRACE=1 python3 -X faulthandler /tmp/exit_probe.py \
       > "$OUT/exit_probe_plain.log" 2>&1; echo "exit probe, plain run $i: exit $?"
   done
   tail -5 "$OUT/exit_probe_plain.log"

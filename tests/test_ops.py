@@ -918,3 +918,21 @@ def test_native_path_switches_default_and_env():
         for (name, (_, _, default)), line in zip(SWITCH_DEFAULTS.items(), result.stdout.split("\n")):
             # each call returns the setting before it: the loaded one, then True, then False
             assert line.split() == [str(default != flip), "True", "False"], (name, flip, line)
+
+
+def test_terminate_backtrace_is_printed_only_when_asked():
+    """LORA_EXT_TERMINATE_BACKTRACE=1: a std::terminate (here called through ctypes) prints the C++
+    stack before the handler it replaced aborts; without it, only the usual message."""
+    script = "import ctypes, lora_ext\nctypes.CDLL('libstdc++.so.6')._ZSt9terminatev()\n"
+    header = "lora_ext: std::terminate called; C++ stack"
+    for asked in (True, False):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("LORA_EXT_TERMINATE_BACKTRACE", None)
+        if asked:
+            env["LORA_EXT_TERMINATE_BACKTRACE"] = "1"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode != 0 and "terminate called without an active exception" in result.stderr
+        assert (header in result.stderr) == asked, result.stderr
+        if asked:  # the stack names the frames it passed through
+            assert "libstdc++" in result.stderr and "_C." in result.stderr, result.stderr
+
