@@ -217,7 +217,8 @@ def test_lora_dtype_different_from_base(base_dtype, lora_dtype):
     x = torch.randn(3, 12, dtype=base_dtype, requires_grad=True)
     y = layer(x)
     assert y.dtype == base_dtype
-    y.sum().backward()
+    gy = torch.randn_like(y)  # random, not y.sum()'s ones: a uniform gradient hides row and column mix-ups
+    y.backward(gy)
     assert x.grad.dtype == base_dtype
     assert layer.lora_A.weight.grad.dtype == lora_dtype and layer.lora_B.weight.grad.dtype == lora_dtype
     # Compare against the reference built from the same (exactly representable) values.
@@ -225,11 +226,13 @@ def test_lora_dtype_different_from_base(base_dtype, lora_dtype):
     a_ref = layer.lora_A.weight.detach().double().requires_grad_()
     b_ref = layer.lora_B.weight.detach().double().requires_grad_()
     ref = lora_linear_reference(x_ref, layer.weight, layer.bias, a_ref, b_ref, layer.scale)
-    ref.sum().backward()
+    ref.backward(gy.double())
     coarser = base_dtype if TOL[base_dtype] > TOL[lora_dtype] else lora_dtype
     # Output scale: scale * |B| * |A x| grows with the random adapters, so compare relative to its size.
     assert_close_to_reference(y / ref.abs().max(), ref / ref.abs().max(), coarser)
     assert_close_to_reference(x.grad / x_ref.grad.abs().max(), x_ref.grad / x_ref.grad.abs().max(), coarser)
+    assert_close_to_reference(layer.lora_A.weight.grad / a_ref.grad.abs().max(), a_ref.grad / a_ref.grad.abs().max(),
+                              coarser)
     assert_close_to_reference(layer.lora_B.weight.grad / b_ref.grad.abs().max(), b_ref.grad / b_ref.grad.abs().max(),
                               coarser)
 
@@ -272,15 +275,18 @@ def test_training_dropout_gradients_match_reference():
     torch.manual_seed(5)
     layer = make_lora(dropout=0.3, dropout_position="post").train()
     x = torch.randn(2, 5, 12, requires_grad=True)
+    gy = torch.randn(2, 5, layer.out_features)
     torch.manual_seed(7)
-    layer(x).sum().backward()
+    layer(x).backward(gy)
     torch.manual_seed(7)
     seed = draw_seed(x.device)
     x_ref = x.detach().double().requires_grad_()
+    a_ref = layer.lora_A.weight.detach().double().requires_grad_()
     b_ref = layer.lora_B.weight.detach().double().requires_grad_()
-    lora_linear_reference(x_ref, layer.weight, layer.bias, layer.lora_A.weight, b_ref, layer.scale, 0.3, "post",
-                          seed).sum().backward()
+    lora_linear_reference(x_ref, layer.weight, layer.bias, a_ref, b_ref, layer.scale, 0.3, "post",
+                          seed).backward(gy.double())
     assert_close_to_reference(x.grad, x_ref.grad, torch.float32)
+    assert_close_to_reference(layer.lora_A.weight.grad, a_ref.grad, torch.float32)
     assert_close_to_reference(layer.lora_B.weight.grad, b_ref.grad, torch.float32)
 
 
@@ -634,11 +640,12 @@ def test_cuda_layers_match_reference(cls, dtype):
     layer = make_lora(in_features=64, out_features=48, dtype=dtype, cls=cls, dim=8).cuda()
     x = torch.randn(3, 7, 64, device="cuda", dtype=dtype, requires_grad=True)
     y = layer(x)
-    y.float().sum().backward()
+    gy = torch.randn(y.shape, device="cuda")
+    y.float().backward(gy)
     x_ref = x.detach().double().requires_grad_()
     b_ref = layer.lora_B.weight.detach().double().requires_grad_()
     ref = lora_linear_reference(x_ref, layer.weight, layer.bias, layer.lora_A.weight, b_ref, layer.scale)
-    ref.sum().backward()
+    ref.backward(gy.double())
     norm = ref.abs().max()
     assert_close_to_reference(y / norm, ref / norm, dtype)
     assert_close_to_reference(x.grad / x_ref.grad.abs().max(), x_ref.grad / x_ref.grad.abs().max(), dtype)
@@ -654,10 +661,11 @@ def test_cuda_lora_triton_function_matches_reference():
     lora_A = torch.randn(8, 64, device="cuda", requires_grad=True)
     lora_B = torch.randn(48, 8, device="cuda", requires_grad=True)
     y = LoRATritonFunction.apply(x, lora_A, lora_B, 0.25, torch.float32)
-    y.sum().backward()
+    gy = torch.randn_like(y)
+    y.backward(gy)
     refs = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
     ref = lora_linear_reference(refs[0], None, None, refs[1], refs[2], 0.25)
-    ref.sum().backward()
+    ref.backward(gy.double())
     # TF32 may be on for float32 GEMMs on the GPU: compare relative to the output's size.
     tol_dtype = torch.bfloat16
     assert_close_to_reference(y / ref.abs().max(), ref / ref.abs().max(), tol_dtype)
