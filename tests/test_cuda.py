@@ -856,7 +856,7 @@ def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on
 
     inputs = make_inputs(lead_shape, 512, 1032, r, torch.bfloat16, bias=bias, seed=11)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
-    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")  # r = 64: the composed backward
+    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")  # r = 64: dx composed (cuBLAS), dA and dB in one launch
     with torch.no_grad():
         expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, 0.5)
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)

@@ -104,23 +104,29 @@ def fused_grad_input_given_xa_callback(grad_y2, weight, lora_A, lora_B, grad_xa)
         lambda: (fused_forward.grad_input_given_xa(grad_y2, weight, lora_A, lora_B, grad_xa),), grad_y2)
 
 
+def _measured_gpu(t) -> bool:
+    """Hopper or newer: the one launch was measured (and chosen, benchmarks/NOTES.md #39) on the H200
+    only; elsewhere cuBLAS stays, and no compile of an untried kernel can fail a backward."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
 def adapter_grads_callback(grad_xa, x2, xa, grad_y2, scale_A, scale_B):
     """The native path's adapter gradients in one launch (csrc/lora_aten.cpp, use_fused_adapter_grads;
-    dropout 0): (dA, dB), or None where adapter_grads.supported refuses these tensors."""
+    dropout 0): (dA, dB), or None off Hopper or where adapter_grads.supported refuses these tensors."""
     from . import adapter_grads
 
-    if not adapter_grads.supported(grad_xa, x2, xa, grad_y2):
+    if not (_measured_gpu(x2) and adapter_grads.supported(grad_xa, x2, xa, grad_y2)):
         return None
     return _fused_or_none(lambda: adapter_grads.adapter_grads(grad_xa, x2, xa, grad_y2, scale_A, scale_B), x2)
 
 
 def grad_A_only_callback(grad_xa, x2, scale_A):
     """The native path's dA alone in one launch (csrc/lora_aten.cpp, use_fused_adapter_grads, where dB
-    comes from the 'post' dropout backward's masked step or is not wanted): (dA,), or None where
-    adapter_grads.supported refuses these tensors."""
+    comes from the 'post' dropout backward's masked step or is not wanted): (dA,), or None off Hopper
+    or where adapter_grads.supported refuses these tensors."""
     from . import adapter_grads
 
-    if not adapter_grads.supported(grad_xa, x2, grad_xa, x2):
+    if not (_measured_gpu(x2) and adapter_grads.supported(grad_xa, x2, grad_xa, x2)):
         return None
     return _fused_or_none(lambda: (adapter_grads.grad_A_only(grad_xa, x2, scale_A),), x2)
 
