@@ -167,7 +167,9 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
     from torch's generator, in module order; lora_B zeros), exactly as on a real device.
 
     Raises ValueError before allocating anything when a weight is missing, unexpected
-    or mis-shaped, or a non-persistent buffer can be restored neither way.
+    or mis-shaped, or a non-persistent buffer can be restored neither way; and after
+    allocating, when the Hugging Face model's `_init_weights` did not recompute such a
+    buffer (a module of the user's inside the model): build the model again then.
     """
     device = torch.device(device)
     source = _WeightSource(weights)
@@ -196,7 +198,8 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
     unrestorable = [
         " = ".join(fqn for fqn, *_ in group)
         for group in nonpersistent.values()
-        if not any(fqn in source for fqn, *_ in group) and _hf_initializer(model, _owner_fqn(group[0][0])) is None
+        if not any(fqn in source for fqn, *_ in group)
+        and all(_hf_initializer(model, _owner_fqn(fqn)) is None for fqn, *_ in group)
     ]
     problems = problem_report([
         ("missing from the weights", missing),
@@ -219,32 +222,36 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
                 getattr(module, table)[name] = tensor
 
     # --- non-persistent buffers: from the weights, else recomputed by the HF model ----
-    owners_to_init = {}
+    to_recompute = []  # groups (one tensor, re-tied above) that no weight gives
+    owners_to_init = {}  # every module holding such a tensor: tied owners may differ in what knows them
     for group in nonpersistent.values():
         fqn, module, name, _ = group[0]
         from_weights = next((n for n, *_ in group if n in source), None)
         if from_weights is not None:
             _copy_full_into(module._buffers[name], source.get(from_weights))
-        else:
-            owners_to_init.setdefault(id(module), (_owner_fqn(fqn), module, []))[2].append((fqn, name))
-    not_recomputed = []
-    for owner_fqn, module, buffers in owners_to_init.values():
-        # A sentinel first: to_empty left the buffers' memory as it was, and an _init_weights that does
-        # not know this module (a user's module inside a Hugging Face model) leaves them so, silently.
-        for _, name in buffers:
-            _fill_sentinel(module._buffers[name])
+            continue
+        # A sentinel first: to_empty left the memory as it was, and an _init_weights that does not know
+        # the module (a user's module inside a Hugging Face model) leaves it so, silently.
+        _fill_sentinel(module._buffers[name])
+        to_recompute.append(group)
+        for member_fqn, member, *_ in group:
+            owners_to_init.setdefault(id(member), (_owner_fqn(member_fqn), member))
+    for owner_fqn, module in owners_to_init.values():
+        init = _hf_initializer(model, owner_fqn)
+        if init is None:
+            continue  # a tied owner that some other owner's _init_weights covers (checked before allocating)
         # The model's _init_weights on the buffer's owner may also draw that module's parameters (Gemma3:
         # the scaled embedding), which the weights overwrite below; with the random state forked, the
         # adapters after it are drawn as on a model built on `device` directly.
         with torch.random.fork_rng(devices=[torch.device(device).index or 0] if torch.device(device).type == "cuda"
                                    else []):
-            _hf_initializer(model, owner_fqn)(module)
-        not_recomputed += [fqn for fqn, name in buffers if _still_sentinel(module._buffers[name])]
+            init(module)
+    not_recomputed = [" = ".join(f for f, *_ in group) for group in to_recompute if _still_sentinel(_slot_tensor(group[0]))]
     if not_recomputed:
         raise ValueError(
             "materialize: the model is allocated, but its _init_weights did not recompute these non-persistent "
-            "buffers (in no checkpoint; add their values to the weights under these names):\n"
-            + problem_report([("not recomputed", not_recomputed)]))
+            "buffers, or not all of their elements (in no checkpoint; add their values to the weights under these "
+            "names and materialize a freshly built model):\n" + problem_report([("not recomputed", not_recomputed)]))
 
     # --- adapters: initialised as on a real device, unless both are in the weights -------
     for name, layer in lora_layers:
@@ -265,26 +272,32 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
     return model
 
 
-def _sentinel(t: torch.Tensor):
-    """A value no recomputed buffer is made of: NaN, or an integer type's minimum; None for bool."""
-    if t.is_floating_point() or t.is_complex():
-        return float("nan")
-    if t.dtype == torch.bool:
-        return None
-    return torch.iinfo(t.dtype).min
+# The sentinel non-persistent buffers are filled with before _init_weights: NaN for floating types;
+# for bool, the byte 2 (neither False nor True); for integers, every byte 0xA5 (-0x5A5A5A5B for int32).
+_SENTINEL_BYTE = 0xA5
 
 
 def _fill_sentinel(t: torch.Tensor) -> None:
-    if _sentinel(t) is not None:
-        t.fill_(_sentinel(t))
+    if not t.is_contiguous() or t.numel() == 0:
+        return  # not checked (to_empty allocates buffers contiguous)
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    else:
+        t.view(torch.uint8).fill_(2 if t.dtype == torch.bool else _SENTINEL_BYTE)
 
 
 def _still_sentinel(t: torch.Tensor) -> bool:
-    """Whether every element still holds _fill_sentinel's value (an empty or bool buffer: never)."""
-    value = _sentinel(t)
-    if value is None or t.numel() == 0:
+    """Whether _init_weights left sentinel elements: any, as a partial write is no recomputation; for
+    1-byte integers all (165 or -91 is a plausible value there)."""
+    if not t.is_contiguous() or t.numel() == 0:
         return False
-    return bool(t.isnan().all()) if isinstance(value, float) else bool((t == value).all())
+    if t.is_floating_point() or t.is_complex():
+        return bool(t.isnan().any())
+    if t.dtype == torch.bool:
+        return bool((t.view(torch.uint8) == 2).any())
+    sentinel = torch.full((t.element_size(),), _SENTINEL_BYTE, dtype=torch.uint8, device=t.device).view(t.dtype)
+    left = t == sentinel
+    return bool(left.all() if t.element_size() == 1 else left.any())
 
 
 def _reset_adapters(layer: LinearLoRA) -> None:

@@ -275,3 +275,63 @@ def test_user_buffer_inside_hf_model_is_refused_unless_in_the_weights():
     lora_ext.materialize(meta, {**weights, "model.layers.0.extra.table": torch.arange(4.0) * 3})
     assert torch.equal(meta.model.layers[0].extra.table, torch.arange(4.0) * 3)
     assert torch.equal(meta.model.rotary_emb.inv_freq, normal.model.rotary_emb.inv_freq)
+
+
+class BufferHolder(torch.nn.Module):
+    """Non-persistent buffers of several dtypes, recomputed (or not) by the wrapper's _init_weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("flags", torch.zeros(6, dtype=torch.uint8), persistent=False)
+        self.register_buffer("mask", torch.ones(6, dtype=torch.bool), persistent=False)
+        self.register_buffer("table", torch.arange(6.0), persistent=False)
+        self.register_buffer("steps", torch.arange(6), persistent=False)
+
+
+class WithInitWeights(torch.nn.Module):
+    """An HF-like model: `_init_weights(module)` recomputes what `writes` names, `table` maybe partly;
+    `user.freq` is the same tensor as `holder.table` (a user's module sharing a rotary table)."""
+
+    def __init__(self, writes):
+        super().__init__()
+        self.writes = writes
+        self.user = torch.nn.Module()
+        self.holder = BufferHolder()
+        self.user.register_buffer("freq", self.holder.table, persistent=False)
+
+    def _init_weights(self, module):
+        if not isinstance(module, BufferHolder):
+            return
+        if "flags" in self.writes:
+            module.flags.zero_()  # zeros: an unsigned type's minimum, which must not read as untouched
+        if "mask" in self.writes:
+            module.mask.fill_(True)
+        if "table" in self.writes:
+            module.table.copy_(torch.arange(6.0))
+        elif "half table" in self.writes:
+            module.table[:3] = 1.0
+        if "steps" in self.writes:
+            module.steps.copy_(torch.arange(6))
+
+
+@pytest.mark.parametrize("writes, refused", [
+    ({"flags", "mask", "table", "steps"}, []),
+    ({"flags", "table", "steps"}, ["holder.mask"]),
+    ({"flags", "mask", "half table", "steps"}, ["user.freq = holder.table"]),
+    ({"flags", "mask", "table"}, ["holder.steps"]),
+], ids=["all", "bool-left", "partial-write", "int64-left"])
+def test_nonpersistent_buffers_left_by_init_weights_are_named(writes, refused):
+    """Every dtype's buffer that _init_weights leaves (wholly or partly) is named, and only those;
+    a tied buffer whose first owner no _init_weights knows is recomputed through its other owner."""
+    with torch.device("meta"):
+        model = WithInitWeights(writes)
+    if not refused:
+        lora_ext.materialize(model, {})
+        assert torch.equal(model.user.freq, torch.arange(6.0)) and model.user.freq is model.holder.table
+        assert torch.equal(model.holder.flags, torch.zeros(6, dtype=torch.uint8)) and bool(model.holder.mask.all())
+        assert torch.equal(model.holder.steps, torch.arange(6))
+        return
+    with pytest.raises(ValueError, match="did not recompute") as error:
+        lora_ext.materialize(model, {})
+    named = [line.strip() for line in str(error.value).splitlines()[2:]]
+    assert named == refused, str(error.value)
