@@ -426,7 +426,14 @@ std::terminate_handler replaced_terminate_handler = nullptr;
 
 void install_terminate_backtrace_if_asked() {
   const char* env = std::getenv("LORA_EXT_TERMINATE_BACKTRACE");
-  if (env != nullptr && std::string(env) == "1") replaced_terminate_handler = std::set_terminate(terminate_with_backtrace);
+  if (env == nullptr || std::string(env) != "1") return;
+#if defined(__GLIBC__)
+  // The first backtrace() loads libgcc_s (dlopen, malloc): do it now, not inside a terminate that
+  // may come with the heap in a bad state.
+  void* warm[1];
+  (void)backtrace(warm, 1);
+#endif
+  replaced_terminate_handler = std::set_terminate(terminate_with_backtrace);
 }
 
 }  // namespace
