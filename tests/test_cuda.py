@@ -1165,6 +1165,25 @@ def test_compile_fullgraph_equals_eager_on_the_fused_gemms(mode, fused_forward_o
 
 
 @fused_only
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_fullgraph_equals_eager_on_the_fused_post_dropout_gemms(mode, fused_forward_on, fused_grad_input_on,
+                                                                         fused_adapter_grads_on, fused_post_dropout_on):
+    """The same with 'post' dropout 0.1 (on by default since 12-05): the fused forward with the mask in
+    its epilogue, the native masked step, the fused input gradient given its grad_xa and dA in one
+    launch, inside a compiled graph and a CUDA graph: eager's bits."""
+    torch._dynamo.reset()
+    inputs = make_inputs((2, 2048), 512, 1024, 16, torch.bfloat16, seed=43)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    seed = seed_tensor(11)
+
+    def layer(x, A, B):
+        return lora_ext.ops.linear(x, w.detach(), b.detach(), A, B, 2.0, dropout_p=0.1, seed=seed)
+
+    assert_compiled_equals_eager(layer, (x, A, B), torch.randn(2, 2048, 1024, device=DEVICE, dtype=torch.bfloat16),
+                                 mode)
+
+
+@fused_only
 def test_opcheck_linear_on_the_fused_forward(fused_forward_on, fused_grad_input_on):
     inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, seed=4)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
