@@ -176,7 +176,7 @@ bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const 
 // g W against 1.56x composed, #28; NOTES.md #34). Measured on the H200 (M = 8192, bf16, ratio
 // to the frozen base in the same run, two rounds against four of the composed path; NOTES.md #39):
 // forward at p = 0.1, k/v 1.29-1.31 against 1.50-1.53 (r = 16), q/o 1.14-1.18 against 1.20-1.34,
-// gate/up 1.16 against 1.17-1.30; fwd+bwd at k/v 1.48-1.50 against 1.77-2.86 (with the one-launch
+// gate/up 1.16 against 1.17-1.30; fwd+bwd at k/v 1.48-1.50 against 1.83-2.86 (with the one-launch
 // dA below). On by default: LORA_EXT_FUSED_POST_DROPOUT=0 or set_fused_post_dropout(false) turns
 // both off (LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn the fused GEMMs off too).
 std::atomic<bool> fused_post_dropout_enabled{on_unless_env_zero("LORA_EXT_FUSED_POST_DROPOUT")};
@@ -216,7 +216,8 @@ bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const a
   const auto dtype = lora_A.scalar_type();
   return fused_adapter_grads_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
          g2.size(0) >= kFusedForwardMinRows && g2.size(1) <= kFusedAdapterGradsMaxOutputs &&
-         lora_A.size(0) <= kFusedAdapterGradsMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16) && g2.scalar_type() == dtype && x2.scalar_type() == dtype;
+         lora_A.size(0) <= kFusedAdapterGradsMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16) &&
+         g2.scalar_type() == dtype && x2.scalar_type() == dtype;
 }
 
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are

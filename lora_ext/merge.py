@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .modules import LinearLoRA
 from ._distributed import is_dtensor as _is_dtensor
+from .modules import LinearLoRA
 
 __all__ = ["merge_adapters", "unmerge_adapters", "merge_and_unload"]
 
