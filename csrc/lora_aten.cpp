@@ -360,7 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   // contiguous tangent under AOTAutograd): the native and Triton kernels below take only
   // contiguous rows, so which one runs, and so the bits of every gradient, depend on the sizes
   // alone. A copy only where g is not contiguous already (at::mm copies an expanded g too).
-  const at::Tensor g = grad_y.is_cuda() ? as_matrix(grad_y, s.M, s.N).contiguous() : as_matrix(grad_y, s.M, s.N);
+  const at::Tensor g_as_given = as_matrix(grad_y, s.M, s.N);
+  const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
   at::Tensor grad_x = empty_grad(x), grad_weight = empty_grad(x), grad_bias = empty_grad(x);

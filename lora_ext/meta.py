@@ -225,14 +225,13 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
     to_recompute = []  # groups (one tensor, re-tied above) that no weight gives
     owners_to_init = {}  # every module holding such a tensor: tied owners may differ in what knows them
     for group in nonpersistent.values():
-        fqn, module, name, _ = group[0]
         from_weights = next((n for n, *_ in group if n in source), None)
         if from_weights is not None:
-            _copy_full_into(module._buffers[name], source.get(from_weights))
+            _copy_full_into(_slot_tensor(group[0]), source.get(from_weights))
             continue
         # A sentinel first: to_empty left the memory as it was, and an _init_weights that does not know
         # the module (a user's module inside a Hugging Face model) leaves it so, silently.
-        _fill_sentinel(module._buffers[name])
+        _fill_sentinel(_slot_tensor(group[0]))
         to_recompute.append(group)
         for member_fqn, member, *_ in group:
             owners_to_init.setdefault(id(member), (_owner_fqn(member_fqn), member))
@@ -243,10 +242,10 @@ def materialize(model: nn.Module, weights: WeightsLike, device: Union[str, torch
         # The model's _init_weights on the buffer's owner may also draw that module's parameters (Gemma3:
         # the scaled embedding), which the weights overwrite below; with the random state forked, the
         # adapters after it are drawn as on a model built on `device` directly.
-        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if torch.device(device).type == "cuda"
-                                   else []):
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             init(module)
-    not_recomputed = [" = ".join(f for f, *_ in group) for group in to_recompute if _still_sentinel(_slot_tensor(group[0]))]
+    not_recomputed = [" = ".join(fqn for fqn, *_ in group) for group in to_recompute
+                      if _still_sentinel(_slot_tensor(group[0]))]
     if not_recomputed:
         raise ValueError(
             "materialize: the model is allocated, but its _init_weights did not recompute these non-persistent "

@@ -77,16 +77,19 @@ fi
 if has exitprobe; then
   # The environment-switch test's subprocess aborts at exit ("terminate called without an active
   # exception", 12-05): run it under gdb for the C++ stacks of every thread at the abort.
-  python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cuda; open('/tmp/exit_probe.py', 'w').write(test_cuda.NATIVE_KERNELS_OFF_SCRIPT)"
+  # The test's script and environment, from the test module (one definition).
+  probe_env=$(python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cuda
+open('/tmp/exit_probe.py', 'w').write(test_cuda.NATIVE_KERNELS_OFF_SCRIPT)
+print(' '.join(f'{k}={v}' for k, v in test_cuda.NATIVE_KERNELS_OFF_ENV.items()))")
   # Three plain runs first: is the abort every time?
   for i in 1 2 3; do
-    env LORA_EXT_NATIVE_GRAD_Y=0 LORA_EXT_SMALL_M_FORWARD=0 LORA_EXT_FUSED_FORWARD=0 LORA_EXT_TERMINATE_BACKTRACE=1 python3 -X faulthandler /tmp/exit_probe.py \
+    env $probe_env LORA_EXT_TERMINATE_BACKTRACE=1 python3 -X faulthandler /tmp/exit_probe.py \
       > "$OUT/exit_probe_plain.log" 2>&1; echo "exit probe, plain run $i: exit $?"
   done
   tail -5 "$OUT/exit_probe_plain.log"
   gdb_bin=$(command -v gdb || command -v cuda-gdb)
   # Under gdb the 02:47 run exited normally ("ok", no abort): EXITPROBE_GDB=0 skips it.
-  [[ ${EXITPROBE_GDB:-1} == 1 ]] && env LORA_EXT_NATIVE_GRAD_Y=0 LORA_EXT_SMALL_M_FORWARD=0 LORA_EXT_FUSED_FORWARD=0 timeout 240 "$gdb_bin" -q -batch \
+  [[ ${EXITPROBE_GDB:-1} == 1 ]] && env $probe_env LORA_EXT_TERMINATE_BACKTRACE=1 timeout 240 "$gdb_bin" -q -batch \
     -ex "set pagination off" -ex run -ex "info threads" -ex "thread apply all bt 25" --args python3 /tmp/exit_probe.py \
     2>&1 | grep -v "^\[New Thread\|^\[Thread .* exited" | tee "$OUT/exit_probe.log" | tail -120
 fi
