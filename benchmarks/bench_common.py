@@ -119,6 +119,26 @@ def cuda_events_ms(fn, calls: int) -> float:
     return start.elapsed_time(end) / calls
 
 
+# Bytes zeroed before each timed call to evict the inputs from L2 (H200: 50 MiB; a kv-sized dY of
+# 16 MiB would otherwise be read from L2 on every replay).
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def gpu_us(fn) -> float:
+    """Device time of fn in µs, replayed in a CUDA graph (a Python launch path, ~30-100 µs per
+    Triton launch on a slow host, would otherwise be what do_bench measures for the small shapes),
+    from HBM: each replay zeroes a 256 MiB buffer first, and the median of [zero, fn] minus the
+    median of [zero] alone is fn's time. (Before 12-05 this was the mean over replays of fn alone,
+    whose inputs stayed in L2 when they fit.)"""
+    import torch
+    import triton.testing
+
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    with_flush = triton.testing.do_bench_cudagraph(lambda: (flush.zero_(), fn()), rep=30, return_mode="median")
+    flush_only = triton.testing.do_bench_cudagraph(flush.zero_, rep=30, return_mode="median")
+    return (with_flush - flush_only) * 1e3
+
+
 def wall_us_per_call(fn, calls: int, device, warmup: int = 0, repeats: int = 1, wait_for_device: bool = True) -> float:
     """Wall-clock µs per call of `calls` back-to-back calls of fn after `warmup` untimed ones;
     the best of `repeats` such loops. On CUDA the device is idle when each loop starts, and

@@ -142,9 +142,14 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
         torch.cuda.empty_cache()
 
 
+# Block rows x columns x pipeline stages x warps. Per program, BLOCK_M x BLOCK_C of the big operand
+# per stage: (stages - 1) tiles in flight (NOTES #40: the 12-05 default, 128 x 32 x 4, keeps ~24 KiB
+# in flight per program, about half what the HBM's latency needs). Configs that do not fit shared
+# memory fail to compile and are reported as such.
 ADAPTER_GRAD_CONFIGS = {
-    f"m{bm}c{bc}s{st}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=4)
-    for bm in (64, 128, 256) for bc in (32, 64) for st in (3, 4)
+    f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
+    for bm in (128, 256, 512) for bc in (32, 64) for st in (3, 4, 6) for nw in (4, 8)
+    if bm * bc * 2 * st <= 160 * 1024
 }
 
 
@@ -152,12 +157,17 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
     """The two adapter gradients of the dropout-free backward per shape: base fwd+bwd's two GEMMs
     for scale (x W^T, g W), cuBLAS's dA = grad_xa^T x and dB = s g^T xa as the native path runs
     them (csrc/lora_aten.cpp reduce_over_tokens), adapter_grads.py's one launch per config, and
-    the op's fwd+bwd (dropout 0, native) with the one launch off and on (set_fused_adapter_grads)."""
+    the op's fwd+bwd (dropout 0, native) with the one launch off and on (set_fused_adapter_grads).
+    The pieces are timed on the device (common.gpu_us: CUDA graph, L2 flushed), since a Triton
+    launch from Python costs more host time than the k/v pieces take (12-05 02:37: every config
+    read ~70 µs at k/v, the profiler's kernel time was 38.6); the op both ways (do_bench, as
+    bench_linear, and device time)."""
     from lora_ext.kernels import adapter_grads
 
     torch.manual_seed(0)
     scale = 2.0
-    print(f"adapter gradients, M={tokens} r={rank} bf16; us = do_bench median; ratio to cuBLAS's pair in the same run")
+    print(f"adapter gradients, M={tokens} r={rank} bf16; us = device time (CUDA graph, L2 flushed) unless "
+          "marked do_bench; ratio to cuBLAS's pair in the same run")
     for shape in shapes:
         K, N = SHAPES[shape]
         x, g, W = random_bf16(tokens, K), random_bf16(tokens, N), random_bf16(N, K, std=K**-0.5)
@@ -168,8 +178,8 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
             grad_B = torch.addmm(xa.new_empty(N, rank), g.t(), xa, beta=0, alpha=scale)
             return grad_A, grad_B
 
-        base = bench_us(lambda: F.linear(x, W)) + bench_us(lambda: torch.mm(g, W))
-        pair = bench_us(cublas_pair)
+        base = common.gpu_us(lambda: F.linear(x, W)) + common.gpu_us(lambda: torch.mm(g, W))
+        pair = common.gpu_us(cublas_pair)
         line = [f"{shape} {K}x{N}: base fwd+bwd GEMMs {base:.1f} us", f"cuBLAS dA+dB {pair:.1f} ({pair / base:.3f} of base)"]
         ref_A = grad_xa.double().t() @ x.double()
         ref_B = scale * g.double().t() @ xa.double()
@@ -178,10 +188,12 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
                 grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg)
                 err = max(((grad_A.double() - ref_A).abs().max() / ref_A.abs().max()).item(),
                           ((grad_B.double() - ref_B).abs().max() / ref_B.abs().max()).item())
-                t = bench_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg))
-                line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''}")
+                t = common.gpu_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg))
+                adapter_grads.grad_A_only(grad_xa, x, 1.0, **cfg)  # compiled outside the graph capture
+                t_A = common.gpu_us(lambda: adapter_grads.grad_A_only(grad_xa, x, 1.0, **cfg))
+                line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''} dA alone {t_A:.1f}")
             except Exception as exc:  # a config that does not compile or fit: report, go on
-                line.append(f"[{name}] failed: {type(exc).__name__}: {str(exc)[:120]}")
+                line.append(f"[{name}] failed: {type(exc).__name__}: {str(exc)[:80]}")
         A = random_bf16(rank, K, std=K**-0.5).requires_grad_()
         B = random_bf16(N, rank, std=rank**-0.5).requires_grad_()
         x.requires_grad_()
@@ -194,9 +206,13 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
             previous = lora_ext._C.set_fused_adapter_grads(on)
             try:
                 t = bench_us(op_fwd_bwd)
+                try:
+                    t_dev = f"{common.gpu_us(op_fwd_bwd):.1f}"
+                except Exception as exc:  # autograd under graph capture: report, go on
+                    t_dev = f"failed ({type(exc).__name__})"
             finally:
                 lora_ext._C.set_fused_adapter_grads(previous)
-            line.append(f"op fwd+bwd one launch {'on' if on else 'off'} {t:.1f} ({t / base:.3f} of base)")
+            line.append(f"op fwd+bwd one launch {'on' if on else 'off'}: do_bench {t:.1f}, device {t_dev}")
         print("; ".join(line), flush=True)
         del x, g, W, A, B
         torch.cuda.empty_cache()

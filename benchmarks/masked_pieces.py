@@ -44,23 +44,6 @@ def host_us(fn, calls=1000) -> float:
     return common.wall_us_per_call(fn, calls, "cuda", warmup=100)
 
 
-# Bytes zeroed before each timed call to evict the inputs from L2 (H200: 50 MiB; a kv-sized dY of
-# 16 MiB would otherwise be read from L2 on every replay).
-L2_FLUSH_BYTES = 256 * 2**20
-
-
-def gpu_us(fn) -> float:
-    """Device time of fn, replayed in a CUDA graph (the pieces' Python launch path, ~100 µs, would
-    otherwise be what do_bench measures for the small shapes), from HBM: each replay zeroes a 256 MiB
-    buffer first, and the median of [zero, fn] minus the median of [zero] alone is fn's time. (Before
-    12-05 this was the mean over replays of fn alone, whose inputs stayed in L2 when they fit: the
-    k/v shapes' tables of earlier runs are L2-warm.)"""
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    with_flush = triton.testing.do_bench_cudagraph(lambda: (flush.zero_(), fn()), rep=30, return_mode="median")
-    flush_only = triton.testing.do_bench_cudagraph(flush.zero_, rep=30, return_mode="median")
-    return (with_flush - flush_only) * 1e3
-
-
 def make_inputs(M, K, N, r, dtype=torch.bfloat16):
     dev = "cuda"
     x2 = torch.randn(M, K, device=dev, dtype=dtype)
@@ -139,17 +122,17 @@ def part_floor(rows, r=16):
         x2, g2, A, B, xa, seed = make_inputs(M, K, N, r)
         for tensor_name, t in (("x (pre)", x2), ("dY (post)", g2)):
             rows_, cols = t.shape
-            mask_us = gpu_us(lambda: philox.keep_mask_range(seed, 0, rows_ * cols, P))
-            copy_us = gpu_us(lambda: t.clone())
+            mask_us = common.gpu_us(lambda: philox.keep_mask_range(seed, 0, rows_ * cols, P))
+            copy_us = common.gpu_us(lambda: t.clone())
             res = dict(part="floor", shape=shape, name=f"mask of {tensor_name}", us=round(mask_us, 1),
                        copy_us=round(copy_us, 1), elements=t.numel())
             rows.append(res)
             out.append((shape, tensor_name, f"{t.numel() / 1e6:.0f} M", f"{mask_us:.1f}",
                         f"{mask_us * 1e6 / t.numel():.1f}", f"{copy_us:.1f}"))
         cublas = {
-            "post_bwd (g B, g^T xa)": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
-            "pre_fwd (x A^T)": gpu_us(lambda: x2 @ A.t()),
-            "pre_bwd (xa A, xa^T x)": gpu_us(lambda: (xa @ A, xa.t() @ x2)),
+            "post_bwd (g B, g^T xa)": common.gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
+            "pre_fwd (x A^T)": common.gpu_us(lambda: x2 @ A.t()),
+            "pre_bwd (xa A, xa^T x)": common.gpu_us(lambda: (xa @ A, xa.t() @ x2)),
         }
         for name, us in cublas.items():
             rows.append(dict(part="floor", shape=shape, name=f"cuBLAS {name}", us=round(us, 1)))
@@ -159,7 +142,7 @@ def part_floor(rows, r=16):
         # Triton backend (down pass, then one up pass that writes the masked term once).
         for backend in ("native", "triton"):
             for p in (0.0, P):
-                us = gpu_us(lambda: torch.ops.lora.linear.default(x2, None, None, A, B, 2.0, p, "post", seed,
+                us = common.gpu_us(lambda: torch.ops.lora.linear.default(x2, None, None, A, B, 2.0, p, "post", seed,
                                                                   backend))
                 name = f"post_fwd LoRA term, {backend}, p={p}"
                 rows.append(dict(part="floor", shape=shape, name=name, us=round(us, 1)))
@@ -182,19 +165,19 @@ def part_ranks(rows):
             grad_y = lambda: triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True, True)  # noqa: E731
             up = lambda: triton_lora.masked_up(xa, A, x2, seed, P, True, True)  # noqa: E731
             results = {
-                "masked_grad_y (default)": gpu_us(grad_y),
+                "masked_grad_y (default)": common.gpu_us(grad_y),
                 # Budgets of 0: dxa and dB from two passes over dY.
-                "masked_grad_y (two passes)": gpu_us(patched(grad_y, MASK_REUSE_BUDGET_BYTES=0,
+                "masked_grad_y (two passes)": common.gpu_us(patched(grad_y, MASK_REUSE_BUDGET_BYTES=0,
                                                              MASK_REUSE_BUDGET_FRACTION=0.0)),
-                "cuBLAS (g B, g^T xa), no mask": gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
+                "cuBLAS (g B, g^T xa), no mask": common.gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
                 # What the native path runs (csrc/cuda/masked_grad_y.cu), when built with CUDA.
-                "masked_grad_y (native CUDA)": gpu_us(lambda: lora_ext._C.masked_grad_y_cuda(
+                "masked_grad_y (native CUDA)": common.gpu_us(lambda: lora_ext._C.masked_grad_y_cuda(
                     g2, B, xa, 2.0, seed, P, True, True)) if lora_ext._C.has_cuda() else float("nan"),
                 # The same with the cp.async load scheme (off by default: NOTES.md #36).
                 "masked_grad_y (native CUDA, 3 cp.async stages)": native_with_stages(
                     3, lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, P, True, True)),
-                "masked_up (default)": gpu_us(up),
-                "masked_up (dA as inp^T rows)": gpu_us(patched(up, INP_GRAD_AS_ROWS_T=False)),
+                "masked_up (default)": common.gpu_us(up),
+                "masked_up (dA as inp^T rows)": common.gpu_us(patched(up, INP_GRAD_AS_ROWS_T=False)),
             }
             for name, us in results.items():
                 rows.append(dict(part="ranks", shape=shape, r=r, name=name, us=round(us, 1)))
@@ -203,12 +186,12 @@ def part_ranks(rows):
 
 
 def native_with_stages(stages, fn):
-    """gpu_us(fn) with the native 'post' backward kernel's load scheme set to `stages` (NaN without it)."""
+    """common.gpu_us(fn) with the native 'post' backward kernel's load scheme set to `stages` (NaN without it)."""
     if not lora_ext._C.has_cuda():
         return float("nan")
     previous = lora_ext._C.set_masked_grad_y_stages(stages)
     try:
-        return gpu_us(fn)
+        return common.gpu_us(fn)
     finally:
         lora_ext._C.set_masked_grad_y_stages(previous)
 
@@ -237,7 +220,7 @@ def part_sweep(rows, budget_s, r=16):
                 try:
                     fn()
                     torch.cuda.synchronize()
-                    timings[(shape, name)] = gpu_us(fn)
+                    timings[(shape, name)] = common.gpu_us(fn)
                 except Exception as exc:  # out of resources etc.: skip this config
                     timings[(shape, name)] = float("inf")
                     err = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__

@@ -8,6 +8,7 @@
 #   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments).
 # The device tool brings back at most 8 files: everything under $OUT is packed into results.tgz
 # at the end (with env.txt and the summaries kept beside it).
+#   host: the k/v layer's host path (fused_forward_probe.py --host; profile_layer.py's CPU table, p 0 and 0.1).
 #   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
@@ -61,7 +62,13 @@ if has probe; then
   { python3 benchmarks/host_overhead.py
     python3 benchmarks/compose_ab.py
     for shape in "4096 1024" "4096 4096"; do python3 scripts/profile_layer.py $shape 16 0.0 native; done
+    python3 scripts/profile_layer.py 4096 1024 16 0.1 native
   } 2>&1 | tee "$OUT/probe.log" | tail -150
+fi
+if has host; then
+  { python3 benchmarks/fused_forward_probe.py --host
+    for p in 0.0 0.1; do python3 scripts/profile_layer.py 4096 1024 16 $p native; done
+  } 2>&1 | tee "$OUT/host.log" | tail -120
 fi
 if has pieces; then
   python3 benchmarks/masked_pieces.py --out "$OUT" --time-budget ${SWEEP_BUDGET:-180} 2>&1 | tee "$OUT/pieces.log" | tail -80

@@ -1,4 +1,6 @@
-"""Where the time of one LinearLoRA fwd+bwd goes on CUDA: torch.profiler kernel table.
+"""Where the time of one LinearLoRA fwd+bwd goes on CUDA: torch.profiler kernel table, then the
+host side (CPU activity: the ops and launches by self CPU time; the profiler's own cost inflates
+every row, so read the shares, not the µs).
 
 Usage: python scripts/profile_layer.py K N [r] [dropout] [backend]
 """
@@ -29,6 +31,13 @@ def main():
         torch.cuda.synchronize()
     print(f"K={K} N={N} r={r} p={p} backend={backend} (5 iterations)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=90))
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            layer(x).backward(g)
+        torch.cuda.synchronize()
+    print(f"host side, same layer (5 iterations), by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
 if __name__ == "__main__":
