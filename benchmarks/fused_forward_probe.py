@@ -147,13 +147,14 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
 # in flight per program, about half what the HBM's latency needs). Configs that do not fit shared
 # memory fail to compile and are reported as such.
 ADAPTER_GRAD_CONFIGS = {
-    f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
-    for bm in (128, 256, 512) for bc in (32, 64) for st in (3, 4, 6) for nw in (4, 8)
-    if bm * bc * 2 * st <= 160 * 1024
+    "rule": {},  # adapter_grads.tile_config's choice for the launch (the default since #40)
+    **{f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
+       for bm in (128, 256, 512) for bc in (32, 64) for st in (3, 4, 6) for nw in (4, 8)
+       if bm * bc * 2 * st <= 160 * 1024},
 }
 
 
-def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
+def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
     """The two adapter gradients of the dropout-free backward per shape: base fwd+bwd's two GEMMs
     for scale (x W^T, g W), cuBLAS's dA = grad_xa^T x and dB = s g^T xa as the native path runs
     them (csrc/lora_aten.cpp reduce_over_tokens), adapter_grads.py's one launch per config, and
@@ -180,10 +181,17 @@ def adapter_grads_probe(shapes, tokens: int, rank: int) -> None:
 
         base = common.gpu_us(lambda: F.linear(x, W)) + common.gpu_us(lambda: torch.mm(g, W))
         pair = common.gpu_us(cublas_pair)
-        line = [f"{shape} {K}x{N}: base fwd+bwd GEMMs {base:.1f} us", f"cuBLAS dA+dB {pair:.1f} ({pair / base:.3f} of base)"]
+        r_pad = max(16, triton.next_power_of_2(rank))
+        rule = [adapter_grads.tile_config(cols, r_pad, torch.cuda.get_device_properties(0).multi_processor_count)
+                for cols in (K + N, K)]
+        line = [f"{shape} {K}x{N} r={rank}: base fwd+bwd GEMMs {base:.1f} us",
+                f"cuBLAS dA+dB {pair:.1f} ({pair / base:.3f} of base)",
+                "rule: " + ", ".join(f"m{c['block_m']}c{c['block_c']}s{c['num_stages']}w{c['num_warps']}" for c in rule)
+                + " (both, dA alone)"]
         ref_A = grad_xa.double().t() @ x.double()
         ref_B = scale * g.double().t() @ xa.double()
-        for name, cfg in ADAPTER_GRAD_CONFIGS.items():
+        for name in config_names:
+            cfg = ADAPTER_GRAD_CONFIGS[name]
             try:
                 grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg)
                 err = max(((grad_A.double() - ref_A).abs().max() / ref_A.abs().max()).item(),
@@ -229,9 +237,13 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="the host-time probe at k/v only (host_probe)")
     parser.add_argument("--grad-input", action="store_true", help="the input-gradient GEMM (grad_input_probe)")
     parser.add_argument("--adapter-grads", action="store_true", help="dA and dB of the backward (adapter_grads_probe)")
+    parser.add_argument("--adapter-ranks", type=int, nargs="+", default=None, help="--adapter-grads: ranks (default --rank)")
+    parser.add_argument("--adapter-configs", nargs="+", default=list(ADAPTER_GRAD_CONFIGS),
+                        choices=list(ADAPTER_GRAD_CONFIGS), help="--adapter-grads: tiles to time")
     args = parser.parse_args()
     if args.adapter_grads:
-        adapter_grads_probe(args.shapes, args.tokens, args.rank)
+        for rank in args.adapter_ranks or [args.rank]:
+            adapter_grads_probe(args.shapes, args.tokens, rank, args.adapter_configs)
         return
     if args.host:
         host_probe(args.tokens, args.rank)

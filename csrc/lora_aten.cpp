@@ -203,20 +203,29 @@ bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& w
 // dA ('post' dropout: the masked step gives it; or not wanted), dA alone runs as the same
 // kernel's dA programs (adapter_grads.grad_A_only). Measured on the H200 in the whole op (M = 8192,
 // bf16, fwd+bwd over the frozen base's, same run; NOTES.md #39): at 4096 x 1024 (k/v), p = 0,
-// 1.34-1.39 against 1.32-2.64 (r = 16) and 1.47-1.49 against 1.97-2.60 (r = 64); but at 4096
-// outputs and more it is even or loses (q/o r = 16 1.14-1.15 against 1.09-1.19, down r = 64 'post'
-// 1.17 against 1.13), so it runs at N <= 2048 outputs only, the fused GEMMs' width. On by default
-// there: LORA_EXT_FUSED_ADAPTER_GRADS=0 or set_fused_adapter_grads(false) turns it off.
-// 16-bit tensors of one dtype (no conversion copy of x or g), from 4096 rows.
+// 1.34-1.39 against 1.32-2.64 (r = 16) and 1.47-1.49 against 1.97-2.60 (r = 64); at 4096 outputs
+// and more, with its first tiles (128 x 32 x 4), it was even or lost (q/o r = 16 1.14-1.15 against
+// 1.09-1.19, down r = 64 'post' 1.17 against 1.13). With the tiles of NOTES.md #40 (chosen per
+// launch by adapter_grads.tile_config) both gradients together beat cuBLAS's pair at every shape at
+// r = 16 (device time: q/o 41.9 against 52.2 us, gate/up and down 80.0 against 87.3), so together
+// they run at any width up to r = 16; dA alone and r > 16 keep the limit of 2048 outputs (the fused
+// GEMMs' width) until measured there. On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
+// set_fused_adapter_grads(false) turns it off. 16-bit tensors of one dtype (no conversion copy of x
+// or g), from 4096 rows.
 std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED_ADAPTER_GRADS")};
 constexpr int64_t kFusedAdapterGradsMaxRank = 64;
 constexpr int64_t kFusedAdapterGradsMaxOutputs = 2048;
+constexpr int64_t kFusedAdapterGradsAnyWidthMaxRank = 16;
 
-bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
+// both: dA and dB together (else dA alone).
+bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A, bool both) {
   const auto dtype = lora_A.scalar_type();
+  const int64_t r = lora_A.size(0);
+  const bool width_ok =
+      g2.size(1) <= kFusedAdapterGradsMaxOutputs || (both && r <= kFusedAdapterGradsAnyWidthMaxRank);
   return fused_adapter_grads_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
-         g2.size(0) >= kFusedForwardMinRows && g2.size(1) <= kFusedAdapterGradsMaxOutputs &&
-         lora_A.size(0) <= kFusedAdapterGradsMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16) &&
+         g2.size(0) >= kFusedForwardMinRows && width_ok &&
+         r <= kFusedAdapterGradsMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16) &&
          g2.scalar_type() == dtype && x2.scalar_type() == dtype;
 }
 
@@ -374,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   bool grad_x_fused = false;  // dx came from a fused input gradient (with grad_xa when dropout-free)
   const bool need_lora_grads = need_A || need_x || need_B;
   // dA and dB in one launch once grad_xa is known (below), instead of two cuBLAS GEMMs.
-  const bool adapter_grads_together = !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A);
+  const bool adapter_grads_together =
+      !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A, /*both=*/true);
   if (post_dropout && need_lora_grads && use_native_masked_grad_y(g, lora_B, xa)) {
 #ifdef LORA_WITH_CUDA
     at::Tensor masked_grad_B;
@@ -442,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     // dB, or dB is not wanted): the same switch and sizes as both together.
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
-      if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A)) {
+      if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A, /*both=*/false)) {
         alone = triton_grad_A_only(grad_xa, x2, /*scale_A=*/1.0);
       }
       if (alone.has_value()) {

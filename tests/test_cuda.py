@@ -973,22 +973,26 @@ def test_adapter_grads_dA_alone_is_what_the_post_backward_runs(fused_adapter_gra
 
 
 @native_triton_only
-def test_adapter_grads_are_not_used_past_2048_outputs(fused_adapter_grads_on):
-    """On (the default), a dropout-free backward with 2056 outputs (q/o-sized: measured even or slower
-    there, benchmarks/NOTES.md #39) keeps cuBLAS's dA and dB: the same bits as with the switch off;
-    at 2048 outputs the one launch runs (other bits)."""
+@pytest.mark.parametrize("r,p,wide_runs_it", [(16, 0.0, True), (24, 0.0, False), (16, 0.25, False)],
+                         ids=["both_r16", "both_r24", "dA_alone_r16"])
+def test_adapter_grads_width_rule(fused_adapter_grads_on, r, p, wide_runs_it):
+    """On (the default): at 2048 outputs the one launch runs (other bits than cuBLAS's); past 2048
+    (2056, q/o-sized) only dA and dB together at r <= 16 run there (measured faster than cuBLAS at
+    every shape, benchmarks/NOTES.md #40); r > 16 and dA alone ('post' dropout) keep cuBLAS's dA and
+    dB past 2048 (not measured there): the same bits as with the switch off."""
     def adapter_grads_bits(N, one_launch):
-        inputs = make_inputs((4100,), 256, N, 16, torch.bfloat16, bias=False, seed=N)
+        inputs = make_inputs((4100,), 256, N, r, torch.bfloat16, bias=False, seed=N)
         leaves = [inputs[k] for k in GRAD_NAMES]
         gy = torch.randn(4100, N, generator=torch.Generator().manual_seed(N)).to(DEVICE, torch.bfloat16)
         with switched(lora_ext._C.set_fused_adapter_grads, one_launch):
-            y, _ = torch.ops.lora.linear(*leaves, 0.5, 0.0, "post", None, "native")
+            y, _ = torch.ops.lora.linear(*leaves, 0.5, p, "post", seed_tensor(3) if p else None, "native")
             return torch.autograd.grad(y, [inputs["lora_A"], inputs["lora_B"]], gy)
 
-    wide_on, wide_off = adapter_grads_bits(2056, True), adapter_grads_bits(2056, False)
-    assert torch.equal(wide_on[0], wide_off[0]) and torch.equal(wide_on[1], wide_off[1])
-    narrow_on, narrow_off = adapter_grads_bits(2048, True), adapter_grads_bits(2048, False)
-    assert not (torch.equal(narrow_on[0], narrow_off[0]) and torch.equal(narrow_on[1], narrow_off[1]))
+    def same(a, b):
+        return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    assert not same(adapter_grads_bits(2048, True), adapter_grads_bits(2048, False))
+    assert same(adapter_grads_bits(2056, True), adapter_grads_bits(2056, False)) != wide_runs_it
 
 
 @fused_only

@@ -305,8 +305,53 @@ def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(mon
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
     assert local_memory_accesses(compiled.asm["sass"]) == 0, "registers spilled to local memory"
-    block_c = adapter_grads.DEFAULT_CONFIG["block_c"]
+    block_c = kwargs["BLOCK_C"]
     grid = (-(-K // block_c) - (-N // block_c if both else 0),)
     temps, specs = replay._recipe(inputs, outputs, [(fn, compiled, grid, args)])
     assert temps == []
     assert ("output", 0) in specs[0][5] and (("output", 1) in specs[0][5]) == both
+
+
+@pytest.mark.parametrize("r", [8, 16, 64])
+@pytest.mark.parametrize("columns", [4096, 5120, 18432], ids=["dA_alone_4096", "kv_both", "gate_up_both"])
+def test_adapter_grads_tiles_fit_in_hopper_shared_memory(monkeypatch, r, columns):
+    """adapter_grads.tile_config's three tile shapes (chosen by the H200's 132 SMs against the launch's
+    64-column blocks: 64, 80 and 288 of them here), compiled for sm_90 at every rank class: each fits
+    a block's shared memory once the rule has taken stages off (r = 64 at 256 x 64: 4 x 64 KiB would
+    not), without register spills."""
+    from lora_ext.kernels import adapter_grads
+
+    r_pad = max(16, triton.next_power_of_2(r))
+    config = adapter_grads.tile_config(columns, r_pad, 132)
+    launches = []
+    monkeypatch.setattr(adapter_grads, "_adapter_grads_kernel",
+                        RecordingKernel(adapter_grads._adapter_grads_kernel, launches))
+    M, K, N = 300, 192, 264
+    grad_xa, xa = torch.randn(M, r, dtype=torch.bfloat16), torch.randn(M, r, dtype=torch.bfloat16)
+    x, g = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
+    adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 2.0, **config)
+    monkeypatch.undo()
+    (fn, args, kwargs), = launches
+    assert (kwargs["BLOCK_M"], kwargs["BLOCK_C"], kwargs["num_stages"]) == (
+        config["block_m"], config["block_c"], config["num_stages"])
+    _, compiled = compile_for_sm90(fn, args, kwargs)
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{config}: {compiled.metadata.shared} bytes"
+    assert local_memory_accesses(compiled.asm["sass"]) == 0, f"{config}: registers spilled"
+
+
+def test_adapter_grads_tile_rule_follows_the_program_count():
+    """The three branches of adapter_grads.tile_config at 132 SMs (NOTES.md #40), and the stages it
+    takes off at r = 64 where the 4-stage ring would pass a block's shared memory."""
+    from lora_ext.kernels import adapter_grads
+
+    def tiles(columns, r_pad):
+        c = adapter_grads.tile_config(columns, r_pad, 132)
+        return c["block_m"], c["block_c"], c["num_stages"]
+
+    assert tiles(4096 + 14336, 16) == (128, 64, 3)   # gate/up, down: 288 blocks of 64 columns
+    assert tiles(4096 + 4096, 16) == (256, 64, 4)    # q/o: 128
+    assert tiles(4096 + 1024, 16) == (256, 64, 4)    # k/v: 80
+    assert tiles(4096, 16) == (256, 32, 4)           # dA alone over 4096 columns: 64
+    assert tiles(4096 + 1024, 64) == (256, 64, 3)    # 4 x (256 x 64 + 64 x 256) x 2 B > 232 448
+    assert tiles(4096, 64) == (256, 32, 4)
+

@@ -10,8 +10,8 @@ H200's ~4 TB/s. cuBLAS runs each as a split-K GEMM plus a reduce kernel (four la
 2 x 2 µs there, benchmarks/NOTES.md #31). Here one program owns BLOCK_C columns of one output and
 walks all M rows: no split of the reduction, so no float32 partials (no extra memory), no atomics
 and a fixed summation order (bitwise reproducible). Parallelism comes from the columns: K / BLOCK_C
-programs for dA and N / BLOCK_C for dB, in one grid (128 + 32 at k/v with 32 columns), each
-streaming BLOCK_M x BLOCK_C tiles of its big operand through a software pipeline.
+programs for dA and N / BLOCK_C for dB, in one grid (64 + 16 at k/v with 64 columns), each
+streaming BLOCK_M x BLOCK_C tiles of its big operand through a software pipeline (tile_config).
 
 Any strides; the small operands' r is padded to 16 for the MMA by masked loads. The operands of
 all four share one 16-bit dtype (float16/bfloat16), float32 accumulation, outputs in that dtype.
@@ -19,13 +19,50 @@ Under TRITON_INTERPRET=1 it runs on CPU tensors (float16; the CI tests).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import replay
 
-DEFAULT_CONFIG = dict(block_m=128, block_c=32, num_stages=4, num_warps=4)
+# Tiles (benchmarks/NOTES.md #40; the H200's sweep of 12-05 05:10, M = 8192, r = 16, device time).
+# Each program streams BLOCK_M x BLOCK_C tiles of its big operand with a few in flight; the kernel is
+# bound by how many bytes are in flight across the GPU, so the choice follows the number of
+# programs, counted in 64-column blocks against the SMs:
+# - at least one per SM (gate/up, down: 288 at 132 SMs): 128 x 64, 3 stages — 80.0 µs against
+#   cuBLAS's 87.3 (the 128 x 32 x 4 of before: 112);
+# - more than half an SM's worth (k/v: 80, q/o: 128): 256 x 64, 4 stages (k/v 31.0 against 36.3
+#   for 128 x 64 x 4 and 38.6 before; cuBLAS 39.2; q/o 41.9, cuBLAS 52.2);
+# - fewer (dA alone over 4096 columns: 64): 32 columns, twice the programs, 256 x 32 x 4 (27.5
+#   against 30.2 for 256 x 64 x 4).
+# Stages come off while the ring does not fit a block's shared memory (r = 64 at 256 x 64: 4 x 64 KiB).
+HOPPER_SHARED_BYTES = 232448
+H200_SMS = 132  # the rule's SM count where none is known (the interpreter's CPU tensors)
+
+
+def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS) -> dict:
+    """The launch's tiles for `columns` output columns in all (K + N for both gradients, K for dA
+    alone) at the padded rank r_pad: block_m, block_c, num_stages, num_warps."""
+    blocks = triton.cdiv(columns, 64)
+    if blocks >= num_sms:
+        block_m, block_c, stages = 128, 64, 3
+    elif 2 * blocks > num_sms:
+        block_m, block_c, stages = 256, 64, 4
+    else:
+        block_m, block_c, stages = 256, 32, 4
+    # Triton keeps up to `stages` buffers of the big tile and the small one (2 bytes per element).
+    while stages > 2 and stages * (block_m * block_c + r_pad * block_m) * 2 > HOPPER_SHARED_BYTES:
+        stages -= 1
+    return dict(block_m=block_m, block_c=block_c, num_stages=stages, num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return H200_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -89,7 +126,7 @@ def supported(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2: tor
 def adapter_grads(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2: torch.Tensor,
                   scale_A: float, scale_B: float, **config) -> tuple[torch.Tensor, torch.Tensor]:
     """(dA, dB) = (scale_A grad_xaᵀ x2, scale_B g2ᵀ xa), both in the operands' dtype (`supported`).
-    `config` overrides DEFAULT_CONFIG (block_m, block_c, num_stages, num_warps), for the probes."""
+    `config` overrides tile_config's choice (block_m, block_c, num_stages, num_warps), for the probes."""
     return _launch(grad_xa, x2, xa, g2, scale_A, scale_B, True, config)
 
 
@@ -101,9 +138,10 @@ def grad_A_only(grad_xa: torch.Tensor, x2: torch.Tensor, scale_A: float, **confi
 
 
 def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, config):
-    cfg = {**DEFAULT_CONFIG, **config}
     M, r = xa.shape
     K, N = x2.shape[1], g2.shape[1]
+    r_pad = max(16, triton.next_power_of_2(r))
+    cfg = {**tile_config(K + (N if with_B else 0), r_pad, _sm_count(xa.device)), **config}
     grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device)
     # Without dB no program writes it: grad_A stands in for its pointer.
     grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else grad_A
@@ -114,7 +152,7 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, config):
         grad_xa, x2, grad_A, xa, g2, grad_B, M, K, N, r,
         grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
         float(scale_A), float(scale_B), blocks_A,
-        R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
+        R_PAD=r_pad, BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
         num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
     )
     return grad_A, grad_B
