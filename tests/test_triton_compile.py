@@ -279,6 +279,25 @@ def local_memory_accesses(sass: str) -> int:
     return len(re.findall(r"\b(?:LDL|STL)\b", sass))
 
 
+def adapter_grads_operands(r, M=300, K=192, N=264):
+    """grad_xa, x, xa, g of an odd-sized adapter-gradient launch (bfloat16, CPU: recorded, not run)."""
+    return (torch.randn(M, r, dtype=torch.bfloat16), torch.randn(M, K, dtype=torch.bfloat16),
+            torch.randn(M, r, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16))
+
+
+def record_adapter_grads_launch(monkeypatch, call, inputs):
+    """((kernel, args, kwargs) of the one launch `call(*inputs)` makes, call's result)."""
+    from lora_ext.kernels import adapter_grads
+
+    launches = []
+    monkeypatch.setattr(adapter_grads, "_adapter_grads_kernel",
+                        RecordingKernel(adapter_grads._adapter_grads_kernel, launches))
+    result = call(*inputs)
+    monkeypatch.undo()
+    launch, = launches
+    return launch, result
+
+
 @pytest.mark.parametrize("r", [8, 16, 64])
 @pytest.mark.parametrize("both", [True, False], ids=["dA_and_dB", "dA_only"])
 def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(monkeypatch, r, both):
@@ -288,20 +307,15 @@ def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(mon
     launches dA's programs only and writes just dA."""
     from lora_ext.kernels import adapter_grads
 
-    launches = []
-    monkeypatch.setattr(adapter_grads, "_adapter_grads_kernel",
-                        RecordingKernel(adapter_grads._adapter_grads_kernel, launches))
-    M, K, N = 300, 192, 264
-    grad_xa, xa = torch.randn(M, r, dtype=torch.bfloat16), torch.randn(M, r, dtype=torch.bfloat16)
-    x, g = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
+    grad_xa, x, xa, g = adapter_grads_operands(r)
+    K, N = x.shape[1], g.shape[1]
     if both:
         inputs = (grad_xa, x, xa, g, 0.5, 2.0)
-        outputs = adapter_grads.adapter_grads(*inputs)
+        (fn, args, kwargs), outputs = record_adapter_grads_launch(monkeypatch, adapter_grads.adapter_grads, inputs)
     else:
         inputs = (grad_xa, x, 0.5)  # as csrc/lora.cpp triton_grad_A_only passes them
-        outputs = (adapter_grads.grad_A_only(*inputs),)
-    monkeypatch.undo()
-    (fn, args, kwargs), = launches
+        (fn, args, kwargs), output = record_adapter_grads_launch(monkeypatch, adapter_grads.grad_A_only, inputs)
+        outputs = (output,)
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
     assert local_memory_accesses(compiled.asm["sass"]) == 0, "registers spilled to local memory"
@@ -323,15 +337,9 @@ def test_adapter_grads_tiles_fit_in_hopper_shared_memory(monkeypatch, r, columns
 
     r_pad = max(16, triton.next_power_of_2(r))
     config = adapter_grads.tile_config(columns, r_pad, 132)
-    launches = []
-    monkeypatch.setattr(adapter_grads, "_adapter_grads_kernel",
-                        RecordingKernel(adapter_grads._adapter_grads_kernel, launches))
-    M, K, N = 300, 192, 264
-    grad_xa, xa = torch.randn(M, r, dtype=torch.bfloat16), torch.randn(M, r, dtype=torch.bfloat16)
-    x, g = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
-    adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 2.0, **config)
-    monkeypatch.undo()
-    (fn, args, kwargs), = launches
+    (fn, args, kwargs), _ = record_adapter_grads_launch(
+        monkeypatch, lambda *inputs: adapter_grads.adapter_grads(*inputs, **config),
+        (*adapter_grads_operands(r), 0.5, 2.0))
     assert (kwargs["BLOCK_M"], kwargs["BLOCK_C"], kwargs["num_stages"]) == (
         config["block_m"], config["block_c"], config["num_stages"])
     _, compiled = compile_for_sm90(fn, args, kwargs)
