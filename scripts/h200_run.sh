@@ -54,7 +54,8 @@ if has tests; then
   t0=$(date +%s)
   # pytest-xdist (on the H200 image) spreads the suite over 8 workers on the one GPU: ~2 min instead of 7.
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest tests -q -m cuda $workers -rfE -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
+  # TEST_SELECT narrows the run (paths and -k), e.g. when little device time is left.
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest ${TEST_SELECT:-tests} -q -m cuda $workers -rfE -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
   status=${PIPESTATUS[0]}
   echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
 fi
