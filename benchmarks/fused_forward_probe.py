@@ -182,8 +182,8 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
         base = common.gpu_us(lambda: F.linear(x, W)) + common.gpu_us(lambda: torch.mm(g, W))
         pair = common.gpu_us(cublas_pair)
         r_pad = max(16, triton.next_power_of_2(rank))
-        rule = [adapter_grads.tile_config(cols, r_pad, torch.cuda.get_device_properties(0).multi_processor_count)
-                for cols in (K + N, K)]
+        limits = adapter_grads._device_limits(x.device)
+        rule = [adapter_grads.tile_config(cols, r_pad, *limits) for cols in (K + N, K)]
         line = [f"{shape} {K}x{N} r={rank}: base fwd+bwd GEMMs {base:.1f} us",
                 f"cuBLAS dA+dB {pair:.1f} ({pair / base:.3f} of base)",
                 "rule: " + ", ".join(f"m{c['block_m']}c{c['block_c']}s{c['num_stages']}w{c['num_warps']}" for c in rule)

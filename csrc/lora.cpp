@@ -463,8 +463,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
-             "setting (on by default: any width at r <= 16, up to 2048 outputs at r <= 64; "
-             "LORA_EXT_FUSED_ADAPTER_GRADS=0: off at import)");
+             "setting (on by default: dA and dB together at any width for r <= 16, else and for dA alone up to "
+             "2048 outputs at r <= 64; LORA_EXT_FUSED_ADAPTER_GRADS=0: off at import)");
   module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "

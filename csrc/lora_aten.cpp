@@ -207,7 +207,7 @@ bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& w
 // and more, with its first tiles (128 x 32 x 4), it was even or lost (q/o r = 16 1.14-1.15 against
 // 1.09-1.19, down r = 64 'post' 1.17 against 1.13). With the tiles of NOTES.md #40 (chosen per
 // launch by adapter_grads.tile_config) both gradients together beat cuBLAS's pair at every shape at
-// r = 16 (device time: q/o 41.9 against 52.2 us, gate/up and down 80.0 against 87.3), so together
+// r = 16 (device time: q/o 41.9 against 52.2 us, gate/up and down 80.0 against 87.3-87.5), so together
 // they run at any width up to r = 16; dA alone and r > 16 keep the limit of 2048 outputs (the fused
 // GEMMs' width) until measured there. On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
 // set_fused_adapter_grads(false) turns it off. 16-bit tensors of one dtype (no conversion copy of x

@@ -326,25 +326,29 @@ def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(mon
     assert ("output", 0) in specs[0][5] and (("output", 1) in specs[0][5]) == both
 
 
-@pytest.mark.parametrize("r", [8, 16, 64])
-@pytest.mark.parametrize("columns", [4096, 5120, 18432], ids=["dA_alone_4096", "kv_both", "gate_up_both"])
-def test_adapter_grads_tiles_fit_in_hopper_shared_memory(monkeypatch, r, columns):
-    """adapter_grads.tile_config's three tile shapes (chosen by the H200's 132 SMs against the launch's
-    64-column blocks: 64, 80 and 288 of them here), compiled for sm_90 at every rank class: each fits
-    a block's shared memory once the rule has taken stages off (r = 64 at 256 x 64: 4 x 64 KiB would
-    not), without register spills."""
+@pytest.mark.parametrize("r", [16, 32, 64])
+@pytest.mark.parametrize("shape", [("dA_alone", 4096, 1024), ("both", 4096, 1024), ("both", 4096, 14336)],
+                         ids=["dA_alone_4096", "both_kv", "both_gate_up"])
+def test_adapter_grads_default_tiles_fit_in_hopper_shared_memory(monkeypatch, r, shape):
+    """The tiles the launch picks for itself (adapter_grads.tile_config with the H200's 132 SMs and
+    227 KiB, as for CPU tensors), at k/v- and gate/up-sized widths (64, 80 and 288 blocks of 64
+    columns: the rule's three branches), compiled for sm_90 at every padded rank: each fits a block's
+    shared memory once the rule has taken stages off (r = 64 at 256 x 64: 4 x 64 KiB would not),
+    without register spills."""
     from lora_ext.kernels import adapter_grads
 
-    r_pad = max(16, triton.next_power_of_2(r))
-    config = adapter_grads.tile_config(columns, r_pad, 132)
-    (fn, args, kwargs), _ = record_adapter_grads_launch(
-        monkeypatch, lambda *inputs: adapter_grads.adapter_grads(*inputs, **config),
-        (*adapter_grads_operands(r), 0.5, 2.0))
-    assert (kwargs["BLOCK_M"], kwargs["BLOCK_C"], kwargs["num_stages"]) == (
-        config["block_m"], config["block_c"], config["num_stages"])
+    which, K, N = shape
+    grad_xa, x, xa, g = adapter_grads_operands(r, M=96, K=K, N=N)
+    if which == "both":
+        (fn, args, kwargs), _ = record_adapter_grads_launch(monkeypatch, adapter_grads.adapter_grads,
+                                                            (grad_xa, x, xa, g, 0.5, 2.0))
+    else:
+        (fn, args, kwargs), _ = record_adapter_grads_launch(monkeypatch, adapter_grads.grad_A_only, (grad_xa, x, 0.5))
+    expected = {("dA_alone", 1024): (256, 32), ("both", 1024): (256, 64), ("both", 14336): (128, 64)}[(which, N)]
+    assert (kwargs["BLOCK_M"], kwargs["BLOCK_C"]) == expected
     _, compiled = compile_for_sm90(fn, args, kwargs)
-    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{config}: {compiled.metadata.shared} bytes"
-    assert local_memory_accesses(compiled.asm["sass"]) == 0, f"{config}: registers spilled"
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{kwargs}: {compiled.metadata.shared} bytes"
+    assert local_memory_accesses(compiled.asm["sass"]) == 0, f"{kwargs}: registers spilled"
 
 
 def test_adapter_grads_tile_rule_follows_the_program_count():
@@ -362,4 +366,7 @@ def test_adapter_grads_tile_rule_follows_the_program_count():
     assert tiles(4096, 16) == (256, 32, 4)           # dA alone over 4096 columns: 64
     assert tiles(4096 + 1024, 64) == (256, 64, 3)    # 4 x (256 x 64 + 64 x 256) x 2 B > 232 448
     assert tiles(4096, 64) == (256, 32, 4)
+    # A block with less shared memory (sm_120's 99 KiB): stages, then rows come off until it fits.
+    small = adapter_grads.tile_config(4096 + 1024, 64, 132, 101376)
+    assert (small["block_m"], small["block_c"], small["num_stages"]) == (128, 64, 2)
 

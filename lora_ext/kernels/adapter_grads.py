@@ -32,19 +32,23 @@ from . import replay
 # bound by how many bytes are in flight across the GPU, so the choice follows the number of
 # programs, counted in 64-column blocks against the SMs:
 # - at least one per SM (gate/up, down: 288 at 132 SMs): 128 x 64, 3 stages — 80.0 µs against
-#   cuBLAS's 87.3 (the 128 x 32 x 4 of before: 112);
+#   cuBLAS's 87.3-87.5 (the 128 x 32 x 4 of before: 111-112);
 # - more than half an SM's worth (k/v: 80, q/o: 128): 256 x 64, 4 stages (k/v 31.0 against 36.3
 #   for 128 x 64 x 4 and 38.6 before; cuBLAS 39.2; q/o 41.9, cuBLAS 52.2);
 # - fewer (dA alone over 4096 columns: 64): 32 columns, twice the programs, 256 x 32 x 4 (27.5
 #   against 30.2 for 256 x 64 x 4).
 # Stages come off while the ring does not fit a block's shared memory (r = 64 at 256 x 64: 4 x 64 KiB).
+# The thresholds are the H200's; a GPU with fewer SMs (an H100 PCIe's 114) moves q/o's 128 blocks into
+# the first branch, unmeasured there.
 HOPPER_SHARED_BYTES = 232448
 H200_SMS = 132  # the rule's SM count where none is known (the interpreter's CPU tensors)
 
 
-def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS) -> dict:
+def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS,
+                shared_bytes: int = HOPPER_SHARED_BYTES) -> dict:
     """The launch's tiles for `columns` output columns in all (K + N for both gradients, K for dA
-    alone) at the padded rank r_pad: block_m, block_c, num_stages, num_warps."""
+    alone) at the padded rank r_pad, on a GPU of num_sms SMs whose blocks may use shared_bytes of
+    shared memory: block_m, block_c, num_stages, num_warps."""
     blocks = triton.cdiv(columns, 64)
     if blocks >= num_sms:
         block_m, block_c, stages = 128, 64, 3
@@ -53,16 +57,25 @@ def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS) -> dict:
     else:
         block_m, block_c, stages = 256, 32, 4
     # Triton keeps up to `stages` buffers of the big tile and the small one (2 bytes per element).
-    while stages > 2 and stages * (block_m * block_c + r_pad * block_m) * 2 > HOPPER_SHARED_BYTES:
+    # (Compiled for sm_90: up to r_pad = 32 it keeps stages - 1 of them, at 64 all `stages`.) Then
+    # rows come off, for GPUs with less shared memory per block than Hopper's 227 KiB.
+    def ring_bytes():
+        return stages * (block_m * block_c + r_pad * block_m) * 2
+
+    while stages > 2 and ring_bytes() > shared_bytes:
         stages -= 1
+    while block_m > 64 and ring_bytes() > shared_bytes:
+        block_m //= 2
     return dict(block_m=block_m, block_c=block_c, num_stages=stages, num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(SMs, shared memory bytes a block may use) of a CUDA device; the H200's for CPU tensors."""
     if device.type != "cuda":
-        return H200_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return H200_SMS, HOPPER_SHARED_BYTES
+    properties = torch.cuda.get_device_properties(device)
+    return properties.multi_processor_count, getattr(properties, "shared_memory_per_block_optin", HOPPER_SHARED_BYTES)
 
 
 @triton.jit
@@ -141,7 +154,7 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, config):
     M, r = xa.shape
     K, N = x2.shape[1], g2.shape[1]
     r_pad = max(16, triton.next_power_of_2(r))
-    cfg = {**tile_config(K + (N if with_B else 0), r_pad, _sm_count(xa.device)), **config}
+    cfg = {**tile_config(K + (N if with_B else 0), r_pad, *_device_limits(xa.device)), **config}
     grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device)
     # Without dB no program writes it: grad_A stands in for its pointer.
     grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else grad_A
