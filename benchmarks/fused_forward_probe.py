@@ -68,8 +68,12 @@ def host_probe(tokens: int, rank: int) -> None:
     B = (torch.randn(N, rank, device=device, dtype=dtype) / rank**0.5).requires_grad_()
     gy = torch.randn(tokens, N, device=device, dtype=dtype)
 
+    dropout = {"p": 0.0}
+
     def forward():
-        return torch.ops.lora.linear(x, W, None, A, B, scale, 0.0, "post", None)
+        # A fresh seed per call at p > 0, as LinearLoRA draws one (lora_ext.ops.draw_seed).
+        seed = lora_ext.ops.draw_seed(x.device) if dropout["p"] else None
+        return torch.ops.lora.linear(x, W, None, A, B, scale, dropout["p"], "post", seed)
 
     def fwd_bwd():
         y, _ = forward()
@@ -92,6 +96,15 @@ def host_probe(tokens: int, rank: int) -> None:
             lora_ext._C.set_fused_grad_input(previous[1])
         print(f"  fused forward={fused} grad_input={fused_grad}: host issue fwd no_grad {issue:.1f}, fwd grad {issue_grad:.1f}, fwd+bwd {issue_fb:.1f}; "
               f"device fwd+bwd do_bench {fb:.1f} ({fb / base:.2f}x base fwd), back to back {fb_events:.1f}", flush=True)
+    # 'post' dropout 0.1 with the defaults (the fused 'post' GEMMs, the native masked step, dA alone):
+    # bench_linear's k/v fwd+bwd at p = 0.1 read ~450 µs against ~297 of kernel time (NOTES.md #40).
+    dropout["p"] = 0.1
+    issue_fb = common.wall_us_per_call(fwd_bwd, 100, device, warmup=10, repeats=3, wait_for_device=False)
+    fb = bench_us(fwd_bwd)
+    fb_events = common.cuda_events_ms(fwd_bwd, 100) * 1e3
+    print(f"  dropout 0.1 'post', defaults: host issue fwd+bwd {issue_fb:.1f}; device fwd+bwd do_bench {fb:.1f} "
+          f"({fb / base:.2f}x base fwd), back to back {fb_events:.1f}", flush=True)
+    dropout["p"] = 0.0
     x2 = x.detach()
     pieces = {
         "supports()": lambda: fused_forward.supports(x2, W, None, A, B),
