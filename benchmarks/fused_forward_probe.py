@@ -223,8 +223,12 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
             y, _ = torch.ops.lora.linear(x, W, None, A, B, scale, 0.0, "post", None, "native")
             torch.autograd.grad(y, (x, A, B), g)
 
-        for on in (False, True):
-            previous = lora_ext._C.set_fused_adapter_grads(on)
+        # (one launch, its any-width rank limit): off; on as by default; and above r = 16, on with the
+        # limit raised to this rank, so that past 2048 outputs the one launch runs too (a wider rule's A/B).
+        variants = [(False, 16, "off"), (True, 16, "on")] + ([(True, rank, "on, any width")] if rank > 16 else [])
+        for on, any_width_rank, label in variants:
+            previous = (lora_ext._C.set_fused_adapter_grads(on),
+                        lora_ext._C.set_fused_adapter_grads_any_width_max_rank(any_width_rank))
             try:
                 t = bench_us(op_fwd_bwd)
                 try:
@@ -232,8 +236,9 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
                 except Exception as exc:  # autograd under graph capture: report, go on
                     t_dev = f"failed ({type(exc).__name__})"
             finally:
-                lora_ext._C.set_fused_adapter_grads(previous)
-            line.append(f"op fwd+bwd one launch {'on' if on else 'off'}: do_bench {t:.1f}, device {t_dev}")
+                lora_ext._C.set_fused_adapter_grads(previous[0])
+                lora_ext._C.set_fused_adapter_grads_any_width_max_rank(previous[1])
+            line.append(f"op fwd+bwd one launch {label}: do_bench {t:.1f}, device {t_dev}")
         print("; ".join(line), flush=True)
         del x, g, W, A, B
         torch.cuda.empty_cache()

@@ -465,6 +465,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
              "setting (on by default: dA and dB together at any width for r <= 16, else and for dA alone up to "
              "2048 outputs at r <= 64; LORA_EXT_FUSED_ADAPTER_GRADS=0: off at import)");
+  module.def("set_fused_adapter_grads_any_width_max_rank", &lora::set_fused_adapter_grads_any_width_max_rank,
+             "The largest rank at which the native CUDA path's one launch computes dA and dB together at any "
+             "width (16 by default; up to 64; 0: never past 2048 outputs); returns the previous value");
   module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "

@@ -209,20 +209,21 @@ bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& w
 // launch by adapter_grads.tile_config) both gradients together beat cuBLAS's pair at every shape at
 // r = 16 (device time: q/o 41.9 against 52.2 us, gate/up and down 80.0 against 87.3-87.5), so together
 // they run at any width up to r = 16; dA alone and r > 16 keep the limit of 2048 outputs (the fused
-// GEMMs' width) until measured there. On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
+// GEMMs' width) until measured there (set_fused_adapter_grads_any_width_max_rank moves the rank
+// limit, for the probes' A/B). On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
 // set_fused_adapter_grads(false) turns it off. 16-bit tensors of one dtype (no conversion copy of x
 // or g), from 4096 rows.
 std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED_ADAPTER_GRADS")};
 constexpr int64_t kFusedAdapterGradsMaxRank = 64;
 constexpr int64_t kFusedAdapterGradsMaxOutputs = 2048;
-constexpr int64_t kFusedAdapterGradsAnyWidthMaxRank = 16;
+std::atomic<int64_t> fused_adapter_grads_any_width_max_rank{16};
 
 // both: dA and dB together (else dA alone).
 bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A, bool both) {
   const auto dtype = lora_A.scalar_type();
   const int64_t r = lora_A.size(0);
   const bool width_ok =
-      g2.size(1) <= kFusedAdapterGradsMaxOutputs || (both && r <= kFusedAdapterGradsAnyWidthMaxRank);
+      g2.size(1) <= kFusedAdapterGradsMaxOutputs || (both && r <= fused_adapter_grads_any_width_max_rank.load());
   return fused_adapter_grads_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
          g2.size(0) >= kFusedForwardMinRows && width_ok &&
          r <= kFusedAdapterGradsMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16) &&
@@ -258,6 +259,13 @@ bool set_fused_forward(bool enabled) { return fused_forward_enabled.exchange(ena
 bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchange(enabled); }
 
 bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.exchange(enabled); }
+
+int64_t set_fused_adapter_grads_any_width_max_rank(int64_t rank) {
+  TORCH_CHECK(rank >= 0 && rank <= kFusedAdapterGradsMaxRank,
+              "set_fused_adapter_grads_any_width_max_rank: rank must be in [0, ", kFusedAdapterGradsMaxRank,
+              "], got ", rank);
+  return fused_adapter_grads_any_width_max_rank.exchange(rank);
+}
 
 bool set_fused_post_dropout(bool enabled) { return fused_post_dropout_enabled.exchange(enabled); }
 

@@ -973,20 +973,23 @@ def test_adapter_grads_dA_alone_is_what_the_post_backward_runs(fused_adapter_gra
 
 
 @native_triton_only
-@pytest.mark.parametrize("r,p,wide_runs_it", [(16, 0.0, True), (24, 0.0, False), (16, 0.25, False)],
-                         ids=["both_r16", "both_r24", "dA_alone_r16"])
-def test_adapter_grads_width_rule(fused_adapter_grads_on, r, p, wide_runs_it):
+@pytest.mark.parametrize("r,p,any_width_rank,wide_runs_it",
+                         [(16, 0.0, 16, True), (24, 0.0, 16, False), (16, 0.25, 16, False), (24, 0.0, 64, True)],
+                         ids=["both_r16", "both_r24", "dA_alone_r16", "both_r24_limit_raised"])
+def test_adapter_grads_width_rule(fused_adapter_grads_on, r, p, any_width_rank, wide_runs_it):
     """On (the default): at 2048 outputs the one launch runs (other bits than cuBLAS's); past 2048
     (2056, q/o-sized) only dA and dB together at r <= 16 run there (measured faster than cuBLAS at
     every shape, benchmarks/NOTES.md #40); r > 16 and dA alone ('post' dropout) keep cuBLAS's dA and
-    dB past 2048 (not measured there): the same bits as with the switch off. K = 2048: with dropout dB
+    dB past 2048 (not measured there): the same bits as with the switch off; with the rank limit
+    raised (set_fused_adapter_grads_any_width_max_rank, for the probes) r = 24 runs there too. K = 2048: with dropout dB
     comes from the masked step either way, and only dA's 16 x 2048 values tell the paths apart (at
     16 x 256 two summation orders can round every value alike)."""
     def adapter_grads_bits(N, one_launch):
         inputs = make_inputs((4100,), 2048, N, r, torch.bfloat16, bias=False, seed=N)
         leaves = [inputs[k] for k in GRAD_NAMES]
         gy = torch.randn(4100, N, generator=torch.Generator().manual_seed(N)).to(DEVICE, torch.bfloat16)
-        with switched(lora_ext._C.set_fused_adapter_grads, one_launch):
+        with switched(lora_ext._C.set_fused_adapter_grads, one_launch), \
+                switched(lora_ext._C.set_fused_adapter_grads_any_width_max_rank, any_width_rank):
             y, _ = torch.ops.lora.linear(*leaves, 0.5, p, "post", seed_tensor(3) if p else None, "native")
             return torch.autograd.grad(y, [inputs["lora_A"], inputs["lora_B"]], gy)
 

@@ -920,6 +920,23 @@ def test_native_path_switches_default_and_env():
             assert line.split() == [str(default != flip), "True", "False"], (name, flip, line)
 
 
+def test_adapter_grads_any_width_rank_setter():
+    """set_fused_adapter_grads_any_width_max_rank: 16 by default, returns the previous value, and names
+    itself and the range for a value outside [0, 64] (leaving the setting as it was). Its effect on
+    which kernels run is a GPU test (test_cuda.py test_adapter_grads_width_rule)."""
+    setter = lora_ext._C.set_fused_adapter_grads_any_width_max_rank
+    previous = setter(64)
+    try:
+        assert previous == 16
+        assert setter(0) == 64
+        for bad in (-1, 65):
+            with pytest.raises(RuntimeError, match=r"set_fused_adapter_grads_any_width_max_rank: rank must be in \[0, 64\]"):
+                setter(bad)
+        assert setter(0) == 0
+    finally:
+        setter(previous)
+
+
 def test_terminate_backtrace_is_printed_only_when_asked():
     """LORA_EXT_TERMINATE_BACKTRACE=1: a std::terminate (here called through ctypes) prints the C++
     stack before the handler it replaced aborts; without it, only the usual message."""
