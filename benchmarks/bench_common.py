@@ -5,6 +5,7 @@ its bare name (the script's folder is first on sys.path).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -117,6 +118,20 @@ def cuda_events_ms(fn, calls: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / calls
+
+
+@contextlib.contextmanager
+def switched(*settings):
+    """Native-path settings at given values inside the block, then back as they were: each of
+    `settings` is (setter, value), a lora_ext._C.set_* that returns the previous setting."""
+    restore = []
+    try:
+        for setter, value in settings:
+            restore.append((setter, setter(value)))
+        yield
+    finally:
+        for setter, previous in reversed(restore):
+            setter(previous)
 
 
 # Bytes zeroed before each timed call to evict the inputs from L2 (H200: 50 MiB; a kv-sized dY of

@@ -191,15 +191,8 @@ def switches_off():
     """The native path's kernels that the 12-05 measurements turned on by default (NOTES.md #39),
     off inside the block, then back as they were: the 'post' dropout fused GEMMs and the one-launch
     adapter gradients."""
-    restore = []
-    for name in ("set_fused_post_dropout", "set_fused_adapter_grads"):
-        setter = getattr(lora_ext._C, name)
-        restore.append((setter, setter(False)))
-    try:
+    with common.switched((lora_ext._C.set_fused_post_dropout, False), (lora_ext._C.set_fused_adapter_grads, False)):
         yield
-    finally:
-        for setter, previous in reversed(restore):
-            setter(previous)
 
 
 def run_provider(provider, dropout, args, device, dtype) -> dict:

@@ -68,43 +68,36 @@ def host_probe(tokens: int, rank: int) -> None:
     B = (torch.randn(N, rank, device=device, dtype=dtype) / rank**0.5).requires_grad_()
     gy = torch.randn(tokens, N, device=device, dtype=dtype)
 
-    dropout = {"p": 0.0}
-
-    def forward():
+    def forward(p=0.0):
         # A fresh seed per call at p > 0, as LinearLoRA draws one (lora_ext.ops.draw_seed).
-        seed = lora_ext.ops.draw_seed(x.device) if dropout["p"] else None
-        return torch.ops.lora.linear(x, W, None, A, B, scale, dropout["p"], "post", seed)
+        seed = lora_ext.ops.draw_seed(x.device) if p else None
+        return torch.ops.lora.linear(x, W, None, A, B, scale, p, "post", seed)
 
-    def fwd_bwd():
-        y, _ = forward()
-        torch.autograd.grad(y, (x, A, B), gy)
+    def fwd_bwd_times(p=0.0):
+        """(host issue, do_bench, back to back) µs per fwd+bwd through autograd at 'post' dropout p."""
+        def fwd_bwd():
+            y, _ = forward(p)
+            torch.autograd.grad(y, (x, A, B), gy)
+
+        issue = common.wall_us_per_call(fwd_bwd, 100, device, warmup=10, repeats=3, wait_for_device=False)
+        return issue, bench_us(fwd_bwd), common.cuda_events_ms(fwd_bwd, 100) * 1e3
 
     print(f"host probe, kv {K}x{N} M={tokens} r={rank}: us per call")
     base = bench_us(lambda: torch.nn.functional.linear(x, W))
     # (fused forward, fused input gradient)
     for fused, fused_grad in ((False, False), (True, False), (True, True)):
-        previous = lora_ext._C.set_fused_forward(fused), lora_ext._C.set_fused_grad_input(fused_grad)
-        try:
+        with common.switched((lora_ext._C.set_fused_forward, fused), (lora_ext._C.set_fused_grad_input, fused_grad)):
             with torch.no_grad():
                 issue = common.wall_us_per_call(forward, 200, device, warmup=20, repeats=3, wait_for_device=False)
             issue_grad = common.wall_us_per_call(forward, 200, device, warmup=20, repeats=3, wait_for_device=False)
-            issue_fb = common.wall_us_per_call(fwd_bwd, 100, device, warmup=10, repeats=3, wait_for_device=False)
-            fb = bench_us(fwd_bwd)
-            fb_events = common.cuda_events_ms(fwd_bwd, 100) * 1e3
-        finally:
-            lora_ext._C.set_fused_forward(previous[0])
-            lora_ext._C.set_fused_grad_input(previous[1])
+            issue_fb, fb, fb_events = fwd_bwd_times()
         print(f"  fused forward={fused} grad_input={fused_grad}: host issue fwd no_grad {issue:.1f}, fwd grad {issue_grad:.1f}, fwd+bwd {issue_fb:.1f}; "
               f"device fwd+bwd do_bench {fb:.1f} ({fb / base:.2f}x base fwd), back to back {fb_events:.1f}", flush=True)
     # 'post' dropout 0.1 with the defaults (the fused 'post' GEMMs, the native masked step, dA alone):
     # bench_linear's k/v fwd+bwd at p = 0.1 read ~450 µs against ~297 of kernel time (NOTES.md #40).
-    dropout["p"] = 0.1
-    issue_fb = common.wall_us_per_call(fwd_bwd, 100, device, warmup=10, repeats=3, wait_for_device=False)
-    fb = bench_us(fwd_bwd)
-    fb_events = common.cuda_events_ms(fwd_bwd, 100) * 1e3
+    issue_fb, fb, fb_events = fwd_bwd_times(0.1)
     print(f"  dropout 0.1 'post', defaults: host issue fwd+bwd {issue_fb:.1f}; device fwd+bwd do_bench {fb:.1f} "
           f"({fb / base:.2f}x base fwd), back to back {fb_events:.1f}", flush=True)
-    dropout["p"] = 0.0
     x2 = x.detach()
     pieces = {
         "supports()": lambda: fused_forward.supports(x2, W, None, A, B),
@@ -210,7 +203,6 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
                 err = max(((grad_A.double() - ref_A).abs().max() / ref_A.abs().max()).item(),
                           ((grad_B.double() - ref_B).abs().max() / ref_B.abs().max()).item())
                 t = common.gpu_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg))
-                adapter_grads.grad_A_only(grad_xa, x, 1.0, **cfg)  # compiled outside the graph capture
                 t_A = common.gpu_us(lambda: adapter_grads.grad_A_only(grad_xa, x, 1.0, **cfg))
                 line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''} dA alone {t_A:.1f}")
             except Exception as exc:  # a config that does not compile or fit: report, go on
@@ -227,17 +219,13 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
         # limit raised to this rank, so that past 2048 outputs the one launch runs too (a wider rule's A/B).
         variants = [(False, 16, "off"), (True, 16, "on")] + ([(True, rank, "on, any width")] if rank > 16 else [])
         for on, any_width_rank, label in variants:
-            previous = (lora_ext._C.set_fused_adapter_grads(on),
-                        lora_ext._C.set_fused_adapter_grads_any_width_max_rank(any_width_rank))
-            try:
+            with common.switched((lora_ext._C.set_fused_adapter_grads, on),
+                                 (lora_ext._C.set_fused_adapter_grads_any_width_max_rank, any_width_rank)):
                 t = bench_us(op_fwd_bwd)
                 try:
                     t_dev = f"{common.gpu_us(op_fwd_bwd):.1f}"
                 except Exception as exc:  # autograd under graph capture: report, go on
                     t_dev = f"failed ({type(exc).__name__})"
-            finally:
-                lora_ext._C.set_fused_adapter_grads(previous[0])
-                lora_ext._C.set_fused_adapter_grads_any_width_max_rank(previous[1])
             line.append(f"op fwd+bwd one launch {label}: do_bench {t:.1f}, device {t_dev}")
         print("; ".join(line), flush=True)
         del x, g, W, A, B
@@ -287,12 +275,8 @@ def main() -> None:
         for name, dp, fused, post in (("op p=0", 0.0, True, False), ("op p=0 composed", 0.0, False, False),
                                       ("op p=0.1", p, True, False), ("op p=0.1 fused-post on", p, True, True)):
             # the op's own choice when True (use_fused_forward, use_fused_post_dropout_forward: NOTES.md #33)
-            previous = lora_ext._C.set_fused_forward(fused), lora_ext._C.set_fused_post_dropout(post)
-            try:
+            with common.switched((lora_ext._C.set_fused_forward, fused), (lora_ext._C.set_fused_post_dropout, post)):
                 t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
-            finally:
-                lora_ext._C.set_fused_forward(previous[0])
-                lora_ext._C.set_fused_post_dropout(previous[1])
             line.append(f"{name} {t:.1f} ({t / base:.3f})")
         # fwd+bwd with 'post' dropout (x requiring grad, as in a middle layer): the fused GEMMs with
         # 'post' dropout (set_fused_post_dropout: the forward and the input gradient, #33, #34) off
@@ -306,12 +290,9 @@ def main() -> None:
             torch.autograd.grad(y, leaves, g)
 
         for post, one_launch in ((False, False), (True, False), (True, True)):
-            previous = lora_ext._C.set_fused_post_dropout(post), lora_ext._C.set_fused_adapter_grads(one_launch)
-            try:
+            with common.switched((lora_ext._C.set_fused_post_dropout, post),
+                                 (lora_ext._C.set_fused_adapter_grads, one_launch)):
                 t = bench_us(fwd_bwd)
-            finally:
-                lora_ext._C.set_fused_post_dropout(previous[0])
-                lora_ext._C.set_fused_adapter_grads(previous[1])
             line.append(f"op p=0.1 fwd+bwd fused-post {'on' if post else 'off'} dA-launch {'on' if one_launch else 'off'} "
                         f"{t:.1f} ({t / base_bwd:.3f} of base fwd+bwd)")
         print("; ".join(line), flush=True)

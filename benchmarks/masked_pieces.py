@@ -28,7 +28,6 @@ import unittest.mock
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 import bench_common as common
 
@@ -143,7 +142,7 @@ def part_floor(rows, r=16):
         for backend in ("native", "triton"):
             for p in (0.0, P):
                 us = common.gpu_us(lambda: torch.ops.lora.linear.default(x2, None, None, A, B, 2.0, p, "post", seed,
-                                                                  backend))
+                                                                         backend))
                 name = f"post_fwd LoRA term, {backend}, p={p}"
                 rows.append(dict(part="floor", shape=shape, name=name, us=round(us, 1)))
                 out.append((shape, name, "", f"{us:.1f}", "", ""))
@@ -168,7 +167,7 @@ def part_ranks(rows):
                 "masked_grad_y (default)": common.gpu_us(grad_y),
                 # Budgets of 0: dxa and dB from two passes over dY.
                 "masked_grad_y (two passes)": common.gpu_us(patched(grad_y, MASK_REUSE_BUDGET_BYTES=0,
-                                                             MASK_REUSE_BUDGET_FRACTION=0.0)),
+                                                                    MASK_REUSE_BUDGET_FRACTION=0.0)),
                 "cuBLAS (g B, g^T xa), no mask": common.gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
                 # What the native path runs (csrc/cuda/masked_grad_y.cu), when built with CUDA.
                 "masked_grad_y (native CUDA)": common.gpu_us(lambda: lora_ext._C.masked_grad_y_cuda(
@@ -189,11 +188,8 @@ def native_with_stages(stages, fn):
     """common.gpu_us(fn) with the native 'post' backward kernel's load scheme set to `stages` (NaN without it)."""
     if not lora_ext._C.has_cuda():
         return float("nan")
-    previous = lora_ext._C.set_masked_grad_y_stages(stages)
-    try:
+    with common.switched((lora_ext._C.set_masked_grad_y_stages, stages)):
         return common.gpu_us(fn)
-    finally:
-        lora_ext._C.set_masked_grad_y_stages(previous)
 
 
 def part_sweep(rows, budget_s, r=16):

@@ -63,7 +63,6 @@ if has probe; then
   { python3 benchmarks/host_overhead.py
     python3 benchmarks/compose_ab.py
     for shape in "4096 1024" "4096 4096"; do python3 scripts/profile_layer.py $shape 16 0.0 native; done
-    python3 scripts/profile_layer.py 4096 1024 16 0.1 native
   } 2>&1 | tee "$OUT/probe.log" | tail -150
 fi
 if has host; then

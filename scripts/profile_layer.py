@@ -36,7 +36,7 @@ def main():
         for _ in range(5):
             layer(x).backward(g)
         torch.cuda.synchronize()
-    print(f"host side, same layer (5 iterations), by self CPU time")
+    print("host side, same layer (5 iterations), by self CPU time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
