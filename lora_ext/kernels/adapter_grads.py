@@ -13,6 +13,14 @@ and a fixed summation order (bitwise reproducible). Parallelism comes from the c
 programs for dA and N / BLOCK_C for dB, in one grid (64 + 16 at k/v with 64 columns), each
 streaming BLOCK_M x BLOCK_C tiles of its big operand through a software pipeline (tile_config).
 
+Streamed (off by default until measured on the H200: `set_streamed`, LORA_EXT_ADAPTER_GRADS_STREAMED=1;
+benchmarks/NOTES.md #42): where the column blocks are fewer than three quarters of the SMs (k/v's 80,
+dA alone's 64 at 132 SMs) the SMs left idle are bandwidth unused. Then the (column block, row tile)
+pairs are dealt out in equal contiguous runs to one program per SM (stream-K): a program's run
+covers the end of one column block and the start of the next, its float32 sum for each goes to its
+own slot of a workspace, and a second launch adds each block's slots in program order (one
+summation order: still bitwise reproducible; ~0.85 MiB of workspace at k/v, r = 16).
+
 Any strides; the small operands' r is padded to 16 for the MMA by masked loads. The operands of
 all four share one 16-bit dtype (float16/bfloat16), float32 accumulation, outputs in that dtype.
 Under TRITON_INTERPRET=1 it runs on CPU tensors (float16; the CI tests).
@@ -20,6 +28,7 @@ Under TRITON_INTERPRET=1 it runs on CPU tensors (float16; the CI tests).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -42,15 +51,35 @@ from . import replay
 # the first branch, unmeasured there.
 HOPPER_SHARED_BYTES = 232448
 H200_SMS = 132  # the rule's SM count where none is known (the interpreter's CPU tensors)
+# The streamed launch only where each program gets at least this many row tiles: below, the second
+# launch and the pipeline's start per segment are not paid back (a guess, not measured).
+STREAMED_MIN_TILES = 4
+_streamed = os.environ.get("LORA_EXT_ADAPTER_GRADS_STREAMED", "0") == "1"
+
+
+def set_streamed(enabled: bool) -> bool:
+    """Turns the streamed launch (module docstring) on or off for launches made from now on; returns
+    the previous setting. The native path replays a recorded launch per shape key (replay.py), so
+    this reaches the op only for keys not yet recorded, or with the replay off
+    (lora_ext._C.set_triton_replay(False)), as the probes do."""
+    global _streamed
+    previous, _streamed = _streamed, bool(enabled)
+    return previous
 
 
 def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS,
-                shared_bytes: int = HOPPER_SHARED_BYTES) -> dict:
+                shared_bytes: int = HOPPER_SHARED_BYTES, rows: int = 0, streamed: bool = False) -> dict:
     """The launch's tiles for `columns` output columns in all (K + N for both gradients, K for dA
     alone) at the padded rank r_pad, on a GPU of num_sms SMs whose blocks may use shared_bytes of
-    shared memory: block_m, block_c, num_stages, num_warps."""
+    shared memory: block_m, block_c, num_stages, num_warps, and `programs` — 0 for one program per
+    column block, else the streamed launch's program count (`streamed` asked for, fewer column
+    blocks than 3/4 of the SMs, and `rows` enough for at least STREAMED_MIN_TILES row tiles per
+    program)."""
     blocks = triton.cdiv(columns, 64)
-    if blocks >= num_sms:
+    programs = 0
+    if streamed and 4 * blocks <= 3 * num_sms and blocks * triton.cdiv(rows, 256) >= STREAMED_MIN_TILES * num_sms:
+        block_m, block_c, stages, programs = 256, 64, 4, num_sms
+    elif blocks >= num_sms:
         block_m, block_c, stages = 128, 64, 3
     elif 2 * blocks > num_sms:
         block_m, block_c, stages = 256, 64, 4
@@ -66,7 +95,7 @@ def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS,
         stages -= 1
     while block_m > 64 and ring_bytes() > shared_bytes:
         block_m //= 2
-    return dict(block_m=block_m, block_c=block_c, num_stages=stages, num_warps=4)
+    return dict(block_m=block_m, block_c=block_c, num_stages=stages, num_warps=4, programs=programs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +108,21 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 
 
 @triton.jit
+def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_big_m, big_col_offsets, col_ok,
+                     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc + small[rows, :R]ᵀ big[rows, cols] for the BLOCK_M rows from m0 (the columns given by their
+    offsets into big and their in-bounds mask)."""
+    ranks = tl.arange(0, R_PAD)
+    rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: x may hold more than 2^31 elements
+    row_ok = rows < M
+    small = tl.load(small_ptr + rows[None, :] * stride_small_m + ranks[:, None],
+                    mask=(ranks < R)[:, None] & row_ok[None, :], other=0.0)  # (R_PAD, BLOCK_M)
+    big = tl.load(big_ptr + rows[:, None] * stride_big_m + big_col_offsets[None, :],
+                  mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
+    return tl.dot(small, big, acc)
+
+
+@triton.jit
 def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_big_m, stride_big_c,
                   stride_out_r, stride_out_c, scale, col_block,
                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -87,21 +131,14 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
     # 64-bit column offsets too: with a column-major big operand (a transposed x), cols * stride_big_c
     # passes 2^31 from 2^31 elements on, in int32 a wrapped address.
     big_col_offsets = cols.to(tl.int64) * stride_big_c
-    ranks = tl.arange(0, R_PAD)
-    row_offsets = tl.arange(0, BLOCK_M)
     col_ok = cols < C
-    rank_ok = ranks < R
+    ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):  # software-pipelined by the launch's num_stages
-        rows = (m0 + row_offsets).to(tl.int64)  # 64-bit offsets: x may hold more than 2^31 elements
-        row_ok = rows < M
-        small = tl.load(small_ptr + rows[None, :] * stride_small_m + ranks[:, None],
-                        mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # (R_PAD, BLOCK_M)
-        big = tl.load(big_ptr + rows[:, None] * stride_big_m + big_col_offsets[None, :],
-                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
-        acc = tl.dot(small, big, acc)
+        acc = _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_big_m, big_col_offsets,
+                               col_ok, R_PAD, BLOCK_M)
     tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
-             (acc * scale).to(out_ptr.dtype.element_ty), mask=rank_ok[:, None] & col_ok[None, :])
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=(ranks < R)[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -118,6 +155,95 @@ def _adapter_grads_kernel(grad_xa_ptr, x_ptr, grad_A_ptr, xa_ptr, g_ptr, grad_B_
     else:
         _thin_product(xa_ptr, g_ptr, grad_B_ptr, M, N, R, stride_xa_m, stride_g_m, stride_g_n,
                       1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_M, BLOCK_C)
+
+
+# The streamed launch (module docstring). One output's work is `blocks * m_tiles` units (column block
+# b, row tile t), numbered b-major; program p of `programs` takes units [p U / P, (p + 1) U / P). Its
+# sum over the units of block b goes to workspace slot p + b, (R, BLOCK_C) float32: along the units
+# each new segment moves to the next block, the next program or both, so p + b grows by at least one
+# (no two segments share a slot) and P + blocks - 1 slots hold them all. With at least as many
+# programs as blocks (the rule's case) a run meets at most two blocks.
+
+
+@triton.jit
+def _thin_product_streamed(small_ptr, big_ptr, work_ptr, M, C, R, stride_small_m, stride_big_m, stride_big_c,
+                           program, programs, blocks, m_tiles,
+                           R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's run of units of small[:, :R]ᵀ big: per column block met, the float32 sum over
+    its rows in the run, stored to the block's slot of work."""
+    units = blocks.to(tl.int64) * m_tiles
+    start = program.to(tl.int64) * units // programs
+    end = (program.to(tl.int64) + 1) * units // programs
+    ranks = tl.arange(0, R_PAD)
+    in_block = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    for u in range(start, end):  # one pipelined loop over the run, across its block boundary
+        block = u // m_tiles
+        tile = u - block * m_tiles
+        cols = block * BLOCK_C + in_block
+        col_ok = cols < C
+        acc = _accumulate_tile(acc, small_ptr, big_ptr, tile * BLOCK_M, M, R, stride_small_m, stride_big_m,
+                               cols * stride_big_c, col_ok, R_PAD, BLOCK_M)
+        # The segment ends at the block's last row tile or the run's end: store it (a masked store
+        # rather than a branch, which would split the loop the pipeliner overlaps), start afresh.
+        segment_ends = (tile == m_tiles - 1) | (u == end - 1)
+        slot = program + block
+        stored_ranks = tl.where(segment_ends, R, 0)  # (a scalar flag in the mask: the interpreter splats it wrong)
+        tl.store(work_ptr + slot * (R * BLOCK_C) + ranks[:, None] * BLOCK_C + in_block[None, :], acc,
+                 mask=(ranks < stored_ranks)[:, None] & (in_block < BLOCK_C)[None, :])
+        acc = tl.where(segment_ends, 0.0, acc)
+
+
+@triton.jit
+def _adapter_grads_streamed_kernel(grad_xa_ptr, x_ptr, xa_ptr, g_ptr, work_ptr, M, K, N, R,
+                                   stride_grad_xa_m, stride_x_m, stride_x_k, stride_xa_m, stride_g_m, stride_g_n,
+                                   programs_A, programs_B, blocks_A, blocks_B, m_tiles, work_offset_B,
+                                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Programs [0, programs_A) stream dA's units, the rest dB's; dB's slots start at work_offset_B.
+    # One call on operands chosen per program rather than a call per branch: Triton gives each
+    # branch's pipelined loop its own shared-memory ring (twice the one-branch kernel's, over the
+    # 227 KiB of a block at 256 x 64 x 4, compiled for sm_90).
+    pid = tl.program_id(0)
+    is_A = pid < programs_A
+    _thin_product_streamed(tl.where(is_A, grad_xa_ptr, xa_ptr), tl.where(is_A, x_ptr, g_ptr),
+                           tl.where(is_A, work_ptr, work_ptr + work_offset_B), M, tl.where(is_A, K, N), R,
+                           tl.where(is_A, stride_grad_xa_m, stride_xa_m), tl.where(is_A, stride_x_m, stride_g_m),
+                           tl.where(is_A, stride_x_k, stride_g_n), tl.where(is_A, pid, pid - programs_A),
+                           tl.where(is_A, programs_A, programs_B), tl.where(is_A, blocks_A, blocks_B), m_tiles,
+                           R_PAD, BLOCK_M, BLOCK_C)
+
+
+@triton.jit
+def _sum_segments(work_ptr, out_ptr, C, R, stride_out_r, stride_out_c, scale, block, programs, blocks, m_tiles,
+                  R_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[:, block's columns] = scale * the sum of the block's slots, in program order. The program
+    holding unit u is ((u + 1) P - 1) // U (the last p with p U / P <= u)."""
+    units = blocks.to(tl.int64) * m_tiles
+    first = ((block.to(tl.int64) * m_tiles + 1) * programs - 1) // units
+    last = ((block.to(tl.int64) + 1) * m_tiles * programs - 1) // units
+    ranks = tl.arange(0, R_PAD)
+    in_block = tl.arange(0, BLOCK_C)
+    rank_ok = (ranks < R)[:, None]
+    acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    for program in range(first, last + 1):
+        slot = program + block
+        acc += tl.load(work_ptr + slot * (R * BLOCK_C) + ranks[:, None] * BLOCK_C + in_block[None, :], mask=rank_ok,
+                       other=0.0)
+    cols = block * BLOCK_C + in_block
+    tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=rank_ok & (cols < C)[None, :])
+
+
+@triton.jit
+def _adapter_grads_sum_kernel(work_ptr, grad_A_ptr, grad_B_ptr, K, N, R, programs_A, programs_B, blocks_A, blocks_B,
+                              m_tiles, work_offset_B, scale_A, scale_B, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program per column block: dA's blocks, then dB's.
+    pid = tl.program_id(0)
+    if pid < blocks_A:
+        _sum_segments(work_ptr, grad_A_ptr, K, R, K, 1, scale_A, pid, programs_A, blocks_A, m_tiles, R_PAD, BLOCK_C)
+    else:
+        _sum_segments(work_ptr + work_offset_B, grad_B_ptr, N, R, 1, R, scale_B, pid - blocks_A, programs_B, blocks_B,
+                      m_tiles, R_PAD, BLOCK_C)
 
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -154,18 +280,42 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, config):
     M, r = xa.shape
     K, N = x2.shape[1], g2.shape[1]
     r_pad = max(16, triton.next_power_of_2(r))
-    cfg = {**tile_config(K + (N if with_B else 0), r_pad, *_device_limits(xa.device)), **config}
+    cfg = {**tile_config(K + (N if with_B else 0), r_pad, *_device_limits(xa.device), rows=M, streamed=_streamed),
+           **config}
     grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device)
     # Without dB no program writes it: grad_A stands in for its pointer.
     grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else grad_A
     block_c = cfg["block_c"]
     blocks_A = triton.cdiv(K, block_c)
+    blocks_B = triton.cdiv(N, block_c) if with_B else 0
+    meta = dict(R_PAD=r_pad, BLOCK_C=block_c)
+    strides = (grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1))
+    if not cfg.get("programs"):
+        replay.launch(
+            _adapter_grads_kernel, (blocks_A + blocks_B,),
+            grad_xa, x2, grad_A, xa, g2, grad_B, M, K, N, r, *strides, float(scale_A), float(scale_B), blocks_A,
+            BLOCK_M=cfg["block_m"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"], **meta,
+        )
+        return grad_A, grad_B
+    m_tiles = triton.cdiv(M, cfg["block_m"])
+    programs_A, programs_B = _share_programs(cfg["programs"], blocks_A * m_tiles, blocks_B * m_tiles)
+    slots_A, slots_B = programs_A + blocks_A - 1, (programs_B + blocks_B - 1 if with_B else 0)
+    work = torch.empty((slots_A + slots_B) * r * block_c, dtype=torch.float32, device=xa.device)
+    counts = (programs_A, programs_B, blocks_A, blocks_B, m_tiles, slots_A * r * block_c)
     replay.launch(
-        _adapter_grads_kernel, (blocks_A + (triton.cdiv(N, block_c) if with_B else 0),),
-        grad_xa, x2, grad_A, xa, g2, grad_B, M, K, N, r,
-        grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
-        float(scale_A), float(scale_B), blocks_A,
-        R_PAD=r_pad, BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
-        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        _adapter_grads_streamed_kernel, (programs_A + programs_B,),
+        grad_xa, x2, xa, g2, work, M, K, N, r, *strides, *counts,
+        BLOCK_M=cfg["block_m"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"], **meta,
     )
+    replay.launch(_adapter_grads_sum_kernel, (blocks_A + blocks_B,), work, grad_A, grad_B, K, N, r, *counts,
+                  float(scale_A), float(scale_B), num_warps=4, **meta)
     return grad_A, grad_B
+
+
+def _share_programs(programs: int, units_A: int, units_B: int) -> tuple[int, int]:
+    """The streamed launch's programs for dA and dB: in proportion to their units (equal runs), at
+    least one each and at most one per unit (no empty run); none for dB without dB (units_B = 0)."""
+    if not units_B:
+        return min(programs, units_A), 0
+    programs_A = min(max(1, round(programs * units_A / (units_A + units_B))), units_A, max(1, programs - 1))
+    return programs_A, min(max(1, programs - programs_A), units_B)
