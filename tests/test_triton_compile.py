@@ -366,9 +366,9 @@ def test_adapter_grads_streamed_compile_for_sm90_into_launches_the_replay_unders
     """The streamed launch (adapter_grads.set_streamed) as the rule picks it at k/v (80 blocks of 64
     columns, 64 for dA alone, M = 8192 on the H200's 132 SMs), compiled for sm_90: the run kernel fits
     a block's shared memory (one pipelined loop for dA's and dB's programs: a loop per branch took
-    twice the ring), loads its operands 16 bytes at a time (LDGSTS.128 only) without spills; the
-    recipe the native path replays allocates the float32 workspace as its one temporary and writes
-    both outputs in the second launch."""
+    twice the ring), loads its operands 16 bytes at a time (LDGSTS.128 only) without spills or a
+    division per unit; the recipe the native path replays allocates the float32 workspace as its one
+    temporary and writes both outputs in the second launch."""
     from lora_ext.kernels import adapter_grads
 
     grad_xa, x, xa, g = adapter_grads_operands(r, M=8192, K=4096, N=1024)
@@ -394,6 +394,9 @@ def test_adapter_grads_streamed_compile_for_sm90_into_launches_the_replay_unders
         compiled.append((fn, kernel, grid, args))
     run_sass = compiled[0][1].asm["sass"]
     assert run_sass.count("LDGSTS") > 0 and run_sass.count("LDGSTS") == len(re.findall(r"LDGSTS\S*\.128\b", run_sass))
+    # 64-bit divisions are calls to a subroutine: the run's bounds and first block take three; the loop
+    # carries its block and row tile as counters instead of dividing per unit.
+    assert run_sass.count("CALL.REL") <= 3, f"{run_sass.count('CALL.REL')} calls (64-bit divisions in the loop?)"
     temps, specs = replay._recipe(inputs, outputs, compiled)
     assert len(temps) == 1 and temps[0].dtype == torch.float32
     assert ("temp", 0) in specs[0][5] and ("temp", 0) in specs[1][5]

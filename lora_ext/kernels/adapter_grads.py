@@ -177,9 +177,11 @@ def _thin_product_streamed(small_ptr, big_ptr, work_ptr, M, C, R, stride_small_m
     ranks = tl.arange(0, R_PAD)
     in_block = tl.arange(0, BLOCK_C)
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    # The unit's block and row tile as counters carried through the loop: a 64-bit division per
+    # unit is a called subroutine in the SASS, on the path of every prefetch address.
+    block = start // m_tiles
+    tile = start - block * m_tiles
     for u in range(start, end):  # one pipelined loop over the run, across its block boundary
-        block = u // m_tiles
-        tile = u - block * m_tiles
         cols = block * BLOCK_C + in_block
         col_ok = cols < C
         acc = _accumulate_tile(acc, small_ptr, big_ptr, tile * BLOCK_M, M, R, stride_small_m, stride_big_m,
@@ -192,6 +194,9 @@ def _thin_product_streamed(small_ptr, big_ptr, work_ptr, M, C, R, stride_small_m
         tl.store(work_ptr + slot * (R * BLOCK_C) + ranks[:, None] * BLOCK_C + in_block[None, :], acc,
                  mask=(ranks < stored_ranks)[:, None] & (in_block < BLOCK_C)[None, :])
         acc = tl.where(segment_ends, 0.0, acc)
+        next_block = tile == m_tiles - 1
+        block = tl.where(next_block, block + 1, block)
+        tile = tl.where(next_block, 0, tile + 1)
 
 
 @triton.jit
