@@ -153,10 +153,10 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
 # in flight per program, about half what the HBM's latency needs). Configs that do not fit shared
 # memory fail to compile and are reported as such.
 # "p<n>": the streamed launch with n programs (NOTES #42); "streamed": the rule with the streamed
-# launch asked for (adapter_grads.set_streamed), which keeps one program per block where it does not apply.
+# launch asked for (streamed=True), which keeps one program per block where it does not apply.
 ADAPTER_GRAD_CONFIGS = {
     "rule": {},  # adapter_grads.tile_config's choice for the launch (the default since #40)
-    "streamed": None,
+    "streamed": dict(streamed=True),
     **{f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
        for bm in (128, 256, 512) for bc in (32, 64) for st in (3, 4, 6) for nw in (4, 8)
        if bm * bc * 2 * st <= 160 * 1024},
@@ -194,23 +194,22 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
         pair = common.gpu_us(cublas_pair)
         r_pad = max(16, triton.next_power_of_2(rank))
         limits = adapter_grads._device_limits(x.device)
-        rule = [adapter_grads.tile_config(cols, r_pad, *limits) for cols in (K + N, K)]
+        rule = [adapter_grads.tile_config(cols, r_pad, *limits, rows=tokens, streamed=streamed)
+                for streamed in (False, True) for cols in (K + N, K)]
         line = [f"{shape} {K}x{N} r={rank}: base fwd+bwd GEMMs {base:.1f} us",
                 f"cuBLAS dA+dB {pair:.1f} ({pair / base:.3f} of base)",
-                "rule: " + ", ".join(f"m{c['block_m']}c{c['block_c']}s{c['num_stages']}w{c['num_warps']}" for c in rule)
-                + " (both, dA alone)"]
+                "rule: " + ", ".join(f"m{c['block_m']}c{c['block_c']}s{c['num_stages']}w{c['num_warps']}p{c['programs']}"
+                                     for c in rule) + " (both, dA alone; then streamed: both, dA alone)"]
         ref_A = grad_xa.double().t() @ x.double()
         ref_B = scale * g.double().t() @ xa.double()
         for name in config_names:
             cfg = ADAPTER_GRAD_CONFIGS[name]
             try:
-                with common.switched((adapter_grads.set_streamed, cfg is None)):
-                    cfg = cfg or {}
-                    grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg)
-                    err = max(((grad_A.double() - ref_A).abs().max() / ref_A.abs().max()).item(),
-                              ((grad_B.double() - ref_B).abs().max() / ref_B.abs().max()).item())
-                    t = common.gpu_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg))
-                    t_A = common.gpu_us(lambda: adapter_grads.grad_A_only(grad_xa, x, 1.0, **cfg))
+                grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg)
+                err = max(((grad_A.double() - ref_A).abs().max() / ref_A.abs().max()).item(),
+                          ((grad_B.double() - ref_B).abs().max() / ref_B.abs().max()).item())
+                t = common.gpu_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg))
+                t_A = common.gpu_us(lambda: adapter_grads.grad_A_only(grad_xa, x, 1.0, **cfg))
                 line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''} dA alone {t_A:.1f}")
             except Exception as exc:  # a config that does not compile or fit: report, go on
                 line.append(f"[{name}] failed: {type(exc).__name__}: {str(exc)[:80]}")
@@ -222,17 +221,16 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
             y, _ = torch.ops.lora.linear(x, W, None, A, B, scale, 0.0, "post", None, "native")
             torch.autograd.grad(y, (x, A, B), g)
 
-        # (one launch, its any-width rank limit, streamed, replay): off; on as by default; above r = 16,
-        # on with the limit raised to this rank, so that past 2048 outputs the one launch runs too (a wider
-        # rule's A/B); and on with the replay off, without and with the streamed launch (set_streamed
-        # reaches the op only through the Python route: compare those two lines' device times).
-        variants = [(False, 16, False, True, "off"), (True, 16, False, True, "on")]
-        variants += [(True, rank, False, True, "on, any width")] if rank > 16 else []
-        variants += [(True, 16, False, False, "on, replay off"), (True, 16, True, False, "on, streamed, replay off")]
-        for on, any_width_rank, streamed, replay, label in variants:
+        # (one launch, its any-width rank limit, streamed): off; on as by default; above r = 16, on with the
+        # limit raised to this rank, so that past 2048 outputs the one launch runs too (a wider rule's A/B);
+        # and on, streamed (set_fused_adapter_grads_streamed: where the rule takes it, NOTES #42).
+        variants = [(False, 16, False, "off"), (True, 16, False, "on")]
+        variants += [(True, rank, False, "on, any width")] if rank > 16 else []
+        variants += [(True, 16, True, "on, streamed")]
+        for on, any_width_rank, streamed, label in variants:
             with common.switched((lora_ext._C.set_fused_adapter_grads, on),
                                  (lora_ext._C.set_fused_adapter_grads_any_width_max_rank, any_width_rank),
-                                 (adapter_grads.set_streamed, streamed), (lora_ext._C.set_triton_replay, replay)):
+                                 (lora_ext._C.set_fused_adapter_grads_streamed, streamed)):
                 t = bench_us(op_fwd_bwd)
                 try:
                     t_dev = f"{common.gpu_us(op_fwd_bwd):.1f}"

@@ -814,5 +814,5 @@ def test_adapter_grads_refuse_what_they_do_not_compute():
     # tensors the kernel computes (under the interpreter here) go back to cuBLAS off such a GPU.
     from lora_ext.kernels import cuda_dispatch
 
-    assert cuda_dispatch.adapter_grads_callback(grad_xa, x, xa, g, 1.0, 1.0) is None
-    assert cuda_dispatch.grad_A_only_callback(grad_xa, x, 1.0) is None
+    assert cuda_dispatch.adapter_grads_callback(grad_xa, x, xa, g, 1.0, 1.0, False) is None
+    assert cuda_dispatch.grad_A_only_callback(grad_xa, x, 1.0, False) is None

@@ -897,14 +897,17 @@ def test_adapter_grads_kernel_matches_float64(M, K, N, r, dtype):
 
 
 @native_triton_only
-@pytest.mark.parametrize("M,K,N,r,programs", [(8192, 4096, 1024, 16, None), (4100, 4096, 1024, 64, None),
-                                              (1000, 520, 1032, 8, 61)], ids=str)
-def test_adapter_grads_streamed_matches_float64(M, K, N, r, programs):
-    """The streamed launch (adapter_grads.set_streamed, off by default until measured: NOTES.md #42),
-    as the rule picks it at k/v-sized launches (one program per SM), or forced to 61 programs (runs
-    across block boundaries at an odd shape): against float64 within the bound of the same products
-    in bfloat16, dA alone too; twice the same bits (each slot is written by one program and the
-    second launch adds them in program order, whichever program finished first)."""
+@pytest.mark.parametrize("M,K,N,r,config", [(8192, 4096, 1024, 16, {}), (4100, 4096, 1024, 64, {}),
+                                            (1000, 520, 1032, 8, {"programs": 61}),
+                                            (300, 64, 40, 16, {"programs": 5, "block_c": 64, "block_m": 128})],
+                         ids=["kv_r16", "kv_r64", "odd_61_programs", "one_block"])
+def test_adapter_grads_streamed_matches_float64(M, K, N, r, config):
+    """The streamed launch (streamed=True; the op's switch is off by default until measured: NOTES.md
+    #42) as the rule picks it at k/v-sized launches (one program per SM), forced to 61 programs
+    (runs across block boundaries at an odd shape), and onto one column block per output (counts of
+    1 compile as constexprs): against float64 within the bound of the same products in bfloat16, dA
+    alone too; twice the same bits (each slot is written by one program and the second launch adds
+    them in program order, whichever program finished first)."""
     from lora_ext.kernels import adapter_grads
 
     gen = torch.Generator(device="cpu").manual_seed(M + r)
@@ -913,16 +916,13 @@ def test_adapter_grads_streamed_matches_float64(M, K, N, r, programs):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=torch.bfloat16)
 
     grad_xa, xa, x, g = randn(M, r), randn(M, r), randn(M, K), randn(M, N)
-    forced = {} if programs is None else dict(programs=programs)
-    with switched(adapter_grads.set_streamed, True):
-        if programs is None:
-            r_pad = max(16, 1 << (r - 1).bit_length())
-            rule = adapter_grads.tile_config(K + N, r_pad, *adapter_grads._device_limits(x.device), rows=M,
-                                             streamed=True)
-            assert rule["programs"] == torch.cuda.get_device_properties(DEVICE).multi_processor_count
-        grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, **forced)
-        again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, **forced)
-        alone = adapter_grads.grad_A_only(grad_xa, x, 0.5, **forced)
+    if not config:
+        r_pad = max(16, 1 << (r - 1).bit_length())
+        rule = adapter_grads.tile_config(K + N, r_pad, *adapter_grads._device_limits(x.device), rows=M, streamed=True)
+        assert rule["programs"] == torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, streamed=True, **config)
+    again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, streamed=True, **config)
+    alone = adapter_grads.grad_A_only(grad_xa, x, 0.5, streamed=True, **config)
     ref_A = 0.5 * grad_xa.double().t() @ x.double()
     assert_within_bound(grad_A, ref_A, 0.5 * (grad_xa.t() @ x), torch.bfloat16, "dA")
     assert_within_bound(grad_B, 3.0 * g.double().t() @ xa.double(), 3.0 * (g.t() @ xa), torch.bfloat16, "dB")
@@ -932,27 +932,39 @@ def test_adapter_grads_streamed_matches_float64(M, K, N, r, programs):
 
 @native_triton_only
 def test_adapter_grads_streamed_is_what_the_op_runs_with_it_on(fused_adapter_grads_on):
-    """With set_streamed on and the replay off (so that the Python piece decides on every call, as
-    the probes A/B it), the k/v-sized dropout-free backward takes the streamed launch: every gradient
-    within the float64 bound, dA and dB other bits than the one program per block gives (another
-    summation order), dx the same bits."""
-    from lora_ext.kernels import adapter_grads
+    """set_fused_adapter_grads_streamed(True): the k/v-sized dropout-free backward's dA and dB are the
+    streamed launch's bits, on the second call too (replayed from C++: the switch is part of the replay
+    key, so the same shapes recorded with it off keep their own recipe), every gradient within the
+    float64 bound; dx does not depend on it."""
+    from lora_ext.kernels import adapter_grads, fused_forward
 
     M, K, N, r, scale = 8192, 4096, 1024, 16, 0.5
     inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=False, seed=23)
     leaves = [inputs[k] for k in GRAD_NAMES]
+    x, w, _, A, B = (t.detach() for t in leaves)
     gy = torch.randn(M, N, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
 
-    def grads(streamed):
-        with switched(adapter_grads.set_streamed, streamed), switched(lora_ext._C.set_triton_replay, False):
-            y, _ = torch.ops.lora.linear(*leaves, scale, 0.0, "post", None, "native")
-            return torch.autograd.grad(y, [inputs["x"], inputs["lora_A"], inputs["lora_B"]], gy)
+    def grads():
+        y, _ = torch.ops.lora.linear(*leaves, scale, 0.0, "post", None, "native")
+        return torch.autograd.grad(y, [inputs["x"], inputs["lora_A"], inputs["lora_B"]], gy)
 
-    with switched(adapter_grads.set_streamed, True), switched(lora_ext._C.set_triton_replay, False):
+    blocks = grads()  # off (the default): one program per column block, recorded for these shapes
+    with switched(lora_ext._C.set_fused_adapter_grads_streamed, True):
         run_and_check(inputs, scale, 0.0, "post", 0, "native")
-    streamed, blocks = grads(True), grads(False)
-    assert torch.equal(streamed[0], blocks[0])
-    assert not torch.equal(streamed[1], blocks[1]) and not torch.equal(streamed[2], blocks[2])
+        first = grads()
+        second = grads()  # replayed
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with torch.no_grad():
+        _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
+        if _fused_forward_available():
+            _, grad_xa = fused_forward.grad_input(gy, w, A, B, scale)
+        else:
+            grad_xa = torch.addmm(torch.empty(M, r, device=DEVICE, dtype=B.dtype), gy, B, beta=0, alpha=scale)
+        expected = adapter_grads.adapter_grads(grad_xa, x, xa, gy, 1.0, scale, streamed=True)
+        unstreamed = adapter_grads.adapter_grads(grad_xa, x, xa, gy, 1.0, scale)
+    assert torch.equal(first[1], expected[0]) and torch.equal(first[2], expected[1])
+    assert torch.equal(blocks[1], unstreamed[0]) and torch.equal(blocks[2], unstreamed[1])
+    assert torch.equal(first[0], blocks[0])
 
 
 @pytest.fixture

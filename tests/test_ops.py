@@ -901,7 +901,8 @@ def test_schema_defined_by_the_extension_alone():
 SWITCH_DEFAULTS = {"set_fused_forward": ("LORA_EXT_FUSED_FORWARD", "0", True),
                    "set_fused_grad_input": ("LORA_EXT_FUSED_GRAD_INPUT", "0", True),
                    "set_fused_adapter_grads": ("LORA_EXT_FUSED_ADAPTER_GRADS", "0", True),
-                   "set_fused_post_dropout": ("LORA_EXT_FUSED_POST_DROPOUT", "0", True)}
+                   "set_fused_post_dropout": ("LORA_EXT_FUSED_POST_DROPOUT", "0", True),
+                   "set_fused_adapter_grads_streamed": ("LORA_EXT_ADAPTER_GRADS_STREAMED", "1", False)}
 
 
 def test_native_path_switches_default_and_env():
@@ -909,7 +910,8 @@ def test_native_path_switches_default_and_env():
         f"print(lora_ext._C.{name}(True), lora_ext._C.{name}(False), lora_ext._C.{name}(True))"
         for name in SWITCH_DEFAULTS)
     script = f"import lora_ext\n{lines}\n"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LORA_EXT_FUSED_")}
+    variables = {var for var, _, _ in SWITCH_DEFAULTS.values()}
+    clean = {k: v for k, v in os.environ.items() if k not in variables}
     flipped = {**clean, **{var: value for var, value, _ in SWITCH_DEFAULTS.values()}}
     for env, flip in ((clean, False), (flipped, True)):
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

@@ -362,29 +362,34 @@ class GridRecordingKernel(RecordingKernel):
 
 @pytest.mark.parametrize("r", [16, 32, 64])
 @pytest.mark.parametrize("both", [True, False], ids=["dA_and_dB", "dA_only"])
-def test_adapter_grads_streamed_compile_for_sm90_into_launches_the_replay_understands(monkeypatch, r, both):
-    """The streamed launch (adapter_grads.set_streamed) as the rule picks it at k/v (80 blocks of 64
-    columns, 64 for dA alone, M = 8192 on the H200's 132 SMs), compiled for sm_90: the run kernel fits
-    a block's shared memory (one pipelined loop for dA's and dB's programs: a loop per branch took
-    twice the ring), loads its operands 16 bytes at a time (LDGSTS.128 only) without spills or a
-    division per unit; the recipe the native path replays allocates the float32 workspace as its one
-    temporary and writes both outputs in the second launch."""
+@pytest.mark.parametrize("shape", [(8192, 4096, 1024, {}), (2048, 64, 48, {"programs": 5, "block_c": 64, "block_m": 128})], ids=["kv", "one_block"])
+def test_adapter_grads_streamed_compile_for_sm90_into_launches_the_replay_understands(r, both, shape):
+    """The streamed launch (streamed=True) as the rule picks it at k/v (80 blocks of 64 columns, 64 for
+    dA alone, M = 8192 on the H200's 132 SMs), and forced onto one column block per output (counts
+    equal to 1 arrive as constexprs), compiled for sm_90: the run kernel fits a block's shared memory
+    (one pipelined loop for dA's and dB's programs: a loop per branch took twice the ring), loads its
+    operands 16 bytes at a time (LDGSTS.128 only) without spills, a division or a layout change of the
+    accumulator per unit; the recipe
+    the native path replays allocates the float32 workspace as its one temporary and writes both
+    outputs in the second launch."""
     from lora_ext.kernels import adapter_grads
 
-    grad_xa, x, xa, g = adapter_grads_operands(r, M=8192, K=4096, N=1024)
+    M, K, N, config = shape
+    grad_xa, x, xa, g = adapter_grads_operands(r, M=M, K=K, N=N)
     launches = []
-    for name in ("_adapter_grads_kernel", "_adapter_grads_streamed_kernel", "_adapter_grads_sum_kernel"):
-        monkeypatch.setattr(adapter_grads, name, GridRecordingKernel(getattr(adapter_grads, name), launches))
-    monkeypatch.setattr(adapter_grads, "_streamed", True)
-    if both:
-        inputs = (grad_xa, x, xa, g, 0.5, 2.0)
-        outputs = adapter_grads.adapter_grads(*inputs)
-    else:
-        inputs = (grad_xa, x, 0.5)
-        outputs = (adapter_grads.grad_A_only(*inputs),)
-    monkeypatch.undo()
+    recorders = {name: GridRecordingKernel(getattr(adapter_grads, name), launches)
+                 for name in ("_adapter_grads_kernel", "_adapter_grads_streamed_kernel", "_adapter_grads_sum_kernel")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, recorder in recorders.items():
+            patch.setattr(adapter_grads, name, recorder)
+        if both:  # as csrc/lora.cpp passes them, the streamed flag last
+            inputs = (grad_xa, x, xa, g, 0.5, 2.0, True)
+            outputs = adapter_grads.adapter_grads(*inputs[:6], streamed=True, **config)
+        else:
+            inputs = (grad_xa, x, 0.5, True)
+            outputs = (adapter_grads.grad_A_only(*inputs[:3], streamed=True, **config),)
     assert [fn.__name__ for fn, *_ in launches] == ["_adapter_grads_streamed_kernel", "_adapter_grads_sum_kernel"]
-    assert launches[0][1] == (132,)
+    assert launches[0][1] == ((132,) if not config else (5,))
     compiled = []
     for fn, grid, args, kwargs in launches:
         _, kernel = compile_for_sm90(fn, args, kwargs)
@@ -397,6 +402,10 @@ def test_adapter_grads_streamed_compile_for_sm90_into_launches_the_replay_unders
     # 64-bit divisions are calls to a subroutine: the run's bounds and first block take three; the loop
     # carries its block and row tile as counters instead of dividing per unit.
     assert run_sass.count("CALL.REL") <= 3, f"{run_sass.count('CALL.REL')} calls (64-bit divisions in the loop?)"
+    # The accumulator's layout change for the workspace store only in the segment-end branch (nested one
+    # level deeper than the loop's body in the TTGIR), not once per unit.
+    ttgir = compiled[0][1].asm["ttgir"]
+    assert "ttg.convert_layout" in ttgir and not re.search(r"^ {6}%\S+ = ttg\.convert_layout", ttgir, re.M)
     temps, specs = replay._recipe(inputs, outputs, compiled)
     assert len(temps) == 1 and temps[0].dtype == torch.float32
     assert ("temp", 0) in specs[0][5] and ("temp", 0) in specs[1][5]
@@ -425,7 +434,7 @@ def test_adapter_grads_tile_rule_follows_the_program_count():
 
 
 def test_adapter_grads_streamed_rule_and_program_shares():
-    """Asked for (set_streamed), the streamed launch takes one program per SM where the column blocks
+    """Asked for (streamed=True), the streamed launch takes one program per SM where the 64-column blocks
     are at most 3/4 of the SMs and each program gets STREAMED_MIN_TILES row tiles of 256 or more;
     dA's and dB's programs in proportion to their units, each within [1, its units]."""
     from lora_ext.kernels import adapter_grads

@@ -13,13 +13,14 @@ and a fixed summation order (bitwise reproducible). Parallelism comes from the c
 programs for dA and N / BLOCK_C for dB, in one grid (64 + 16 at k/v with 64 columns), each
 streaming BLOCK_M x BLOCK_C tiles of its big operand through a software pipeline (tile_config).
 
-Streamed (off by default until measured on the H200: `set_streamed`, LORA_EXT_ADAPTER_GRADS_STREAMED=1;
-benchmarks/NOTES.md #42): where the column blocks are fewer than three quarters of the SMs (k/v's 80,
-dA alone's 64 at 132 SMs) the SMs left idle are bandwidth unused. Then the (column block, row tile)
-pairs are dealt out in equal contiguous runs to one program per SM (stream-K): a program's run
-covers the end of one column block and the start of the next, its float32 sum for each goes to its
-own slot of a workspace, and a second launch adds each block's slots in program order (one
-summation order: still bitwise reproducible; ~0.85 MiB of workspace at k/v, r = 16).
+Streamed (`streamed=True`; the op's switch lora_ext._C.set_fused_adapter_grads_streamed,
+LORA_EXT_ADAPTER_GRADS_STREAMED=1, off by default until measured on the H200: benchmarks/NOTES.md #42):
+where the 64-column blocks are at most three quarters of the SMs (k/v's 80 at 132: 52 SMs idle; dA
+alone's 64, which the rule runs as 128 programs of 32 columns) the (column block, row tile) pairs
+are dealt out in equal contiguous runs to one program per SM (stream-K): a program's run covers
+the end of one column block and the start of the next, its float32 sum for each goes to its own
+slot of a workspace, and a second launch adds each block's slots in program order (one summation
+order: still bitwise reproducible; 0.82 MiB of workspace at k/v, r = 16).
 
 Any strides; the small operands' r is padded to 16 for the MMA by masked loads. The operands of
 all four share one 16-bit dtype (float16/bfloat16), float32 accumulation, outputs in that dtype.
@@ -28,7 +29,6 @@ Under TRITON_INTERPRET=1 it runs on CPU tensors (float16; the CI tests).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -54,17 +54,6 @@ H200_SMS = 132  # the rule's SM count where none is known (the interpreter's CPU
 # The streamed launch only where each program gets at least this many row tiles: below, the second
 # launch and the pipeline's start per segment are not paid back (a guess, not measured).
 STREAMED_MIN_TILES = 4
-_streamed = os.environ.get("LORA_EXT_ADAPTER_GRADS_STREAMED", "0") == "1"
-
-
-def set_streamed(enabled: bool) -> bool:
-    """Turns the streamed launch (module docstring) on or off for launches made from now on; returns
-    the previous setting. The native path replays a recorded launch per shape key (replay.py), so
-    this reaches the op only for keys not yet recorded, or with the replay off
-    (lora_ext._C.set_triton_replay(False)), as the probes do."""
-    global _streamed
-    previous, _streamed = _streamed, bool(enabled)
-    return previous
 
 
 def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS,
@@ -72,8 +61,8 @@ def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS,
     """The launch's tiles for `columns` output columns in all (K + N for both gradients, K for dA
     alone) at the padded rank r_pad, on a GPU of num_sms SMs whose blocks may use shared_bytes of
     shared memory: block_m, block_c, num_stages, num_warps, and `programs` — 0 for one program per
-    column block, else the streamed launch's program count (`streamed` asked for, fewer column
-    blocks than 3/4 of the SMs, and `rows` enough for at least STREAMED_MIN_TILES row tiles per
+    column block, else the streamed launch's program count (`streamed` asked for, 64-column blocks
+    at most 3/4 of the SMs, and `rows` enough for at least STREAMED_MIN_TILES row tiles per
     program)."""
     blocks = triton.cdiv(columns, 64)
     programs = 0
@@ -171,9 +160,9 @@ def _thin_product_streamed(small_ptr, big_ptr, work_ptr, M, C, R, stride_small_m
                            R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's run of units of small[:, :R]ᵀ big: per column block met, the float32 sum over
     its rows in the run, stored to the block's slot of work."""
-    units = blocks.to(tl.int64) * m_tiles
-    start = program.to(tl.int64) * units // programs
-    end = (program.to(tl.int64) + 1) * units // programs
+    units = tl.cast(blocks, tl.int64) * m_tiles  # tl.cast: a count equal to 1 arrives as a constexpr
+    start = tl.cast(program, tl.int64) * units // programs
+    end = (tl.cast(program, tl.int64) + 1) * units // programs
     ranks = tl.arange(0, R_PAD)
     in_block = tl.arange(0, BLOCK_C)
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
@@ -186,14 +175,15 @@ def _thin_product_streamed(small_ptr, big_ptr, work_ptr, M, C, R, stride_small_m
         col_ok = cols < C
         acc = _accumulate_tile(acc, small_ptr, big_ptr, tile * BLOCK_M, M, R, stride_small_m, stride_big_m,
                                cols * stride_big_c, col_ok, R_PAD, BLOCK_M)
-        # The segment ends at the block's last row tile or the run's end: store it (a masked store
-        # rather than a branch, which would split the loop the pipeliner overlaps), start afresh.
-        segment_ends = (tile == m_tiles - 1) | (u == end - 1)
-        slot = program + block
-        stored_ranks = tl.where(segment_ends, R, 0)  # (a scalar flag in the mask: the interpreter splats it wrong)
-        tl.store(work_ptr + slot * (R * BLOCK_C) + ranks[:, None] * BLOCK_C + in_block[None, :], acc,
-                 mask=(ranks < stored_ranks)[:, None] & (in_block < BLOCK_C)[None, :])
-        acc = tl.where(segment_ends, 0.0, acc)
+        # The segment ends at the block's last row tile or the run's end: store its sum, start afresh.
+        # In a branch: the store's layout change of the accumulator (through shared memory, with
+        # barriers) then runs once per segment, not per unit, and at r = 64 the loop's wgmma stays
+        # asynchronous (a masked store every unit waited for it: pendings 0; sm_90 compiles).
+        if (tile == m_tiles - 1) | (u == end - 1):
+            slot = program + block
+            tl.store(work_ptr + slot * (R * BLOCK_C) + ranks[:, None] * BLOCK_C + in_block[None, :], acc,
+                     mask=(ranks < R)[:, None] & (in_block < BLOCK_C)[None, :])
+            acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
         next_block = tile == m_tiles - 1
         block = tl.where(next_block, block + 1, block)
         tile = tl.where(next_block, 0, tile + 1)
@@ -223,9 +213,10 @@ def _sum_segments(work_ptr, out_ptr, C, R, stride_out_r, stride_out_c, scale, bl
                   R_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[:, block's columns] = scale * the sum of the block's slots, in program order. The program
     holding unit u is ((u + 1) P - 1) // U (the last p with p U / P <= u)."""
-    units = blocks.to(tl.int64) * m_tiles
-    first = ((block.to(tl.int64) * m_tiles + 1) * programs - 1) // units
-    last = ((block.to(tl.int64) + 1) * m_tiles * programs - 1) // units
+    # tl.cast, not .to: a count equal to 1 arrives as a constexpr (Triton specialises 1 at launch).
+    units = tl.cast(blocks, tl.int64) * m_tiles
+    first = ((tl.cast(block, tl.int64) * m_tiles + 1) * programs - 1) // units
+    last = ((tl.cast(block, tl.int64) + 1) * m_tiles * programs - 1) // units
     ranks = tl.arange(0, R_PAD)
     in_block = tl.arange(0, BLOCK_C)
     rank_ok = (ranks < R)[:, None]
@@ -268,24 +259,26 @@ def supported(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2: tor
 
 
 def adapter_grads(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2: torch.Tensor,
-                  scale_A: float, scale_B: float, **config) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale_A: float, scale_B: float, streamed: bool = False, **config) -> tuple[torch.Tensor, torch.Tensor]:
     """(dA, dB) = (scale_A grad_xaᵀ x2, scale_B g2ᵀ xa), both in the operands' dtype (`supported`).
-    `config` overrides tile_config's choice (block_m, block_c, num_stages, num_warps), for the probes."""
-    return _launch(grad_xa, x2, xa, g2, scale_A, scale_B, True, config)
+    streamed: the streamed launch where tile_config's rule takes it (module docstring). `config`
+    overrides tile_config's choice (block_m, block_c, num_stages, num_warps, programs), for the probes."""
+    return _launch(grad_xa, x2, xa, g2, scale_A, scale_B, True, streamed, config)
 
 
-def grad_A_only(grad_xa: torch.Tensor, x2: torch.Tensor, scale_A: float, **config) -> torch.Tensor:
+def grad_A_only(grad_xa: torch.Tensor, x2: torch.Tensor, scale_A: float, streamed: bool = False,
+                **config) -> torch.Tensor:
     """dA = scale_A grad_xaᵀ x2 alone, where dB comes from elsewhere (the 'post' dropout backward's
     masked step) or is not wanted: the same kernel with dA's programs only (`supported` with
     grad_xa in xa's place and x2 in g2's)."""
-    return _launch(grad_xa, x2, grad_xa, x2, scale_A, 0.0, False, config)[0]
+    return _launch(grad_xa, x2, grad_xa, x2, scale_A, 0.0, False, streamed, config)[0]
 
 
-def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, config):
+def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, streamed, config):
     M, r = xa.shape
     K, N = x2.shape[1], g2.shape[1]
     r_pad = max(16, triton.next_power_of_2(r))
-    cfg = {**tile_config(K + (N if with_B else 0), r_pad, *_device_limits(xa.device), rows=M, streamed=_streamed),
+    cfg = {**tile_config(K + (N if with_B else 0), r_pad, *_device_limits(xa.device), rows=M, streamed=streamed),
            **config}
     grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device)
     # Without dB no program writes it: grad_A stands in for its pointer.
