@@ -431,6 +431,8 @@ def test_adapter_grads_tile_rule_follows_the_program_count():
     small = adapter_grads.tile_config(4096 + 1024, 64, 132, 101376)
     assert (small["block_m"], small["block_c"], small["num_stages"]) == (128, 64, 2)
     assert adapter_grads.tile_config(4096 + 1024, 16, 132)["programs"] == 0  # streamed only when asked
+    # CPU tensors (the interpreter) take the H200's limits, so that its tests run the GPU's choices.
+    assert adapter_grads._device_limits(torch.device("cpu")) == (132, 232448)
 
 
 def test_adapter_grads_streamed_rule_and_program_shares():

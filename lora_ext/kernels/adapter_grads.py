@@ -28,13 +28,11 @@ Under TRITON_INTERPRET=1 it runs on CPU tensors (float16; the CI tests).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from . import replay
+from . import device_facts, replay
 
 # Tiles (benchmarks/NOTES.md #40; the H200's sweep of 12-05 05:10, M = 8192, r = 16, device time).
 # Each program streams BLOCK_M x BLOCK_C tiles of its big operand with a few in flight; the kernel is
@@ -87,13 +85,11 @@ def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS,
     return dict(block_m=block_m, block_c=block_c, num_stages=stages, num_warps=4, programs=programs)
 
 
-@functools.lru_cache(maxsize=None)
 def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SMs, shared memory bytes a block may use) of a CUDA device; the H200's for CPU tensors."""
-    if device.type != "cuda":
-        return H200_SMS, HOPPER_SHARED_BYTES
-    properties = torch.cuda.get_device_properties(device)
-    return properties.multi_processor_count, getattr(properties, "shared_memory_per_block_optin", HOPPER_SHARED_BYTES)
+    """(SMs, shared memory bytes a block may use) of a CUDA device; the H200's for CPU tensors, so that
+    the interpreter tests take the rule's GPU choices."""
+    return (device_facts.sm_count(device, on_cpu=H200_SMS),
+            device_facts.shared_bytes_per_block(device, on_cpu=HOPPER_SHARED_BYTES))
 
 
 @triton.jit

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import replay
+from . import device_facts, replay
 from .philox import dropout_keep_bits, dropout_threshold, keep_from_bits
 
 from triton.runtime.errors import OutOfResources
@@ -257,11 +257,6 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
                   BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=256)  # per layer shape: the search below is a Python loop over column blocks
 def runs_per_row(row_blocks: int, col_blocks: int, programs_at_once: int, rank_pad: int, block_n: int) -> int:
     """How many runs to split each row block's column blocks into: the fewest waves of programs
@@ -424,10 +419,8 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     xa = torch.empty((M, r), device=a2.device, dtype=down.dtype) if given_xa is None else given_xa
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
-        if a2.is_cuda:
-            programs = _sm_count(a2.device.index)
-        else:  # the Triton interpreter (CPU tensors): any split is correct
-            programs = 4
+        # On CPU tensors (the Triton interpreter) any split is correct: 4 programs take the split paths.
+        programs = device_facts.sm_count(a2.device, on_cpu=4)
         runs = runs_per_row(row_blocks, col_blocks, programs, rank_pad, block_n)
     cols_per_run = triton.cdiv(col_blocks, runs)
     runs = triton.cdiv(col_blocks, cols_per_run)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .. import _C, ops
-from . import fused_forward, replay
+from . import device_facts, fused_forward, replay
 from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, load_seed_words
 
 # ---------------------------------------------------------------------------
@@ -434,12 +434,9 @@ def _up_blocks(r_pad: int, inp_grad: bool, dropout: bool, fp32_operands: bool) -
     return _tile(tiles, r_pad, dropout, fp32_operands)
 
 
-@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
     # Interpreter: a few programs, so that small test shapes take the split paths.
-    return 4
+    return device_facts.sm_count(device, on_cpu=4)
 
 
 @functools.lru_cache(maxsize=None)
