@@ -364,34 +364,59 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
 #endif
 }
 
-// out[i, :r] = scale * sum over slices of part[slice, i, :r], in slice order.
+// One float32 partial to sum: out[i, :r] = scale * sum over slices of part[slice, i, :r_pad][:r].
 template <typename T>
-__global__ void sum_slices_kernel(const float* __restrict__ part, int slices, int64_t slice_stride, int64_t count,
-                                  int r, int r_pad, float scale, T* __restrict__ out) {
-  const int64_t n = count * r;
+struct SlicedSum {
+  const float* part;
+  int slices;
+  int64_t slice_stride;
+  int64_t count;  // rows of out; 0: none
+  T* out;
+};
+
+// Both partials of the kernel (grad_xa's and grad_B's) summed in one launch, each in slice order:
+// elements [0, n_a) are a's, the rest b's (a second launch cost ~2.4 us of device time at k/v and a
+// host launch, benchmarks/NOTES.md #40's profile).
+template <typename T>
+__global__ void sum_slices_kernel(SlicedSum<T> a, SlicedSum<T> b, int r, int r_pad, float scale) {
+  const int64_t n_a = a.count * r, n = n_a + b.count * r;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / r;
-    const int col = static_cast<int>(idx % r);
+    const SlicedSum<T>& s = idx < n_a ? a : b;
+    const int64_t i = idx < n_a ? idx : idx - n_a;
+    const int64_t row = i / r;
+    const int col = static_cast<int>(i % r);
     float sum = 0.f;
-    for (int slice = 0; slice < slices; ++slice) sum += part[slice * slice_stride + row * r_pad + col];
-    out[idx] = from_float<T>(scale * sum);
+    for (int slice = 0; slice < s.slices; ++slice) sum += s.part[slice * s.slice_stride + row * r_pad + col];
+    s.out[i] = from_float<T>(scale * sum);
   }
 }
 
+// (a's out, b's out), each (count, r) (an empty (0,) tensor where not wanted), from the float32
+// partials (slices, rows >= count, r_pad) in one launch.
 template <typename T>
-at::Tensor sum_slices(const at::Tensor& part, int64_t count, int r, int r_pad, double scale,
-                      const at::TensorOptions& options, cudaStream_t stream) {
-  at::Tensor out = at::empty({count, r}, options);
-  const int64_t n = count * r;
-  if (n == 0) return out;
-  const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
-  sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(part.data_ptr<float>(), static_cast<int>(part.size(0)),
-                                                        part.stride(0), count, r, r_pad, static_cast<float>(scale),
-                                                        reinterpret_cast<T*>(out.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+std::tuple<at::Tensor, at::Tensor> sum_slices(const at::Tensor& part_a, int64_t count_a, const at::Tensor& part_b,
+                                              int64_t count_b, int r, int r_pad, double scale,
+                                              const at::TensorOptions& options, cudaStream_t stream) {
+  auto sliced = [&](const at::Tensor& part, int64_t count, at::Tensor& out) {
+    if (!part.defined()) {
+      out = at::empty({0}, options);
+      return SlicedSum<T>{nullptr, 0, 0, 0, nullptr};
+    }
+    out = at::empty({count, r}, options);
+    return SlicedSum<T>{part.data_ptr<float>(), static_cast<int>(part.size(0)), part.stride(0), count,
+                        reinterpret_cast<T*>(out.data_ptr())};
+  };
+  at::Tensor out_a, out_b;
+  const SlicedSum<T> a = sliced(part_a, count_a, out_a), b = sliced(part_b, count_b, out_b);
+  const int64_t n = (a.count + b.count) * r;
+  if (n > 0) {
+    const int threads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
+    sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(a, b, r, r_pad, static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out_a, out_b};
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -429,9 +454,13 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   const int64_t blocks_c_per_group = ceil_div(c_blocks, c_groups_wanted);
   const int64_t c_groups = ceil_div(c_blocks, blocks_c_per_group);
 
-  const auto f32 = options.dtype(at::kFloat);
-  at::Tensor rows_part = need_grad_xa ? at::empty({c_groups, M_pad, R_PAD}, f32) : at::Tensor();
-  at::Tensor panel_part = need_grad_B ? at::empty({m_groups, C_pad, R_PAD}, f32) : at::Tensor();
+  // Both float32 partials in one allocation (one caching-allocator call fewer per backward).
+  const int64_t rows_part_size = need_grad_xa ? c_groups * M_pad * R_PAD : 0;
+  const int64_t panel_part_size = need_grad_B ? m_groups * C_pad * R_PAD : 0;
+  const at::Tensor parts = at::empty({rows_part_size + panel_part_size}, options.dtype(at::kFloat));
+  at::Tensor rows_part = need_grad_xa ? parts.narrow(0, 0, rows_part_size).view({c_groups, M_pad, R_PAD}) : at::Tensor();
+  at::Tensor panel_part =
+      need_grad_B ? parts.narrow(0, rows_part_size, panel_part_size).view({m_groups, C_pad, R_PAD}) : at::Tensor();
   const at::Tensor B = lora_B.contiguous(), rows = xa.contiguous();
   const dim3 grid(static_cast<unsigned>(m_groups), static_cast<unsigned>(c_groups));
   auto launch = [&](auto kernel, size_t shared) {
@@ -460,11 +489,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   }
   // The kernel summed dY * keep; s and the kept elements' 1 / (1 - p) apply here, in float32.
   const double sum_scale = scale / (1.0 - p);
-  at::Tensor grad_xa = need_grad_xa ? sum_slices<T>(rows_part, M, r, R_PAD, sum_scale, options, stream)
-                                    : at::empty({0}, options);
-  at::Tensor grad_B = need_grad_B ? sum_slices<T>(panel_part, C, r, R_PAD, sum_scale, options, stream)
-                                  : at::empty({0}, options);
-  return {grad_xa, grad_B};
+  return sum_slices<T>(rows_part, M, panel_part, C, r, R_PAD, sum_scale, options, stream);
 }
 
 template <typename T>
