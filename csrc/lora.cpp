@@ -454,8 +454,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
              "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
-             "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB) (last argument: streamed), "
-             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); each None "
+             "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
+             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); the adapter "
+             "gradients' two take the streamed switch as their last argument; each None "
              "where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "

@@ -941,7 +941,7 @@ def test_adapter_grads_streamed_is_what_the_op_runs_with_it_on(fused_adapter_gra
     M, K, N, r, scale = 8192, 4096, 1024, 16, 0.5
     inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=False, seed=23)
     leaves = [inputs[k] for k in GRAD_NAMES]
-    x, w, _, A, B = (t.detach() for t in leaves)
+    x, w, _, A, B = (None if t is None else t.detach() for t in leaves)  # no bias
     gy = torch.randn(M, N, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
 
     def grads():
@@ -965,6 +965,8 @@ def test_adapter_grads_streamed_is_what_the_op_runs_with_it_on(fused_adapter_gra
     assert torch.equal(first[1], expected[0]) and torch.equal(first[2], expected[1])
     assert torch.equal(blocks[1], unstreamed[0]) and torch.equal(blocks[2], unstreamed[1])
     assert torch.equal(first[0], blocks[0])
+    off_again = grads()  # switched back off: the off recipe is replayed again
+    assert torch.equal(off_again[1], blocks[1]) and torch.equal(off_again[2], blocks[2])
 
 
 @pytest.fixture

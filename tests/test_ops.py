@@ -896,8 +896,10 @@ def test_schema_defined_by_the_extension_alone():
     assert "bool[5] output_mask" in backward_schema
 
 
-# The native CUDA path's switches (csrc/lora_aten.cpp): each measured on the H200 and on by default
-# (benchmarks/NOTES.md #26-#28, #39); each env var is read once, when the extension loads.
+# The native CUDA path's switches (csrc/lora_aten.cpp): (variable, value that flips it, default). The
+# first four were measured on the H200 and are on by default (benchmarks/NOTES.md #26-#28, #39); the
+# streamed adapter gradients are off until measured (#42). Each variable is read once, when the
+# extension loads.
 SWITCH_DEFAULTS = {"set_fused_forward": ("LORA_EXT_FUSED_FORWARD", "0", True),
                    "set_fused_grad_input": ("LORA_EXT_FUSED_GRAD_INPUT", "0", True),
                    "set_fused_adapter_grads": ("LORA_EXT_FUSED_ADAPTER_GRADS", "0", True),

@@ -382,13 +382,18 @@ __global__ void sum_slices_kernel(SlicedSum<T> a, SlicedSum<T> b, int r, int r_p
   const int64_t n_a = a.count * r, n = n_a + b.count * r;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const SlicedSum<T>& s = idx < n_a ? a : b;
-    const int64_t i = idx < n_a ? idx : idx - n_a;
+    // Field by field: a reference to either struct put both on the stack (80 bytes, ptxas -v).
+    const bool in_a = idx < n_a;
+    const float* part = in_a ? a.part : b.part;
+    const int slices = in_a ? a.slices : b.slices;
+    const int64_t slice_stride = in_a ? a.slice_stride : b.slice_stride;
+    T* out = in_a ? a.out : b.out;
+    const int64_t i = in_a ? idx : idx - n_a;
     const int64_t row = i / r;
     const int col = static_cast<int>(i % r);
     float sum = 0.f;
-    for (int slice = 0; slice < s.slices; ++slice) sum += s.part[slice * s.slice_stride + row * r_pad + col];
-    s.out[i] = from_float<T>(scale * sum);
+    for (int slice = 0; slice < slices; ++slice) sum += part[slice * slice_stride + row * r_pad + col];
+    out[i] = from_float<T>(scale * sum);
   }
 }
 
