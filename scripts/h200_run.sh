@@ -9,7 +9,7 @@
 # The device tool brings back at most 8 files: everything under $OUT is packed into results.tgz
 # at the end (with env.txt and the summaries kept beside it).
 #   host: the k/v layer's host path (fused_forward_probe.py --host; profile_layer.py's CPU table, p 0 and 0.1).
-#   probe: host overhead, ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
+#   probe: host overhead (eager, and a compiled 7-layer chain per layer), ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
@@ -60,7 +60,7 @@ if has tests; then
   echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
 fi
 if has probe; then
-  { python3 benchmarks/host_overhead.py
+  { python3 benchmarks/host_overhead.py --compiled
     python3 benchmarks/compose_ab.py
     for shape in "4096 1024" "4096 4096"; do python3 scripts/profile_layer.py $shape 16 0.0 native; done
   } 2>&1 | tee "$OUT/probe.log" | tail -150
