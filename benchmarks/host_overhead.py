@@ -28,6 +28,12 @@ def per_call_us(fn, device, calls=2000) -> float:
 
 
 CHAIN = 7
+RANK, SCALE = 8, 4.0  # LinearLoRA's defaults: dim 8, alpha 32
+
+
+def peft_formulation(base_out, x, A, B, scale):
+    """PEFT's LoRA layer as plain ops: the base output plus s (x Aᵀ) Bᵀ."""
+    return base_out + torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * scale
 
 
 class _Chain(torch.nn.Module):
@@ -41,20 +47,18 @@ class _Chain(torch.nn.Module):
         for _ in range(CHAIN):
             linear = torch.nn.Linear(features, features, bias=False, device=device)
             if provider.startswith("lora_ext"):
-                self.layers.append(lora_ext.LinearLoRA(linear, dim=8))
+                self.layers.append(lora_ext.LinearLoRA(linear, dim=RANK))
                 continue
             linear.requires_grad_(False)
             if provider.startswith("PEFT"):
-                linear.lora_A = torch.nn.Parameter(torch.randn(8, features, device=device) / features**0.5)
-                linear.lora_B = torch.nn.Parameter(torch.randn(features, 8, device=device) / 8**0.5)
+                linear.lora_A = torch.nn.Parameter(torch.randn(RANK, features, device=device) / features**0.5)
+                linear.lora_B = torch.nn.Parameter(torch.randn(features, RANK, device=device) / RANK**0.5)
             self.layers.append(linear)
 
     def forward(self, x):
         for layer in self.layers:
             y = layer(x)
-            if self.provider.startswith("PEFT"):
-                y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, layer.lora_A), layer.lora_B) * 4.0
-            x = y
+            x = peft_formulation(y, x, layer.lora_A, layer.lora_B, SCALE) if self.provider.startswith("PEFT") else y
         return x
 
 
@@ -75,13 +79,13 @@ def main():
     device = torch.device(args.device)
     K = N = 64
     base = torch.nn.Linear(K, N, bias=False, device=device).requires_grad_(False)
-    layer = lora_ext.LinearLoRA(torch.nn.Linear(K, N, bias=False, device=device), dim=8)
+    layer = lora_ext.LinearLoRA(torch.nn.Linear(K, N, bias=False, device=device), dim=RANK)
     A, B = layer.lora_A.weight, layer.lora_B.weight
     x = torch.randn(4, K, device=device, requires_grad=True)
     g = torch.randn(4, N, device=device)
 
     def peft_like():
-        return base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * layer.scale
+        return peft_formulation(base(x), x, A, B, layer.scale)
 
     rows = []
     for name, fwd, params in (("base nn.Linear", lambda: base(x), []),

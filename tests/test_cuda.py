@@ -896,6 +896,19 @@ def test_adapter_grads_kernel_matches_float64(M, K, N, r, dtype):
     assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
 
 
+def _adapter_grads_operands(x, w, A, B, gy, scale):
+    """(xa, grad_xa) as the native dropout-free backward hands them to the adapter-gradient launch:
+    xa from the forward, grad_xa = s g B from the fused input gradient where it runs (Hopper, N <= 2048,
+    r <= 16), else from cuBLAS."""
+    from lora_ext.kernels import fused_forward
+
+    _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
+    (N, r), M = B.shape, gy.shape[0]
+    if _fused_forward_available() and N <= 2048 and r <= 16:
+        return xa, fused_forward.grad_input(gy, w, A, B, scale)[1]
+    return xa, torch.addmm(torch.empty(M, r, device=DEVICE, dtype=B.dtype), gy, B, beta=0, alpha=scale)
+
+
 @native_triton_only
 @pytest.mark.parametrize("M,K,N,r,config", [(8192, 4096, 1024, 16, {}), (4100, 4096, 1024, 64, {}),
                                             (1000, 520, 1032, 8, {"programs": 61}),
@@ -936,7 +949,7 @@ def test_adapter_grads_streamed_is_what_the_op_runs_with_it_on(fused_adapter_gra
     streamed launch's bits, on the second call too (replayed from C++: the switch is part of the replay
     key, so the same shapes recorded with it off keep their own recipe), every gradient within the
     float64 bound; dx does not depend on it."""
-    from lora_ext.kernels import adapter_grads, fused_forward
+    from lora_ext.kernels import adapter_grads
 
     M, K, N, r, scale = 8192, 4096, 1024, 16, 0.5
     inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=False, seed=23)
@@ -955,11 +968,7 @@ def test_adapter_grads_streamed_is_what_the_op_runs_with_it_on(fused_adapter_gra
         second = grads()  # replayed
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     with torch.no_grad():
-        _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
-        if _fused_forward_available():
-            _, grad_xa = fused_forward.grad_input(gy, w, A, B, scale)
-        else:
-            grad_xa = torch.addmm(torch.empty(M, r, device=DEVICE, dtype=B.dtype), gy, B, beta=0, alpha=scale)
+        xa, grad_xa = _adapter_grads_operands(x, w, A, B, gy, scale)
         expected = adapter_grads.adapter_grads(grad_xa, x, xa, gy, 1.0, scale, streamed=True)
         unstreamed = adapter_grads.adapter_grads(grad_xa, x, xa, gy, 1.0, scale)
     assert torch.equal(first[1], expected[0]) and torch.equal(first[2], expected[1])
@@ -982,7 +991,7 @@ def test_adapter_grads_are_what_the_op_runs(K, N, r, fused_adapter_grads_on):
     (run_and_check), dA and dB are the one-launch kernel's bits (replayed from C++ from the second
     call: one more replayed piece than with it off). Its grad_xa = s g B: r = 16 at N <= 2048 on
     Hopper from the fused input gradient, else from cuBLAS."""
-    from lora_ext.kernels import adapter_grads, fused_forward
+    from lora_ext.kernels import adapter_grads
 
     M, scale = 4100, 0.5
     inputs = make_inputs((M,), K, N, r, torch.bfloat16, seed=13)
@@ -1001,11 +1010,7 @@ def test_adapter_grads_are_what_the_op_runs(K, N, r, fused_adapter_grads_on):
     with_it = lora_ext._C.triton_replay_stats()[2] - replayed
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     with torch.no_grad():
-        _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
-        if _fused_forward_available() and N <= 2048 and r <= 16:
-            _, grad_xa = fused_forward.grad_input(gy, w, A, B, scale)
-        else:
-            grad_xa = torch.addmm(torch.empty(M, r, device=DEVICE, dtype=B.dtype), gy, B, beta=0, alpha=scale)
+        xa, grad_xa = _adapter_grads_operands(x, w, A, B, gy, scale)
         expected = adapter_grads.adapter_grads(grad_xa, x, xa, gy, 1.0, scale)
     assert torch.equal(first[1], expected[0]) and torch.equal(first[2], expected[1])
     with switched(lora_ext._C.set_fused_adapter_grads, False):

@@ -151,6 +151,13 @@ def _adapter_grads_kernel(grad_xa_ptr, x_ptr, grad_A_ptr, xa_ptr, g_ptr, grad_B_
 
 
 @triton.jit
+def _slot_offsets(slot, R, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(R_PAD, BLOCK_C) element offsets of workspace slot `slot`: R rows of BLOCK_C float32 each (rows
+    from R on are past the slot: mask them)."""
+    return slot * (R * BLOCK_C) + tl.arange(0, R_PAD)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+
+
+@triton.jit
 def _thin_product_streamed(small_ptr, big_ptr, work_ptr, M, C, R, stride_small_m, stride_big_m, stride_big_c,
                            program, programs, blocks, m_tiles,
                            R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -175,14 +182,13 @@ def _thin_product_streamed(small_ptr, big_ptr, work_ptr, M, C, R, stride_small_m
         # In a branch: the store's layout change of the accumulator (through shared memory, with
         # barriers) then runs once per segment, not per unit, and at r = 64 the loop's wgmma stays
         # asynchronous (a masked store every unit waited for it: pendings 0; sm_90 compiles).
-        if (tile == m_tiles - 1) | (u == end - 1):
-            slot = program + block
-            tl.store(work_ptr + slot * (R * BLOCK_C) + ranks[:, None] * BLOCK_C + in_block[None, :], acc,
+        last_tile = tile == m_tiles - 1
+        if last_tile | (u == end - 1):
+            tl.store(work_ptr + _slot_offsets(program + block, R, R_PAD, BLOCK_C), acc,
                      mask=(ranks < R)[:, None] & (in_block < BLOCK_C)[None, :])
             acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
-        next_block = tile == m_tiles - 1
-        block = tl.where(next_block, block + 1, block)
-        tile = tl.where(next_block, 0, tile + 1)
+        block = tl.where(last_tile, block + 1, block)
+        tile = tl.where(last_tile, 0, tile + 1)
 
 
 @triton.jit
@@ -218,9 +224,7 @@ def _sum_segments(work_ptr, out_ptr, C, R, stride_out_r, stride_out_c, scale, bl
     rank_ok = (ranks < R)[:, None]
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     for program in range(first, last + 1):
-        slot = program + block
-        acc += tl.load(work_ptr + slot * (R * BLOCK_C) + ranks[:, None] * BLOCK_C + in_block[None, :], mask=rank_ok,
-                       other=0.0)
+        acc += tl.load(work_ptr + _slot_offsets(program + block, R, R_PAD, BLOCK_C), mask=rank_ok, other=0.0)
     cols = block * BLOCK_C + in_block
     tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=rank_ok & (cols < C)[None, :])

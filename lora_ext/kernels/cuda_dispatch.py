@@ -107,9 +107,9 @@ def fused_grad_input_given_xa_callback(grad_y2, weight, lora_A, lora_B, grad_xa)
 def _measured_gpu(t) -> bool:
     """Hopper or newer: the one launch was measured (and chosen, benchmarks/NOTES.md #39) on the H200
     only; elsewhere cuBLAS stays, and no compile of an untried kernel can fail a backward."""
-    from . import fused_forward  # its cached capability lookup (the fused GEMMs' own sm_90 check)
+    from . import device_facts
 
-    return t.is_cuda and fused_forward._major_capability(t.device.index) >= 9
+    return t.is_cuda and device_facts.major_capability(t.device) >= 9
 
 
 def adapter_grads_callback(grad_xa, x2, xa, grad_y2, scale_A, scale_B, streamed):

@@ -1,5 +1,5 @@
-"""What the launch rules need to know of the CUDA device a kernel runs on: its SM count and the
-shared memory one block may use, looked up once per device (torch.cuda.get_device_properties
+"""What the launch rules need to know of the CUDA device a kernel runs on: its compute capability,
+SM count and the shared memory one block may use, looked up once per device (torch.cuda.get_device_properties
 costs host time on every call). CPU tensors (the Triton interpreter) have no such device: each
 rule says what it assumes there, for the choice it wants the tests to exercise."""
 from __future__ import annotations
@@ -31,3 +31,8 @@ def shared_bytes_per_block(device: torch.device, on_cpu: int) -> int:
     if device.type != "cuda":
         return on_cpu
     return getattr(_properties(_cuda_index(device)), "shared_memory_per_block_optin", on_cpu)
+
+
+def major_capability(device: torch.device) -> int:
+    """The compute capability's major number of a CUDA device (9 for Hopper)."""
+    return _properties(_cuda_index(device)).major

@@ -319,7 +319,7 @@ def grad_input_layout_supported(grad_y2: torch.Tensor, weight: torch.Tensor | No
 
 def _on_hopper(t: torch.Tensor) -> bool:
     """CUDA sm_90 or newer (TMA), and a triton with host-side tensor descriptors."""
-    return TensorDescriptor is not None and t.is_cuda and _major_capability(t.device.index) >= 9
+    return TensorDescriptor is not None and t.is_cuda and device_facts.major_capability(t.device) >= 9
 
 
 def supports(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -349,9 +349,6 @@ def grad_input_given_xa_supports(grad_y2: torch.Tensor, weight: torch.Tensor | N
     return _on_hopper(grad_y2) and grad_input_given_xa_layout_supported(grad_y2, weight, lora_A, lora_B, grad_xa)
 
 
-@functools.lru_cache(maxsize=None)
-def _major_capability(device_index: int | None) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
 
 
 # The tiles of both GEMMs; the pipeline's stages come from _pipeline_stages.
