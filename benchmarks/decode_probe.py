@@ -1,5 +1,8 @@
 """Where a decode call's time goes: host time per call of each layer of the launch path, and
-device time per call (CUDA graph replay) with the few-token kernel on and off.
+device time per call (CUDA graph replay), for the op's three few-token routes (SETTINGS):
+"fused", the fused Triton GEMM replayed from C++ (lora_ext._C.set_fused_small_m_forward, off by
+default; NOTES.md #44); "kernel", cuBLAS x W^T then the LoRA-term kernel (the default); "off", the
+general path's three cuBLAS calls.
 
 Eager decode is host-bound on the H200 (benchmarks/NOTES.md #24), so the ratio to the frozen
 base that bench_linear.py reports is mostly a ratio of host times; this splits it.
@@ -9,6 +12,7 @@ base that bench_linear.py reports is mostly a ratio of host times; this splits i
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -63,6 +67,22 @@ def layer_pair(K, N, r, device, dtype):
     return base, lora
 
 
+# The op's few-token routes: (fused small-M forward, few-token kernel) switches.
+SETTINGS = {"fused": (True, True), "kernel": (False, True), "off": (False, False)}
+
+
+@contextlib.contextmanager
+def few_token_route(setting):
+    """The op's few-token route `setting` (SETTINGS) for the block, then the switches as they were."""
+    fused, kernel = SETTINGS[setting]
+    before = lora_ext._C.set_fused_small_m_forward(fused), lora_ext._C.set_small_m_forward(kernel)
+    try:
+        yield
+    finally:
+        lora_ext._C.set_fused_small_m_forward(before[0])
+        lora_ext._C.set_small_m_forward(before[1])
+
+
 def host_rows(device, dtype):
     K = N = 64
     base, lora = layer_pair(K, N, 16, device, dtype)
@@ -81,13 +101,12 @@ def host_rows(device, dtype):
     ]
     rows = []
     with torch.no_grad():
-        for enabled in (True, False):
-            lora_ext._C.set_small_m_forward(enabled)
-            for name, fn in candidates:
-                if not enabled and ("lora" not in name.lower() or "pybind" in name):
-                    continue
-                rows.append((name, "on" if enabled else "off", f"{host_us(fn):.1f}"))
-    lora_ext._C.set_small_m_forward(True)
+        for setting in SETTINGS:
+            with few_token_route(setting):
+                for name, fn in candidates:
+                    if setting != "kernel" and ("lora" not in name.lower() or "pybind" in name):
+                        continue
+                    rows.append((name, setting, f"{host_us(fn):.1f}"))
     return rows
 
 
@@ -101,11 +120,12 @@ def device_rows(device, dtype, ranks, Ms):
                 with torch.no_grad():
                     base_graph, base_b2b = graph_device_us(lambda: base(x)), back_to_back_us(lambda: base(x))
                     cells = []
-                    for enabled in (True, False):
-                        lora_ext._C.set_small_m_forward(enabled)
-                        cells += [graph_device_us(lambda: lora(x)), back_to_back_us(lambda: lora(x))]
-                    lora_ext._C.set_small_m_forward(True)
-                rows.append((shape, M, r, f"{base_graph:.1f}", f"{base_b2b:.1f}", *(f"{c:.1f}" for c in cells)))
+                    for setting in SETTINGS:
+                        with few_token_route(setting):
+                            cells += [graph_device_us(lambda: lora(x)), back_to_back_us(lambda: lora(x))]
+                ratios = [cells[i + 1] / base_b2b for i in range(0, len(cells), 2)]
+                rows.append((shape, M, r, f"{base_graph:.1f}", f"{base_b2b:.1f}", *(f"{c:.1f}" for c in cells),
+                             " / ".join(f"{q:.2f}" for q in ratios)))
     return rows
 
 
@@ -117,10 +137,11 @@ def main():
     device, dtype = torch.device("cuda"), torch.bfloat16
     print(f"decode probe, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16")
     print("\nhost µs per call (K = N = 64, M = 1, no_grad; best of 5 x 3000 calls)")
-    print(common.markdown_table(["call", "few-token kernel", "µs"], host_rows(device, dtype)))
+    print(common.markdown_table(["call", "few-token route", "µs"], host_rows(device, dtype)))
     print("\ndevice µs per call (CUDA graph of 20 calls) and back-to-back µs per call (events around 200 calls)")
+    columns = [f"{setting}: {what}" for setting in SETTINGS for what in ("graph", "b2b")]
     print(common.markdown_table(
-        ["shape", "M", "r", "base graph", "base b2b", "lora_ext on: graph", "on: b2b", "off: graph", "off: b2b"],
+        ["shape", "M", "r", "base graph", "base b2b", *columns, "b2b ÷ base b2b (" + " / ".join(SETTINGS) + ")"],
         device_rows(device, dtype, args.ranks, args.m)))
 
 

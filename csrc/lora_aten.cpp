@@ -119,6 +119,17 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 #endif
 }
 
+// Whether a dropout-free forward of few tokens runs as one launch of the fused Triton GEMM
+// (fused_forward.linear_forward with small_m_config's tiles) instead of the few-token path's
+// cuBLAS x W^T + b and LoRA-term kernel: one host path (the replayed launch) instead of cuBLAS's
+// plus a kernel launch, and W, x and A read by one kernel. Counted (benchmarks/NOTES.md #44): the
+// few-token path's host time per call is ~23 us on the H200's host against ~11 for a replayed
+// fused launch, and at q/o and k/v the call is host-bound. Off by default until measured on a GPU:
+// LORA_EXT_FUSED_SMALL_M_FORWARD=1 or set_fused_small_m_forward(true) turns it on. Where the
+// callback declines (layouts TMA cannot address, mixed dtypes, off Hopper), the few-token path runs.
+constexpr int64_t kFusedSmallMForwardMaxRows = 16;
+std::atomic<bool> fused_small_m_forward_enabled{on_if_env_one("LORA_EXT_FUSED_SMALL_M_FORWARD")};
+
 // Whether a dropout-free forward at training sizes runs as one Triton GEMM
 // (lora_ext/kernels/fused_forward.py): x W^T and x A^T from the same x tiles, and s xa B^T as
 // one more K step of the same accumulator, so neither the separate pass over x for xa nor the
@@ -145,6 +156,11 @@ bool fused_forward_takes(const at::Tensor& x2, const at::Tensor& lora_A) {
 
 bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_forward_takes(x2, lora_A) && weight.size(0) <= kFusedForwardMaxWidth;
+}
+
+bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A) {
+  return fused_small_m_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
+         x2.size(0) <= kFusedSmallMForwardMaxRows && lora_A.size(0) <= kFusedForwardMaxRank;
 }
 
 // The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
@@ -261,6 +277,8 @@ bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange
 
 bool set_fused_forward(bool enabled) { return fused_forward_enabled.exchange(enabled); }
 
+bool set_fused_small_m_forward(bool enabled) { return fused_small_m_forward_enabled.exchange(enabled); }
+
 bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchange(enabled); }
 
 bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.exchange(enabled); }
@@ -293,6 +311,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
 
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
+  if (!dropout && weight.has_value() && use_fused_small_m_forward(x2, lora_A)) {
+    if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, 0.0, c10::nullopt)) {
+      return {with_leading_shape(std::get<0>(*fused), x), std::get<1>(*fused)};
+    }
+  }
 #ifdef LORA_WITH_CUDA
   if (!dropout && weight.has_value() && use_small_m_forward(x2, lora_A, lora_B)) {
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());

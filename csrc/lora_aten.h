@@ -47,6 +47,10 @@ bool set_small_m_forward(bool enabled);
 // Turns the native CUDA path's fused Triton forward (lora_aten.cpp use_fused_forward) on or off;
 // returns the previous setting. On by default; LORA_EXT_FUSED_FORWARD=0 turns it off at import.
 bool set_fused_forward(bool enabled);
+// Turns the fused Triton forward for few tokens (lora_aten.cpp use_fused_small_m_forward: up to 16
+// rows, dropout-free) on or off; returns the previous setting. Off by default until measured;
+// LORA_EXT_FUSED_SMALL_M_FORWARD=1 turns it on at import.
+bool set_fused_small_m_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
 bool set_fused_grad_input(bool enabled);
 // The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); on by

@@ -2,7 +2,8 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, pieces, fused, switches, ab, exitprobe, train; or all (tests,bench).
+#   MODES: comma-separated from tests, bench, probe, host, pieces, fused, decode, switches, ab, exitprobe, train;
+#   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
 #   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments).
@@ -12,6 +13,7 @@
 #   probe: host overhead (eager, and a compiled 7-layer chain per layer), ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
+#   decode: benchmarks/decode_probe.py --ranks 16 64 (the few-token routes: fused Triton GEMM, kernel, off).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
 #     (fused_forward_probe.py --configs default: the op with the 'post' fused GEMMs off / on;
 #     then --adapter-grads: the one launch's tiles and the op off / on; then masked_pieces.py's
@@ -75,6 +77,9 @@ if has pieces; then
 fi
 if has fused; then
   python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80
+fi
+if has decode; then
+  python3 benchmarks/decode_probe.py --ranks 16 64 2>&1 | tee "$OUT/decode.log" | tail -60
 fi
 if has switches; then
   python3 benchmarks/fused_forward_probe.py --configs default 2>&1 | tee "$OUT/switches_fused.log" | tail -40

@@ -489,6 +489,43 @@ def test_fused_forward_post_dropout_keeps_a_dropped_inf_as_nan():
     assert bool(torch.isnan(y[dropped, 5]).all())
 
 
+# (M, K, N, r) for the few-row tiles the forward picks itself (small_m_config; 4 programs on CPU
+# tensors): one row, a partial 16-row block, K past a 256-wide step and short of one, 16- to
+# 128-wide column blocks with a tail (N = 520: 128-wide), the ranks padded to 16, 32 and 64, and
+# 33 rows (a 64-row block).
+SMALL_M_CASES = [(1, 264, 56, 8), (5, 72, 520, 16), (16, 528, 104, 24), (3, 40, 24, 64), (33, 136, 40, 8)]
+
+
+@pytest.mark.parametrize("M, K, N, r", SMALL_M_CASES)
+def test_fused_forward_small_m_tiles_match_float64(monkeypatch, M, K, N, r):
+    """Up to 64 rows linear_forward takes small_m_config's tiles (the native path's fused forward for
+    few tokens, off by default): y and xa against float64 with and without bias, within the CPU op's
+    bound; the launch's tiles are the rule's."""
+    from lora_ext.kernels import fused_forward, replay
+
+    tiles = []
+    launch = replay.launch
+
+    def recording_launch(kernel, grid, *args, **meta):
+        tiles.append({k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "num_warps")})
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(replay, "launch", recording_launch)
+    config = fused_forward.small_m_config(M, N, r, 4)
+    expected = {"BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"], "BLOCK_K": config["block_k"],
+                "num_stages": config["num_stages"], "num_warps": 4}
+    scale = 3.0
+    for bias in (True, False):
+        inputs = make_inputs((M,), K, N, r, torch.float16, bias=bias, seed=M + N + r)
+        x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+        y, xa = fused_forward.linear_forward(x, w, b, A, B, scale)
+        y_cpu, xa_cpu = torch.ops.lora.linear(x, w, b, A, B, scale)
+        ref = lora_linear_reference(x, w, b, A, B, scale, compute_dtype=torch.float64)
+        assert_within_bound(y, ref, y_cpu, torch.float16, f"y (bias={bias})")
+        assert_within_bound(xa, x.double() @ A.double().t(), xa_cpu, torch.float16, "xa")
+    assert tiles == [expected, expected]
+
+
 @pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64)])
 @pytest.mark.parametrize("runs", [1, 2, None])
 def test_fused_grad_input_matches_float64(M, K, N, r, runs):

@@ -865,6 +865,83 @@ def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on
     assert previous is True and not torch.equal(composed, y)
 
 
+@pytest.fixture
+def fused_small_m_forward_on():
+    """The op's fused forward for few tokens on for one test (off by default until measured)."""
+    yield from _switched_on(lora_ext._C.set_fused_small_m_forward)
+
+
+# (M, K, N, r) for the few-row tiles (small_m_config): one row at q/o and k/v sizes (decode), K and N
+# tails against the tiles (K = 264: a 256-wide step and a tail; N = 1032 and 520: partial column
+# blocks), r padded to 16 and 64, and 64 rows at gate/up's width (wgmma).
+SMALL_M_FUSED_SHAPES = [(1, 4096, 4096, 16), (1, 4096, 1024, 16), (16, 264, 1032, 8), (5, 512, 520, 64),
+                        (64, 1024, 14336, 16)]
+
+
+@fused_only
+@pytest.mark.parametrize("M,K,N,r", SMALL_M_FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_forward_small_m_tiles_match_float64(M, K, N, r, dtype):
+    """The fused forward with the tiles it takes up to 64 rows: y and xa against float64 within the
+    same-dtype bound, with bias; the scale makes the LoRA term the larger part of y. Twice gives the
+    same bits."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs((M,), K, N, r, dtype, requires_grad=False, seed=M + N + r)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    assert fused_forward.supports(x, w, b, A, B)
+    y, xa = fused_forward.linear_forward(x, w, b, A, B, 3.0)
+    ref = lora_linear_reference(x, w, b, A, B, 3.0, compute_dtype=torch.float64)
+    same = lora_linear_reference(x, w, b, A, B, 3.0, compute_dtype=dtype)
+    assert_within_bound(y, ref, same, dtype, "y")
+    assert_within_bound(xa, x.double() @ A.double().t(), x @ A.t(), dtype, "xa")
+    y_again, xa_again = fused_forward.linear_forward(x, w, b, A, B, 3.0)
+    assert torch.equal(y_again, y) and torch.equal(xa_again, xa)
+
+
+@fused_only
+@pytest.mark.parametrize("lead_shape,bias,r", [((1,), True, 16), ((2, 8), False, 16), ((4, 1), True, 64)], ids=str)
+def test_fused_small_m_forward_is_what_the_op_runs(lead_shape, bias, r, fused_small_m_forward_on):
+    """Turned on, a dropout-free forward of up to 16 rows: the op's y and xa are the fused kernel's
+    bits, replayed from C++ from the second call with the key; y and every gradient are within the
+    float64 bound (run_and_check); turned off, the few-token kernel runs, which rounds differently."""
+    from lora_ext.kernels import fused_forward
+
+    inputs = make_inputs(lead_shape, 512, 1032, r, torch.bfloat16, bias=bias, seed=13)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")
+
+    def forward():
+        return torch.ops.lora.linear(x, w, b, A, B, 0.5, 0.0, "post", None, "native")
+
+    with torch.no_grad():
+        expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, 0.5)
+        assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
+        before = lora_ext._C.triton_replay_stats()[2]
+        again, _ = forward()
+        assert lora_ext._C.triton_replay_stats()[2] - before == 1 and torch.equal(again, y)
+        with switched(lora_ext._C.set_fused_small_m_forward, False) as previous:
+            kernel, _ = forward()
+    assert previous is True and not torch.equal(kernel, y)
+
+
+@fused_only
+def test_fused_small_m_forward_is_not_used_past_16_rows_with_dropout_or_where_it_declines(fused_small_m_forward_on):
+    """Turned on, 17 rows, 'post' dropout and rows TMA cannot address (K = 260: 520 bytes) keep the
+    path they had with it off (bitwise); the check tells the paths apart at 16 rows."""
+
+    def op_bits(M, K, p, fused):
+        inputs = make_inputs((M,), K, 1032, 16, torch.bfloat16, bias=False, requires_grad=False, seed=M + K)
+        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+        seed = seed_tensor(5) if p > 0 else None
+        with switched(lora_ext._C.set_fused_small_m_forward, fused):
+            return torch.ops.lora.linear(x, w, None, A, B, 0.5, p, "post", seed, "native")[0]
+
+    for what, (M, K, p) in {"17 rows": (17, 512, 0.0), "dropout": (8, 512, 0.1), "K = 260": (8, 260, 0.0)}.items():
+        assert torch.equal(op_bits(M, K, p, True), op_bits(M, K, p, False)), what
+    assert not torch.equal(op_bits(16, 512, 0.0, True), op_bits(16, 512, 0.0, False))
+
+
 # ---------------------------------------------------------------------------
 # Both adapter gradients in one launch (lora_ext/kernels/adapter_grads.py), run by the native
 # path's dropout-free backward from 4096 rows (csrc/lora_aten.cpp, use_fused_adapter_grads)
@@ -1277,6 +1354,14 @@ def test_opcheck_linear_on_the_fused_forward(fused_forward_on, fused_grad_input_
     torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.0, "post", None,
                                                           "native"))
 
+
+
+@fused_only
+def test_opcheck_linear_on_the_fused_small_m_forward(fused_small_m_forward_on):
+    inputs = make_inputs((2, 3), 256, 1032, 16, torch.bfloat16, seed=5)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.0, "post", None,
+                                                          "native"))
 
 # ---------------------------------------------------------------------------
 # More than 2**31 elements

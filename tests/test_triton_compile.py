@@ -457,3 +457,54 @@ def test_adapter_grads_streamed_rule_and_program_shares():
     assert share(132, 5, 3) == (5, 3)                 # fewer units than programs: one program per unit
     assert share(132, 1000, 1) == (131, 1)            # each output keeps a program
 
+
+
+def test_fused_forward_small_m_rule():
+    """small_m_config at 132 SMs (NOTES.md #44): one row block of M rounded up to 16 .. 64 rows;
+    column blocks for about one program per SM (16 .. 128 wide); 256-wide K steps where the column
+    block and the padded rank are <= 32; stages within the budget (2 to 4); four warps."""
+    from lora_ext.kernels import fused_forward
+
+    def tiles(M, N, r):
+        c = fused_forward.small_m_config(M, N, r, 132)
+        return c["block_m"], c["block_n"], c["block_k"], c["num_stages"], c["num_warps"], c["epilogue_chunks"]
+
+    assert tiles(1, 4096, 16) == (16, 32, 256, 4, 4, 1)     # q/o, decode: 128 programs
+    assert tiles(16, 1024, 16) == (16, 16, 256, 4, 4, 1)    # k/v: 64
+    assert tiles(16, 14336, 16) == (16, 128, 128, 4, 4, 1)  # gate/up: 112
+    assert tiles(16, 4096, 64) == (16, 32, 128, 4, 4, 1)    # r = 64: A's 64 x 256 tile would crowd W out
+    assert tiles(17, 4096, 8) == (32, 32, 256, 4, 4, 1)
+    assert tiles(64, 14336, 64) == (64, 128, 128, 2, 4, 1)  # 2 x 128 x (64 + 128 + 64) B per stage
+    assert fused_forward.SMALL_M_MAX_ROWS == 64
+
+
+# (M, K, N, r) at the H200's shapes: decode at q/o, k/v, gate/up and down, r = 16 and 64, and 64 rows.
+SMALL_M_SM90_CASES = [(1, 4096, 4096, 16), (16, 4096, 1024, 16), (16, 4096, 14336, 16), (16, 14336, 4096, 16),
+                      (16, 4096, 4096, 64), (64, 4096, 14336, 64)]
+
+
+@pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
+@pytest.mark.parametrize("M,K,N,r", SMALL_M_SM90_CASES, ids=str)
+def test_fused_forward_small_m_tiles_compile_for_sm90_into_a_launch_the_replay_understands(monkeypatch, M, K, N, r):
+    """The few-row forward's launch with the tiles it picks at 132 SMs, compiled for sm_90: within a
+    block's shared memory, no register spills, tensor-core products (mma.sync below 64 rows, wgmma
+    at 64), and a recipe the native path replays (x, W, A, B and y as tensor maps, xa written)."""
+    from lora_ext.kernels import device_facts
+
+    monkeypatch.setattr(device_facts, "sm_count", lambda device, on_cpu: 132)
+    launches = []
+    monkeypatch.setattr(fused_forward, "_lora_gemm_kernel", RecordingKernel(fused_forward._lora_gemm_kernel, launches))
+    # Values do not matter for the compile: empty tensors (W is up to 112 MiB here).
+    x, w, A, B = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, K), (N, K), (r, K), (N, r)))
+    outputs = fused_forward.linear_forward(x, w, None, A, B, 0.5)
+    monkeypatch.undo()
+    (fn, args, kwargs), = launches
+    _, compiled = compile_for_sm90(fn, args, kwargs)
+    sass = compiled.asm["sass"]
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
+    assert local_memory_accesses(sass) == 0, "registers spilled to local memory"
+    assert ("HGMMA." in sass) == (M > 32) and ("HMMA.16816" in sass) == (M <= 32)
+    temps, specs = replay._recipe((x, w, None, A, B, 0.5, 0.0, None), outputs, [(fn, compiled, (3, 1), args)])
+    maps = [(kind, index) for _, kind, index, _ in (arg for arg in specs[0][5] if arg[0] == "tensormap")]
+    assert temps == [] and maps == [("input", 0), ("input", 1), ("input", 3), ("input", 4), ("output", 0)]
+    assert ("output", 1) in specs[0][5]

@@ -18,8 +18,11 @@ LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched 
 the first call with a key (replay.py records the launch, tensor descriptors included): at
 4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
-4096 tokens. Elsewhere it loses: Triton's GEMM alone is 0-15% slower than cuBLAS's at the wide
-shapes. The 'post' epilogue cost 20-30% when measured (NOTES.md #26), before #33 found that
+4096 tokens. Off by default until measured (LORA_EXT_FUSED_SMALL_M_FORWARD=1), the native path
+also runs it for dropout-free forwards of up to 16 rows (decode) with the few-row tiles of
+small_m_config: one launch for the whole layer (NOTES.md #44). Elsewhere it loses: Triton's GEMM
+alone is 0-15% slower than cuBLAS's at the wide shapes. The 'post' epilogue cost 20-30% when
+measured (NOTES.md #26), before #33 found that
 triton 3.6 serialised every wgmma of that variant, main loop included, and that its mask moved
 bytes through shared memory; both are mended, not yet measured.
 
@@ -368,13 +371,52 @@ def _pipeline_stages(layer_out_features: int, r: int) -> int:
     return 4 if layer_out_features <= 2048 and r <= 16 else 3
 
 
+# Few rows (decode, small batches): up to this many, linear_forward takes small_m_config's tiles.
+SMALL_M_MAX_ROWS = 64
+# The shared memory small_m_config lets its pipeline stages take (of the 227 KiB a block may use on
+# Hopper; the B tile and the epilogue's y tile come on top).
+_SMALL_M_STAGE_BUDGET = 160 * 1024
+
+
+def small_m_config(M: int, N: int, r: int, programs: int) -> dict:
+    """Tiles for the forward of few rows (M <= SMALL_M_MAX_ROWS; benchmarks/NOTES.md #44).
+
+    There the base product is a GEMV-like stream of W (qo: 32 MiB at M = 16, 2 MFLOP per KiB
+    of W is nothing for the tensor cores), and the call is host-bound on the H200 at qo and k/v
+    (a composed forward pays cuBLAS's host path, ~15 us there, on top of the LoRA term's launch).
+    One launch of this kernel does x W^T, x A^T and the LoRA term with one host path. So: one
+    row block (BLOCK_M = M rounded up to a power of two, at least the 16 rows of an mma.sync),
+    and enough column blocks for about one program per SM (`programs`): BLOCK_N = N / programs
+    rounded up to a power of two within 16 .. 128 (H200: 32 at 4096 outputs, 16 at 1024, 128 at
+    14336). Every run recomputes x A^T from L2 (x and A: (M + r) K elements against the run's
+    BLOCK_N K of W), which is why BLOCK_N does not go below 16. A long K step (256 where
+    BLOCK_N and the padded rank are <= 32) keeps more of W in flight per program: a stage of W
+    is 16 KiB at 32 x 256. Past that A's tile would crowd W's out of the stages (r = 64: 32 KiB
+    of A per 256-wide step, two stages). Stages: as many as fit _SMALL_M_STAGE_BUDGET, 2 to 4.
+    Four warps: at 16 rows the products are mma.sync tiles, not wgmma's 64-row ones."""
+    block_m = max(16, triton.next_power_of_2(M))
+    block_n = min(128, max(16, triton.next_power_of_2(triton.cdiv(N, max(programs, 1)))))
+    rank_pad = max(16, triton.next_power_of_2(r))
+    block_k = 256 if block_n <= 32 and rank_pad <= 32 else 128
+    stage_bytes = 2 * block_k * (block_m + block_n + rank_pad)  # x, W and A tiles, 16-bit
+    num_stages = max(2, min(4, _SMALL_M_STAGE_BUDGET // stage_bytes))
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, epilogue_chunks=1, num_warps=4,
+                num_stages=num_stages)
+
+
 def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                    lora_B: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
                    *, has_lora: bool = True, runs: int | None = None, **config) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) for x2 (M, K): y = x2 W^T + b + drop_post(s xa B^T), xa = x2 A^T (see the module doc).
-    `config` overrides DEFAULT_CONFIG (block sizes, stages, warps) and `runs` the split of
+    Up to SMALL_M_MAX_ROWS rows with small_m_config's tiles, else DEFAULT_CONFIG's.
+    `config` overrides those (block sizes, stages, warps) and `runs` the split of
     each row block's column blocks; both for the benchmarks' sweeps."""
-    config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
+    if x2.shape[0] <= SMALL_M_MAX_ROWS:
+        tiles = small_m_config(x2.shape[0], weight.shape[0], lora_A.shape[0],
+                               device_facts.sm_count(x2.device, on_cpu=4))
+    else:
+        tiles = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0])}
+    config = {**tiles, **config}
     return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, has_lora, runs, False, None, config)
 
 
