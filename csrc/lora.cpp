@@ -452,7 +452,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Registers the Triton masked thin products the native CUDA path uses for its dropout steps, and the "
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
-             "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers "
+             "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers (and, switched on, "
+             "few-token forwards) "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
              "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
              "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); the adapter "

@@ -107,7 +107,8 @@ constexpr int64_t kSmallForwardAnyShapeRows = 16;
 constexpr int64_t kSmallForwardNarrowWidth = 8192;
 std::atomic<bool> small_m_forward_enabled{on_unless_env_zero("LORA_EXT_SMALL_M_FORWARD")};
 
-bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+// Called only in CUDA builds (the CPU-only build compiles it too, without a caller).
+[[maybe_unused]] bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
 #ifdef LORA_WITH_CUDA
   const int64_t M = x2.size(0), width = x2.size(1) + lora_B.size(0);
   return small_m_forward_enabled && x2.is_cuda() &&
@@ -125,8 +126,10 @@ bool use_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A, const a
 // plus a kernel launch, and W, x and A read by one kernel. Counted (benchmarks/NOTES.md #44): the
 // few-token path's host time per call is ~23 us on the H200's host against ~11 for a replayed
 // fused launch, and at q/o and k/v the call is host-bound. Off by default until measured on a GPU:
-// LORA_EXT_FUSED_SMALL_M_FORWARD=1 or set_fused_small_m_forward(true) turns it on. Where the
-// callback declines (layouts TMA cannot address, mixed dtypes, off Hopper), the few-token path runs.
+// LORA_EXT_FUSED_SMALL_M_FORWARD=1 or set_fused_small_m_forward(true) turns it on. bf16/fp16 with x,
+// W and the adapters in one dtype, nothing empty (checked here, so that other calls never reach Python:
+// a declined key is only remembered for 16-bit non-empty tensors); where the callback declines (layouts
+// TMA cannot address, before Hopper) the call takes the path it takes with the switch off.
 constexpr int64_t kFusedSmallMForwardMaxRows = 16;
 std::atomic<bool> fused_small_m_forward_enabled{on_if_env_one("LORA_EXT_FUSED_SMALL_M_FORWARD")};
 
@@ -158,9 +161,12 @@ bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at:
   return fused_forward_takes(x2, lora_A) && weight.size(0) <= kFusedForwardMaxWidth;
 }
 
-bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& lora_A) {
+bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  const auto dtype = x2.scalar_type();
   return fused_small_m_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
-         x2.size(0) <= kFusedSmallMForwardMaxRows && lora_A.size(0) <= kFusedForwardMaxRank;
+         (dtype == at::kHalf || dtype == at::kBFloat16) && weight.scalar_type() == dtype &&
+         lora_A.scalar_type() == dtype && x2.size(0) > 0 && x2.size(0) <= kFusedSmallMForwardMaxRows &&
+         lora_A.size(0) > 0 && lora_A.size(0) <= kFusedForwardMaxRank;
 }
 
 // The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
@@ -311,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
 
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
-  if (!dropout && weight.has_value() && use_fused_small_m_forward(x2, lora_A)) {
+  if (!dropout && weight.has_value() && use_fused_small_m_forward(x2, *weight, lora_A)) {
     if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, 0.0, c10::nullopt)) {
       return {with_leading_shape(std::get<0>(*fused), x), std::get<1>(*fused)};
     }

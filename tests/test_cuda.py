@@ -1355,13 +1355,13 @@ def test_opcheck_linear_on_the_fused_forward(fused_forward_on, fused_grad_input_
                                                           "native"))
 
 
-
 @fused_only
 def test_opcheck_linear_on_the_fused_small_m_forward(fused_small_m_forward_on):
     inputs = make_inputs((2, 3), 256, 1032, 16, torch.bfloat16, seed=5)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
     torch.library.opcheck(torch.ops.lora.linear.default, (x, w.detach(), b.detach(), A, B, 0.5, 0.0, "post", None,
                                                           "native"))
+
 
 # ---------------------------------------------------------------------------
 # More than 2**31 elements

@@ -458,7 +458,6 @@ def test_adapter_grads_streamed_rule_and_program_shares():
     assert share(132, 1000, 1) == (131, 1)            # each output keeps a program
 
 
-
 def test_fused_forward_small_m_rule():
     """small_m_config at 132 SMs (NOTES.md #44): one row block of M rounded up to 16 .. 64 rows;
     column blocks for about one program per SM (16 .. 128 wide); 256-wide K steps where the column

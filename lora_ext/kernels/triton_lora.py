@@ -124,8 +124,7 @@ def _lora_down_kernel(
     when there is more than one).
     forward: inp = x, panel = A^T, out = xa.  backward: inp = dY, panel = B, out = dxa / s.
     """
-    pid_m_group = tl.program_id(0)
-    pid_c_group = tl.program_id(1)
+    pid_c_group = tl.program_id(1)  # the slice of out this program writes (_program_blocks reads both ids)
     mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
         M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
     r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
