@@ -1356,6 +1356,22 @@ def test_opcheck_linear_on_the_fused_forward(fused_forward_on, fused_grad_input_
 
 
 @fused_only
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_fullgraph_equals_eager_on_the_fused_small_m_forward(mode, fused_small_m_forward_on):
+    """Few tokens (4 rows), dropout-free, the few-token fused forward switched on: inside a compiled
+    graph and captured in a CUDA graph by reduce-overhead (a decode loop's mode), the same bits as
+    eager, gradients included."""
+    torch._dynamo.reset()
+    inputs = make_inputs((4,), 512, 1032, 16, torch.bfloat16, seed=43)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+
+    def layer(x, A, B):
+        return lora_ext.ops.linear(x, w.detach(), b.detach(), A, B, 2.0)
+
+    assert_compiled_equals_eager(layer, (x, A, B), torch.randn(4, 1032, device=DEVICE, dtype=torch.bfloat16), mode)
+
+
+@fused_only
 def test_opcheck_linear_on_the_fused_small_m_forward(fused_small_m_forward_on):
     inputs = make_inputs((2, 3), 256, 1032, 16, torch.bfloat16, seed=5)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
