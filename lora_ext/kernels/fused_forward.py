@@ -352,8 +352,6 @@ def grad_input_given_xa_supports(grad_y2: torch.Tensor, weight: torch.Tensor | N
     return _on_hopper(grad_y2) and grad_input_given_xa_layout_supported(grad_y2, weight, lora_A, lora_B, grad_xa)
 
 
-
-
 # The tiles of both GEMMs; the pipeline's stages come from _pipeline_stages.
 DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_warps=8)
 
