@@ -17,7 +17,11 @@ Modes:
   decode    inference forward (eval mode, torch.no_grad) at small M
 Timing: triton.testing.do_bench median (which flushes L2 between calls) for fwd and
 fwd+bwd; decode runs calls back to back between two CUDA events (steady-state eager
-cost: the CPU launch overhead shows, as it does in a decode loop). Inputs rotate among
+cost: the CPU launch overhead shows, as it does in a decode loop). On CUDA the providers of
+DEVICE_TIME_PROVIDERS are also timed as a CUDA graph of the call, replayed with L2 flushed
+(bench_common.gpu_us; --no-device-time skips it): the device's time without the host's launch
+path, so that a row where do_bench reads more than the device takes (the host issues the call
+slower than the GPU runs it: the small k/v layer) says so in its own table. Inputs rotate among
 three random sets; adapters are random and non-zero. Before timing, every provider's
 output and gradients are compared with the float64 reference (lora_ext/reference.py).
 
@@ -72,7 +76,12 @@ LORA_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("base", "full"))
 DECODE_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p != "full")  # full == base in inference
 COMPILED = ("peft_compile", "lora_ext_compile")
 N_INPUT_SETS = 3
-CSV_FIELDS = ["mode", "shape", "M", "K", "N", "r", "dropout", "provider", "ms", "peak_mib", "rel_err", "note"]
+# Timed a second time as a replayed CUDA graph (fwd and fwd+bwd, CUDA only): the ratio the targets
+# are read against next to the do_bench one, which includes the host's launch path where it is longer.
+DEVICE_TIME_PROVIDERS = ("base", "lora_ext")
+# device_ms last: CSVs of earlier runs, without it, still render (their rows have no device time).
+CSV_FIELDS = ["mode", "shape", "M", "K", "N", "r", "dropout", "provider", "ms", "peak_mib", "rel_err", "note",
+              "device_ms"]
 # bf16 operands land between 1e-3 and 1e-2 (METHOD.md); fp32 far below.
 REL_ERR_LIMIT = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
@@ -97,6 +106,7 @@ class Settings:
     rep_ms: float
     check: bool
     notes: dict = field(default_factory=dict)  # provider -> why it was skipped
+    device_time: bool = False  # also time DEVICE_TIME_PROVIDERS as a replayed CUDA graph
 
 
 # ---------------------------------------------------------------------------
@@ -344,6 +354,19 @@ def time_ms(fn, mode, s: Settings, have_triton: bool) -> float:
     return _events_median(fn, s.warmup_ms, s.rep_ms, calls_per_sample=1)
 
 
+def graph_device_ms(fn, what: str) -> Optional[float]:
+    """fn's device time in ms, replayed as a CUDA graph with L2 flushed (bench_common.gpu_us), or None
+    where capturing it fails (reported, not fatal: the do_bench row stands without it)."""
+    try:
+        return common.gpu_us(fn) / 1e3
+    except Exception as e:
+        print(f"  !! {what}: no device time (CUDA graph): {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    finally:
+        gc.collect()  # the graph's private memory pool goes with it
+        torch.cuda.empty_cache()
+
+
 def peak_memory_mib(fn, device) -> Optional[float]:
     """Peak bytes (MiB) allocated by one call beyond what was allocated before it (CUDA only)."""
     if device.type != "cuda":
@@ -411,7 +434,9 @@ def estimate_seconds(cfg: Config, providers, s: Settings) -> float:
     per_measure = (s.warmup_ms + s.rep_ms) / 1e3 + 0.05
     n_compiled = sum(p in COMPILED for p in providers)
     if cfg.mode_set == "train":
-        return len(providers) * (2 * per_measure + 0.1) + n_compiled * 10.0 + 1.0
+        # gpu_us: two do_bench_cudagraph runs of ~30 ms each plus the capture, per mode.
+        n_graphed = sum(p in DEVICE_TIME_PROVIDERS for p in providers) if s.device_time else 0
+        return len(providers) * (2 * per_measure + 0.1) + n_graphed * 2 * 0.3 + n_compiled * 10.0 + 1.0
     return len(cfg.Ms) * (len(providers) * per_measure + n_compiled * 3.0) + 0.5
 
 
@@ -436,9 +461,9 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
     names = [n for n in provider_names if training or n in DECODE_PROVIDERS]
     providers = build_providers(names, base, cfg.r, cfg.dropout, A, B, s, training)
 
-    def emit(mode, M, name, ms, peak=None, err=None, note=""):
+    def emit(mode, M, name, ms, peak=None, err=None, note="", device_ms=None):
         row = dict(mode=mode, shape=cfg.shape, M=M, K=cfg.K, N=cfg.N, r=cfg.r, dropout=cfg.dropout,
-                   provider=name, ms=ms, peak_mib=peak, rel_err=err, note=note)
+                   provider=name, ms=ms, peak_mib=peak, rel_err=err, note=note, device_ms=device_ms)
         rows.append(row)
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
@@ -480,7 +505,10 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
                     ms, peak = None, None
                     note = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
                     print(f"  !! {cfg.shape} M={M} r={cfg.r} p={cfg.dropout} {mode} {name}: {note}", flush=True)
-                emit(mode, M, name, ms, peak, err, note)
+                device_ms = None
+                if s.device_time and training and ms is not None and name in DEVICE_TIME_PROVIDERS:
+                    device_ms = graph_device_ms(call, f"{cfg.shape} M={M} r={cfg.r} p={cfg.dropout} {mode} {name}")
+                emit(mode, M, name, ms, peak, err, note, device_ms)
         del xs, grad_out, refs
     del providers, base
     gc.collect()
@@ -514,7 +542,7 @@ def _ratio(rows_by_provider, name, mode_key="ms"):
     row, base = rows_by_provider.get(name), rows_by_provider.get("base")
     if row is None or base is None:
         return None
-    num, den = _num(row[mode_key]), _num(base[mode_key])
+    num, den = _num(row.get(mode_key)), _num(base.get(mode_key))
     return num / den if num is not None and den else None
 
 
@@ -559,6 +587,10 @@ def render_markdown(rows, providers_present) -> str:
                          + [" / ".join(vs_peft)])
         parts.append("### Time, ratio to the frozen base (same run)\n\n" + common.markdown_table(headers, lines))
 
+        device_table = render_device_time(table, train_keys)
+        if device_table:
+            parts.append(device_table)
+
         mem_headers = ["K×N (role)", "r", "dropout", "base peak MiB"] + [f"{p} extra MiB" for p in lora_like]
         mem_lines = []
         for shape, M, r, p in train_keys:
@@ -596,6 +628,40 @@ def render_markdown(rows, providers_present) -> str:
             f"- {r['mode']} {r['shape']} M={r['M']} r={r['r']} p={r['dropout']} {r['provider']}: {r['note']}"
             for r in failures))
     return "\n\n".join(parts)
+
+
+def render_device_time(table, train_keys) -> Optional[str]:
+    """The table of device times (CUDA graph replay), or None where no row has one: each lora-like
+    provider of DEVICE_TIME_PROVIDERS as a ratio to the base's device time, and its do_bench time over
+    its own device time — above ~1.05 the host's launch path, not the GPU, set the do_bench row."""
+    names = [p for p in DEVICE_TIME_PROVIDERS if p != "base"]
+    lines = []
+    for shape, M, r, p in train_keys:
+        fwd, fb = table.get(("fwd", shape, M, r, p), {}), table.get(("fwd+bwd", shape, M, r, p), {})
+        base_ms = [_num(rows.get("base", {}).get("device_ms")) for rows in (fwd, fb)]
+        if all(v is None for v in base_ms):
+            continue
+        any_row = next(iter((fwd or fb).values()))
+        cells = []
+        for name in names:
+            cells.append(" / ".join(_cell(_ratio(rows, name, "device_ms")) for rows in (fwd, fb)))
+            host_share = []
+            for rows in (fwd, fb):
+                row = rows.get(name, {})
+                timed, device = _num(row.get("ms")), _num(row.get("device_ms"))
+                host_share.append(_cell(timed / device if timed is not None and device else None))
+            cells.append(" / ".join(host_share))
+        lines.append([f"{any_row['K']}×{any_row['N']} ({shape})", M, r, p,
+                      " / ".join(_cell(v, "{:.3f}") for v in base_ms)] + cells)
+    if not lines:
+        return None
+    headers = ["K×N (role)", "M", "r", "dropout", "base device ms fwd / fwd+bwd"]
+    for name in names:
+        headers += [f"{name} device ÷ base device fwd / fwd+bwd", f"{name} do_bench ÷ its device time"]
+    return ("### Device time (the call as a CUDA graph, L2 flushed), ratio to the frozen base's\n\n"
+            "Where do_bench ÷ device time is well above 1, the host issued the call slower than the GPU ran it "
+            "(in a training step other layers' device work can hide that host time; here nothing does).\n\n"
+            + common.markdown_table(headers, lines))
 
 
 def render_plot(rows, providers_present, path) -> Optional[str]:
@@ -741,6 +807,8 @@ def parse_args():
     parser.add_argument("--no-check", action="store_true", help="skip the float64 checks")
     parser.add_argument("--no-ceilings", action="store_true",
                         help="skip measuring the copy bandwidth and GEMM rate at the start (CUDA only)")
+    parser.add_argument("--no-device-time", action="store_true",
+                        help="skip the CUDA-graph device time of " + ", ".join(DEVICE_TIME_PROVIDERS))
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: start no new configuration after this (rows so far are kept)")
     parser.add_argument("--out", default=common.BENCH_DIR, help="folder for the CSV, JSON, markdown and PNG")
@@ -823,7 +891,8 @@ def main() -> None:
             print("note: triton missing, timing with torch.cuda.Event loops instead of do_bench", flush=True)
 
     s = Settings(device, dtype, args.alpha, args.dropout_position, args.peft_fp32_adapters, args.warmup_ms,
-                 args.rep_ms, not args.no_check, skipped)
+                 args.rep_ms, not args.no_check, skipped,
+                 device_time=device.type == "cuda" and have_triton and not args.no_device_time)
     # Many layers go through torch.compile in one process; each config resets dynamo, and
     # decode compiles once per M (dynamic=False), so this limit is never the reason for eager.
     for limit_name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.6+; keep both
@@ -843,7 +912,9 @@ def main() -> None:
         meta["timer"] = (("fwd and fwd+bwd: `triton.testing.do_bench` median (L2 flushed between calls)" if have_triton
                           else "fwd and fwd+bwd: median of CUDA-event-timed calls (triton missing)")
                          + "; decode (eval, no_grad): median of 20-call back-to-back samples between CUDA events, "
-                         "so the CPU launch time shows as in a decode loop")
+                         "so the CPU launch time shows as in a decode loop"
+                         + ("; device time of " + ", ".join(DEVICE_TIME_PROVIDERS) + ": the call as a CUDA graph, "
+                            "replayed with L2 flushed (median)" if s.device_time else ""))
     meta["settings"] = (f"{args.dtype}, train M={args.m}, alpha={args.alpha:g}, lora_ext dropout_position="
                         f"{args.dropout_position} (PEFT: dropout on x), PEFT adapters in "
                         f"{'fp32 (its autocast default)' if args.peft_fp32_adapters else 'the base dtype'}; "
