@@ -45,7 +45,7 @@ import lora_ext  # noqa: E402
 ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native", "lora_ext_switches_off")
 CSV_FIELDS = ["provider", "dropout", "compile", "graphs", "batch", "seq", "params_m", "trainable_m", "n_lora_layers",
               "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s", "peak_gib", "first_loss", "last_loss",
-              "warmup_s", "note", "repeat"]
+              "warmup_s", "note", "repeat", "host_issue_ms", "gpu_busy_ms"]
 
 # ~0.85B parameters: Llama-2/TinyLlama-like proportions with grouped-query attention.
 GPU_MODEL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -195,6 +195,15 @@ def switches_off():
         yield
 
 
+def kernel_time_us(averages) -> float:
+    """The device time of a profile's kernels (and copies), µs: the "Self CUDA time total" of its table,
+    summed over the device-side events only (a CPU op's self device time repeats its kernels')."""
+    from torch.autograd import DeviceType
+
+    return sum(evt.self_device_time_total for evt in averages
+               if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False))
+
+
 def run_provider(provider, dropout, args, device, dtype) -> dict:
     if provider == "lora_ext_switches_off":
         with switches_off():
@@ -244,7 +253,19 @@ def _run_provider(provider, dropout, args, device, dtype) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    if args.profile:
+    # Is the step host-bound? The host's issue time of a step (until step() returns, the GPU still
+    # working through its queue) and, on CUDA, the GPU's busy time in one profiled step (the sum of its
+    # kernels' times): busy well under the step time means the GPU waited for the host.
+    issue = []
+    for i in range(3):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step(i)
+        issue.append(time.perf_counter() - t0)
+    synchronize(device)
+    host_issue_ms = statistics.median(issue) * 1e3
+    gpu_busy_ms = None
+    if device.type == "cuda" or args.profile:
         # One more step under torch.profiler: where its device time goes, and the host time.
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -252,9 +273,12 @@ def _run_provider(provider, dropout, args, device, dtype) -> dict:
         with torch.profiler.profile(activities=activities) as prof:
             step(0)
             synchronize(device)
-        sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(f"--- profile of one step: {provider}, dropout {dropout}")
-        print(prof.key_averages().table(sort_by=sort_key, row_limit=args.profile, max_name_column_width=70))
+        if device.type == "cuda":
+            gpu_busy_ms = kernel_time_us(prof.key_averages()) / 1e3
+        if args.profile:
+            sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            print(f"--- profile of one step: {provider}, dropout {dropout}")
+            print(prof.key_averages().table(sort_by=sort_key, row_limit=args.profile, max_name_column_width=70))
     graphs = int(counters["stats"].get("unique_graphs", 0))
     breaks = int(sum(counters["graph_break"].values()))
     step_s = statistics.median(times)
@@ -268,7 +292,8 @@ def _run_provider(provider, dropout, args, device, dtype) -> dict:
                params_m=round(n_params / 1e6, 1), trainable_m=round(n_trainable / 1e6, 2), n_lora_layers=n_lora,
                step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
                tokens_per_s=args.batch * args.seq / step_s, peak_gib=peak, first_loss=losses[0],
-               last_loss=losses[-1], warmup_s=round(warmup_s, 1), note=note)
+               last_loss=losses[-1], warmup_s=round(warmup_s, 1), note=note, host_issue_ms=host_issue_ms,
+               gpu_busy_ms=gpu_busy_ms)
     del model, optimizer, trainable, batches, loss_fn
     return row
 
@@ -289,6 +314,14 @@ def render(rows, metas) -> str:
     def repeat_of(row):
         return int(row.get("repeat") or 0)
 
+    def host_and_busy(runs):
+        """The host's issue time of a step and the GPU's busy share of the step time (medians over the
+        repeats; "—" for CSVs of runs before they were measured, and busy on CPU)."""
+        issue = [num(r.get("host_issue_ms")) for r in runs if num(r.get("host_issue_ms")) is not None]
+        busy = [num(r["gpu_busy_ms"]) / num(r["step_ms"]) for r in runs if num(r.get("gpu_busy_ms")) is not None]
+        return (f"{statistics.median(issue):.1f}" if issue else "—",
+                f"{statistics.median(busy):.2f}" if busy else "—")
+
     def ratio_text(ratios):
         if not ratios:
             return "—"
@@ -297,7 +330,8 @@ def render(rows, metas) -> str:
         return f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f})"
 
     headers = ["dropout", "provider", "step ms (median; min–max)", "tokens/s", "peak GiB",
-               "tokens/s ÷ peft", "peak ÷ peft", "loss first → last", "warm-up s", "graphs"]
+               "tokens/s ÷ peft", "peak ÷ peft", "loss first → last", "warm-up s", "graphs",
+               "host issue ms", "GPU busy ÷ step"]
     lines = []
     for p in sorted(by_dropout):
         group = by_dropout[p]
@@ -329,7 +363,7 @@ def render(rows, metas) -> str:
                           f"{tps:,.0f}", f"{peak:.2f}" if peak is not None else "—", ratio_text(tps_ratios),
                           ratio_text(peak_ratios),
                           f"{num(first['first_loss']):.3f} → {num(last['last_loss']):.3f}", first["warmup_s"],
-                          first.get("graphs", "")])
+                          first.get("graphs", ""), host_and_busy(runs)[0], host_and_busy(runs)[1]])
     first = rows[0] if rows else {}
     commands = "; ".join(f"`{m['command']}`" for m in metas)
     return "\n".join([
@@ -344,7 +378,9 @@ def render(rows, metas) -> str:
         "lm_head+loss compiled), backward, AdamW (fused on CUDA) on the adapters; "
         "time = median over the timed steps after warm-up (synchronised per step); peak = "
         "torch.cuda.max_memory_allocated over the timed steps (weights included); ×n: n repeats of the "
-        "provider sequence (medians over them; ratios: median and range of the same-repeat ratios)",
+        "provider sequence (medians over them; ratios: median and range of the same-repeat ratios); host issue = "
+        "median time until one step's call returns, its work queued, not done; GPU busy = the kernels' time in one "
+        "profiled step ÷ the median step time: well under 1, the GPU waited for the host",
         "",
         common.markdown_table(headers, lines),
     ])

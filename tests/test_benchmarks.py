@@ -149,9 +149,23 @@ def test_bench_train_logic_check_compiles_and_trains_every_provider(tmp_path):
         # A random model over a few steps: the loss stays near ln(vocab); finite and not diverging.
         assert math.isfinite(first) and math.isfinite(last) and last < first + 0.05, row
         assert float(row["tokens_per_s"]) > 0, row
+        assert float(row["host_issue_ms"]) > 0 and row["gpu_busy_ms"] == "", row  # no GPU to be busy
     text = (tmp_path / "bench_train.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| 0.1 |")]
     assert [line.split("|")[2].strip() for line in table] == providers
+    # On CUDA a row carries the kernels' time of a profiled step: the table gives it as a share of the step.
+    for row in rows:
+        row["gpu_busy_ms"] = float(row["step_ms"]) * (0.5 if row["provider"] == "peft" else 0.75)
+    path = tmp_path / "with_busy.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    shutil.copy(tmp_path / "bench_train.meta.json", tmp_path / "with_busy.meta.json")
+    text = run(BENCH / "bench_train.py", "--from-csv", str(path), "--out", str(tmp_path), "--tag", "rendered")
+    busy = {line.split("|")[2].strip(): line.strip("|").split("|")[-1].strip()
+            for line in text.splitlines() if line.startswith("| 0.1 |")}
+    assert busy == {"peft": "0.50", "lora_ext": "0.75", "lora_ext_switches_off": "0.75"}, busy
 
 
 def test_host_overhead_probe_reports_every_provider_on_cpu():
