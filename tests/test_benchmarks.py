@@ -211,6 +211,17 @@ def test_the_next_device_plan_parses():
             assert names and set(names) <= set(fused_forward_probe.ADAPTER_GRAD_CONFIGS), names
 
 
+def test_the_device_calls_named_in_notes_use_modes_that_h200_run_has():
+    """Every `h200_run.sh MODES` in benchmarks/NOTES.md names modes the script runs (an unknown one
+    is silently skipped there: the call would spend its device time on the build alone)."""
+    modes = set(re.findall(r"\bhas ([a-z]+)", (REPO / "scripts/h200_run.sh").read_text()))
+    assert {"tests", "bench", "decode", "train", "fused", "host"} <= modes, modes
+    named = re.findall(r"h200_run\.sh ([a-z,]+)", (BENCH / "NOTES.md").read_text())
+    assert named
+    for call in named:
+        assert set(call.split(",")) <= modes | {"all"}, call
+
+
 @pytest.mark.parametrize("script", ["scripts/h200_run.sh", "scripts/check_h200_stack.sh", "scripts/setup_env.sh",
                                     "scripts/test.sh", "scripts/demo.sh", ".ci/run"])
 def test_shell_scripts_parse(script):
