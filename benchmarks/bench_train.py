@@ -32,6 +32,7 @@ import math
 import os
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -195,23 +196,49 @@ def switches_off():
         yield
 
 
+def profiled_kernel_ms(step, device, what: str, args) -> Optional[float]:
+    """One step() under torch.profiler: the time of its kernels in ms on CUDA (None elsewhere, or where the
+    profiler saw no kernel: e.g. another profiler such as nsys attached), and its top rows printed with
+    --profile."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    averages = prof.key_averages()
+    if args.profile:
+        sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(f"--- profile of one step: {what}")
+        print(averages.table(sort_by=sort_key, row_limit=args.profile, max_name_column_width=70))
+    kernel_us = kernel_time_us(averages) if device.type == "cuda" else 0.0
+    if device.type == "cuda" and kernel_us <= 0.0:
+        print(f"  !! {what}: the profiler recorded no kernel: no GPU busy time", flush=True)
+    return kernel_us / 1e3 if kernel_us > 0.0 else None
+
+
 def kernel_time_us(averages) -> float:
     """The device time of a profile's kernels (and copies), µs: the "Self CUDA time total" of its table,
-    summed over the device-side events only (a CPU op's self device time repeats its kernels')."""
+    summed over the device-side events only (a CPU op's self device time repeats its kernels'). A sum, not
+    a union of intervals: right for one stream, as here."""
     from torch.autograd import DeviceType
 
     return sum(evt.self_device_time_total for evt in averages
                if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False))
 
 
-def run_provider(provider, dropout, args, device, dtype) -> dict:
+def run_provider(provider, dropout, args, device, dtype, profile=False) -> dict:
     if provider == "lora_ext_switches_off":
         with switches_off():
-            return _run_provider(provider, dropout, args, device, dtype)
-    return _run_provider(provider, dropout, args, device, dtype)
+            return _run_provider(provider, dropout, args, device, dtype, profile)
+    return _run_provider(provider, dropout, args, device, dtype, profile)
 
 
-def _run_provider(provider, dropout, args, device, dtype) -> dict:
+def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict:
+    """The timed run of one provider at one dropout: its row. With `profile`, instead: the warm-up,
+    then one step under torch.profiler, and {"gpu_busy_ms": its kernels' time (CUDA; None elsewhere)}
+    (the profile pass in main, after every timed run: once a process has profiled CUDA, the profiler's
+    hooks stay attached and slow what runs after them, pytorch#144455)."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -242,6 +269,8 @@ def _run_provider(provider, dropout, args, device, dtype) -> dict:
         losses.append(step(i).item())
     synchronize(device)
     warmup_s = time.perf_counter() - t0
+    if profile:
+        return {"gpu_busy_ms": profiled_kernel_ms(lambda: step(0), device, f"{provider}, dropout {dropout}", args)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -253,9 +282,10 @@ def _run_provider(provider, dropout, args, device, dtype) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    # Is the step host-bound? The host's issue time of a step (until step() returns, the GPU still
-    # working through its queue) and, on CUDA, the GPU's busy time in one profiled step (the sum of its
-    # kernels' times): busy well under the step time means the GPU waited for the host.
+    # The host's issue time of a step: until step() returns, the GPU still working through its queue.
+    # Well under the step time, the step is device-bound; near it, it says nothing alone (the host also
+    # blocks once the launch queue is full: a step here launches thousands of kernels) — the profile
+    # pass's GPU busy time decides.
     issue = []
     for i in range(3):
         synchronize(device)
@@ -264,21 +294,6 @@ def _run_provider(provider, dropout, args, device, dtype) -> dict:
         issue.append(time.perf_counter() - t0)
     synchronize(device)
     host_issue_ms = statistics.median(issue) * 1e3
-    gpu_busy_ms = None
-    if device.type == "cuda" or args.profile:
-        # One more step under torch.profiler: where its device time goes, and the host time.
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            step(0)
-            synchronize(device)
-        if device.type == "cuda":
-            gpu_busy_ms = kernel_time_us(prof.key_averages()) / 1e3
-        if args.profile:
-            sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-            print(f"--- profile of one step: {provider}, dropout {dropout}")
-            print(prof.key_averages().table(sort_by=sort_key, row_limit=args.profile, max_name_column_width=70))
     graphs = int(counters["stats"].get("unique_graphs", 0))
     breaks = int(sum(counters["graph_break"].values()))
     step_s = statistics.median(times)
@@ -293,7 +308,7 @@ def _run_provider(provider, dropout, args, device, dtype) -> dict:
                step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
                tokens_per_s=args.batch * args.seq / step_s, peak_gib=peak, first_loss=losses[0],
                last_loss=losses[-1], warmup_s=round(warmup_s, 1), note=note, host_issue_ms=host_issue_ms,
-               gpu_busy_ms=gpu_busy_ms)
+               gpu_busy_ms=None)
     del model, optimizer, trainable, batches, loss_fn
     return row
 
@@ -379,8 +394,9 @@ def render(rows, metas) -> str:
         "time = median over the timed steps after warm-up (synchronised per step); peak = "
         "torch.cuda.max_memory_allocated over the timed steps (weights included); ×n: n repeats of the "
         "provider sequence (medians over them; ratios: median and range of the same-repeat ratios); host issue = "
-        "median time until one step's call returns, its work queued, not done; GPU busy = the kernels' time in one "
-        "profiled step ÷ the median step time: well under 1, the GPU waited for the host",
+        "median time until one step's call returns, its work queued, not done (an upper bound on the host's own "
+        "time: the host also waits once the launch queue is full); GPU busy = the kernels' time in one step of "
+        "the profile pass (after all timed runs) ÷ the median step time: well under 1, the GPU waited for the host",
         "",
         common.markdown_table(headers, lines),
     ])
@@ -439,7 +455,10 @@ def parse_args():
     parser.add_argument("--tag", default="bench_train")
     parser.add_argument("--results-md", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                        help="after timing, profile one step and print the top ROWS kernels")
+                        help="print the top ROWS kernels of the profile pass's step (after all timed runs)")
+    parser.add_argument("--no-busy", action="store_true",
+                        help="on CUDA, skip the profile pass (one more warm-up and a profiled step per provider "
+                             "and dropout) that gives the GPU's busy time")
     parser.add_argument("--from-csv", nargs="+", default=None)
     args = parser.parse_args()
     defaults = parser.parse_args([])
@@ -532,6 +551,27 @@ def main() -> None:
                   f"peak {row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 2)} GiB, loss "
                   f"{row['first_loss']:.3f} -> {row['last_loss']:.3f} ({time.perf_counter() - t0:.0f} s; elapsed "
                   f"{time.perf_counter() - started:.0f} s)", flush=True)
+    if rows and (args.profile or (device.type == "cuda" and not args.no_busy)):
+        # The profile pass, after every timed run (see _run_provider): one profiled step per provider and
+        # dropout, its kernels' time put on that pair's rows (every repeat); then the CSV again with it.
+        for provider, dropout in dict.fromkeys((r["provider"], r["dropout"]) for r in rows):
+            if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+                print("time budget reached: the profile pass stops", flush=True)
+                break
+            try:
+                busy = run_provider(provider, dropout, args, device, dtype, profile=True)["gpu_busy_ms"]
+            except Exception as e:  # the timed rows stand without it
+                print(f"  !! profile pass, {provider} dropout={dropout}: {type(e).__name__}: {e}", flush=True)
+                continue
+            for r in rows:
+                if (r["provider"], r["dropout"]) == (provider, dropout):
+                    r["gpu_busy_ms"] = busy
+            print(f"profile pass: {provider} dropout={dropout}: GPU busy "
+                  f"{'—' if busy is None else f'{busy:.1f} ms'}", flush=True)
+        with open(stem + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
     meta["elapsed_s"] = round(time.perf_counter() - started)
     with open(stem + ".meta.json", "w") as f:
         json.dump(meta, f, indent=1)

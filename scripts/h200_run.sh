@@ -121,7 +121,7 @@ if has ab; then
         *) echo "ab: unknown set $set"; continue;;
       esac
       env "${envs[@]}" python3 benchmarks/bench_linear.py --out "$OUT" --tag "ab_${set}_$round" --providers base lora_ext \
-        --ranks ${AB_RANKS:-16 64} --dropouts 0.0 0.1 --modes train --no-check --no-ceilings > "$OUT/ab_${set}_$round.log" 2>&1
+        --ranks ${AB_RANKS:-16 64} --dropouts 0.0 0.1 --modes train --no-check --no-ceilings --no-device-time > "$OUT/ab_${set}_$round.log" 2>&1
       echo "ab $set round $round: exit $?"
     done
   done
