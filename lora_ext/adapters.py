@@ -400,7 +400,16 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
         for k, layer in base_keys.items():
             if k in file_shapes and not _same_base_weight(f.get_tensor(k), layer.weight):
                 base_differs.append(k)
-    unexpected = sorted(k for k in file_shapes if k not in expected and k not in base_keys)
+    # PEFT's adapters of other layer kinds: an embedding's lora_embedding_A/B, a convolution's lora_A/B
+    # weights with kernel dimensions (3-D to 5-D). lora_ext adapts nn.Linear layers only: they are named
+    # as what they are (with the frozen base weight peft saves beside them), not as "unexpected".
+    other_kinds = sorted(
+        k for k in file_shapes
+        if k not in expected and (".lora_embedding_" in k or (
+            k.endswith((".lora_A.weight", ".lora_B.weight")) and len(file_shapes[k]) != 2)))
+    other_bases = {k.rsplit(".lora_", 1)[0] + ".base_layer.weight" for k in other_kinds}
+    unexpected = sorted(k for k in file_shapes
+                        if k not in expected and k not in base_keys and k not in other_kinds and k not in other_bases)
     misshaped = sorted(
         f"{k}: file {list(file_shapes[k])}, model {list(param.shape)}"
         for k, (_, param) in expected.items()
@@ -426,6 +435,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> None:
             on_meta.append(fqn)
     problems = problem_report([
         ("missing from the file (LoRA layers of the model without adapter tensors)", missing),
+        ("adapters of embedding or convolution layers (lora_ext adapts nn.Linear layers only)", other_kinds),
         ("unexpected in the file (no LoRA layer of that name and shape in the model)", unexpected),
         ("mis-shaped (different rank or layer size)", misshaped),
         ("base weights that differ from the model's (loading never changes base weights)", sorted(base_differs)),

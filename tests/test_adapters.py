@@ -225,6 +225,23 @@ def test_peft_adapter_on_lm_head_loads_and_its_base_weight_is_checked(base_model
     assert_unchanged(other, snapshot)
 
 
+def test_peft_embedding_adapter_is_refused_as_such(base_model, tmp_path):
+    """A peft adapter on the embedding too (lora_embedding_A/B): the Linear part would load, but loading
+    refuses the whole file, naming the embedding's tensors as an unsupported kind (not as merely
+    "unexpected"), and leaves the model unchanged."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(base_model), config).save_pretrained(str(tmp_path))
+    model = copy.deepcopy(base_model)
+    assert lora_ext.apply_lora_to_linear_modules(model, lora_ext.read_adapter_config(tmp_path)) == 2  # q_proj x 2
+    snapshot = state_snapshot(model)
+    with pytest.raises(adapters.AdapterMismatchError) as caught:
+        lora_ext.load_adapter(model, tmp_path)
+    message = str(caught.value)
+    assert "adapters of embedding or convolution layers (lora_ext adapts nn.Linear layers only)" in message
+    assert "embed_tokens.lora_embedding_A" in message and "unexpected" not in message, message
+    assert_unchanged(model, snapshot)
+
+
 def test_round_trip_keeps_config_and_dtype(base_model, tmp_path):
     config = lora_ext.PeftConfig(target_modules=["*_proj"], dim=3, alpha=7, dropout=0.1, lora_dtype="bf16")
     model = copy.deepcopy(base_model)
