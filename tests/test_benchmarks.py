@@ -55,6 +55,17 @@ def positive(cell: str) -> float:
     return value
 
 
+def render_rows(script: str, rows: list[dict], meta: pathlib.Path, path: pathlib.Path) -> str:
+    """What `script --from-csv` prints for `rows` written as the CSV `path` with the run metadata `meta`
+    beside it (the scripts read <csv stem>.meta.json)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    shutil.copy(meta, path.with_suffix(".meta.json"))
+    return run(BENCH / script, "--from-csv", str(path), "--out", str(path.parent), "--tag", "rendered")
+
+
 @pytest.fixture(scope="module")
 def bench_linear_run(tmp_path_factory):
     """One `bench_linear.py --device cpu --quick` run: its output folder and stdout."""
@@ -101,13 +112,7 @@ def test_bench_linear_renders_device_times_from_a_csv(bench_linear_run, tmp_path
         if row["mode"] in ("fwd", "fwd+bwd") and row["provider"] in device:
             row["device_ms"] = device[row["provider"]]
             row["ms"] = device[row["provider"]] * (2.0 if row["provider"] == "lora_ext" else 1.0)
-    path = tmp_path / "with_device.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    shutil.copy(out / "bench_linear.meta.json", tmp_path / "with_device.meta.json")
-    text = run(BENCH / "bench_linear.py", "--from-csv", str(path), "--out", str(tmp_path), "--tag", "rendered")
+    text = render_rows("bench_linear.py", rows, out / "bench_linear.meta.json", tmp_path / "with_device.csv")
     device_rows = table_rows(text, "### Device time")
     assert len(device_rows) == 4
     for row in device_rows:
@@ -160,13 +165,7 @@ def test_bench_train_logic_check_compiles_and_trains_every_provider(tmp_path):
     # On CUDA a row carries the kernels' time of a profiled step: the table gives it as a share of the step.
     for row in rows:
         row["gpu_busy_ms"] = float(row["step_ms"]) * (0.5 if row["provider"] == "peft" else 0.75)
-    path = tmp_path / "with_busy.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    shutil.copy(tmp_path / "bench_train.meta.json", tmp_path / "with_busy.meta.json")
-    text = run(BENCH / "bench_train.py", "--from-csv", str(path), "--out", str(tmp_path), "--tag", "rendered")
+    text = render_rows("bench_train.py", rows, tmp_path / "bench_train.meta.json", tmp_path / "with_busy.csv")
     cells = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")[-2:]]
              for line in text.splitlines() if line.startswith("| 0.1 |")}
     for row in rows:  # host issue ms, then GPU busy ÷ step
