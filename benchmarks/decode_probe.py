@@ -1,8 +1,8 @@
 """Where a decode call's time goes: host time per call of each layer of the launch path, and
 device time per call (CUDA graph replay), for the op's three few-token routes (SETTINGS):
-"fused", the fused Triton GEMM replayed from C++ (lora_ext._C.set_fused_small_m_forward, off by
-default; NOTES.md #44); "kernel", cuBLAS x W^T then the LoRA-term kernel (the default); "off", the
-general path's three cuBLAS calls.
+"fused", the fused Triton GEMM replayed from C++ (lora_ext._C.set_fused_small_m_forward; the default
+since it measured faster, NOTES.md #44); "kernel", cuBLAS x W^T then the LoRA-term kernel (the
+default before); "off", the general path's three cuBLAS calls.
 
 Eager decode is host-bound on the H200 (benchmarks/NOTES.md #24), so the ratio to the frozen
 base that bench_linear.py reports is mostly a ratio of host times; this splits it.

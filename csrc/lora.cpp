@@ -465,7 +465,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_small_m_forward", &lora::set_fused_small_m_forward,
              "Turns the native CUDA path's fused Triton forward for few tokens (up to 16 rows, dropout-free: one "
              "launch for x W^T + b and the LoRA term, before the few-token kernel) on or off; returns the previous "
-             "setting (off by default until measured; LORA_EXT_FUSED_SMALL_M_FORWARD=1: on at import)");
+             "setting (on by default; LORA_EXT_FUSED_SMALL_M_FORWARD=0: off at import)");
   module.def("set_fused_grad_input", &lora::set_fused_grad_input,
              "Turns the native CUDA path's fused Triton input gradient on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");

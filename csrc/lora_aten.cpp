@@ -123,15 +123,17 @@ std::atomic<bool> small_m_forward_enabled{on_unless_env_zero("LORA_EXT_SMALL_M_F
 // Whether a dropout-free forward of few tokens runs as one launch of the fused Triton GEMM
 // (fused_forward.linear_forward with small_m_config's tiles) instead of the few-token path's
 // cuBLAS x W^T + b and LoRA-term kernel: one host path (the replayed launch) instead of cuBLAS's
-// plus a kernel launch, and W, x and A read by one kernel. Counted (benchmarks/NOTES.md #44): the
-// few-token path's host time per call is ~23 us on the H200's host against ~11 for a replayed
-// fused launch, and at q/o and k/v the call is host-bound. Off by default until measured on a GPU:
-// LORA_EXT_FUSED_SMALL_M_FORWARD=1 or set_fused_small_m_forward(true) turns it on. bf16/fp16 with x,
+// plus a kernel launch, and W, x and A read by one kernel. Measured on an H100 (benchmarks/NOTES.md
+// #44, decode_probe, 12-05 09:38): host time per module call 19.1 us against the few-token path's 27.4
+// (nn.Linear: 18.0); device time at M = 16, r = 16 equal or better (q/o 16.3 against 15.3 us, gate/up
+// 46.1 against 50.1, down 50.1 against 55.0) but k/v (14.3 against 12.4); back-to-back decode, which is
+// host-bound, faster at every shape but one noisy row. On by default: LORA_EXT_FUSED_SMALL_M_FORWARD=0 or
+// set_fused_small_m_forward(false) turns it off. bf16/fp16 with x,
 // W and the adapters in one dtype, nothing empty (checked here, so that other calls never reach Python:
 // a declined key is only remembered for 16-bit non-empty tensors); where the callback declines (layouts
 // TMA cannot address, before Hopper) the call takes the path it takes with the switch off.
 constexpr int64_t kFusedSmallMForwardMaxRows = 16;
-std::atomic<bool> fused_small_m_forward_enabled{on_if_env_one("LORA_EXT_FUSED_SMALL_M_FORWARD")};
+std::atomic<bool> fused_small_m_forward_enabled{on_unless_env_zero("LORA_EXT_FUSED_SMALL_M_FORWARD")};
 
 // Whether a dropout-free forward at training sizes runs as one Triton GEMM
 // (lora_ext/kernels/fused_forward.py): x W^T and x A^T from the same x tiles, and s xa B^T as

@@ -48,8 +48,8 @@ bool set_small_m_forward(bool enabled);
 // returns the previous setting. On by default; LORA_EXT_FUSED_FORWARD=0 turns it off at import.
 bool set_fused_forward(bool enabled);
 // Turns the fused Triton forward for few tokens (lora_aten.cpp use_fused_small_m_forward: up to 16
-// rows, dropout-free) on or off; returns the previous setting. Off by default until measured;
-// LORA_EXT_FUSED_SMALL_M_FORWARD=1 turns it on at import.
+// rows, dropout-free) on or off; returns the previous setting. On by default (measured, NOTES.md #44);
+// LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off at import.
 bool set_fused_small_m_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
 bool set_fused_grad_input(bool enabled);

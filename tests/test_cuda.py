@@ -527,7 +527,8 @@ def test_post_backward_over_wide_grad_y_at_rank_above_32_runs_the_triton_passes(
 
 # The subprocess of test_native_kernels_can_be_turned_off_by_environment (scripts/h200_run.sh exitprobe
 # runs it under gdb).
-NATIVE_KERNELS_OFF_ENV = {"LORA_EXT_NATIVE_GRAD_Y": "0", "LORA_EXT_SMALL_M_FORWARD": "0", "LORA_EXT_FUSED_FORWARD": "0"}
+NATIVE_KERNELS_OFF_ENV = {"LORA_EXT_NATIVE_GRAD_Y": "0", "LORA_EXT_SMALL_M_FORWARD": "0", "LORA_EXT_FUSED_FORWARD": "0",
+                          "LORA_EXT_FUSED_SMALL_M_FORWARD": "0"}
 NATIVE_KERNELS_OFF_SCRIPT = textwrap.dedent("""
     import torch, lora_ext
     from lora_ext.reference import lora_linear_reference
@@ -537,6 +538,7 @@ NATIVE_KERNELS_OFF_SCRIPT = textwrap.dedent("""
     assert not lora_ext._C.masked_grad_y_cuda_supports(g, B, xa)
     assert lora_ext._C.set_small_m_forward(False) is False  # the previous setting: off from the environment
     assert lora_ext._C.set_fused_forward(False) is False  # LORA_EXT_FUSED_FORWARD=0 turned it off
+    assert lora_ext._C.set_fused_small_m_forward(False) is False  # LORA_EXT_FUSED_SMALL_M_FORWARD=0 too
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16) / 8
     A = (torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) / 8).requires_grad_()
@@ -559,8 +561,8 @@ NATIVE_KERNELS_OFF_SCRIPT = textwrap.dedent("""
 @native_only
 def test_native_kernels_can_be_turned_off_by_environment():
     """LORA_EXT_NATIVE_GRAD_Y=0 and LORA_EXT_SMALL_M_FORWARD=0 (read once per process) turn the two
-    native kernels off and LORA_EXT_FUSED_FORWARD=0 the fused forward; the op still gives the right
-    answer on the paths it falls back to."""
+    native kernels off and LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_SMALL_M_FORWARD=0 the fused forwards;
+    the op still gives the right answer on the paths it falls back to."""
     script = NATIVE_KERNELS_OFF_SCRIPT
     # The subprocess aborted at exit inside the GPU suite (12-05, not alone; NOTES.md #39): faulthandler
     # prints every thread's Python stack in the message, LORA_EXT_TERMINATE_BACKTRACE=1 the C++ one.
@@ -646,7 +648,9 @@ def test_small_m_forward_is_what_the_op_runs(M, K, N, r, bias):
     float64 bound (run_and_check)."""
     inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=bias, seed=M + r)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
-    y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")
+    # Up to 16 rows the fused Triton forward runs first by default (NOTES.md #44): off, to test this path.
+    with switched(lora_ext._C.set_fused_small_m_forward, False):
+        y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")
     with torch.no_grad():
         expected = torch.addmm(b, x, w.t()) if bias else x @ w.t()
         expected_xa = torch.empty(M, r, device=DEVICE, dtype=torch.bfloat16)
@@ -662,9 +666,10 @@ def test_small_m_forward_is_not_used_for_wide_layers_above_16_rows():
         inputs = make_inputs((M,), 512, 8192, 16, torch.bfloat16, bias=False, requires_grad=False, seed=M)
         x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
         args = (x, w, None, A, B, 0.5, 0.0, "post", None, "native")
-        with switched(lora_ext._C.set_small_m_forward, False):
-            general, _ = torch.ops.lora.linear(*args)
-        default, _ = torch.ops.lora.linear(*args)
+        with switched(lora_ext._C.set_fused_small_m_forward, False):  # on by default up to 16 rows (#44)
+            with switched(lora_ext._C.set_small_m_forward, False):
+                general, _ = torch.ops.lora.linear(*args)
+            default, _ = torch.ops.lora.linear(*args)
         kernel = x @ w.t()
         lora_ext._C.small_m_forward_cuda(x, A, B, kernel, torch.empty(M, 16, device=DEVICE, dtype=x.dtype), 0.5)
         assert not torch.equal(general, kernel)  # the two paths round differently: the check can tell them apart
@@ -867,7 +872,8 @@ def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on
 
 @pytest.fixture
 def fused_small_m_forward_on():
-    """The op's fused forward for few tokens on for one test (off by default until measured)."""
+    """The op's fused forward for few tokens on for one test (the default, unless
+    LORA_EXT_FUSED_SMALL_M_FORWARD=0)."""
     yield from _switched_on(lora_ext._C.set_fused_small_m_forward)
 
 
