@@ -452,8 +452,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Registers the Triton masked thin products the native CUDA path uses for its dropout steps, and the "
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
-             "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers (and, switched on, "
-             "few-token forwards) "
+             "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers and few-token "
+             "forwards "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
              "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
              "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); the adapter "
@@ -479,7 +479,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_adapter_grads_streamed", &lora::set_fused_adapter_grads_streamed,
              "Turns the streamed form of the one-launch adapter gradients on or off (over every SM where their "
              "column blocks would leave SMs idle, with a float32 workspace and a summing launch); returns the "
-             "previous setting (off by default until measured; LORA_EXT_ADAPTER_GRADS_STREAMED=1: on at import)");
+             "previous setting (off by default: measured slower; LORA_EXT_ADAPTER_GRADS_STREAMED=1: on at import)");
   module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "

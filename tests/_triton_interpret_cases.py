@@ -499,7 +499,7 @@ SMALL_M_CASES = [(1, 264, 56, 8), (5, 72, 520, 16), (16, 528, 104, 24), (3, 40, 
 @pytest.mark.parametrize("M, K, N, r", SMALL_M_CASES)
 def test_fused_forward_small_m_tiles_match_float64(monkeypatch, M, K, N, r):
     """Up to 64 rows linear_forward takes small_m_config's tiles (the native path's fused forward for
-    few tokens, off by default): y and xa against float64 with and without bias, within the CPU op's
+    few tokens, on by default): y and xa against float64 with and without bias, within the CPU op's
     bound; the launch's tiles are the rule's."""
     from lora_ext.kernels import fused_forward, replay
 

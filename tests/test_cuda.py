@@ -998,7 +998,7 @@ def _adapter_grads_operands(x, w, A, B, gy, scale):
                                             (300, 64, 40, 16, {"programs": 5, "block_c": 64, "block_m": 128})],
                          ids=["kv_r16", "kv_r64", "odd_61_programs", "one_block"])
 def test_adapter_grads_streamed_matches_float64(M, K, N, r, config):
-    """The streamed launch (streamed=True; the op's switch is off by default until measured: NOTES.md
+    """The streamed launch (streamed=True; the op's switch is off by default: NOTES.md
     #42) as the rule picks it at k/v-sized launches (one program per SM), forced to 61 programs
     (runs across block boundaries at an odd shape), and onto one column block per output (counts of
     1 compile as constexprs): against float64 within the bound of the same products in bfloat16, dA

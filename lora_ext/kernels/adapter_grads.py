@@ -14,7 +14,7 @@ programs for dA and N / BLOCK_C for dB, in one grid (64 + 16 at k/v with 64 colu
 streaming BLOCK_M x BLOCK_C tiles of its big operand through a software pipeline (tile_config).
 
 Streamed (`streamed=True`; the op's switch lora_ext._C.set_fused_adapter_grads_streamed,
-LORA_EXT_ADAPTER_GRADS_STREAMED=1, off by default until measured on the H200: benchmarks/NOTES.md #42):
+LORA_EXT_ADAPTER_GRADS_STREAMED=1; off by default: slower than the default launch on an H100, benchmarks/NOTES.md #42):
 where the 64-column blocks are at most three quarters of the SMs (k/v's 80 at 132: 52 SMs idle; dA
 alone's 64, which the rule runs as 128 programs of 32 columns) the (column block, row tile) pairs
 are dealt out in equal contiguous runs to one program per SM (stream-K): a program's run covers
