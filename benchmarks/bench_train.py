@@ -371,6 +371,7 @@ def render(rows, metas) -> str:
                         peak_ratios.append(num(r["peak_gib"]) / num(peft["peak_gib"]))
             notes = sorted({r["note"] for r in runs if r.get("note")})
             first, last = runs[0], runs[-1]
+            issue_cell, busy_cell = host_and_busy(runs)
             lines.append([p, name + (f" ({'; '.join(notes)})" if notes else "") +
                           (f" ×{len(runs)}" if len(runs) > 1 else ""),
                           f"{step:.1f} ({min(num(r['step_ms_min']) for r in runs):.1f}–"
@@ -378,7 +379,7 @@ def render(rows, metas) -> str:
                           f"{tps:,.0f}", f"{peak:.2f}" if peak is not None else "—", ratio_text(tps_ratios),
                           ratio_text(peak_ratios),
                           f"{num(first['first_loss']):.3f} → {num(last['last_loss']):.3f}", first["warmup_s"],
-                          first.get("graphs", ""), host_and_busy(runs)[0], host_and_busy(runs)[1]])
+                          first.get("graphs", ""), issue_cell, busy_cell])
     first = rows[0] if rows else {}
     commands = "; ".join(f"`{m['command']}`" for m in metas)
     return "\n".join([
