@@ -634,6 +634,12 @@ def render_markdown(rows, providers_present) -> str:
     return "\n\n".join(parts)
 
 
+def _timed_over_device(row) -> Optional[float]:
+    """A row's do_bench time over its own device time, or None where either is missing."""
+    timed, device = _num((row or {}).get("ms")), _num((row or {}).get("device_ms"))
+    return timed / device if timed is not None and device else None
+
+
 def render_device_time(table, train_keys) -> Optional[str]:
     """The table of device times (CUDA graph replay), or None where no row has one: each lora-like
     provider of DEVICE_TIME_PROVIDERS as a ratio to the base's device time, and do_bench over the device
@@ -648,18 +654,10 @@ def render_device_time(table, train_keys) -> Optional[str]:
         if all(v is None for v in base_ms):
             continue
         any_row = next(iter((fwd or fb).values()))
-        def timed_over_device(name):
-            cells = []
-            for rows in (fwd, fb):
-                row = rows.get(name, {})
-                timed, device = _num(row.get("ms")), _num(row.get("device_ms"))
-                cells.append(_cell(timed / device if timed is not None and device else None))
-            return " / ".join(cells)
-
-        cells = [timed_over_device("base")]
+        cells = [" / ".join(_cell(_timed_over_device(rows.get("base"))) for rows in (fwd, fb))]
         for name in names:
             cells.append(" / ".join(_cell(_ratio(rows, name, "device_ms")) for rows in (fwd, fb)))
-            cells.append(timed_over_device(name))
+            cells.append(" / ".join(_cell(_timed_over_device(rows.get(name))) for rows in (fwd, fb)))
         lines.append([f"{any_row['K']}×{any_row['N']} ({shape})", M, r, p,
                       " / ".join(_cell(v, "{:.3f}") for v in base_ms)] + cells)
     if not lines:

@@ -12,7 +12,6 @@ base that bench_linear.py reports is mostly a ratio of host times; this splits i
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
@@ -71,16 +70,10 @@ def layer_pair(K, N, r, device, dtype):
 SETTINGS = {"fused": (True, True), "kernel": (False, True), "off": (False, False)}
 
 
-@contextlib.contextmanager
 def few_token_route(setting):
-    """The op's few-token route `setting` (SETTINGS) for the block, then the switches as they were."""
+    """The op's few-token route `setting` (SETTINGS) for a with-block, then the switches as they were."""
     fused, kernel = SETTINGS[setting]
-    before = lora_ext._C.set_fused_small_m_forward(fused), lora_ext._C.set_small_m_forward(kernel)
-    try:
-        yield
-    finally:
-        lora_ext._C.set_fused_small_m_forward(before[0])
-        lora_ext._C.set_small_m_forward(before[1])
+    return common.switched((lora_ext._C.set_fused_small_m_forward, fused), (lora_ext._C.set_small_m_forward, kernel))
 
 
 def host_rows(device, dtype):

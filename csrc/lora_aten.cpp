@@ -128,11 +128,11 @@ std::atomic<bool> small_m_forward_enabled{on_unless_env_zero("LORA_EXT_SMALL_M_F
 // (nn.Linear: 18.0); device time at M = 16, r = 16 better at gate/up (46.1 against 50.1 us) and down
 // (50.1 against 55.0), worse at q/o (16.3 against 15.3) and k/v (14.3 against 12.4; M = 1: 14.6 against
 // 11.3); back-to-back decode, which is host-bound, faster at every shape up to 16 rows but one noisy row.
-// On by default: LORA_EXT_FUSED_SMALL_M_FORWARD=0 or
-// set_fused_small_m_forward(false) turns it off. bf16/fp16 with x,
-// W and the adapters in one dtype, nothing empty (checked here, so that other calls never reach Python:
-// a declined key is only remembered for 16-bit non-empty tensors); where the callback declines (layouts
-// TMA cannot address, before Hopper) the call takes the path it takes with the switch off.
+// On by default: LORA_EXT_FUSED_SMALL_M_FORWARD=0 or set_fused_small_m_forward(false) turns it off.
+// bf16/fp16 with x, W and the adapters in one dtype, nothing empty (checked here, so that other calls
+// never reach Python: a declined key is only remembered for 16-bit non-empty tensors); where the
+// callback declines (layouts TMA cannot address, before Hopper) the call takes the path it takes with
+// the switch off.
 constexpr int64_t kFusedSmallMForwardMaxRows = 16;
 std::atomic<bool> fused_small_m_forward_enabled{on_unless_env_zero("LORA_EXT_FUSED_SMALL_M_FORWARD")};
 
@@ -245,8 +245,8 @@ std::atomic<int64_t> fused_adapter_grads_any_width_max_rank{16};
 // The one launch streamed over every SM where its column blocks would leave SMs idle (k/v-sized:
 // adapter_grads.tile_config; benchmarks/NOTES.md #42). Off by default: measured slower on an H100 (k/v,
 // r = 16: 43.2 against 38.3 us). LORA_EXT_ADAPTER_GRADS_STREAMED=1 or set_fused_adapter_grads_streamed(true)
-// turns it on. Passed to
-// the piece as an argument, so that it is part of the replay key (a recorded launch follows it).
+// turns it on. Passed to the piece as an argument, so that it is part of the replay key (a recorded
+// launch follows it).
 std::atomic<bool> fused_adapter_grads_streamed{on_if_env_one("LORA_EXT_ADAPTER_GRADS_STREAMED")};
 
 // both: dA and dB together (else dA alone).

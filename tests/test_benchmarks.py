@@ -11,6 +11,7 @@ and tables that are built from those rows.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -43,8 +44,8 @@ def table_rows(text: str, heading: str) -> list[list[str]]:
     """The body rows of the markdown table under `heading` in text, as lists of cells."""
     assert heading in text, f"no {heading!r} in:\n{text[:2000]}"
     lines = text.split(heading, 1)[1].splitlines()
-    table = [line for line in lines[: next((i for i, l in enumerate(lines) if l.startswith("##") and i), len(lines))]
-             if line.startswith("|")]
+    is_row = lambda line: line.startswith("|")  # noqa: E731
+    table = list(itertools.takewhile(is_row, itertools.dropwhile(lambda line: not is_row(line), lines)))
     assert len(table) >= 3, f"no table under {heading!r}"
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
 

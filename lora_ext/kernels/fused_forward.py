@@ -20,11 +20,10 @@ the first call with a key (replay.py records the launch, tensor descriptors incl
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
 4096 tokens. The native path also runs it for dropout-free forwards of up to 16 rows (decode) with
 the few-row tiles of small_m_config: one launch for the whole layer (NOTES.md #44; on by default,
-LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM
-alone is 0-15% slower than cuBLAS's at the wide shapes. The 'post' epilogue cost 20-30% when
-measured (NOTES.md #26), before #33 found that
-triton 3.6 serialised every wgmma of that variant, main loop included, and that its mask moved
-bytes through shared memory; both are mended, not yet measured.
+LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM alone is 0-15%
+slower than cuBLAS's at the wide shapes. The 'post' epilogue cost 20-30% when measured (NOTES.md
+#26), before #33 found that triton 3.6 serialised every wgmma of that variant, main loop included,
+and that its mask moved bytes through shared memory; both are mended, not yet measured.
 
 Schedule. The output's (BLOCK_M x BLOCK_N) tiles are grouped into *runs*: a run is a row
 block and a contiguous range of its column blocks, processed by one program in order. The
@@ -369,6 +368,10 @@ def _pipeline_stages(layer_out_features: int, r: int) -> int:
     return 4 if layer_out_features <= 2048 and r <= 16 else 3
 
 
+# The "SM count" the launch rules assume for CPU tensors (the Triton interpreter), where any split is
+# correct: a few programs, so that the tests' small shapes take the split paths.
+INTERPRETER_PROGRAMS = 4
+
 # Few rows (decode, small batches): up to this many, linear_forward takes small_m_config's tiles.
 SMALL_M_MAX_ROWS = 64
 # The shared memory small_m_config lets its pipeline stages take (of the 227 KiB a block may use on
@@ -411,7 +414,7 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     each row block's column blocks; both for the benchmarks' sweeps."""
     if x2.shape[0] <= SMALL_M_MAX_ROWS:
         tiles = small_m_config(x2.shape[0], weight.shape[0], lora_A.shape[0],
-                               device_facts.sm_count(x2.device, on_cpu=4))
+                               device_facts.sm_count(x2.device, on_cpu=INTERPRETER_PROGRAMS))
     else:
         tiles = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0])}
     config = {**tiles, **config}
@@ -456,8 +459,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     xa = torch.empty((M, r), device=a2.device, dtype=down.dtype) if given_xa is None else given_xa
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
-        # On CPU tensors (the Triton interpreter) any split is correct: 4 programs take the split paths.
-        programs = device_facts.sm_count(a2.device, on_cpu=4)
+        programs = device_facts.sm_count(a2.device, on_cpu=INTERPRETER_PROGRAMS)
         runs = runs_per_row(row_blocks, col_blocks, programs, rank_pad, block_n)
     cols_per_run = triton.cdiv(col_blocks, runs)
     runs = triton.cdiv(col_blocks, cols_per_run)

@@ -434,8 +434,7 @@ def _up_blocks(r_pad: int, inp_grad: bool, dropout: bool, fp32_operands: bool) -
 
 
 def _num_sms(device: torch.device) -> int:
-    # Interpreter: a few programs, so that small test shapes take the split paths.
-    return device_facts.sm_count(device, on_cpu=4)
+    return device_facts.sm_count(device, on_cpu=fused_forward.INTERPRETER_PROGRAMS)
 
 
 @functools.lru_cache(maxsize=None)
