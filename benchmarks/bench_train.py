@@ -158,22 +158,24 @@ def head_loss(lm_head, hidden, input_ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
-def make_loss_fn(model, scope: str):
-    """loss(input_ids) with torch.compile over `scope`.
+def make_loss_fn(model, scope: str, mode: str = "default"):
+    """loss(input_ids) with torch.compile over `scope`, in torch.compile's `mode`.
 
     "model": one graph for the whole forward and the loss (compiles 16 layers unrolled:
     slow to compile). "layers": each decoder layer compiled on its own (they share one
     graph, so compile time is one layer's) plus lm_head + loss as one more graph; the
     embedding, rotary tables and final norm stay eager. "none": eager.
+    mode "reduce-overhead" replays each compiled graph (forward and backward) as a CUDA graph:
+    one launch per graph instead of each kernel's host path.
     """
     if scope == "model":
-        compiled = torch.compile(causal_lm_loss)
+        compiled = torch.compile(causal_lm_loss, mode=mode)
         return lambda ids: compiled(model, ids)
     if scope == "none":
         return lambda ids: causal_lm_loss(model, ids)
     for layer in model.model.layers:
-        layer.compile()
-    compiled_head = torch.compile(head_loss)
+        layer.compile(mode=mode)
+    compiled_head = torch.compile(head_loss, mode=mode)
 
     def loss(ids):
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
@@ -249,7 +251,8 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
     n_trainable = sum(p.numel() for p in trainable)
     opt_kwargs = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, **opt_kwargs)
-    loss_fn = make_loss_fn(model, args.compile)
+    loss_fn = make_loss_fn(model, args.compile, args.compile_mode)
+    graphs_mode = args.compile_mode == "reduce-overhead" and args.compile != "none"
     counters = torch._dynamo.utils.counters
     counters.clear()
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -257,6 +260,9 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
                for _ in range(3)]
 
     def step(i):
+        if graphs_mode:
+            # A new iteration for CUDA graph trees: the previous step's graph outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         loss = loss_fn(batches[i % len(batches)])
         loss.backward()
         optimizer.step()
@@ -303,14 +309,22 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
     if breaks:
         notes.append(f"{breaks} graph breaks")
     note = "; ".join(notes)
-    row = dict(provider=provider, dropout=dropout, compile=args.compile, graphs=graphs, batch=args.batch, seq=args.seq,
-               params_m=round(n_params / 1e6, 1), trainable_m=round(n_trainable / 1e6, 2), n_lora_layers=n_lora,
+    row = dict(provider=provider, dropout=dropout, compile=compile_label(args), graphs=graphs, batch=args.batch,
+               seq=args.seq, params_m=round(n_params / 1e6, 1), trainable_m=round(n_trainable / 1e6, 2),
+               n_lora_layers=n_lora,
                step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
                tokens_per_s=args.batch * args.seq / step_s, peak_gib=peak, first_loss=losses[0],
                last_loss=losses[-1], warmup_s=round(warmup_s, 1), note=note, host_issue_ms=host_issue_ms,
                gpu_busy_ms=None)
     del model, optimizer, trainable, batches, loss_fn
     return row
+
+
+def compile_label(args) -> str:
+    """The CSV's compile column: the scope, and the mode where it is not the default."""
+    if args.compile == "none" or args.compile_mode == "default":
+        return args.compile
+    return f"{args.compile}:{args.compile_mode}"
 
 
 def render(rows, metas) -> str:
@@ -416,7 +430,8 @@ def environment(device, args) -> dict:
         meta["device"] = common.cpu_description() + " (a logic check, not a measurement)"
     sizes = TINY_MODEL if args.tiny else GPU_MODEL
     meta["settings"] = (f"{args.dtype}, LoRA r={args.rank} alpha={args.alpha:g} on every Linear (lm_head too); "
-                        f"model {sizes}; compile={args.compile}; warm-up {args.warmup} steps, timed {args.steps}; "
+                        f"model {sizes}; compile={compile_label(args)}; "
+                        f"warm-up {args.warmup} steps, timed {args.steps}; "
                         f"PEFT adapters in {'fp32' if args.peft_fp32_adapters else 'the base dtype'}; "
                         f"lora_ext dropout '{args.dropout_position}'"
                         f"{' (its default)' if args.dropout_position == 'post' else ' (on x, as PEFT)'}, "
@@ -443,6 +458,9 @@ def parse_args():
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--compile", default="layers", choices=["layers", "model", "none"],
                         help="torch.compile scope: each decoder layer (+ lm_head and loss), the whole model, or none")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+                        help="torch.compile's mode for both providers: reduce-overhead replays the compiled "
+                             "graphs as CUDA graphs (the host's launch path leaves the step)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model config (implied by --device cpu)")
     parser.add_argument("--peft-fp32-adapters", action="store_true",
                         help="PEFT's default autocast of bf16 adapters to fp32 (off: adapters in the base dtype)")

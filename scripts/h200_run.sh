@@ -6,7 +6,8 @@
 #   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
-#   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments).
+#   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments; TRAIN_COMPILE_MODES="default reduce-overhead"
+#     runs it once per torch.compile mode).
 # The device tool brings back at most 8 files: everything under $OUT is packed into results.tgz
 # at the end (with env.txt and the summaries kept beside it).
 #   host: the k/v layer's host path (fused_forward_probe.py --host; profile_layer.py's CPU table, p 0 and 0.1).
@@ -129,7 +130,12 @@ if has ab; then
 fi
 if has train; then
   t0=$(date +%s)
-  timeout ${TRAIN_TIMEOUT:-300} python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log" | tail -30
+  # TRAIN_COMPILE_MODES: one run per torch.compile mode (default, reduce-overhead), each with its own files.
+  for mode in ${TRAIN_COMPILE_MODES:-default}; do
+    tag=bench_train; [[ $mode == default ]] || tag=bench_train_$mode
+    timeout ${TRAIN_TIMEOUT:-300} python3 benchmarks/bench_train.py --out "$OUT" --tag $tag --compile-mode $mode \
+      ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/$tag.log" | tail -30
+  done
   echo "train: $(( $(date +%s) - t0 )) s"
 fi
 if has bench; then

@@ -141,6 +141,18 @@ def test_ab_summary_reads_bench_linear_csvs(bench_linear_run, tmp_path):
         assert len(set(cells)) == 1 and positive(cells[0])  # the same CSV three times: the same ratio
 
 
+def test_bench_train_reduce_overhead_mode_reaches_every_compile_and_the_row(tmp_path):
+    """--compile-mode reduce-overhead: the step (with CUDA graph trees' step marker) trains, and the row and
+    settings say the mode (on CPU torch.compile skips the CUDA graphs themselves; the GPU run records them)."""
+    run(BENCH / "bench_train.py", "--device", "cpu", "--quick", "--providers", "lora_ext", "--compile-mode",
+        "reduce-overhead", "--out", str(tmp_path), timeout=600)
+    with open(tmp_path / "bench_train.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["compile"] == "layers:reduce-overhead" and int(row["graphs"]) > 0 and not row["note"], row
+    assert math.isfinite(float(row["last_loss"])) and float(row["tokens_per_s"]) > 0, row
+    assert "compile=layers:reduce-overhead;" in (tmp_path / "bench_train.md").read_text()
+
+
 def test_bench_train_logic_check_compiles_and_trains_every_provider(tmp_path):
     """bench_train's compiled path (each decoder layer compiled, as on the GPU), on the tiny model,
     for the providers of the next device run; losses finite and falling."""
