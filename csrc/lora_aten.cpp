@@ -133,7 +133,13 @@ std::atomic<bool> small_m_forward_enabled{on_unless_env_zero("LORA_EXT_SMALL_M_F
 // never reach Python: a declined key is only remembered for 16-bit non-empty tensors); where the
 // callback declines (layouts TMA cannot address, before Hopper) the call takes the path it takes with
 // the switch off.
+// Not past 8192 inputs: every program recomputes x A^T from L2 over the whole K, (rows + padded rank) x K
+// per program against its K x BLOCK_N of W, so at 14336 x 4096 (down: ~128 programs) that is as many L2
+// bytes as W's 117 MB, and the launch lost its saved host time there on the H200 (12-05 12:00, M = 16,
+// device 50.8 against the few-token kernel route's 42.0 us at r = 16, 56.5 against 50.1 at r = 64;
+// back-to-back / base 1.57 against 1.32). At K = 4096 it won or tied back-to-back at every shape there.
 constexpr int64_t kFusedSmallMForwardMaxRows = 16;
+constexpr int64_t kFusedSmallMForwardMaxK = 8192;
 std::atomic<bool> fused_small_m_forward_enabled{on_unless_env_zero("LORA_EXT_FUSED_SMALL_M_FORWARD")};
 
 // Whether a dropout-free forward at training sizes runs as one Triton GEMM
@@ -169,7 +175,7 @@ bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& weight, c
   return fused_small_m_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
          (dtype == at::kHalf || dtype == at::kBFloat16) && weight.scalar_type() == dtype &&
          lora_A.scalar_type() == dtype && x2.size(0) > 0 && x2.size(0) <= kFusedSmallMForwardMaxRows &&
-         lora_A.size(0) > 0 && lora_A.size(0) <= kFusedForwardMaxRank;
+         x2.size(1) <= kFusedSmallMForwardMaxK && lora_A.size(0) > 0 && lora_A.size(0) <= kFusedForwardMaxRank;
 }
 
 // The dropout-free input gradient the same way (fused_forward.grad_input): dx = g W + (s g B) A
