@@ -290,7 +290,7 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if graphs_mode and device.type == "cuda":
         # The CUDA graphs' memory pools are allocated while recording, in the warm-up: the timed steps'
-        # peak then misses the activations (12-05 H200: 1.86 GiB for both providers, weights 1.7).
+        # peak then misses the activations (12-05 H200: 1.86 GiB for both providers, the weights alone 1.6).
         peak = None
     # The host's issue time of a step: until step() returns, the GPU still working through its queue.
     # Well under the step time, the step is device-bound; near it, it says nothing alone (the host also
@@ -313,7 +313,7 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
     if breaks:
         notes.append(f"{breaks} graph breaks")
     if graphs_mode and device.type == "cuda":
-        notes.append("peak not measured: CUDA graph pools are allocated in the warm-up")
+        notes.append("no peak (graph pools)")
     note = "; ".join(notes)
     row = dict(provider=provider, dropout=dropout, compile=compile_label(args), graphs=graphs, batch=args.batch,
                seq=args.seq, params_m=round(n_params / 1e6, 1), trainable_m=round(n_trainable / 1e6, 2),

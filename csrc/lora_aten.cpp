@@ -123,11 +123,11 @@ std::atomic<bool> small_m_forward_enabled{on_unless_env_zero("LORA_EXT_SMALL_M_F
 // Whether a dropout-free forward of few tokens runs as one launch of the fused Triton GEMM
 // (fused_forward.linear_forward with small_m_config's tiles) instead of the few-token path's
 // cuBLAS x W^T + b and LoRA-term kernel: one host path (the replayed launch) instead of cuBLAS's
-// plus a kernel launch, and W, x and A read by one kernel. Measured on an H100 (benchmarks/NOTES.md
-// #44, decode_probe, 12-05 09:38): host time per module call 19.1 us against the few-token path's 27.4
-// (nn.Linear: 18.0); device time at M = 16, r = 16 better at gate/up (46.1 against 50.1 us) and down
-// (50.1 against 55.0), worse at q/o (16.3 against 15.3) and k/v (14.3 against 12.4; M = 1: 14.6 against
-// 11.3); back-to-back decode, which is host-bound, faster at every shape up to 16 rows but one noisy row.
+// plus a kernel launch, and W, x and A read by one kernel. Measured on the H200 (benchmarks/RESULTS.md,
+// "Decode routes", 12-05 12:00): host time per module call 14.7 us against the few-token path's 23.5
+// (nn.Linear: 14.9); device time at M = 16, r = 16 better at gate/up (37.6 against 38.5 us), worse at
+// q/o (16.3 against 15.0) and k/v (14.3 against 12.1); back-to-back decode, host-bound at q/o and k/v,
+// faster at every shape with K = 4096 up to 16 rows (on an H100 too, NOTES.md #44).
 // On by default: LORA_EXT_FUSED_SMALL_M_FORWARD=0 or set_fused_small_m_forward(false) turns it off.
 // bf16/fp16 with x, W and the adapters in one dtype, nothing empty (checked here, so that other calls
 // never reach Python: a declined key is only remembered for 16-bit non-empty tensors); where the

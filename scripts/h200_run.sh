@@ -7,7 +7,7 @@
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
 #   train: benchmarks/bench_train.py (TRAIN_ARGS passes arguments; TRAIN_COMPILE_MODES="default reduce-overhead"
-#     runs it once per torch.compile mode).
+#     runs it once per torch.compile mode, TRAIN_TIMEOUT seconds each).
 # The device tool brings back at most 8 files: everything under $OUT is packed into results.tgz
 # at the end (with env.txt and the summaries kept beside it).
 #   host: the k/v layer's host path (fused_forward_probe.py --host; profile_layer.py's CPU table, p 0 and 0.1).
@@ -92,12 +92,13 @@ if has exitprobe; then
   # exception", 12-05): run it under gdb for the C++ stacks of every thread at the abort.
   # The test's script and environment, from the test module (one definition).
   probe_env=$(python3 -c "import sys; sys.path.insert(0, 'tests'); import test_cuda
-open('/tmp/exit_probe.py', 'w').write(test_cuda.NATIVE_KERNELS_OFF_SCRIPT)
+# Without the script's closing os._exit (78fd678), which skips the finalization race this probe is for.
+open('/tmp/exit_probe.py', 'w').write(test_cuda.NATIVE_KERNELS_OFF_SCRIPT.replace('os._exit(0)', 'pass'))
 print(' '.join(f'{k}={v}' for k, v in test_cuda.NATIVE_KERNELS_OFF_ENV.items()))")
   # Three plain runs first: is the abort every time?
   for i in 1 2 3; do
     env $probe_env LORA_EXT_TERMINATE_BACKTRACE=1 python3 -X faulthandler /tmp/exit_probe.py \
-      > "$OUT/exit_probe_plain.log" 2>&1; echo "exit probe, plain run $i: exit $?"
+      >> "$OUT/exit_probe_plain.log" 2>&1; echo "exit probe, plain run $i: exit $?" | tee -a "$OUT/exit_probe_plain.log"
   done
   tail -5 "$OUT/exit_probe_plain.log"
   gdb_bin=$(command -v gdb || command -v cuda-gdb)
@@ -133,8 +134,9 @@ if has train; then
   # TRAIN_COMPILE_MODES: one run per torch.compile mode (default, reduce-overhead), each with its own files.
   for mode in ${TRAIN_COMPILE_MODES:-default}; do
     tag=bench_train; [[ $mode == default ]] || tag=bench_train_$mode
-    timeout ${TRAIN_TIMEOUT:-300} python3 benchmarks/bench_train.py --out "$OUT" --tag $tag --compile-mode $mode \
-      ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/$tag.log" | tail -30
+    # The loop's --tag and --compile-mode last: they win over any in TRAIN_ARGS (argparse keeps the last).
+    timeout ${TRAIN_TIMEOUT:-300} python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} --tag $tag \
+      --compile-mode $mode 2>&1 | tee "$OUT/$tag.log" | tail -30
   done
   echo "train: $(( $(date +%s) - t0 )) s"
 fi

@@ -18,9 +18,9 @@ LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched 
 the first call with a key (replay.py records the launch, tensor descriptors included): at
 4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
-4096 tokens. The native path also runs it for dropout-free forwards of up to 16 rows (decode) with
-the few-row tiles of small_m_config: one launch for the whole layer (NOTES.md #44; on by default,
-LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM alone is 0-15%
+4096 tokens. The native path also runs it for dropout-free forwards of up to 16 rows and 8192 inputs
+(decode) with the few-row tiles of small_m_config: one launch for the whole layer (NOTES.md #44, #48;
+on by default, LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM alone is 0-15%
 slower than cuBLAS's at the wide shapes. The 'post' epilogue cost 20-30% when measured (NOTES.md
 #26), before #33 found that triton 3.6 serialised every wgmma of that variant, main loop included,
 and that its mask moved bytes through shared memory; both are mended, not yet measured.
