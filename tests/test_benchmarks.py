@@ -220,9 +220,11 @@ def planned_calls():
     notes = (BENCH / "NOTES.md").read_text()
     calls = [("fused_forward_probe.py", args) for args in re.findall(r'FUSED_ARGS="([^"]*)"', notes)]
     calls += [("bench_train.py", args) for args in re.findall(r'TRAIN_ARGS="([^"]*)"', notes)]
-    for modes, args in re.findall(r"h200_run\.sh ([a-z,]+)((?: --?[a-z][a-z-]*(?: [0-9.]+)*)*)", notes):
-        if "bench" in modes.split(",") and args.strip():
-            calls.append(("bench_linear.py", args))
+    # Each command is a code span (it may wrap lines): its words after the modes are bench_linear's.
+    for span in re.findall(r"`([^`]*h200_run\.sh [^`]*)`", notes):
+        modes, *args = span.split("h200_run.sh", 1)[1].split()
+        if "bench" in modes.split(",") and args:
+            calls.append(("bench_linear.py", " ".join(args)))
     return calls
 
 
