@@ -83,6 +83,11 @@ def replace_section(name: str, body: str, path: str = RESULTS_MD) -> None:
         f.write(text)
 
 
+def csv_cells(row: dict) -> dict:
+    """A row for csv.DictWriter: None (not measured) as an empty cell."""
+    return {k: ("" if v is None else v) for k, v in row.items()}
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:

@@ -465,7 +465,7 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
         row = dict(mode=mode, shape=cfg.shape, M=M, K=cfg.K, N=cfg.N, r=cfg.r, dropout=cfg.dropout,
                    provider=name, ms=ms, peak_mib=peak, rel_err=err, note=note, device_ms=device_ms)
         rows.append(row)
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow(common.csv_cells(row))
 
     limit = REL_ERR_LIMIT.get(s.dtype, 3e-2)
     for M in cfg.Ms:

@@ -253,6 +253,9 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, **opt_kwargs)
     loss_fn = make_loss_fn(model, args.compile, args.compile_mode)
     graphs_mode = args.compile_mode == "reduce-overhead" and args.compile != "none"
+    # The CUDA graphs' memory pools are allocated while recording, in the warm-up: the timed steps'
+    # peak then misses the activations (12-05 H200: 1.86 GiB for both providers, the weights alone 1.6).
+    peak_unmeasured = graphs_mode and device.type == "cuda"
     counters = torch._dynamo.utils.counters
     counters.clear()
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -287,11 +290,7 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
         synchronize(device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    if graphs_mode and device.type == "cuda":
-        # The CUDA graphs' memory pools are allocated while recording, in the warm-up: the timed steps'
-        # peak then misses the activations (12-05 H200: 1.86 GiB for both providers, the weights alone 1.6).
-        peak = None
+    peak = None if device.type != "cuda" or peak_unmeasured else torch.cuda.max_memory_allocated(device) / 2**30
     # The host's issue time of a step: until step() returns, the GPU still working through its queue.
     # Well under the step time, the step is device-bound; near it, it says nothing alone (the host also
     # blocks once the launch queue is full: a step here launches thousands of kernels) — the profile
@@ -312,13 +311,12 @@ def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict
         notes.append("non-finite loss")
     if breaks:
         notes.append(f"{breaks} graph breaks")
-    if graphs_mode and device.type == "cuda":
+    if peak_unmeasured:
         notes.append("no peak (graph pools)")
     note = "; ".join(notes)
     row = dict(provider=provider, dropout=dropout, compile=compile_label(args), graphs=graphs, batch=args.batch,
                seq=args.seq, params_m=round(n_params / 1e6, 1), trainable_m=round(n_trainable / 1e6, 2),
-               n_lora_layers=n_lora,
-               step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
+               n_lora_layers=n_lora, step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
                tokens_per_s=args.batch * args.seq / step_s, peak_gib=peak, first_loss=losses[0],
                last_loss=losses[-1], warmup_s=round(warmup_s, 1), note=note, host_issue_ms=host_issue_ms,
                gpu_busy_ms=None)
@@ -570,7 +568,7 @@ def main() -> None:
                 continue
             row["repeat"] = repeat
             rows.append(row)
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            writer.writerow(common.csv_cells(row))
             f.flush()
             print(f"[{i + 1}/{len(runs)}] {provider} dropout={dropout}: {row['tokens_per_s']:,.0f} tokens/s, "
                   f"peak {row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 2)} GiB, loss "
@@ -596,13 +594,13 @@ def main() -> None:
         with open(stem + ".csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+            writer.writerows(common.csv_cells(r) for r in rows)
     meta["elapsed_s"] = round(time.perf_counter() - started)
     with open(stem + ".meta.json", "w") as f:
         json.dump(meta, f, indent=1)
     if not rows:
         raise SystemExit("no provider ran")
-    rows = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
+    rows = [common.csv_cells(r) for r in rows]
     text = render(rows, [meta])
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")

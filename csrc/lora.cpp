@@ -463,9 +463,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");
   module.def("set_fused_small_m_forward", &lora::set_fused_small_m_forward,
-             "Turns the native CUDA path's fused Triton forward for few tokens (up to 16 rows and 8192 inputs, dropout-free: one "
-             "launch for x W^T + b and the LoRA term, before the few-token kernel) on or off; returns the previous "
-             "setting (on by default; LORA_EXT_FUSED_SMALL_M_FORWARD=0: off at import)");
+             "Turns the native CUDA path's fused Triton forward for few tokens (up to 16 rows and 8192 inputs, "
+             "dropout-free: one launch for x W^T + b and the LoRA term, before the few-token kernel) on or off; "
+             "returns the previous setting (on by default; LORA_EXT_FUSED_SMALL_M_FORWARD=0: off at import)");
   module.def("set_fused_grad_input", &lora::set_fused_grad_input,
              "Turns the native CUDA path's fused Triton input gradient on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");

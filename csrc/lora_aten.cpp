@@ -137,7 +137,7 @@ std::atomic<bool> small_m_forward_enabled{on_unless_env_zero("LORA_EXT_SMALL_M_F
 // per program against its K x BLOCK_N of W, so at 14336 x 4096 (down: ~128 programs) that is as many L2
 // bytes as W's 117 MB, and the launch lost its saved host time there on the H200 (12-05 12:00, M = 16,
 // device 50.8 against the few-token kernel route's 42.0 us at r = 16, 56.5 against 50.1 at r = 64;
-// back-to-back / base 1.57 against 1.32). At K = 4096 it won or tied back-to-back at every shape there.
+// back-to-back / base 1.57 against 1.32).
 constexpr int64_t kFusedSmallMForwardMaxRows = 16;
 constexpr int64_t kFusedSmallMForwardMaxK = 8192;
 std::atomic<bool> fused_small_m_forward_enabled{on_unless_env_zero("LORA_EXT_FUSED_SMALL_M_FORWARD")};

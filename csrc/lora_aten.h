@@ -48,7 +48,7 @@ bool set_small_m_forward(bool enabled);
 // returns the previous setting. On by default; LORA_EXT_FUSED_FORWARD=0 turns it off at import.
 bool set_fused_forward(bool enabled);
 // Turns the fused Triton forward for few tokens (lora_aten.cpp use_fused_small_m_forward: up to 16
-// rows, dropout-free) on or off; returns the previous setting. On by default (measured, NOTES.md #44);
+// rows and 8192 inputs, dropout-free) on or off; returns the previous setting. On by default (measured, NOTES.md #44);
 // LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off at import.
 bool set_fused_small_m_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).

@@ -20,10 +20,11 @@ the first call with a key (replay.py records the launch, tensor descriptors incl
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
 4096 tokens. The native path also runs it for dropout-free forwards of up to 16 rows and 8192 inputs
 (decode) with the few-row tiles of small_m_config: one launch for the whole layer (NOTES.md #44, #48;
-on by default, LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM alone is 0-15%
-slower than cuBLAS's at the wide shapes. The 'post' epilogue cost 20-30% when measured (NOTES.md
-#26), before #33 found that triton 3.6 serialised every wgmma of that variant, main loop included,
-and that its mask moved bytes through shared memory; both are mended, not yet measured.
+on by default, LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM
+alone is 0-15% slower than cuBLAS's at the wide shapes. The 'post' epilogue cost 20-30% when
+measured (NOTES.md #26), before #33 found that triton 3.6 serialised every wgmma of that variant,
+main loop included, and that its mask moved bytes through shared memory; both mended, it measured
+faster than the separate mask pass (#39) and is on by default.
 
 Schedule. The output's (BLOCK_M x BLOCK_N) tiles are grouped into *runs*: a run is a row
 block and a contiguous range of its column blocks, processed by one program in order. The
