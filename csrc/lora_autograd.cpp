@@ -76,6 +76,10 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["has_weight"] = has_weight;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->mark_non_differentiable({xa});
+    // Autograd would otherwise hand backward a zero-filled (M, r) tensor for xa's gradient (always
+    // undefined: xa is not differentiable) on every call, an allocation and a fill kernel the
+    // backward never reads: +256 KiB of peak memory at M = 8192, r = 16, +1 MiB at r = 64.
+    ctx->set_materialize_grads(false);
     return {y, xa};
   }
 
@@ -94,7 +98,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const bool need_B = ctx->needs_input_grad(edge++);
     const std::array<bool, 5> mask{need_x, need_weight, need_bias, need_A, need_B};
     torch::autograd::variable_list out(10);
-    if (!(need_x || need_weight || need_bias || need_A || need_B)) return out;
+    // No gradient for y (a later node returned none for it): no gradient for any input, as built-in ops do.
+    if (!grads[0].defined() || !(need_x || need_weight || need_bias || need_A || need_B)) return out;
 
     const std::string position = ctx->saved_data["dropout_position"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();

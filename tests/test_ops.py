@@ -335,6 +335,48 @@ def test_xa_output_is_not_differentiable():
     assert y.requires_grad and not xa.requires_grad
 
 
+def test_backward_allocates_no_zero_gradient_for_xa():
+    # xa is an output of the op but not differentiable: autograd hands its backward no gradient for
+    # it, and the node must not have one materialised as zeros (an (M, r) tensor and a fill per call:
+    # 256 KiB of peak memory at M = 8192, r = 16 on the GPU, 1 MiB at r = 64).
+    M, K, N, r = 6, 17, 33, 3  # M*r differs from every other size of the call
+    x, weight, bias, lora_A, lora_B = small_inputs(M=M, K=K, N=N, r=r)
+    y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5)
+    fills = []
+
+    class RecordFills(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.zero_, torch.ops.aten.fill_, torch.ops.aten.zeros,
+                                       torch.ops.aten.new_zeros, torch.ops.aten.zeros_like):
+                fills.append((func, tuple(out.shape)))
+            return out
+
+    with RecordFills():
+        grads = torch.autograd.grad(y, [x, lora_A, lora_B], torch.randn(M, N))
+    assert all(g is not None for g in grads)
+    assert not [f for f in fills if f[1] == (M, r)], f"backward filled an (M, r) tensor: {fills}"
+
+
+def test_undefined_output_gradient_gives_no_gradients():
+    # With zeros no longer materialised, the node can be called with no gradient for y at all
+    # (a later node returned None for it): its inputs then get none, as for a built-in op.
+    class DropGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    x, weight, bias, lora_A, lora_B = small_inputs()
+    y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5)
+    gx, gA = torch.autograd.grad(DropGradient.apply(y).sum() + 0 * x.sum(), [x, lora_A], allow_unused=True)
+    assert gA is None
+    torch.testing.assert_close(gx, torch.zeros_like(x), rtol=0, atol=0)
+
+
 def test_no_autograd_node_without_grad_mode_or_trainable_inputs():
     x, weight, bias, lora_A, lora_B = small_inputs()
     with torch.no_grad():
