@@ -152,16 +152,11 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
 # per stage: (stages - 1) tiles in flight (NOTES #40: the 12-05 default, 128 x 32 x 4, keeps ~24 KiB
 # in flight per program, about half what the HBM's latency needs). Configs that do not fit shared
 # memory fail to compile and are reported as such.
-# "p<n>": the streamed launch with n programs (NOTES #42); "streamed": the rule with the streamed
-# launch asked for (streamed=True), which keeps one program per block where it does not apply.
 ADAPTER_GRAD_CONFIGS = {
     "rule": {},  # adapter_grads.tile_config's choice for the launch (the default since #40)
-    "streamed": dict(streamed=True),
     **{f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
        for bm in (128, 256, 512) for bc in (32, 64) for st in (3, 4, 6) for nw in (4, 8)
        if bm * bc * 2 * st <= 160 * 1024},
-    **{f"m{bm}c{bc}s{st}w4p{programs}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=4, programs=programs)
-       for bm, bc, st, programs in ((256, 64, 4, 132), (256, 32, 4, 132), (128, 64, 4, 264), (128, 64, 4, 132))},
 }
 
 
@@ -194,12 +189,11 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
         pair = common.gpu_us(cublas_pair)
         r_pad = max(16, triton.next_power_of_2(rank))
         limits = adapter_grads._device_limits(x.device)
-        rule = [adapter_grads.tile_config(cols, r_pad, *limits, rows=tokens, streamed=streamed)
-                for streamed in (False, True) for cols in (K + N, K)]
+        rule = [adapter_grads.tile_config(cols, r_pad, *limits) for cols in (K + N, K)]
         line = [f"{shape} {K}x{N} r={rank}: base fwd+bwd GEMMs {base:.1f} us",
                 f"cuBLAS dA+dB {pair:.1f} ({pair / base:.3f} of base)",
-                "rule: " + ", ".join(f"m{c['block_m']}c{c['block_c']}s{c['num_stages']}w{c['num_warps']}p{c['programs']}"
-                                     for c in rule) + " (both, dA alone; then streamed: both, dA alone)"]
+                "rule: " + ", ".join(f"m{c['block_m']}c{c['block_c']}s{c['num_stages']}w{c['num_warps']}"
+                                     for c in rule) + " (both, dA alone)"]
         ref_A = grad_xa.double().t() @ x.double()
         ref_B = scale * g.double().t() @ xa.double()
         for name in config_names:
@@ -221,16 +215,13 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
             y, _ = torch.ops.lora.linear(x, W, None, A, B, scale, 0.0, "post", None, "native")
             torch.autograd.grad(y, (x, A, B), g)
 
-        # (one launch, its any-width rank limit, streamed): off; on as by default; above r = 16, on with the
-        # limit raised to this rank, so that past 2048 outputs the one launch runs too (a wider rule's A/B);
-        # and on, streamed (set_fused_adapter_grads_streamed: where the rule takes it, NOTES #42).
-        variants = [(False, 16, False, "off"), (True, 16, False, "on")]
-        variants += [(True, rank, False, "on, any width")] if rank > 16 else []
-        variants += [(True, 16, True, "on, streamed")]
-        for on, any_width_rank, streamed, label in variants:
+        # (one launch, its any-width rank limit): off; on as by default; above r = 16, on with the limit
+        # raised to this rank, so that past 2048 outputs the one launch runs too (a wider rule's A/B).
+        variants = [(False, 16, "off"), (True, 16, "on")]
+        variants += [(True, rank, "on, any width")] if rank > 16 else []
+        for on, any_width_rank, label in variants:
             with common.switched((lora_ext._C.set_fused_adapter_grads, on),
-                                 (lora_ext._C.set_fused_adapter_grads_any_width_max_rank, any_width_rank),
-                                 (lora_ext._C.set_fused_adapter_grads_streamed, streamed)):
+                                 (lora_ext._C.set_fused_adapter_grads_any_width_max_rank, any_width_rank)):
                 t = bench_us(op_fwd_bwd)
                 try:
                     t_dev = f"{common.gpu_us(op_fwd_bwd):.1f}"

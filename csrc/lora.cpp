@@ -368,18 +368,16 @@ c10::optional<at::Tensor> triton_fused_grad_input_given_xa(const at::Tensor& g2,
   return outputs->at(0);
 }
 
-c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at::Tensor& x2, double scale_A,
-                                             bool streamed) {
-  auto outputs = run_piece("grad_A_only", triton_grad_A_only_fn, {grad_xa, x2, scale_A, streamed});
+c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at::Tensor& x2, double scale_A) {
+  auto outputs = run_piece("grad_A_only", triton_grad_A_only_fn, {grad_xa, x2, scale_A});
   if (!outputs.has_value()) return c10::nullopt;
   return outputs->at(0);
 }
 
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at::Tensor& grad_xa, const at::Tensor& x2,
                                                                        const at::Tensor& xa, const at::Tensor& g2,
-                                                                       double scale_A, double scale_B, bool streamed) {
-  return as_pair(
-      run_piece("adapter_grads", triton_adapter_grads_fn, {grad_xa, x2, xa, g2, scale_A, scale_B, streamed}));
+                                                                       double scale_A, double scale_B) {
+  return as_pair(run_piece("adapter_grads", triton_adapter_grads_fn, {grad_xa, x2, xa, g2, scale_A, scale_B}));
 }
 
 bool triton_masked_pieces_registered() { return triton_masked_down_fn != nullptr; }
@@ -456,8 +454,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "forwards "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
              "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
-             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); the adapter "
-             "gradients' two take the streamed switch as their last argument; each None "
+             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); each None "
              "where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
@@ -476,10 +473,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_adapter_grads_any_width_max_rank", &lora::set_fused_adapter_grads_any_width_max_rank,
              "The largest rank at which the native CUDA path's one launch computes dA and dB together at any "
              "width (16 by default; up to 64; 0: never past 2048 outputs); returns the previous value");
-  module.def("set_fused_adapter_grads_streamed", &lora::set_fused_adapter_grads_streamed,
-             "Turns the streamed form of the one-launch adapter gradients on or off (over every SM where their "
-             "column blocks would leave SMs idle, with a float32 workspace and a summing launch); returns the "
-             "previous setting (off by default: measured slower; LORA_EXT_ADAPTER_GRADS_STREAMED=1: on at import)");
   module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "

@@ -248,12 +248,6 @@ std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED
 constexpr int64_t kFusedAdapterGradsMaxRank = 64;
 constexpr int64_t kFusedAdapterGradsMaxOutputs = 2048;
 std::atomic<int64_t> fused_adapter_grads_any_width_max_rank{16};
-// The one launch streamed over every SM where its column blocks would leave SMs idle (k/v-sized:
-// adapter_grads.tile_config; benchmarks/NOTES.md #42). Off by default: measured slower on an H100 (k/v,
-// r = 16: 43.2 against 38.3 us). LORA_EXT_ADAPTER_GRADS_STREAMED=1 or set_fused_adapter_grads_streamed(true)
-// turns it on. Passed to the piece as an argument, so that it is part of the replay key (a recorded
-// launch follows it).
-std::atomic<bool> fused_adapter_grads_streamed{on_if_env_one("LORA_EXT_ADAPTER_GRADS_STREAMED")};
 
 // both: dA and dB together (else dA alone).
 bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A, bool both) {
@@ -305,8 +299,6 @@ int64_t set_fused_adapter_grads_any_width_max_rank(int64_t rank) {
               "], got ", rank);
   return fused_adapter_grads_any_width_max_rank.exchange(rank);
 }
-
-bool set_fused_adapter_grads_streamed(bool enabled) { return fused_adapter_grads_streamed.exchange(enabled); }
 
 bool set_fused_post_dropout(bool enabled) { return fused_post_dropout_enabled.exchange(enabled); }
 
@@ -495,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     }
     c10::optional<std::tuple<at::Tensor, at::Tensor>> adapter_grads;
     if (adapter_grads_together) {
-      adapter_grads = triton_adapter_grads(grad_xa, x2, xa, g, /*scale_A=*/1.0, scale, fused_adapter_grads_streamed);
+      adapter_grads = triton_adapter_grads(grad_xa, x2, xa, g, /*scale_A=*/1.0, scale);
       if (adapter_grads.has_value()) {
         std::tie(grad_A, grad_B) = *adapter_grads;
       } else {  // the kernel declined these tensors: dB the composed way (dA just below)
@@ -507,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
       if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A, /*both=*/false)) {
-        alone = triton_grad_A_only(grad_xa, x2, /*scale_A=*/1.0, fused_adapter_grads_streamed);
+        alone = triton_grad_A_only(grad_xa, x2, /*scale_A=*/1.0);
       }
       if (alone.has_value()) {
         grad_A = *alone;

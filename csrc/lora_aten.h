@@ -60,10 +60,6 @@ bool set_fused_adapter_grads(bool enabled);
 // 0, never past 2048 outputs; at most 64); returns the previous value. For the probes' A/B of
 // wider rules (benchmarks/NOTES.md #40); raises for a value outside [0, 64].
 int64_t set_fused_adapter_grads_any_width_max_rank(int64_t rank);
-// Whether that launch is streamed over every SM where its column blocks would leave SMs idle
-// (adapter_grads.py; off by default, LORA_EXT_ADAPTER_GRADS_STREAMED=1 turns it on at import);
-// returns the previous setting.
-bool set_fused_adapter_grads_streamed(bool enabled);
 // The same for the fused forward and input gradient with 'post' dropout (lora_aten.cpp
 // use_fused_post_dropout_*); on by default, LORA_EXT_FUSED_POST_DROPOUT=0 turns them off at import.
 bool set_fused_post_dropout(bool enabled);

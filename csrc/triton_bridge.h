@@ -48,15 +48,13 @@ c10::optional<at::Tensor> triton_fused_grad_input_given_xa(const at::Tensor& g2,
 // dA = scale_A grad_xa^T x2 (r, K) alone, the same kernel's dA programs (adapter_grads.grad_A_only):
 // where dB comes from the 'post' dropout backward's masked step or is not wanted; nullopt where
 // the kernel does not take these tensors. Registered and run with the fused GEMMs.
-c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at::Tensor& x2, double scale_A,
-                                             bool streamed);
+c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at::Tensor& x2, double scale_A);
 // (dA, dB) = (scale_A grad_xa^T x2 (r, K), scale_B g2^T xa (N, r)), dropout 0, in one launch
 // (lora_ext/kernels/adapter_grads.py); nullopt where the kernel does not take these tensors.
-// Registered and run with the fused GEMMs. streamed (both): the launch over every SM where its rule
-// applies (set_fused_adapter_grads_streamed).
+// Registered and run with the fused GEMMs.
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at::Tensor& grad_xa, const at::Tensor& x2,
                                                                        const at::Tensor& xa, const at::Tensor& g2,
-                                                                       double scale_A, double scale_B, bool streamed);
+                                                                       double scale_A, double scale_B);
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at::Tensor& x2, const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lora_A,

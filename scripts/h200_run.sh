@@ -112,14 +112,12 @@ if has ab; then
   # lora_ext, same run) alternated set by set, AB_ROUNDS times, so a drift in clocks or a first-run
   # penalty shows up as a spread between rounds instead of as a difference between sets.
   for round in $(seq ${AB_ROUNDS:-2}); do
-    # default: what ships; post_off / switches_off: the 12-05 switches (NOTES.md #39) turned back off;
-    # streamed: the adapter gradients streamed over every SM (NOTES.md #42; off by default).
+    # default: what ships; post_off / switches_off: the 12-05 switches (NOTES.md #39) turned back off.
     for set in ${AB_SETS:-default post_off switches_off}; do
       case $set in
         default) envs=();;
         post_off) envs=(LORA_EXT_FUSED_POST_DROPOUT=0);;
         switches_off) envs=(LORA_EXT_FUSED_POST_DROPOUT=0 LORA_EXT_FUSED_ADAPTER_GRADS=0);;
-        streamed) envs=(LORA_EXT_ADAPTER_GRADS_STREAMED=1);;
         *) echo "ab: unknown set $set"; continue;;
       esac
       env "${envs[@]}" python3 benchmarks/bench_linear.py --out "$OUT" --tag "ab_${set}_$round" --providers base lora_ext \

@@ -750,33 +750,6 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     assert torch.equal(adapter_grads.grad_A_only(grad_xa, x, 0.5, block_m=32, block_c=16), grad_A)
 
 
-@pytest.mark.parametrize("M, K, N, r", [(300, 72, 56, 8), (130, 40, 104, 16), (70, 3, 17, 1), (97, 48, 96, 64)])
-@pytest.mark.parametrize("programs", [1, 3, 7, 64])
-def test_adapter_grads_streamed_match_float64(M, K, N, r, programs):
-    """The streamed launch (adapter_grads.py, `programs`): the (column block, row tile) units dealt out
-    in equal runs, each run's per-block float32 sums in their own workspace slot, then added per block
-    in program order. Fewer programs than blocks (runs over whole blocks), more (several runs per
-    block, runs across a block boundary), more than the units (clamped); against float64 within the
-    float16 bound, dA alone too, the same bits twice (one summation order per program count)."""
-    from lora_ext.kernels import adapter_grads
-
-    gen = torch.Generator().manual_seed(M + K + r + programs)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(torch.float16)
-
-    grad_xa, xa, x, g = randn(M, r), randn(M, r), randn(K, M).t(), randn(M, N)  # x column-major
-    tiles = dict(block_m=16, block_c=16, programs=programs)
-    grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, **tiles)
-    ref_A = 0.5 * grad_xa.double().t() @ x.double()
-    assert_within_bound(grad_A, ref_A, 0.5 * (grad_xa.t() @ x), torch.float16, "dA")
-    assert_within_bound(grad_B, 3.0 * g.double().t() @ xa.double(), 3.0 * (g.t() @ xa), torch.float16, "dB")
-    again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, **tiles)
-    assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
-    alone = adapter_grads.grad_A_only(grad_xa, x, 0.5, **tiles)
-    assert_within_bound(alone, ref_A, 0.5 * (grad_xa.t() @ x), torch.float16, "dA alone")
-
-
 def test_adapter_grads_address_column_major_operands_past_2_31_elements():
     """A column-major x whose last column starts past element 2^31 (a transposed view of a large
     tensor): the kernel's column offsets are 64-bit, so every column block of dA is right (in int32
@@ -851,5 +824,5 @@ def test_adapter_grads_refuse_what_they_do_not_compute():
     # tensors the kernel computes (under the interpreter here) go back to cuBLAS off such a GPU.
     from lora_ext.kernels import cuda_dispatch
 
-    assert cuda_dispatch.adapter_grads_callback(grad_xa, x, xa, g, 1.0, 1.0, False) is None
-    assert cuda_dispatch.grad_A_only_callback(grad_xa, x, 1.0, False) is None
+    assert cuda_dispatch.adapter_grads_callback(grad_xa, x, xa, g, 1.0, 1.0) is None
+    assert cuda_dispatch.grad_A_only_callback(grad_xa, x, 1.0) is None

@@ -129,11 +129,11 @@ def test_bench_linear_renders_device_times_from_a_csv(bench_linear_run, tmp_path
 def test_ab_summary_reads_bench_linear_csvs(bench_linear_run, tmp_path):
     """scripts/h200_run.sh's `ab` mode: bench_linear CSVs named ab_<set>_<round>.csv, one column each."""
     out, _ = bench_linear_run
-    for name in ("ab_default_1", "ab_streamed_1", "ab_default_2"):
+    for name in ("ab_default_1", "ab_post_off_1", "ab_default_2"):
         shutil.copy(out / "bench_linear.csv", tmp_path / f"{name}.csv")
     text = run(BENCH / "ab_summary.py", str(tmp_path))
     header, *_ = [line for line in text.splitlines() if line.startswith("| mode")]
-    assert [c.strip() for c in header.strip("|").split("|")][4:] == ["default#1", "streamed#1", "default#2"]
+    assert [c.strip() for c in header.strip("|").split("|")][4:] == ["default#1", "post_off#1", "default#2"]
     body = [line for line in text.splitlines() if line.startswith("| fwd")]
     assert len(body) == 8  # fwd and fwd+bwd x qo, kv x dropout 0, 0.1
     for line in body:

@@ -351,67 +351,6 @@ def test_adapter_grads_default_tiles_fit_in_hopper_shared_memory(monkeypatch, r,
     assert local_memory_accesses(compiled.asm["sass"]) == 0, f"{kwargs}: registers spilled"
 
 
-class GridRecordingKernel(RecordingKernel):
-    """A RecordingKernel that also keeps each launch's grid: (fn, grid, args, kwargs)."""
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((self.fn, tuple(grid), args, kwargs))
-        return launch
-
-
-@pytest.mark.parametrize("r", [16, 32, 64])
-@pytest.mark.parametrize("both", [True, False], ids=["dA_and_dB", "dA_only"])
-@pytest.mark.parametrize("shape", [(8192, 4096, 1024, {}), (2048, 64, 48, {"programs": 5, "block_c": 64, "block_m": 128})], ids=["kv", "one_block"])
-def test_adapter_grads_streamed_compile_for_sm90_into_launches_the_replay_understands(r, both, shape):
-    """The streamed launch (streamed=True) as the rule picks it at k/v (80 blocks of 64 columns, 64 for
-    dA alone, M = 8192 on the H200's 132 SMs), and forced onto one column block per output (counts
-    equal to 1 arrive as constexprs), compiled for sm_90: the run kernel fits a block's shared memory
-    (one pipelined loop for dA's and dB's programs: a loop per branch took twice the ring), loads its
-    operands 16 bytes at a time (LDGSTS.128 only) without spills, a division or a layout change of the
-    accumulator per unit; the recipe
-    the native path replays allocates the float32 workspace as its one temporary and writes both
-    outputs in the second launch."""
-    from lora_ext.kernels import adapter_grads
-
-    M, K, N, config = shape
-    grad_xa, x, xa, g = adapter_grads_operands(r, M=M, K=K, N=N)
-    launches = []
-    recorders = {name: GridRecordingKernel(getattr(adapter_grads, name), launches)
-                 for name in ("_adapter_grads_kernel", "_adapter_grads_streamed_kernel", "_adapter_grads_sum_kernel")}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, recorder in recorders.items():
-            patch.setattr(adapter_grads, name, recorder)
-        if both:  # as csrc/lora.cpp passes them, the streamed flag last
-            inputs = (grad_xa, x, xa, g, 0.5, 2.0, True)
-            outputs = adapter_grads.adapter_grads(*inputs[:6], streamed=True, **config)
-        else:
-            inputs = (grad_xa, x, 0.5, True)
-            outputs = (adapter_grads.grad_A_only(*inputs[:3], streamed=True, **config),)
-    assert [fn.__name__ for fn, *_ in launches] == ["_adapter_grads_streamed_kernel", "_adapter_grads_sum_kernel"]
-    assert launches[0][1] == ((132,) if not config else (5,))
-    compiled = []
-    for fn, grid, args, kwargs in launches:
-        _, kernel = compile_for_sm90(fn, args, kwargs)
-        sass = kernel.asm["sass"]
-        assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, f"{fn.__name__} {kwargs}: {kernel.metadata.shared} bytes"
-        assert local_memory_accesses(sass) == 0, f"{fn.__name__}: registers spilled"
-        compiled.append((fn, kernel, grid, args))
-    run_sass = compiled[0][1].asm["sass"]
-    assert run_sass.count("LDGSTS") > 0 and run_sass.count("LDGSTS") == len(re.findall(r"LDGSTS\S*\.128\b", run_sass))
-    # 64-bit divisions are calls to a subroutine: the run's bounds and first block take three; the loop
-    # carries its block and row tile as counters instead of dividing per unit.
-    assert run_sass.count("CALL.REL") <= 3, f"{run_sass.count('CALL.REL')} calls (64-bit divisions in the loop?)"
-    # The accumulator's layout change for the workspace store only in the segment-end branch (nested one
-    # level deeper than the loop's body in the TTGIR), not once per unit.
-    ttgir = compiled[0][1].asm["ttgir"]
-    assert "ttg.convert_layout" in ttgir and not re.search(r"^ {6}%\S+ = ttg\.convert_layout", ttgir, re.M)
-    temps, specs = replay._recipe(inputs, outputs, compiled)
-    assert len(temps) == 1 and temps[0].dtype == torch.float32
-    assert ("temp", 0) in specs[0][5] and ("temp", 0) in specs[1][5]
-    assert ("output", 0) in specs[1][5] and (("output", 1) in specs[1][5]) == both
-
-
 def test_adapter_grads_tile_rule_follows_the_program_count():
     """The three branches of adapter_grads.tile_config at 132 SMs (NOTES.md #40), and the stages it
     takes off at r = 64 where the 4-stage ring would pass a block's shared memory."""
@@ -430,32 +369,8 @@ def test_adapter_grads_tile_rule_follows_the_program_count():
     # A block with less shared memory (sm_120's 99 KiB): stages, then rows come off until it fits.
     small = adapter_grads.tile_config(4096 + 1024, 64, 132, 101376)
     assert (small["block_m"], small["block_c"], small["num_stages"]) == (128, 64, 2)
-    assert adapter_grads.tile_config(4096 + 1024, 16, 132)["programs"] == 0  # streamed only when asked
     # CPU tensors (the interpreter) take the H200's limits, so that its tests run the GPU's choices.
     assert adapter_grads._device_limits(torch.device("cpu")) == (132, 232448)
-
-
-def test_adapter_grads_streamed_rule_and_program_shares():
-    """Asked for (streamed=True), the streamed launch takes one program per SM where the 64-column blocks
-    are at most 3/4 of the SMs and each program gets STREAMED_MIN_TILES row tiles of 256 or more;
-    dA's and dB's programs in proportion to their units, each within [1, its units]."""
-    from lora_ext.kernels import adapter_grads
-
-    def programs(columns, rows):
-        return adapter_grads.tile_config(columns, 16, 132, rows=rows, streamed=True)["programs"]
-
-    assert programs(4096 + 1024, 8192) == 132    # k/v: 80 blocks
-    assert programs(4096, 8192) == 132           # dA alone: 64
-    assert programs(4096 + 4096, 8192) == 0      # q/o: 128 blocks, 97% of the SMs already
-    assert programs(4096 + 1024, 1024) == 0      # 4 row tiles x 80 blocks: 2.4 units per program
-    assert programs(4096 + 1024, 2048) == 132    # 8 x 80 = 640 >= 4 x 132
-    streamed = adapter_grads.tile_config(4096 + 1024, 16, 132, rows=8192, streamed=True)
-    assert (streamed["block_m"], streamed["block_c"], streamed["num_stages"]) == (256, 64, 4)
-    share = adapter_grads._share_programs
-    assert share(132, 64 * 32, 16 * 32) == (106, 26)  # k/v: units 2048 and 512
-    assert share(132, 64 * 32, 0) == (132, 0)
-    assert share(132, 5, 3) == (5, 3)                 # fewer units than programs: one program per unit
-    assert share(132, 1000, 1) == (131, 1)            # each output keeps a program
 
 
 def test_fused_forward_small_m_rule():

@@ -112,19 +112,17 @@ def _measured_gpu(t) -> bool:
     return t.is_cuda and device_facts.major_capability(t.device) >= 9
 
 
-def adapter_grads_callback(grad_xa, x2, xa, grad_y2, scale_A, scale_B, streamed):
+def adapter_grads_callback(grad_xa, x2, xa, grad_y2, scale_A, scale_B):
     """The native path's adapter gradients in one launch (csrc/lora_aten.cpp, use_fused_adapter_grads;
-    dropout 0; streamed: set_fused_adapter_grads_streamed): (dA, dB), or None off Hopper or where
-    adapter_grads.supported refuses these tensors."""
+    dropout 0): (dA, dB), or None off Hopper or where adapter_grads.supported refuses these tensors."""
     from . import adapter_grads
 
     if not (_measured_gpu(x2) and adapter_grads.supported(grad_xa, x2, xa, grad_y2)):
         return None
-    return _fused_or_none(
-        lambda: adapter_grads.adapter_grads(grad_xa, x2, xa, grad_y2, scale_A, scale_B, streamed=streamed), x2)
+    return _fused_or_none(lambda: adapter_grads.adapter_grads(grad_xa, x2, xa, grad_y2, scale_A, scale_B), x2)
 
 
-def grad_A_only_callback(grad_xa, x2, scale_A, streamed):
+def grad_A_only_callback(grad_xa, x2, scale_A):
     """The native path's dA alone in one launch (csrc/lora_aten.cpp, use_fused_adapter_grads, where dB
     comes from the 'post' dropout backward's masked step or is not wanted): (dA,), or None off Hopper
     or where adapter_grads.supported refuses these tensors."""
@@ -132,7 +130,7 @@ def grad_A_only_callback(grad_xa, x2, scale_A, streamed):
 
     if not (_measured_gpu(x2) and adapter_grads.supported(grad_xa, x2, grad_xa, x2)):
         return None
-    return _fused_or_none(lambda: (adapter_grads.grad_A_only(grad_xa, x2, scale_A, streamed=streamed),), x2)
+    return _fused_or_none(lambda: (adapter_grads.grad_A_only(grad_xa, x2, scale_A),), x2)
 
 
 if native_available():
