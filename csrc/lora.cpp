@@ -498,6 +498,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(s drop(g2) B, s drop(g2)^T xa): the native 'post' dropout backward step (csrc/cuda/masked_grad_y.cu)");
   module.def("small_m_forward_cuda_supports", &lora::small_m_forward_cuda_supports,
              "Whether small_m_forward_cuda takes these (x2, lora_A, lora_B)");
+  module.def("small_m_forward_cluster_blocks", &lora::small_m_forward_cluster_blocks,
+             "Blocks per thread-block cluster small_m_forward_cuda launches for these (x2, lora_A, lora_B): 8, or 16 "
+             "where K is long (csrc/cuda/small_m_forward.cu)");
   module.def("small_m_forward_cuda", &lora::small_m_forward_cuda,
              "xa <- x2 A^T and y += s xa B^T in place: the few-token forward's LoRA term (csrc/cuda/small_m_forward.cu)",
              pybind11::arg("x2"), pybind11::arg("lora_A"), pybind11::arg("lora_B"), pybind11::arg("y"),

@@ -39,6 +39,10 @@ constexpr int64_t kSmallForwardMaxRows = 128;
 bool small_m_forward_cuda_supports(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B);
 void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y,
                           at::Tensor& xa, double scale);
+// Blocks per thread-block cluster small_m_forward_cuda launches for these inputs: 16 where K is long
+// enough that 8 K-slices would leave step 1 more than one round of loads per warp and the device
+// fits a 16-block cluster, else 8.
+int64_t small_m_forward_cluster_blocks(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B);
 #endif
 
 // Turns the op's few-token forward path on or off (all builds; without CUDA it is never taken);

@@ -620,9 +620,29 @@ def test_native_masked_grad_y_past_2_31_elements():
 
 # (M, K, N, r): one row (decode), partial row fragments, K not a multiple of 16 nor of the 8 K-slices,
 # ranks padded to 16 / 32 / 64, blocks with two column chunks (N = 14336 with 3 row groups: 5
-# clusters for 56 chunks), the largest M (8 row groups), K smaller than the cluster's slices.
+# clusters for 56 chunks), the largest M (8 row groups), K smaller than the cluster's slices; then
+# 16-block clusters (long K): down's decode at r = 64, K past 8192 at r = 16 with one row and a
+# partial last chunk, K just past 4096 at a rank padded to 64.
 SMALL_M_SHAPES = [(1, 64, 8, 1), (5, 130, 96, 7), (16, 4096, 4096, 16), (17, 258, 514, 33), (40, 512, 14336, 16),
-                  (128, 1024, 264, 64), (3, 2, 2, 3)]
+                  (128, 1024, 264, 64), (3, 2, 2, 3), (16, 14336, 4096, 64), (1, 9000, 520, 16), (3, 4098, 64, 40)]
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_small_m_forward_cluster_size_rule(dtype):
+    """16-block clusters exactly where 8 K-slices would leave step 1 more than one round of loads per
+    warp (8 k-steps in flight at r <= 16, 4 above; NOTES.md #51), on sm_90 where they fit."""
+    def blocks(M, K, N, r):
+        x, A, B = (torch.randn(*shape, device=DEVICE, dtype=dtype) for shape in ((M, K), (r, K), (N, r)))
+        return lora_ext._C.small_m_forward_cluster_blocks(x, A, B)
+
+    # r <= 16: 8192 inputs are 512 k-steps, 64 per block, 8 per warp: one round.
+    assert blocks(16, 8192, 64, 16) == 8 and blocks(16, 8194, 64, 16) == 16
+    assert blocks(1, 4096, 4096, 16) == 8 and blocks(16, 14336, 4096, 16) == 16
+    # r in 17..64: four k-steps in flight, so past 4096 inputs.
+    assert blocks(16, 4096, 64, 64) == 8 and blocks(3, 4098, 64, 40) == 16 and blocks(16, 14336, 4096, 64) == 16
+    with pytest.raises(RuntimeError, match="small_m_forward_cluster_blocks"):
+        blocks(16, 4095, 64, 16)  # odd K: not supported by the kernel at all
 
 
 @native_only

@@ -22,6 +22,12 @@
 // step 3 is spread over up to all SMs. First version (NOTES.md #24): every block summed x A^T
 // over all of K itself, 14 us at 4096 x 4096 and 47 at 14336 x 4096 (rank 16), against 9 us
 // for the two cuBLAS calls it replaces.
+//
+// Clusters of 16 (sm_90's non-portable size) where 8 slices would leave a warp more than one
+// round of loads in step 1 (K > 8192 at r <= 16, K > 4096 at r = 64: down's 14336 inputs): step 1
+// is latency-bound, so half the slice is about half its time (NOTES.md #51). At 14336 x 4096,
+// r = 64, 8-block clusters took 48-50 us of device time with the base GEMM, against 42-43 for
+// cuBLAS's composition.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,6 +35,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 
 #include "../lora_aten.h"
 #include "mma_sm80.cuh"
@@ -41,6 +49,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunkCols = kWarps * 32;  // columns of one step-3 chunk: four 8-column tiles per warp
 constexpr int kCluster = 8;              // blocks per cluster (the portable maximum)
+constexpr int kWideCluster = 16;         // for long K: sm_90's largest (non-portable) cluster
 constexpr int kMaxRank = 64;
 constexpr int kPad = 8;  // 16 bytes: consecutive shared rows start in different banks
 
@@ -80,7 +89,7 @@ __device__ __forceinline__ uint32_t add_scaled_pair(uint32_t pair, float a, floa
   return *reinterpret_cast<const uint32_t*>(sums);
 }
 
-template <typename T, int R_PAD>
+template <typename T, int R_PAD, int CLUSTER>
 __global__ void __launch_bounds__(kThreads)
 small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ y,
                     T* __restrict__ xa_out, int64_t M, int64_t K, int64_t N, int r, float scale, bool b_pairs) {
@@ -101,7 +110,7 @@ small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* _
   // B operand (A^T, i.e. rows of A): A row 8 nb + group, columns pair_col and pair_col + 8.
   {
     const int64_t k_steps = (K + 15) / 16;
-    const int64_t steps_per_block = (k_steps + kCluster - 1) / kCluster;
+    const int64_t steps_per_block = (k_steps + CLUSTER - 1) / CLUSTER;
     const int64_t step_begin = rank * steps_per_block;
     const int64_t step_end = step_begin + steps_per_block < k_steps ? step_begin + steps_per_block : k_steps;
     const T* x_lo = x + (m0 + group) * K;
@@ -157,7 +166,7 @@ small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* _
     const int row = idx / R_PAD, col = idx % R_PAD;
     float sum = 0.f;
 #pragma unroll
-    for (int c = 0; c < kCluster; ++c) sum += cluster.map_shared_rank(&s.slice_sum[0][0], c)[idx];
+    for (int c = 0; c < CLUSTER; ++c) sum += cluster.map_shared_rank(&s.slice_sum[0][0], c)[idx];
     const T value = from_float<T>(sum);
     // Ranks past r are zero, not their sums: with an Inf in x those are Inf * 0 = NaN (A's padding
     // rows are zero), and step 3 would add NaN * 0 (B's padding) to every y of the row.
@@ -212,35 +221,84 @@ small_m_lora_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* _
 
 bool aligned_4(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0; }
 
-template <typename T, int R_PAD>
-void launch(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y, at::Tensor& xa,
-            double scale) {
-  const int64_t M = x2.size(0), K = x2.size(1), N = y.size(1);
-  const int r = static_cast<int>(lora_A.size(0));
+// Step 1's rounds of loads per warp with `cluster` K-slices.
+template <int R_PAD>
+int64_t load_rounds(int64_t K, int64_t cluster) {
+  const int64_t k_steps = (K + 15) / 16, steps_per_block = (k_steps + cluster - 1) / cluster;
+  const int64_t steps_per_warp = (steps_per_block + kWarps - 1) / kWarps;
+  return (steps_per_warp + steps_in_flight<R_PAD>() - 1) / steps_in_flight<R_PAD>();
+}
+
+cudaLaunchConfig_t launch_config(int64_t M, int64_t N, int cluster, cudaLaunchAttribute* cluster_dims) {
   const int64_t row_groups = (M + kRows - 1) / kRows;
   const int64_t chunks = (N + kChunkCols - 1) / kChunkCols;
   // Q clusters per row group: enough for one chunk per block where the SMs allow, as every
   // cluster repeats steps 1-2.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t clusters_per_group =
-      std::clamp<int64_t>(sms / (kCluster * row_groups), 1, (chunks + kCluster - 1) / kCluster);
+  const int64_t clusters_per_group = std::clamp<int64_t>(sms / (cluster * row_groups), 1, (chunks + cluster - 1) / cluster);
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(kCluster * clusters_per_group), static_cast<unsigned>(row_groups));
+  config.gridDim = dim3(static_cast<unsigned>(cluster * clusters_per_group), static_cast<unsigned>(row_groups));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = 0;
   config.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute cluster_dims[1];
   cluster_dims[0].id = cudaLaunchAttributeClusterDimension;
-  cluster_dims[0].val.clusterDim.x = kCluster;
+  cluster_dims[0].val.clusterDim.x = cluster;
   cluster_dims[0].val.clusterDim.y = 1;
   cluster_dims[0].val.clusterDim.z = 1;
   config.attrs = cluster_dims;
   config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, small_m_lora_kernel<T, R_PAD>, reinterpret_cast<const T*>(x2.data_ptr()),
+  return config;
+}
+
+// Whether this device runs the kernel in 16-block clusters (asked once per kernel and device: a
+// non-portable size, so the driver is asked whether one fits rather than assumed).
+template <typename T, int R_PAD>
+bool wide_cluster_fits() {
+  static std::mutex lock;
+  static std::unordered_map<int, bool> fits;  // by device index
+  const int device = at::cuda::current_device();
+  std::lock_guard<std::mutex> guard(lock);
+  auto found = fits.find(device);
+  if (found != fits.end()) return found->second;
+  auto* kernel = small_m_lora_kernel<T, R_PAD, kWideCluster>;
+  bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  if (ok) {
+    cudaLaunchAttribute cluster_dims[1];
+    cudaLaunchConfig_t config = launch_config(kRows, kChunkCols, kWideCluster, cluster_dims);
+    int clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+  }
+  (void)cudaGetLastError();  // a refusal above is an answer, not an error for the next launch to report
+  fits.emplace(device, ok);
+  return ok;
+}
+
+template <typename T, int R_PAD>
+int cluster_blocks(int64_t K) {
+  return load_rounds<R_PAD>(K, kCluster) > 1 && wide_cluster_fits<T, R_PAD>() ? kWideCluster : kCluster;
+}
+
+template <typename T, int R_PAD>
+void launch(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y, at::Tensor& xa,
+            double scale) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = y.size(1);
+  const int r = static_cast<int>(lora_A.size(0));
+  const int cluster = cluster_blocks<T, R_PAD>(K);
+  cudaLaunchAttribute cluster_dims[1];
+  const cudaLaunchConfig_t config = launch_config(M, N, cluster, cluster_dims);
+  auto* kernel = cluster == kWideCluster ? small_m_lora_kernel<T, R_PAD, kWideCluster> : small_m_lora_kernel<T, R_PAD, kCluster>;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x2.data_ptr()),
                                     reinterpret_cast<const T*>(lora_A.data_ptr()),
                                     reinterpret_cast<const T*>(lora_B.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
                                     reinterpret_cast<T*>(xa.data_ptr()), M, K, N, r, static_cast<float>(scale),
                                     /*b_pairs=*/r % 2 == 0 && aligned_4(lora_B)));
+}
+
+template <typename T>
+int cluster_blocks_for_rank(int64_t K, int64_t r) {
+  if (r <= 16) return cluster_blocks<T, 16>(K);
+  if (r <= 32) return cluster_blocks<T, 32>(K);
+  return cluster_blocks<T, 64>(K);
 }
 
 template <typename T>
@@ -271,6 +329,15 @@ bool small_m_forward_cuda_supports(const at::Tensor& x2, const at::Tensor& lora_
   const int64_t K = x2.size(1), N = lora_B.size(0);
   return K % 2 == 0 && N % 2 == 0 && N > 0 && aligned_4(x2) && aligned_4(lora_A) && lora_A.size(0) <= kMaxRank &&
          at::cuda::getDeviceProperties(x2.get_device())->major >= 9;  // thread-block clusters
+}
+
+int64_t small_m_forward_cluster_blocks(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  TORCH_CHECK(small_m_forward_cuda_supports(x2, lora_A, lora_B),
+              "lora: small_m_forward_cluster_blocks got inputs small_m_forward_cuda does not support");
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const int64_t K = x2.size(1), r = lora_A.size(0);
+  return x2.scalar_type() == at::kBFloat16 ? cluster_blocks_for_rank<__nv_bfloat16>(K, r)
+                                           : cluster_blocks_for_rank<__half>(K, r);
 }
 
 void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y,
