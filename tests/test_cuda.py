@@ -1227,9 +1227,10 @@ def test_opcheck_linear_on_the_fused_post_dropout_gemms(fused_forward_on, fused_
 
 @fused_only
 def test_fused_forward_is_not_used_outside_its_measured_range():
-    """Turned on, with fewer than 4096 rows, N > 2048, r > 64, dropout (the 'post' fused GEMMs, which
-    also need this switch, turned off here: test_fused_post_dropout_*), or a layout TMA cannot
-    address: the op composes (its bits equal the composed path's). On by default."""
+    """Turned on, with fewer than 4096 rows, N > 2048 with K > 2048, r > 64, dropout (the 'post' fused
+    GEMMs, which also need this switch, turned off here: test_fused_post_dropout_*), or a layout TMA
+    cannot address: the op composes (its bits equal the composed path's). On by default; at any N
+    where K <= 2048."""
     assert lora_ext._C.set_fused_forward(True) is True  # the default (no LORA_EXT_FUSED_FORWARD=0 here)
 
     def op_bits(x, w, A, B, p, fused):
@@ -1237,17 +1238,18 @@ def test_fused_forward_is_not_used_outside_its_measured_range():
             seed = seed_tensor(3) if p > 0 else None
             return torch.ops.lora.linear(x, w, None, A, B, 0.5, p, "post", seed, "native")[0]
 
-    cases = {"4095 rows": (4095, 256, 1024, 16, 0.0), "N = 2056": (4096, 256, 2056, 16, 0.0),
+    cases = {"4095 rows": (4095, 256, 1024, 16, 0.0), "N = K = 2056": (4096, 2056, 2056, 16, 0.0),
              "r = 72": (4096, 256, 1024, 72, 0.0), "dropout": (4096, 256, 1024, 16, 0.1),
              "K = 260 (rows not 16-byte aligned)": (4096, 260, 1024, 16, 0.0)}
     for what, (M, K, N, r, p) in cases.items():
         inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=False, requires_grad=False, seed=M + N)
         x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
         assert torch.equal(op_bits(x, w, A, B, p, True), op_bits(x, w, A, B, p, False)), what
-    # ...and the check can tell the paths apart where the kernel is used:
-    inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, bias=False, requires_grad=False, seed=1)
-    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
-    assert not torch.equal(op_bits(x, w, A, B, 0.0, True), op_bits(x, w, A, B, 0.0, False))
+    # ...and the check can tell the paths apart where the kernel is used: N <= 2048, or any N at K <= 2048.
+    for K, N in ((256, 1024), (2048, 2056)):
+        inputs = make_inputs((4096,), K, N, 16, torch.bfloat16, bias=False, requires_grad=False, seed=1)
+        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+        assert not torch.equal(op_bits(x, w, A, B, 0.0, True), op_bits(x, w, A, B, 0.0, False)), (K, N)
 
 
 @fused_only
