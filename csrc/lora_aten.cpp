@@ -151,9 +151,10 @@ std::atomic<bool> fused_small_m_forward_enabled{on_unless_env_zero("LORA_EXT_FUS
 // which eats the gain (4096 x 14336: 1.06 vs 1.09; 14336 x 4096: 1.07 vs 1.03; 4096 x 4096:
 // 1.24 vs 1.25), so those stay composed. Measured at M = 8192, r = 16 and 64 (1.30 vs 1.42 at
 // 4096 x 1024, NOTES.md #27): used from 4096 rows, for N <= 2048 and r <= 64. And at any width
-// with at most 2048 inputs, where the first tile's x A^T is short: at M = 4096, r = 16 (the
-// end-to-end model's layers, H200 12-05 13:38, NOTES.md #52) 2048 x 5632 1.135 against the
-// composed 1.25-1.26, 2048 x 32000 1.055 against 1.14-1.15 (Triton's GEMM alone 1.02 and 0.96).
+// with at most 2048 inputs and r <= 16, where the first tile's x A^T is short: at M = 4096, r = 16
+// (the end-to-end model's layers, H200 12-05 13:38, NOTES.md #52) the kernel took 1.135x cuBLAS's
+// x W^T at 2048 x 5632 against the composed op's 1.25-1.26, and 1.055 against 1.14-1.15 at
+// 2048 x 32000 (Triton's GEMM alone 1.02 and 0.96). Only r = 16 was measured there.
 // On by default (LORA_EXT_FUSED_FORWARD=0 or set_fused_forward(false): off). The launch is a
 // replayed piece (triton_bridge.h): from the second call with a key it is launched from C++,
 // its TMA descriptors encoded there, 14 us of host time against the composed path's 62 (a
@@ -161,6 +162,7 @@ std::atomic<bool> fused_small_m_forward_enabled{on_unless_env_zero("LORA_EXT_FUS
 constexpr int64_t kFusedForwardMinRows = 4096;
 constexpr int64_t kFusedForwardMaxWidth = 2048;
 constexpr int64_t kFusedForwardAnyWidthMaxInputs = 2048;
+constexpr int64_t kFusedForwardAnyWidthMaxRank = 16;
 constexpr int64_t kFusedForwardMaxRank = 64;
 std::atomic<bool> fused_forward_enabled{on_unless_env_zero("LORA_EXT_FUSED_FORWARD")};
 
@@ -172,7 +174,8 @@ bool fused_forward_takes(const at::Tensor& x2, const at::Tensor& lora_A) {
 
 bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_forward_takes(x2, lora_A) &&
-         (weight.size(0) <= kFusedForwardMaxWidth || x2.size(1) <= kFusedForwardAnyWidthMaxInputs);
+         (weight.size(0) <= kFusedForwardMaxWidth ||
+          (x2.size(1) <= kFusedForwardAnyWidthMaxInputs && lora_A.size(0) <= kFusedForwardAnyWidthMaxRank));
 }
 
 bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {

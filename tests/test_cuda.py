@@ -879,20 +879,21 @@ def test_fused_grad_input_is_what_the_op_runs(lead_shape, fused_grad_input_on):
 
 
 @fused_only
-@pytest.mark.parametrize("lead_shape,bias,r", [((4100,), True, 16), ((2, 2050), False, 16), ((4100,), False, 64)],
+@pytest.mark.parametrize("lead_shape,bias,r,K,N", [((4100,), True, 16, 512, 1032), ((2, 2050), False, 16, 512, 1032),
+                                                  ((4100,), False, 64, 512, 1032), ((4100,), True, 16, 2048, 2056)],
                          ids=str)
-def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, fused_forward_on):
-    """Turned on, a dropout-free k/v-sized layer at 4096+ rows: the op's y and xa are the fused
-    kernel's bits, y and every gradient are within the float64 bound (run_and_check), and turned
-    off the op composes cuBLAS calls, which round differently."""
+def test_fused_forward_is_what_the_op_runs(lead_shape, bias, r, K, N, fused_forward_on):
+    """Turned on, a dropout-free layer at 4096+ rows, k/v-sized (N <= 2048) or wider with K <= 2048 at
+    r <= 16: the op's y and xa are the fused kernel's bits, y and every gradient are within the
+    float64 bound (run_and_check), and turned off the op composes cuBLAS calls, which round differently."""
     from lora_ext.kernels import fused_forward
 
-    inputs = make_inputs(lead_shape, 512, 1032, r, torch.bfloat16, bias=bias, seed=11)
+    inputs = make_inputs(lead_shape, K, N, r, torch.bfloat16, bias=bias, seed=11)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
     y, xa, _ = run_and_check(inputs, 0.5, 0.0, "post", 0, "native")  # r = 64: dx composed (cuBLAS), dA and dB in one launch
     with torch.no_grad():
-        expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, 512), w, b, A, B, 0.5)
-        assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
+        expected_y, expected_xa = fused_forward.linear_forward(x.reshape(-1, K), w, b, A, B, 0.5)
+        assert torch.equal(y.reshape(-1, N), expected_y) and torch.equal(xa, expected_xa)
         with switched(lora_ext._C.set_fused_forward, False) as previous:
             composed, _ = torch.ops.lora.linear(x, w, b, A, B, 0.5, 0.0, "post", None, "native")
     assert previous is True and not torch.equal(composed, y)
@@ -1227,10 +1228,10 @@ def test_opcheck_linear_on_the_fused_post_dropout_gemms(fused_forward_on, fused_
 
 @fused_only
 def test_fused_forward_is_not_used_outside_its_measured_range():
-    """Turned on, with fewer than 4096 rows, N > 2048 with K > 2048, r > 64, dropout (the 'post' fused
-    GEMMs, which also need this switch, turned off here: test_fused_post_dropout_*), or a layout TMA
-    cannot address: the op composes (its bits equal the composed path's). On by default; at any N
-    where K <= 2048."""
+    """Turned on, with fewer than 4096 rows, N > 2048 with K > 2048 or r > 16, r > 64, dropout (the
+    'post' fused GEMMs, which also need this switch, turned off here: test_fused_post_dropout_*), or a
+    layout TMA cannot address: the op composes (its bits equal the composed path's). On by default;
+    at any N where K <= 2048 and r <= 16."""
     assert lora_ext._C.set_fused_forward(True) is True  # the default (no LORA_EXT_FUSED_FORWARD=0 here)
 
     def op_bits(x, w, A, B, p, fused):
@@ -1239,6 +1240,7 @@ def test_fused_forward_is_not_used_outside_its_measured_range():
             return torch.ops.lora.linear(x, w, None, A, B, 0.5, p, "post", seed, "native")[0]
 
     cases = {"4095 rows": (4095, 256, 1024, 16, 0.0), "N = K = 2056": (4096, 2056, 2056, 16, 0.0),
+             "N = 2056, r = 24": (4096, 256, 2056, 24, 0.0),
              "r = 72": (4096, 256, 1024, 72, 0.0), "dropout": (4096, 256, 1024, 16, 0.1),
              "K = 260 (rows not 16-byte aligned)": (4096, 260, 1024, 16, 0.0)}
     for what, (M, K, N, r, p) in cases.items():

@@ -9,25 +9,26 @@
 // is one plain kernel launch after the base GEMM (benchmarks/NOTES.md #24).
 //
 // The work is a few hundred KiB of loads, so its time is latency: it is spread so that each
-// block issues about one round of loads per phase. Blocks come in clusters of 8 (sm_90
-// thread-block clusters); cluster (q, i) serves row group i (16 rows, one mma.sync row
-// fragment):
+// block issues about one round of loads per phase. Blocks come in clusters of C = 8 or 16 (sm_90
+// thread-block clusters; 16 for long K, below); cluster (q, i) serves row group i (16 rows, one
+// mma.sync row fragment):
 // 1. block c of the cluster sums x A^T over K-slice c (its 8 warps split the slice; their
 //    float32 partials are summed through shared memory);
-// 2. after a cluster barrier every block adds the 8 slices' sums, in rank order, from the
+// 2. after a cluster barrier every block adds the C slices' sums, in rank order, from the
 //    blocks' shared memory (distributed shared memory), and rounds xa to T;
-// 3. block c of cluster q adds s xa B^T to y's 256-column chunks 8 q + c, 8 q + c + 8 Q, ...
+// 3. block c of cluster q adds s xa B^T to y's 256-column chunks C q + c, C q + c + C Q, ...
 //    (warp w: 32 columns of a chunk, tensor cores, added to y in float32, rounded once).
 // Each of the Q clusters of a row group repeats steps 1-2 (x and A come from L2 then), so that
 // step 3 is spread over up to all SMs. First version (NOTES.md #24): every block summed x A^T
 // over all of K itself, 14 us at 4096 x 4096 and 47 at 14336 x 4096 (rank 16), against 9 us
 // for the two cuBLAS calls it replaces.
 //
-// Clusters of 16 (sm_90's non-portable size) where 8 slices would leave a warp more than one
-// round of loads in step 1 (K > 8192 at r <= 16, K > 4096 at r = 64: down's 14336 inputs): step 1
-// is latency-bound, so half the slice is about half its time (NOTES.md #51). At 14336 x 4096,
-// r = 64, 8-block clusters took 48-50 us of device time with the base GEMM, against 42-43 for
-// cuBLAS's composition.
+// Clusters of 16 (sm_90's non-portable size, where the driver says one fits) where 8 slices would
+// leave a warp more than one round of loads in step 1 (K > 8192 at r <= 16, K > 4096 at r > 16:
+// down's 14336 inputs). Measured on the H200 at 14336 x 4096 (NOTES.md #51; device time with the
+// base GEMM, M = 1 / 16): r = 16 40.1 / 42.0 -> 38.5 / 40.7 us, r = 64 47.9 / 50.1 -> 45.5 / 47.3,
+// where cuBLAS's composition takes 42.2 / 43.5 (back to back, host time included, the two are
+// within 0.06 of each other and under 1.5x the base).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -235,7 +236,8 @@ cudaLaunchConfig_t launch_config(int64_t M, int64_t N, int cluster, cudaLaunchAt
   // Q clusters per row group: enough for one chunk per block where the SMs allow, as every
   // cluster repeats steps 1-2.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t clusters_per_group = std::clamp<int64_t>(sms / (cluster * row_groups), 1, (chunks + cluster - 1) / cluster);
+  const int64_t clusters_per_group =
+      std::clamp<int64_t>(sms / (cluster * row_groups), 1, (chunks + cluster - 1) / cluster);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(cluster * clusters_per_group), static_cast<unsigned>(row_groups));
   config.blockDim = dim3(kThreads);
@@ -261,14 +263,17 @@ bool wide_cluster_fits() {
   auto found = fits.find(device);
   if (found != fits.end()) return found->second;
   auto* kernel = small_m_lora_kernel<T, R_PAD, kWideCluster>;
-  bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
-  if (ok) {
+  int clusters = 0;
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (status == cudaSuccess) {
     cudaLaunchAttribute cluster_dims[1];
     cudaLaunchConfig_t config = launch_config(kRows, kChunkCols, kWideCluster, cluster_dims);
-    int clusters = 0;
-    ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+    status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   }
-  (void)cudaGetLastError();  // a refusal above is an answer, not an error for the next launch to report
+  // A refusal is an answer, not an error for the next launch to report: clear it (only ours: an
+  // earlier pending error stays for its owner).
+  if (status != cudaSuccess) (void)cudaGetLastError();
+  const bool ok = status == cudaSuccess && clusters > 0;
   fits.emplace(device, ok);
   return ok;
 }
@@ -286,7 +291,8 @@ void launch(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lo
   const int cluster = cluster_blocks<T, R_PAD>(K);
   cudaLaunchAttribute cluster_dims[1];
   const cudaLaunchConfig_t config = launch_config(M, N, cluster, cluster_dims);
-  auto* kernel = cluster == kWideCluster ? small_m_lora_kernel<T, R_PAD, kWideCluster> : small_m_lora_kernel<T, R_PAD, kCluster>;
+  auto* kernel =
+      cluster == kWideCluster ? small_m_lora_kernel<T, R_PAD, kWideCluster> : small_m_lora_kernel<T, R_PAD, kCluster>;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x2.data_ptr()),
                                     reinterpret_cast<const T*>(lora_A.data_ptr()),
                                     reinterpret_cast<const T*>(lora_B.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),

@@ -13,7 +13,9 @@ in the epilogue, masked there. The composed input gradient likewise pays a pass 
 and a write and re-read of the LoRA part of dx (NOTES.md #28).
 
 Where it is used: the native CUDA path runs both for dropout-free k/v-sized layers at training
-sizes (csrc/lora_aten.cpp, use_fused_forward / use_fused_grad_input; on by default,
+sizes, and the forward also at any width with at most 2048 inputs and r <= 16, where Triton's GEMM
+matched cuBLAS's (1.02 and 0.96 at 2048x5632 and 2048x32000, 4096 tokens, NOTES.md #52)
+(csrc/lora_aten.cpp, use_fused_forward / use_fused_grad_input; on by default,
 LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched from C++ after
 the first call with a key (replay.py records the launch, tensor descriptors included): at
 4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
@@ -21,7 +23,7 @@ the first call with a key (replay.py records the launch, tensor descriptors incl
 4096 tokens. The native path also runs it for dropout-free forwards of up to 16 rows and 8192 inputs
 (decode) with the few-row tiles of small_m_config: one launch for the whole layer (NOTES.md #44, #48;
 on by default, LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM
-alone is 0-15% slower than cuBLAS's at the wide shapes. The 'post' epilogue cost 20-30% when
+alone is 0-15% slower than cuBLAS's at the wide shapes with 4096+ inputs. The 'post' epilogue cost 20-30% when
 measured (NOTES.md #26), before #33 found that triton 3.6 serialised every wgmma of that variant,
 main loop included, and that its mask moved bytes through shared memory; both mended, it measured
 faster than the separate mask pass (#39) and is on by default.
