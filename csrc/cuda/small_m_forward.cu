@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "../lora_aten.h"
@@ -300,20 +301,17 @@ void launch(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lo
                                     /*b_pairs=*/r % 2 == 0 && aligned_4(lora_B)));
 }
 
-template <typename T>
-int cluster_blocks_for_rank(int64_t K, int64_t r) {
-  if (r <= 16) return cluster_blocks<T, 16>(K);
-  if (r <= 32) return cluster_blocks<T, 32>(K);
-  return cluster_blocks<T, 64>(K);
-}
-
-template <typename T>
-void launch_for_rank(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y,
-                     at::Tensor& xa, double scale) {
-  const int64_t r = lora_A.size(0);
-  if (r <= 16) return launch<T, 16>(x2, lora_A, lora_B, y, xa, scale);
-  if (r <= 32) return launch<T, 32>(x2, lora_A, lora_B, y, xa, scale);
-  return launch<T, 64>(x2, lora_A, lora_B, y, xa, scale);
+// f(T(), std::integral_constant<int, R_PAD>()) for x2's 16-bit dtype T and the rank r padded to 16,
+// 32 or 64: the one place the kernel's template arguments are chosen.
+template <typename F>
+auto with_dtype_and_rank_padding(const at::Tensor& x2, int64_t r, F&& f) {
+  auto for_dtype = [&](auto dtype_tag) {
+    if (r <= 16) return f(dtype_tag, std::integral_constant<int, 16>());
+    if (r <= 32) return f(dtype_tag, std::integral_constant<int, 32>());
+    return f(dtype_tag, std::integral_constant<int, 64>());
+  };
+  if (x2.scalar_type() == at::kBFloat16) return for_dtype(__nv_bfloat16());
+  return for_dtype(__half());
 }
 
 }  // namespace
@@ -341,9 +339,10 @@ int64_t small_m_forward_cluster_blocks(const at::Tensor& x2, const at::Tensor& l
   TORCH_CHECK(small_m_forward_cuda_supports(x2, lora_A, lora_B),
               "lora: small_m_forward_cluster_blocks got inputs small_m_forward_cuda does not support");
   const c10::cuda::CUDAGuard guard(x2.device());
-  const int64_t K = x2.size(1), r = lora_A.size(0);
-  return x2.scalar_type() == at::kBFloat16 ? cluster_blocks_for_rank<__nv_bfloat16>(K, r)
-                                           : cluster_blocks_for_rank<__half>(K, r);
+  const int64_t K = x2.size(1);
+  return with_dtype_and_rank_padding(x2, lora_A.size(0), [&](auto dtype_tag, auto rank_padding) {
+    return cluster_blocks<decltype(dtype_tag), decltype(rank_padding)::value>(K);
+  });
 }
 
 void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B, at::Tensor& y,
@@ -357,8 +356,9 @@ void small_m_forward_cuda(const at::Tensor& x2, const at::Tensor& lora_A, const 
                   xa.scalar_type() == x2.scalar_type() && xa.size(0) == x2.size(0) && xa.size(1) == lora_A.size(0),
               "lora: small_m_forward_cuda needs xa contiguous (M, r) in x's dtype, on x's device");
   const c10::cuda::CUDAGuard guard(x2.device());
-  if (x2.scalar_type() == at::kBFloat16) return launch_for_rank<__nv_bfloat16>(x2, lora_A, lora_B, y, xa, scale);
-  launch_for_rank<__half>(x2, lora_A, lora_B, y, xa, scale);
+  with_dtype_and_rank_padding(x2, lora_A.size(0), [&](auto dtype_tag, auto rank_padding) {
+    launch<decltype(dtype_tag), decltype(rank_padding)::value>(x2, lora_A, lora_B, y, xa, scale);
+  });
 }
 
 }  // namespace lora
