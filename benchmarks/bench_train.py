@@ -12,6 +12,9 @@ alpha=32 by default) goes on every Linear layer, lm_head included:
                     (switches_off; benchmarks/NOTES.md #39), i.e. the cuBLAS compositions they replace
   peft              peft.get_peft_model with target_modules = the names of every Linear
                     (adapters kept in bf16: autocast_adapter_dtype=False, unless --peft-fp32-adapters)
+  frozen_base       no adapters at all, only the norms train: the floor (what a step would take if the LoRA
+                    layers cost nothing over their frozen base), so that "tokens/s ÷ peft" in its row is the
+                    most any LoRA layer could reach against PEFT in that run
 One step = torch.compile'd forward + cross-entropy loss, backward, AdamW step (adapters
 only). Reported: tokens/s from the median step time after warm-up (compilation
 happens in the warm-up), and the peak memory allocated during the timed steps.
@@ -43,7 +46,7 @@ import bench_common as common
 common.ensure_repo_on_path()
 import lora_ext  # noqa: E402
 
-ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native", "lora_ext_switches_off")
+ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native", "lora_ext_switches_off", "frozen_base")
 CSV_FIELDS = ["provider", "dropout", "compile", "graphs", "batch", "seq", "params_m", "trainable_m", "n_lora_layers",
               "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s", "peak_gib", "first_loss", "last_loss",
               "warmup_s", "note", "repeat", "host_issue_ms", "gpu_busy_ms"]
@@ -119,6 +122,20 @@ def build_model(provider, dropout, args, device, dtype):
     """(model to train, number of LoRA layers) for one provider; base weights identical across providers."""
     config = build_config(args)
     model = build_meta_model(config, dtype)
+    if provider == "frozen_base":
+        # The floor a LoRA layer could reach: the same model with no adapters. Only the norms'
+        # weights train, so the backward still carries dx through every frozen linear layer (as
+        # with LoRA on all of them) and no linear weight gets a gradient: the step a LoRA step
+        # would be if its adapters cost nothing. Dropout does not apply (no LoRA term).
+        model.to_empty(device=device)
+        init_base_weights(model, args.seed)
+        for module in model.modules():
+            trainable = type(module).__name__.endswith("RMSNorm")
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(trainable)
+        check_finite(model)
+        model.train()
+        return model, 0
     if provider.startswith("lora_ext"):
         peft_config = lora_ext.PeftConfig(match_all_linear=True, dim=args.rank, alpha=args.alpha, dropout=dropout,
                                           dropout_position=args.dropout_position,
@@ -398,7 +415,9 @@ def render(rows, metas) -> str:
                           ratio_text(peak_ratios),
                           f"{num(first['first_loss']):.3f} → {num(last['last_loss']):.3f}", first["warmup_s"],
                           first.get("graphs", ""), issue_cell, busy_cell])
-    first = rows[0] if rows else {}
+    # The model's sizes from a LoRA provider's row: frozen_base has neither adapters nor their parameters.
+    lora_rows = [r for r in rows if r.get("provider") != "frozen_base"]
+    first = (lora_rows or rows or [{}])[0]
     commands = "; ".join(f"`{m['command']}`" for m in metas)
     return "\n".join([
         "## End-to-end LoRA training of a Llama-style decoder (`bench_train.py`)",
@@ -416,6 +435,9 @@ def render(rows, metas) -> str:
         "median time until one step's call returns, its work queued, not done (an upper bound on the host's own "
         "time: the host also waits once the launch queue is full); GPU busy = the kernels' time in one step of "
         "the profile pass (after all timed runs) ÷ the median step time: well under 1, the GPU waited for the host",
+        *([] if len(lora_rows) == len(rows) else [
+            "- frozen_base = the same model without adapters, only its norms trained (dx still runs through every "
+            "frozen linear layer): the floor, so its tokens/s ÷ peft is the most a LoRA layer could reach in that run"]),
         "",
         common.markdown_table(headers, lines),
     ])

@@ -156,7 +156,7 @@ def test_bench_train_reduce_overhead_mode_reaches_every_compile_and_the_row(tmp_
 def test_bench_train_logic_check_compiles_and_trains_every_provider(tmp_path):
     """bench_train's compiled path (each decoder layer compiled, as on the GPU), on the tiny model,
     for the providers of the next device run; losses finite and falling."""
-    providers = ["peft", "lora_ext", "lora_ext_switches_off"]
+    providers = ["peft", "lora_ext", "lora_ext_switches_off", "frozen_base"]
     # --profile: the profile pass after the timed runs (on CUDA it also gives the GPU busy time).
     stdout = run(BENCH / "bench_train.py", "--device", "cpu", "--quick", "--dropouts", "0.1", "--providers",
                  *providers, "--profile", "3", "--out", str(tmp_path), timeout=600)
@@ -172,9 +172,14 @@ def test_bench_train_logic_check_compiles_and_trains_every_provider(tmp_path):
         assert math.isfinite(first) and math.isfinite(last) and last < first + 0.05, row
         assert float(row["tokens_per_s"]) > 0, row
         assert float(row["host_issue_ms"]) > 0 and row["gpu_busy_ms"] == "", row  # no GPU to be busy
+    # The floor: no adapters, only the norms train; the model's LoRA sizes still come from a LoRA row.
+    floor = next(row for row in rows if row["provider"] == "frozen_base")
+    lora = next(row for row in rows if row["provider"] == "lora_ext")
+    assert int(floor["n_lora_layers"]) == 0 and float(floor["trainable_m"]) < float(lora["trainable_m"]), floor
     text = (tmp_path / "bench_train.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| 0.1 |")]
     assert [line.split("|")[2].strip() for line in table] == providers
+    assert f"{lora['n_lora_layers']} LoRA layers" in text and "- frozen_base = the same model" in text
     # On CUDA a row carries the kernels' time of a profiled step: the table gives it as a share of the step.
     for row in rows:
         row["gpu_busy_ms"] = float(row["step_ms"]) * (0.5 if row["provider"] == "peft" else 0.75)
