@@ -117,7 +117,9 @@ def host_probe(tokens: int, rank: int) -> None:
 def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
     """The dropout-free input gradient per shape: cuBLAS's g W (the floor), the native path's composed
     dx (s g B, then (s g B) A written and g W accumulated onto it, as csrc/lora_aten.cpp), and
-    fused_forward.grad_input per tile configuration, with Triton's GEMM alone (no LoRA term)."""
+    fused_forward.grad_input per tile configuration, with Triton's GEMM alone (no LoRA term). Then
+    the 'post' dropout form, grad_xa given (the masked step computes it): composed grad_xa A + g W
+    against fused_forward.grad_input_given_xa, so that its width rule can be read per shape too."""
     torch.manual_seed(0)
     scale = 2.0
     print(f"input gradient, M={tokens} r={rank} bf16; us = do_bench median; ratio to g W in the same run")
@@ -146,8 +148,26 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
                             f"{' WRONG' if err > 2e-2 else ''} err {err:.1e}")
             except Exception as exc:  # a config that does not compile or fit: report, go on
                 line.append(f"[{cfg_name}] failed: {type(exc).__name__}: {str(exc)[:200]}")
+        grad_xa = (torch.mm(g, B) * scale).to(torch.bfloat16)
+
+        def composed_given():
+            return torch.mm(grad_xa, A).addmm_(g, W)
+
+        comp_given = bench_us(composed_given)
+        line.append(f"'post' given grad_xa: composed {comp_given:.1f} ({comp_given / base:.3f})")
+        ref_given = g.double() @ W.double() + grad_xa.double() @ A.double()
+        for cfg_name in configs:
+            cfg = CONFIGS[cfg_name]
+            try:
+                dx = fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg)
+                err = ((dx.double() - ref_given).abs().max() / ref_given.abs().max()).item()
+                fused = bench_us(lambda: fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg))
+                line.append(f"[{cfg_name}] given {fused:.1f} ({fused / base:.3f}){' WRONG' if err > 2e-2 else ''}"
+                            f" err {err:.1e}")
+            except Exception as exc:  # a config that does not compile or fit: report, go on
+                line.append(f"[{cfg_name}] given failed: {type(exc).__name__}: {str(exc)[:200]}")
         print("; ".join(line), flush=True)
-        del g, W, A, B
+        del g, W, A, B, grad_xa
         torch.cuda.empty_cache()
 
 
