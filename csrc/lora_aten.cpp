@@ -192,15 +192,29 @@ bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& weight, c
 // dx. Measured on the H200 (M = 8192, r = 16, ratio to cuBLAS's g W, two runs; NOTES.md #28):
 // 4096 x 1024 1.23-1.25 against 1.56-1.57 composed. At the wide layers Triton's GEMM swings
 // between runs and does not win reliably (4096 x 4096 1.09-1.21 vs 1.12-1.13, 14336 x 4096
-// 1.03-1.12 vs 1.05-1.06, 4096 x 14336 1.13 vs 1.06): the forward's sizes, r <= 16.
+// 1.03-1.12 vs 1.05-1.06, 4096 x 14336 1.13 vs 1.06): the forward's sizes, r <= 16. And up to
+// 8192 outputs where dx is at most 2048 wide (the end-to-end model's gate/up, 4096 tokens: 1.19
+// against 1.25 composed on the H200, 12-05 13:38; 1.21 against 1.32 on the H100, 14:43; NOTES.md
+// #53). At 2048 x 32000 the first tile's g B over 32000 outputs loses (1.16 against 1.10; 1.30
+// against 1.12).
 std::atomic<bool> fused_grad_input_enabled{on_unless_env_zero("LORA_EXT_FUSED_GRAD_INPUT")};
 
 constexpr int64_t kFusedGradInputMaxRank = 16;  // measured at r = 16 only
+constexpr int64_t kFusedGradInputNarrowMaxInputs = 2048;
+constexpr int64_t kFusedGradInputNarrowMaxOutputs = 8192;
+
+// What both fused input gradients (with and without 'post' dropout) need besides their width rule.
+bool fused_grad_input_takes(const at::Tensor& g2, const at::Tensor& lora_A) {
+  return fused_grad_input_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
+         g2.size(0) >= kFusedForwardMinRows && lora_A.size(0) <= kFusedGradInputMaxRank &&
+         lora_A.scalar_type() == g2.scalar_type();
+}
 
 bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_grad_input_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
-         g2.size(0) >= kFusedForwardMinRows && weight.size(0) <= kFusedForwardMaxWidth &&
-         lora_A.size(0) <= kFusedGradInputMaxRank && lora_A.scalar_type() == g2.scalar_type();
+  const int64_t outputs = weight.size(0), inputs = weight.size(1);
+  return fused_grad_input_takes(g2, lora_A) &&
+         (outputs <= kFusedForwardMaxWidth ||
+          (inputs <= kFusedGradInputNarrowMaxInputs && outputs <= kFusedGradInputNarrowMaxOutputs));
 }
 
 // With 'post' dropout (one switch for both; sizes below and in use_fused_grad_input): the forward's
@@ -224,15 +238,27 @@ std::atomic<bool> fused_post_dropout_enabled{on_unless_env_zero("LORA_EXT_FUSED_
 // pass over the (M, N) LoRA term on top (qo +37 us, gate_up +122 us, 12-04 18:31: op p = 0.1 at
 // 1.38 / 1.17 against the fused kernel's p = 0 1.24 / 1.06), so the fused form is predicted to win
 // at every width up to K = 4096 inputs; at 14336 x 4096 (down) the first tile's longer x A^T
-// and the small mask pass (2.7%) leave it even, so wider inputs stay composed.
+// and the small mask pass (2.7%) leave it even, so wider inputs stay composed; except up to 8192
+// inputs at k/v widths (N <= 2048), where the mask pass is a larger share than x A^T: the end-to-end
+// model's down, 5632 x 2048 at 4096 tokens, took 1.24x the base fused against the op's composed
+// 1.37 (H100, 12-05 14:43; NOTES.md #53). The Triton backend's rule is the same
+// (triton_lora.fused_post_forward_takes_width).
 constexpr int64_t kFusedPostForwardMaxInputs = 4096;
+constexpr int64_t kFusedPostForwardNarrowMaxInputs = 8192;
 
-bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& lora_A) {
-  return fused_post_dropout_enabled && fused_forward_takes(x2, lora_A) && x2.size(1) <= kFusedPostForwardMaxInputs;
+bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  const int64_t inputs = x2.size(1);
+  return fused_post_dropout_enabled && fused_forward_takes(x2, lora_A) &&
+         (inputs <= kFusedPostForwardMaxInputs ||
+          (inputs <= kFusedPostForwardNarrowMaxInputs && weight.size(0) <= kFusedForwardMaxWidth));
 }
 
+// The input gradient with grad_xa given has no first tile's g B to pay, so it also runs at any width
+// where dx is at most 2048 wide: 1.03x cuBLAS's g W against 1.14 composed at 2048 x 5632, 0.995
+// against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53).
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_post_dropout_enabled && use_fused_grad_input(g2, weight, lora_A);
+  return fused_post_dropout_enabled && fused_grad_input_takes(g2, lora_A) &&
+         (weight.size(0) <= kFusedForwardMaxWidth || weight.size(1) <= kFusedGradInputNarrowMaxInputs);
 }
 
 // Both adapter gradients of the dropout-free backward in one Triton launch
@@ -340,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     return {with_leading_shape(y, x), xa};
   }
 #endif
-  if (weight.has_value() && (dropout ? post_dropout && use_fused_post_dropout_forward(x2, lora_A)
+  if (weight.has_value() && (dropout ? post_dropout && use_fused_post_dropout_forward(x2, *weight, lora_A)
                                      : use_fused_forward(x2, *weight, lora_A))) {
     if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, post_dropout ? dropout_p : 0.0,
                                           post_dropout ? seed : c10::optional<at::Tensor>())) {

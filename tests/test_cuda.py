@@ -1211,16 +1211,65 @@ def test_triton_backend_post_forward_is_the_fused_kernel_when_switched_on(fused_
 
 
 @fused_only
-def test_fused_post_dropout_forward_is_not_used_past_4096_inputs(fused_forward_on, fused_post_dropout_on):
-    """Turned on, a 'post' forward with more than 4096 input features (down-sized) composes: the
-    same bits as with the switch off."""
-    inputs = make_inputs((4096,), 4104, 1024, 16, torch.bfloat16, bias=False, requires_grad=False, seed=3)
-    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_post_dropout_forward_width_rule(backend, fused_forward_on, fused_post_dropout_on):
+    """Turned on, a 'post' forward past 4096 input features composes (the same bits as with the switch
+    off) unless the layer is k/v-wide (N <= 2048) with at most 8192 inputs, where it is the fused
+    kernel's bits (NOTES.md #53), on either backend."""
+    from lora_ext.kernels import fused_forward
+
     seed = seed_tensor(3)
-    on = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, "native")[0]
-    with switched(lora_ext._C.set_fused_post_dropout, False):
-        off = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, "native")[0]
-    assert torch.equal(on, off)
+    for K, N, fused in ((4104, 2056, False), (8200, 1024, False), (4104, 1024, True), (8192, 2048, True)):
+        inputs = make_inputs((4096,), K, N, 16, torch.bfloat16, bias=False, requires_grad=False, seed=3)
+        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+        on = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, backend)[0]
+        with switched(lora_ext._C.set_fused_post_dropout, False):
+            off = torch.ops.lora.linear(x, w, None, A, B, 0.5, 0.1, "post", seed, backend)[0]
+        if fused:
+            kernel_y, _ = fused_forward.linear_forward(x, w, None, A, B, 0.5, 0.1, seed)
+            assert torch.equal(on, kernel_y) and not torch.equal(on, off), (K, N)
+        else:
+            assert torch.equal(on, off), (K, N)
+
+
+@fused_only
+def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
+    """The native backward's input gradient: dropout-free, fused (the kernel's bits) where N <= 2048 or
+    K <= 2048 with N <= 8192, composed elsewhere; with 'post' dropout, the grad_xa-given kernel where
+    N <= 2048 or K <= 2048 at any N (NOTES.md #53). Every case within the float64 bound."""
+    from lora_ext.kernels import fused_forward
+
+    scale, p, seed_value = 0.5, 0.25, 7
+    cases = [(0.0, 2048, 2056, True), (0.0, 2048, 8192, True), (0.0, 2048, 8200, False), (0.0, 2056, 2056, False),
+             (p, 2048, 8200, True), (p, 2056, 2056, False)]
+    for dropout, K, N, fused in cases:
+        inputs = make_inputs((4096,), K, N, 16, torch.bfloat16, bias=False, seed=K + N)
+        run_and_check(inputs, scale, dropout, "post", seed_value, "native")
+        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+        seed = seed_tensor(seed_value) if dropout else None
+        gy = torch.randn(4096, N, device=DEVICE, dtype=torch.bfloat16)
+
+        def grad_x():
+            y, _ = torch.ops.lora.linear(x, w, None, A, B, scale, dropout, "post", seed, "native")
+            return torch.autograd.grad(y, [x], gy)[0]
+
+        dx = grad_x()
+        w_, A_, B_ = w.detach(), A.detach(), B.detach()
+        if dropout:
+            with torch.no_grad():
+                xa = x.detach() @ A_.t()
+            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B_, xa, scale, seed, dropout, True, False)
+            kernel_dx = fused_forward.grad_input_given_xa(gy, w_, A_, B_, grad_xa)
+            switch = lora_ext._C.set_fused_post_dropout
+        else:
+            kernel_dx, _ = fused_forward.grad_input(gy, w_, A_, B_, scale)
+            switch = lora_ext._C.set_fused_grad_input
+        with switched(switch, False):
+            composed_dx = grad_x()
+        if fused:
+            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N)
+        else:
+            assert torch.equal(dx, composed_dx), (dropout, K, N)
 
 
 @fused_only

@@ -16,7 +16,7 @@ the op's own outputs. With x2 = x as (M, K), g = dY as (M, N), s = scale:
 
 On Hopper, a dropout-free forward from FUSED_FORWARD_MIN_ROWS tokens is one GEMM instead
 (fused_forward.py: x W^T, x A^T and the LoRA term in one Triton kernel over TMA tiles); so is a
-'post' dropout forward up to FUSED_POST_FORWARD_MAX_INPUTS input features when
+'post' dropout forward where fused_post_forward_takes_width (K <= 4096, or <= 8192 at N <= 2048) when
 lora_ext._C.set_fused_post_dropout(True) (the default; measured, benchmarks/NOTES.md #39).
 
 Dropout masks are generated in the kernels from the seed tensor (lora_ext/kernels/philox.py)
@@ -804,8 +804,17 @@ MAX_KERNEL_RANK = 256
 FUSED_FORWARD_MIN_ROWS = 4096
 # With 'post' dropout, when lora_ext._C.set_fused_post_dropout(True) (the default, measured: NOTES.md #33,
 # #39; LORA_EXT_FUSED_POST_DROPOUT=0 turns it off), the fused GEMM applies the mask in its epilogue, up
-# to this many input features: the native path's rule (csrc/lora_aten.cpp, kFusedPostForwardMaxInputs).
+# to this many input features, or up to the narrow limit at k/v widths (out features <= 2048): the
+# native path's rule (csrc/lora_aten.cpp, use_fused_post_dropout_forward; NOTES.md #53).
 FUSED_POST_FORWARD_MAX_INPUTS = 4096
+FUSED_POST_FORWARD_NARROW_MAX_INPUTS = 8192
+FUSED_POST_FORWARD_NARROW_MAX_OUTPUTS = 2048
+
+
+def fused_post_forward_takes_width(K: int, N: int) -> bool:
+    """Whether a 'post' dropout forward of K inputs and N outputs is in the fused GEMM's measured range."""
+    return K <= FUSED_POST_FORWARD_MAX_INPUTS or (K <= FUSED_POST_FORWARD_NARROW_MAX_INPUTS
+                                                   and N <= FUSED_POST_FORWARD_NARROW_MAX_OUTPUTS)
 
 
 def _uses_composition(x, lora_A) -> bool:
@@ -822,7 +831,7 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
     dropout = dropout_p > 0.0
     with device_guard(x):
         x2 = x.reshape(M, K)  # a view when x's strides allow
-        fused_post = (dropout and dropout_position == "post" and K <= FUSED_POST_FORWARD_MAX_INPUTS
+        fused_post = (dropout and dropout_position == "post" and fused_post_forward_takes_width(K, N)
                       and _C.fused_post_dropout_enabled())
         if ((not dropout or fused_post) and M >= FUSED_FORWARD_MIN_ROWS
                 and fused_forward.supports(x2, weight, bias, lora_A, lora_B)):
