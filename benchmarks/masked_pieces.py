@@ -184,6 +184,33 @@ def part_ranks(rows):
     print(common.markdown_table(["shape", "r", "what", "µs"], out))
 
 
+# The end-to-end model's layers (bench_train.py) at its 4096 tokens, beside the Llama-3-8B shapes at 8192.
+E2E_SHAPES = {"e2e_qo": (2048, 2048), "e2e_kv": (2048, 512), "e2e_gate_up": (2048, 5632),
+              "e2e_down": (5632, 2048), "e2e_lm_head": (2048, 32000)}
+
+
+def part_native(rows):
+    """The native 'post' backward step alone, its two load schemes side by side (NOTES.md #55): the
+    registers one tile ahead (default, two programs per SM at r <= 16) against the cp.async ring
+    (three per SM at r <= 16), with cuBLAS's g B and g^T xa without a mask for scale; device time."""
+    out = []
+    for r in (16, 64):
+        for shape, (K, N) in {**SHAPES, **E2E_SHAPES}.items():
+            M = 4096 if shape.startswith("e2e") else 8192
+            x2, g2, A, B, xa, seed = make_inputs(M, K, N, r)
+            step = lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, P, True, True)  # noqa: E731
+            regs, piped = native_with_stages(0, step), native_with_stages(3, step)
+            cublas = common.gpu_us(lambda: (g2 @ B, g2.t() @ xa))
+            gib_per_s = M * N * g2.element_size() / 2**30 / 1e-6
+            for name, us in (("registers", regs), ("cp.async", piped), ("cuBLAS no mask", cublas)):
+                rows.append(dict(part="native", shape=shape, r=r, name=name, us=round(us, 1)))
+            out.append((shape, r, M, f"{regs:.1f}", f"{piped:.1f}", f"{piped / regs:.3f}", f"{cublas:.1f}",
+                        f"{gib_per_s / regs:.0f}", f"{gib_per_s / piped:.0f}"))
+            del x2, g2, A, B, xa
+    print(common.markdown_table(["shape", "r", "M", "registers µs", "cp.async µs", "cp.async ÷ registers",
+                                 "cuBLAS no mask µs", "registers GiB/s", "cp.async GiB/s"], out))
+
+
 def native_with_stages(stages, fn):
     """common.gpu_us(fn) with the native 'post' backward kernel's load scheme set to `stages` (NaN without it)."""
     if not lora_ext._C.has_cuda():
@@ -259,6 +286,8 @@ def main():
             part_floor(rows)
         if "ranks" in args.parts:
             part_ranks(rows)
+        if "native" in args.parts:
+            part_native(rows)
         if "sweep" in args.parts:
             part_sweep(rows, args.time_budget)
     finally:

@@ -467,13 +467,19 @@ def test_native_masked_grad_y_matches_float64(M, N, r, dtype):
     only_B = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, False, True)
     assert only_xa[1].numel() == 0 and only_B[0].numel() == 0
     assert torch.equal(only_xa[0], grad_xa) and torch.equal(only_B[1], grad_B)
-    # The cp.async load scheme (off by default, NOTES.md #36) feeds the same products the same
-    # masked tiles: the same bits.
+    # The cp.async load scheme (off by default, NOTES.md #36, #55) feeds the same products the same
+    # masked tiles: within the same bound, and above r = 16 (one program per SM either way, so the
+    # same split of the sums) the same bits; at r <= 16 it runs three programs per SM instead of
+    # two, so its sums are split differently. Either way one output alone gives that output's bits.
     with switched(lora_ext._C.set_masked_grad_y_stages, 3) as previous:
         piped = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True)
         piped_xa = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, False)[0]
     assert previous == 0
-    assert torch.equal(piped[0], grad_xa) and torch.equal(piped[1], grad_B) and torch.equal(piped_xa, grad_xa)
+    for what, actual, expected in (("piped dxa", piped[0], expected_xa), ("piped dB", piped[1], expected_B)):
+        assert_relative_error(actual, expected, what, 4 * EPS[dtype], floor=1.0)
+    assert torch.equal(piped_xa, piped[0])
+    if r > 16:
+        assert torch.equal(piped[0], grad_xa) and torch.equal(piped[1], grad_B)
 
 
 @native_only

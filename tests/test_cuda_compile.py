@@ -73,10 +73,10 @@ def test_cuda_source_compiles(source, arch, stubs, tmp_path):
 
 
 def test_masked_grad_y_compiles_within_its_register_budgets(stubs, tmp_path):
-    """masked_grad_y.cu compiles, and at ranks <= 16 each variant of its kernel (bf16/fp16, both load
-    schemes) fits the 128 registers that two programs per SM allow (__launch_bounds__) without
-    spilling: the kernel's two-programs-per-SM design (its head comment) rests on it. The partials'
-    summing kernel keeps no stack frame."""
+    """masked_grad_y.cu compiles, and at ranks <= 16 each variant of its kernel (bf16/fp16) fits without
+    spilling the registers its programs per SM allow (__launch_bounds__): 128 for the register load
+    scheme's two, 80 for the cp.async scheme's three. The kernel's design (its head comment) rests on
+    it. The partials' summing kernel keeps no stack frame."""
     result = nvcc("masked_grad_y.cu", stubs, tmp_path, "-Xptxas", "-v")
     assert result.returncode == 0, result.stderr[-4000:]
     # ptxas -v: "Compiling entry function '<mangled>'" then its spill and register lines.
@@ -87,7 +87,9 @@ def test_masked_grad_y_compiles_within_its_register_budgets(stubs, tmp_path):
     rank16 = {name: usage for name, usage in kernels.items() if "Li16ELi" in name}
     assert len(rank16) == 4, sorted(kernels)  # bf16 and fp16, STAGES 0 and 3
     for name, (spills, registers) in rank16.items():
-        assert spills == 0 and registers <= 128, (name, spills, registers)
+        budget = 80 if name.endswith("Li16ELi3EEEvPKT_S5_S5_PfS6_PKlllilliij") else 128  # STAGES = 3: three per SM
+        assert spills == 0 and registers <= budget, (name, spills, registers, budget)
+    assert sum(name.endswith("Li16ELi3EEEvPKT_S5_S5_PfS6_PKlllilliij") for name in rank16) == 2, sorted(rank16)
     # The partials' sum (both in one launch) reads its two argument structs field by field: no stack
     # frame (a reference to either struct had copied both to local memory, 80 bytes).
     frames = dict(re.findall(r"Compiling entry function '(\w*sum_slices_kernel\w*)'.*?(\d+) bytes stack frame",

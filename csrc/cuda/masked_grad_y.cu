@@ -26,9 +26,11 @@
 // while the H200's HBM needs ~48 KiB per SM in flight (~32 GB/s per SM x ~1.5 us loaded
 // latency): at 1.1 TB/s (gate_up 205.8 us for 224 MiB, 12-04 21:29) the pass is latency-bound.
 // 3: cp.async copies whole tiles into a ring of three shared-memory stages, two tiles ahead
-// (64 KiB per SM in flight, no registers held for them), each thread masks in place the vectors
-// it copied itself, and the products read the stage (benchmarks/NOTES.md #36; off by default
-// until measured: LORA_EXT_MASKED_GRAD_Y_STAGES=3 or set_masked_grad_y_stages(3)).
+// (no registers held for them), each thread masks in place the vectors it copied itself, and the
+// products read the stage (benchmarks/NOTES.md #36). With two programs per SM (64 KiB in flight)
+// it measured 2-20% slower than the register scheme on the H200 (#39); at r <= 16 it now runs
+// three per SM, which its 80 registers allow (96 KiB in flight, #55). Off by default until
+// measured: LORA_EXT_MASKED_GRAD_Y_STAGES=3 or set_masked_grad_y_stages(3).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -149,10 +151,13 @@ __device__ __forceinline__ void store_rows(T (&dst)[kTileRows][R_PAD + kPad],
   }
 }
 
-// Programs per SM: two at ranks <= 16 (<= 128 registers, no spill on sm_90); one above, whose
-// accumulators would spill under that bound (ptxas -v).
-template <int R_PAD>
-constexpr int programs_per_sm() { return R_PAD <= 16 ? 2 : 1; }
+// Programs per SM: at ranks <= 16 two with the register scheme (<= 128 registers, no spill on
+// sm_90; at 80 registers its one-tile-ahead vectors spill) and three with the cp.async ring (which
+// holds no vectors in registers: 80 registers without a spill, ptxas -v, and 3 x 61 KiB of shared
+// memory per SM), so that ~96 KiB per SM are in flight instead of 32 (NOTES.md #55); one above,
+// whose accumulators would spill under either bound.
+template <int R_PAD, int STAGES>
+constexpr int programs_per_sm() { return R_PAD <= 16 ? (STAGES > 0 ? 3 : 2) : 1; }
 
 // Two 16-bit elements times their keep flags (1 or 0, exact): the flags of the pair's two
 // elements are the low and high halves of one Philox word (philox.h). Times 0, not replaced by
@@ -251,7 +256,7 @@ __device__ __forceinline__ void store_fragment(float* part, const float (&acc)[R
 // STAGES: 0 = registers one tile ahead (static shared memory); >= 2 = cp.async ring of STAGES
 // shared tiles (dynamic shared memory, sizeof(PipelinedTiles)). See the file's head.
 template <typename T, int R_PAD, int STAGES>
-__global__ void __launch_bounds__(kThreads, programs_per_sm<R_PAD>())
+__global__ void __launch_bounds__(kThreads, programs_per_sm<R_PAD, STAGES>())
 masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const T* __restrict__ rows,
                      float* __restrict__ rows_grad_part, float* __restrict__ panel_grad_part,
                      const int64_t* __restrict__ seed_ptr, int64_t M, int64_t C, int r, int64_t M_pad, int64_t C_pad,
@@ -446,9 +451,12 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   const int64_t M_pad = m_blocks * kTileRows, C_pad = c_blocks * kTileCols;
   // About programs_per_sm programs per SM (what __launch_bounds__ fits), split between row and column
   // groups so that the two float32 partials, c_groups x M and m_groups x C rows of R_PAD,
-  // are about equal in size: m_groups ~ sqrt(programs * M / C).
+  // are about equal in size: m_groups ~ sqrt(programs * M / C). The load scheme sets the count, so
+  // at r <= 16 the two schemes split the sums differently (other bits, both deterministic).
+  const bool pipelined = masked_grad_y_stages.load() == kPipelineStages;
+  const int per_sm = pipelined ? programs_per_sm<R_PAD, kPipelineStages>() : programs_per_sm<R_PAD, 0>();
   const double programs =
-      static_cast<double>(programs_per_sm<R_PAD>()) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      static_cast<double>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t m_groups_wanted =
       std::clamp<int64_t>(std::llround(std::sqrt(programs * static_cast<double>(M) / static_cast<double>(C))), 1,
                           m_blocks);
@@ -476,17 +484,23 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
         static_cast<int>(blocks_m_per_group), static_cast<int>(blocks_c_per_group), dropout_threshold(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (masked_grad_y_stages.load() == kPipelineStages) {
+  if (pipelined) {
     constexpr size_t shared = sizeof(PipelinedTiles<T, R_PAD, kPipelineStages>);
     auto kernel = masked_grad_y_kernel<T, R_PAD, kPipelineStages>;
-    // Over 48 KiB of dynamic shared memory needs the opt-in, per device.
+    // Over 48 KiB of dynamic shared memory needs the opt-in, per device; and the most shared memory
+    // the SM can carve out of its L1, so that three programs fit on one SM.
+    auto opt_in = [&] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+    };
     const int device = g2.get_device();
     static std::atomic<uint64_t> opted_in{0};
     if (device < 64 && !(opted_in.load() & (uint64_t{1} << device))) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      opt_in();
       opted_in |= uint64_t{1} << device;
     } else if (device >= 64) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      opt_in();
     }
     launch(kernel, shared);
   } else {
