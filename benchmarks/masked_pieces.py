@@ -1,7 +1,7 @@
 """The native path's dropout pieces (Triton masked thin products) on the GPU: where their
 host time goes, what the mask costs, and which tiles run them fastest.
 
-Four parts, each printed as a markdown table and written as CSV rows to --out:
+Five parts, each printed as a markdown table and written as CSV rows to --out:
 
 1. host: per-call host time (tiny shapes, so the GPU work is negligible) of each masked
    piece called from Python, of the op through C++ with and without dropout, and of bare
@@ -13,8 +13,11 @@ Four parts, each printed as a markdown table and written as CSV rows to --out:
    native CUDA pass, and dA as rows^T inp (default) against inp^T rows.
 4. sweep: each piece at the four Llama shapes, over tile shape, warps, stages and
    programs per SM; the best configuration per piece next to the current default.
+5. native (not in the default set): the native 'post' backward step (csrc/cuda/masked_grad_y.cu)
+   with its two load schemes side by side, at the Llama shapes (8192 tokens) and the end-to-end
+   model's (4096), r = 16 and 64, with cuBLAS without a mask for scale.
 
-    python benchmarks/masked_pieces.py --out OUT [--parts host floor ranks sweep] [--time-budget S]
+    python benchmarks/masked_pieces.py --out OUT [--parts host floor ranks sweep native] [--time-budget S]
 """
 from __future__ import annotations
 
@@ -273,7 +276,8 @@ def part_sweep(rows, budget_s, r=16):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--parts", nargs="+", default=["host", "floor", "ranks", "sweep"])
+    parser.add_argument("--parts", nargs="+", default=["host", "floor", "ranks", "sweep"],
+                        choices=["host", "floor", "ranks", "sweep", "native"])
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds for the sweep")
     args = parser.parse_args()
     rows = []

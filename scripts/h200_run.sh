@@ -12,7 +12,7 @@
 # at the end (with env.txt and the summaries kept beside it).
 #   host: the k/v layer's host path (fused_forward_probe.py --host; profile_layer.py's CPU table, p 0 and 0.1).
 #   probe: host overhead (eager, and a compiled 7-layer chain per layer), ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
-#   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep).
+#   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep; PIECES_PARTS picks).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
 #   decode: benchmarks/decode_probe.py --ranks 16 64 (the few-token routes: fused Triton GEMM, kernel, off).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
@@ -74,7 +74,9 @@ if has host; then
   } 2>&1 | tee "$OUT/host.log" | tail -120
 fi
 if has pieces; then
-  python3 benchmarks/masked_pieces.py --out "$OUT" --time-budget ${SWEEP_BUDGET:-180} 2>&1 | tee "$OUT/pieces.log" | tail -80
+  # PIECES_PARTS picks masked_pieces.py's parts (default all four; "native": the native step's two load schemes).
+  python3 benchmarks/masked_pieces.py --out "$OUT" --time-budget ${SWEEP_BUDGET:-180} \
+    --parts ${PIECES_PARTS:-host floor ranks sweep} 2>&1 | tee "$OUT/pieces.log" | tail -80
 fi
 if has fused; then
   python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80

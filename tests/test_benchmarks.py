@@ -220,11 +220,13 @@ def test_probe_scripts_import_and_parse_their_arguments(script):
 
 def planned_calls():
     """(script, arguments) of each benchmark call that benchmarks/NOTES.md's device plans write out:
-    FUSED_ARGS for fused_forward_probe.py, TRAIN_ARGS for bench_train.py, and the arguments after
+    FUSED_ARGS for fused_forward_probe.py, TRAIN_ARGS for bench_train.py, PIECES_PARTS for masked_pieces.py
+    (its --parts), and the arguments after
     `h200_run.sh MODES` (bench_linear.py's, where MODES has bench)."""
     notes = (BENCH / "NOTES.md").read_text()
     calls = [("fused_forward_probe.py", args) for args in re.findall(r'FUSED_ARGS="([^"]*)"', notes)]
     calls += [("bench_train.py", args) for args in re.findall(r'TRAIN_ARGS="([^"]*)"', notes)]
+    calls += [("masked_pieces.py", f"--parts {args}") for args in re.findall(r'PIECES_PARTS="([^"]*)"', notes)]
     # Each command is a code span (it may wrap lines): its words after the modes are bench_linear's.
     for span in re.findall(r"`([^`]*h200_run\.sh [^`]*)`", notes):
         modes, *args = span.split("h200_run.sh", 1)[1].split()
