@@ -12,7 +12,7 @@ alpha=32 by default) goes on every Linear layer, lm_head included:
                     (switches_off; benchmarks/NOTES.md #39), i.e. the cuBLAS compositions they replace
   peft              peft.get_peft_model with target_modules = the names of every Linear
                     (adapters kept in bf16: autocast_adapter_dtype=False, unless --peft-fp32-adapters)
-  frozen_base       no adapters at all, only the norms train: the floor (what a step would take if the LoRA
+  frozen_base       no adapters at all, only the norms trainable: the floor (what a step would take if the LoRA
                     layers cost nothing over their frozen base), so that "tokens/s ÷ peft" in its row is the
                     most any LoRA layer could reach against PEFT in that run
 One step = torch.compile'd forward + cross-entropy loss, backward, AdamW step (adapters
@@ -124,9 +124,11 @@ def build_model(provider, dropout, args, device, dtype):
     model = build_meta_model(config, dtype)
     if provider == "frozen_base":
         # The floor a LoRA layer could reach: the same model with no adapters. Only the norms'
-        # weights train, so the backward still carries dx through every frozen linear layer (as
-        # with LoRA on all of them) and no linear weight gets a gradient: the step a LoRA step
-        # would be if its adapters cost nothing. Dropout does not apply (no LoRA term).
+        # weights are trainable, so the backward still carries dx through every frozen linear layer
+        # (as with LoRA on all of them) and no linear weight gets a gradient: the step a LoRA step
+        # would be if its adapters cost nothing. (At lr 1e-4 their bf16 values do not move, so the
+        # loss stays put; and layer 0's q/k/v input gradient, which LoRA runs do not need, is
+        # computed: ~0.2% of the step, so the floor errs slow.) Dropout does not apply (no LoRA term).
         model.to_empty(device=device)
         init_base_weights(model, args.seed)
         for module in model.modules():
@@ -436,7 +438,7 @@ def render(rows, metas) -> str:
         "time: the host also waits once the launch queue is full); GPU busy = the kernels' time in one step of "
         "the profile pass (after all timed runs) ÷ the median step time: well under 1, the GPU waited for the host",
         *([] if len(lora_rows) == len(rows) else [
-            "- frozen_base = the same model without adapters, only its norms trained (dx still runs through every "
+            "- frozen_base = the same model without adapters, only its norms trainable (dx still runs through every "
             "frozen linear layer): the floor, so its tokens/s ÷ peft is the most a LoRA layer could reach in that run"]),
         "",
         common.markdown_table(headers, lines),

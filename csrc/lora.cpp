@@ -492,8 +492,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Whether masked_grad_y_cuda takes these (g2, lora_B, xa)");
   module.def("set_masked_grad_y_stages", &lora::set_masked_grad_y_stages,
              "The native 'post' backward step's load scheme: 0 (registers one tile ahead, default) or 3 (cp.async "
-             "ring of three shared-memory tiles; off by default until measured, LORA_EXT_MASKED_GRAD_Y_STAGES=3 at "
-             "import); returns the previous one");
+             "ring of three shared-memory tiles, three programs per SM at r <= 16, so other sums and bits there; "
+             "off by default until measured on the H200, LORA_EXT_MASKED_GRAD_Y_STAGES=3 at import); returns the "
+             "previous one");
   module.def("masked_grad_y_cuda", &lora::masked_grad_y_cuda,
              "(s drop(g2) B, s drop(g2)^T xa): the native 'post' dropout backward step (csrc/cuda/masked_grad_y.cu)");
   module.def("small_m_forward_cuda_supports", &lora::small_m_forward_cuda_supports,

@@ -69,7 +69,7 @@ struct alignas(128) SharedTiles {
 };
 
 // The pipelined variant's shared memory: STAGES raw (then masked in place) dY tiles, B's and
-// xa's rows as in SharedTiles. Dynamic shared memory (61 KiB at r <= 16 with three stages).
+// xa's rows as in SharedTiles. Dynamic shared memory (60 KiB at r <= 16 with three stages).
 template <typename T, int R_PAD, int STAGES>
 struct alignas(128) PipelinedTiles {
   T stage[STAGES][kTileRows][kTileCols + kPad];
@@ -153,7 +153,7 @@ __device__ __forceinline__ void store_rows(T (&dst)[kTileRows][R_PAD + kPad],
 
 // Programs per SM: at ranks <= 16 two with the register scheme (<= 128 registers, no spill on
 // sm_90; at 80 registers its one-tile-ahead vectors spill) and three with the cp.async ring (which
-// holds no vectors in registers: 80 registers without a spill, ptxas -v, and 3 x 61 KiB of shared
+// holds no vectors in registers: 80 registers without a spill, ptxas -v, and 3 x 60 KiB of shared
 // memory per SM), so that ~96 KiB per SM are in flight instead of 32 (NOTES.md #55); one above,
 // whose accumulators would spill under either bound.
 template <int R_PAD, int STAGES>
@@ -454,7 +454,33 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   // are about equal in size: m_groups ~ sqrt(programs * M / C). The load scheme sets the count, so
   // at r <= 16 the two schemes split the sums differently (other bits, both deterministic).
   const bool pipelined = masked_grad_y_stages.load() == kPipelineStages;
-  const int per_sm = pipelined ? programs_per_sm<R_PAD, kPipelineStages>() : programs_per_sm<R_PAD, 0>();
+  constexpr size_t pipelined_shared = sizeof(PipelinedTiles<T, R_PAD, kPipelineStages>);
+  auto pipelined_kernel = masked_grad_y_kernel<T, R_PAD, kPipelineStages>;
+  int per_sm = programs_per_sm<R_PAD, 0>();
+  if (pipelined) {
+    // Over 48 KiB of dynamic shared memory needs the opt-in, per device; and the most shared memory
+    // the SM can carve out of its L1, so that three programs fit on one SM (H100/H200: 228 KiB).
+    auto opt_in = [&] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(pipelined_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          pipelined_shared));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(pipelined_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+    };
+    const int device = g2.get_device();
+    static std::atomic<uint64_t> opted_in{0};
+    if (device < 64 && !(opted_in.load() & (uint64_t{1} << device))) {
+      opt_in();
+      opted_in |= uint64_t{1} << device;
+    } else if (device >= 64) {
+      opt_in();
+    }
+    // As many as this GPU holds at once, at most the launch bounds' count: an SM with less shared
+    // memory (A100: 164 KiB, two) gets a grid of one wave instead of one and a half.
+    int resident = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, pipelined_kernel, kThreads,
+                                                                 pipelined_shared));
+    per_sm = std::clamp(resident, 1, programs_per_sm<R_PAD, kPipelineStages>());
+  }
   const double programs =
       static_cast<double>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t m_groups_wanted =
@@ -485,24 +511,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (pipelined) {
-    constexpr size_t shared = sizeof(PipelinedTiles<T, R_PAD, kPipelineStages>);
-    auto kernel = masked_grad_y_kernel<T, R_PAD, kPipelineStages>;
-    // Over 48 KiB of dynamic shared memory needs the opt-in, per device; and the most shared memory
-    // the SM can carve out of its L1, so that three programs fit on one SM.
-    auto opt_in = [&] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
-    };
-    const int device = g2.get_device();
-    static std::atomic<uint64_t> opted_in{0};
-    if (device < 64 && !(opted_in.load() & (uint64_t{1} << device))) {
-      opt_in();
-      opted_in |= uint64_t{1} << device;
-    } else if (device >= 64) {
-      opt_in();
-    }
-    launch(kernel, shared);
+    launch(pipelined_kernel, pipelined_shared);
   } else {
     launch(masked_grad_y_kernel<T, R_PAD, 0>, sizeof(SharedTiles<T, R_PAD>));
   }
