@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, host, pieces, fused, decode, switches, ab, exitprobe, train;
+#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, decode, switches, ab, exitprobe, train;
 #   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
@@ -13,6 +13,7 @@
 #   host: the k/v layer's host path (fused_forward_probe.py --host; profile_layer.py's CPU table, p 0 and 0.1).
 #   probe: host overhead (eager, and a compiled 7-layer chain per layer), ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep; PIECES_PARTS picks).
+#   ncu: Nsight Compute on one launch of the native 'post' backward step (scripts/ncu_piece.py; NCU_* pick it).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
 #   decode: benchmarks/decode_probe.py --ranks 16 64 (the few-token routes: fused Triton GEMM, kernel, off).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
@@ -80,6 +81,25 @@ if has pieces; then
 fi
 if has fused; then
   python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80
+fi
+if has ncu; then
+  # Nsight Compute on one launch of a masked piece (scripts/ncu_piece.py; NCU_PIECE default grad_y_native,
+  # the native 'post' backward step; NCU_SHAPE qo; NCU_RANK 16; NCU_KERNEL the kernel-name regex): the full
+  # set, then each stall reason's cycles per issued instruction (NOTES.md #55: what bounds the step).
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [[ -z $ncu_bin ]]; then echo "ncu: Nsight Compute not found"; else
+    ncu_args=(--clock-control none -k "regex:${NCU_KERNEL:-masked_grad_y_kernel}" --launch-skip 2 --launch-count 1)
+    piece_args=(scripts/ncu_piece.py ${NCU_PIECE:-grad_y_native} ${NCU_SHAPE:-qo} ${NCU_RANK:-16})
+    timeout 240 "$ncu_bin" "${ncu_args[@]}" --set full python3 "${piece_args[@]}" > "$OUT/ncu_full.log" 2>&1
+    echo "ncu full set: exit $?"
+    timeout 120 "$ncu_bin" "${ncu_args[@]}" \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' python3 "${piece_args[@]}" \
+      > "$OUT/ncu_stalls.log" 2>&1
+    echo "ncu stall reasons: exit $?"
+    grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Issued Ipc|No Eligible|Registers Per" \
+      "$OUT/ncu_full.log" | head -20
+    grep -E "stalled" "$OUT/ncu_stalls.log" | sort -k3 -g -r | head -25
+  fi
 fi
 if has decode; then
   python3 benchmarks/decode_probe.py --ranks 16 64 2>&1 | tee "$OUT/decode.log" | tail -60
