@@ -171,14 +171,15 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
         torch.cuda.empty_cache()
 
 
-# Block rows x columns x pipeline stages x warps. Per program, BLOCK_M x BLOCK_C of the big operand
+# Block rows x columns x pipeline stages x warps (16 columns: twice the programs of 32 where a layer's
+# columns leave SMs idle, e.g. 80 programs at the end-to-end k/v; NOTES.md #40). Per program, BLOCK_M x BLOCK_C of the big operand
 # per stage: (stages - 1) tiles in flight (NOTES #40: the 12-05 default, 128 x 32 x 4, keeps ~24 KiB
 # in flight per program, about half what the HBM's latency needs). Configs that do not fit shared
 # memory fail to compile and are reported as such.
 ADAPTER_GRAD_CONFIGS = {
     "rule": {},  # adapter_grads.tile_config's choice for the launch (the default since #40)
     **{f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
-       for bm in (128, 256, 512) for bc in (32, 64) for st in (3, 4, 6) for nw in (4, 8)
+       for bm in (128, 256, 512) for bc in (16, 32, 64) for st in (3, 4, 6) for nw in (4, 8)
        if bm * bc * 2 * st <= 160 * 1024},
 }
 
