@@ -83,6 +83,13 @@ def replace_section(name: str, body: str, path: str = RESULTS_MD) -> None:
         f.write(text)
 
 
+# The end-to-end model's linear layers (bench_train.py's GPU_MODEL: hidden 2048, 8 of 32 heads for k/v,
+# intermediate 5632, vocabulary 32000) as (K, N), and its tokens per step (batch 2 x seq 2048).
+E2E_SHAPES = {"e2e_qo": (2048, 2048), "e2e_kv": (2048, 512), "e2e_gate_up": (2048, 5632), "e2e_down": (5632, 2048),
+              "e2e_lm_head": (2048, 32000)}
+E2E_TOKENS = 4096
+
+
 def csv_cells(row: dict) -> dict:
     """A row for csv.DictWriter: None (not measured) as an empty cell."""
     return {k: ("" if v is None else v) for k, v in row.items()}

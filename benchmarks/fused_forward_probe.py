@@ -31,9 +31,7 @@ from lora_ext.kernels import fused_forward  # noqa: E402
 from lora_ext.reference import lora_linear_reference  # noqa: E402
 
 SHAPES = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
-# The end-to-end model's layers (bench_train.py: hidden 2048, intermediate 5632, vocabulary 32000; 4096 tokens).
-SHAPES.update({"e2e_qo": (2048, 2048), "e2e_kv": (2048, 512), "e2e_gate_up": (2048, 5632), "e2e_down": (5632, 2048),
-               "e2e_lm_head": (2048, 32000)})
+SHAPES.update(common.E2E_SHAPES)  # the end-to-end model's layers (run them with --tokens 4096)
 CONFIGS = {
     "default": {},  # fused_forward's own choice (DEFAULT_CONFIG and its stages rule, _pipeline_stages)
     "256x3": dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_stages=3, num_warps=8),

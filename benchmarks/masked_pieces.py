@@ -187,19 +187,15 @@ def part_ranks(rows):
     print(common.markdown_table(["shape", "r", "what", "µs"], out))
 
 
-# The end-to-end model's layers (bench_train.py) at its 4096 tokens, beside the Llama-3-8B shapes at 8192.
-E2E_SHAPES = {"e2e_qo": (2048, 2048), "e2e_kv": (2048, 512), "e2e_gate_up": (2048, 5632),
-              "e2e_down": (5632, 2048), "e2e_lm_head": (2048, 32000)}
-
-
 def part_native(rows):
     """The native 'post' backward step alone, its two load schemes side by side (NOTES.md #55): the
     registers one tile ahead (default, two programs per SM at r <= 16) against the cp.async ring
     (three per SM at r <= 16), with cuBLAS's g B and g^T xa without a mask for scale; device time."""
     out = []
     for r in (16, 64):
-        for shape, (K, N) in {**SHAPES, **E2E_SHAPES}.items():
-            M = 4096 if shape.startswith("e2e") else 8192
+        # The Llama-3-8B shapes at 8192 tokens, the end-to-end model's at its own 4096.
+        for shape, (K, N) in {**SHAPES, **common.E2E_SHAPES}.items():
+            M = common.E2E_TOKENS if shape in common.E2E_SHAPES else 8192
             x2, g2, A, B, xa, seed = make_inputs(M, K, N, r)
             step = lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, P, True, True)  # noqa: E731
             regs, piped = native_with_stages(0, step), native_with_stages(3, step)

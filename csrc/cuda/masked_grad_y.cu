@@ -47,6 +47,7 @@
 #include "../lora_aten.h"
 #include "../philox.h"
 #include "mma_sm80.cuh"
+#include "per_device.h"
 
 namespace lora {
 namespace {
@@ -458,28 +459,21 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   auto pipelined_kernel = masked_grad_y_kernel<T, R_PAD, kPipelineStages>;
   int per_sm = programs_per_sm<R_PAD, 0>();
   if (pipelined) {
-    // Over 48 KiB of dynamic shared memory needs the opt-in, per device; and the most shared memory
-    // the SM can carve out of its L1, so that three programs fit on one SM (H100/H200: 228 KiB).
-    auto opt_in = [&] {
+    // Once per device: over 48 KiB of dynamic shared memory needs the opt-in, and the most shared
+    // memory the SM can carve out of its L1 lets three programs share one SM (H100/H200: 228 KiB);
+    // then as many as this GPU holds at once, at most the launch bounds' count (an SM with less shared
+    // memory, A100's 164 KiB: two, so a grid of one wave instead of one and a half).
+    static PerDeviceCache resident_programs{};
+    per_sm = once_per_device(resident_programs, g2.get_device(), [&] {
       C10_CUDA_CHECK(cudaFuncSetAttribute(pipelined_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           pipelined_shared));
       C10_CUDA_CHECK(cudaFuncSetAttribute(pipelined_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                           cudaSharedmemCarveoutMaxShared));
-    };
-    const int device = g2.get_device();
-    static std::atomic<uint64_t> opted_in{0};
-    if (device < 64 && !(opted_in.load() & (uint64_t{1} << device))) {
-      opt_in();
-      opted_in |= uint64_t{1} << device;
-    } else if (device >= 64) {
-      opt_in();
-    }
-    // As many as this GPU holds at once, at most the launch bounds' count: an SM with less shared
-    // memory (A100: 164 KiB, two) gets a grid of one wave instead of one and a half.
-    int resident = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, pipelined_kernel, kThreads,
-                                                                 pipelined_shared));
-    per_sm = std::clamp(resident, 1, programs_per_sm<R_PAD, kPipelineStages>());
+      int resident = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, pipelined_kernel, kThreads,
+                                                                   pipelined_shared));
+      return std::clamp(resident, 1, programs_per_sm<R_PAD, kPipelineStages>());
+    });
   }
   const double programs =
       static_cast<double>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

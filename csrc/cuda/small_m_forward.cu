@@ -36,12 +36,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <type_traits>
-#include <unordered_map>
 
 #include "../lora_aten.h"
 #include "mma_sm80.cuh"
+#include "per_device.h"
 
 namespace lora {
 namespace {
@@ -257,26 +256,21 @@ cudaLaunchConfig_t launch_config(int64_t M, int64_t N, int cluster, cudaLaunchAt
 // non-portable size, so the driver is asked whether one fits rather than assumed).
 template <typename T, int R_PAD>
 bool wide_cluster_fits() {
-  static std::mutex lock;
-  static std::unordered_map<int, bool> fits;  // by device index
-  const int device = at::cuda::current_device();
-  std::lock_guard<std::mutex> guard(lock);
-  auto found = fits.find(device);
-  if (found != fits.end()) return found->second;
-  auto* kernel = small_m_lora_kernel<T, R_PAD, kWideCluster>;
-  int clusters = 0;
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (status == cudaSuccess) {
-    cudaLaunchAttribute cluster_dims[1];
-    cudaLaunchConfig_t config = launch_config(kRows, kChunkCols, kWideCluster, cluster_dims);
-    status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-  }
-  // A refusal is an answer, not an error for the next launch to report: clear it (only ours: an
-  // earlier pending error stays for its owner).
-  if (status != cudaSuccess) (void)cudaGetLastError();
-  const bool ok = status == cudaSuccess && clusters > 0;
-  fits.emplace(device, ok);
-  return ok;
+  static PerDeviceCache fits{};
+  return once_per_device(fits, at::cuda::current_device(), [] {
+    auto* kernel = small_m_lora_kernel<T, R_PAD, kWideCluster>;
+    int clusters = 0;
+    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (status == cudaSuccess) {
+      cudaLaunchAttribute cluster_dims[1];
+      cudaLaunchConfig_t config = launch_config(kRows, kChunkCols, kWideCluster, cluster_dims);
+      status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    }
+    // A refusal is an answer, not an error for the next launch to report: clear it (only ours: an
+    // earlier pending error stays for its owner).
+    if (status != cudaSuccess) (void)cudaGetLastError();
+    return status == cudaSuccess && clusters > 0 ? 1 : 0;
+  }) == 1;
 }
 
 template <typename T, int R_PAD>
