@@ -140,8 +140,8 @@ if native_available():
         # recipes C++ replays without Python (replay.py).
         from . import replay
 
-        # The forward and input gradient of k/v-sized layers (the forward also of wider ones with
-        # K <= 2048) as one Triton GEMM each
+        # The forward and input gradient of k/v-sized layers (and of wider ones with K <= 2048 by
+        # csrc/lora_aten.cpp's rules) as one Triton GEMM each
         # (fused_forward.py: dropout-free, and with 'post' dropout), and the adapter gradients
         # in one launch (adapter_grads.py: both, or dA alone).
         _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback, adapter_grads_callback,
