@@ -166,6 +166,9 @@ def part_ranks(rows):
             x2, g2, A, B, xa, seed = make_inputs(8192, K, N, r)
             grad_y = lambda: triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True, True)  # noqa: E731
             up = lambda: triton_lora.masked_up(xa, A, x2, seed, P, True, True)  # noqa: E731
+            # As the op calls it: partials capped at dx's size.
+            native = lambda: lora_ext._C.masked_grad_y_cuda(  # noqa: E731
+                g2, B, xa, 2.0, seed, P, True, True, max_partial_bytes=x2.numel() * x2.element_size())
             results = {
                 "masked_grad_y (default)": common.gpu_us(grad_y),
                 # Budgets of 0: dxa and dB from two passes over dY.
@@ -173,11 +176,9 @@ def part_ranks(rows):
                                                                     MASK_REUSE_BUDGET_FRACTION=0.0)),
                 "cuBLAS (g B, g^T xa), no mask": common.gpu_us(lambda: (g2 @ B, g2.t() @ xa)),
                 # What the native path runs (csrc/cuda/masked_grad_y.cu), when built with CUDA.
-                "masked_grad_y (native CUDA)": common.gpu_us(lambda: lora_ext._C.masked_grad_y_cuda(
-                    g2, B, xa, 2.0, seed, P, True, True)) if lora_ext._C.has_cuda() else float("nan"),
+                "masked_grad_y (native CUDA)": native_with_stages(0, native),
                 # The same with the cp.async load scheme (off by default: NOTES.md #36).
-                "masked_grad_y (native CUDA, 3 cp.async stages)": native_with_stages(
-                    3, lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, P, True, True)),
+                "masked_grad_y (native CUDA, 3 cp.async stages)": native_with_stages(3, native),
                 "masked_up (default)": common.gpu_us(up),
                 "masked_up (dA as inp^T rows)": common.gpu_us(patched(up, INP_GRAD_AS_ROWS_T=False)),
             }
@@ -188,33 +189,45 @@ def part_ranks(rows):
 
 
 def part_native(rows):
-    """The native 'post' backward step alone, its two load schemes side by side (NOTES.md #55): the
-    registers one tile ahead (default, two programs per SM at r <= 16) against the cp.async ring
-    (three per SM at r <= 16), with cuBLAS's g B and g^T xa without a mask for scale; device time."""
+    """The native 'post' backward step alone, its two load schemes and two grid rules side by side
+    (NOTES.md #55, #56): the registers one tile ahead (default, two programs per SM at r <= 16) against
+    the cp.async ring (three per SM at r <= 16), each with the balanced split of the work (default)
+    and the first rule's ('sqrt'); cuBLAS's g B and g^T xa without a mask for scale; device time.
+    The step is called as the op calls it, its partials capped at dx's size."""
     out = []
     for r in (16, 64):
         # The Llama-3-8B shapes at 8192 tokens, the end-to-end model's at its own 4096.
         for shape, (K, N) in {**SHAPES, **common.E2E_SHAPES}.items():
             M = common.E2E_TOKENS if shape in common.E2E_SHAPES else 8192
             x2, g2, A, B, xa, seed = make_inputs(M, K, N, r)
-            step = lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, P, True, True)  # noqa: E731
-            regs, piped = native_with_stages(0, step), native_with_stages(3, step)
+            dx_bytes = x2.numel() * x2.element_size()
+            step = lambda: lora_ext._C.masked_grad_y_cuda(  # noqa: E731
+                g2, B, xa, 2.0, seed, P, True, True, max_partial_bytes=dx_bytes)
+            timed = {(stages, rule): native_with_stages(stages, step, rule)
+                     for stages in (0, 3) for rule in ("balanced", "sqrt")}
+            regs, piped = timed[0, "balanced"], timed[3, "balanced"]
             cublas = common.gpu_us(lambda: (g2 @ B, g2.t() @ xa))
             gib_per_s = M * N * g2.element_size() / 2**30 / 1e-6
-            for name, us in (("registers", regs), ("cp.async", piped), ("cuBLAS no mask", cublas)):
+            for (stages, rule), us in timed.items():
+                name = ("registers" if stages == 0 else "cp.async") + ("" if rule == "balanced" else ", sqrt grid")
                 rows.append(dict(part="native", shape=shape, r=r, name=name, us=round(us, 1)))
-            out.append((shape, r, M, f"{regs:.1f}", f"{piped:.1f}", f"{piped / regs:.3f}", f"{cublas:.1f}",
-                        f"{gib_per_s / regs:.0f}", f"{gib_per_s / piped:.0f}"))
+            rows.append(dict(part="native", shape=shape, r=r, name="cuBLAS no mask", us=round(cublas, 1)))
+            out.append((shape, r, M, f"{regs:.1f}", f"{timed[0, 'sqrt']:.1f}", f"{regs / timed[0, 'sqrt']:.3f}",
+                        f"{piped:.1f}", f"{timed[3, 'sqrt']:.1f}", f"{piped / regs:.3f}", f"{cublas:.1f}",
+                        f"{gib_per_s / regs:.0f}"))
             del x2, g2, A, B, xa
-    print(common.markdown_table(["shape", "r", "M", "registers µs", "cp.async µs", "cp.async ÷ registers",
-                                 "cuBLAS no mask µs", "registers GiB/s", "cp.async GiB/s"], out))
+    print(common.markdown_table(["shape", "r", "M", "registers µs", "registers, sqrt grid µs", "balanced ÷ sqrt",
+                                 "cp.async µs", "cp.async, sqrt grid µs", "cp.async ÷ registers",
+                                 "cuBLAS no mask µs", "registers GiB/s"], out))
 
 
-def native_with_stages(stages, fn):
-    """common.gpu_us(fn) with the native 'post' backward kernel's load scheme set to `stages` (NaN without it)."""
+def native_with_stages(stages, fn, grid_rule="balanced"):
+    """common.gpu_us(fn) with the native 'post' backward kernel's load scheme set to `stages` and its
+    split of the work to `grid_rule` (NaN without the native build)."""
     if not lora_ext._C.has_cuda():
         return float("nan")
-    with common.switched((lora_ext._C.set_masked_grad_y_stages, stages)):
+    with common.switched((lora_ext._C.set_masked_grad_y_stages, stages),
+                         (lora_ext._C.set_masked_grad_y_grid_rule, grid_rule)):
         return common.gpu_us(fn)
 
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "lora_aten.h"
+#include "masked_grad_y_grid.h"
 #include "triton_bridge.h"
 #include "triton_replay.h"
 
@@ -487,6 +488,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_small_m_forward", &lora::set_small_m_forward,
              "Turns the op's few-token CUDA forward (csrc/cuda/small_m_forward.cu) on or off; returns the previous "
              "setting (LORA_EXT_SMALL_M_FORWARD=0: off at import)");
+  // Host arithmetic only, so in every build: tests check it against a brute-force search on CPU.
+  module.def(
+      "masked_grad_y_grid",
+      [](int64_t M, int64_t C, int64_t r, int64_t slots, int64_t max_partial_bytes, const std::string& rule) {
+        TORCH_CHECK(M > 0 && C > 0 && slots > 0, "lora: masked_grad_y_grid needs M, C and slots > 0, got ", M, ", ",
+                    C, ", ", slots);
+        TORCH_CHECK(r >= 1 && r <= 64, "lora: masked_grad_y_grid takes r in [1, 64], got ", r);
+        TORCH_CHECK(rule == "balanced" || rule == "sqrt", "lora: masked_grad_y_grid's rule is 'balanced' or 'sqrt', got '",
+                    rule, "'");
+        const int r_pad = r <= 16 ? 16 : (r <= 32 ? 32 : 64);
+        const lora::MaskedGradYGrid grid = lora::masked_grad_y_grid(
+            rule == "sqrt" ? lora::MaskedGradYGridRule::kSqrt : lora::MaskedGradYGridRule::kBalanced, M, C, r_pad, slots,
+            max_partial_bytes);
+        return pybind11::dict(pybind11::arg("m_groups") = grid.m_groups, pybind11::arg("c_groups") = grid.c_groups,
+                              pybind11::arg("blocks_m_per_group") = grid.blocks_m_per_group,
+                              pybind11::arg("blocks_c_per_group") = grid.blocks_c_per_group,
+                              pybind11::arg("partial_bytes") = grid.partial_bytes);
+      },
+      "How the native 'post' backward step splits an (M, C) dY at rank r over `slots` resident programs "
+      "(csrc/masked_grad_y_grid.h): dict of m_groups, c_groups, blocks per group and the float32 partials' bytes",
+      pybind11::arg("M"), pybind11::arg("C"), pybind11::arg("r"), pybind11::arg("slots"),
+      pybind11::arg("max_partial_bytes") = 0, pybind11::arg("rule") = "balanced");
 #ifdef LORA_WITH_CUDA
   module.def("masked_grad_y_cuda_supports", &lora::masked_grad_y_cuda_supports,
              "Whether masked_grad_y_cuda takes these (g2, lora_B, xa)");
@@ -495,8 +518,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "ring of three shared-memory tiles, three programs per SM at r <= 16, so other sums and bits there; "
              "off by default until measured on the H200, LORA_EXT_MASKED_GRAD_Y_STAGES=3 at import); returns the "
              "previous one");
+  module.def("set_masked_grad_y_grid_rule", &lora::set_masked_grad_y_grid_rule,
+             "How the native 'post' backward step splits its work (csrc/masked_grad_y_grid.h): 'balanced' (default) "
+             "or 'sqrt' (the first rule, for A/B measurements; LORA_EXT_MASKED_GRAD_Y_GRID=sqrt at import); returns "
+             "the previous one");
   module.def("masked_grad_y_cuda", &lora::masked_grad_y_cuda,
-             "(s drop(g2) B, s drop(g2)^T xa): the native 'post' dropout backward step (csrc/cuda/masked_grad_y.cu)");
+             "(s drop(g2) B, s drop(g2)^T xa): the native 'post' dropout backward step (csrc/cuda/masked_grad_y.cu); "
+             "max_partial_bytes caps its float32 partials (0: no larger than the first grid rule's)",
+             pybind11::arg("g2"), pybind11::arg("lora_B"), pybind11::arg("xa"), pybind11::arg("scale"),
+             pybind11::arg("seed"), pybind11::arg("p"), pybind11::arg("need_grad_xa"), pybind11::arg("need_grad_B"),
+             pybind11::arg("max_partial_bytes") = 0);
   module.def("small_m_forward_cuda_supports", &lora::small_m_forward_cuda_supports,
              "Whether small_m_forward_cuda takes these (x2, lora_A, lora_B)");
   module.def("small_m_forward_cluster_blocks", &lora::small_m_forward_cluster_blocks,

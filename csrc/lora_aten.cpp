@@ -469,7 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
 #ifdef LORA_WITH_CUDA
     at::Tensor masked_grad_B;
     std::tie(grad_xa, masked_grad_B) =
-        masked_grad_y_cuda(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B);
+        masked_grad_y_cuda(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B,
+                           /*max_partial_bytes=*/need_x ? x2.numel() * x2.element_size() : 0);
     if (need_B) grad_B = masked_grad_B;
 #endif
   } else if (post_dropout && masked_pieces && need_lora_grads) {

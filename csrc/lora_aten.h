@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <array>
+#include <string>
 #include <tuple>
 
 namespace lora {
@@ -22,9 +23,15 @@ void dropout_scale_(at::Tensor& t, const at::Tensor& seed, double p, double kept
 // contiguous 16-byte-aligned bf16/f16 g2 with N % 8 == 0, lora_B and xa of the same dtype,
 // r <= 64, sm_80 or newer; LORA_EXT_NATIVE_GRAD_Y=0 turns it off (then the Triton pass runs).
 bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa);
+// max_partial_bytes: how large its float32 partials may grow (masked_grad_y_grid.h; the op passes dx's
+// size, allocated after this step); 0: no larger than the first rule's.
 std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, const at::Tensor& lora_B,
                                                       const at::Tensor& xa, double scale, const at::Tensor& seed,
-                                                      double p, bool need_grad_xa, bool need_grad_B);
+                                                      double p, bool need_grad_xa, bool need_grad_B,
+                                                      int64_t max_partial_bytes = 0);
+// How masked_grad_y_cuda splits its work: "balanced" (the default) or "sqrt" (the first rule, for
+// A/B measurements; LORA_EXT_MASKED_GRAD_Y_GRID=sqrt at import); returns the previous one.
+std::string set_masked_grad_y_grid_rule(const std::string& rule);
 // Which load scheme masked_grad_y_cuda's kernel uses: 0 (registers one tile ahead, the default)
 // or 3 (a cp.async ring of three shared-memory tiles); returns the previous one.
 int set_masked_grad_y_stages(int stages);

@@ -499,6 +499,38 @@ def test_native_masked_grad_y_stages_setting():
     with pytest.raises(RuntimeError, match="takes 0 or 3"):
         lora_ext._C.set_masked_grad_y_stages(2)
     assert lora_ext._C.set_masked_grad_y_stages(0) == 0  # the default (no LORA_EXT_MASKED_GRAD_Y_STAGES here)
+    with pytest.raises(RuntimeError, match="takes 'balanced' or 'sqrt', got 'square'"):
+        lora_ext._C.set_masked_grad_y_grid_rule("square")
+    assert lora_ext._C.set_masked_grad_y_grid_rule("balanced") == "balanced"  # the default (no LORA_EXT_MASKED_GRAD_Y_GRID)
+
+
+@native_only
+@pytest.mark.parametrize("M,N,r", [(64, 128 * 600, 16), (2048, 8200, 16), (1000, 4104, 40)], ids=str)
+def test_native_masked_grad_y_grid_rules(M, N, r):
+    """Both splits of the step's work (csrc/masked_grad_y_grid.h: 'balanced', the default since NOTES.md #56,
+    and the first rule 'sqrt', kept for A/B runs) against float64, each with the grid the launch takes
+    from masked_grad_y_grid for this GPU's SMs. At 64 x 76 800 the balanced split gives each program
+    several column blocks on any GPU with fewer than 300 slots, so the grad_xa partial's
+    read-modify-write across column blocks runs; a cap on the partials below the first rule's is not
+    taken (the launch never allocates more than it did, nor less)."""
+    dtype = torch.bfloat16
+    g, B, xa = _grad_y_inputs(M, N, r, dtype, seed=3)
+    p, scale, seed_value = 0.2, 1.3, 77
+    dropped = g.double().cpu() * dropout_keep_mask(seed_value, M, N, p).double() / (1 - p)
+    expected_xa, expected_B = scale * dropped @ B.double().cpu(), scale * dropped.t() @ xa.double().cpu()
+    slots = (2 if r <= 16 else 1) * torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    outputs = {}
+    for rule in ("balanced", "sqrt"):
+        with switched(lora_ext._C.set_masked_grad_y_grid_rule, rule) as previous:
+            outputs[rule] = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True)
+            capped = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True,
+                                                    max_partial_bytes=1)
+        assert previous == "balanced"  # the default, and restored after each rule
+        for what, actual, expected in (("dxa", outputs[rule][0], expected_xa), ("dB", outputs[rule][1], expected_B)):
+            assert_relative_error(actual, expected, f"{rule} {what}", 4 * EPS[dtype], floor=1.0)
+        assert torch.equal(capped[0], outputs[rule][0]) and torch.equal(capped[1], outputs[rule][1])
+    if (M, N) == (64, 128 * 600):
+        assert lora_ext._C.masked_grad_y_grid(M, N, r, slots)["blocks_c_per_group"] > 1
 
 
 @native_only

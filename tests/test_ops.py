@@ -999,3 +999,76 @@ def test_terminate_backtrace_is_printed_only_when_asked():
         if asked:  # the stack names the frames it passed through
             assert "libstdc++" in result.stderr and "_C." in result.stderr, result.stderr
 
+
+
+# ---------------------------------------------------------------------------
+# How the native 'post' backward step splits its work (csrc/masked_grad_y_grid.h). Host arithmetic,
+# in every build: checked here against a search of every split; the kernel's results under both rules
+# are GPU tests (test_cuda.py test_native_masked_grad_y_grid_rules).
+# ---------------------------------------------------------------------------
+
+def _best_split_by_search(M, C, r, slots, cap):
+    """The balanced rule's answer by brute force: over every (row blocks, column blocks) per program
+    with at most `slots` programs and partials within `cap`, the fewest tiles in the longest program,
+    then the smaller partials, then fewer column blocks per program."""
+    r_pad = 16 if r <= 16 else (32 if r <= 32 else 64)
+    m_blocks, c_blocks = -(-M // 64), -(-C // 128)
+    best = None
+    for a in range(1, m_blocks + 1):
+        for b in range(1, c_blocks + 1):
+            m_groups, c_groups = -(-m_blocks // a), -(-c_blocks // b)
+            if m_groups * c_groups > slots:
+                continue
+            a_used, b_used = -(-m_blocks // m_groups), -(-c_blocks // c_groups)
+            partial = (c_groups * m_blocks * 64 + m_groups * c_blocks * 128) * r_pad * 4
+            if partial > cap:
+                continue
+            key = (a_used * b_used, partial, b_used)
+            best = key if best is None or key < best else best
+    return best
+
+
+@pytest.mark.parametrize("M,C,r,slots,cap", [
+    (8192, 4096, 16, 264, 8192 * 4096 * 2),     # q/o at 8192 tokens, two programs per SM on 132 SMs
+    (8192, 1024, 16, 264, 8192 * 4096 * 2),     # k/v
+    (8192, 14336, 16, 264, 8192 * 4096 * 2),    # gate/up
+    (8192, 4096, 64, 132, 8192 * 14336 * 2),    # down at r = 64, one program per SM
+    (4096, 5632, 16, 264, 4096 * 2048 * 2),     # the end-to-end model's gate/up
+    (4096, 32000, 16, 264, 4096 * 2048 * 2),    # its lm_head: dx (16 MiB) is below the first rule's partials
+    (1000, 4104, 33, 132, 0), (63, 136, 3, 264, 0), (1, 8, 1, 7, 0), (2048, 8200, 16, 264, 0),
+    (130000, 8, 16, 132, 0),                    # many rows, one column block
+    (64, 76800, 16, 3, 10**12),                 # few slots, many column blocks
+], ids=str)
+def test_masked_grad_y_grid_is_the_best_split(M, C, r, slots, cap):
+    grid = lora_ext._C.masked_grad_y_grid(M, C, r, slots, cap)
+    first = lora_ext._C.masked_grad_y_grid(M, C, r, slots, 0, "sqrt")
+    m_blocks, c_blocks = -(-M // 64), -(-C // 128)
+    for rule, g in (("balanced", grid), ("sqrt", first)):
+        # Every block in exactly one group, no group empty.
+        assert g["m_groups"] * g["blocks_m_per_group"] >= m_blocks > (g["m_groups"] - 1) * g["blocks_m_per_group"], (rule, g)
+        assert g["c_groups"] * g["blocks_c_per_group"] >= c_blocks > (g["c_groups"] - 1) * g["blocks_c_per_group"], (rule, g)
+    assert grid["m_groups"] * grid["c_groups"] <= slots, grid
+    cap_used = max(cap, first["partial_bytes"])
+    assert grid["partial_bytes"] <= cap_used, (grid, cap_used)
+    key = (grid["blocks_m_per_group"] * grid["blocks_c_per_group"], grid["partial_bytes"], grid["blocks_c_per_group"])
+    assert key == _best_split_by_search(M, C, r, slots, cap_used), grid
+    # Where the first rule's grid fits the slots, the balanced one is never longer.
+    if first["m_groups"] * first["c_groups"] <= slots:
+        assert key[0] <= first["blocks_m_per_group"] * first["blocks_c_per_group"], (grid, first)
+
+
+def test_masked_grad_y_grid_numbers_and_bad_arguments():
+    """The splits NOTES.md #56 predicts from (132 SMs, two programs each at r = 16), and clear errors."""
+    grid = lora_ext._C.masked_grad_y_grid
+    first = grid(8192, 4096, 16, 264, 0, "sqrt")
+    assert (first["m_groups"], first["c_groups"], first["blocks_m_per_group"], first["blocks_c_per_group"]) == (22, 11, 6, 3)
+    qo = grid(8192, 4096, 16, 264, 8192 * 4096 * 2)
+    assert (qo["blocks_m_per_group"], qo["blocks_c_per_group"], qo["m_groups"] * qo["c_groups"]) == (8, 2, 256)
+    kv = grid(8192, 1024, 16, 264, 8192 * 4096 * 2)
+    assert (kv["blocks_m_per_group"], kv["blocks_c_per_group"], kv["m_groups"] * kv["c_groups"]) == (4, 1, 256)
+    for args, message in (((0, 8, 16, 264), "M, C and slots > 0"), ((8, 8, 65, 264), r"r in \[1, 64\]"),
+                          ((8, 8, 16, 0), "M, C and slots > 0")):
+        with pytest.raises(RuntimeError, match=message):
+            grid(*args)
+    with pytest.raises(RuntimeError, match="rule is 'balanced' or 'sqrt', got 'square'"):
+        grid(8, 8, 16, 264, 0, "square")

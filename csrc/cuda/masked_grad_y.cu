@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "../lora_aten.h"
+#include "../masked_grad_y_grid.h"
 #include "../philox.h"
 #include "mma_sm80.cuh"
 #include "per_device.h"
@@ -54,6 +55,7 @@ namespace {
 
 constexpr int kTileRows = 64;
 constexpr int kTileCols = 128;
+static_assert(kTileRows == kMaskedTileRows && kTileCols == kMaskedTileCols, "masked_grad_y_grid.h splits these tiles");
 constexpr int kThreads = 256;
 // Shared rows are padded by 16 bytes so that consecutive rows start in different banks.
 constexpr int kPad = 8;
@@ -440,10 +442,19 @@ std::atomic<int> masked_grad_y_stages{[] {
   return env != nullptr && std::string(env) == "3" ? kPipelineStages : 0;
 }()};
 
+// Which split of the work the launches use (masked_grad_y_grid.h): kBalanced, the default, or the
+// first rule kSqrt (LORA_EXT_MASKED_GRAD_Y_GRID=sqrt at import, or set_masked_grad_y_grid_rule), kept
+// for same-run A/B measurements.
+std::atomic<int> masked_grad_y_grid_rule{[] {
+  const char* env = std::getenv("LORA_EXT_MASKED_GRAD_Y_GRID");
+  return static_cast<int>(env != nullptr && std::string(env) == "sqrt" ? MaskedGradYGridRule::kSqrt
+                                                                      : MaskedGradYGridRule::kBalanced);
+}()};
+
 template <typename T, int R_PAD>
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa,
                                        double scale, const at::Tensor& seed, double p, bool need_grad_xa,
-                                       bool need_grad_B) {
+                                       bool need_grad_B, int64_t max_partial_bytes) {
   const int64_t M = g2.size(0), C = g2.size(1);
   const int r = static_cast<int>(lora_B.size(1));
   const auto options = lora_B.options();
@@ -451,9 +462,9 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   const int64_t m_blocks = ceil_div(M, kTileRows), c_blocks = ceil_div(C, kTileCols);
   const int64_t M_pad = m_blocks * kTileRows, C_pad = c_blocks * kTileCols;
   // About programs_per_sm programs per SM (what __launch_bounds__ fits), split between row and column
-  // groups so that the two float32 partials, c_groups x M and m_groups x C rows of R_PAD,
-  // are about equal in size: m_groups ~ sqrt(programs * M / C). The load scheme sets the count, so
-  // at r <= 16 the two schemes split the sums differently (other bits, both deterministic).
+  // groups by masked_grad_y_grid.h (the fewest tiles in the longest program). The load scheme sets
+  // the count, so at r <= 16 the two schemes split the sums differently (other bits, both
+  // deterministic); so does the grid rule.
   const bool pipelined = masked_grad_y_stages.load() == kPipelineStages;
   constexpr size_t pipelined_shared = sizeof(PipelinedTiles<T, R_PAD, kPipelineStages>);
   auto pipelined_kernel = masked_grad_y_kernel<T, R_PAD, kPipelineStages>;
@@ -475,17 +486,11 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
       return std::clamp(resident, 1, programs_per_sm<R_PAD, kPipelineStages>());
     });
   }
-  const double programs =
-      static_cast<double>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t m_groups_wanted =
-      std::clamp<int64_t>(std::llround(std::sqrt(programs * static_cast<double>(M) / static_cast<double>(C))), 1,
-                          m_blocks);
-  const int64_t blocks_m_per_group = ceil_div(m_blocks, m_groups_wanted);
-  const int64_t m_groups = ceil_div(m_blocks, blocks_m_per_group);
-  const int64_t c_groups_wanted =
-      std::clamp<int64_t>(std::llround(programs / static_cast<double>(m_groups)), 1, c_blocks);
-  const int64_t blocks_c_per_group = ceil_div(c_blocks, c_groups_wanted);
-  const int64_t c_groups = ceil_div(c_blocks, blocks_c_per_group);
+  const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const MaskedGradYGrid split = masked_grad_y_grid(static_cast<MaskedGradYGridRule>(masked_grad_y_grid_rule.load()),
+                                                   M, C, R_PAD, slots, max_partial_bytes);
+  const int64_t m_groups = split.m_groups, c_groups = split.c_groups;
+  const int64_t blocks_m_per_group = split.blocks_m_per_group, blocks_c_per_group = split.blocks_c_per_group;
 
   // Both float32 partials in one allocation (one caching-allocator call fewer per backward).
   const int64_t rows_part_size = need_grad_xa ? c_groups * M_pad * R_PAD : 0;
@@ -517,14 +522,22 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> run_for_rank(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa,
                                                 double scale, const at::Tensor& seed, double p, bool need_grad_xa,
-                                                bool need_grad_B) {
+                                                bool need_grad_B, int64_t max_partial_bytes) {
   const int64_t r = lora_B.size(1);
-  if (r <= 16) return run<T, 16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
-  if (r <= 32) return run<T, 32>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
-  return run<T, 64>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+  if (r <= 16) return run<T, 16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
+  if (r <= 32) return run<T, 32>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
+  return run<T, 64>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
 }
 
 }  // namespace
+
+std::string set_masked_grad_y_grid_rule(const std::string& rule) {
+  TORCH_CHECK(rule == "balanced" || rule == "sqrt", "lora: set_masked_grad_y_grid_rule takes 'balanced' or 'sqrt', got '",
+              rule, "'");
+  const int previous = masked_grad_y_grid_rule.exchange(
+      static_cast<int>(rule == "sqrt" ? MaskedGradYGridRule::kSqrt : MaskedGradYGridRule::kBalanced));
+  return previous == static_cast<int>(MaskedGradYGridRule::kSqrt) ? "sqrt" : "balanced";
+}
 
 int set_masked_grad_y_stages(int stages) {
   TORCH_CHECK(stages == 0 || stages == kPipelineStages, "lora: set_masked_grad_y_stages takes 0 or ", kPipelineStages,
@@ -550,7 +563,8 @@ bool masked_grad_y_cuda_supports(const at::Tensor& g2, const at::Tensor& lora_B,
 
 std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, const at::Tensor& lora_B,
                                                       const at::Tensor& xa, double scale, const at::Tensor& seed,
-                                                      double p, bool need_grad_xa, bool need_grad_B) {
+                                                      double p, bool need_grad_xa, bool need_grad_B,
+                                                      int64_t max_partial_bytes) {
   TORCH_CHECK(masked_grad_y_cuda_supports(g2, lora_B, xa),
               "lora: masked_grad_y_cuda got inputs it does not support (masked_grad_y_cuda_supports)");
   const c10::cuda::CUDAGuard guard(g2.device());
@@ -561,9 +575,9 @@ std::tuple<at::Tensor, at::Tensor> masked_grad_y_cuda(const at::Tensor& g2, cons
             need_grad_B ? at::zeros({C, r}, lora_B.options()) : at::empty({0}, lora_B.options())};
   }
   if (g2.scalar_type() == at::kBFloat16) {
-    return run_for_rank<__nv_bfloat16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+    return run_for_rank<__nv_bfloat16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
   }
-  return run_for_rank<__half>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B);
+  return run_for_rank<__half>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
 }
 
 }  // namespace lora
