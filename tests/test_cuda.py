@@ -1227,7 +1227,9 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
         if r <= 16:
             g2 = gy.reshape(-1, 1032)
-            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(g2, B_, xa, scale, seed, p, True, False)
+            # As the op calls it (dx wanted): partials capped at dx's size.
+            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(g2, B_, xa, scale, seed, p, True, False,
+                                                        max_partial_bytes=x2.numel() * x2.element_size())
             expected_dx = fused_forward.grad_input_given_xa(g2, w_, A_, B_, grad_xa)
             assert torch.equal(grad_x.reshape(-1, 512), expected_dx)
             assert not torch.equal(grad_x, composed_dx)
@@ -1298,7 +1300,9 @@ def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fuse
         if dropout:
             with torch.no_grad():
                 xa = x.detach() @ A_.t()
-            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B_, xa, scale, seed, dropout, True, False)
+            # As the op calls it: partials capped at dx's size (csrc/masked_grad_y_grid.h).
+            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B_, xa, scale, seed, dropout, True, False,
+                                                        max_partial_bytes=x.numel() * x.element_size())
             kernel_dx = fused_forward.grad_input_given_xa(gy, w_, A_, B_, grad_xa)
             switch = lora_ext._C.set_fused_post_dropout
         else:
