@@ -15,7 +15,10 @@
 // 17% of the step; benchmarks/NOTES.md #56). kBalanced searches every split for the fewest tiles
 // in the longest program, within the slots and a memory cap, ties to the smaller partials, then to
 // fewer column blocks per program (each column block after a program's first reads and rewrites
-// its grad_xa partial rows).
+// its grad_xa partial rows). Below two tiles a program counts as two: its fixed costs (B's panel,
+// xa's rows, the grad_B partial's write, its share of the sums) are about a tile's, and at
+// 4096 x 512 (1024 tiles, 264 slots) 256 one-tile programs took 15.4 us where 128 two-tile ones
+// took 13.5 (H100, #56), so there the fewer programs with smaller partials win.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -26,6 +29,9 @@ namespace lora {
 
 constexpr int64_t kMaskedTileRows = 64;
 constexpr int64_t kMaskedTileCols = 128;
+
+// A program of fewer tiles counts as this many (see above).
+constexpr int64_t kMaskedMinCountedTiles = 2;
 
 struct MaskedGradYGrid {
   int64_t m_groups = 1, c_groups = 1;
@@ -93,9 +99,12 @@ inline MaskedGradYGrid masked_grad_y_balanced_grid(int64_t M, int64_t C, int r_p
     const int64_t rows_left_for_grad_xa = cap / bytes_per_row - m_groups * C_pad;
     if (rows_left_for_grad_xa < M_pad) continue;  // not even one column group fits
     c_groups = std::min(c_groups, rows_left_for_grad_xa / M_pad);
-    const MaskedGradYGrid grid = masked_grid_of(M, C, r_pad, a, masked_ceil_div(c_blocks, c_groups));
+    // More column blocks per program only lengthen it, except up to the tiles that count anyway.
+    const int64_t b = std::max(masked_ceil_div(c_blocks, c_groups), masked_ceil_div(kMaskedMinCountedTiles, a));
+    const MaskedGradYGrid grid = masked_grid_of(M, C, r_pad, a, b);
     const auto key = [](const MaskedGradYGrid& g) {
-      return std::make_tuple(g.longest_program_tiles(), g.partial_bytes, g.blocks_c_per_group);
+      return std::make_tuple(std::max<int64_t>(g.longest_program_tiles(), kMaskedMinCountedTiles), g.partial_bytes,
+                             g.blocks_c_per_group);
     };
     if (!found || key(grid) < key(best)) best = grid, found = true;
   }

@@ -1009,8 +1009,8 @@ def test_terminate_backtrace_is_printed_only_when_asked():
 
 def _best_split_by_search(M, C, r, slots, cap):
     """The balanced rule's answer by brute force: over every (row blocks, column blocks) per program
-    with at most `slots` programs and partials within `cap`, the fewest tiles in the longest program,
-    then the smaller partials, then fewer column blocks per program."""
+    with at most `slots` programs and partials within `cap`, the fewest tiles in the longest program
+    (fewer than two counted as two), then the smaller partials, then fewer column blocks per program."""
     r_pad = 16 if r <= 16 else (32 if r <= 32 else 64)
     m_blocks, c_blocks = -(-M // 64), -(-C // 128)
     best = None
@@ -1023,7 +1023,7 @@ def _best_split_by_search(M, C, r, slots, cap):
             partial = (c_groups * m_blocks * 64 + m_groups * c_blocks * 128) * r_pad * 4
             if partial > cap:
                 continue
-            key = (a_used * b_used, partial, b_used)
+            key = (max(a_used * b_used, 2), partial, b_used)
             best = key if best is None or key < best else best
     return best
 
@@ -1038,6 +1038,8 @@ def _best_split_by_search(M, C, r, slots, cap):
     (1000, 4104, 33, 132, 0), (63, 136, 3, 264, 0), (1, 8, 1, 7, 0), (2048, 8200, 16, 264, 0),
     (130000, 8, 16, 132, 0),                    # many rows, one column block
     (64, 76800, 16, 3, 10**12),                 # few slots, many column blocks
+    (4096, 512, 16, 264, 4096 * 2048 * 2),      # the end-to-end k/v: fewer tiles than twice the slots
+    (200, 264, 16, 264, 0),                     # a few tiles, many slots
 ], ids=str)
 def test_masked_grad_y_grid_is_the_best_split(M, C, r, slots, cap):
     grid = lora_ext._C.masked_grad_y_grid(M, C, r, slots, cap)
@@ -1050,11 +1052,34 @@ def test_masked_grad_y_grid_is_the_best_split(M, C, r, slots, cap):
     assert grid["m_groups"] * grid["c_groups"] <= slots, grid
     cap_used = max(cap, first["partial_bytes"])
     assert grid["partial_bytes"] <= cap_used, (grid, cap_used)
-    key = (grid["blocks_m_per_group"] * grid["blocks_c_per_group"], grid["partial_bytes"], grid["blocks_c_per_group"])
+    tiles = grid["blocks_m_per_group"] * grid["blocks_c_per_group"]
+    key = (max(tiles, 2), grid["partial_bytes"], grid["blocks_c_per_group"])
     assert key == _best_split_by_search(M, C, r, slots, cap_used), grid
-    # Where the first rule's grid fits the slots, the balanced one is never longer.
+    # Where the first rule's grid fits the slots, the balanced one is never longer (nor shorter than two
+    # tiles where the first rule's programs had two or more).
+    first_tiles = first["blocks_m_per_group"] * first["blocks_c_per_group"]
     if first["m_groups"] * first["c_groups"] <= slots:
-        assert key[0] <= first["blocks_m_per_group"] * first["blocks_c_per_group"], (grid, first)
+        assert key[0] <= max(first_tiles, 2), (grid, first)
+    assert tiles >= min(first_tiles, 2), (grid, first)
+
+
+def test_masked_grad_y_grid_is_the_best_split_on_random_sizes():
+    """The same search against brute force on 300 random sizes, slot counts and caps (a fixed seed)."""
+    rng = np.random.default_rng(56)
+    for _ in range(300):
+        M, C = int(rng.integers(1, 3000)), int(rng.integers(1, 400)) * 8
+        r, slots = int(rng.integers(1, 65)), int(rng.integers(1, 300))
+        cap = int(rng.choice([0, int(rng.integers(0, 2**24)), 10**12]))
+        grid = lora_ext._C.masked_grad_y_grid(M, C, r, slots, cap)
+        first = lora_ext._C.masked_grad_y_grid(M, C, r, slots, 0, "sqrt")
+        cap_used = max(cap, first["partial_bytes"])
+        best = _best_split_by_search(M, C, r, slots, cap_used)
+        tiles = grid["blocks_m_per_group"] * grid["blocks_c_per_group"]
+        if best is None:  # no split fits both the slots and the cap: the first rule's grid stands
+            assert grid == first, (M, C, r, slots, cap)
+        else:
+            assert grid["m_groups"] * grid["c_groups"] <= slots and grid["partial_bytes"] <= cap_used
+            assert (max(tiles, 2), grid["partial_bytes"], grid["blocks_c_per_group"]) == best, (M, C, r, slots, cap)
 
 
 def test_masked_grad_y_grid_numbers_and_bad_arguments():
@@ -1066,6 +1091,10 @@ def test_masked_grad_y_grid_numbers_and_bad_arguments():
     assert (qo["blocks_m_per_group"], qo["blocks_c_per_group"], qo["m_groups"] * qo["c_groups"]) == (8, 2, 256)
     kv = grid(8192, 1024, 16, 264, 8192 * 4096 * 2)
     assert (kv["blocks_m_per_group"], kv["blocks_c_per_group"], kv["m_groups"] * kv["c_groups"]) == (4, 1, 256)
+    # The end-to-end model's k/v (4096 x 512): 1024 tiles would fill 256 one-tile programs; two-tile
+    # programs, 128 of them, measured faster (NOTES.md #56).
+    e2e_kv = grid(4096, 512, 16, 264, 4096 * 2048 * 2)
+    assert (e2e_kv["blocks_m_per_group"], e2e_kv["blocks_c_per_group"], e2e_kv["m_groups"] * e2e_kv["c_groups"]) == (2, 1, 128)
     for args, message in (((0, 8, 16, 264), "M, C and slots > 0"), ((8, 8, 65, 264), r"r in \[1, 64\]"),
                           ((8, 8, 16, 0), "M, C and slots > 0")):
         with pytest.raises(RuntimeError, match=message):
