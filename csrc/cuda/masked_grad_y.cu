@@ -29,8 +29,10 @@
 // (no registers held for them), each thread masks in place the vectors it copied itself, and the
 // products read the stage (benchmarks/NOTES.md #36). With two programs per SM (64 KiB in flight)
 // it measured 2-20% slower than the register scheme on the H200 (#39); at r <= 16 it now runs
-// three per SM, which its 80 registers allow (96 KiB in flight, #55). Off by default until
-// measured: LORA_EXT_MASKED_GRAD_Y_STAGES=3 or set_masked_grad_y_stages(3).
+// three per SM, which its 80 registers allow (96 KiB in flight, #55): faster at some shapes on an
+// H100 under the first split of the work, slower at every shape once both schemes take the balanced
+// split (masked_grad_y_grid.h, #56). Off by default: LORA_EXT_MASKED_GRAD_Y_STAGES=3 or
+// set_masked_grad_y_stages(3).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
