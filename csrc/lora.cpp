@@ -516,7 +516,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_masked_grad_y_stages", &lora::set_masked_grad_y_stages,
              "The native 'post' backward step's load scheme: 0 (registers one tile ahead, default) or 3 (cp.async "
              "ring of three shared-memory tiles, three programs per SM at r <= 16, so other sums and bits there; "
-             "off by default until measured on the H200, LORA_EXT_MASKED_GRAD_Y_STAGES=3 at import); returns the "
+             "off by default, measured no faster than the register loads under the balanced split (benchmarks/NOTES.md #56), "
+             "LORA_EXT_MASKED_GRAD_Y_STAGES=3 at import); returns the "
              "previous one");
   module.def("set_masked_grad_y_grid_rule", &lora::set_masked_grad_y_grid_rule,
              "How the native 'post' backward step splits its work (csrc/masked_grad_y_grid.h): 'balanced' (default) "

@@ -448,7 +448,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   // On CUDA, a contiguous g whatever autograd hands in (the expanded gradient of a sum in eager, a
   // contiguous tangent under AOTAutograd): the native and Triton kernels below take only
   // contiguous rows, so which one runs, and so the bits of every gradient, depend on the sizes
-  // alone. A copy only where g is not contiguous already (at::mm copies an expanded g too).
+  // and on which gradients are wanted (the 'post' masked step caps its partials at dx's size when dx
+  // is wanted: masked_grad_y_grid.h), not on g's strides. A copy only where g is not contiguous already
+  // (at::mm copies an expanded g too).
   const at::Tensor g_as_given = as_matrix(grad_y, s.M, s.N);
   const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
   const at::Tensor x2 = as_matrix(x, s.M, s.K);

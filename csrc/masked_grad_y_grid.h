@@ -11,13 +11,13 @@
 // The first rule (kSqrt, until 12-05) picked m_groups ~ sqrt(slots * M / C), so that the two
 // partials are about equal, and rounded the blocks per group up: at 8192 x 4096 and 264 slots that
 // is 22 x 11 programs of 6 x 3 = 18 tiles where 16 suffice, and at 8192 x 1024 172 programs of
-// 6 tiles where 256 programs of 4 fit (Nsight Compute, H100: 0.92 waves, SMs idle for the last
-// 17% of the step; benchmarks/NOTES.md #56). kBalanced searches every split for the fewest tiles
+// 6 tiles where 256 programs of 4 fit (Nsight Compute, H100: 0.92 waves, SM active cycles 83% of
+// the elapsed ones; benchmarks/NOTES.md #56). kBalanced searches every split for the fewest tiles
 // in the longest program, within the slots and a memory cap, ties to the smaller partials, then to
 // fewer column blocks per program (each column block after a program's first reads and rewrites
 // its grad_xa partial rows). Below two tiles a program counts as two: its fixed costs (B's panel,
 // xa's rows, the grad_B partial's write, its share of the sums) are about a tile's, and at
-// 4096 x 512 (1024 tiles, 264 slots) 256 one-tile programs took 15.4 us where 128 two-tile ones
+// 4096 x 512 (256 tiles, 264 slots) 256 one-tile programs took 15.4 us where 128 two-tile ones
 // took 13.5 (H100, #56), so there the fewer programs with smaller partials win.
 #pragma once
 #include <algorithm>
@@ -90,10 +90,12 @@ inline MaskedGradYGrid masked_grad_y_balanced_grid(int64_t M, int64_t C, int r_p
   const int64_t bytes_per_row = static_cast<int64_t>(r_pad) * static_cast<int64_t>(sizeof(float));
   MaskedGradYGrid best;
   bool found = false;
-  for (int64_t a = 1; a <= m_blocks; ++a) {
-    const int64_t m_groups = masked_ceil_div(m_blocks, a);
-    if (a > 1 && masked_ceil_div(m_blocks, a - 1) == m_groups) continue;  // same groups, longer programs
-    if (m_groups > slots) continue;
+  // Every row-group count the slots allow, each with the fewest row blocks per program that gives
+  // it (a count no split gives exactly is skipped: its programs are another count's). At most
+  // `slots` steps, whatever the token count.
+  for (int64_t m_groups = 1; m_groups <= std::min(slots, m_blocks); ++m_groups) {
+    const int64_t a = masked_ceil_div(m_blocks, m_groups);
+    if (masked_ceil_div(m_blocks, a) != m_groups) continue;
     // Column groups: as many as the slots allow, as few as the cap needs.
     int64_t c_groups = std::min(c_blocks, slots / m_groups);
     const int64_t rows_left_for_grad_xa = cap / bytes_per_row - m_groups * C_pad;
@@ -108,8 +110,8 @@ inline MaskedGradYGrid masked_grad_y_balanced_grid(int64_t M, int64_t C, int r_p
     };
     if (!found || key(grid) < key(best)) best = grid, found = true;
   }
-  // The cap admits kSqrt's own bytes, but its grid can hold a few more programs than the slots
-  // (its column count is rounded): then no split may fit both, and it stays the answer.
+  // Always found: one program (one row group, one column group) fits the slots, and the cap, which
+  // is at least kSqrt's bytes, so at least M_pad + C_pad rows. The fallback only keeps that explicit.
   return found ? best : first_rule;
 }
 

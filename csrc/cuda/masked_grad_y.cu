@@ -14,7 +14,7 @@
 // for grad_B. The next tile's loads are issued before this tile's products, and two programs
 // share an SM (at ranks <= 16). Measured: 63.8 us there (NOTES.md #21; a WMMA version took 80).
 //
-// Work split (like the Triton pass): program (i, j) owns the 64-row blocks of row group i
+// Work split (the group sizes from masked_grad_y_grid.h): program (i, j) owns the 64-row blocks of row group i
 // and the 128-column blocks of column group j, row blocks innermost. Warps 0-3 own grad_xa's
 // rows (16 each), summed over the program's column blocks in slice j of a float32 partial;
 // warps 4-7 own grad_B's rows (32 each), accumulated in registers over the row group and
@@ -30,8 +30,8 @@
 // products read the stage (benchmarks/NOTES.md #36). With two programs per SM (64 KiB in flight)
 // it measured 2-20% slower than the register scheme on the H200 (#39); at r <= 16 it now runs
 // three per SM, which its 80 registers allow (96 KiB in flight, #55): faster at some shapes on an
-// H100 under the first split of the work, slower at every shape once both schemes take the balanced
-// split (masked_grad_y_grid.h, #56). Off by default: LORA_EXT_MASKED_GRAD_Y_STAGES=3 or
+// H100 under the first split of the work, and 0.996-1.19x the register loads once both use the
+// balanced rule (masked_grad_y_grid.h, over their own slot counts; #56). Off by default: LORA_EXT_MASKED_GRAD_Y_STAGES=3 or
 // set_masked_grad_y_stages(3).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -466,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   // About programs_per_sm programs per SM (what __launch_bounds__ fits), split between row and column
   // groups by masked_grad_y_grid.h (the fewest tiles in the longest program). The load scheme sets
   // the count, so at r <= 16 the two schemes split the sums differently (other bits, both
-  // deterministic); so does the grid rule.
+  // deterministic); so do the grid rule and the cap (dx's size when dx is wanted, from the op).
   const bool pipelined = masked_grad_y_stages.load() == kPipelineStages;
   constexpr size_t pipelined_shared = sizeof(PipelinedTiles<T, R_PAD, kPipelineStages>);
   auto pipelined_kernel = masked_grad_y_kernel<T, R_PAD, kPipelineStages>;
