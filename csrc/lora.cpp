@@ -497,9 +497,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         TORCH_CHECK(r >= 1 && r <= 64, "lora: masked_grad_y_grid takes r in [1, 64], got ", r);
         TORCH_CHECK(rule == "balanced" || rule == "sqrt", "lora: masked_grad_y_grid's rule is 'balanced' or 'sqrt', got '",
                     rule, "'");
-        const int r_pad = r <= 16 ? 16 : (r <= 32 ? 32 : 64);
         const lora::MaskedGradYGrid grid = lora::masked_grad_y_grid(
-            rule == "sqrt" ? lora::MaskedGradYGridRule::kSqrt : lora::MaskedGradYGridRule::kBalanced, M, C, r_pad, slots,
+            rule == "sqrt" ? lora::MaskedGradYGridRule::kSqrt : lora::MaskedGradYGridRule::kBalanced, M, C,
+            lora::masked_rank_pad(r), slots,
             max_partial_bytes);
         return pybind11::dict(pybind11::arg("m_groups") = grid.m_groups, pybind11::arg("c_groups") = grid.c_groups,
                               pybind11::arg("blocks_m_per_group") = grid.blocks_m_per_group,

@@ -44,6 +44,9 @@ enum class MaskedGradYGridRule : int { kBalanced = 0, kSqrt = 1 };
 
 inline int64_t masked_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The rank the kernel is compiled for (its R_PAD): r <= 64 padded to 16, 32 or 64.
+inline int masked_rank_pad(int64_t r) { return r <= 16 ? 16 : (r <= 32 ? 32 : 64); }
+
 inline int64_t masked_partial_bytes(int64_t M, int64_t C, int r_pad, int64_t m_groups, int64_t c_groups) {
   const int64_t M_pad = masked_ceil_div(M, kMaskedTileRows) * kMaskedTileRows;
   const int64_t C_pad = masked_ceil_div(C, kMaskedTileCols) * kMaskedTileCols;
@@ -79,7 +82,7 @@ inline MaskedGradYGrid masked_grad_y_sqrt_grid(int64_t M, int64_t C, int r_pad, 
 // kBalanced: the fewest tiles in the longest program with at most `slots` programs and partials of
 // at most max(max_partial_bytes, what kSqrt allocates) bytes (the caller passes dx's size: allocated
 // after this step, so partials up to it do not raise the backward's peak; 0: no more than kSqrt).
-// One pass over the row-group counts (O(M / 64) arithmetic on the host).
+// One pass over the row-group counts, at most `slots` steps on the host.
 inline MaskedGradYGrid masked_grad_y_balanced_grid(int64_t M, int64_t C, int r_pad, int64_t slots,
                                                    int64_t max_partial_bytes) {
   slots = std::max<int64_t>(slots, 1);
@@ -88,6 +91,12 @@ inline MaskedGradYGrid masked_grad_y_balanced_grid(int64_t M, int64_t C, int r_p
   const int64_t m_blocks = masked_ceil_div(M, kMaskedTileRows), c_blocks = masked_ceil_div(C, kMaskedTileCols);
   const int64_t M_pad = m_blocks * kMaskedTileRows, C_pad = c_blocks * kMaskedTileCols;
   const int64_t bytes_per_row = static_cast<int64_t>(r_pad) * static_cast<int64_t>(sizeof(float));
+  // Fewest tiles in the longest program (below kMaskedMinCountedTiles counted as that), then smaller
+  // partials, then fewer column blocks per program.
+  const auto key = [](const MaskedGradYGrid& g) {
+    return std::make_tuple(std::max<int64_t>(g.longest_program_tiles(), kMaskedMinCountedTiles), g.partial_bytes,
+                           g.blocks_c_per_group);
+  };
   MaskedGradYGrid best;
   bool found = false;
   // Every row-group count the slots allow, each with the fewest row blocks per program that gives
@@ -104,10 +113,6 @@ inline MaskedGradYGrid masked_grad_y_balanced_grid(int64_t M, int64_t C, int r_p
     // More column blocks per program only lengthen it, except up to the tiles that count anyway.
     const int64_t b = std::max(masked_ceil_div(c_blocks, c_groups), masked_ceil_div(kMaskedMinCountedTiles, a));
     const MaskedGradYGrid grid = masked_grid_of(M, C, r_pad, a, b);
-    const auto key = [](const MaskedGradYGrid& g) {
-      return std::make_tuple(std::max<int64_t>(g.longest_program_tiles(), kMaskedMinCountedTiles), g.partial_bytes,
-                             g.blocks_c_per_group);
-    };
     if (!found || key(grid) < key(best)) best = grid, found = true;
   }
   // Always found: one program (one row group, one column group) fits the slots, and the cap, which

@@ -434,7 +434,6 @@ std::tuple<at::Tensor, at::Tensor> sum_slices(const at::Tensor& part_a, int64_t 
   return {out_a, out_b};
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Which load scheme the launches use (the kernel's STAGES): 0, the default, or kPipelineStages
 // (LORA_EXT_MASKED_GRAD_Y_STAGES=3 at import, or set_masked_grad_y_stages).
@@ -461,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   const int r = static_cast<int>(lora_B.size(1));
   const auto options = lora_B.options();
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t m_blocks = ceil_div(M, kTileRows), c_blocks = ceil_div(C, kTileCols);
+  const int64_t m_blocks = masked_ceil_div(M, kTileRows), c_blocks = masked_ceil_div(C, kTileCols);
   const int64_t M_pad = m_blocks * kTileRows, C_pad = c_blocks * kTileCols;
   // About programs_per_sm programs per SM (what __launch_bounds__ fits), split between row and column
   // groups by masked_grad_y_grid.h (the fewest tiles in the longest program). The load scheme sets
@@ -525,10 +524,12 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> run_for_rank(const at::Tensor& g2, const at::Tensor& lora_B, const at::Tensor& xa,
                                                 double scale, const at::Tensor& seed, double p, bool need_grad_xa,
                                                 bool need_grad_B, int64_t max_partial_bytes) {
-  const int64_t r = lora_B.size(1);
-  if (r <= 16) return run<T, 16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
-  if (r <= 32) return run<T, 32>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
-  return run<T, 64>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
+  // The same padding masked_grad_y_grid reports for (lora.cpp's binding).
+  switch (masked_rank_pad(lora_B.size(1))) {
+    case 16: return run<T, 16>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
+    case 32: return run<T, 32>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
+    default: return run<T, 64>(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B, max_partial_bytes);
+  }
 }
 
 }  // namespace
