@@ -426,6 +426,20 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, has_lora, runs, False, None, config)
 
 
+def linear_forward_given_xa(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                            lora_B: torch.Tensor, xa: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                            seed: torch.Tensor | None = None, *, runs: int | None = None, **config) -> torch.Tensor:
+    """y = x2 W^T + b + drop_post(s xa B^T) as one GEMM with xa = x2 A^T (M, r) given, computed by the
+    caller (one pass over x, e.g. cuBLAS), instead of from the base product's x tiles in each run's
+    first tile. The forward's form of grad_input_given_xa: a candidate where x is small next to the
+    base GEMM's math (wide N), measured by benchmarks/fused_forward_probe.py ("split" lines). Same
+    requirements as linear_forward, and xa as grad_input_given_xa's grad_xa (lora_A only shapes an
+    unused descriptor)."""
+    tiles = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0])}
+    config = {**tiles, **config}
+    return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, True, runs, False, xa, config)[0]
+
+
 def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                scale: float, *, has_lora: bool = True, runs: int | None = None,
                **config) -> tuple[torch.Tensor, torch.Tensor]:
