@@ -353,6 +353,16 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at:
                            {x2, weight, bias, lora_A, lora_B, scale, post_dropout_p, seed}));
 }
 
+c10::optional<at::Tensor> triton_fused_forward_given_xa(const at::Tensor& x2, const at::Tensor& weight,
+                                                        const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                        const at::Tensor& lora_B, double scale, double post_dropout_p,
+                                                        const c10::optional<at::Tensor>& seed, const at::Tensor& xa) {
+  auto outputs = run_piece("fused_forward_given_xa", triton_fused_forward_fn,
+                           {x2, weight, bias, lora_A, lora_B, scale, post_dropout_p, seed, xa});
+  if (!outputs.has_value()) return c10::nullopt;
+  return outputs->at(0);
+}
+
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const at::Tensor& g2,
                                                                           const at::Tensor& weight,
                                                                           const at::Tensor& lora_A,
@@ -460,6 +470,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");
+  module.def("set_fused_forward_split", &lora::set_fused_forward_split,
+             "Runs the native CUDA path's fused Triton forwards in two launches, x A^T by cuBLAS first and then "
+             "the GEMM with it given, or not; returns the previous setting (off by default; "
+             "LORA_EXT_FUSED_FORWARD_SPLIT=1: on at import; benchmarks/NOTES.md #57)");
   module.def("set_fused_small_m_forward", &lora::set_fused_small_m_forward,
              "Turns the native CUDA path's fused Triton forward for few tokens (up to 16 rows and 8192 inputs, "
              "dropout-free: one launch for x W^T + b and the LoRA term, before the few-token kernel) on or off; "

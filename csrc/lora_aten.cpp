@@ -178,6 +178,15 @@ bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at:
           (x2.size(1) <= kFusedForwardAnyWidthMaxInputs && lora_A.size(0) <= kFusedForwardAnyWidthMaxRank));
 }
 
+// The same forwards in two launches (off by default, for same-run A/B; benchmarks/NOTES.md #57): xa =
+// x A^T by cuBLAS first (one pass over x), then the fused GEMM with xa given
+// (fused_forward.linear_forward_given_xa), so that no run's first tile computes x A^T alongside its
+// x W^T. That in-tile x A^T cost 12-18% of the base GEMM at the end-to-end model's gate/up (2048 x
+// 5632, 4096 tokens: fused 1.186 against Triton's GEMM alone ~1.02-1.05, H100 12-05 14:43), more than
+// the pass over x should (16 MiB there). Where x is large next to the GEMM (k/v) the pass costs more.
+// LORA_EXT_FUSED_FORWARD_SPLIT=1 or set_fused_forward_split(true) turns it on.
+std::atomic<bool> fused_forward_split_enabled{on_if_env_one("LORA_EXT_FUSED_FORWARD_SPLIT")};
+
 bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
   const auto dtype = x2.scalar_type();
   return fused_small_m_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
@@ -321,6 +330,8 @@ bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange
 
 bool set_fused_forward(bool enabled) { return fused_forward_enabled.exchange(enabled); }
 
+bool set_fused_forward_split(bool enabled) { return fused_forward_split_enabled.exchange(enabled); }
+
 bool set_fused_small_m_forward(bool enabled) { return fused_small_m_forward_enabled.exchange(enabled); }
 
 bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchange(enabled); }
@@ -368,8 +379,14 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
 #endif
   if (weight.has_value() && (dropout ? post_dropout && use_fused_post_dropout_forward(x2, *weight, lora_A)
                                      : use_fused_forward(x2, *weight, lora_A))) {
-    if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, post_dropout ? dropout_p : 0.0,
-                                          post_dropout ? seed : c10::optional<at::Tensor>())) {
+    const double fused_p = post_dropout ? dropout_p : 0.0;
+    const c10::optional<at::Tensor> fused_seed = post_dropout ? seed : c10::optional<at::Tensor>();
+    if (fused_forward_split_enabled) {
+      at::Tensor xa = at::mm(x2, lora_A.t());
+      if (auto y = triton_fused_forward_given_xa(x2, *weight, bias, lora_A, lora_B, scale, fused_p, fused_seed, xa)) {
+        return {with_leading_shape(*y, x), xa};
+      }
+    } else if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, fused_p, fused_seed)) {
       return {with_leading_shape(std::get<0>(*fused), x), std::get<1>(*fused)};
     }
   }

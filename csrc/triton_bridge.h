@@ -45,6 +45,13 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const 
 c10::optional<at::Tensor> triton_fused_grad_input_given_xa(const at::Tensor& g2, const at::Tensor& weight,
                                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                            const at::Tensor& grad_xa);
+// y = x2 W^T + b + drop_post(s xa B^T) as one GEMM with xa = x2 A^T (M, r) given (computed by the
+// caller), fused_forward.linear_forward_given_xa; nullopt where the kernel does not take these
+// tensors. The piece of the fused forward's callback with xa passed.
+c10::optional<at::Tensor> triton_fused_forward_given_xa(const at::Tensor& x2, const at::Tensor& weight,
+                                                        const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                        const at::Tensor& lora_B, double scale, double post_dropout_p,
+                                                        const c10::optional<at::Tensor>& seed, const at::Tensor& xa);
 // dA = scale_A grad_xa^T x2 (r, K) alone, the same kernel's dA programs (adapter_grads.grad_A_only):
 // where dB comes from the 'post' dropout backward's masked step or is not wanted; nullopt where
 // the kernel does not take these tensors. Registered and run with the fused GEMMs.

@@ -473,6 +473,10 @@ def test_fused_forward_given_xa_matches_float64(M, K, N, r, p, runs):
     assert y.dtype == torch.float16 and y.shape == (M, N)
     assert_within_bound(y, ref, ref.to(torch.float16), torch.float16, "y")
     assert torch.equal(xa, before)
+    # The given xa's checks: its shape, dtype and unit last stride.
+    assert fused_forward.given_xa_supported(x, A, xa)
+    for bad in (xa[:-1], xa.float(), xa.t().contiguous().t(), xa[:, :-1] if r > 1 else xa[:, :0]):
+        assert not fused_forward.given_xa_supported(x, A, bad)
 
 
 def test_fused_forward_keeps_s_xa_out_of_float16():

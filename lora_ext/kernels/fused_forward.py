@@ -341,13 +341,17 @@ def grad_input_supports(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora
     return _on_hopper(grad_y2) and grad_input_layout_supported(grad_y2, weight, lora_A, lora_B)
 
 
+def given_xa_supported(a2: torch.Tensor, lora_A: torch.Tensor, xa: torch.Tensor) -> bool:
+    """A given xa (or grad_xa) the kernel reads through pointers: (M, r) for a2's M rows and lora_A's r,
+    in the adapters' dtype on their device, with unit last stride."""
+    return (xa.dim() == 2 and tuple(xa.shape) == (a2.shape[0], lora_A.shape[0]) and xa.dtype == lora_A.dtype
+            and xa.device == lora_A.device and xa.stride(1) == 1)
+
+
 def grad_input_given_xa_layout_supported(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
                                          lora_B: torch.Tensor, grad_xa: torch.Tensor) -> bool:
-    """grad_input_layout_supported, and grad_xa (M, r) in the adapters' dtype on their device with
-    unit last stride (the kernel reads its rows through pointers)."""
-    return (grad_input_layout_supported(grad_y2, weight, lora_A, lora_B) and grad_xa.dim() == 2
-            and tuple(grad_xa.shape) == (grad_y2.shape[0], lora_A.shape[0]) and grad_xa.dtype == lora_A.dtype
-            and grad_xa.device == lora_A.device and grad_xa.stride(1) == 1)
+    """grad_input_layout_supported, and grad_xa as given_xa_supported."""
+    return grad_input_layout_supported(grad_y2, weight, lora_A, lora_B) and given_xa_supported(grad_y2, lora_A, grad_xa)
 
 
 def grad_input_given_xa_supports(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
