@@ -304,6 +304,11 @@ def main() -> None:
             with common.switched((lora_ext._C.set_fused_forward, fused), (lora_ext._C.set_fused_post_dropout, post)):
                 t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
             line.append(f"{name} {t:.1f} ({t / base:.3f})")
+        # The op with its fused forwards in two launches (set_fused_forward_split, NOTES.md #57), where it takes them.
+        for name, dp in (("op p=0 split", 0.0), ("op p=0.1 split", p)):
+            with common.switched((lora_ext._C.set_fused_forward_split, True)):
+                t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
+            line.append(f"{name} {t:.1f} ({t / base:.3f})")
         # fwd+bwd with 'post' dropout (x requiring grad, as in a middle layer): the fused GEMMs with
         # 'post' dropout (set_fused_post_dropout: the forward and the input gradient, #33, #34) off
         # and on, then also dA in one launch (set_fused_adapter_grads: dA alone here, #35)
