@@ -10,8 +10,8 @@ alpha=32 by default) goes on every Linear layer, lm_head included:
   lora_ext_switches_off  lora_ext with the native path's kernels turned on by the 12-05 measurements
                     turned off for its run: the one-launch adapter gradients and the 'post' fused GEMMs
                     (switches_off; benchmarks/NOTES.md #39), i.e. the cuBLAS compositions they replace
-  lora_ext_split    lora_ext with its fused forwards in two launches, x A^T by cuBLAS first
-                    (set_fused_forward_split, off by default; NOTES.md #57)
+  lora_ext_split    lora_ext with its fused forwards and dropout-free input gradient in two launches,
+                    x A^T and s g B by cuBLAS first (switches off by default; NOTES.md #57)
   peft              peft.get_peft_model with target_modules = the names of every Linear
                     (adapters kept in bf16: autocast_adapter_dtype=False, unless --peft-fp32-adapters)
   frozen_base       no adapters at all, only the norms trainable: the floor (what a step would take if the LoRA
@@ -251,14 +251,15 @@ def kernel_time_us(averages) -> float:
                if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False))
 
 
-def forward_split_on():
-    """The native path's fused forwards in two launches (x A^T by cuBLAS first; off by default,
-    set_fused_forward_split, NOTES.md #57) inside the block."""
-    return common.switched((lora_ext._C.set_fused_forward_split, True))
+def split_on():
+    """The native path's fused forwards and dropout-free input gradient in two launches (x A^T, s g B by
+    cuBLAS first; off by default: set_fused_forward_split, set_fused_grad_input_split, NOTES.md #57)
+    inside the block."""
+    return common.switched((lora_ext._C.set_fused_forward_split, True), (lora_ext._C.set_fused_grad_input_split, True))
 
 
 # The providers that are lora_ext with native-path settings changed for their run.
-PROVIDER_SETTINGS = {"lora_ext_switches_off": switches_off, "lora_ext_split": forward_split_on}
+PROVIDER_SETTINGS = {"lora_ext_switches_off": switches_off, "lora_ext_split": split_on}
 
 
 def run_provider(provider, dropout, args, device, dtype, profile=False) -> dict:

@@ -481,6 +481,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_grad_input", &lora::set_fused_grad_input,
              "Turns the native CUDA path's fused Triton input gradient on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
+  module.def("set_fused_grad_input_split", &lora::set_fused_grad_input_split,
+             "Runs the native CUDA path's fused dropout-free Triton input gradient in two launches, s g B by "
+             "cuBLAS first and then the GEMM with it given, or not; returns the previous setting (off by default; "
+             "LORA_EXT_FUSED_GRAD_INPUT_SPLIT=1: on at import; benchmarks/NOTES.md #57)");
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
              "setting (on by default: dA and dB together at any width for r <= 16, else and for dA alone up to "

@@ -219,6 +219,13 @@ bool fused_grad_input_takes(const at::Tensor& g2, const at::Tensor& lora_A) {
          lora_A.scalar_type() == g2.scalar_type();
 }
 
+// The same input gradient in two launches (off by default, for same-run A/B; NOTES.md #57): s g B by
+// cuBLAS (one pass over g), then dx = g W + (s g B) A as the GEMM with it given
+// (fused_forward.grad_input_given_xa, the 'post' dropout form): the one-launch kernel's first tiles'
+// g B cost 1.209 against 1.031 given at 2048 x 5632 (H100, 12-05 14:43). LORA_EXT_FUSED_GRAD_INPUT_SPLIT=1
+// or set_fused_grad_input_split(true) turns it on.
+std::atomic<bool> fused_grad_input_split_enabled{on_if_env_one("LORA_EXT_FUSED_GRAD_INPUT_SPLIT")};
+
 bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   const int64_t outputs = weight.size(0), inputs = weight.size(1);
   return fused_grad_input_takes(g2, lora_A) &&
@@ -335,6 +342,8 @@ bool set_fused_forward_split(bool enabled) { return fused_forward_split_enabled.
 bool set_fused_small_m_forward(bool enabled) { return fused_small_m_forward_enabled.exchange(enabled); }
 
 bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchange(enabled); }
+
+bool set_fused_grad_input_split(bool enabled) { return fused_grad_input_split_enabled.exchange(enabled); }
 
 bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.exchange(enabled); }
 
@@ -508,7 +517,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     if (need_B && !adapter_grads_together) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
     if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
       // g is contiguous (above): the fused kernel needs TMA-addressable rows.
-      if (auto fused = triton_fused_grad_input(g, *weight, lora_A, lora_B, scale)) {
+      if (fused_grad_input_split_enabled) {
+        // Two launches: s g B by cuBLAS, then the GEMM with it given (as with 'post' dropout).
+        grad_xa = scaled_mm(g_lora, lora_B, scale);
+        if (auto fused = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
+          grad_x = fused->view(x.sizes());
+          grad_x_fused = true;
+        }
+      } else if (auto fused = triton_fused_grad_input(g, *weight, lora_A, lora_B, scale)) {
         grad_x = std::get<0>(*fused).view(x.sizes());
         grad_xa = std::get<1>(*fused);
         grad_x_fused = true;

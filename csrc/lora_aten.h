@@ -67,6 +67,10 @@ bool set_fused_forward_split(bool enabled);
 bool set_fused_small_m_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
 bool set_fused_grad_input(bool enabled);
+// The fused dropout-free input gradient in two launches, s g B by cuBLAS first (lora_aten.cpp
+// fused_grad_input_split_enabled); off by default (LORA_EXT_FUSED_GRAD_INPUT_SPLIT=1 turns it on at
+// import); returns the previous setting.
+bool set_fused_grad_input_split(bool enabled);
 // The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); on by
 // default, LORA_EXT_FUSED_ADAPTER_GRADS=0 turns it off at import.
 bool set_fused_adapter_grads(bool enabled);

@@ -1267,6 +1267,27 @@ def test_fused_forward_split_is_what_the_op_runs_when_switched_on(p, fused_forwa
 
 
 @fused_only
+def test_fused_grad_input_split_is_what_the_op_runs_when_switched_on(fused_forward_on, fused_grad_input_on):
+    """set_fused_grad_input_split(True) (off by default; NOTES.md #57): where the op's dropout-free
+    fused input gradient runs (2048 inputs, 5640 outputs), dx is the bits of cuBLAS's s g B (alpha = s,
+    beta = 0, as the op's scaled_mm) then the GEMM with it given; every gradient within the float64 bound."""
+    from lora_ext.kernels import fused_forward
+
+    scale, K, N = 0.5, 2048, 5640
+    inputs = make_inputs((4100,), K, N, 16, torch.bfloat16, bias=False, seed=29)
+    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    gy = torch.randn(4100, N, device=DEVICE, dtype=torch.bfloat16)
+    with switched(lora_ext._C.set_fused_grad_input_split, True):
+        run_and_check(inputs, scale, 0.0, "post", 0, "native")
+        y, _ = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
+        dx = torch.autograd.grad(y, [x], gy)[0]
+    with torch.no_grad():
+        w_, A_, B_ = w.detach(), A.detach(), B.detach()
+        grad_xa = torch.addmm(torch.empty(4100, 16, device=DEVICE, dtype=torch.bfloat16), gy, B_, beta=0, alpha=scale)
+        assert torch.equal(dx, fused_forward.grad_input_given_xa(gy, w_, A_, B_, grad_xa))
+
+
+@fused_only
 def test_triton_backend_post_forward_is_the_fused_kernel_when_switched_on(fused_post_dropout_on):
     """backend 'triton', 'post' dropout, 4096+ rows, the switch on: y and xa are the fused kernel's
     bits (mask in its epilogue), y and every gradient within the float64 bound."""

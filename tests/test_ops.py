@@ -947,7 +947,8 @@ SWITCH_DEFAULTS = {"set_fused_forward": ("LORA_EXT_FUSED_FORWARD", "0", True),
                    "set_fused_adapter_grads": ("LORA_EXT_FUSED_ADAPTER_GRADS", "0", True),
                    "set_fused_post_dropout": ("LORA_EXT_FUSED_POST_DROPOUT", "0", True),
                    "set_fused_small_m_forward": ("LORA_EXT_FUSED_SMALL_M_FORWARD", "0", True),
-                   "set_fused_forward_split": ("LORA_EXT_FUSED_FORWARD_SPLIT", "1", False)}
+                   "set_fused_forward_split": ("LORA_EXT_FUSED_FORWARD_SPLIT", "1", False),
+                   "set_fused_grad_input_split": ("LORA_EXT_FUSED_GRAD_INPUT_SPLIT", "1", False)}
 
 
 def test_native_path_switches_default_and_env():
