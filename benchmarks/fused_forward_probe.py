@@ -160,9 +160,13 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
                 dx = fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg)
                 err = ((dx.double() - ref_given).abs().max() / ref_given.abs().max()).item()
                 fused = bench_us(lambda: fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg))
-                # The dropout-free input gradient in two launches: s g B by cuBLAS, then the GEMM with it given.
-                split = bench_us(lambda: fused_forward.grad_input_given_xa(g, W, A, B, torch.mm(g, B).mul_(scale),
-                                                                           **cfg))
+                # The dropout-free input gradient in two launches: s g B by cuBLAS (one GEMM, alpha = s,
+                # as the op's scaled_mm), then the GEMM with it given.
+                def split_dx():
+                    s_g_b = torch.addmm(torch.empty_like(grad_xa), g, B, beta=0, alpha=scale)
+                    return fused_forward.grad_input_given_xa(g, W, A, B, s_g_b, **cfg)
+
+                split = bench_us(split_dx)
                 line.append(f"[{cfg_name}] given {fused:.1f} ({fused / base:.3f}){' WRONG' if err > 2e-2 else ''}"
                             f" err {err:.1e}; split (s g B by cuBLAS, then given) {split:.1f} ({split / base:.3f})")
             except Exception as exc:  # a config that does not compile or fit: report, go on

@@ -463,9 +463,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
              "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers and few-token "
              "forwards "
-             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
+             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too, or (y,) with "
+             "xa given (the split form); "
              "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
-             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, grad_A_only_callback: (dA,); each None "
+             "fused_grad_input_given_xa_callback: (dx,) with grad_xa given ('post' dropout, and the split form), "
+             "grad_A_only_callback: (dA,); each None "
              "where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "

@@ -473,6 +473,11 @@ def test_fused_forward_given_xa_matches_float64(M, K, N, r, p, runs):
     assert y.dtype == torch.float16 and y.shape == (M, N)
     assert_within_bound(y, ref, ref.to(torch.float16), torch.float16, "y")
     assert torch.equal(xa, before)
+    # Given the xa the one-launch kernel computes (and reads back from memory itself), the same bits:
+    # the scale, the mask and the order of the products are the one-launch kernel's.
+    y_one, xa_one = fused_forward.linear_forward(x, w, b, A, B, scale, p, seed, runs=runs, **TINY_TILES)
+    y_given = fused_forward.linear_forward_given_xa(x, w, b, A, B, xa_one, scale, p, seed, runs=runs, **TINY_TILES)
+    assert torch.equal(y_given, y_one)
     # The given xa's checks: its shape, dtype and unit last stride.
     assert fused_forward.given_xa_supported(x, A, xa)
     for bad in (xa[:-1], xa.float(), xa.t().contiguous().t(), xa[:, :-1] if r > 1 else xa[:, :0]):

@@ -1264,6 +1264,10 @@ def test_fused_forward_split_is_what_the_op_runs_when_switched_on(p, fused_forwa
         one_launch, _ = torch.ops.lora.linear(x_, w_, b_, A_, B_, scale, p, "post", seed, "native")
         kernel_y, _ = fused_forward.linear_forward(x_, w_, b_, A_, B_, scale, p, seed)
         assert torch.equal(one_launch, kernel_y)
+    # Adapters in another dtype than x: no split (the kernel needs one dtype); the composed path, right.
+    mixed = make_inputs((4100,), K, N, 16, torch.bfloat16, lora_dtype=torch.float32, bias=True, seed=24)
+    with switched(lora_ext._C.set_fused_forward_split, True):
+        run_and_check(mixed, scale, p, "post", seed_value, "native")
 
 
 @fused_only

@@ -99,8 +99,9 @@ def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
 
 
 def fused_grad_input_given_xa_callback(grad_y2, weight, lora_A, lora_B, grad_xa):
-    """The native path's input gradient with 'post' dropout (csrc/lora_aten.cpp,
-    use_fused_post_dropout_grad_input): (dx,) = (g W + grad_xa A,) with grad_xa = s drop(g) B given,
+    """The native path's input gradient with grad_xa given (csrc/lora_aten.cpp: 'post' dropout,
+    use_fused_post_dropout_grad_input, grad_xa = s drop(g) B from the masked step; and the dropout-free
+    split form, set_fused_grad_input_split, grad_xa = s g B by cuBLAS): (dx,) = (g W + grad_xa A,),
     or None where fused_forward.grad_input_given_xa_supports refuses these tensors."""
     from . import fused_forward
 
