@@ -166,9 +166,7 @@ def part_ranks(rows):
             x2, g2, A, B, xa, seed = make_inputs(8192, K, N, r)
             grad_y = lambda: triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True, True)  # noqa: E731
             up = lambda: triton_lora.masked_up(xa, A, x2, seed, P, True, True)  # noqa: E731
-            # As the op calls it: partials capped at dx's size.
-            native = lambda: lora_ext._C.masked_grad_y_cuda(  # noqa: E731
-                g2, B, xa, 2.0, seed, P, True, True, max_partial_bytes=x2.numel() * x2.element_size())
+            native = native_step(x2, g2, B, xa, seed)
             results = {
                 "masked_grad_y (default)": common.gpu_us(grad_y),
                 # Budgets of 0: dxa and dB from two passes over dY.
@@ -200,9 +198,7 @@ def part_native(rows):
         for shape, (K, N) in {**SHAPES, **common.E2E_SHAPES}.items():
             M = common.E2E_TOKENS if shape in common.E2E_SHAPES else 8192
             x2, g2, A, B, xa, seed = make_inputs(M, K, N, r)
-            dx_bytes = x2.numel() * x2.element_size()
-            step = lambda: lora_ext._C.masked_grad_y_cuda(  # noqa: E731
-                g2, B, xa, 2.0, seed, P, True, True, max_partial_bytes=dx_bytes)
+            step = native_step(x2, g2, B, xa, seed)
             timed = {(stages, rule): native_with_stages(stages, step, rule)
                      for stages in (0, 3) for rule in ("balanced", "sqrt")}
             regs, piped = timed[0, "balanced"], timed[3, "balanced"]
@@ -219,6 +215,13 @@ def part_native(rows):
     print(common.markdown_table(["shape", "r", "M", "registers µs", "registers, sqrt grid µs", "balanced ÷ sqrt",
                                  "cp.async µs", "cp.async, sqrt grid µs", "cp.async ÷ registers",
                                  "cuBLAS no mask µs", "registers GiB/s"], out))
+
+
+def native_step(x2, g2, B, xa, seed):
+    """The native 'post' backward step (lora_ext._C.masked_grad_y_cuda, both outputs) as the op calls it
+    when dx is wanted: its float32 partials capped at dx's size (csrc/masked_grad_y_grid.h)."""
+    return lambda: lora_ext._C.masked_grad_y_cuda(g2, B, xa, 2.0, seed, P, True, True,
+                                                  max_partial_bytes=x2.numel() * x2.element_size())
 
 
 def native_with_stages(stages, fn, grid_rule="balanced"):

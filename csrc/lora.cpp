@@ -515,12 +515,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         TORCH_CHECK(M > 0 && C > 0 && slots > 0, "lora: masked_grad_y_grid needs M, C and slots > 0, got ", M, ", ",
                     C, ", ", slots);
         TORCH_CHECK(r >= 1 && r <= 64, "lora: masked_grad_y_grid takes r in [1, 64], got ", r);
-        TORCH_CHECK(rule == "balanced" || rule == "sqrt", "lora: masked_grad_y_grid's rule is 'balanced' or 'sqrt', got '",
-                    rule, "'");
-        const lora::MaskedGradYGrid grid = lora::masked_grad_y_grid(
-            rule == "sqrt" ? lora::MaskedGradYGridRule::kSqrt : lora::MaskedGradYGridRule::kBalanced, M, C,
-            lora::masked_rank_pad(r), slots,
-            max_partial_bytes);
+        lora::MaskedGradYGridRule grid_rule;
+        TORCH_CHECK(lora::masked_grad_y_grid_rule_named(rule, &grid_rule),
+                    "lora: masked_grad_y_grid's rule is 'balanced' or 'sqrt', got '", rule, "'");
+        const lora::MaskedGradYGrid grid =
+            lora::masked_grad_y_grid(grid_rule, M, C, lora::masked_rank_pad(r), slots, max_partial_bytes);
         return pybind11::dict(pybind11::arg("m_groups") = grid.m_groups, pybind11::arg("c_groups") = grid.c_groups,
                               pybind11::arg("blocks_m_per_group") = grid.blocks_m_per_group,
                               pybind11::arg("blocks_c_per_group") = grid.blocks_c_per_group,

@@ -410,17 +410,19 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
   }
 
   // (xa is defined here only by the split form above: no 'pre' dropout there, x in the adapters' dtype.)
-  if (!xa.defined() && pre_dropout && use_masked_pieces(x, lora_A)) {
-    xa = triton_masked_down(x2, lora_A, *seed, dropout_p);
-  } else if (!xa.defined()) {
-    // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
-    // The copy is a temporary of this call, never saved.
-    at::Tensor x_lora = x2.to(lora_dtype);
-    if (pre_dropout) {
-      x_lora = owned_copy(x2, lora_dtype);
-      dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+  if (!xa.defined()) {
+    if (pre_dropout && use_masked_pieces(x, lora_A)) {
+      xa = triton_masked_down(x2, lora_A, *seed, dropout_p);
+    } else {
+      // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
+      // The copy is a temporary of this call, never saved.
+      at::Tensor x_lora = x2.to(lora_dtype);
+      if (pre_dropout) {
+        x_lora = owned_copy(x2, lora_dtype);
+        dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
+      }
+      xa = at::mm(x_lora, lora_A.t());
     }
-    xa = at::mm(x_lora, lora_A.t());
   }
 
   at::Tensor y;

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 namespace lora {
@@ -41,6 +42,18 @@ struct MaskedGradYGrid {
 };
 
 enum class MaskedGradYGridRule : int { kBalanced = 0, kSqrt = 1 };
+
+// The rule's name, "balanced" or "sqrt" (the setter, the binding and LORA_EXT_MASKED_GRAD_Y_GRID use these).
+inline const char* masked_grad_y_grid_rule_name(MaskedGradYGridRule rule) {
+  return rule == MaskedGradYGridRule::kSqrt ? "sqrt" : "balanced";
+}
+
+// The rule of that name into *rule; false (and *rule untouched) for any other name.
+inline bool masked_grad_y_grid_rule_named(const std::string& name, MaskedGradYGridRule* rule) {
+  if (name != "balanced" && name != "sqrt") return false;
+  *rule = name == "sqrt" ? MaskedGradYGridRule::kSqrt : MaskedGradYGridRule::kBalanced;
+  return true;
+}
 
 inline int64_t masked_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -13,9 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-import masked_pieces  # noqa: E402
-
-import lora_ext  # noqa: E402
+import masked_pieces  # noqa: E402  (imports lora_ext)
 
 piece = sys.argv[1] if len(sys.argv) > 1 else "grad_y"
 shape = sys.argv[2] if len(sys.argv) > 2 else "qo"
@@ -25,9 +23,8 @@ inputs = masked_pieces.make_inputs(8192, K, N, rank)
 names = {"grad_y": "post_bwd masked_grad_y", "down": "pre_fwd masked_down", "up": "pre_bwd masked_up"}
 if piece == "grad_y_native":
     x2, g2, A, B, xa, seed = inputs
-    # As the op calls it: partials capped at dx's size (LORA_EXT_MASKED_GRAD_Y_GRID=sqrt: the first grid rule).
-    fn = lambda: lora_ext._C.masked_grad_y_cuda(  # noqa: E731
-        g2, B, xa, 2.0, seed, masked_pieces.P, True, True, max_partial_bytes=x2.numel() * x2.element_size())
+    # As the op calls it (LORA_EXT_MASKED_GRAD_Y_GRID=sqrt: the first grid rule).
+    fn = masked_pieces.native_step(x2, g2, B, xa, seed)
 else:
     fn, _ = masked_pieces.pieces(*inputs)[names[piece]]
 for _ in range(4):

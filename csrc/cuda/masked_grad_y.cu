@@ -448,8 +448,9 @@ std::atomic<int> masked_grad_y_stages{[] {
 // for same-run A/B measurements.
 std::atomic<int> masked_grad_y_grid_rule{[] {
   const char* env = std::getenv("LORA_EXT_MASKED_GRAD_Y_GRID");
-  return static_cast<int>(env != nullptr && std::string(env) == "sqrt" ? MaskedGradYGridRule::kSqrt
-                                                                      : MaskedGradYGridRule::kBalanced);
+  MaskedGradYGridRule rule = MaskedGradYGridRule::kBalanced;  // also for a value other than a rule's name
+  if (env != nullptr) masked_grad_y_grid_rule_named(env, &rule);
+  return static_cast<int>(rule);
 }()};
 
 template <typename T, int R_PAD>
@@ -534,12 +535,12 @@ std::tuple<at::Tensor, at::Tensor> run_for_rank(const at::Tensor& g2, const at::
 
 }  // namespace
 
-std::string set_masked_grad_y_grid_rule(const std::string& rule) {
-  TORCH_CHECK(rule == "balanced" || rule == "sqrt", "lora: set_masked_grad_y_grid_rule takes 'balanced' or 'sqrt', got '",
-              rule, "'");
-  const int previous = masked_grad_y_grid_rule.exchange(
-      static_cast<int>(rule == "sqrt" ? MaskedGradYGridRule::kSqrt : MaskedGradYGridRule::kBalanced));
-  return previous == static_cast<int>(MaskedGradYGridRule::kSqrt) ? "sqrt" : "balanced";
+std::string set_masked_grad_y_grid_rule(const std::string& name) {
+  MaskedGradYGridRule rule;
+  TORCH_CHECK(masked_grad_y_grid_rule_named(name, &rule),
+              "lora: set_masked_grad_y_grid_rule takes 'balanced' or 'sqrt', got '", name, "'");
+  const int previous = masked_grad_y_grid_rule.exchange(static_cast<int>(rule));
+  return masked_grad_y_grid_rule_name(static_cast<MaskedGradYGridRule>(previous));
 }
 
 int set_masked_grad_y_stages(int stages) {

@@ -440,8 +440,7 @@ def linear_forward_given_xa(x2: torch.Tensor, weight: torch.Tensor, bias: torch.
     base GEMM's math (wide N), measured by benchmarks/fused_forward_probe.py ("split" lines). Same
     requirements as linear_forward, and xa as grad_input_given_xa's grad_xa (lora_A only shapes an
     unused descriptor)."""
-    tiles = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0])}
-    config = {**tiles, **config}
+    config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
     return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, True, runs, False, xa, config)[0]
 
 
