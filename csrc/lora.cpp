@@ -61,15 +61,17 @@ pybind11::object* triton_fused_grad_input_fn = nullptr;
 pybind11::object* triton_adapter_grads_fn = nullptr;
 pybind11::object* triton_fused_grad_input_given_xa_fn = nullptr;
 pybind11::object* triton_grad_A_only_fn = nullptr;
+pybind11::object* triton_grad_B_only_fn = nullptr;
 
 void set_triton_fused_gemms(pybind11::object forward_fn, pybind11::object grad_input_fn,
                             pybind11::object adapter_grads_fn, pybind11::object grad_input_given_xa_fn,
-                            pybind11::object grad_A_only_fn) {
+                            pybind11::object grad_A_only_fn, pybind11::object grad_B_only_fn) {
   triton_fused_forward_fn = new pybind11::object(std::move(forward_fn));
   triton_fused_grad_input_fn = new pybind11::object(std::move(grad_input_fn));
   triton_adapter_grads_fn = new pybind11::object(std::move(adapter_grads_fn));
   triton_fused_grad_input_given_xa_fn = new pybind11::object(std::move(grad_input_given_xa_fn));
   triton_grad_A_only_fn = new pybind11::object(std::move(grad_A_only_fn));
+  triton_grad_B_only_fn = new pybind11::object(std::move(grad_B_only_fn));
 }
 
 pybind11::object* triton_masked_down_fn = nullptr;
@@ -385,6 +387,12 @@ c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at
   return outputs->at(0);
 }
 
+c10::optional<at::Tensor> triton_grad_B_only(const at::Tensor& xa, const at::Tensor& g2, double scale_B) {
+  auto outputs = run_piece("grad_B_only", triton_grad_B_only_fn, {xa, g2, scale_B});
+  if (!outputs.has_value()) return c10::nullopt;
+  return outputs->at(0);
+}
+
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_adapter_grads(const at::Tensor& grad_xa, const at::Tensor& x2,
                                                                        const at::Tensor& xa, const at::Tensor& g2,
                                                                        double scale_A, double scale_B) {
@@ -467,7 +475,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "xa given (the split form); "
              "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
              "fused_grad_input_given_xa_callback: (dx,) with grad_xa given ('post' dropout, and the split form), "
-             "grad_A_only_callback: (dA,); each None "
+             "grad_A_only_callback: (dA,), grad_B_only_callback: (dB,); each None "
              "where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
@@ -494,6 +502,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_adapter_grads_any_width_max_rank", &lora::set_fused_adapter_grads_any_width_max_rank,
              "The largest rank at which the native CUDA path's one launch computes dA and dB together at any "
              "width (16 by default; up to 64; 0: never past 2048 outputs); returns the previous value");
+  module.def("set_adapter_grads_memory_budget", &lora::set_adapter_grads_memory_budget,
+             "The extra bytes the native CUDA path's dropout-free backward may keep for the adapter gradients: "
+             "where the one launch's xa, grad_xa, dA and dB pass it and dA, then dB with grad_xa released, fit "
+             "it, the two run apart (1 MiB by default; 0: always one launch); returns the previous value "
+             "(benchmarks/NOTES.md #58)");
   module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "

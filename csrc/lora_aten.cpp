@@ -316,6 +316,27 @@ bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const a
          g2.scalar_type() == dtype && x2.scalar_type() == dtype;
 }
 
+// The backward's extra memory over the frozen layer's (NOTES.md #58): at its peak, xa (saved, M x r),
+// grad_xa (M x r), dA (r x K) and dB (N x r) are alive together when one launch computes dA and dB.
+// Apart, dA first and then dB once grad_xa is released, the peak is xa + dA + max(grad_xa, dB): at
+// M = 8192, r = 16, bf16, gate/up 1.06 -> 0.81 MiB and down 1.06 -> 0.94 MiB, for a second launch
+// (each reads its own operand, x or g, as the one launch did: ~7-10 us counted on the H200, ~0.3% of
+// those layers' fwd+bwd). At q/o (0.75 MiB) and k/v (0.66) the one launch stays: it is faster there
+// (q/o: 41.9 us against ~55 for two) and within the budget. So the two launches run where the one
+// launch's four tensors pass the budget and the two launches' fit it: the 1 MiB by default
+// (set_adapter_grads_memory_budget; 0 keeps the one launch everywhere).
+std::atomic<int64_t> adapter_grads_memory_budget{int64_t{1} << 20};
+
+bool split_adapter_grads_for_memory(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
+  const int64_t tokens_x_rank = g2.size(0) * lora_A.size(0), grad_A_numel = lora_A.numel();
+  const int64_t grad_B_numel = g2.size(1) * lora_A.size(0);
+  const int64_t element = lora_A.element_size();
+  const int64_t together = (2 * tokens_x_rank + grad_A_numel + grad_B_numel) * element;
+  const int64_t apart = (tokens_x_rank + grad_A_numel + std::max(tokens_x_rank, grad_B_numel)) * element;
+  const int64_t budget = adapter_grads_memory_budget.load();
+  return together > budget && apart <= budget;
+}
+
 // alpha * a b with alpha applied in the GEMM's epilogue (beta=0: out's contents are
 // ignored), instead of a separate elementwise pass and launch. alpha == 0 multiplies
 // afterwards: addmm skips the product then, and a NaN/Inf input must still give NaN.
@@ -357,6 +378,11 @@ int64_t set_fused_adapter_grads_any_width_max_rank(int64_t rank) {
               "set_fused_adapter_grads_any_width_max_rank: rank must be in [0, ", kFusedAdapterGradsMaxRank,
               "], got ", rank);
   return fused_adapter_grads_any_width_max_rank.exchange(rank);
+}
+
+int64_t set_adapter_grads_memory_budget(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_adapter_grads_memory_budget: bytes must be >= 0, got ", bytes);
+  return adapter_grads_memory_budget.exchange(bytes);
 }
 
 bool set_fused_post_dropout(bool enabled) { return fused_post_dropout_enabled.exchange(enabled); }
@@ -501,9 +527,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   at::Tensor grad_xa;         // (M, r): s drop_post(g) B, from every producer below
   bool grad_x_fused = false;  // dx came from a fused input gradient (with grad_xa when dropout-free)
   const bool need_lora_grads = need_A || need_x || need_B;
-  // dA and dB in one launch once grad_xa is known (below), instead of two cuBLAS GEMMs.
-  const bool adapter_grads_together =
+  // dA and dB in one launch once grad_xa is known (below), instead of two cuBLAS GEMMs; or the same
+  // kernel's programs in two launches, dA and then dB with grad_xa released, where the one launch
+  // would pass the memory budget (split_adapter_grads_for_memory).
+  const bool adapter_grads_fused =
       !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A, /*both=*/true);
+  const bool adapter_grads_apart = adapter_grads_fused && split_adapter_grads_for_memory(g, x2, lora_A);
+  const bool adapter_grads_together = adapter_grads_fused && !adapter_grads_apart;
+  // dB last, after dx and dA and with grad_xa released (its bytes then hold dB), wherever dB reads only
+  // g and xa: without 'post' dropout (whose dB needs the mask on g) and with g in the adapters' dtype
+  // (else the converted copy of g would have to live until then). The same GEMMs in another order.
+  const bool grad_B_last = need_B && !post_dropout && !adapter_grads_together && g.scalar_type() == lora_dtype;
   if (post_dropout && need_lora_grads && use_native_masked_grad_y(g, lora_B, xa)) {
 #ifdef LORA_WITH_CUDA
     at::Tensor masked_grad_B;
@@ -525,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       g_lora = owned_copy(g, lora_dtype);
       dropout_scale_(g_lora, *seed, dropout_p, keep_scale);
     }
-    if (need_B && !adapter_grads_together) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
+    if (need_B && !adapter_grads_together && !grad_B_last) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
     if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
       // g is contiguous (above): the fused kernel needs TMA-addressable rows.
       if (fused_grad_input_split_enabled) {
@@ -579,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     // dB, or dB is not wanted): the same switch and sizes as both together.
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
-      if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A, /*both=*/false)) {
+      if (adapter_grads_apart || (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A, /*both=*/false))) {
         alone = triton_grad_A_only(grad_xa, x2, /*scale_A=*/1.0);
       }
       if (alone.has_value()) {
@@ -624,6 +658,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       }
       grad_x = grad_x.view(x.sizes());
     }
+  }
+  if (grad_B_last) {
+    grad_xa = at::Tensor();  // the last reference: the allocator may hand its bytes to dB
+    c10::optional<at::Tensor> alone;
+    if (adapter_grads_apart) alone = triton_grad_B_only(xa, g, scale);
+    grad_B = alone.has_value() ? *alone : reduce_over_tokens(g, xa, scale);  // (N, r)
   }
   if (need_weight) grad_weight = at::mm(g.t(), x2);  // (N, K)
   if (need_bias) grad_bias = g.sum(0);

@@ -57,6 +57,10 @@ c10::optional<at::Tensor> triton_fused_forward_given_xa(const at::Tensor& x2, co
 // where dB comes from the 'post' dropout backward's masked step or is not wanted; nullopt where
 // the kernel does not take these tensors. Registered and run with the fused GEMMs.
 c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at::Tensor& x2, double scale_A);
+// dB = scale_B g2^T xa (N, r) alone, the same kernel's dB programs (adapter_grads.grad_B_only): where
+// dA and dB run apart so that grad_xa is freed before dB is allocated; nullopt where the kernel does
+// not take these tensors.
+c10::optional<at::Tensor> triton_grad_B_only(const at::Tensor& xa, const at::Tensor& g2, double scale_B);
 // (dA, dB) = (scale_A grad_xa^T x2 (r, K), scale_B g2^T xa (N, r)), dropout 0, in one launch
 // (lora_ext/kernels/adapter_grads.py); nullopt where the kernel does not take these tensors.
 // Registered and run with the fused GEMMs.

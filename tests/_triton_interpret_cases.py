@@ -762,7 +762,7 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     products in float16; row counts that are not multiples of the tile, K and N that are not
     multiples of the column block, r padded to the MMA's 16, x and g as strided views (the
     kernel reads any strides). Twice gives the same bits (each output has one summation order),
-    and dA alone (grad_A_only) the same bits as with dB."""
+    and dA alone (grad_A_only) and dB alone (grad_B_only) the same bits as together."""
     from lora_ext.kernels import adapter_grads
 
     gen = torch.Generator().manual_seed(M + K + r)
@@ -782,8 +782,10 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     assert_within_bound(grad_B, 3.0 * g.double().t() @ xa.double(), 3.0 * (g.t() @ xa), torch.float16, "dB")
     again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, block_m=32, block_c=16)
     assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
-    # dA alone (the 'post' dropout backward): the same programs, so the same bits
+    # dA alone (the 'post' dropout backward) and dB alone (the two launches of the memory budget): the
+    # same programs, so the same bits
     assert torch.equal(adapter_grads.grad_A_only(grad_xa, x, 0.5, block_m=32, block_c=16), grad_A)
+    assert torch.equal(adapter_grads.grad_B_only(xa, g, 3.0, block_m=32, block_c=16), grad_B)
 
 
 def test_adapter_grads_address_column_major_operands_past_2_31_elements():
@@ -862,3 +864,4 @@ def test_adapter_grads_refuse_what_they_do_not_compute():
 
     assert cuda_dispatch.adapter_grads_callback(grad_xa, x, xa, g, 1.0, 1.0) is None
     assert cuda_dispatch.grad_A_only_callback(grad_xa, x, 1.0) is None
+    assert cuda_dispatch.grad_B_only_callback(xa, g, 1.0) is None

@@ -1142,6 +1142,49 @@ def test_adapter_grads_dA_alone_is_what_the_post_backward_runs(fused_adapter_gra
 
 
 @native_triton_only
+def test_adapter_grads_apart_free_grad_xa_before_dB(fused_adapter_grads_on):
+    """Where the one launch's xa, grad_xa, dA and dB pass the memory budget and dA, then dB with grad_xa
+    released, fit it (csrc/lora_aten.cpp split_adapter_grads_for_memory; NOTES.md #58), the dropout-free
+    backward runs the kernel's dA programs and then its dB programs: dA and dB are grad_A_only's and
+    grad_B_only's bits, every gradient within the float64 bound, and the backward's peak is lower than
+    with the one launch (budget 0) by exactly grad_xa's allocation (here the smaller of grad_xa and dB).
+    The budget is set for this test's small layer: 410 KB together, 279 KB apart."""
+    from lora_ext.kernels import adapter_grads
+
+    M, K, N, r, scale = 4100, 512, 4104, 16, 0.5
+    together = (2 * M * r + r * K + N * r) * 2
+    apart = (M * r + r * K + max(M * r, N * r)) * 2
+    budget = (together + apart) // 2
+    inputs = make_inputs((M,), K, N, r, torch.bfloat16, bias=False, seed=23)
+    leaves = [inputs[k] for k in GRAD_NAMES]
+    x, w, _, A, B = (t.detach() for t in leaves)
+    gy = torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
+
+    def grads_and_peak(memory_budget):
+        with switched(lora_ext._C.set_adapter_grads_memory_budget, memory_budget):
+            y, _ = torch.ops.lora.linear(*leaves, scale, 0.0, "post", None, "native")
+            torch.autograd.grad(y, [inputs["x"], inputs["lora_A"], inputs["lora_B"]], gy, retain_graph=True)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            grads = torch.autograd.grad(y, [inputs["x"], inputs["lora_A"], inputs["lora_B"]], gy)
+            torch.cuda.synchronize()
+            return grads, torch.cuda.max_memory_allocated() - before
+
+    with switched(lora_ext._C.set_adapter_grads_memory_budget, budget):
+        run_and_check(inputs, scale, 0.0, "post", 0, "native")
+    apart_grads, apart_peak = grads_and_peak(budget)
+    together_grads, together_peak = grads_and_peak(0)
+    with torch.no_grad():
+        xa, grad_xa = _adapter_grads_operands(x, w, A, B, gy, scale)
+        assert torch.equal(apart_grads[1], adapter_grads.grad_A_only(grad_xa, x, 1.0))
+        assert torch.equal(apart_grads[2], adapter_grads.grad_B_only(xa, gy, scale))
+    assert torch.equal(apart_grads[0], together_grads[0])  # dx does not depend on it
+    allocation = -(-min(M * r, N * r) * 2 // 512) * 512  # the caching allocator's 512-byte rounding
+    assert together_peak - apart_peak == allocation, (together_peak, apart_peak, allocation)
+
+
+@native_triton_only
 @pytest.mark.parametrize("r,p,any_width_rank,wide_runs_it",
                          [(16, 0.0, 16, True), (24, 0.0, 16, False), (16, 0.25, 16, False), (24, 0.0, 64, True)],
                          ids=["both_r16", "both_r24", "dA_alone_r16", "both_r24_limit_raised"])

@@ -985,6 +985,21 @@ def test_adapter_grads_any_width_rank_setter():
         setter(previous)
 
 
+def test_adapter_grads_memory_budget_setter():
+    """set_adapter_grads_memory_budget: the issue's 1 MiB by default, returns the previous value, and names
+    itself and what it takes for a negative value (leaving the setting as it was). Its effect (two
+    launches, grad_xa freed before dB) is a GPU test (test_cuda.py test_adapter_grads_apart_free_grad_xa_before_dB)."""
+    setter = lora_ext._C.set_adapter_grads_memory_budget
+    previous = setter(0)
+    try:
+        assert previous == 1 << 20
+        with pytest.raises(RuntimeError, match=r"set_adapter_grads_memory_budget: bytes must be >= 0, got -1"):
+            setter(-1)
+        assert setter(5) == 0
+    finally:
+        setter(previous)
+
+
 def test_terminate_backtrace_is_printed_only_when_asked():
     """LORA_EXT_TERMINATE_BACKTRACE=1: a std::terminate (here called through ctypes) prints the C++
     stack before the handler it replaced aborts; without it, only the usual message."""

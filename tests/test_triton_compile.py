@@ -316,31 +316,33 @@ def record_adapter_grads_launch(monkeypatch, call, inputs):
 
 
 @pytest.mark.parametrize("r", [8, 16, 64])
-@pytest.mark.parametrize("both", [True, False], ids=["dA_and_dB", "dA_only"])
-def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(monkeypatch, r, both):
+@pytest.mark.parametrize("which", ["dA_and_dB", "dA_only", "dB_only"])
+def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(monkeypatch, r, which):
     """The one-launch adapter gradients (adapter_grads.py) at its default tiles, compiled for sm_90 as
     on the H200: it fits a block's shared memory at every rank it accepts, and the recipe the native
-    path replays writes both outputs from the one launch (no temporaries); dA alone (grad_A_only)
-    launches dA's programs only and writes just dA."""
+    path replays writes both outputs from the one launch (no temporaries); dA alone (grad_A_only) and
+    dB alone (grad_B_only) launch their own programs only and write just their output."""
     from lora_ext.kernels import adapter_grads
 
     grad_xa, x, xa, g = adapter_grads_operands(r)
     K, N = x.shape[1], g.shape[1]
-    if both:
-        inputs = (grad_xa, x, xa, g, 0.5, 2.0)
-        (fn, args, kwargs), outputs = record_adapter_grads_launch(monkeypatch, adapter_grads.adapter_grads, inputs)
-    else:
-        inputs = (grad_xa, x, 0.5)  # as csrc/lora.cpp triton_grad_A_only passes them
-        (fn, args, kwargs), output = record_adapter_grads_launch(monkeypatch, adapter_grads.grad_A_only, inputs)
-        outputs = (output,)
+    # as csrc/lora.cpp's triton_adapter_grads / triton_grad_A_only / triton_grad_B_only pass them
+    call, inputs, columns = {
+        "dA_and_dB": (adapter_grads.adapter_grads, (grad_xa, x, xa, g, 0.5, 2.0), (K, N)),
+        "dA_only": (adapter_grads.grad_A_only, (grad_xa, x, 0.5), (K,)),
+        "dB_only": (adapter_grads.grad_B_only, (xa, g, 2.0), (N,)),
+    }[which]
+    (fn, args, kwargs), outputs = record_adapter_grads_launch(monkeypatch, call, inputs)
+    if which != "dA_and_dB":
+        outputs = (outputs,)
     _, compiled = compile_for_sm90(fn, args, kwargs)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory"
     assert local_memory_accesses(compiled.asm["sass"]) == 0, "registers spilled to local memory"
     block_c = kwargs["BLOCK_C"]
-    grid = (-(-K // block_c) - (-N // block_c if both else 0),)
+    grid = (sum(-(-c // block_c) for c in columns),)
     temps, specs = replay._recipe(inputs, outputs, [(fn, compiled, grid, args)])
     assert temps == []
-    assert ("output", 0) in specs[0][5] and (("output", 1) in specs[0][5]) == both
+    assert ("output", 0) in specs[0][5] and (("output", 1) in specs[0][5]) == (which == "dA_and_dB")
 
 
 @pytest.mark.parametrize("r", [16, 32, 64])

@@ -1,5 +1,6 @@
 """Both adapter gradients of the dropout-free backward in one Triton launch, without partials
-(and dA alone, `grad_A_only`, where the 'post' dropout backward's masked step gives dB).
+(and dA alone, `grad_A_only`, where the 'post' dropout backward's masked step gives dB; dB alone,
+`grad_B_only`, where the two run apart so that grad_xa is freed before dB is allocated).
 
     dA = scale_A * grad_xaᵀ x      (r, K)     grad_xa (M, r), x (M, K)
     dB = scale_B * (xaᵀ g)ᵀ        (N, r)     xa (M, r),      g (M, N)
@@ -144,30 +145,38 @@ def adapter_grads(grad_xa: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g2:
                   scale_A: float, scale_B: float, **config) -> tuple[torch.Tensor, torch.Tensor]:
     """(dA, dB) = (scale_A grad_xaᵀ x2, scale_B g2ᵀ xa), both in the operands' dtype (`supported`).
     `config` overrides tile_config's choice (block_m, block_c, num_stages, num_warps), for the probes."""
-    return _launch(grad_xa, x2, xa, g2, scale_A, scale_B, True, config)
+    return _launch(grad_xa, x2, xa, g2, scale_A, scale_B, True, True, config)
 
 
 def grad_A_only(grad_xa: torch.Tensor, x2: torch.Tensor, scale_A: float, **config) -> torch.Tensor:
     """dA = scale_A grad_xaᵀ x2 alone, where dB comes from elsewhere (the 'post' dropout backward's
     masked step) or is not wanted: the same kernel with dA's programs only (`supported` with
     grad_xa in xa's place and x2 in g2's)."""
-    return _launch(grad_xa, x2, grad_xa, x2, scale_A, 0.0, False, config)[0]
+    return _launch(grad_xa, x2, grad_xa, x2, scale_A, 0.0, True, False, config)[0]
 
 
-def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_B, config):
+def grad_B_only(xa: torch.Tensor, g2: torch.Tensor, scale_B: float, **config) -> torch.Tensor:
+    """dB = scale_B g2ᵀ xa (N, r) alone: the same kernel with dB's programs only (`supported` with xa in
+    grad_xa's place and g2 in x2's). The native backward runs dA and dB apart where that keeps its extra
+    memory within budget (csrc/lora_aten.cpp, split_adapter_grads_for_memory): grad_xa is freed between."""
+    return _launch(xa, g2, xa, g2, 0.0, scale_B, False, True, config)[1]
+
+
+def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
     M, r = xa.shape
     K, N = x2.shape[1], g2.shape[1]
     r_pad = max(16, triton.next_power_of_2(r))
-    cfg = {**tile_config(K + (N if with_B else 0), r_pad, *_device_limits(xa.device)), **config}
-    grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device)
-    # Without dB no program writes it: grad_A stands in for its pointer.
-    grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else grad_A
+    columns = (K if with_A else 0) + (N if with_B else 0)
+    cfg = {**tile_config(columns, r_pad, *_device_limits(xa.device)), **config}
+    # An output no program writes is not allocated: the other one stands in for its pointer.
+    grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device) if with_A else None
+    grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else None
     block_c = cfg["block_c"]
-    blocks_A = triton.cdiv(K, block_c)
+    blocks_A = triton.cdiv(K, block_c) if with_A else 0
     blocks_B = triton.cdiv(N, block_c) if with_B else 0
     replay.launch(
         _adapter_grads_kernel, (blocks_A + blocks_B,),
-        grad_xa, x2, grad_A, xa, g2, grad_B, M, K, N, r,
+        grad_xa, x2, grad_A if with_A else grad_B, xa, g2, grad_B if with_B else grad_A, M, K, N, r,
         grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
         float(scale_A), float(scale_B), blocks_A,
         R_PAD=r_pad, BLOCK_M=cfg["block_m"], BLOCK_C=block_c, num_stages=cfg["num_stages"],

@@ -140,6 +140,17 @@ def grad_A_only_callback(grad_xa, x2, scale_A):
     return _fused_or_none(lambda: (adapter_grads.grad_A_only(grad_xa, x2, scale_A),), x2)
 
 
+def grad_B_only_callback(xa, grad_y2, scale_B):
+    """The native path's dB alone in one launch (csrc/lora_aten.cpp, split_adapter_grads_for_memory: dA
+    and dB apart, grad_xa freed between): (dB,), or None off Hopper or where adapter_grads.supported
+    refuses these tensors."""
+    from . import adapter_grads
+
+    if not (_measured_gpu(grad_y2) and adapter_grads.supported(xa, grad_y2, xa, grad_y2)):
+        return None
+    return _fused_or_none(lambda: (adapter_grads.grad_B_only(xa, grad_y2, scale_B),), grad_y2)
+
+
 if native_available():
     if triton_available():
         _C.set_triton_kernels(_triton_forward, _triton_backward)
@@ -150,9 +161,9 @@ if native_available():
         # The forward and input gradient of k/v-sized layers (and of wider ones with K <= 2048 by
         # csrc/lora_aten.cpp's rules) as one Triton GEMM each
         # (fused_forward.py: dropout-free, and with 'post' dropout), and the adapter gradients
-        # in one launch (adapter_grads.py: both, or dA alone).
+        # in one launch (adapter_grads.py: both, or each alone).
         _C.set_triton_fused_gemms(fused_forward_callback, fused_grad_input_callback, adapter_grads_callback,
-                                  fused_grad_input_given_xa_callback, grad_A_only_callback)
+                                  fused_grad_input_given_xa_callback, grad_A_only_callback, grad_B_only_callback)
         _C.set_triton_masked_pieces(
             *(_triton_lora_function(name) for name in ("masked_down", "masked_grad_y", "masked_up")), replay.record
         )
