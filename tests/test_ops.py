@@ -358,6 +358,35 @@ def test_backward_allocates_no_zero_gradient_for_xa():
     assert not [f for f in fills if f[1] == (M, r)], f"backward filled an (M, r) tensor: {fills}"
 
 
+@pytest.mark.parametrize("p,position,grad_B_last", [(0.0, "post", True), (0.25, "pre", True), (0.25, "post", False)],
+                         ids=["no_dropout", "pre", "post"])
+def test_backward_computes_dB_after_releasing_grad_xa(p, position, grad_B_last):
+    """Without 'post' dropout dB = s gᵀ xa reads only g and xa, so the backward computes it last, after
+    dx and dA, the GEMMs that read grad_xa (M, r), which it releases first: the two never need their
+    memory at once (NOTES.md #58; on the GPU the same order, and a GPU test measures the peak). With
+    'post' dropout dB comes with grad_xa from the masked g, first. The backward's GEMMs in the order
+    the profiler saw them, told apart by their operands' shapes (all sizes distinct)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    M, K, N, r = 40, 24, 56, 3
+    x, weight, bias, lora_A, lora_B = small_inputs(M=M, K=K, N=N, r=r)
+    y = ops.linear(x, weight, bias, lora_A, lora_B, 0.5, dropout_p=p, dropout_position=position,
+                   seed=torch.tensor([5]))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        grads = torch.autograd.grad(y, [x, lora_A, lora_B], torch.randn(M, N))
+    assert all(g is not None for g in grads)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    # each GEMM's two operands (addmm's after the tensor it adds)
+    gemms = [e.input_shapes[:2] if e.name == "aten::mm" else e.input_shapes[1:3]
+             for e in events if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")]
+    # dB's GEMM is gᵀ (N, M) times xa (M, r); dx's and dA's read grad_xa as (M, r) or (r, M)
+    grad_B_at = [i for i, operands in enumerate(gemms) if operands == [[N, M], [M, r]]]
+    grad_xa_read_at = [i for i, operands in enumerate(gemms)
+                       if i not in grad_B_at and ([M, r] in operands or [r, M] in operands)]
+    assert len(grad_B_at) == 1 and len(grad_xa_read_at) == 2, gemms
+    assert (grad_B_at[0] > max(grad_xa_read_at)) == grad_B_last, gemms
+
+
 def test_undefined_output_gradient_gives_no_gradients():
     # With zeros no longer materialised, the node can be called with no gradient for y at all
     # (a later node returned None for it): its inputs then get none, as for a built-in op.
