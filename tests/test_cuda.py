@@ -1058,13 +1058,13 @@ def test_adapter_grads_kernel_matches_float64(M, K, N, r, dtype):
 
 def _adapter_grads_operands(x, w, A, B, gy, scale):
     """(xa, grad_xa) as the native dropout-free backward hands them to the adapter-gradient launch:
-    xa from the forward, grad_xa = s g B from the fused input gradient where it runs (Hopper, N <= 2048,
-    r <= 16), else from cuBLAS."""
+    xa from the forward, grad_xa = s g B from the fused input gradient where it runs (Hopper, r <= 16,
+    N <= 2048 or K <= 2048 with N <= 8192: csrc/lora_aten.cpp use_fused_grad_input), else from cuBLAS."""
     from lora_ext.kernels import fused_forward
 
     _, xa = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
-    (N, r), M = B.shape, gy.shape[0]
-    if _fused_forward_available() and N <= 2048 and r <= 16:
+    (N, r), M, K = B.shape, gy.shape[0], x.shape[1]
+    if _fused_forward_available() and r <= 16 and (N <= 2048 or (K <= 2048 and N <= 8192)):
         return xa, fused_forward.grad_input(gy, w, A, B, scale)[1]
     return xa, torch.addmm(torch.empty(M, r, device=DEVICE, dtype=B.dtype), gy, B, beta=0, alpha=scale)
 
