@@ -503,10 +503,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "The largest rank at which the native CUDA path's one launch computes dA and dB together at any "
              "width (16 by default; up to 64; 0: never past 2048 outputs); returns the previous value");
   module.def("set_adapter_grads_memory_budget", &lora::set_adapter_grads_memory_budget,
-             "The extra bytes the native CUDA path's dropout-free backward may keep for the adapter gradients: "
-             "where the one launch's xa, grad_xa, dA and dB pass it and dA, then dB with grad_xa released, fit "
-             "it, the two run apart (1 MiB by default; 0: always one launch); returns the previous value "
-             "(benchmarks/NOTES.md #58)");
+             "The memory budget of the native CUDA path's dropout-free adapter gradients: where the one "
+             "launch's xa, grad_xa, dA and dB pass it and dA, then dB with grad_xa released, fit it, the two run "
+             "apart (1 MiB by default; 0: always one launch; not a cap: where two launches pass it too, one runs); "
+             "returns the previous value (benchmarks/NOTES.md #58)");
   module.def("set_fused_post_dropout", &lora::set_fused_post_dropout,
              "Turns the native CUDA path's fused Triton GEMMs with 'post' dropout (the forward with the mask in "
              "its epilogue, the input gradient with the masked step's grad_xa) on or off; returns the previous "

@@ -294,8 +294,8 @@ bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& w
 // 1.09-1.19, down r = 64 'post' 1.17 against 1.13). With the tiles of NOTES.md #40 (chosen per
 // launch by adapter_grads.tile_config) both gradients together beat cuBLAS's pair at every shape at
 // r = 16 (device time: q/o 41.9 against 52.2 us, gate/up and down 80.0 against 87.3-87.5), so together
-// they run at any width up to r = 16; dA alone and r > 16 keep the limit of 2048 outputs (the fused
-// GEMMs' width) until measured there (set_fused_adapter_grads_any_width_max_rank moves the rank
+// they run at any width up to r = 16 (as two launches where the memory budget asks for it, below); dA
+// alone ('post' dropout, dB not wanted) and r > 16 keep the limit of 2048 outputs (the fused GEMMs' width) until measured there (set_fused_adapter_grads_any_width_max_rank moves the rank
 // limit, for the probes' A/B). On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
 // set_fused_adapter_grads(false) turns it off. 16-bit tensors of one dtype (no conversion copy of x
 // or g), from 4096 rows.
@@ -324,7 +324,8 @@ bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const a
 // those layers' fwd+bwd). At q/o (0.75 MiB) and k/v (0.66) the one launch stays: it is faster there
 // (q/o: 41.9 us against ~55 for two) and within the budget. So the two launches run where the one
 // launch's four tensors pass the budget and the two launches' fit it: the 1 MiB by default
-// (set_adapter_grads_memory_budget; 0 keeps the one launch everywhere).
+// (set_adapter_grads_memory_budget; 0 keeps the one launch everywhere). Not a cap: where even two
+// launches pass it (r = 64; gate/up at M = 16384: 1.56 against 1.125 MiB) the faster one launch runs.
 std::atomic<int64_t> adapter_grads_memory_budget{int64_t{1} << 20};
 
 bool split_adapter_grads_for_memory(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
@@ -537,7 +538,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   // dB last, after dx and dA and with grad_xa released (its bytes then hold dB), wherever dB reads only
   // g and xa: without 'post' dropout (whose dB needs the mask on g) and with g in the adapters' dtype
   // (else the converted copy of g would have to live until then). The same GEMMs in another order.
-  const bool grad_B_last = need_B && !post_dropout && !adapter_grads_together && g.scalar_type() == lora_dtype;
+  // (Where the one launch declines at run time, dB joins them below.)
+  bool grad_B_last = need_B && !post_dropout && !adapter_grads_together && g.scalar_type() == lora_dtype;
   if (post_dropout && need_lora_grads && use_native_masked_grad_y(g, lora_B, xa)) {
 #ifdef LORA_WITH_CUDA
     at::Tensor masked_grad_B;
@@ -605,12 +607,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       adapter_grads = triton_adapter_grads(grad_xa, x2, xa, g, /*scale_A=*/1.0, scale);
       if (adapter_grads.has_value()) {
         std::tie(grad_A, grad_B) = *adapter_grads;
-      } else {  // the kernel declined these tensors: dB the composed way (dA just below)
-        grad_B = reduce_over_tokens(g, xa, scale);
+      } else {  // the kernel declined these tensors: dA the composed way just below, dB last (g has
+                // the adapters' dtype here: use_fused_adapter_grads)
+        grad_B_last = true;
       }
     }
     // dA alone in one launch where dB is not computed with it (the 'post' backward's masked step gave
-    // dB, or dB is not wanted): the same switch and sizes as both together.
+    // dB, or dB is not wanted): the same switch and sizes as both together; and at any width where dA
+    // and dB run apart for the memory budget (dB last, below).
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
       if (adapter_grads_apart || (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A, /*both=*/false))) {

@@ -78,9 +78,10 @@ bool set_fused_adapter_grads(bool enabled);
 // 0, never past 2048 outputs; at most 64); returns the previous value. For the probes' A/B of
 // wider rules (benchmarks/NOTES.md #40); raises for a value outside [0, 64].
 int64_t set_fused_adapter_grads_any_width_max_rank(int64_t rank);
-// The extra bytes the dropout-free backward may keep for the adapter gradients before it runs dA and dB
-// as two launches, grad_xa released between (lora_aten.cpp split_adapter_grads_for_memory; 1 MiB by
-// default, 0: always one launch); returns the previous value; raises for a negative value.
+// The memory budget of the dropout-free backward's adapter gradients: where one launch's xa, grad_xa, dA
+// and dB pass it and dA, then dB with grad_xa released, fit it, the two run apart (lora_aten.cpp
+// split_adapter_grads_for_memory; 1 MiB by default, 0: always one launch; not a cap: where two launches
+// pass it too, one runs); returns the previous value; raises for a negative value.
 int64_t set_adapter_grads_memory_budget(int64_t bytes);
 // The same for the fused forward and input gradient with 'post' dropout (lora_aten.cpp
 // use_fused_post_dropout_*); on by default, LORA_EXT_FUSED_POST_DROPOUT=0 turns them off at import.

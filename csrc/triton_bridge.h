@@ -54,7 +54,8 @@ c10::optional<at::Tensor> triton_fused_forward_given_xa(const at::Tensor& x2, co
                                                         const at::Tensor& lora_B, double scale, double post_dropout_p,
                                                         const c10::optional<at::Tensor>& seed, const at::Tensor& xa);
 // dA = scale_A grad_xa^T x2 (r, K) alone, the same kernel's dA programs (adapter_grads.grad_A_only):
-// where dB comes from the 'post' dropout backward's masked step or is not wanted; nullopt where
+// where dB comes from the 'post' dropout backward's masked step or is not wanted, or runs apart for the
+// memory budget (lora_aten.cpp split_adapter_grads_for_memory); nullopt where
 // the kernel does not take these tensors. Registered and run with the fused GEMMs.
 c10::optional<at::Tensor> triton_grad_A_only(const at::Tensor& grad_xa, const at::Tensor& x2, double scale_A);
 // dB = scale_B g2^T xa (N, r) alone, the same kernel's dB programs (adapter_grads.grad_B_only): where
