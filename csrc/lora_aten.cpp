@@ -295,8 +295,9 @@ bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& w
 // launch by adapter_grads.tile_config) both gradients together beat cuBLAS's pair at every shape at
 // r = 16 (device time: q/o 41.9 against 52.2 us, gate/up and down 80.0 against 87.3-87.5), so together
 // they run at any width up to r = 16 (as two launches where the memory budget asks for it, below); dA
-// alone ('post' dropout, dB not wanted) and r > 16 keep the limit of 2048 outputs (the fused GEMMs' width) until measured there (set_fused_adapter_grads_any_width_max_rank moves the rank
-// limit, for the probes' A/B). On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
+// alone ('post' dropout, dB not wanted) and r > 16 keep the limit of 2048 outputs (the fused GEMMs'
+// width) until measured there (set_fused_adapter_grads_any_width_max_rank moves the rank limit, for
+// the probes' A/B). On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
 // set_fused_adapter_grads(false) turns it off. 16-bit tensors of one dtype (no conversion copy of x
 // or g), from 4096 rows.
 std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED_ADAPTER_GRADS")};
@@ -328,7 +329,7 @@ bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const a
 // launches pass it (r = 64; gate/up at M = 16384: 1.56 against 1.125 MiB) the faster one launch runs.
 std::atomic<int64_t> adapter_grads_memory_budget{int64_t{1} << 20};
 
-bool split_adapter_grads_for_memory(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
+bool split_adapter_grads_for_memory(const at::Tensor& g2, const at::Tensor& lora_A) {
   const int64_t tokens_x_rank = g2.size(0) * lora_A.size(0), grad_A_numel = lora_A.numel();
   const int64_t grad_B_numel = g2.size(1) * lora_A.size(0);
   const int64_t element = lora_A.element_size();
@@ -533,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   // would pass the memory budget (split_adapter_grads_for_memory).
   const bool adapter_grads_fused =
       !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A, /*both=*/true);
-  const bool adapter_grads_apart = adapter_grads_fused && split_adapter_grads_for_memory(g, x2, lora_A);
+  const bool adapter_grads_apart = adapter_grads_fused && split_adapter_grads_for_memory(g, lora_A);
   const bool adapter_grads_together = adapter_grads_fused && !adapter_grads_apart;
   // dB last, after dx and dA and with grad_xa released (its bytes then hold dB), wherever dB reads only
   // g and xa: without 'post' dropout (whose dB needs the mask on g) and with g in the adapters' dtype

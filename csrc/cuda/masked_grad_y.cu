@@ -434,7 +434,6 @@ std::tuple<at::Tensor, at::Tensor> sum_slices(const at::Tensor& part_a, int64_t 
   return {out_a, out_b};
 }
 
-
 // Which load scheme the launches use (the kernel's STAGES): 0, the default, or kPipelineStages
 // (LORA_EXT_MASKED_GRAD_Y_STAGES=3 at import, or set_masked_grad_y_stages).
 constexpr int kPipelineStages = 3;

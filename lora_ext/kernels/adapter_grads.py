@@ -46,8 +46,8 @@ H200_SMS = 132  # the rule's SM count where none is known (the interpreter's CPU
 def tile_config(columns: int, r_pad: int, num_sms: int = H200_SMS,
                 shared_bytes: int = HOPPER_SHARED_BYTES) -> dict:
     """The launch's tiles for `columns` output columns in all (K + N for both gradients, K for dA
-    alone, N for dB alone) at the padded rank r_pad, on a GPU of num_sms SMs whose blocks may use shared_bytes of
-    shared memory: block_m, block_c, num_stages, num_warps."""
+    alone, N for dB alone) at the padded rank r_pad, on a GPU of num_sms SMs whose blocks may use
+    shared_bytes of shared memory: block_m, block_c, num_stages, num_warps."""
     blocks = triton.cdiv(columns, 64)
     if blocks >= num_sms:
         block_m, block_c, stages = 128, 64, 3
