@@ -10,8 +10,6 @@ alpha=32 by default) goes on every Linear layer, lm_head included:
   lora_ext_switches_off  lora_ext with the native path's kernels turned on by the 12-05 measurements
                     turned off for its run: the one-launch adapter gradients and the 'post' fused GEMMs
                     (switches_off; benchmarks/NOTES.md #39), i.e. the cuBLAS compositions they replace
-  lora_ext_split    lora_ext with its fused forwards and dropout-free input gradient in two launches,
-                    x A^T and s g B by cuBLAS first (switches off by default; NOTES.md #57)
   peft              peft.get_peft_model with target_modules = the names of every Linear
                     (adapters kept in bf16: autocast_adapter_dtype=False, unless --peft-fp32-adapters)
   frozen_base       no adapters at all, only the norms trainable: the floor (what a step would take if the LoRA
@@ -48,8 +46,7 @@ import bench_common as common
 common.ensure_repo_on_path()
 import lora_ext  # noqa: E402
 
-ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native", "lora_ext_switches_off", "lora_ext_split",
-                 "frozen_base")
+ALL_PROVIDERS = ("peft", "lora_ext", "lora_ext_triton", "lora_ext_native", "lora_ext_switches_off", "frozen_base")
 CSV_FIELDS = ["provider", "dropout", "compile", "graphs", "batch", "seq", "params_m", "trainable_m", "n_lora_layers",
               "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s", "peak_gib", "first_loss", "last_loss",
               "warmup_s", "note", "repeat", "host_issue_ms", "gpu_busy_ms"]
@@ -251,21 +248,11 @@ def kernel_time_us(averages) -> float:
                if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False))
 
 
-def split_on():
-    """The native path's fused forwards and dropout-free input gradient in two launches (x A^T, s g B by
-    cuBLAS first; off by default: set_fused_forward_split, set_fused_grad_input_split, NOTES.md #57)
-    inside the block."""
-    return common.switched((lora_ext._C.set_fused_forward_split, True), (lora_ext._C.set_fused_grad_input_split, True))
-
-
-# The providers that are lora_ext with native-path settings changed for their run.
-PROVIDER_SETTINGS = {"lora_ext_switches_off": switches_off, "lora_ext_split": split_on}
-
-
 def run_provider(provider, dropout, args, device, dtype, profile=False) -> dict:
-    settings = PROVIDER_SETTINGS.get(provider, contextlib.nullcontext)
-    with settings():
-        return _run_provider(provider, dropout, args, device, dtype, profile)
+    if provider == "lora_ext_switches_off":
+        with switches_off():
+            return _run_provider(provider, dropout, args, device, dtype, profile)
+    return _run_provider(provider, dropout, args, device, dtype, profile)
 
 
 def _run_provider(provider, dropout, args, device, dtype, profile=False) -> dict:

@@ -160,15 +160,8 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
                 dx = fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg)
                 err = ((dx.double() - ref_given).abs().max() / ref_given.abs().max()).item()
                 fused = bench_us(lambda: fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg))
-                # The dropout-free input gradient in two launches: s g B by cuBLAS (one GEMM, alpha = s,
-                # as the op's scaled_mm), then the GEMM with it given.
-                def split_dx():
-                    s_g_b = torch.addmm(torch.empty_like(grad_xa), g, B, beta=0, alpha=scale)
-                    return fused_forward.grad_input_given_xa(g, W, A, B, s_g_b, **cfg)
-
-                split = bench_us(split_dx)
                 line.append(f"[{cfg_name}] given {fused:.1f} ({fused / base:.3f}){' WRONG' if err > 2e-2 else ''}"
-                            f" err {err:.1e}; split (s g B by cuBLAS, then given) {split:.1f} ({split / base:.3f})")
+                            f" err {err:.1e}")
             except Exception as exc:  # a config that does not compile or fit: report, go on
                 line.append(f"[{cfg_name}] given failed: {type(exc).__name__}: {str(exc)[:200]}")
         print("; ".join(line), flush=True)
@@ -308,11 +301,6 @@ def main() -> None:
             with common.switched((lora_ext._C.set_fused_forward, fused), (lora_ext._C.set_fused_post_dropout, post)):
                 t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
             line.append(f"{name} {t:.1f} ({t / base:.3f})")
-        # The op with its fused forwards in two launches (set_fused_forward_split, NOTES.md #57), where it takes them.
-        for name, dp in (("op p=0 split", 0.0), ("op p=0.1 split", p)):
-            with common.switched((lora_ext._C.set_fused_forward_split, True)):
-                t = bench_us(lambda: torch.ops.lora.linear(x, W, None, A, B, scale, dp, "post", seed))
-            line.append(f"{name} {t:.1f} ({t / base:.3f})")
         # fwd+bwd with 'post' dropout (x requiring grad, as in a middle layer): the fused GEMMs with
         # 'post' dropout (set_fused_post_dropout: the forward and the input gradient, #33, #34) off
         # and on, then also dA in one launch (set_fused_adapter_grads: dA alone here, #35)
@@ -330,8 +318,6 @@ def main() -> None:
                 t = bench_us(fwd_bwd)
             line.append(f"op p=0.1 fwd+bwd fused-post {'on' if post else 'off'} dA-launch {'on' if one_launch else 'off'} "
                         f"{t:.1f} ({t / base_bwd:.3f} of base fwd+bwd)")
-        xa_alone = bench_us(lambda: F.linear(x, A))
-        line.append(f"x A^T alone {xa_alone:.1f} ({xa_alone / base:.3f})")
         print("; ".join(line), flush=True)
         for cfg_name in args.configs:
             cfg = CONFIGS[cfg_name]
@@ -355,22 +341,8 @@ def main() -> None:
                     f0 = bench_us(lambda: fused_forward.linear_forward(x, W, None, A, B, scale, runs=runs, **cfg))
                     f1 = bench_us(lambda: fused_forward.linear_forward(x, W, None, A, B, scale, p, seed, runs=runs,
                                                                        **cfg))
-                    # The split form: xa by cuBLAS (one pass over x), then the GEMM with xa given
-                    # (linear_forward_given_xa): no x A^T in the runs' first tiles.
-                    def split(dp):
-                        xa_given = F.linear(x, A)
-                        return fused_forward.linear_forward_given_xa(x, W, None, A, B, xa_given, scale, dp,
-                                                                     seed if dp else None, runs=runs, **cfg)
-                    for dp in (0.0, p):
-                        ref = lora_linear_reference(x, W, None, A, B, scale, dp, "post", seed)
-                        split_err = ((split(dp).double() - ref).abs().max() / ref.abs().max()).item()
-                        if split_err > 2e-2:
-                            print(f"  {tag} split p={dp}: WRONG rel err y {split_err:.2e}")
-                    s0, s1 = bench_us(lambda: split(0.0)), bench_us(lambda: split(p))
                     print(f"  {tag}: gemm {gemm:.1f} ({gemm / base:.3f}) fused p=0 {f0:.1f} ({f0 / base:.3f}) "
-                          f"p=0.1 {f1:.1f} ({f1 / base:.3f}); split (x A^T by cuBLAS {xa_alone:.1f}, then given) "
-                          f"p=0 {s0:.1f} ({s0 / base:.3f}) p=0.1 {s1:.1f} ({s1 / base:.3f}); "
-                          f"check err y {err:.1e} xa {xa_err:.1e} split {split_err:.1e}", flush=True)
+                          f"p=0.1 {f1:.1f} ({f1 / base:.3f}); check err y {err:.1e} xa {xa_err:.1e}", flush=True)
                 except Exception as exc:  # a config that does not compile or fit: report, go on
                     print(f"  {tag}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         del x, W, A, B

@@ -355,16 +355,6 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_forward(const at:
                            {x2, weight, bias, lora_A, lora_B, scale, post_dropout_p, seed}));
 }
 
-c10::optional<at::Tensor> triton_fused_forward_given_xa(const at::Tensor& x2, const at::Tensor& weight,
-                                                        const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                        const at::Tensor& lora_B, double scale, double post_dropout_p,
-                                                        const c10::optional<at::Tensor>& seed, const at::Tensor& xa) {
-  auto outputs = run_piece("fused_forward_given_xa", triton_fused_forward_fn,
-                           {x2, weight, bias, lora_A, lora_B, scale, post_dropout_p, seed, xa});
-  if (!outputs.has_value()) return c10::nullopt;
-  return outputs->at(0);
-}
-
 c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const at::Tensor& g2,
                                                                           const at::Tensor& weight,
                                                                           const at::Tensor& lora_A,
@@ -471,19 +461,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_triton_fused_gemms", &set_triton_fused_gemms,
              "Registers the fused Triton GEMMs the native CUDA path runs for k/v-sized layers and few-token "
              "forwards "
-             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too, or (y,) with "
-             "xa given (the split form); "
+             "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
              "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
-             "fused_grad_input_given_xa_callback: (dx,) with grad_xa given ('post' dropout, and the split form), "
+             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, "
              "grad_A_only_callback: (dA,), grad_B_only_callback: (dB,); each None "
              "where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,
              "Turns the native CUDA path's fused Triton forward on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_FORWARD=0: off at import)");
-  module.def("set_fused_forward_split", &lora::set_fused_forward_split,
-             "Runs the native CUDA path's fused Triton forwards in two launches, x A^T by cuBLAS first and then "
-             "the GEMM with it given, or not; returns the previous setting (off by default; "
-             "LORA_EXT_FUSED_FORWARD_SPLIT=1: on at import; benchmarks/NOTES.md #57)");
   module.def("set_fused_small_m_forward", &lora::set_fused_small_m_forward,
              "Turns the native CUDA path's fused Triton forward for few tokens (up to 16 rows and 8192 inputs, "
              "dropout-free: one launch for x W^T + b and the LoRA term, before the few-token kernel) on or off; "
@@ -491,10 +476,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_fused_grad_input", &lora::set_fused_grad_input,
              "Turns the native CUDA path's fused Triton input gradient on or off; returns the previous setting "
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
-  module.def("set_fused_grad_input_split", &lora::set_fused_grad_input_split,
-             "Runs the native CUDA path's fused dropout-free Triton input gradient in two launches, s g B by "
-             "cuBLAS first and then the GEMM with it given, or not; returns the previous setting (off by default; "
-             "LORA_EXT_FUSED_GRAD_INPUT_SPLIT=1: on at import; benchmarks/NOTES.md #57)");
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
              "setting (on by default: dA and dB together at any width for r <= 16, else and for dA alone up to "

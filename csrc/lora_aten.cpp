@@ -178,18 +178,6 @@ bool use_fused_forward(const at::Tensor& x2, const at::Tensor& weight, const at:
           (x2.size(1) <= kFusedForwardAnyWidthMaxInputs && lora_A.size(0) <= kFusedForwardAnyWidthMaxRank));
 }
 
-// The same forwards in two launches (off by default, for same-run A/B; benchmarks/NOTES.md #57): xa =
-// x A^T by cuBLAS first (one pass over x), then the fused GEMM with xa given
-// (fused_forward.linear_forward_given_xa), so that no run's first tile computes x A^T alongside its
-// x W^T. The end-to-end model's layers (4096 tokens, r = 16; ratios to cuBLAS's x W^T, Triton's GEMM
-// alone on the same grid against the fused kernel) read 1.026 against 1.184 at 2048 x 2048, 1.093
-// against 1.186 at 2048 x 5632, 0.964 against 1.045 at 2048 x 32000 (H100 12-05 14:43), 1.024
-// against 1.135 at 2048 x 5632 (H200 13:38): the in-tile x A^T costs 8-16% of the base GEMM, more
-// than one pass over x (16 MiB: ~5 us on the H100) does at these widths. Where x is large next to
-// the GEMM (k/v) the pass costs more. Only the 4096+-row routes split (not the few-token one).
-// LORA_EXT_FUSED_FORWARD_SPLIT=1 or set_fused_forward_split(true) turns it on.
-std::atomic<bool> fused_forward_split_enabled{on_if_env_one("LORA_EXT_FUSED_FORWARD_SPLIT")};
-
 bool use_fused_small_m_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_A) {
   const auto dtype = x2.scalar_type();
   return fused_small_m_forward_enabled && x2.is_cuda() && triton_fused_gemms_registered() &&
@@ -221,15 +209,6 @@ bool fused_grad_input_takes(const at::Tensor& g2, const at::Tensor& lora_A) {
          g2.size(0) >= kFusedForwardMinRows && lora_A.size(0) <= kFusedGradInputMaxRank &&
          lora_A.scalar_type() == g2.scalar_type();
 }
-
-// The same input gradient in two launches (off by default, for same-run A/B; NOTES.md #57): s g B by
-// cuBLAS (one pass over g), then dx = g W + (s g B) A as the GEMM with it given
-// (fused_forward.grad_input_given_xa, the 'post' dropout form): at 2048 x 5632 the one-launch kernel
-// read 1.209 of cuBLAS's g W against Triton's GEMM alone 1.084 (H100, 12-05 14:43), an in-tile g B of
-// ~11%, about what the pass over g (46 MiB) costs on that card: predicted even there, a candidate
-// where HBM is faster (H200). LORA_EXT_FUSED_GRAD_INPUT_SPLIT=1 or set_fused_grad_input_split(true)
-// turns it on.
-std::atomic<bool> fused_grad_input_split_enabled{on_if_env_one("LORA_EXT_FUSED_GRAD_INPUT_SPLIT")};
 
 bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   const int64_t outputs = weight.size(0), inputs = weight.size(1);
@@ -365,13 +344,9 @@ bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange
 
 bool set_fused_forward(bool enabled) { return fused_forward_enabled.exchange(enabled); }
 
-bool set_fused_forward_split(bool enabled) { return fused_forward_split_enabled.exchange(enabled); }
-
 bool set_fused_small_m_forward(bool enabled) { return fused_small_m_forward_enabled.exchange(enabled); }
 
 bool set_fused_grad_input(bool enabled) { return fused_grad_input_enabled.exchange(enabled); }
-
-bool set_fused_grad_input_split(bool enabled) { return fused_grad_input_split_enabled.exchange(enabled); }
 
 bool set_fused_adapter_grads(bool enabled) { return fused_adapter_grads_enabled.exchange(enabled); }
 
@@ -419,38 +394,26 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_aten(
     return {with_leading_shape(y, x), xa};
   }
 #endif
-  at::Tensor xa;  // (M, r)
   if (weight.has_value() && (dropout ? post_dropout && use_fused_post_dropout_forward(x2, *weight, lora_A)
                                      : use_fused_forward(x2, *weight, lora_A))) {
-    const double fused_p = post_dropout ? dropout_p : 0.0;
-    const c10::optional<at::Tensor> fused_seed = post_dropout ? seed : c10::optional<at::Tensor>();
-    // The split needs x and the adapters in one dtype (the kernel's requirement, which its callback
-    // checks too): a mixed-dtype call goes on to the composed path below, which casts x.
-    if (fused_forward_split_enabled && x2.scalar_type() == lora_dtype) {
-      // If the kernel declines these tensors, the composed path below reuses this xa.
-      xa = at::mm(x2, lora_A.t());
-      if (auto y = triton_fused_forward_given_xa(x2, *weight, bias, lora_A, lora_B, scale, fused_p, fused_seed, xa)) {
-        return {with_leading_shape(*y, x), xa};
-      }
-    } else if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, fused_p, fused_seed)) {
+    if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, post_dropout ? dropout_p : 0.0,
+                                          post_dropout ? seed : c10::optional<at::Tensor>())) {
       return {with_leading_shape(std::get<0>(*fused), x), std::get<1>(*fused)};
     }
   }
 
-  // (xa is defined here only by the split form above: no 'pre' dropout there, x in the adapters' dtype.)
-  if (!xa.defined()) {
-    if (pre_dropout && use_masked_pieces(x, lora_A)) {
-      xa = triton_masked_down(x2, lora_A, *seed, dropout_p);
-    } else {
-      // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
-      // The copy is a temporary of this call, never saved.
-      at::Tensor x_lora = x2.to(lora_dtype);
-      if (pre_dropout) {
-        x_lora = owned_copy(x2, lora_dtype);
-        dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
-      }
-      xa = at::mm(x_lora, lora_A.t());
+  at::Tensor xa;  // (M, r)
+  if (pre_dropout && use_masked_pieces(x, lora_A)) {
+    xa = triton_masked_down(x2, lora_A, *seed, dropout_p);
+  } else {
+    // LoRA path input: x in the adapters' dtype, dropped out here for 'pre'.
+    // The copy is a temporary of this call, never saved.
+    at::Tensor x_lora = x2.to(lora_dtype);
+    if (pre_dropout) {
+      x_lora = owned_copy(x2, lora_dtype);
+      dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
     }
+    xa = at::mm(x_lora, lora_A.t());
   }
 
   at::Tensor y;
@@ -565,14 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     if (need_B && !adapter_grads_together && !grad_B_last) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
     if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
       // g is contiguous (above): the fused kernel needs TMA-addressable rows.
-      if (fused_grad_input_split_enabled) {
-        // Two launches: s g B by cuBLAS, then the GEMM with it given (as with 'post' dropout).
-        grad_xa = scaled_mm(g_lora, lora_B, scale);
-        if (auto fused = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
-          grad_x = fused->view(x.sizes());
-          grad_x_fused = true;
-        }
-      } else if (auto fused = triton_fused_grad_input(g, *weight, lora_A, lora_B, scale)) {
+      if (auto fused = triton_fused_grad_input(g, *weight, lora_A, lora_B, scale)) {
         grad_x = std::get<0>(*fused).view(x.sizes());
         grad_xa = std::get<1>(*fused);
         grad_x_fused = true;

@@ -58,19 +58,12 @@ bool set_small_m_forward(bool enabled);
 // Turns the native CUDA path's fused Triton forward (lora_aten.cpp use_fused_forward) on or off;
 // returns the previous setting. On by default; LORA_EXT_FUSED_FORWARD=0 turns it off at import.
 bool set_fused_forward(bool enabled);
-// The fused forwards in two launches, x A^T by cuBLAS first (lora_aten.cpp fused_forward_split_enabled);
-// off by default (LORA_EXT_FUSED_FORWARD_SPLIT=1 turns it on at import); returns the previous setting.
-bool set_fused_forward_split(bool enabled);
 // Turns the fused Triton forward for few tokens (lora_aten.cpp use_fused_small_m_forward: up to 16
 // rows and 8192 inputs, dropout-free) on or off; returns the previous setting. On by default (measured, NOTES.md #44);
 // LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off at import.
 bool set_fused_small_m_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input).
 bool set_fused_grad_input(bool enabled);
-// The fused dropout-free input gradient in two launches, s g B by cuBLAS first (lora_aten.cpp
-// fused_grad_input_split_enabled); off by default (LORA_EXT_FUSED_GRAD_INPUT_SPLIT=1 turns it on at
-// import); returns the previous setting.
-bool set_fused_grad_input_split(bool enabled);
 // The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); on by
 // default, LORA_EXT_FUSED_ADAPTER_GRADS=0 turns it off at import.
 bool set_fused_adapter_grads(bool enabled);

@@ -39,20 +39,12 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const 
                                                                           const at::Tensor& lora_A,
                                                                           const at::Tensor& lora_B, double scale);
 // dx = g2 W + grad_xa A for g2 (M, N) with grad_xa (M, r) given, already scaled (the input gradient
-// with 'post' dropout: grad_xa = s drop(g) B from the masked step; the dropout-free split form:
-// s g B by cuBLAS), as one GEMM
+// with 'post' dropout: grad_xa = s drop(g) B from the masked step), as one GEMM
 // (fused_forward.grad_input_given_xa); nullopt where the kernel does not take these tensors
 // (lora_B only shapes an unused descriptor). Registered and run with the fused GEMMs.
 c10::optional<at::Tensor> triton_fused_grad_input_given_xa(const at::Tensor& g2, const at::Tensor& weight,
                                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                            const at::Tensor& grad_xa);
-// y = x2 W^T + b + drop_post(s xa B^T) as one GEMM with xa = x2 A^T (M, r) given (computed by the
-// caller), fused_forward.linear_forward_given_xa; nullopt where the kernel does not take these
-// tensors. The piece of the fused forward's callback with xa passed.
-c10::optional<at::Tensor> triton_fused_forward_given_xa(const at::Tensor& x2, const at::Tensor& weight,
-                                                        const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                        const at::Tensor& lora_B, double scale, double post_dropout_p,
-                                                        const c10::optional<at::Tensor>& seed, const at::Tensor& xa);
 // dA = scale_A grad_xa^T x2 (r, K) alone, the same kernel's dA programs (adapter_grads.grad_A_only):
 // where dB comes from the 'post' dropout backward's masked step or is not wanted, or runs apart for the
 // memory budget (lora_aten.cpp split_adapter_grads_for_memory); nullopt where

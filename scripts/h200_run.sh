@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, split, decode, switches, ab, exitprobe, train;
+#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, decode, switches, ab, exitprobe, train;
 #   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
@@ -15,7 +15,6 @@
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep; PIECES_PARTS picks).
 #   ncu: Nsight Compute on one launch of the native 'post' backward step (scripts/ncu_piece.py; NCU_* pick it).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
-#   split: the same probe's split lines at the end-to-end layers, forward and input gradient (NOTES.md #57).
 #   decode: benchmarks/decode_probe.py --ranks 16 64 (the few-token routes: fused Triton GEMM, kernel, off).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
 #     (fused_forward_probe.py --configs default: the op with the 'post' fused GEMMs off / on;
@@ -82,14 +81,6 @@ if has pieces; then
 fi
 if has fused; then
   python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80
-fi
-if has split; then
-  # NOTES.md #57: the fused GEMMs in two launches (x A^T, s g B by cuBLAS first) against one launch and Triton's
-  # GEMM alone, kernel and op lines, at the end-to-end model's layers (4096 tokens); SPLIT_SHAPES picks them.
-  python3 benchmarks/fused_forward_probe.py --shapes ${SPLIT_SHAPES:-e2e_gate_up e2e_lm_head e2e_qo e2e_kv} \
-    --tokens 4096 --configs default --time-budget 80 2>&1 | tee "$OUT/split_forward.log" | tail -30
-  python3 benchmarks/fused_forward_probe.py --grad-input --shapes ${SPLIT_SHAPES:-e2e_gate_up e2e_qo e2e_lm_head} \
-    --tokens 4096 --configs default 2>&1 | tee "$OUT/split_grad_input.log" | tail -10
 fi
 if has ncu; then
   # Nsight Compute on one launch of a masked piece (scripts/ncu_piece.py; NCU_PIECE default grad_y_native,

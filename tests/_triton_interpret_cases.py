@@ -448,42 +448,6 @@ def test_fused_forward_matches_float64(M, K, N, r, p, runs):
         assert_within_bound(xa, x.double() @ A.double().t(), xa_cpu, torch.float16, "xa")
 
 
-@pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (33, 48, 96, 64)])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("runs", [1, None])
-def test_fused_forward_given_xa_matches_float64(M, K, N, r, p, runs):
-    """linear_forward_given_xa: y = x W^T + b + drop_post(s xa B^T) with xa given (a column slice of a
-    wider tensor: its own row stride), against float64 within the bound of the same products in
-    float16. xa is large and unrelated to x A^T, so a kernel that recomputed it from x (or ignored
-    it) fails; the mask must be the op's for the same seed; xa must not be written."""
-    from lora_ext.kernels import fused_forward
-
-    scale = 3.0
-    gen = torch.Generator().manual_seed(M + r + 7)
-    inputs = make_inputs((M,), K, N, r, torch.float16, bias=True, seed=M + N + r + 4)
-    x, w, b, A, B = (inputs[k].detach() for k in GRAD_NAMES)
-    xa = (3.0 * torch.randn(M, r + 8, generator=gen, dtype=torch.float64)).to(torch.float16)[:, 8:]
-    before = xa.clone()
-    seed = seed_tensor(41) if p > 0 else None
-    y = fused_forward.linear_forward_given_xa(x, w, b, A, B, xa, scale, p, seed, runs=runs, **TINY_TILES)
-    lora = xa.double() @ B.double().t() * scale
-    if p > 0:  # 'post': the mask of the (M, N) LoRA term for this seed, as the op's
-        lora = lora * dropout_keep_mask(41, M, N, p).double() / (1.0 - p)
-    ref = x.double() @ w.double().t() + b.double() + lora
-    assert y.dtype == torch.float16 and y.shape == (M, N)
-    assert_within_bound(y, ref, ref.to(torch.float16), torch.float16, "y")
-    assert torch.equal(xa, before)
-    # Given the xa the one-launch kernel computes (and reads back from memory itself), the same bits:
-    # the scale, the mask and the order of the products are the one-launch kernel's.
-    y_one, xa_one = fused_forward.linear_forward(x, w, b, A, B, scale, p, seed, runs=runs, **TINY_TILES)
-    y_given = fused_forward.linear_forward_given_xa(x, w, b, A, B, xa_one, scale, p, seed, runs=runs, **TINY_TILES)
-    assert torch.equal(y_given, y_one)
-    # The given xa's checks: its shape, dtype and unit last stride.
-    assert fused_forward.given_xa_supported(x, A, xa)
-    for bad in (xa[:-1], xa.float(), xa.t().contiguous().t(), xa[:, :-1] if r > 1 else xa[:, :0]):
-        assert not fused_forward.given_xa_supported(x, A, bad)
-
-
 def test_fused_forward_keeps_s_xa_out_of_float16():
     """float16, |xa| = 32000 (representable) and s = 4: s xa = 128000 is not, but the composed path
     applies s in float32 (addmm's alpha) and y is finite. The fused forward must agree, with and

@@ -1292,59 +1292,6 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
 
 
 @fused_only
-@pytest.mark.parametrize("p", [0.0, 0.25])
-def test_fused_forward_split_is_what_the_op_runs_when_switched_on(p, fused_forward_on, fused_post_dropout_on):
-    """set_fused_forward_split(True) (off by default; NOTES.md #57): where the op's fused forward runs
-    (4096+ rows, 2048 inputs, 5640 outputs: the end-to-end gate/up's route, with tails), xa is cuBLAS's
-    x A^T and y the bits of the GEMM with it given, replayed from C++ from the second call with the
-    same bits; y and every gradient within the float64 bound; off again, the one-launch kernel's y."""
-    from lora_ext.kernels import fused_forward
-
-    seed_value, scale, K, N = 9, 0.5, 2048, 5640
-    seed = seed_tensor(seed_value) if p else None
-    inputs = make_inputs((4100,), K, N, 16, torch.bfloat16, bias=True, seed=23)
-    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
-    with switched(lora_ext._C.set_fused_forward_split, True):
-        y, xa, _ = run_and_check(inputs, scale, p, "post", seed_value, "native")
-        replayed = lora_ext._C.triton_replay_stats()[2]
-        again, _ = torch.ops.lora.linear(x, w, b, A, B, scale, p, "post", seed, "native")
-        assert lora_ext._C.triton_replay_stats()[2] > replayed and torch.equal(again, y)
-    with torch.no_grad():
-        x_, w_, b_, A_, B_ = (t.detach() for t in (x, w, b, A, B))
-        expected_xa = x_ @ A_.t()
-        expected_y = fused_forward.linear_forward_given_xa(x_, w_, b_, A_, B_, expected_xa, scale, p, seed)
-        assert torch.equal(xa, expected_xa) and torch.equal(y, expected_y)
-        one_launch, _ = torch.ops.lora.linear(x_, w_, b_, A_, B_, scale, p, "post", seed, "native")
-        kernel_y, _ = fused_forward.linear_forward(x_, w_, b_, A_, B_, scale, p, seed)
-        assert torch.equal(one_launch, kernel_y)
-    # Adapters in another dtype than x: no split (the kernel needs one dtype); the composed path, right.
-    mixed = make_inputs((4100,), K, N, 16, torch.bfloat16, lora_dtype=torch.float32, bias=True, seed=24)
-    with switched(lora_ext._C.set_fused_forward_split, True):
-        run_and_check(mixed, scale, p, "post", seed_value, "native")
-
-
-@fused_only
-def test_fused_grad_input_split_is_what_the_op_runs_when_switched_on(fused_forward_on, fused_grad_input_on):
-    """set_fused_grad_input_split(True) (off by default; NOTES.md #57): where the op's dropout-free
-    fused input gradient runs (2048 inputs, 5640 outputs), dx is the bits of cuBLAS's s g B (alpha = s,
-    beta = 0, as the op's scaled_mm) then the GEMM with it given; every gradient within the float64 bound."""
-    from lora_ext.kernels import fused_forward
-
-    scale, K, N = 0.5, 2048, 5640
-    inputs = make_inputs((4100,), K, N, 16, torch.bfloat16, bias=False, seed=29)
-    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
-    gy = torch.randn(4100, N, device=DEVICE, dtype=torch.bfloat16)
-    with switched(lora_ext._C.set_fused_grad_input_split, True):
-        run_and_check(inputs, scale, 0.0, "post", 0, "native")
-        y, _ = torch.ops.lora.linear(x, w, None, A, B, scale, 0.0, "post", None, "native")
-        dx = torch.autograd.grad(y, [x], gy)[0]
-    with torch.no_grad():
-        w_, A_, B_ = w.detach(), A.detach(), B.detach()
-        grad_xa = torch.addmm(torch.empty(4100, 16, device=DEVICE, dtype=torch.bfloat16), gy, B_, beta=0, alpha=scale)
-        assert torch.equal(dx, fused_forward.grad_input_given_xa(gy, w_, A_, B_, grad_xa))
-
-
-@fused_only
 def test_triton_backend_post_forward_is_the_fused_kernel_when_switched_on(fused_post_dropout_on):
     """backend 'triton', 'post' dropout, 4096+ rows, the switch on: y and xa are the fused kernel's
     bits (mask in its epilogue), y and every gradient within the float64 bound."""

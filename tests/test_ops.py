@@ -969,15 +969,13 @@ def test_schema_defined_by_the_extension_alone():
 
 # The native CUDA path's switches (csrc/lora_aten.cpp): (variable, value that flips it, default). The
 # first four were measured on the H200 and are on by default (benchmarks/NOTES.md #26-#28, #39), the
-# few-token fused forward on an H100 and the H200 (#44, #48); the two split forms are off by default, not yet
-# measured (#57). Each variable is read once, when the extension loads.
+# few-token fused forward on an H100 and the H200 (#44, #48). Each variable is read once, when the extension
+# loads.
 SWITCH_DEFAULTS = {"set_fused_forward": ("LORA_EXT_FUSED_FORWARD", "0", True),
                    "set_fused_grad_input": ("LORA_EXT_FUSED_GRAD_INPUT", "0", True),
                    "set_fused_adapter_grads": ("LORA_EXT_FUSED_ADAPTER_GRADS", "0", True),
                    "set_fused_post_dropout": ("LORA_EXT_FUSED_POST_DROPOUT", "0", True),
-                   "set_fused_small_m_forward": ("LORA_EXT_FUSED_SMALL_M_FORWARD", "0", True),
-                   "set_fused_forward_split": ("LORA_EXT_FUSED_FORWARD_SPLIT", "1", False),
-                   "set_fused_grad_input_split": ("LORA_EXT_FUSED_GRAD_INPUT_SPLIT", "1", False)}
+                   "set_fused_small_m_forward": ("LORA_EXT_FUSED_SMALL_M_FORWARD", "0", True)}
 
 
 def test_native_path_switches_default_and_env():

@@ -162,32 +162,22 @@ def test_launched_kernels_compile_for_sm90(monkeypatch):
 
 
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
-@pytest.mark.parametrize("product", ["forward", "forward_post", "forward_given_xa", "forward_post_given_xa",
-                                     "grad_input", "grad_input_given_xa"])
+@pytest.mark.parametrize("product", ["forward", "forward_post", "grad_input", "grad_input_given_xa"])
 def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monkeypatch, product):
-    """The fused GEMM (TMA descriptors), forward (without and with 'post' dropout, computing x A^T or
-    given it: the split form of NOTES.md #57) and input gradient (computing g B, or given grad_xa),
-    compiled for sm_90 as on the H200, and the recipe the native path would replay: its argument
-    expansion must match the compiled kernel's PTX parameter list (replay._recipe checks it), the
-    descriptors become tensor maps over the right tensors, every output is written by the launch,
-    with dropout the kernel reads the seed the op was given (the callback's 8th input), and a given
-    xa or grad_xa is read from the caller's tensor, not written."""
+    """The fused GEMM (TMA descriptors), forward (without and with 'post' dropout) and input
+    gradient (computing g B, or given grad_xa), compiled for sm_90 as on the H200, and the recipe
+    the native path would replay: its argument expansion must match the compiled kernel's PTX
+    parameter list (replay._recipe checks it), the descriptors become tensor maps over the right
+    tensors, every output is written by the launch, with dropout the kernel reads the seed the op
+    was given (the callback's 8th input), and a given grad_xa is read from the caller's tensor."""
     launches = []
     monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
                         RecordingKernel(fused_forward._lora_gemm_kernel, launches))
     x, w, b, A, B = scenario_inputs(300, 192, 264, 16, torch.bfloat16)
-    given_xa = product.endswith("given_xa")
     if product.startswith("forward"):
-        post = product.startswith("forward_post")
-        p, seed = (0.1, torch.tensor([3], dtype=torch.int64)) if post else (0.0, None)
-        if given_xa:
-            xa = torch.randn(300, 16, dtype=torch.bfloat16)
-            # as csrc/lora.cpp triton_fused_forward_given_xa passes them
-            inputs = (x, w, b, A, B, 0.5, p, seed, xa)
-            outputs = (fused_forward.linear_forward_given_xa(x, w, b, A, B, xa, 0.5, p, seed),)
-        else:
-            inputs = (x, w, b, A, B, 0.5, p, seed)  # as csrc/lora.cpp triton_fused_forward passes them
-            outputs = fused_forward.linear_forward(x, w, b, A, B, 0.5, p, seed)
+        p, seed = (0.1, torch.tensor([3], dtype=torch.int64)) if product == "forward_post" else (0.0, None)
+        inputs = (x, w, b, A, B, 0.5, p, seed)  # as csrc/lora.cpp triton_fused_forward passes them
+        outputs = fused_forward.linear_forward(x, w, b, A, B, 0.5, p, seed)
         # x, W, A, B, y; (rows, columns) innermost first
         expected_maps = [("input", 0, [192, 300]), ("input", 1, [192, 264]), ("input", 3, [192, 16]),
                          ("input", 4, [16, 264]), ("output", 0, [264, 300])]
@@ -213,11 +203,9 @@ def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monke
     assert [(kind, index, encoding[1]) for _, kind, index, encoding in maps] == expected_maps
     if product == "grad_input_given_xa":
         assert ("input", 4) in specs[0][5] and ("output", 1) not in specs[0][5]  # grad_xa read, not written
-    elif given_xa:
-        assert ("input", 8) in specs[0][5] and ("output", 1) not in specs[0][5]  # xa read, not written
     else:
         assert ("output", 1) in specs[0][5]  # xa (g B) as a pointer
-    assert (("input", 7) in specs[0][5]) == product.startswith("forward_post")  # the seed
+    assert (("input", 7) in specs[0][5]) == (product == "forward_post")  # the seed
 
 
 HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
@@ -225,8 +213,8 @@ HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_9
 
 def record_fused_launch(monkeypatch, product, N, r):
     """The one launch of the fused GEMM for `product` ("forward", "forward_post": with 'post'
-    dropout, "forward_given_xa", "forward_post_given_xa": the split form, "grad_input" or
-    "grad_input_given_xa") at M = 256, K = 512, with the tiles it picks for itself."""
+    dropout, "grad_input" or "grad_input_given_xa") at M = 256, K = 512, with the tiles it picks
+    for itself."""
     launches = []
     monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
                         RecordingKernel(fused_forward._lora_gemm_kernel, launches))
@@ -235,9 +223,6 @@ def record_fused_launch(monkeypatch, product, N, r):
         fused_forward.linear_forward(x, w, b, A, B, 0.5)
     elif product == "forward_post":
         fused_forward.linear_forward(x, w, b, A, B, 0.5, 0.1, torch.tensor([3], dtype=torch.int64))
-    elif product in ("forward_given_xa", "forward_post_given_xa"):
-        p, seed = (0.1, torch.tensor([3], dtype=torch.int64)) if product == "forward_post_given_xa" else (0.0, None)
-        fused_forward.linear_forward_given_xa(x, w, b, A, B, torch.randn(256, r, dtype=torch.bfloat16), 0.5, p, seed)
     elif product == "grad_input_given_xa":
         fused_forward.grad_input_given_xa(torch.randn(256, N, dtype=torch.bfloat16), w, A, B,
                                           torch.randn(256, r, dtype=torch.bfloat16))
@@ -253,8 +238,7 @@ def record_fused_launch(monkeypatch, product, N, r):
                                          ("forward", 4096, 64), ("forward_post", 1024, 16),
                                          ("forward_post", 1024, 64), ("grad_input", 1024, 16),
                                          ("grad_input", 1024, 64), ("grad_input", 4096, 64),
-                                         ("grad_input_given_xa", 1024, 16), ("forward_given_xa", 1024, 16),
-                                         ("forward_post_given_xa", 1024, 64)], ids=str)
+                                         ("grad_input_given_xa", 1024, 16)], ids=str)
 def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, product, N, r):
     """The tile configuration each fused GEMM picks for itself must fit an H100/H200 block's shared
     memory at every rank it accepts (r <= 64): a 4-stage input gradient at r = 64 needed 262 KB,
@@ -270,8 +254,7 @@ def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, prod
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
 @pytest.mark.parametrize("product,N,r", [("forward", 1024, 16), ("forward", 4096, 16), ("forward_post", 1024, 16),
                                          ("forward_post", 4096, 64), ("grad_input", 1024, 16),
-                                         ("grad_input_given_xa", 1024, 16), ("forward_given_xa", 4096, 16),
-                                         ("forward_post_given_xa", 4096, 16)], ids=str)
+                                         ("grad_input_given_xa", 1024, 16)], ids=str)
 def test_fused_gemm_main_loop_keeps_its_wgmmas_in_flight(monkeypatch, product, N, r):
     """The fused GEMM's speed rests on its main loop issuing several asynchronous wgmmas before
     waiting for them (sm_90). When ptxas cannot prove that safe it serialises every wgmma of the

@@ -70,20 +70,14 @@ def _fused_or_none(run, device_of):
         return fused_forward.unless_out_of_resources(run)
 
 
-def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale, post_dropout_p=0.0, seed=None, xa=None):
+def fused_forward_callback(x2, weight, bias, lora_A, lora_B, scale, post_dropout_p=0.0, seed=None):
     """The native path's fused forward (csrc/lora_aten.cpp, use_fused_forward: dropout 0;
     use_fused_post_dropout_forward: 'post' dropout with p = post_dropout_p and its seed): (y, xa), or None
-    where fused_forward.supports refuses these tensors (C++ then composes cuBLAS calls). With xa = x2 A^T
-    given (the split form, set_fused_forward_split): (y,) from fused_forward.linear_forward_given_xa."""
+    where fused_forward.supports refuses these tensors (C++ then composes cuBLAS calls)."""
     from . import fused_forward  # imported on first use, as in the callbacks above
 
     if not fused_forward.supports(x2, weight, bias, lora_A, lora_B):
         return None
-    if xa is not None:
-        if not fused_forward.given_xa_supported(x2, lora_A, xa):
-            return None
-        return _fused_or_none(lambda: (fused_forward.linear_forward_given_xa(
-            x2, weight, bias, lora_A, lora_B, xa, scale, post_dropout_p, seed),), x2)
     return _fused_or_none(
         lambda: fused_forward.linear_forward(x2, weight, bias, lora_A, lora_B, scale, post_dropout_p, seed), x2)
 
@@ -99,9 +93,8 @@ def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
 
 
 def fused_grad_input_given_xa_callback(grad_y2, weight, lora_A, lora_B, grad_xa):
-    """The native path's input gradient with grad_xa given (csrc/lora_aten.cpp: 'post' dropout,
-    use_fused_post_dropout_grad_input, grad_xa = s drop(g) B from the masked step; and the dropout-free
-    split form, set_fused_grad_input_split, grad_xa = s g B by cuBLAS): (dx,) = (g W + grad_xa A,),
+    """The native path's input gradient with 'post' dropout (csrc/lora_aten.cpp,
+    use_fused_post_dropout_grad_input): (dx,) = (g W + grad_xa A,) with grad_xa = s drop(g) B given,
     or None where fused_forward.grad_input_given_xa_supports refuses these tensors."""
     from . import fused_forward
 

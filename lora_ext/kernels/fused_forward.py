@@ -186,10 +186,9 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
     # acc += xa (s B)^T with K = R_PAD: no second accumulator, no layout change, B's tile loaded
     # before the main loop (the SASS waits for it there too: NOTES.md #38). With 'post' dropout the
     # mask applies to the LoRA term alone, so it is its own product in the epilogue, per chunk,
-    # with B's chunks likewise loaded before the main loop. XA_GIVEN: the (M, R) LoRA input is read
-    # from xa_ptr instead of computed from the x tiles; for the input gradient (grad_input_given_xa)
-    # already scaled (s drop(g) B from the masked backward step, or s g B by cuBLAS), for the forward
-    # (linear_forward_given_xa) x A^T unscaled, s then going on B as without it.
+    # with B's chunks likewise loaded before the main loop. XA_GIVEN (the input gradient with
+    # 'post' dropout, grad_input_given_xa): the (M, R) LoRA input is read from xa_ptr, already
+    # scaled (s drop(g) B from the masked backward step), instead of computed from the x tiles.
     LORA_IN_ACC: tl.constexpr = HAS_LORA and not POST_DROPOUT
     LORA_IN_EPILOGUE: tl.constexpr = HAS_LORA and POST_DROPOUT
     CHUNK_N: tl.constexpr = BLOCK_N // EPILOGUE_CHUNKS
@@ -226,7 +225,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
     # xa in the adapters' dtype, as the composed path rounds it: the LoRA term and the saved
     # xa of backward are the same numbers. The input gradient's g B is rounded scaled, s g B, as
     # the composed path's scaled GEMM rounds it: rounded before scaling, a float16 g B past 65504
-    # would be inf where s g B (s < 1) is not. (XA_GIVEN: xa_acc is unused, the given one is loaded below.)
+    # would be inf where s g B (s < 1) is not. (A given grad_xa comes scaled; scale is 1 then.)
     if TRANSPOSED:
         xa = (xa_acc * scale).to(a_desc.dtype)
     else:
@@ -342,17 +341,13 @@ def grad_input_supports(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora
     return _on_hopper(grad_y2) and grad_input_layout_supported(grad_y2, weight, lora_A, lora_B)
 
 
-def given_xa_supported(a2: torch.Tensor, lora_A: torch.Tensor, xa: torch.Tensor) -> bool:
-    """A given xa (or grad_xa) the kernel reads through pointers: (M, r) for a2's M rows and lora_A's r,
-    in the adapters' dtype on their device, with unit last stride."""
-    return (xa.dim() == 2 and tuple(xa.shape) == (a2.shape[0], lora_A.shape[0]) and xa.dtype == lora_A.dtype
-            and xa.device == lora_A.device and xa.stride(1) == 1)
-
-
 def grad_input_given_xa_layout_supported(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
                                          lora_B: torch.Tensor, grad_xa: torch.Tensor) -> bool:
-    """grad_input_layout_supported, and grad_xa as given_xa_supported."""
-    return grad_input_layout_supported(grad_y2, weight, lora_A, lora_B) and given_xa_supported(grad_y2, lora_A, grad_xa)
+    """grad_input_layout_supported, and grad_xa (M, r) in the adapters' dtype on their device with
+    unit last stride (the kernel reads its rows through pointers)."""
+    return (grad_input_layout_supported(grad_y2, weight, lora_A, lora_B) and grad_xa.dim() == 2
+            and tuple(grad_xa.shape) == (grad_y2.shape[0], lora_A.shape[0]) and grad_xa.dtype == lora_A.dtype
+            and grad_xa.device == lora_A.device and grad_xa.stride(1) == 1)
 
 
 def grad_input_given_xa_supports(grad_y2: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor,
@@ -431,19 +426,6 @@ def linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, has_lora, runs, False, None, config)
 
 
-def linear_forward_given_xa(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                            lora_B: torch.Tensor, xa: torch.Tensor, scale: float, dropout_p: float = 0.0,
-                            seed: torch.Tensor | None = None, *, runs: int | None = None, **config) -> torch.Tensor:
-    """y = x2 W^T + b + drop_post(s xa B^T) as one GEMM with xa = x2 A^T (M, r) given, computed by the
-    caller (one pass over x, e.g. cuBLAS), instead of from the base product's x tiles in each run's
-    first tile. The forward's form of grad_input_given_xa: a candidate where x is small next to the
-    base GEMM's math (wide N), measured by benchmarks/fused_forward_probe.py ("split" lines). Same
-    requirements as linear_forward, and xa as grad_input_given_xa's grad_xa (lora_A only shapes an
-    unused descriptor)."""
-    config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
-    return _launch(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed, True, runs, False, xa, config)[0]
-
-
 def grad_input(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                scale: float, *, has_lora: bool = True, runs: int | None = None,
                **config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,9 +443,8 @@ def grad_input_given_xa(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: tor
     """dx = g W + grad_xa A as one GEMM for grad_y2 = g (M, N), with grad_xa (M, r) given: the input
     gradient with 'post' dropout, where grad_xa = s drop(g) B comes from the masked backward step
     (csrc/cuda/masked_grad_y.cu) and only the base product reads g. Saves the composed path's
-    (M, K) write of grad_xa A and the base GEMM's beta = 1 read of it (NOTES.md #34). Also the
-    dropout-free split form (set_fused_grad_input_split: grad_xa = s g B by cuBLAS; NOTES.md #57).
-    lora_B only shapes an unused descriptor. Requirements: grad_input_given_xa_supports."""
+    (M, K) write of grad_xa A and the base GEMM's beta = 1 read of it (NOTES.md #34). lora_B only
+    shapes an unused descriptor. Requirements: grad_input_given_xa_supports."""
     config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
     return _launch(grad_y2, weight, lora_B, lora_A, None, 1.0, 0.0, None, True, runs, True, grad_xa, config)[0]
 
@@ -472,9 +453,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     """One launch of _lora_gemm_kernel: out = a2 W' + b + drop_post(s (a2 D') U'), and a2 D' (s a2 D'
     when transposed), where W', D', U' are weight, down, up transposed for the forward (transposed=False:
     stored (out, reduction)) and as stored for the input gradient (transposed=True); with given_xa
-    (M, r), a2 D' is not computed: given_xa takes its place (returned there too), out = a2 W' + b +
-    drop_post(s given_xa U') for the forward (given_xa unscaled, s on U' as always) and a2 W' + given_xa U'
-    for the input gradient (given_xa scaled already, s = 1)."""
+    (M, r) and s = 1, out = a2 W' + given_xa U' and given_xa is returned in a2 D''s place."""
     cfg = {**DEFAULT_CONFIG, **config}
     block_m, block_n, block_k, chunks = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["epilogue_chunks"]
     M, K = a2.shape
