@@ -270,9 +270,10 @@ def test_post_dropout_mask_is_the_reference_mask(backend, p):
 def test_pre_dropout_mask_is_the_reference_mask(backend, p):
     # With lora_A = I (r = K), xa = drop(x): its zeros are the mask.
     M, K = 512, 64
-    # CUDA's float32 randn returns an exact 0 about once in 10^7 draws, which reads as dropped:
-    # 7 of 2,400 draws of this x had one (H200, 2026-12-06, scripts/pre_mask_stress.py; each of
-    # the 14 mismatches in 2,900 trials was an x of 0, kept by the mask). So x has no zeros.
+    # CUDA's float32 randn returns an exact 0 about once in 10^7 elements, which reads as dropped
+    # where the mask keeps it: in 7 of 2,400 draws of this x (H200, 2026-12-06,
+    # scripts/pre_mask_stress.py; each of the 14 mismatches in 2,900 trials was an x of 0, kept
+    # by the mask). So x has no zeros.
     x = torch.randn(M, K, device=DEVICE)
     x = torch.where(x == 0, torch.ones_like(x), x)
     eye = torch.eye(K, device=DEVICE)
@@ -1172,38 +1173,46 @@ def test_adapter_grads_apart_free_grad_xa_before_dB(fused_adapter_grads_on):
         return torch.cuda.memory_stats()[f"allocated_bytes.small_pool.{stat}"]
 
     def grads_and_peak(memory_budget):
+        """(gradients, small-pool peak over its bytes at the start, small-pool bytes freed) of one backward."""
         with switched(lora_ext._C.set_adapter_grads_memory_budget, memory_budget):
             y, _ = torch.ops.lora.linear(*leaves, scale, 0.0, "post", None, "native")
-            torch.autograd.grad(y, wanted, gy, retain_graph=True)  # warm-up: records the pieces
-            # No garbage collection inside the measured window: tensors of earlier tests held in
-            # reference cycles, freed there, would lower the small pool's current bytes under
-            # `before` and so the peak read. (A guess, not verified: on the H200, 2026-12-06 03:57,
+            warm_up = torch.autograd.grad(y, wanted, gy, retain_graph=True)  # records the pieces
+            # Nothing of an earlier call may be freed inside the measured window: that would lower
+            # the pool's bytes under `before` and so the peak read. On the H200 (2026-12-06 03:57)
             # this test read 131,584 bytes with budget 0 after 23 other tests in its xdist worker,
-            # where alone it read the 279,552 of grad_xa + dA + dB.)
+            # where alone it read the 279,552 of grad_xa + dA + dB: 147,968 short, the size of dA + dB
+            # (the warm-up's, released late?) or of grad_xa + dA. So the warm-up's gradients stay
+            # alive to the end, garbage is collected before and not inside, and the bytes freed
+            # inside are reported with the peaks.
+            was_enabled = gc.isenabled()
             gc.collect()
             gc.disable()
             try:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                before = small_pool("current")
+                before, freed_before = small_pool("current"), small_pool("freed")
                 grads = torch.autograd.grad(y, wanted, gy)
                 torch.cuda.synchronize()
-                peak = small_pool("peak") - before
+                peak, freed = small_pool("peak") - before, small_pool("freed") - freed_before
             finally:
-                gc.enable()
-            return grads, peak
+                if was_enabled:
+                    gc.enable()
+            del warm_up
+            return grads, peak, freed
 
     with switched(lora_ext._C.set_adapter_grads_memory_budget, budget):
         run_and_check(inputs, scale, 0.0, "post", 0, "native")
-    apart_grads, apart_peak = grads_and_peak(budget)
-    together_grads, together_peak = grads_and_peak(0)
+    apart_grads, apart_peak, apart_freed = grads_and_peak(budget)
+    together_grads, together_peak, together_freed = grads_and_peak(0)
     with torch.no_grad():
         xa, grad_xa = _adapter_grads_operands(x, w, A, B, gy, scale)
         assert torch.equal(apart_grads[1], adapter_grads.grad_A_only(grad_xa, x, 1.0))
         assert torch.equal(apart_grads[2], adapter_grads.grad_B_only(xa, gy, scale))
     assert torch.equal(apart_grads[0], together_grads[0])  # dx does not depend on it
     allocation = -(-min(M * r, N * r) * 2 // 512) * 512  # the caching allocator's 512-byte rounding
-    assert together_peak - apart_peak == allocation, (together_peak, apart_peak, allocation)
+    assert together_peak - apart_peak == allocation, \
+        dict(together_peak=together_peak, apart_peak=apart_peak, allocation=allocation,
+             together_freed=together_freed, apart_freed=apart_freed)
 
 
 @native_triton_only
