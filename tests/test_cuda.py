@@ -1181,9 +1181,12 @@ def test_adapter_grads_apart_free_grad_xa_before_dB(fused_adapter_grads_on):
             # the pool's bytes under `before` and so the peak read. On the H200 (2026-12-06 03:57)
             # this test read 131,584 bytes with budget 0 after 23 other tests in its xdist worker,
             # where alone it read the 279,552 of grad_xa + dA + dB: 147,968 short, the size of dA + dB
-            # (the warm-up's, released late?) or of grad_xa + dA. So the warm-up's gradients stay
-            # alive to the end, garbage is collected before and not inside, and the bytes freed
-            # inside are reported with the peaks.
+            # (or of grad_xa + dA). The warm-up's dA and dB fit: the autograd engine's GraphTask keeps
+            # the returned gradients in its future (markCompleted(vars)) until its last reference
+            # goes, which the CUDA device thread may drop after torch.autograd.grad has returned,
+            # i.e. inside the window. So the warm-up's gradients stay alive to the end, garbage is
+            # collected before and not inside, and the bytes freed inside are reported with the
+            # peaks.
             was_enabled = gc.isenabled()
             gc.collect()
             gc.disable()
