@@ -59,7 +59,14 @@ if has tests; then
   # pytest-xdist (on the H200 image) spreads the suite over 8 workers on the one GPU: ~2 min instead of 7.
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
   # TEST_SELECT narrows the run (paths and -k), e.g. when little device time is left.
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest ${TEST_SELECT:-tests} -q -m cuda $workers -rfE -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
+  # -v: every test's outcome is a line of its own when it ends ("[gwN] [ x%] FAILED name" under xdist), so a
+  # run cut short still names its failures (12-06 03:49 lost its one failure's name with the summary);
+  # and on timeout pytest gets SIGINT first, which makes it print its summary of what ran (KILL 30 s
+  # later). The whole log goes to gpu_tests.log; the console shows the failures and the summary.
+  timeout -s INT -k 30 ${TEST_TIMEOUT:-420} python3 -m pytest ${TEST_SELECT:-tests} -v -m cuda $workers -rfE \
+    -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/gpu_tests.log" |
+    grep -E "FAILED|ERROR|^E |^tests/.*: in |[0-9]+ (passed|failed|skipped|deselected)|Interrupt|^[0-9.]+s (call|setup|teardown) " |
+    tail -80
   status=${PIPESTATUS[0]}
   echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
 fi
