@@ -3,7 +3,9 @@
     ncu --clock-control none --set full -k regex:_lora_down_reduce --launch-skip 2 --launch-count 1 \
         python3 scripts/ncu_piece.py [piece] [shape] [rank]
 
-piece: grad_y (default; grad_y_native: csrc/cuda/masked_grad_y.cu), down, up; shape: qo (default), kv, gate_up, down.
+piece: grad_y (default; grad_y_native: csrc/cuda/masked_grad_y.cu), down, up, adapter_grads (the dropout-free
+backward's dA and dB in one launch, lora_ext/kernels/adapter_grads.py: -k regex:_adapter_grads_kernel);
+shape: qo (default), kv, gate_up, down.
 """
 from __future__ import annotations
 
@@ -21,7 +23,15 @@ rank = int(sys.argv[3]) if len(sys.argv) > 3 else 16
 K, N = masked_pieces.SHAPES[shape]
 inputs = masked_pieces.make_inputs(8192, K, N, rank)
 names = {"grad_y": "post_bwd masked_grad_y", "down": "pre_fwd masked_down", "up": "pre_bwd masked_up"}
-if piece == "grad_y_native":
+if piece == "adapter_grads":
+    from lora_ext.kernels import adapter_grads
+
+    x2, g2, A, B, xa, seed = inputs
+    grad_xa = torch.randn_like(xa)
+
+    def fn():
+        adapter_grads.adapter_grads(grad_xa, x2, xa, g2, 1.0, 2.0)
+elif piece == "grad_y_native":
     x2, g2, A, B, xa, seed = inputs
     # As the op calls it (LORA_EXT_MASKED_GRAD_Y_GRID=sqrt: the first grid rule).
     fn = masked_pieces.native_step(x2, g2, B, xa, seed)
