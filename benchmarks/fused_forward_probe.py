@@ -42,6 +42,11 @@ CONFIGS = {
     # programs), so each row's x A^T is computed once instead of twice (NOTES.md #37: its cost is
     # the count of small wgmmas). 180 KB of shared memory at r = 16 (sm_90 compile, triton 3.6).
     "m64x4": dict(block_m=64, block_n=256, block_k=64, epilogue_chunks=4, num_stages=4, num_warps=4),
+    # 128-deep K steps (NOTES.md #60): half the K steps, so half the per-step waits and CTA barriers,
+    # in every tile and in the first tile's x A^T; two stages of 100 KiB keep as many bytes in flight as
+    # three of 48 KiB. 217-225 KB of shared memory at r = 16 (sm_90 compile, triton 3.9); r <= 16 only.
+    "k128x2": dict(block_m=128, block_n=256, block_k=128, epilogue_chunks=4, num_stages=2, num_warps=8),
+    "n128k128x3": dict(block_m=128, block_n=128, block_k=128, epilogue_chunks=2, num_stages=3, num_warps=8),
 }
 
 
