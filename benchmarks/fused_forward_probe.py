@@ -350,8 +350,33 @@ def main() -> None:
                           f"p=0.1 {f1:.1f} ({f1 / base:.3f}); check err y {err:.1e} xa {xa_err:.1e}", flush=True)
                 except Exception as exc:  # a config that does not compile or fit: report, go on
                     print(f"  {tag}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        if r % 16:
+            padded_adapters_line(x, W, A, B, scale, p, seed, base)
         del x, W, A, B
         torch.cuda.empty_cache()
+
+
+def padded_adapters_line(x, W, A, B, scale, p, seed, base) -> None:
+    """The fused forward at a rank that is not a multiple of 16, as given and with the adapters
+    zero-padded to the kernel's padded rank (same y; xa gains zero columns). At r = 8 the H100
+    measured the op 15-19 points slower than at r = 16 wherever the fused kernel runs (NOTES.md
+    #61); the kernel compiles the same for both (R_PAD = 16), but B's TMA boxes (BLOCK_N x 16) then
+    reach past its 8-wide rows, out of bounds in the innermost dimension. Padded, they do not."""
+    r, K = A.shape
+    r_pad = max(16, triton.next_power_of_2(r))
+    A_pad = torch.zeros(r_pad, K, device=A.device, dtype=A.dtype)
+    A_pad[:r] = A
+    B_pad = torch.zeros(B.shape[0], r_pad, device=B.device, dtype=B.dtype)
+    B_pad[:, :r] = B
+    line = []
+    for name, (a, b) in (("as given", (A, B)), (f"padded to {r_pad}", (A_pad, B_pad))):
+        f0 = bench_us(lambda: fused_forward.linear_forward(x, W, None, a, b, scale))
+        f1 = bench_us(lambda: fused_forward.linear_forward(x, W, None, a, b, scale, p, seed))
+        line.append(f"{name}: fused p=0 {f0:.1f} ({f0 / base:.3f}) p=0.1 {f1:.1f} ({f1 / base:.3f})")
+    y, _ = fused_forward.linear_forward(x, W, None, A_pad, B_pad, scale)
+    ref = lora_linear_reference(x, W, None, A, B, scale, 0.0, "post", None)
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    print(f"  r={r} adapters {'; '.join(line)}; padded check err y {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":
