@@ -173,7 +173,10 @@ if has bench; then
   python3 benchmarks/bench_linear.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_linear.log" | tail -60
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi
-# At most 8 files come back from the device tool: pack everything, keep the small summaries.
-(cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && mv /tmp/results.tgz . &&
+# At most 8 files come back from the device tool: pack everything, keep the small summaries. An archive from
+# an earlier call in the same command (e.g. `h200_run.sh fused; h200_run.sh train`) is unpacked first, without
+# overwriting this call's files, so that the new archive holds both (12-06 05:19 lost the first call's files).
+(cd "$OUT" && { [[ ! -f results.tgz ]] || tar xzf results.tgz --skip-old-files; } &&
+  tar czf /tmp/results.tgz --exclude=results.tgz . && mv /tmp/results.tgz . &&
   find . -type f ! -name results.tgz ! -name env.txt ! -name ab_summary.md ! -name run.log ! -name gpu_tests.log -delete)
 exit $status
