@@ -208,6 +208,29 @@ def test_fused_gemm_compiles_for_sm90_into_a_launch_the_replay_understands(monke
     assert (("input", 7) in specs[0][5]) == (product == "forward_post")  # the seed
 
 
+@pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["no_dropout", "post"])
+def test_fused_forward_at_a_narrow_rank_replays_with_its_padded_round_trip(monkeypatch, p):
+    """At r = 8 (narrower than the 16 it is padded to) the forward's xa goes through an (M, 16) scratch
+    (benchmarks/NOTES.md #61): the recipe the native path replays allocates it per call as a temporary,
+    the kernel gets it as a pointer beside xa (still written: the op's output), and the compile keeps
+    its wgmmas in flight (the r = 8 cases of the test above)."""
+    launches = []
+    monkeypatch.setattr(fused_forward, "_lora_gemm_kernel",
+                        RecordingKernel(fused_forward._lora_gemm_kernel, launches))
+    x, w, b, A, B = scenario_inputs(300, 192, 264, 8, torch.bfloat16)
+    seed = torch.tensor([3], dtype=torch.int64) if p else None
+    inputs = (x, w, b, A, B, 0.5, p, seed)  # as csrc/lora.cpp triton_fused_forward passes them
+    outputs = fused_forward.linear_forward(x, w, b, A, B, 0.5, p, seed)
+    monkeypatch.undo()
+    (fn, args, kwargs), = launches
+    assert kwargs["XA_PADDED"] and kwargs["R_PAD"] == 16
+    _, compiled = compile_for_sm90(fn, args, kwargs)
+    temps, specs = replay._recipe(inputs, outputs, [(fn, compiled, (3, 1), args)])
+    assert [(tuple(t.shape), t.dtype) for t in temps] == [((300, 16), torch.bfloat16)]
+    assert ("temp", 0) in specs[0][5] and ("output", 1) in specs[0][5]
+
+
 HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
 
 
@@ -254,7 +277,8 @@ def test_fused_gemm_configurations_fit_in_hopper_shared_memory(monkeypatch, prod
 @pytest.mark.skipif(TensorDescriptor is None, reason="this triton has no host-side tensor descriptors")
 @pytest.mark.parametrize("product,N,r", [("forward", 1024, 16), ("forward", 4096, 16), ("forward_post", 1024, 16),
                                          ("forward_post", 4096, 64), ("grad_input", 1024, 16),
-                                         ("grad_input_given_xa", 1024, 16)], ids=str)
+                                         ("grad_input_given_xa", 1024, 16), ("forward", 1024, 8),
+                                         ("forward_post", 4096, 8), ("grad_input", 1024, 8)], ids=str)
 def test_fused_gemm_main_loop_keeps_its_wgmmas_in_flight(monkeypatch, product, N, r):
     """The fused GEMM's speed rests on its main loop issuing several asynchronous wgmmas before
     waiting for them (sm_90). When ptxas cannot prove that safe it serialises every wgmma of the
@@ -263,7 +287,9 @@ def test_fused_gemm_main_loop_keeps_its_wgmmas_in_flight(monkeypatch, product, N
     (HGMMA) means some wgmmas are in flight together; serialised, there is one wait per wgmma.
     The 'post' variant was serialised with triton 3.6 until the main loop's trip count was
     visibly >= 1 (NOTES.md #33): its zero-trip path zeroed the accumulators with plain moves
-    just before the loop's final wait. Nor may it spill registers (none does, triton 3.6 or 3.9)."""
+    just before the loop's final wait. At r = 8 the forward's xa, stored from the accumulator into its
+    8-wide rows, serialised them too until it went through a scratch of padded rows (ptxas C7514;
+    benchmarks/NOTES.md #61). Nor may it spill registers (none does, triton 3.6 or 3.9)."""
     fn, args, kwargs = record_fused_launch(monkeypatch, product, N, r)
     _, compiled = compile_for_sm90(fn, args, kwargs)
     sass = compiled.asm["sass"]

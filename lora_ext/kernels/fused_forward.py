@@ -175,11 +175,12 @@ def _scaled_up(b_tile, scale, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, seed_ptr,
+def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, xa_pad_ptr, bias_ptr, seed_ptr,
                       M, N, K, R, stride_xa, scale, drop_threshold, keep_scale, cols_per_run, runs_per_row,
                       R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      POST_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, XA_GIVEN: tl.constexpr):
+                      POST_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, XA_GIVEN: tl.constexpr,
+                      XA_PADDED: tl.constexpr):
     # The same product serves the input gradient (TRANSPOSED, see grad_input): there x is g
     # (M, N_layer), the reduction runs over the layer's outputs and the "xa" it stores is g B.
     # Without dropout the up-projection is one more K step of the tile's own accumulator,
@@ -239,10 +240,24 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, bias_ptr, 
         ranks = tl.arange(0, R_PAD)
         xa_ptrs = xa_ptr + rows[:, None] * stride_xa + ranks[None, :]
         xa_mask = (rows[:, None] < M) & (ranks[None, :] < R)
-        if not XA_GIVEN:
-            tl.store(xa_ptrs, xa, mask=xa_mask)
+        if XA_PADDED:
+            # The rank is narrower than its padding (r = 8 of 16): the round trip goes through a
+            # scratch whose rows are R_PAD wide (whole rows, vector stores), and xa's own store reads
+            # the reloaded values. Stored straight from the accumulator's registers into xa's 8-wide
+            # rows (one 16-bit store per element), the forward compiled with every wgmma of the kernel
+            # serialised (ptxas C7514: non-wgmma instructions reading accumulator registers inside a
+            # pipeline stage; triton 3.6 and 3.9, sm_90; r = 24 .. 56 were not), and r = 8 measured
+            # 15-19 points slower than r = 16 in the forward (benchmarks/NOTES.md #61).
+            pad_ptrs = xa_pad_ptr + rows[:, None] * R_PAD + ranks[None, :]
+            tl.store(pad_ptrs, xa, mask=rows[:, None] < M)
             tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
-        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+            xa = tl.load(pad_ptrs, mask=rows[:, None] < M, other=0.0)
+            tl.store(xa_ptrs, xa, mask=xa_mask)
+        else:
+            if not XA_GIVEN:
+                tl.store(xa_ptrs, xa, mask=xa_mask)
+                tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
+            xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     if LORA_IN_ACC:
         acc = tl.dot(xa, _scaled_up(b_tile, scale, TRANSPOSED), acc)
     _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
@@ -462,6 +477,11 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     rank_pad = max(16, triton.next_power_of_2(r))
     y = torch.empty((M, N), device=a2.device, dtype=a2.dtype)
     xa = torch.empty((M, r), device=a2.device, dtype=down.dtype) if given_xa is None else given_xa
+    # The forward's xa round trip through rows of the padded rank where r is narrower (see the kernel):
+    # an (M, R_PAD) temporary of the call, 256 KiB at M = 8192, r = 8. Not in the input gradient, whose
+    # r = 8 variant keeps its wgmmas in flight without it (its s g B is stored scaled, by other code).
+    xa_pad = (torch.empty((M, rank_pad), device=a2.device, dtype=down.dtype)
+              if has_lora and given_xa is None and not transposed and r != rank_pad else None)
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
         programs = device_facts.sm_count(a2.device, on_cpu=INTERPRETER_PROGRAMS)
@@ -480,7 +500,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
         """What the compiled kernel's resources depend on: a variant that did not fit this device
         once is refused without loading it again (the load is what fails, on every call)."""
         return (a2.device, a2.dtype, transposed, has_lora, post_dropout, bias is not None, rank_pad,
-                given_xa is not None, tuple(sorted(cfg.items())))
+                given_xa is not None, xa_pad is not None, tuple(sorted(cfg.items())))
 
     if _DOES_NOT_FIT:  # empty on a GPU where every variant fits: no key built per call
         refused = _DOES_NOT_FIT.get(variant())
@@ -497,13 +517,13 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
             # accumulator, an epilogue chunk's when it is a product of its own ('post' dropout).
             operand(up, chunk_n if post_dropout else block_n, rank_pad),
             TensorDescriptor.from_tensor(y, [block_m, chunk_n]),
-            xa, bias if bias is not None else y, seed if post_dropout else xa,
+            xa, xa_pad if xa_pad is not None else xa, bias if bias is not None else y, seed if post_dropout else xa,
             M, N, K, r, xa.stride(0), float(scale), dropout_threshold(dropout_p) if post_dropout else 0,
             1.0 / (1.0 - dropout_p), cols_per_run, runs,
             R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
             HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout,
-            TRANSPOSED=transposed, XA_GIVEN=given_xa is not None, num_stages=cfg["num_stages"],
-            num_warps=cfg["num_warps"],
+            TRANSPOSED=transposed, XA_GIVEN=given_xa is not None, XA_PADDED=xa_pad is not None,
+            num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
         )
     except OutOfResources as error:
         _DOES_NOT_FIT[variant()] = error
