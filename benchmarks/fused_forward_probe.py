@@ -43,8 +43,9 @@ CONFIGS = {
     # the count of small wgmmas). 180 KB of shared memory at r = 16 (sm_90 compile, triton 3.6).
     "m64x4": dict(block_m=64, block_n=256, block_k=64, epilogue_chunks=4, num_stages=4, num_warps=4),
     # 128-deep K steps (NOTES.md #60): half the K steps, so half the per-step waits and CTA barriers,
-    # in every tile and in the first tile's x A^T; two stages of 100 KiB keep as many bytes in flight as
-    # three of 48 KiB. 217-225 KB of shared memory at r = 16 (sm_90 compile, triton 3.9); r <= 16 only.
+    # in every tile and in the first tile's x A^T. Predicted even with the 3-stage GEMM (two stages of
+    # 100 KiB hold as many bytes as three of 48 KiB); measured 1.6-1.8x cuBLAS on an H100 (12-06): one
+    # load issued ahead is too few. 217-225 KB of shared memory at r = 16 (sm_90, triton 3.9); r <= 16 only.
     "k128x2": dict(block_m=128, block_n=256, block_k=128, epilogue_chunks=4, num_stages=2, num_warps=8),
     "n128k128x3": dict(block_m=128, block_n=128, block_k=128, epilogue_chunks=2, num_stages=3, num_warps=8),
 }
@@ -359,9 +360,10 @@ def main() -> None:
 def padded_adapters_line(x, W, A, B, scale, p, seed, base) -> None:
     """The fused forward at a rank that is not a multiple of 16, as given and with the adapters
     zero-padded to the kernel's padded rank (same y; xa gains zero columns). At r = 8 the H100
-    measured the op 15-19 points slower than at r = 16 wherever the fused kernel runs (NOTES.md
-    #61); the kernel compiles the same for both (R_PAD = 16), but B's TMA boxes (BLOCK_N x 16) then
-    reach past its 8-wide rows, out of bounds in the innermost dimension. Padded, they do not."""
+    measured the op's forward 15-19 points slower than at r = 16 wherever the fused kernel runs
+    (NOTES.md #61): its compile serialised every wgmma (xa stored from the accumulator into 8-wide
+    rows), fixed since by the padded round trip (XA_PADDED). Padded adapters give r = 16's variant
+    (xa's rows 16 wide, TMA boxes within the tensors): the as-given line should now read the same."""
     r, K = A.shape
     r_pad = max(16, triton.next_power_of_2(r))
     A_pad = torch.zeros(r_pad, K, device=A.device, dtype=A.dtype)
