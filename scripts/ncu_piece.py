@@ -4,7 +4,8 @@
         python3 scripts/ncu_piece.py [piece] [shape] [rank]
 
 piece: grad_y (default; grad_y_native: csrc/cuda/masked_grad_y.cu), down, up, adapter_grads (the dropout-free
-backward's dA and dB in one launch, lora_ext/kernels/adapter_grads.py: -k regex:_adapter_grads_kernel);
+backward's dA and dB in one launch, lora_ext/kernels/adapter_grads.py: -k regex:_adapter_grads_kernel; at any
+shape, including those where the op's rule would not take the one launch);
 shape: qo (default), kv, gate_up, down.
 """
 from __future__ import annotations
