@@ -489,6 +489,29 @@ def test_fused_forward_post_dropout_keeps_a_dropped_inf_as_nan():
     assert bool(torch.isnan(y[dropped, 5]).all())
 
 
+@pytest.mark.parametrize("r", [8, 16, 24])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_forward_keeps_an_inf_in_x_as_inf(r, p):
+    """An Inf in x with positive W, A and B: y's row is +Inf (kept elements) as the float64 reference,
+    never NaN, for ranks padded to 16 (8: xa's round trip through a scratch of padded rows, NOTES.md
+    #61; 24: to 32) and not (16). The padding ranks' sums (x times A's zero rows: Inf * 0 = NaN) must
+    not reach y through B's zero padding; with 'post' dropout a dropped element is the LoRA term times
+    0, NaN there as in the reference."""
+    from lora_ext.kernels import fused_forward
+
+    M, K, N, scale = 20, 32, 40, 0.5
+    gen = torch.Generator().manual_seed(r)
+    x, w, A, B = ((torch.rand(*shape, generator=gen) + 0.1).to(torch.float16)
+                  for shape in ((M, K), (N, K), (r, K), (N, r)))
+    x[3, 5] = float("inf")
+    seed = seed_tensor(5) if p > 0 else None
+    y, xa = fused_forward.linear_forward(x, w, None, A, B, scale, p, seed, **TINY_TILES)
+    ref = lora_linear_reference(x, w, None, A, B, scale, p, "post", seed, compute_dtype=torch.float64)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert bool(torch.isinf(y[3]).any()) and bool(torch.isfinite(y[torch.arange(M) != 3]).all())
+    assert torch.equal(torch.isinf(xa), torch.isinf(x.double() @ A.double().t()))
+
+
 # (M, K, N, r) for the few-row tiles the forward picks itself (small_m_config; 4 programs on CPU
 # tensors): one row, a partial 16-row block, K past a 256-wide step and short of one, 16- to
 # 128-wide column blocks with a tail (N = 520: 128-wide), the ranks padded to 16, 32 and 64, and

@@ -246,12 +246,15 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, xa_pad_ptr
             # the reloaded values. Stored straight from the accumulator's registers into xa's 8-wide
             # rows (one 16-bit store per element), the forward compiled with every wgmma of the kernel
             # serialised (ptxas C7514: non-wgmma instructions reading accumulator registers inside a
-            # pipeline stage; triton 3.6 and 3.9, sm_90; r = 24 .. 56 were not), and r = 8 measured
+            # pipeline stage; triton 3.6 and 3.9, sm_90; r = 24 .. 56 were not, and keep their own
+            # round trip: XA_PADDED is for ranks under 16, i.e. r = 8 where TMA takes B), and r = 8 measured
             # 15-19 points slower than r = 16 in the forward (benchmarks/NOTES.md #61).
+            # Reloaded with xa's own mask: the padding ranks' sums (x A's zero rows: 0, but Inf * 0 =
+            # NaN where x holds an Inf) must not reach y through B's zero padding.
             pad_ptrs = xa_pad_ptr + rows[:, None] * R_PAD + ranks[None, :]
             tl.store(pad_ptrs, xa, mask=rows[:, None] < M)
             tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
-            xa = tl.load(pad_ptrs, mask=rows[:, None] < M, other=0.0)
+            xa = tl.load(pad_ptrs, mask=xa_mask, other=0.0)
             tl.store(xa_ptrs, xa, mask=xa_mask)
         else:
             if not XA_GIVEN:
@@ -477,11 +480,12 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
     rank_pad = max(16, triton.next_power_of_2(r))
     y = torch.empty((M, N), device=a2.device, dtype=a2.dtype)
     xa = torch.empty((M, r), device=a2.device, dtype=down.dtype) if given_xa is None else given_xa
-    # The forward's xa round trip through rows of the padded rank where r is narrower (see the kernel):
-    # an (M, R_PAD) temporary of the call, 256 KiB at M = 8192, r = 8. Not in the input gradient, whose
-    # r = 8 variant keeps its wgmmas in flight without it (its s g B is stored scaled, by other code).
+    # The forward's xa round trip through rows of the padded rank at ranks under 16 (see the kernel): an
+    # (M, 16) temporary of the call, 256 KiB at M = 8192, r = 8. Not in the input gradient, whose r = 8
+    # variant keeps its wgmmas in flight without it, nor at r = 24 .. 56, whose forward does too
+    # (scripts/sweep_fused_compile.py).
     xa_pad = (torch.empty((M, rank_pad), device=a2.device, dtype=down.dtype)
-              if has_lora and given_xa is None and not transposed and r != rank_pad else None)
+              if has_lora and given_xa is None and not transposed and r < 16 else None)
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     if runs is None:
         programs = device_facts.sm_count(a2.device, on_cpu=INTERPRETER_PROGRAMS)
