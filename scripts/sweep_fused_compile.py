@@ -13,7 +13,10 @@ with grad_xa given; the forwards with and without bias; shapes: the Llama-3-8B l
 the end-to-end model's at 4096, and few-row (decode) forwards at 16 and 64 rows (small_m_config's tiles:
 mma.sync below 64 rows, so no wgmma to serialise there; checked for spills and shared memory).
 
-    python scripts/sweep_fused_compile.py [--ranks 8 16 24 32 64] [--products forward ...]
+    python scripts/sweep_fused_compile.py [--ranks 8 16 24 32 64] [--products forward ...] [--adapter-grads]
+
+--adapter-grads also compiles the one-launch adapter gradients (adapter_grads.py: dA and dB together,
+each alone) at the same large shapes, with the tiles its rule picks at 132 SMs.
 
 Run it with the triton the GPU machine has (3.6 there, 3.9 in CI; after eb8504f's mends both were clean,
 2026-12-06). Exit status 1 when a launch is flagged. Not under TRITON_INTERPRET=1 (it compiles).
@@ -35,7 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import triton  # noqa: E402
 
 import test_triton_compile as compile_helpers  # noqa: E402  (sm_90 compile of a recorded launch)
-from lora_ext.kernels import device_facts, fused_forward  # noqa: E402
+from lora_ext.kernels import adapter_grads, device_facts, fused_forward  # noqa: E402
 
 SHAPES = [(8192, 4096, 1024), (8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096),
           (4096, 2048, 512), (4096, 2048, 5632), (4096, 5632, 2048), (4096, 2048, 32000)]  # (M, K, N)
@@ -72,6 +75,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 24, 32, 64])
     parser.add_argument("--products", nargs="+", default=list(PRODUCTS), choices=PRODUCTS)
+    parser.add_argument("--adapter-grads", action="store_true", help="also the one-launch adapter gradients")
     args = parser.parse_args()
     bad_ranks = [r for r in args.ranks if r % 8 or not 8 <= r <= fused_forward.MAX_FUSED_RANK]
     if bad_ranks:  # B (N x r) is read by TMA: its rows must be 16-byte multiples
@@ -85,6 +89,12 @@ def main() -> int:
             for r in args.ranks:
                 for bias in ((False, True) if forward else (False,)):
                     flagged += check(product, M, K, N, r, bias)
+    if args.adapter_grads:
+        adapter_grads._device_limits = lambda device: (H200_SMS, compile_helpers.HOPPER_SHARED_BYTES)
+        for M, K, N in SHAPES:
+            for r in args.ranks:
+                for which in ("dA and dB", "dA", "dB"):
+                    flagged += check_adapter_grads(which, M, K, N, r)
     print(f"triton {triton.__version__}: {len(flagged)} flagged" + "".join(f"\n  {line}" for line in flagged))
     return 1 if flagged else 0
 
@@ -92,6 +102,28 @@ def main() -> int:
 def check(product: str, M: int, K: int, N: int, r: int, bias: bool) -> list[str]:
     """Compiles one launch; prints its line; returns it in a list when something is flagged."""
     fn, fn_args, kwargs = record(product, M, K, N, r, bias)
+    return report(f"{product:20s} M={M} K={K} N={N} r={r} bias={bias}", fn, fn_args, kwargs)
+
+
+def check_adapter_grads(which: str, M: int, K: int, N: int, r: int) -> list[str]:
+    """check() for one launch of the adapter gradients (`which`: "dA and dB", "dA" or "dB")."""
+    grad_xa, x, xa, g = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, r), (M, K), (M, r), (M, N)))
+    calls = {"dA and dB": lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, 2.0),
+             "dA": lambda: adapter_grads.grad_A_only(grad_xa, x, 1.0),
+             "dB": lambda: adapter_grads.grad_B_only(xa, g, 2.0)}
+    launches = []
+    real = adapter_grads._adapter_grads_kernel
+    adapter_grads._adapter_grads_kernel = compile_helpers.RecordingKernel(real, launches)
+    try:
+        calls[which]()
+    finally:
+        adapter_grads._adapter_grads_kernel = real
+    (fn, fn_args, kwargs), = launches
+    return report(f"adapter grads {which:9s} M={M} K={K} N={N} r={r}", fn, fn_args, kwargs)
+
+
+def report(label: str, fn, fn_args, kwargs) -> list[str]:
+    """Compiles a recorded launch for sm_90, prints what it found, and returns [label] when flagged."""
     _, compiled = compile_helpers.compile_for_sm90(fn, fn_args, kwargs)
     sass = compiled.asm["sass"]
     wgmmas, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR")
@@ -100,7 +132,7 @@ def check(product: str, M: int, K: int, N: int, r: int, bias: bool) -> list[str]
         ("no tensor-core product", wgmmas == 0 and "HMMA." not in sass),
         ("spills", compile_helpers.local_memory_accesses(sass) > 0),
         ("shared memory", compiled.metadata.shared > compile_helpers.HOPPER_SHARED_BYTES)) if bad]
-    line = f"{product:20s} M={M} K={K} N={N} r={r} bias={bias}: {wgmmas} wgmmas, {waits} waits"
+    line = f"{label}: {wgmmas} wgmmas, {waits} waits"
     print(line + (f"  <- {', '.join(problems)}" if problems else ""), flush=True)
     return [line] if problems else []
 
