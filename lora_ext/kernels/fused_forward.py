@@ -240,27 +240,27 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, xa_pad_ptr
         ranks = tl.arange(0, R_PAD)
         xa_ptrs = xa_ptr + rows[:, None] * stride_xa + ranks[None, :]
         xa_mask = (rows[:, None] < M) & (ranks[None, :] < R)
+        # XA_PADDED (ranks under 16, i.e. r = 8 where TMA takes B): the round trip goes through a
+        # scratch whose rows are R_PAD wide (whole rows, vector stores), and xa's own store reads the
+        # reloaded values. Stored straight from the accumulator's registers into xa's 8-wide rows (one
+        # 16-bit store per element), the forward compiled with every wgmma of the kernel serialised
+        # (ptxas C7514: non-wgmma instructions reading accumulator registers inside a pipeline stage;
+        # triton 3.6 and 3.9, sm_90; r = 24 .. 56 were not), and r = 8 measured 15-19 points slower than
+        # r = 16 in the forward (benchmarks/NOTES.md #61). The reload always takes xa's own mask: the
+        # padding ranks' sums (x A's zero rows: 0, but Inf * 0 = NaN where x holds an Inf) must not
+        # reach y through B's zero padding.
         if XA_PADDED:
-            # The rank is narrower than its padding (r = 8 of 16): the round trip goes through a
-            # scratch whose rows are R_PAD wide (whole rows, vector stores), and xa's own store reads
-            # the reloaded values. Stored straight from the accumulator's registers into xa's 8-wide
-            # rows (one 16-bit store per element), the forward compiled with every wgmma of the kernel
-            # serialised (ptxas C7514: non-wgmma instructions reading accumulator registers inside a
-            # pipeline stage; triton 3.6 and 3.9, sm_90; r = 24 .. 56 were not, and keep their own
-            # round trip: XA_PADDED is for ranks under 16, i.e. r = 8 where TMA takes B), and r = 8 measured
-            # 15-19 points slower than r = 16 in the forward (benchmarks/NOTES.md #61).
-            # Reloaded with xa's own mask: the padding ranks' sums (x A's zero rows: 0, but Inf * 0 =
-            # NaN where x holds an Inf) must not reach y through B's zero padding.
-            pad_ptrs = xa_pad_ptr + rows[:, None] * R_PAD + ranks[None, :]
-            tl.store(pad_ptrs, xa, mask=rows[:, None] < M)
-            tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
-            xa = tl.load(pad_ptrs, mask=xa_mask, other=0.0)
-            tl.store(xa_ptrs, xa, mask=xa_mask)
+            trip_ptrs = xa_pad_ptr + rows[:, None] * R_PAD + ranks[None, :]
+            trip_mask = rows[:, None] < M
         else:
-            if not XA_GIVEN:
-                tl.store(xa_ptrs, xa, mask=xa_mask)
-                tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
-            xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+            trip_ptrs = xa_ptrs
+            trip_mask = xa_mask
+        if not XA_GIVEN:
+            tl.store(trip_ptrs, xa, mask=trip_mask)
+            tl.debug_barrier()  # the block's stores are visible to its loads (bar.sync)
+        xa = tl.load(trip_ptrs, mask=xa_mask, other=0.0)
+        if XA_PADDED:
+            tl.store(xa_ptrs, xa, mask=xa_mask)
     if LORA_IN_ACC:
         acc = tl.dot(xa, _scaled_up(b_tile, scale, TRANSPOSED), acc)
     _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
