@@ -27,6 +27,7 @@ import argparse
 import os
 import sys
 
+import pytest
 import torch
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -107,18 +108,11 @@ def check(product: str, M: int, K: int, N: int, r: int, bias: bool) -> list[str]
 
 def check_adapter_grads(which: str, M: int, K: int, N: int, r: int) -> list[str]:
     """check() for one launch of the adapter gradients (`which`: "dA and dB", "dA" or "dB")."""
-    grad_xa, x, xa, g = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, r), (M, K), (M, r), (M, N)))
-    calls = {"dA and dB": lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, 2.0),
-             "dA": lambda: adapter_grads.grad_A_only(grad_xa, x, 1.0),
-             "dB": lambda: adapter_grads.grad_B_only(xa, g, 2.0)}
-    launches = []
-    real = adapter_grads._adapter_grads_kernel
-    adapter_grads._adapter_grads_kernel = compile_helpers.RecordingKernel(real, launches)
-    try:
-        calls[which]()
-    finally:
-        adapter_grads._adapter_grads_kernel = real
-    (fn, fn_args, kwargs), = launches
+    inputs = tuple(torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, r), (M, K), (M, r), (M, N)))
+    calls = {"dA and dB": lambda grad_xa, x, xa, g: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, 2.0),
+             "dA": lambda grad_xa, x, xa, g: adapter_grads.grad_A_only(grad_xa, x, 1.0),
+             "dB": lambda grad_xa, x, xa, g: adapter_grads.grad_B_only(xa, g, 2.0)}
+    (fn, fn_args, kwargs), _ = compile_helpers.record_adapter_grads_launch(pytest.MonkeyPatch(), calls[which], inputs)
     return report(f"adapter grads {which:9s} M={M} K={K} N={N} r={r}", fn, fn_args, kwargs)
 
 
