@@ -182,6 +182,9 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
 # memory fail to compile and are reported as such.
 ADAPTER_GRAD_CONFIGS = {
     "rule": {},  # adapter_grads.tile_config's choice for the launch (the default since #40)
+    # the rule's tiles without the 16-byte rank hint (RANK_ALIGN = 1): r = 8's small operand as 2-byte
+    # loads, as before NOTES.md #63 (the same variant as "rule" at multiples of 16)
+    "rule_unaligned": dict(rank_align=1),
     **{f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
        for bm in (128, 256, 512) for bc in (16, 32, 64) for st in (3, 4, 6) for nw in (4, 8)
        if bm * bc * 2 * st <= 160 * 1024},

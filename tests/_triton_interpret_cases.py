@@ -742,13 +742,15 @@ def test_triton_backend_post_forward_is_the_fused_kernel_when_switched_on(monkey
 
 @pytest.mark.parametrize("M, K, N, r", [(37, 72, 56, 8), (130, 40, 104, 16), (9, 136, 24, 24), (33, 48, 96, 64),
                                         (70, 3, 17, 1)])
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "rank_strided", "rank_strided_odd"])
 def test_adapter_grads_match_float64(M, K, N, r, layout):
     """Both adapter gradients of the dropout-free backward in one launch (adapter_grads.py):
     dA = s_A grad_xa^T x and dB = s_B g^T xa against float64, within the bound of the same
     products in float16; row counts that are not multiples of the tile, K and N that are not
     multiples of the column block, r padded to the MMA's 16, x and g as strided views (the
-    kernel reads any strides). Twice gives the same bits (each output has one summation order),
+    kernel reads any strides), grad_xa and xa as column slices of wider tensors (row strides r + 8 and
+    r + 3: the kernel's 16-byte rank hint, adapter_grads.rank_alignment, taken at r = 8 and 24 with the
+    first and not with the second; the columns past r are never read). Twice gives the same bits (each output has one summation order),
     and dA alone (grad_A_only) and dB alone (grad_B_only) the same bits as together."""
     from lora_ext.kernels import adapter_grads
 
@@ -758,6 +760,13 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(torch.float16)
 
     grad_xa, xa = randn(M, r), randn(M, r)
+    if layout.startswith("rank_strided"):
+        # the columns past r hold NaN: read, they would reach dA and dB
+        extra = 8 if layout == "rank_strided" else 3
+        wide = [torch.full((M, r + extra), float("nan"), dtype=torch.float16) for _ in range(2)]
+        for full, small in zip(wide, (grad_xa, xa)):
+            full[:, :r] = small
+        grad_xa, xa = (full[:, :r] for full in wide)
     if layout == "strided":
         x, g = randn(K, M).t(), randn(M, 2 * N)[:, ::2]  # column-major x, every other column of g
     else:

@@ -354,6 +354,42 @@ def test_adapter_grads_compile_for_sm90_into_a_launch_the_replay_understands(mon
     assert ("output", 0) in specs[0][5] and (("output", 1) in specs[0][5]) == (which == "dA_and_dB")
 
 
+@pytest.mark.parametrize("r", [8, 16, 24])
+@pytest.mark.parametrize("which", ["dA_and_dB", "dA_only"])
+def test_adapter_grads_load_the_small_operand_16_bytes_at_a_time(monkeypatch, r, which):
+    """grad_xa and xa (M, r) reach the adapter-gradient programs as 16-byte loads issued with the big
+    operand's tiles (LDGSTS), not as one 2-byte load per element: at r = 8 the launch marked neither r
+    nor the row stride as a multiple of 16, and the small tile was 64 synchronous LDG.E.U16 per thread
+    and tile (sm_90 SASS), with the k/v backward ~38 us slower than r = 16's (H100, NOTES.md #63).
+    Compiled at the k/v layer's tiles (132 SMs)."""
+    from lora_ext.kernels import adapter_grads
+
+    monkeypatch.setattr(adapter_grads, "_device_limits", lambda device: (132, HOPPER_SHARED_BYTES))
+    grad_xa, x, xa, g = adapter_grads_operands(r, M=8192, K=4096, N=1024)
+    call, inputs = {"dA_and_dB": (adapter_grads.adapter_grads, (grad_xa, x, xa, g, 0.5, 2.0)),
+                    "dA_only": (adapter_grads.grad_A_only, (grad_xa, x, 0.5))}[which]
+    (fn, args, kwargs), _ = record_adapter_grads_launch(monkeypatch, call, inputs)
+    _, compiled = compile_for_sm90(fn, args, kwargs)
+    sass = compiled.asm["sass"]
+    assert "LDG.E.U16" not in sass, f"r = {r}: {sass.count('LDG.E.U16')} 2-byte loads"
+    assert "LDGSTS.E.BYPASS.128" in sass
+
+
+def test_adapter_grads_rank_alignment():
+    """The RANK_ALIGN hint: 8 where r and the small operands' row strides are multiples of 8 and r is not
+    one of 16 (the launch marks those itself); 1 otherwise, where the hint would be false."""
+    from lora_ext.kernels.adapter_grads import rank_alignment
+
+    def rows(r, stride):
+        return torch.empty(4, stride)[:, :r]
+
+    assert rank_alignment(8, rows(8, 8), rows(8, 8)) == 8
+    assert rank_alignment(24, rows(24, 24), rows(24, 32)) == 8
+    assert rank_alignment(8, rows(8, 8), rows(8, 12)) == 1     # a row stride of 12: not 16-byte rows
+    assert rank_alignment(16, rows(16, 16), rows(16, 16)) == 1  # marked by triton's launch already
+    assert rank_alignment(4, rows(4, 8), rows(4, 8)) == 1
+
+
 @pytest.mark.parametrize("r", [16, 32, 64])
 @pytest.mark.parametrize("shape", [("dA_alone", 4096, 1024), ("both", 4096, 1024), ("both", 4096, 14336)],
                          ids=["dA_alone_4096", "both_kv", "both_gate_up"])

@@ -77,14 +77,25 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 
 @triton.jit
 def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_big_m, big_col_offsets, col_ok,
-                     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+                     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, RANK_ALIGN: tl.constexpr):
     """acc + small[rows, :R]ᵀ big[rows, cols] for the BLOCK_M rows from m0 (the columns given by their
     offsets into big and their in-bounds mask)."""
+    if RANK_ALIGN > 1:
+        # r and the small operand's row stride are multiples of RANK_ALIGN (8 at r = 8, 24, 40, 56), and the
+        # row offsets and the rank mask are written so that triton's analysis sees it: rows of 16 bytes,
+        # loaded 16 bytes at a time and asynchronously with the big tiles (LDGSTS.128). Triton's launch
+        # marks only multiples of 16 (and tl.multiple_of on these scalars changed nothing, triton 3.9):
+        # at r = 8 the small tile was 64 synchronous 2-byte loads per thread and tile (LDG.E.U16, sm_90
+        # SASS), and the k/v backward ran ~38 us slower than at r = 16 on an H100 (benchmarks/NOTES.md #63).
+        stride_small_m = (stride_small_m // RANK_ALIGN) * RANK_ALIGN
+        rank_ok = (tl.arange(0, R_PAD) // RANK_ALIGN) < (R // RANK_ALIGN)
+    else:
+        rank_ok = tl.arange(0, R_PAD) < R
     ranks = tl.arange(0, R_PAD)
     rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: x may hold more than 2^31 elements
     row_ok = rows < M
     small = tl.load(small_ptr + rows[None, :] * stride_small_m + ranks[:, None],
-                    mask=(ranks < R)[:, None] & row_ok[None, :], other=0.0)  # (R_PAD, BLOCK_M)
+                    mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # (R_PAD, BLOCK_M)
     big = tl.load(big_ptr + rows[:, None] * stride_big_m + big_col_offsets[None, :],
                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
     return tl.dot(small, big, acc)
@@ -93,7 +104,7 @@ def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_b
 @triton.jit
 def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_big_m, stride_big_c,
                   stride_out_r, stride_out_c, scale, col_block,
-                  R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                  R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK_ALIGN: tl.constexpr):
     """out[:, cols] = scale * small[:, :R]ᵀ big[:, cols] for this program's BLOCK_C columns."""
     cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
     # 64-bit column offsets too: with a column-major big operand (a transposed x), cols * stride_big_c
@@ -104,7 +115,7 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):  # software-pipelined by the launch's num_stages
         acc = _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_big_m, big_col_offsets,
-                               col_ok, R_PAD, BLOCK_M)
+                               col_ok, R_PAD, BLOCK_M, RANK_ALIGN)
     tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=(ranks < R)[:, None] & col_ok[None, :])
 
@@ -113,16 +124,17 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
 def _adapter_grads_kernel(grad_xa_ptr, x_ptr, grad_A_ptr, xa_ptr, g_ptr, grad_B_ptr, M, K, N, R,
                           stride_grad_xa_m, stride_x_m, stride_x_k, stride_xa_m, stride_g_m, stride_g_n,
                           scale_A, scale_B, blocks_A,
-                          R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                          R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                          RANK_ALIGN: tl.constexpr):
     # Programs [0, blocks_A) own dA's column blocks, the rest dB's; dA (r, K) row-major, dB
     # (N, r) row-major written as the transposed (r, N) product.
     pid = tl.program_id(0)
     if pid < blocks_A:
         _thin_product(grad_xa_ptr, x_ptr, grad_A_ptr, M, K, R, stride_grad_xa_m, stride_x_m, stride_x_k,
-                      K, 1, scale_A, pid, R_PAD, BLOCK_M, BLOCK_C)
+                      K, 1, scale_A, pid, R_PAD, BLOCK_M, BLOCK_C, RANK_ALIGN)
     else:
         _thin_product(xa_ptr, g_ptr, grad_B_ptr, M, N, R, stride_xa_m, stride_g_m, stride_g_n,
-                      1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_M, BLOCK_C)
+                      1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_M, BLOCK_C, RANK_ALIGN)
 
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -162,6 +174,12 @@ def grad_B_only(xa: torch.Tensor, g2: torch.Tensor, scale_B: float, **config) ->
     return _launch(xa, g2, xa, g2, 0.0, scale_B, False, True, config)[1]
 
 
+def rank_alignment(r: int, *small: torch.Tensor) -> int:
+    """8 where r and the row strides of the (M, r) operands are multiples of 8 but r is not one of 16
+    (triton's launch marks multiples of 16 itself), else 1: the RANK_ALIGN hint of the kernels."""
+    return 8 if r % 16 != 0 and all(n % 8 == 0 for n in (r, *(t.stride(0) for t in small))) else 1
+
+
 def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
     M, r = xa.shape
     K, N = x2.shape[1], g2.shape[1]
@@ -179,7 +197,8 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
         grad_xa, x2, grad_A if with_A else grad_B, xa, g2, grad_B if with_B else grad_A, M, K, N, r,
         grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
         float(scale_A), float(scale_B), blocks_A,
-        R_PAD=r_pad, BLOCK_M=cfg["block_m"], BLOCK_C=block_c, num_stages=cfg["num_stages"],
+        R_PAD=r_pad, BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
+        RANK_ALIGN=cfg.get("rank_align", rank_alignment(r, grad_xa, xa)), num_stages=cfg["num_stages"],
         num_warps=cfg["num_warps"],
     )
     return grad_A, grad_B
