@@ -24,6 +24,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
+# $OUT may hold files of an earlier command on a reused machine: the 12-06 06:52 and 07:00 archives came back
+# with results of 03:05-03:18 inside. Files older than the command that runs this script are removed (not those
+# it wrote before calling it, nor an earlier call's archive in the same command: see the packing at the end).
+if command_age=$(ps -o etimes= -p "$PPID" 2>/dev/null) && [[ $command_age =~ ^[[:space:]]*[0-9]+[[:space:]]*$ ]]; then
+  find "$OUT" -mindepth 1 -type f ! -newermt "@$(( $(date +%s) - command_age - 1 ))" -print -delete |
+    sed 's/^/removed a stale file from $OUT: /'
+fi
 what=${1:-all}
 [[ $what == all ]] && what=tests,bench
 has() { [[ ,$what, == *,$1,* ]]; }
