@@ -24,13 +24,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-# $OUT may hold files of an earlier command on a reused machine: the 12-06 06:52 and 07:00 archives came back
-# with results of 03:05-03:18 inside. Files older than the command that runs this script are removed (not those
-# it wrote before calling it, nor an earlier call's archive in the same command: see the packing at the end).
-if command_age=$(ps -o etimes= -p "$PPID" 2>/dev/null) && [[ $command_age =~ ^[[:space:]]*[0-9]+[[:space:]]*$ ]]; then
-  find "$OUT" -mindepth 1 -type f ! -newermt "@$(( $(date +%s) - command_age - 1 ))" -print -delete |
-    sed 's/^/removed a stale file from $OUT: /'
-fi
+# The files already in $OUT when this starts, with their times, go into env.txt: the 12-06 06:52 and 07:00
+# archives came back holding results of 03:05-03:18 (how they got there is not known: the device tool empties
+# $OUT before each command). Listed, not deleted: an earlier call in the same command (or a step before this
+# one) writes there on purpose, and this script cannot tell those from stale ones reliably.
+preexisting=$(find "$OUT" -mindepth 1 -type f -printf '%TY-%Tm-%Td %TH:%TM  %P\n' 2>/dev/null | sort)
 what=${1:-all}
 [[ $what == all ]] && what=tests,bench
 has() { [[ ,$what, == *,$1,* ]]; }
@@ -38,6 +36,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  [[ -z $preexisting ]] || printf 'files in $OUT before this script (modified, name):\n%s\n' "$preexisting"
 } 2>&1 | tee "$OUT/env.txt"
 
 # The image's default g++ (/opt/gcc/bin/g++) links libstdc++ statically into _C.so; that copy's

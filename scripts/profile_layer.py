@@ -7,6 +7,8 @@ Usage: python scripts/profile_layer.py K N [r] [dropout] [backend] [--fwd]
   the same base, eager or under torch.compile, as benchmarks/bench_linear.py builds it): what a peer's
   kernels are where its ratio differs from ours.
   --fwd: the forward alone (x requiring grad, as bench_linear's fwd rows), not forward + backward.
+The base has no bias (as bench_linear's; before 12-06 it had one), and the backward is torch.autograd.grad for
+x and the adapters (as bench_linear's fwd+bwd): no gradient accumulation kernels in the table.
 """
 import argparse
 import os
@@ -46,16 +48,18 @@ def main():
     parser.add_argument("dropout", type=float, nargs="?", default=0.0)
     parser.add_argument("backend", nargs="?", default="native", choices=("native", "triton", "auto", *PEERS))
     parser.add_argument("--fwd", action="store_true", help="the forward alone")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     M = 8192
     layer = build_layer(args.K, args.N, args.r, args.dropout, args.backend)
     x = torch.randn(M, args.K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(M, args.N, device="cuda", dtype=torch.bfloat16)
 
+    adapters = [p for p in layer.parameters() if p.requires_grad]
+
     def call():
         y = layer(x)
         if not args.fwd:
-            y.backward(g)
+            torch.autograd.grad(y, [x, *adapters], g)
 
     for _ in range(3):
         call()

@@ -1,6 +1,7 @@
 """Compiles the fused GEMM launches the GPU would make at a list of layer shapes, for sm_90, on a machine
 without a GPU, and flags those whose SASS serialises its wgmmas (as many waits as wgmmas: ptxas
-C7514/C7515), spills registers or needs more shared memory than a Hopper block has. (Several launches
+C7514/C7515), loads an operand 2 bytes at a time (more than 16 `LDG.E.U16`: NOTES.md #63), spills
+registers or needs more shared memory than a Hopper block has. (Several launches
 compile to one kernel; some shapes listed are not ones the op routes to the fused kernel, e.g. the
 dropout-free forward at 4096 x 4096: they are compiled anyway, as the kernel may be asked for them.)
 
@@ -121,12 +122,17 @@ def report(label: str, fn, fn_args, kwargs) -> list[str]:
     _, compiled = compile_helpers.compile_for_sm90(fn, fn_args, kwargs)
     sass = compiled.asm["sass"]
     wgmmas, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR")
+    # One 2-byte global load per element: more than a per-run handful means a loop's operand lost its
+    # 16-byte vectors (the adapter gradients at r = 8 had 64 per tile, and their launch ran at half speed:
+    # NOTES.md #63); the fused GEMMs' once-per-run xa load at r = 8 is 8.
+    narrow_loads = sass.count("LDG.E.U16")
     problems = [name for name, bad in (
+        ("2-byte loads", narrow_loads > 16),
         ("serialised", wgmmas > 0 and waits >= wgmmas),
         ("no tensor-core product", wgmmas == 0 and "HMMA." not in sass),
         ("spills", compile_helpers.local_memory_accesses(sass) > 0),
         ("shared memory", compiled.metadata.shared > compile_helpers.HOPPER_SHARED_BYTES)) if bad]
-    line = f"{label}: {wgmmas} wgmmas, {waits} waits"
+    line = f"{label}: {wgmmas} wgmmas, {waits} waits, {narrow_loads} 2-byte loads"
     print(line + (f"  <- {', '.join(problems)}" if problems else ""), flush=True)
     return [line] if problems else []
 

@@ -376,8 +376,9 @@ def test_adapter_grads_load_the_small_operand_16_bytes_at_a_time(monkeypatch, r,
 
 
 def test_adapter_grads_rank_alignment():
-    """The RANK_ALIGN hint: 8 where r and the small operands' row strides are multiples of 8 and r is not
-    one of 16 (the launch marks those itself); 1 otherwise, where the hint would be false."""
+    """The RANK_ALIGN hint: 8 where r and the small operands' row strides are all multiples of 8 and not all
+    of 16 (the launch marks those itself); 1 otherwise, where the hint would be false. An override that does
+    not divide them is refused (the kernel would read other rows)."""
     from lora_ext.kernels.adapter_grads import rank_alignment
 
     def rows(r, stride):
@@ -387,7 +388,13 @@ def test_adapter_grads_rank_alignment():
     assert rank_alignment(24, rows(24, 24), rows(24, 32)) == 8
     assert rank_alignment(8, rows(8, 8), rows(8, 12)) == 1     # a row stride of 12: not 16-byte rows
     assert rank_alignment(16, rows(16, 16), rows(16, 16)) == 1  # marked by triton's launch already
+    assert rank_alignment(16, rows(16, 16), rows(16, 24)) == 8  # r = 16 in rows of 24: the launch marks neither
     assert rank_alignment(4, rows(4, 8), rows(4, 8)) == 1
+    from lora_ext.kernels import adapter_grads
+
+    grad_xa, x, xa, g = adapter_grads_operands(8)
+    with pytest.raises(ValueError, match="rank_align=16 must divide r"):
+        adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, 1.0, rank_align=16)
 
 
 @pytest.mark.parametrize("r", [16, 32, 64])

@@ -81,12 +81,12 @@ def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_b
     """acc + small[rows, :R]ᵀ big[rows, cols] for the BLOCK_M rows from m0 (the columns given by their
     offsets into big and their in-bounds mask)."""
     if RANK_ALIGN > 1:
-        # r and the small operand's row stride are multiples of RANK_ALIGN (8 at r = 8, 24, 40, 56), and the
-        # row offsets and the rank mask are written so that triton's analysis sees it: rows of 16 bytes,
-        # loaded 16 bytes at a time and asynchronously with the big tiles (LDGSTS.128). Triton's launch
-        # marks only multiples of 16 (and tl.multiple_of on these scalars changed nothing, triton 3.9):
-        # at r = 8 the small tile was 64 synchronous 2-byte loads per thread and tile (LDG.E.U16, sm_90
-        # SASS), and the k/v backward ran ~38 us slower than at r = 16 on an H100 (benchmarks/NOTES.md #63).
+        # r and the small operand's row stride are multiples of RANK_ALIGN (8: r = 8, 24, 40, 56, or a row
+        # stride that is not a multiple of 16), written so that triton's analysis sees it: rows of 16 bytes,
+        # loaded 16 bytes at a time and asynchronously with the big tiles (LDGSTS.128). Triton's launch marks
+        # only multiples of 16 (tl.multiple_of on these scalars changed nothing, triton 3.9): at r = 8 the
+        # small tile was 64 synchronous 2-byte loads per thread and tile (LDG.E.U16, sm_90 SASS), and the
+        # launch took 77.6 us at 4096 x 1024 against 40.8 with the hint (H100; benchmarks/NOTES.md #63).
         stride_small_m = (stride_small_m // RANK_ALIGN) * RANK_ALIGN
         rank_ok = (tl.arange(0, R_PAD) // RANK_ALIGN) < (R // RANK_ALIGN)
     else:
@@ -175,9 +175,10 @@ def grad_B_only(xa: torch.Tensor, g2: torch.Tensor, scale_B: float, **config) ->
 
 
 def rank_alignment(r: int, *small: torch.Tensor) -> int:
-    """8 where r and the row strides of the (M, r) operands are multiples of 8 but r is not one of 16
+    """8 where r and the row strides of the (M, r) operands are all multiples of 8 but not all of 16
     (triton's launch marks multiples of 16 itself), else 1: the RANK_ALIGN hint of the kernels."""
-    return 8 if r % 16 != 0 and all(n % 8 == 0 for n in (r, *(t.stride(0) for t in small))) else 1
+    sizes = (r, *(t.stride(0) for t in small))
+    return 8 if all(n % 8 == 0 for n in sizes) and not all(n % 16 == 0 for n in sizes) else 1
 
 
 def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
@@ -186,6 +187,10 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
     r_pad = max(16, triton.next_power_of_2(r))
     columns = (K if with_A else 0) + (N if with_B else 0)
     cfg = {**tile_config(columns, r_pad, *_device_limits(xa.device)), **config}
+    rank_align = cfg.get("rank_align", rank_alignment(r, grad_xa, xa))
+    if any(n % rank_align for n in (r, grad_xa.stride(0), xa.stride(0))):  # a false hint reads other rows
+        raise ValueError(f"rank_align={rank_align} must divide r ({r}) and the row strides of grad_xa and xa "
+                         f"({grad_xa.stride(0)}, {xa.stride(0)})")
     # An output no program writes is not allocated: the other one stands in for its pointer.
     grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device) if with_A else None
     grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else None
@@ -198,7 +203,7 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
         grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
         float(scale_A), float(scale_B), blocks_A,
         R_PAD=r_pad, BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
-        RANK_ALIGN=cfg.get("rank_align", rank_alignment(r, grad_xa, xa)), num_stages=cfg["num_stages"],
+        RANK_ALIGN=rank_align, num_stages=cfg["num_stages"],
         num_warps=cfg["num_warps"],
     )
     return grad_A, grad_B
