@@ -18,26 +18,20 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-import lora_ext  # noqa: E402
-
 PEERS = ("peft", "peft_compile")
 
 
 def build_layer(K, N, r, p, backend):
+    """The layer as benchmarks/bench_linear.py builds it (alpha 32, 'post' dropout), on a frozen bias-free base."""
+    from bench_linear import make_lora_ext_layer, make_peft_layer
+
     base = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
     B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16)
     if backend in PEERS:
-        from bench_linear import make_peft_layer
-
         layer = make_peft_layer(base, r, 32.0, p, A, B, fp32_adapters=False).train(True)
         return torch.compile(layer, dynamic=False) if backend == "peft_compile" else layer
-    layer = lora_ext.LinearLoRA(base, dim=r, dropout=p)
-    layer.lora_backend = backend
-    with torch.no_grad():
-        layer.lora_A.weight.copy_(A)
-        layer.lora_B.weight.copy_(B)
-    return layer
+    return make_lora_ext_layer(base, r, 32.0, p, "post", A, B, backend)
 
 
 def main():

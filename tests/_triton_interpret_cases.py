@@ -749,9 +749,9 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     products in float16; row counts that are not multiples of the tile, K and N that are not
     multiples of the column block, r padded to the MMA's 16, x and g as strided views (the
     kernel reads any strides), grad_xa and xa as column slices of wider tensors (row strides r + 8 and
-    r + 3: the kernel's 16-byte rank hint, adapter_grads.rank_alignment, taken at r = 8 and 24 with the
-    first and not with the second; the columns past r are never read). Twice gives the same bits (each output has one summation order),
-    and dA alone (grad_A_only) and dB alone (grad_B_only) the same bits as together."""
+    r + 3: the kernel's 16-byte rank hint, adapter_grads.rank_alignment, taken at r = 8, 16 and 24 with
+    the first and not with the second; the columns past r are never read). Twice gives the same bits
+    (each output has one summation order), and dA alone (grad_A_only) and dB alone (grad_B_only) the same bits as together."""
     from lora_ext.kernels import adapter_grads
 
     gen = torch.Generator().manual_seed(M + K + r)

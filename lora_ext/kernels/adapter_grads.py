@@ -76,21 +76,10 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 
 
 @triton.jit
-def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_big_m, big_col_offsets, col_ok,
-                     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, RANK_ALIGN: tl.constexpr):
-    """acc + small[rows, :R]ᵀ big[rows, cols] for the BLOCK_M rows from m0 (the columns given by their
-    offsets into big and their in-bounds mask)."""
-    if RANK_ALIGN > 1:
-        # r and the small operand's row stride are multiples of RANK_ALIGN (8: r = 8, 24, 40, 56, or a row
-        # stride that is not a multiple of 16), written so that triton's analysis sees it: rows of 16 bytes,
-        # loaded 16 bytes at a time and asynchronously with the big tiles (LDGSTS.128). Triton's launch marks
-        # only multiples of 16 (tl.multiple_of on these scalars changed nothing, triton 3.9): at r = 8 the
-        # small tile was 64 synchronous 2-byte loads per thread and tile (LDG.E.U16, sm_90 SASS), and the
-        # launch took 77.6 us at 4096 x 1024 against 40.8 with the hint (H100; benchmarks/NOTES.md #63).
-        stride_small_m = (stride_small_m // RANK_ALIGN) * RANK_ALIGN
-        rank_ok = (tl.arange(0, R_PAD) // RANK_ALIGN) < (R // RANK_ALIGN)
-    else:
-        rank_ok = tl.arange(0, R_PAD) < R
+def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, rank_ok, stride_small_m, stride_big_m, big_col_offsets, col_ok,
+                     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc + small[rows, ranks]ᵀ big[rows, cols] for the BLOCK_M rows from m0 (the ranks given by their
+    in-bounds mask, the columns by their offsets into big and their in-bounds mask)."""
     ranks = tl.arange(0, R_PAD)
     rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: x may hold more than 2^31 elements
     row_ok = rows < M
@@ -112,12 +101,23 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
     big_col_offsets = cols.to(tl.int64) * stride_big_c
     col_ok = cols < C
     ranks = tl.arange(0, R_PAD)
+    if RANK_ALIGN > 1:
+        # r and the small operand's row stride are multiples of RANK_ALIGN (8: r = 8, 24, 40, 56, or a row
+        # stride that is not a multiple of 16), written so that triton's analysis sees it: rows of 16 bytes,
+        # loaded 16 bytes at a time and asynchronously with the big tiles (LDGSTS.128). Triton's launch marks
+        # only multiples of 16 (tl.multiple_of on these scalars changed nothing, triton 3.9): at r = 8 the
+        # small tile was 64 synchronous 2-byte loads per thread and tile (LDG.E.U16, sm_90 SASS), and the
+        # launch took 77.6 us at 4096 x 1024 against 40.8 with the hint (H100; benchmarks/NOTES.md #63).
+        stride_small_m = (stride_small_m // RANK_ALIGN) * RANK_ALIGN
+        rank_ok = (ranks // RANK_ALIGN) < (R // RANK_ALIGN)
+    else:
+        rank_ok = ranks < R
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):  # software-pipelined by the launch's num_stages
-        acc = _accumulate_tile(acc, small_ptr, big_ptr, m0, M, R, stride_small_m, stride_big_m, big_col_offsets,
-                               col_ok, R_PAD, BLOCK_M, RANK_ALIGN)
+        acc = _accumulate_tile(acc, small_ptr, big_ptr, m0, M, rank_ok, stride_small_m, stride_big_m,
+                               big_col_offsets, col_ok, R_PAD, BLOCK_M)
     tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
-             (acc * scale).to(out_ptr.dtype.element_ty), mask=(ranks < R)[:, None] & col_ok[None, :])
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=rank_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
