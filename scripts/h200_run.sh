@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, decode, switches, ab, exitprobe, train;
+#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, dxda, decode, switches, ab, exitprobe, train;
 #   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
@@ -15,6 +15,7 @@
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep; PIECES_PARTS picks).
 #   ncu: Nsight Compute on one launch of the native 'post' backward step (scripts/ncu_piece.py; NCU_* pick it).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
+#   dxda: benchmarks/dx_grad_a_probe.py (dA inside the input-gradient GEMM, NOTES.md #64; DXDA_ARGS passes arguments).
 #   decode: benchmarks/decode_probe.py --ranks 16 64 (the few-token routes: fused Triton GEMM, kernel, off).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
 #     (fused_forward_probe.py --configs default: the op with the 'post' fused GEMMs off / on;
@@ -113,6 +114,10 @@ if has ncu; then
       "$OUT/ncu_full.log" | head -20
     grep -E "stalled" "$OUT/ncu_stalls.log" | sort -k3 -g -r | head -25
   fi
+fi
+if has dxda; then
+  # benchmarks/dx_grad_a_probe.py: dA inside the input-gradient GEMM (NOTES.md #64); DXDA_ARGS passes arguments.
+  python3 benchmarks/dx_grad_a_probe.py ${DXDA_ARGS:-} 2>&1 | tee "$OUT/dx_grad_a.log" | tail -40
 fi
 if has decode; then
   python3 benchmarks/decode_probe.py --ranks 16 64 2>&1 | tee "$OUT/decode.log" | tail -60
