@@ -19,6 +19,7 @@ Timed per shape, device time (CUDA graph, L2 flushed; bench_common.gpu_us), one 
   g W             cuBLAS, the base layer's input gradient (the floor)
   today           fused_forward.grad_input + adapter_grads (dA and dB): what the op launches now
   gemm+given      this kernel without dA (the GEMM on column runs, grad_xa given)
+  gemm+given flattened   the same with the row-block loop flattened into its K steps (tl.range flatten)
   gemm+given+dA   this kernel with dA, plus the partials' sum
   g B, dB alone   cuBLAS s g B (grad_xa) and adapter_grads.grad_B_only: what the new design adds
 and the new design's total = g B + dB alone + gemm+given+dA. Each result is first checked against float64.
@@ -61,7 +62,8 @@ def _store_partial(base, part, off_k, K, CHUNK: tl.constexpr):
 def _dx_grad_a_kernel(g_desc, w_desc, a_desc, x_desc, dx_desc, grad_xa_ptr, partial_ptr,
                       M, N, K, R, stride_grad_xa, rows_per_run, runs_per_col,
                       R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EPILOGUE_CHUNKS: tl.constexpr, WITH_DA: tl.constexpr):
+                      EPILOGUE_CHUNKS: tl.constexpr, WITH_DA: tl.constexpr, FLATTEN: tl.constexpr,
+                      WARP_SPECIALIZE: tl.constexpr):
     # dx (M, K) = g (M, N) W (N, K) + grad_xa (M, r) A (r, K). Program = (column block of dx, run of row
     # blocks); adjacent programs share the column block, so W's (N, BLOCK_N) slab is read once into L2.
     CHUNK: tl.constexpr = BLOCK_N // EPILOGUE_CHUNKS
@@ -78,7 +80,7 @@ def _dx_grad_a_kernel(g_desc, w_desc, a_desc, x_desc, dx_desc, grad_xa_ptr, part
     dA1 = tl.zeros((CHUNK, R_PAD), tl.float32)
     dA2 = tl.zeros((CHUNK, R_PAD), tl.float32)
     dA3 = tl.zeros((CHUNK, R_PAD), tl.float32)
-    for block in range(first_block, end_block):
+    for block in tl.range(first_block, end_block, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         off_m = block * BLOCK_M
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for kt in range(n_steps):
@@ -107,7 +109,8 @@ def _dx_grad_a_kernel(g_desc, w_desc, a_desc, x_desc, dx_desc, grad_xa_ptr, part
             _store_partial(base, dA3, off_k + 3 * CHUNK, K, CHUNK)
 
 def dx_and_grad_a(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Tensor, grad_xa: torch.Tensor,
-                  with_da: bool = True, programs: int | None = None, **config):
+                  with_da: bool = True, programs: int | None = None, flatten: bool = False,
+                  warp_specialize: bool = False, **config):
     """(dx, dA) with dx = g W + grad_xa A and dA = grad_xa^T x (float32 partials summed by torch; None
     without with_da), on the column-run schedule. g (M, N), W (N, K), A (r, K), x (M, K), grad_xa (M, r)."""
     cfg = {**PROBE_CONFIG, **config}
@@ -132,6 +135,7 @@ def dx_and_grad_a(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
         TensorDescriptor.from_tensor(dx, [block_m, chunk]), grad_xa, partial,
         M, N, K, r, grad_xa.stride(0), rows_per_run, runs,
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks, WITH_DA=with_da,
+        FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize,
         num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
     grad_A = partial.sum(0)[:r].to(A.dtype) if with_da else None
     return dx, grad_A
@@ -162,6 +166,8 @@ def probe(shapes, ranks, tokens: int, config: dict) -> None:
             try:
                 dx, dA = dx_and_grad_a(g, W, A, x, grad_xa, **config)
                 err = max(_relative_error(dx, ref_dx), _relative_error(dA, ref_dA))
+                dx_flat, _ = dx_and_grad_a(g, W, A, x, grad_xa, with_da=False, flatten=True, **config)
+                err = max(err, _relative_error(dx_flat, ref_dx))
                 line.append(f"check err {err:.1e}{' WRONG' if err > 2e-2 else ''}")
             except Exception as exc:  # a variant that does not compile or fit: report, go on
                 print(f"{line[0]}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
@@ -178,6 +184,10 @@ def probe(shapes, ranks, tokens: int, config: dict) -> None:
                 "adapter launch alone": common.gpu_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0,
                                                                                            scale)),
                 "gemm+given": common.gpu_us(lambda: dx_and_grad_a(g, W, A, x, grad_xa, with_da=False, **config)),
+                # The row-block loop flattened with its K steps for triton's pipeliner (NOTES.md #65): the next
+                # tile's loads in flight during this tile's epilogue. Without dA only: with dA it needs 233 KB.
+                "gemm+given flattened": common.gpu_us(lambda: dx_and_grad_a(g, W, A, x, grad_xa, with_da=False,
+                                                                             flatten=True, **config)),
                 "gemm+given+dA": common.gpu_us(lambda: dx_and_grad_a(g, W, A, x, grad_xa, **config)),
                 "g B (cuBLAS)": common.gpu_us(lambda: torch.mm(g, B).mul_(scale)),
                 "dB alone": common.gpu_us(lambda: adapter_grads.grad_B_only(xa, g, scale)),
