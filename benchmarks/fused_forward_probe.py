@@ -47,10 +47,6 @@ CONFIGS = {
     # 100 KiB hold as many bytes as three of 48 KiB); measured 1.6-1.8x cuBLAS on an H100 (12-06): one
     # load issued ahead is too few. 217-225 KB of shared memory at r = 16 (sm_90, triton 3.9); r <= 16 only.
     "k128x2": dict(block_m=128, block_n=256, block_k=128, epilogue_chunks=4, num_stages=2, num_warps=8),
-    # The default tiles with the run's later tiles flattened into their K steps (tl.range flatten; NOTES.md #65):
-    # the next tile's loads in flight during the epilogue. Compiles for the forward without dropout only
-    # (triton 3.9, sm_90: the input gradient fails in TMA lowering, 'post' serialises its wgmmas).
-    "flat": dict(flatten=True),
     "n128k128x3": dict(block_m=128, block_n=128, block_k=128, epilogue_chunks=2, num_stages=3, num_warps=8),
 }
 

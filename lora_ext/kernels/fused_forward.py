@@ -180,7 +180,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, xa_pad_ptr
                       R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EPILOGUE_CHUNKS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
                       POST_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, XA_GIVEN: tl.constexpr,
-                      XA_PADDED: tl.constexpr, FLATTEN: tl.constexpr):
+                      XA_PADDED: tl.constexpr):
     # The same product serves the input gradient (TRANSPOSED, see grad_input): there x is g
     # (M, N_layer), the reduction runs over the layer's outputs and the "xa" it stores is g B.
     # Without dropout the up-projection is one more K step of the tile's own accumulator,
@@ -266,9 +266,7 @@ def _lora_gemm_kernel(x_desc, w_desc, a_desc, b_desc, y_desc, xa_ptr, xa_pad_ptr
     _epilogue(acc, xa, b0, b1, b2, b3, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, drop_threshold, lora_scale,
               BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, LORA_IN_EPILOGUE, HAS_BIAS)
 
-    # FLATTEN (benchmarks/NOTES.md #65): the run's later tiles and their K steps as one loop for triton's
-    # pipeliner, so the next tile's first loads are in flight during this tile's epilogue.
-    for col in tl.range(first_col + 1, end_col, flatten=FLATTEN):
+    for col in range(first_col + 1, end_col):
         off_n = col * BLOCK_N
         if LORA_IN_ACC:
             b_tile = _operand_tile(b_desc, off_n, 0, TRANSPOSED)
@@ -377,7 +375,7 @@ def grad_input_given_xa_supports(grad_y2: torch.Tensor, weight: torch.Tensor | N
 
 
 # The tiles of both GEMMs; the pipeline's stages come from _pipeline_stages.
-DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_warps=8, flatten=False)
+DEFAULT_CONFIG = dict(block_m=128, block_n=256, block_k=64, epilogue_chunks=4, num_warps=8)
 
 
 def _pipeline_stages(layer_out_features: int, r: int) -> int:
@@ -529,7 +527,7 @@ def _launch(a2, weight, down, up, bias, scale, dropout_p, seed, has_lora, runs, 
             R_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks,
             HAS_LORA=has_lora, HAS_BIAS=bias is not None, POST_DROPOUT=post_dropout,
             TRANSPOSED=transposed, XA_GIVEN=given_xa is not None, XA_PADDED=xa_pad is not None,
-            FLATTEN=cfg["flatten"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
         )
     except OutOfResources as error:
         _DOES_NOT_FIT[variant()] = error
