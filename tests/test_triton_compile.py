@@ -382,15 +382,13 @@ def test_adapter_grads_rank_alignment():
     not divide them is refused (the kernel would read other rows)."""
     from lora_ext.kernels.adapter_grads import rank_alignment
 
-    def rows(r, stride):
-        return torch.empty(4, stride)[:, :r]
-
-    assert rank_alignment(8, rows(8, 8), rows(8, 8)) == 8
-    assert rank_alignment(24, rows(24, 24), rows(24, 32)) == 8
-    assert rank_alignment(8, rows(8, 8), rows(8, 12)) == 1     # a row stride of 12: not 16-byte rows
-    assert rank_alignment(16, rows(16, 16), rows(16, 16)) == 1  # marked by triton's launch already
-    assert rank_alignment(16, rows(16, 16), rows(16, 24)) == 8  # r = 16 in rows of 24: the launch marks neither
-    assert rank_alignment(4, rows(4, 8), rows(4, 8)) == 1
+    # (r, the row strides of the operands)
+    assert rank_alignment(8, 8, 8) == 8
+    assert rank_alignment(24, 24, 32) == 8
+    assert rank_alignment(8, 8, 12) == 1     # a row stride of 12: not 16-byte rows
+    assert rank_alignment(16, 16, 16) == 1  # marked by triton's launch already
+    assert rank_alignment(16, 16, 24) == 8  # r = 16 in rows of 24: the launch marks neither
+    assert rank_alignment(4, 8, 8) == 1
     from lora_ext.kernels import adapter_grads
 
     grad_xa, x, xa, g = adapter_grads_operands(8)

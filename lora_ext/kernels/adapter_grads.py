@@ -174,10 +174,12 @@ def grad_B_only(xa: torch.Tensor, g2: torch.Tensor, scale_B: float, **config) ->
     return _launch(xa, g2, xa, g2, 0.0, scale_B, False, True, config)[1]
 
 
-def rank_alignment(r: int, *small: torch.Tensor) -> int:
+def rank_alignment(r: int, *row_strides: int) -> int:
     """8 where r and the row strides of the (M, r) operands are all multiples of 8 but not all of 16
-    (triton's launch marks multiples of 16 itself), else 1: the RANK_ALIGN hint of the kernels."""
-    sizes = (r, *(t.stride(0) for t in small))
+    (triton's launch marks multiples of 16 itself), else 1: the RANK_ALIGN hint of the kernels (here and
+    in triton_lora.py). Row strides, not tensors: triton_lora's launchers also pass Bᵀ's column stride and
+    the slice stride of a float32 partial buffer, which would take a view per call (host time)."""
+    sizes = (r, *row_strides)
     return 8 if all(n % 8 == 0 for n in sizes) and not all(n % 16 == 0 for n in sizes) else 1
 
 
@@ -187,7 +189,7 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
     r_pad = max(16, triton.next_power_of_2(r))
     columns = (K if with_A else 0) + (N if with_B else 0)
     cfg = {**tile_config(columns, r_pad, *_device_limits(xa.device)), **config}
-    rank_align = cfg.get("rank_align", rank_alignment(r, grad_xa, xa))
+    rank_align = cfg.get("rank_align", rank_alignment(r, grad_xa.stride(0), xa.stride(0)))
     if any(n % rank_align for n in (r, grad_xa.stride(0), xa.stride(0))):  # a false hint reads other rows
         raise ValueError(f"rank_align={rank_align} must divide r ({r}) and the row strides of grad_xa and xa "
                          f"({grad_xa.stride(0)}, {xa.stride(0)})")
