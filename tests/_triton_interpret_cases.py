@@ -840,6 +840,54 @@ def test_thin_kernels_address_rank_strides_past_2_31_elements(strided):
     assert_within_bound(grad_B, scale * gd.t() @ xa.double(), scale * (gy.t() @ xa), torch.float16, "dB")
 
 
+@pytest.mark.parametrize("r", [8, 24])
+@pytest.mark.parametrize("layout", ["rank_strided", "rank_strided_odd"])
+@pytest.mark.parametrize("p, position", [(0.0, "post"), (0.3, "pre"), (0.3, "post")])
+def test_thin_kernels_read_rank_strided_operands(monkeypatch, r, layout, p, position):
+    """The Triton backend's thin kernels and the native path's masked pieces at r = 8 and 24, where they take
+    the 16-byte rank hint (RANK_ALIGN, adapter_grads.rank_alignment; NOTES.md #63): lora_B, xa and dxa as
+    column slices of wider tensors whose columns past r hold NaN (row strides r + 8: the hint taken, at r = 8
+    with B's rows 16 apart; r + 3: not taken) give the same bits as contiguous ones, and the launches without
+    the hint (rank_alignment patched to 1) the same bits as with it. A padding column read would put NaN in
+    every output. Contiguous, the outputs are within the float64 bound (run_case)."""
+    M, K, N = 37, 40, 44
+    inputs = make_inputs((M,), K, N, r, torch.float16, seed=r)
+    run_case(inputs, p, position, seed_value=77)
+    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
+    seed = seed_tensor(77) if p > 0 else None
+    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(torch.float16)
+    extra = 8 if layout == "rank_strided" else 3
+
+    def rank_strided(t):
+        wide = torch.full((t.shape[0], r + extra), float("nan"), dtype=t.dtype)
+        wide[:, :r] = t
+        return wide[:, :r]
+
+    def outputs(B, strided):
+        """y, xa and the five gradients (the backward given xa, or its rank-strided copy), then with dropout
+        the masked pieces: (dxa, dB) over dY given B and xa, (dx, dA) over x given dxa (or their copies)."""
+        y, xa = triton_lora.linear_forward(x, w, b, A, B, SCALE, p, position, seed)
+        xa_in = rank_strided(xa) if strided else xa
+        grads = triton_lora.linear_backward(grad_y, x, w, A, B, xa_in, SCALE, p, position, seed, [True] * 5)
+        pieces = ()
+        if p > 0:
+            grad_xa, grad_B = triton_lora.masked_grad_y(grad_y, B, xa_in, SCALE, seed, p, True, True)
+            grad_x, grad_A = triton_lora.masked_up(rank_strided(grad_xa) if strided else grad_xa, A, x, seed, p,
+                                                  True, True)
+            pieces = (grad_xa, grad_B, grad_x, grad_A)
+        return (y, xa, *grads, *pieces)
+
+    contiguous = outputs(B, strided=False)
+    strided = outputs(rank_strided(B), strided=True)
+    assert all(not t.isnan().any() for t in strided)
+    assert all(torch.equal(a, c) for a, c in zip(strided, contiguous))
+    hints = []
+    rank_alignment = triton_lora.rank_alignment
+    monkeypatch.setattr(triton_lora, "rank_alignment", lambda *a: hints.append(rank_alignment(*a)) or 1)
+    assert all(torch.equal(a, c) for a, c in zip(outputs(B, strided=False), contiguous))
+    assert hints and set(hints) == {8}  # the contiguous operands took the hint
+
+
 def test_adapter_grads_refuse_what_they_do_not_compute():
     from lora_ext.kernels import adapter_grads
 

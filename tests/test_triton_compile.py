@@ -376,6 +376,43 @@ def test_adapter_grads_load_the_small_operand_16_bytes_at_a_time(monkeypatch, r,
     assert "LDGSTS.E.BYPASS.128" in sass
 
 
+def layer_sass(monkeypatch, r, p, position):
+    """{(kernel, its n-th launch): sm_90 SASS} of the triton_lora kernels one forward and backward of a
+    512 x 256 layer launches (512 tokens, bfloat16, no bias; the sums of partials left out)."""
+    launches = record(monkeypatch, [((512, 512, 256, r, torch.bfloat16, None, False, True), p, position, [ALL])])
+    monkeypatch.undo()
+    sass, seen = {}, []
+    for fn, args, kwargs in launches:
+        if fn is not triton_lora._sum_partials_kernel:
+            seen.append(fn.__name__)
+            sass[(fn.__name__, seen.count(fn.__name__))] = compile_for_sm90(fn, args, kwargs)[1].asm["sass"]
+    return sass
+
+
+@pytest.mark.parametrize("r, r_marked", [(8, 16), (24, 32)])
+@pytest.mark.parametrize("p, position", [(0.1, "pre"), (0.0, "post"), (0.1, "post")])
+def test_triton_lora_load_rank_rows_16_bytes_at_a_time(monkeypatch, r, r_marked, p, position):
+    """The Triton backend's thin kernels (the masked pieces of the native path) at r = 8 and 24 issue no
+    more 2-byte loads or stores (LDG.E.U16 / STG.E.U16, sm_90 SASS) than at the next power of two, whose r
+    and row strides triton's launch marks as multiples of 16: the rows of xa / dxa, B and out take the
+    RANK_ALIGN hint (adapter_grads.rank_alignment, NOTES.md #63). Without it, at r = 8 the pass over dY
+    (_lora_down_reduce_kernel) had 16 LDG.E.U16 ('pre' and p = 0; 8 with 'post') against 0 at r = 16, the
+    forward's _lora_up_kernel 24 against 8; at r = 24, 32 (16) and 48 against 0 and 16 at r = 32 (triton 3.9).
+    The r = 16 and 32 variants are the same with or without the change (the hint is 1 there)."""
+    marked = layer_sass(monkeypatch, r_marked, p, position)
+    sass = layer_sass(monkeypatch, r, p, position)
+    assert sass.keys() == marked.keys()
+    more = [f"{key}: {code.count(op)} {op} at r = {r} against {marked[key].count(op)} at r = {r_marked}"
+            for key, code in sass.items() for op in ("LDG.E.U16", "STG.E.U16")
+            if code.count(op) > marked[key].count(op)]
+    assert not more, more
+    # None at all but in the 'pre' backward's _lora_up_kernel, where its 16 x 16 tile of dxa (8 warps) is one
+    # element per thread at either rank.
+    loads = {key: code.count("LDG.E.U16") for key, code in sass.items()
+             if "LDG.E.U16" in code and (key != ("_lora_up_kernel", 2) or position != "pre")}
+    assert not loads, f"LDG.E.U16 at r = {r}: {loads}"
+
+
 def test_adapter_grads_rank_alignment():
     """The RANK_ALIGN hint: 8 where r and the small operands' row strides are all multiples of 8 and not all
     of 16 (the launch marks those itself); 1 otherwise, where the hint would be false. An override that does

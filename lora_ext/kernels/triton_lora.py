@@ -48,6 +48,7 @@ import triton.language as tl
 
 from .. import _C, ops
 from . import device_facts, fused_forward, replay
+from .adapter_grads import rank_alignment
 from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, load_seed_words
 
 # ---------------------------------------------------------------------------
@@ -62,6 +63,25 @@ from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, loa
 # its loads to be 16-byte vectors (and cp.async-pipelined). With C unspecialised the
 # masked pieces loaded dY / x one bf16 element per instruction (SASS, sm_90; NOTES #19).
 _SIZE_ARGS = ["M", "drop_threshold"]
+
+# RANK_ALIGN (adapter_grads.rank_alignment, from the launchers): 8 where r and the row strides of the
+# operands whose ranks are contiguous are multiples of 8 but not all of 16, else 1. Those operands: xa / dxa
+# (rows) in _lora_down_reduce_kernel and _lora_up_kernel, out (xa / dxa, or its float32 partials) in
+# _lora_down_kernel, and the panel where it is B (B's rows, Bᵀ's columns; PANEL_ALIGN, 1 for A). The kernels
+# write those strides as (stride // RANK_ALIGN) * RANK_ALIGN and the rank mask as
+# ranks // RANK_ALIGN < R // RANK_ALIGN, the same values, so that triton's analysis sees rows of 8 ranks
+# (16 bytes in 16-bit) and loads them as vectors; the results are the same bits. Triton's launch marks only
+# multiples of 16, and none of the do_not_specialize strides: at r = 8 these operands were loaded one 2-byte
+# element per instruction (LDG.E.U16, sm_90 SASS, triton 3.9, a 512 x 256 layer: 16 in
+# _lora_down_reduce_kernel against 0 at r = 16, 24 in the forward's _lora_up_kernel against 8), as in the
+# adapter-gradient kernel, whose launch that made ~2x slower at r = 8 (benchmarks/NOTES.md #63). At r = 16 the
+# hint is 1 and the kernels compile as before (the same SASS): there the do_not_specialize strides (xa's in
+# _lora_up_kernel, out's in _lora_down_kernel) stay unmarked, as they were. Not hinted: the float32 partials of
+# _lora_down_reduce_kernel (with them ptxas spilled at r = 40 and 56, r_pad = 64) and the dA store of
+# _lora_up_kernel ((r, K) rows: its row stride K, not r). With the hint a rank compiles as the multiple of 16
+# above it does, spills included: at r_pad = 256, 'post' dropout, the one pass over dY spills (28 local
+# accesses at r = 136 with the hint, 24 at r = 144 and 256; none at r = 136 without it, which had 48
+# LDG.E.U16 instead), a matter of that tile (_DOWN_PANEL_GRAD_TILES), not measured.
 
 
 @triton.jit
@@ -114,6 +134,7 @@ def _lora_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     GROUP_COLUMNS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RANK_ALIGN: tl.constexpr, PANEL_ALIGN: tl.constexpr,
 ):
     """out[m, :] = out_scale * drop(inp)[m, :] @ panel: one pass over inp (M x C) contracting it
     with panel (C x R) into M x R.
@@ -128,7 +149,14 @@ def _lora_down_kernel(
     mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
         M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
     r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
-    r_ok = r < R
+    if RANK_ALIGN > 1:  # the rank hint (RANK_ALIGN's comment above; NOTES.md #63): out's rows
+        stride_os = (stride_os // RANK_ALIGN) * RANK_ALIGN
+        stride_om = (stride_om // RANK_ALIGN) * RANK_ALIGN
+        r_ok = (r // RANK_ALIGN) < (R // RANK_ALIGN)
+    else:
+        r_ok = r < R
+    if PANEL_ALIGN > 1:  # and the panel's rows (B, the backward's)
+        stride_pc = (stride_pc // PANEL_ALIGN) * PANEL_ALIGN
     key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
     for mb in range(mb_start, mb_end):
@@ -164,6 +192,7 @@ def _lora_down_reduce_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr,
     COMPUTE_OUT: tl.constexpr, DROPOUT: tl.constexpr, GROUP_COLUMNS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RANK_ALIGN: tl.constexpr, PANEL_ALIGN: tl.constexpr,
 ):
     """One pass over inp (M x C) for its reduction over rows, and optionally its contraction:
       panel_grad[c, :] = drop(inp)[:, c]^T @ rows      (C x R; rows is M x R)
@@ -185,7 +214,13 @@ def _lora_down_reduce_kernel(
     mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
         M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
     r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
-    r_ok = r < R
+    if RANK_ALIGN > 1:  # the rank hint (RANK_ALIGN's comment above; NOTES.md #63): xa's rows
+        stride_rm = (stride_rm // RANK_ALIGN) * RANK_ALIGN
+        r_ok = (r // RANK_ALIGN) < (R // RANK_ALIGN)
+    else:
+        r_ok = r < R
+    if PANEL_ALIGN > 1:  # and the panel's rows (B)
+        stride_pc = (stride_pc // PANEL_ALIGN) * PANEL_ALIGN
     key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
     for cb in range(cb_start, cb_end):
@@ -239,6 +274,7 @@ def _lora_up_kernel(
     WRITE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_INP_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     GROUP_COLUMNS: tl.constexpr, INP_GRAD_AS_ROWS_T: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RANK_ALIGN: tl.constexpr, PANEL_ALIGN: tl.constexpr,
 ):
     """One pass over the M x C tiles of a column block for the rank-r expansion.
 
@@ -255,7 +291,13 @@ def _lora_up_kernel(
     c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
-    r_ok = r < R
+    if RANK_ALIGN > 1:  # the rank hint (RANK_ALIGN's comment above; NOTES.md #63): xa's / dxa's rows
+        stride_rm = (stride_rm // RANK_ALIGN) * RANK_ALIGN
+        r_ok = (r // RANK_ALIGN) < (R // RANK_ALIGN)
+    else:
+        r_ok = r < R
+    if PANEL_ALIGN > 1:  # and the panel's columns (Bᵀ, the forward's)
+        stride_pc = (stride_pc // PANEL_ALIGN) * PANEL_ALIGN
     if DROPOUT:
         key_lo, key_hi = load_seed_words(seed_ptr)
     if WRITE_OUT:
@@ -641,6 +683,12 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         out_strides = out_buffer.stride()
     else:
         out_buffer, out_strides = out, (0, out.stride(0), out.stride(1))
+    # The rank hint (RANK_ALIGN, above the kernels): the reduce kernel's rows (xa) or the other's out (slice and
+    # row strides), and the panel's rows where its ranks are contiguous (B; the forward's Aᵀ has contiguous columns).
+    panel_ranks_contiguous = panel.stride(1) == 1
+    rank_align = rank_alignment(r, *((rows.stride(0),) if panel_grad_wanted else out_strides[:2]),
+                                *((panel.stride(0),) if panel_ranks_contiguous else ()))
+    common.update(RANK_ALIGN=rank_align, PANEL_ALIGN=rank_align if panel_ranks_contiguous else 1)
 
     if panel_grad_wanted:
         # float32 partial per m-group, written once by its program per c-block.
@@ -765,6 +813,10 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         grad_buffer, grad_strides = None, (0, 0, 0)
 
     placeholder = rows
+    # The rank hint (RANK_ALIGN, above the kernels): the rows' row stride, and the panel's column stride where its
+    # ranks are contiguous (Bᵀ, the forward's; the backward's A has contiguous columns).
+    panel_ranks_contiguous = panel.stride(0) == 1
+    rank_align = rank_alignment(r, rows.stride(0), *((panel.stride(1),) if panel_ranks_contiguous else ()))
     replay.launch(
         _lora_up_kernel, (c_blocks, splits), rows, panel, out if write_out else placeholder, bias if bias is not None else placeholder,
         inp if inp_grad_wanted else placeholder, grad_buffer if inp_grad_wanted else placeholder,
@@ -782,6 +834,7 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
         GROUP_COLUMNS=_mask_group_columns(dropout.on, C, blocks), INP_GRAD_AS_ROWS_T=_inp_grad_as_rows_t(panel.dtype),
         **_dot_options(panel.dtype),
+        RANK_ALIGN=rank_align, PANEL_ALIGN=rank_align if panel_ranks_contiguous else 1,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     if inp_grad_wanted and splits > 1:
