@@ -16,6 +16,8 @@ Five parts, each printed as a markdown table and written as CSV rows to --out:
 5. native (not in the default set): the native 'post' backward step (csrc/cuda/masked_grad_y.cu)
    with its two load schemes side by side, at the Llama shapes (8192 tokens) and the end-to-end
    model's (4096), r = 16 and 64, with cuBLAS without a mask for scale.
+6. rank_hint (not in the default set): the three pieces and the Triton backend's 'pre' forward at r = 8 and 16,
+   with the 16-byte rank hint and without it, same run (NOTES.md #66).
 
     python benchmarks/masked_pieces.py --out OUT [--parts host floor ranks sweep native] [--time-budget S]
 """
@@ -186,6 +188,31 @@ def part_ranks(rows):
     print(common.markdown_table(["shape", "r", "what", "µs"], out))
 
 
+def part_rank_hint(rows):
+    """The masked pieces at r = 8 and 16 with the 16-byte rank hint (RANK_ALIGN, benchmarks/NOTES.md #63 and #66)
+    as launched and with it off (rank_alignment patched to 1: the variants before the hint), same run, device
+    time. At r = 16 the hint is 1 either way: the two columns there are the same variant (a control)."""
+    out = []
+    for r in (8, 16):
+        for shape, (K, N) in SHAPES.items():
+            inputs = make_inputs(8192, K, N, r)
+            x2, _, A, B, _, seed = inputs
+            W = torch.randn(N, K, device="cuda", dtype=x2.dtype) / K**0.5
+            timed = {name: fn for name, (fn, _) in pieces(*inputs).items()}
+            # The Triton backend's whole forward with 'pre' dropout (its up-projection is _lora_up_kernel).
+            timed["triton backend forward, 'pre'"] = lambda: triton_lora.linear_forward(x2, W, None, A, B, 2.0, P,
+                                                                                         "pre", seed)
+            for name, fn in timed.items():
+                on = common.gpu_us(fn)
+                off = common.gpu_us(patched(fn, rank_alignment=lambda r, *strides: 1))
+                rows.append(dict(part="rank_hint", shape=shape, r=r, name=name, us=round(on, 1),
+                                 us_without_hint=round(off, 1)))
+                out.append((shape, r, name, f"{on:.1f}", f"{off:.1f}", f"{on / off:.3f}"))
+            del inputs, x2, A, B, seed, W, timed
+            torch.cuda.empty_cache()
+    print(common.markdown_table(["shape", "r", "piece", "µs with the hint", "µs without", "ratio"], out))
+
+
 def part_native(rows):
     """The native 'post' backward step alone, its two load schemes and two grid rules side by side
     (NOTES.md #55, #56): the registers one tile ahead (default, two programs per SM at r <= 16) against
@@ -289,7 +316,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--parts", nargs="+", default=["host", "floor", "ranks", "sweep"],
-                        choices=["host", "floor", "ranks", "sweep", "native"])
+                        choices=["host", "floor", "ranks", "sweep", "native", "rank_hint"])
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds for the sweep")
     args = parser.parse_args()
     rows = []
@@ -304,6 +331,8 @@ def main():
             part_ranks(rows)
         if "native" in args.parts:
             part_native(rows)
+        if "rank_hint" in args.parts:
+            part_rank_hint(rows)
         if "sweep" in args.parts:
             part_sweep(rows, args.time_budget)
     finally:
