@@ -1,0 +1,316 @@
+"""Probe: can a warp-specialised, persistent Gluon GEMM reach cuBLAS on Hopper at k/v's dx shape?
+
+benchmarks/NOTES.md #64/#65: at k/v's input gradient (C = g W, M = 8192, K = 1024, N = 4096, bf16)
+Triton's GEMM (lora_ext/kernels/fused_forward.py: 128 x 256 x 64 tiles, 4 stages, one 8-warp
+program per SM walking row runs) takes ~112 µs against cuBLAS's ~96 (1.16x), where at q/o and
+gate/up (64 and 224 K steps per tile) it is within 1%. With only 16 K steps per tile, each tile's
+pipeline drains and its epilogue runs with no MMA or load in flight; triton's `tl.range(flatten=True)`
+made it worse (#65) and `warp_specialize=True` is not applied on Hopper (#64). What would fix it is
+a warp-specialised persistent kernel whose epilogue overlaps the next tile's main loop: that is
+what this file builds, in Gluon (`triton.experimental.gluon`, triton >= 3.6), to measure it alone.
+If it reaches cuBLAS here, a later change builds the LoRA terms into it.
+
+The kernel ("ping-pong", as CUTLASS's sm90 kernel of that name), one persistent program per SM:
+  load partition      1 warp, 40 registers: walks this program's tiles (grouped order, GROUP_M row
+                      blocks per group, for L2 reuse) and their K steps, and issues TMA loads of A's
+                      and B's tiles into a ring of STAGES shared-memory slots (ready/empty mbarriers).
+  consumer 0 / 1      one warpgroup each, 232 registers (a 128 x 128 fp32 accumulator is 128 per
+                      thread): consumer p takes this program's tiles p, p + 2, ..., so while one
+                      runs its main loop (async wgmma, one group in flight) the other runs its
+                      epilogue (accumulator -> bf16 -> shared memory -> TMA store). Consumer 0 is the
+                      default partition, consumer 1 a worker with the same code (PARITY constexpr).
+  order barriers      consumer p starts a tile's main loop only after the other consumer has
+                      received its previous tile's last K step: the two main loops alternate (the
+                      tensor cores serve one at a time, the epilogue hides under the other's), and
+                      no consumer waits on a ring slot's mbarrier more than one phase ahead of it
+                      (an mbarrier's wait only tells phase parity: two phases ahead would pass).
+B is (K x N) row-major (the input gradient's W) or, with B_TRANSPOSED, (N x K) row-major used
+transposed (the forward's x W^T: the (BN x BK) tile is fed to wgmma through a permuted view).
+
+Timed per shape, device time (CUDA graph, L2 flushed; bench_common.gpu_us): cuBLAS (torch.mm) and
+each Gluon config, with the ratio to cuBLAS; each result first checked against torch.matmul in
+float32 (relative max error < 1e-2, else marked WRONG). A config that fails to compile or launch is
+printed and skipped.
+
+    python benchmarks/gluon_gemm_probe.py [--shapes kv_dx qo_dx kv_fwd qo_fwd] [--configs pp128 pp128s5 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import torch
+import triton
+
+import bench_common as common
+
+common.ensure_repo_on_path()
+
+try:  # Gluon is experimental: triton 3.6 (the GPU machine's) and 3.9 spell a few things differently.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # 3.9 renamed the TMA copies (async_load / async_store; the old names raise there); 3.6 has only
+    # the old ones. Aliases of builtins are callable from a gluon.jit function.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    GLUON_ERROR = None
+except ImportError as exc:  # an older triton: --help still works, main() says why it cannot run
+    GLUON_ERROR = exc
+
+# (M, K, N, B transposed): C (M x N) = A (M x K) @ B
+SHAPES = {
+    "kv_dx": (8192, 1024, 4096, False),   # dx = g W at k/v: g (8192 x 1024), W (1024 x 4096)
+    "qo_dx": (8192, 4096, 4096, False),
+    "kv_fwd": (8192, 4096, 1024, True),   # y = x W^T at k/v: x (8192 x 4096), W (1024 x 4096)
+    "qo_fwd": (8192, 4096, 4096, True),
+}
+# Tiles are per consumer warpgroup. Shared memory: STAGES x (BM + BN) x BK x 2 B for the ring, plus
+# 2 x BM x BN x 2 B for the two consumers' output tiles; sm_90 allows 227 KiB (232448 B) per block.
+CONFIGS = {
+    "pp128": dict(block_m=128, block_n=128, block_k=64, stages=4),     # 128 + 64 KiB = 192 KiB
+    "pp128s5": dict(block_m=128, block_n=128, block_k=64, stages=5),   # 160 + 64 KiB = 224 KiB
+    "pp128s3": dict(block_m=128, block_n=128, block_k=64, stages=3),   # 96 + 64 KiB = 160 KiB
+    "pp64x256": dict(block_m=64, block_n=256, block_k=64, stages=4),   # 160 + 64 KiB = 224 KiB
+}
+DEFAULT_CONFIGS = ["pp128", "pp128s5", "pp64x256"]
+SMEM_LIMIT = 232448
+
+
+if GLUON_ERROR is None:
+
+    @gluon.jit
+    def _tile_coords(tile, num_pid_m, num_pid_n, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+        """(row, column) offsets of output tile `tile` in grouped order: GROUP_M row blocks walk the
+        columns together, so the programs working at one time share A's rows and B's columns in L2."""
+        in_group = GROUP_M * num_pid_n
+        first_m = (tile // in_group) * GROUP_M
+        group_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % in_group) % group_m
+        pid_n = (tile % in_group) // group_m
+        return pid_m * BM, pid_n * BN
+
+    @gluon.jit
+    def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                        GROUP_M: gl.constexpr, B_TRANSPOSED: gl.constexpr):
+        """One warp: TMA loads of every K step of this program's tiles, in order, into the ring."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_bufs.type.shape[1] if B_TRANSPOSED else b_bufs.type.shape[2]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        k_tiles = gl.cdiv(K, BK)
+        my_tiles = gl.cdiv(num_pid_m * num_pid_n - pid, nprog)
+        c = 0  # ring counter over all this program's K steps; consumers count the same way
+        for i in range(my_tiles):
+            off_m, off_n = _tile_coords(pid + i * nprog, num_pid_m, num_pid_n, BM, BN, GROUP_M)
+            for kk in range(k_tiles):
+                s = c % STAGES
+                # Slot s is free once its previous use (counter c - STAGES) was released; for the
+                # first STAGES uses parity 1 passes at once (a fresh mbarrier counts as having
+                # completed the phase before phase 0).
+                mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                _tma_load(a_desc, [off_m, kk * BK], ready.index(s), a_bufs.index(s))
+                if B_TRANSPOSED:
+                    _tma_load(b_desc, [off_n, kk * BK], ready.index(s), b_bufs.index(s))
+                else:
+                    _tma_load(b_desc, [kk * BK, off_n], ready.index(s), b_bufs.index(s))
+                c += 1
+
+    @gluon.jit
+    def _consumer_partition(c_desc, a_bufs, b_bufs, c_smem, ready, empty, order, M, N, K,
+                            GROUP_M: gl.constexpr, B_TRANSPOSED: gl.constexpr, PARITY: gl.constexpr,
+                            acc_layout: gl.constexpr):
+        """One warpgroup: the main loop and epilogue of this program's tiles PARITY, PARITY + 2, ..."""
+        BM: gl.constexpr = c_desc.block_type.shape[0]
+        BN: gl.constexpr = c_desc.block_type.shape[1]
+        BK: gl.constexpr = a_bufs.type.shape[2]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        k_tiles = gl.cdiv(K, BK)
+        my_tiles = gl.cdiv(num_pid_m * num_pid_n - pid, nprog)
+        # The accumulator is zeroed once: each tile's first wgmma runs with use_acc=False.
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
+        for i in range(PARITY, my_tiles, 2):
+            off_m, off_n = _tile_coords(pid + i * nprog, num_pid_m, num_pid_n, BM, BN, GROUP_M)
+            base = i * k_tiles  # the ring counter of this tile's first K step (the loader's order)
+            # Wait until the other consumer has received tile i - 1's last K step (its ((i-1)//2)-th
+            # signal): the main loops alternate, and every ring slot this tile waits on has had its
+            # previous phase observed already (by the other consumer, or by this one in this tile).
+            mbarrier.wait(order.index(PARITY), ((i - 1) // 2) & 1, pred=i > 0)
+            for kk in range(k_tiles):
+                c = base + kk
+                s = c % STAGES
+                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                if B_TRANSPOSED:
+                    b_view = b_bufs.index(s).permute((1, 0))  # (BN x BK) K-major -> (BK x BN)
+                else:
+                    b_view = b_bufs.index(s)
+                acc = warpgroup_mma(a_bufs.index(s), b_view, acc, use_acc=kk > 0, is_async=True)
+                # Keep one wgmma group in flight; the one before it is done, so its slot is released.
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+                mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+            # This tile's operands have all arrived: the other consumer may start its next main loop
+            # (its tile i + 1) while this one finishes the MMAs and runs the epilogue.
+            mbarrier.arrive(order.index(1 - PARITY), count=1)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index((base + k_tiles - 1) % STAGES), count=1)
+            # Epilogue: the previous TMA store out of this consumer's tile buffer (two tiles ago) has
+            # had a whole main loop to finish; wait for it only now, before overwriting the buffer.
+            tma.store_wait(0)
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()  # the generic-proxy writes above, before the TMA (async proxy) reads
+            _tma_store(c_desc, [off_m, off_n], c_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _ws_gemm_kernel(a_desc, b_desc, c_desc, M, N, K,
+                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, B_TRANSPOSED: gl.constexpr,
+                        LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        BM: gl.constexpr = c_desc.block_type.shape[0]
+        BN: gl.constexpr = c_desc.block_type.shape[1]
+        dtype: gl.constexpr = a_desc.dtype
+        # wgmma's accumulator layout for one warpgroup (4 warps along M): instruction m64nNk16.
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        # One output tile per consumer, so one's TMA store can run while the other writes its own.
+        c_smem0 = gl.allocate_shared_memory(dtype, c_desc.block_type.shape, c_desc.layout)
+        c_smem1 = gl.allocate_shared_memory(dtype, c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)  # completed by expect's arrival + the TMA bytes
+            mbarrier.init(empty.index(s), count=1)  # one arrival by the consumer that read the slot
+        for p in gl.static_range(2):
+            mbarrier.init(order.index(p), count=1)
+
+        gl.warp_specialize([
+            (_consumer_partition, (c_desc, a_bufs, b_bufs, c_smem0, ready, empty, order, M, N, K,
+                                   GROUP_M, B_TRANSPOSED, 0, acc_layout)),
+            (_consumer_partition, (c_desc, a_bufs, b_bufs, c_smem1, ready, empty, order, M, N, K,
+                                   GROUP_M, B_TRANSPOSED, 1, acc_layout)),
+            (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, B_TRANSPOSED)),
+        ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
+
+
+def smem_bytes(block_m: int, block_n: int, block_k: int, stages: int) -> int:
+    """The kernel's shared memory, as allocated (bf16 operands and output, mbarriers)."""
+    return stages * (block_m + block_n) * block_k * 2 + 2 * block_m * block_n * 2 + (2 * stages + 2) * 8
+
+
+# Registers: 12 warps (consumer 0, consumer 1, and the loader's warpgroup); 64K per SM and one block
+# per SM: 232 x 4 + 232 x 4 + 40 x 4 = 2016 = 168 x 12 per thread slot, so the kernel launches with
+# maxnreg = 168 and setmaxnreg moves the loader's surplus to the consumers (the default partition
+# gets what is left: 232).
+LAUNCH = dict(num_warps=4, maxnreg=168)
+LOAD_REGS, CONSUMER_REGS = 40, 232
+
+
+def _descriptors(a, b, c, b_transposed, block_m, block_n, block_k):
+    def desc(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+    b_block = [block_n, block_k] if b_transposed else [block_k, block_n]
+    return desc(a, [block_m, block_k]), desc(b, b_block), desc(c, [block_m, block_n])
+
+
+def gluon_matmul(a: torch.Tensor, b: torch.Tensor, b_transposed: bool, block_m: int = 128, block_n: int = 128,
+                 block_k: int = 64, stages: int = 4, group_m: int = 8, num_programs: int | None = None) -> torch.Tensor:
+    """C = a @ b (b_transposed=False: b is (K x N)) or a @ b.T (b_transposed=True: b is (N x K)), bf16
+    in and out, fp32 accumulation, by the warp-specialised persistent Gluon kernel (sm_90)."""
+    if GLUON_ERROR is not None:
+        raise RuntimeError(f"this triton ({triton.__version__}) has no usable Gluon: {GLUON_ERROR}")
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != torch.bfloat16:
+            raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+        if not t.is_cuda:
+            raise ValueError(f"{name} must be a CUDA tensor")
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}'s data must be 16-byte aligned for TMA")
+    M, K = a.shape
+    N, Kb = (b.shape if b_transposed else (b.shape[1], b.shape[0]))
+    if Kb != K:
+        raise ValueError(f"reduction sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}"
+                         f" (b_transposed={b_transposed})")
+    if M % 8 or N % 8 or K % 8:
+        # TMA needs 16-byte row strides; tails inside a tile are handled (zero fill, clipped stores).
+        raise ValueError(f"M, N and K must be multiples of 8, got M={M}, N={N}, K={K}")
+    if torch.cuda.get_device_capability(a.device)[0] != 9:
+        raise ValueError("this kernel is for Hopper (sm_90): warpgroup_mma")
+    if smem_bytes(block_m, block_n, block_k, stages) > SMEM_LIMIT:
+        raise ValueError(f"tiles {block_m}x{block_n}x{block_k} at {stages} stages need "
+                         f"{smem_bytes(block_m, block_n, block_k, stages)} B of shared memory (> {SMEM_LIMIT})")
+    if block_m * block_n > 128 * 128:
+        raise ValueError("one warpgroup's fp32 accumulator is at most 128 x 128 (128 registers per thread)")
+    c = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
+    a_desc, b_desc, c_desc = _descriptors(a, b, c, b_transposed, block_m, block_n, block_k)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    grid = (min(num_programs or sms, tiles),)
+    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, M, N, K, group_m, stages, b_transposed,
+                          LOAD_REGS, CONSUMER_REGS, **LAUNCH)
+    return c
+
+
+def probe(shape_names, config_names) -> None:
+    print(f"triton {triton.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    print(f"{'shape':8} {'config':10} {'rel err':>9} {'µs':>8} {'÷ cuBLAS':>9}")
+    for name in shape_names:
+        M, K, N, b_transposed = SHAPES[name]
+        torch.manual_seed(0)
+        a = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") if b_transposed else \
+            torch.randn(K, N, dtype=torch.bfloat16, device="cuda")
+        b_op = b.t() if b_transposed else b
+        ref = torch.matmul(a.float(), b_op.float())
+        scale = ref.abs().max().item()
+        cublas = torch.mm(a, b_op)
+        err = (cublas.float() - ref).abs().max().item() / scale
+        base = common.gpu_us(lambda: torch.mm(a, b_op))
+        print(f"{name:8} {'cuBLAS':10} {err:9.2e} {base:8.1f} {1.0:9.3f}")
+        for config in config_names:
+            tiles = CONFIGS[config]
+            try:
+                c = gluon_matmul(a, b, b_transposed, **tiles)
+                torch.cuda.synchronize()
+                err = (c.float() - ref).abs().max().item() / scale
+                mark = "" if err < 1e-2 else "  WRONG"
+                us = common.gpu_us(lambda: gluon_matmul(a, b, b_transposed, **tiles))
+                print(f"{name:8} {config:10} {err:9.2e} {us:8.1f} {us / base:9.3f}{mark}")
+            except Exception as exc:  # compile errors, OutOfResources, ...: report and go on
+                print(f"{name:8} {config:10} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                traceback.print_exc(limit=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
+                        help="; ".join(f"{k}: {v}" for k, v in CONFIGS.items()))
+    args = parser.parse_args()
+    if GLUON_ERROR is not None:
+        raise SystemExit(f"this triton ({triton.__version__}) has no usable Gluon: {GLUON_ERROR}")
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (Hopper, sm_90)")
+    probe(args.shapes, args.configs)
+
+
+if __name__ == "__main__":
+    main()
