@@ -76,6 +76,31 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 
 
 @triton.jit
+def aligned_stride(stride, ALIGN: tl.constexpr):
+    """stride, written as (stride // ALIGN) * ALIGN where ALIGN > 1: the rank hint (RANK_ALIGN, from
+    rank_alignment). The same value (the host checked that ALIGN divides it), written so that triton's
+    analysis sees the multiple: rows of 8 ranks are 16 bytes in 16-bit, loaded 16 bytes at a time. Triton's
+    launch marks only multiples of 16 (tl.multiple_of on these scalars changed nothing, triton 3.9): at r = 8
+    the adapter-gradient kernel's small tile was 64 synchronous 2-byte loads per thread and tile
+    (LDG.E.U16, sm_90 SASS), and its launch took 77.6 us at 4096 x 1024 against 40.8 with the hint (H100;
+    benchmarks/NOTES.md #63)."""
+    if ALIGN > 1:
+        stride = (stride // ALIGN) * ALIGN
+    return stride
+
+
+@triton.jit
+def rank_mask(ranks, R, RANK_ALIGN: tl.constexpr):
+    """ranks < R, written as ranks // RANK_ALIGN < R // RANK_ALIGN where RANK_ALIGN > 1 divides R (the rank
+    hint, as aligned_stride): the mask is then constant over each group of RANK_ALIGN ranks, which the
+    vector loads need."""
+    if RANK_ALIGN > 1:
+        return (ranks // RANK_ALIGN) < (R // RANK_ALIGN)
+    else:
+        return ranks < R
+
+
+@triton.jit
 def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, rank_ok, stride_small_m, stride_big_m, big_col_offsets, col_ok,
                      R_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """acc + small[rows, ranks]ᵀ big[rows, cols] for the BLOCK_M rows from m0 (the ranks given by their
@@ -101,17 +126,8 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
     big_col_offsets = cols.to(tl.int64) * stride_big_c
     col_ok = cols < C
     ranks = tl.arange(0, R_PAD)
-    if RANK_ALIGN > 1:
-        # r and the small operand's row stride are multiples of RANK_ALIGN (8: r = 8, 24, 40, 56, or a row
-        # stride that is not a multiple of 16), written so that triton's analysis sees it: rows of 16 bytes,
-        # loaded 16 bytes at a time and asynchronously with the big tiles (LDGSTS.128). Triton's launch marks
-        # only multiples of 16 (tl.multiple_of on these scalars changed nothing, triton 3.9): at r = 8 the
-        # small tile was 64 synchronous 2-byte loads per thread and tile (LDG.E.U16, sm_90 SASS), and the
-        # launch took 77.6 us at 4096 x 1024 against 40.8 with the hint (H100; benchmarks/NOTES.md #63).
-        stride_small_m = (stride_small_m // RANK_ALIGN) * RANK_ALIGN
-        rank_ok = (ranks // RANK_ALIGN) < (R // RANK_ALIGN)
-    else:
-        rank_ok = ranks < R
+    stride_small_m = aligned_stride(stride_small_m, RANK_ALIGN)
+    rank_ok = rank_mask(ranks, R, RANK_ALIGN)
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):  # software-pipelined by the launch's num_stages
         acc = _accumulate_tile(acc, small_ptr, big_ptr, m0, M, rank_ok, stride_small_m, stride_big_m,

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from .. import _C, ops
 from . import device_facts, fused_forward, replay
-from .adapter_grads import rank_alignment
+from .adapter_grads import aligned_stride, rank_alignment, rank_mask
 from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, load_seed_words
 
 # ---------------------------------------------------------------------------
@@ -149,14 +149,11 @@ def _lora_down_kernel(
     mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
         M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
     r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
-    if RANK_ALIGN > 1:  # the rank hint (RANK_ALIGN's comment above; NOTES.md #63): out's rows
-        stride_os = (stride_os // RANK_ALIGN) * RANK_ALIGN
-        stride_om = (stride_om // RANK_ALIGN) * RANK_ALIGN
-        r_ok = (r // RANK_ALIGN) < (R // RANK_ALIGN)
-    else:
-        r_ok = r < R
-    if PANEL_ALIGN > 1:  # and the panel's rows (B, the backward's)
-        stride_pc = (stride_pc // PANEL_ALIGN) * PANEL_ALIGN
+    # The rank hint (RANK_ALIGN's comment above; NOTES.md #63): out's rows, and the panel's rows (B, the backward's).
+    stride_os = aligned_stride(stride_os, RANK_ALIGN)
+    stride_om = aligned_stride(stride_om, RANK_ALIGN)
+    r_ok = rank_mask(r, R, RANK_ALIGN)
+    stride_pc = aligned_stride(stride_pc, PANEL_ALIGN)
     key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
     for mb in range(mb_start, mb_end):
@@ -214,13 +211,10 @@ def _lora_down_reduce_kernel(
     mb_start, mb_end, cb_start, cb_end, m_first, c_first = _program_blocks(
         M, C, blocks_m_per_group, blocks_c_per_group, BLOCK_M, BLOCK_C)
     r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
-    if RANK_ALIGN > 1:  # the rank hint (RANK_ALIGN's comment above; NOTES.md #63): xa's rows
-        stride_rm = (stride_rm // RANK_ALIGN) * RANK_ALIGN
-        r_ok = (r // RANK_ALIGN) < (R // RANK_ALIGN)
-    else:
-        r_ok = r < R
-    if PANEL_ALIGN > 1:  # and the panel's rows (B)
-        stride_pc = (stride_pc // PANEL_ALIGN) * PANEL_ALIGN
+    # The rank hint (RANK_ALIGN's comment above; NOTES.md #63): xa's rows, and the panel's rows (B).
+    stride_rm = aligned_stride(stride_rm, RANK_ALIGN)
+    r_ok = rank_mask(r, R, RANK_ALIGN)
+    stride_pc = aligned_stride(stride_pc, PANEL_ALIGN)
     key_lo, key_hi = _dropout_key(seed_ptr, DROPOUT)
 
     for cb in range(cb_start, cb_end):
@@ -291,13 +285,11 @@ def _lora_up_kernel(
     c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     r = tl.arange(0, R_PAD).to(tl.int64)  # 64-bit: r * stride passes 2^31 for a strided adapter or xa
-    if RANK_ALIGN > 1:  # the rank hint (RANK_ALIGN's comment above; NOTES.md #63): xa's / dxa's rows
-        stride_rm = (stride_rm // RANK_ALIGN) * RANK_ALIGN
-        r_ok = (r // RANK_ALIGN) < (R // RANK_ALIGN)
-    else:
-        r_ok = r < R
-    if PANEL_ALIGN > 1:  # and the panel's columns (Bᵀ, the forward's)
-        stride_pc = (stride_pc // PANEL_ALIGN) * PANEL_ALIGN
+    # The rank hint (RANK_ALIGN's comment above; NOTES.md #63): xa's / dxa's rows, and the panel's columns (Bᵀ, the
+    # forward's).
+    stride_rm = aligned_stride(stride_rm, RANK_ALIGN)
+    r_ok = rank_mask(r, R, RANK_ALIGN)
+    stride_pc = aligned_stride(stride_pc, PANEL_ALIGN)
     if DROPOUT:
         key_lo, key_hi = load_seed_words(seed_ptr)
     if WRITE_OUT:
