@@ -33,6 +33,15 @@ float32 (relative max error < 1e-2, else marked WRONG). A config that fails to c
 printed and skipped.
 
     python benchmarks/gluon_gemm_probe.py [--shapes kv_dx qo_dx kv_fwd qo_fwd] [--configs pp128 pp128s5 ...]
+
+First run (H100 80GB HBM3, triton 3.6.0, torch 2.11.0+cu130; one run, device time, µs and ÷ cuBLAS):
+  kv_dx   cuBLAS 96.6   pp128 101.5 (1.050)  pp128s5 105.6 (1.092)  pp128s3 120.5 (1.247)  pp64x256 105.2 (1.088)
+  qo_dx   cuBLAS 371.6  pp128 402.5 (1.083)  pp128s5 394.9 (1.063)  pp128s3 506.0 (1.362)  pp64x256 419.3 (1.128)
+  kv_fwd  cuBLAS 86.8   pp128 103.8 (1.196)  pp128s5  98.7 (1.138)  pp128s3 131.2 (1.512)  pp64x256 101.6 (1.171)
+  qo_fwd  cuBLAS 373.2  pp128 406.0 (1.088)  pp128s5 397.1 (1.064)  pp128s3 511.4 (1.370)  pp64x256 436.1 (1.169)
+every result within cuBLAS's own error against float32 (2.6e-3 .. 2.8e-3). So at k/v dx the ping-pong
+kernel beats Triton's GEMM (112 µs, NOTES #64) but does not reach cuBLAS; at q/o it is behind
+Triton's (1.01-1.03 there): the 128 x 128 tiles' main loop is slower per FLOP than 128 x 256.
 """
 from __future__ import annotations
 
