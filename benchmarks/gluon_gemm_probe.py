@@ -27,8 +27,8 @@ The kernel ("ping-pong", as CUTLASS's sm90 kernel of that name), one persistent 
 B is (K x N) row-major (the input gradient's W) or, with B_TRANSPOSED, (N x K) row-major used
 transposed (the forward's x W^T: the (BN x BK) tile is fed to wgmma through a permuted view).
 
-Timed per shape, device time (CUDA graph, L2 flushed; bench_common.gpu_us): cuBLAS (torch.mm) and
-each Gluon config, with the ratio to cuBLAS; each result first checked against torch.matmul in
+Timed per shape, device time (CUDA graph, L2 flushed; bench_common.gpu_us): cuBLAS (torch.mm), the
+library's Triton GEMM alone (fused_forward without its LoRA term, where lora_ext is built) and each Gluon config, with the ratio to cuBLAS; each result first checked against torch.matmul in
 float32 (relative max error < 1e-2, else marked WRONG). A config that fails to compile or launch is
 printed and skipped.
 
@@ -278,7 +278,29 @@ def gluon_matmul(a: torch.Tensor, b: torch.Tensor, b_transposed: bool, block_m: 
     return c
 
 
+def library_triton_gemm():
+    """The library's fused Triton GEMM without its LoRA term (fused_forward's has_lora=False: the input
+    gradient's form for B row-major, the forward's for B transposed), or None where lora_ext is not built."""
+    try:
+        from lora_ext.kernels import fused_forward
+    except Exception as exc:  # noqa: BLE001 - an unbuilt checkout: the row is left out
+        print(f"(no Triton row: lora_ext does not import: {type(exc).__name__})")
+        return None
+
+    def run(a, b, b_transposed):
+        # b is the layer's weight either way: (N x K) for the forward's a b^T, (N_layer x K_layer) for dx = g W.
+        # Rank-16 adapters of its shape, unused without the LoRA term but part of the launch's arguments.
+        A = torch.zeros(16, b.shape[1], dtype=a.dtype, device=a.device)
+        B = torch.zeros(b.shape[0], 16, dtype=a.dtype, device=a.device)
+        if b_transposed:
+            return fused_forward.linear_forward(a, b, None, A, B, 1.0, has_lora=False)[0]
+        return fused_forward.grad_input(a, b, A, B, 1.0, has_lora=False)[0]
+
+    return run
+
+
 def probe(shape_names, config_names) -> None:
+    triton_gemm = library_triton_gemm()
     print(f"triton {triton.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
     print(f"{'shape':8} {'config':10} {'rel err':>9} {'µs':>8} {'÷ cuBLAS':>9}")
     for name in shape_names:
@@ -294,6 +316,14 @@ def probe(shape_names, config_names) -> None:
         err = (cublas.float() - ref).abs().max().item() / scale
         base = common.gpu_us(lambda: torch.mm(a, b_op))
         print(f"{name:8} {'cuBLAS':10} {err:9.2e} {base:8.1f} {1.0:9.3f}")
+        if triton_gemm is not None:  # the library's Triton GEMM alone (no LoRA term), its own tiles, same run
+            try:
+                c = triton_gemm(a, b, b_transposed)
+                err = (c.float() - ref).abs().max().item() / scale
+                us = common.gpu_us(lambda: triton_gemm(a, b, b_transposed))
+                print(f"{name:8} {'triton':10} {err:9.2e} {us:8.1f} {us / base:9.3f}{'' if err < 1e-2 else '  WRONG'}")
+            except Exception as exc:  # report and go on
+                print(f"{name:8} {'triton':10} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
         for config in config_names:
             tiles = CONFIGS[config]
             try:

@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, dxda, decode, switches, ab, exitprobe, train;
+#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, dxda, gluon, decode, switches, ab, exitprobe, train;
 #   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
@@ -15,6 +15,7 @@
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep; PIECES_PARTS picks).
 #   ncu: Nsight Compute on one launch of the native 'post' backward step (scripts/ncu_piece.py; NCU_* pick it).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
+#   gluon: benchmarks/gluon_gemm_probe.py (a warp-specialised Gluon GEMM, NOTES.md #67; GLUON_ARGS passes arguments).
 #   dxda: benchmarks/dx_grad_a_probe.py (dA inside the input-gradient GEMM, NOTES.md #64; DXDA_ARGS passes arguments).
 #   decode: benchmarks/decode_probe.py --ranks 16 64 (the few-token routes: fused Triton GEMM, kernel, off).
 #   switches: the native path's off-by-default kernels against what runs by default, same run
@@ -118,6 +119,11 @@ fi
 if has dxda; then
   # benchmarks/dx_grad_a_probe.py: dA inside the input-gradient GEMM (NOTES.md #64); DXDA_ARGS passes arguments.
   python3 benchmarks/dx_grad_a_probe.py ${DXDA_ARGS:-} 2>&1 | tee "$OUT/dx_grad_a.log" | tail -40
+fi
+if has gluon; then
+  # benchmarks/gluon_gemm_probe.py: a warp-specialised Gluon GEMM against cuBLAS and the library's Triton GEMM
+  # (NOTES.md #67); GLUON_ARGS passes arguments.
+  python3 benchmarks/gluon_gemm_probe.py ${GLUON_ARGS:-} 2>&1 | tee "$OUT/gluon_gemm.log" | tail -40
 fi
 if has decode; then
   python3 benchmarks/decode_probe.py --ranks 16 64 2>&1 | tee "$OUT/decode.log" | tail -60

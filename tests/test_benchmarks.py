@@ -208,7 +208,7 @@ def test_floor_tables_count_the_base_gemm():
     assert cells[7].startswith(f"{2 * 8192 * 16 * (4096 + 4096) / 1e9:.2f} G"), cells  # 2.15 G
 
 
-GPU_ONLY_SCRIPTS = ["decode_probe.py", "fused_forward_probe.py", "dx_grad_a_probe.py", "masked_pieces.py", "compose_ab.py", "fsdp_gpu.py",
+GPU_ONLY_SCRIPTS = ["decode_probe.py", "fused_forward_probe.py", "dx_grad_a_probe.py", "gluon_gemm_probe.py", "masked_pieces.py", "compose_ab.py", "fsdp_gpu.py",
                     "bench_cpu.py"]
 
 
