@@ -749,7 +749,7 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     products in float16; row counts that are not multiples of the tile, K and N that are not
     multiples of the column block, r padded to the MMA's 16, x and g as strided views (the
     kernel reads any strides), grad_xa and xa as column slices of wider tensors (row strides r + 8 and
-    r + 3: the kernel's 16-byte rank hint, adapter_grads.rank_alignment, taken at r = 8, 16 and 24 with
+    r + 3: the kernel's 16-byte rank hint, rank_hint.rank_alignment, taken at r = 8, 16 and 24 with
     the first and not with the second; the columns past r are never read). Twice gives the same bits
     (each output has one summation order), and dA alone (grad_A_only) and dB alone (grad_B_only) the same bits as together."""
     from lora_ext.kernels import adapter_grads
@@ -840,51 +840,64 @@ def test_thin_kernels_address_rank_strides_past_2_31_elements(strided):
     assert_within_bound(grad_B, scale * gd.t() @ xa.double(), scale * (gy.t() @ xa), torch.float16, "dB")
 
 
+# Extra columns (NaN) past r of B's rows and of xa's / dxa's rows: 8 keeps the rows 16-byte aligned at r = 8
+# and 24 (the hint is taken), 3 does not (that operand's hint is 1). Each operand apart, so that a launcher that
+# left one of them out of its hint would read wrong rows in one of these layouts.
+RANK_STRIDED_LAYOUTS = {"rank_strided": (8, 8), "rank_strided_odd": (3, 3), "B_odd": (3, 8), "rows_odd": (8, 3)}
+
+
 @pytest.mark.parametrize("r", [8, 24])
-@pytest.mark.parametrize("layout", ["rank_strided", "rank_strided_odd"])
+@pytest.mark.parametrize("layout", list(RANK_STRIDED_LAYOUTS))
 @pytest.mark.parametrize("p, position", [(0.0, "post"), (0.3, "pre"), (0.3, "post")])
 def test_thin_kernels_read_rank_strided_operands(monkeypatch, r, layout, p, position):
     """The Triton backend's thin kernels and the native path's masked pieces at r = 8 and 24, where they take
-    the 16-byte rank hint (RANK_ALIGN, adapter_grads.rank_alignment; NOTES.md #63): lora_B, xa and dxa as
-    column slices of wider tensors whose columns past r hold NaN (row strides r + 8: the hint taken, at r = 8
-    with B's rows 16 apart; r + 3: not taken) give the same bits as contiguous ones, and the launches without
-    the hint (rank_alignment patched to 1) the same bits as with it. A padding column read would put NaN in
-    every output. Contiguous, the outputs are within the float64 bound (run_case)."""
+    the 16-byte rank hints (RANK_ALIGN and PANEL_ALIGN, rank_hint.rank_alignment; NOTES.md #63, #66): lora_B,
+    xa and dxa as column slices of wider tensors whose columns past r hold NaN (RANK_STRIDED_LAYOUTS) give the
+    same bits as contiguous ones; a padding column read would put NaN in the outputs, a row read at a wrong
+    stride other numbers. The masked pieces run both ways: dxa with dB (the one pass over dY,
+    _lora_down_reduce_kernel) and without (_lora_down_kernel, B the panel). Contiguous, the outputs are within
+    the float64 bound (run_case), and the contiguous launches took the hint (rank_alignment answered 8 every
+    time). Under the interpreter the arithmetic is the same with or without the hint, so the bits of a
+    launch without it (rank_alignment patched to 1) equal these by construction: that comparison only shows
+    that the patch reaches every launch; the GPU's compiled variants are tested on the GPU (test_cuda.py)."""
     M, K, N = 37, 40, 44
     inputs = make_inputs((M,), K, N, r, torch.float16, seed=r)
     run_case(inputs, p, position, seed_value=77)
     x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
     seed = seed_tensor(77) if p > 0 else None
     grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(torch.float16)
-    extra = 8 if layout == "rank_strided" else 3
+    extra_B, extra_rows = RANK_STRIDED_LAYOUTS[layout]
 
-    def rank_strided(t):
+    def rank_strided(t, extra):
         wide = torch.full((t.shape[0], r + extra), float("nan"), dtype=t.dtype)
         wide[:, :r] = t
         return wide[:, :r]
 
-    def outputs(B, strided):
+    def outputs(strided):
         """y, xa and the five gradients (the backward given xa, or its rank-strided copy), then with dropout
-        the masked pieces: (dxa, dB) over dY given B and xa, (dx, dA) over x given dxa (or their copies)."""
-        y, xa = triton_lora.linear_forward(x, w, b, A, B, SCALE, p, position, seed)
-        xa_in = rank_strided(xa) if strided else xa
-        grads = triton_lora.linear_backward(grad_y, x, w, A, B, xa_in, SCALE, p, position, seed, [True] * 5)
+        the masked pieces: (dxa, dB) and dxa alone over dY given B and xa, (dx, dA) over x given dxa (or their
+        copies)."""
+        B_in = rank_strided(B, extra_B) if strided else B
+        y, xa = triton_lora.linear_forward(x, w, b, A, B_in, SCALE, p, position, seed)
+        xa_in = rank_strided(xa, extra_rows) if strided else xa
+        grads = triton_lora.linear_backward(grad_y, x, w, A, B_in, xa_in, SCALE, p, position, seed, [True] * 5)
         pieces = ()
         if p > 0:
-            grad_xa, grad_B = triton_lora.masked_grad_y(grad_y, B, xa_in, SCALE, seed, p, True, True)
-            grad_x, grad_A = triton_lora.masked_up(rank_strided(grad_xa) if strided else grad_xa, A, x, seed, p,
-                                                  True, True)
-            pieces = (grad_xa, grad_B, grad_x, grad_A)
+            grad_xa, grad_B = triton_lora.masked_grad_y(grad_y, B_in, xa_in, SCALE, seed, p, True, True)
+            grad_xa_alone, _ = triton_lora.masked_grad_y(grad_y, B_in, xa_in, SCALE, seed, p, True, False)
+            grad_x, grad_A = triton_lora.masked_up(rank_strided(grad_xa, extra_rows) if strided else grad_xa, A,
+                                                  x, seed, p, True, True)
+            pieces = (grad_xa, grad_B, grad_xa_alone, grad_x, grad_A)
         return (y, xa, *grads, *pieces)
 
-    contiguous = outputs(B, strided=False)
-    strided = outputs(rank_strided(B), strided=True)
+    contiguous = outputs(strided=False)
+    strided = outputs(strided=True)
     assert all(not t.isnan().any() for t in strided)
     assert all(torch.equal(a, c) for a, c in zip(strided, contiguous))
     hints = []
     rank_alignment = triton_lora.rank_alignment
     monkeypatch.setattr(triton_lora, "rank_alignment", lambda *a: hints.append(rank_alignment(*a)) or 1)
-    assert all(torch.equal(a, c) for a, c in zip(outputs(B, strided=False), contiguous))
+    assert all(torch.equal(a, c) for a, c in zip(outputs(strided=False), contiguous))
     assert hints and set(hints) == {8}  # the contiguous operands took the hint
 
 

@@ -376,11 +376,11 @@ def test_adapter_grads_load_the_small_operand_16_bytes_at_a_time(monkeypatch, r,
     assert "LDGSTS.E.BYPASS.128" in sass
 
 
-def layer_sass(monkeypatch, r, p, position):
+def layer_sass(r, p, position):
     """{(kernel, its n-th launch): sm_90 SASS} of the triton_lora kernels one forward and backward of a
     512 x 256 layer launches (512 tokens, bfloat16, no bias; the sums of partials left out)."""
-    launches = record(monkeypatch, [((512, 512, 256, r, torch.bfloat16, None, False, True), p, position, [ALL])])
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patches:  # its own: undone here, the caller's patches untouched
+        launches = record(patches, [((512, 512, 256, r, torch.bfloat16, None, False, True), p, position, [ALL])])
     sass, seen = {}, []
     for fn, args, kwargs in launches:
         if fn is not triton_lora._sum_partials_kernel:
@@ -391,16 +391,16 @@ def layer_sass(monkeypatch, r, p, position):
 
 @pytest.mark.parametrize("r, r_marked", [(8, 16), (24, 32)])
 @pytest.mark.parametrize("p, position", [(0.1, "pre"), (0.0, "post"), (0.1, "post")])
-def test_triton_lora_load_rank_rows_16_bytes_at_a_time(monkeypatch, r, r_marked, p, position):
+def test_triton_lora_load_rank_rows_16_bytes_at_a_time(r, r_marked, p, position):
     """The Triton backend's thin kernels (the masked pieces of the native path) at r = 8 and 24 issue no
     more 2-byte loads or stores (LDG.E.U16 / STG.E.U16, sm_90 SASS) than at the next power of two, whose r
     and row strides triton's launch marks as multiples of 16: the rows of xa / dxa, B and out take the
-    RANK_ALIGN hint (adapter_grads.rank_alignment, NOTES.md #63). Without it, at r = 8 the pass over dY
+    RANK_ALIGN / PANEL_ALIGN hints (rank_hint.rank_alignment, NOTES.md #63, #66). Without it, at r = 8 the pass over dY
     (_lora_down_reduce_kernel) had 16 LDG.E.U16 ('pre' and p = 0; 8 with 'post') against 0 at r = 16, the
     forward's _lora_up_kernel 24 against 8; at r = 24, 32 (16) and 48 against 0 and 16 at r = 32 (triton 3.9).
     The r = 16 and 32 variants are the same with or without the change (the hint is 1 there)."""
-    marked = layer_sass(monkeypatch, r_marked, p, position)
-    sass = layer_sass(monkeypatch, r, p, position)
+    marked = layer_sass(r_marked, p, position)
+    sass = layer_sass(r, p, position)
     assert sass.keys() == marked.keys()
     more = [f"{key}: {code.count(op)} {op} at r = {r} against {marked[key].count(op)} at r = {r_marked}"
             for key, code in sass.items() for op in ("LDG.E.U16", "STG.E.U16")
@@ -411,6 +411,11 @@ def test_triton_lora_load_rank_rows_16_bytes_at_a_time(monkeypatch, r, r_marked,
     loads = {key: code.count("LDG.E.U16") for key, code in sass.items()
              if "LDG.E.U16" in code and (key != ("_lora_up_kernel", 2) or position != "pre")}
     assert not loads, f"LDG.E.U16 at r = {r}: {loads}"
+    # Nor 2-byte stores of xa in the forward's _lora_down_kernel (out's rows: 2 / 8 / 8 STG.E.U16 without the
+    # hint at r = 8, as many as at r = 16, so the comparison above would not see them).
+    stores = {key: code.count("STG.E.U16") for key, code in sass.items()
+              if key[0] == "_lora_down_kernel" and "STG.E.U16" in code}
+    assert not stores, f"STG.E.U16 at r = {r}: {stores}"
 
 
 def test_adapter_grads_rank_alignment():

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import device_facts, replay
+from .rank_hint import aligned_stride, rank_alignment, rank_mask  # noqa: F401  (rank_alignment: the tests' name)
 
 # Tiles (benchmarks/NOTES.md #40; the H200's sweep of 12-05 05:10, M = 8192, r = 16, device time).
 # Each program streams BLOCK_M x BLOCK_C tiles of its big operand with a few in flight; the kernel is
@@ -73,31 +74,6 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
     the interpreter tests take the rule's GPU choices."""
     return (device_facts.sm_count(device, on_cpu=H200_SMS),
             device_facts.shared_bytes_per_block(device, on_cpu=HOPPER_SHARED_BYTES))
-
-
-@triton.jit
-def aligned_stride(stride, ALIGN: tl.constexpr):
-    """stride, written as (stride // ALIGN) * ALIGN where ALIGN > 1: the rank hint (RANK_ALIGN, from
-    rank_alignment). The same value (the host checked that ALIGN divides it), written so that triton's
-    analysis sees the multiple: rows of 8 ranks are 16 bytes in 16-bit, loaded 16 bytes at a time. Triton's
-    launch marks only multiples of 16 (tl.multiple_of on these scalars changed nothing, triton 3.9): at r = 8
-    the adapter-gradient kernel's small tile was 64 synchronous 2-byte loads per thread and tile
-    (LDG.E.U16, sm_90 SASS), and its launch took 77.6 us at 4096 x 1024 against 40.8 with the hint (H100;
-    benchmarks/NOTES.md #63)."""
-    if ALIGN > 1:
-        stride = (stride // ALIGN) * ALIGN
-    return stride
-
-
-@triton.jit
-def rank_mask(ranks, R, RANK_ALIGN: tl.constexpr):
-    """ranks < R, written as ranks // RANK_ALIGN < R // RANK_ALIGN where RANK_ALIGN > 1 divides R (the rank
-    hint, as aligned_stride): the mask is then constant over each group of RANK_ALIGN ranks, which the
-    vector loads need."""
-    if RANK_ALIGN > 1:
-        return (ranks // RANK_ALIGN) < (R // RANK_ALIGN)
-    else:
-        return ranks < R
 
 
 @triton.jit
@@ -188,15 +164,6 @@ def grad_B_only(xa: torch.Tensor, g2: torch.Tensor, scale_B: float, **config) ->
     grad_xa's place and g2 in x2's). The native backward runs dA and dB apart where that keeps its extra
     memory within budget (csrc/lora_aten.cpp, split_adapter_grads_for_memory): grad_xa is freed between."""
     return _launch(xa, g2, xa, g2, 0.0, scale_B, False, True, config)[1]
-
-
-def rank_alignment(r: int, *row_strides: int) -> int:
-    """8 where r and the row strides of the (M, r) operands are all multiples of 8 but not all of 16
-    (triton's launch marks multiples of 16 itself), else 1: the RANK_ALIGN hint of the kernels (here and
-    in triton_lora.py). Row strides, not tensors: triton_lora's launchers also pass Bᵀ's column stride and
-    the slice stride of a float32 partial buffer, which would take a view per call (host time)."""
-    sizes = (r, *row_strides)
-    return 8 if all(n % 8 == 0 for n in sizes) and not all(n % 16 == 0 for n in sizes) else 1
 
 
 def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from .. import _C, ops
 from . import device_facts, fused_forward, replay
-from .adapter_grads import aligned_stride, rank_alignment, rank_mask
+from .rank_hint import aligned_stride, rank_alignment, rank_mask
 from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, load_seed_words
 
 # ---------------------------------------------------------------------------
@@ -64,24 +64,31 @@ from .philox import dropout_keep_mask, dropout_keep_tile, dropout_threshold, loa
 # masked pieces loaded dY / x one bf16 element per instruction (SASS, sm_90; NOTES #19).
 _SIZE_ARGS = ["M", "drop_threshold"]
 
-# RANK_ALIGN (adapter_grads.rank_alignment, from the launchers): 8 where r and the row strides of the
-# operands whose ranks are contiguous are multiples of 8 but not all of 16, else 1. Those operands: xa / dxa
-# (rows) in _lora_down_reduce_kernel and _lora_up_kernel, out (xa / dxa, or its float32 partials) in
-# _lora_down_kernel, and the panel where it is B (B's rows, Bᵀ's columns; PANEL_ALIGN, 1 for A). The kernels
-# write those strides as (stride // RANK_ALIGN) * RANK_ALIGN and the rank mask as
-# ranks // RANK_ALIGN < R // RANK_ALIGN, the same values, so that triton's analysis sees rows of 8 ranks
-# (16 bytes in 16-bit) and loads them as vectors; the results are the same bits. Triton's launch marks only
-# multiples of 16, and none of the do_not_specialize strides: at r = 8 these operands were loaded one 2-byte
-# element per instruction (LDG.E.U16, sm_90 SASS, triton 3.9, a 512 x 256 layer: 16 in
-# _lora_down_reduce_kernel against 0 at r = 16, 24 in the forward's _lora_up_kernel against 8), as in the
-# adapter-gradient kernel, whose launch that made ~2x slower at r = 8 (benchmarks/NOTES.md #63). At r = 16 the
-# hint is 1 and the kernels compile as before (the same SASS): there the do_not_specialize strides (xa's in
-# _lora_up_kernel, out's in _lora_down_kernel) stay unmarked, as they were. Not hinted: the float32 partials of
-# _lora_down_reduce_kernel (with them ptxas spilled at r = 40 and 56, r_pad = 64) and the dA store of
-# _lora_up_kernel ((r, K) rows: its row stride K, not r). With the hint a rank compiles as the multiple of 16
-# above it does, spills included: at r_pad = 256, 'post' dropout, the one pass over dY spills (28 local
-# accesses at r = 136 with the hint, 24 at r = 144 and 256; none at r = 136 without it, which had 48
-# LDG.E.U16 instead), a matter of that tile (_DOWN_PANEL_GRAD_TILES), not measured.
+# RANK_ALIGN and PANEL_ALIGN (rank_hint.py, from the launchers' _rank_hints): 8 where r and the row strides of
+# the operands whose ranks are contiguous are multiples of 8 but not all of 16, else 1. RANK_ALIGN covers xa /
+# dxa (rows) in _lora_down_reduce_kernel and _lora_up_kernel and out (xa / dxa, or its float32 partials) in
+# _lora_down_kernel, and sets the rank mask; PANEL_ALIGN the panel where it is B (B's rows, Bᵀ's columns; 1 for
+# A). Triton's launch marks only multiples of 16, and none of the do_not_specialize strides: at r = 8 these
+# operands were loaded one 2-byte element per instruction (sm_90 SASS, the counts in benchmarks/NOTES.md #66), as
+# in the adapter-gradient kernel, whose launch that made ~2x slower at r = 8 (NOTES.md #63); with the hint the
+# 'post' backward's pass over dY measured 3-6% faster at r = 8 (#66). At r = 16 the hints are 1 and the kernels
+# compile as before. Not hinted: the float32 partials of _lora_down_reduce_kernel (with them ptxas spilled at
+# r = 40 and 56) and the dA store of _lora_up_kernel ((r, K) rows: its row stride K, not r); nor ranks past
+# _RANK_HINT_MAX_RANK (see there).
+_RANK_HINT_MAX_RANK = 128
+
+
+def _rank_hints(r: int, row_strides, panel: torch.Tensor, panel_ranks_dim: int) -> tuple[int, int]:
+    """(RANK_ALIGN, PANEL_ALIGN) of a launch: the first from r and the row strides of the (M, r) operands, the
+    second from the panel's stride across its ranks where they are contiguous (stride 1 along panel_ranks_dim:
+    B's rows, Bᵀ's columns), else 1. Each hint holds for exactly the strides its kernel rewrites. Past
+    _RANK_HINT_MAX_RANK both are 1: at r_pad = 256 with 'post' dropout the hinted pass over dY compiled with
+    register spills (28 local accesses at r = 136, none without the hint; sm_90, triton 3.9), not measured."""
+    if r > _RANK_HINT_MAX_RANK:
+        return 1, 1
+    ranks_contiguous = panel.stride(panel_ranks_dim) == 1
+    panel_align = rank_alignment(r, panel.stride(1 - panel_ranks_dim)) if ranks_contiguous else 1
+    return rank_alignment(r, *row_strides), panel_align
 
 
 @triton.jit
@@ -675,12 +682,10 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
         out_strides = out_buffer.stride()
     else:
         out_buffer, out_strides = out, (0, out.stride(0), out.stride(1))
-    # The rank hint (RANK_ALIGN, above the kernels): the reduce kernel's rows (xa) or the other's out (slice and
-    # row strides), and the panel's rows where its ranks are contiguous (B; the forward's Aᵀ has contiguous columns).
-    panel_ranks_contiguous = panel.stride(1) == 1
-    rank_align = rank_alignment(r, *((rows.stride(0),) if panel_grad_wanted else out_strides[:2]),
-                                *((panel.stride(0),) if panel_ranks_contiguous else ()))
-    common.update(RANK_ALIGN=rank_align, PANEL_ALIGN=rank_align if panel_ranks_contiguous else 1)
+    # The rank hints (above the kernels): the reduce kernel's rows (xa) or the other's out (slice and row strides);
+    # the panel (C, r): B in the backward, ranks contiguous; Aᵀ in the forward, not.
+    rank_align, panel_align = _rank_hints(r, (rows.stride(0),) if panel_grad_wanted else out_strides[:2], panel, 1)
+    common.update(RANK_ALIGN=rank_align, PANEL_ALIGN=panel_align)
 
     if panel_grad_wanted:
         # float32 partial per m-group, written once by its program per c-block.
@@ -805,10 +810,9 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         grad_buffer, grad_strides = None, (0, 0, 0)
 
     placeholder = rows
-    # The rank hint (RANK_ALIGN, above the kernels): the rows' row stride, and the panel's column stride where its
-    # ranks are contiguous (Bᵀ, the forward's; the backward's A has contiguous columns).
-    panel_ranks_contiguous = panel.stride(0) == 1
-    rank_align = rank_alignment(r, rows.stride(0), *((panel.stride(1),) if panel_ranks_contiguous else ()))
+    # The rank hints (above the kernels): the rows' row stride; the panel (r, C): Bᵀ in the forward, ranks
+    # contiguous; A in the backward, not.
+    rank_align, panel_align = _rank_hints(r, (rows.stride(0),), panel, 0)
     replay.launch(
         _lora_up_kernel, (c_blocks, splits), rows, panel, out if write_out else placeholder, bias if bias is not None else placeholder,
         inp if inp_grad_wanted else placeholder, grad_buffer if inp_grad_wanted else placeholder,
@@ -826,7 +830,7 @@ def _lora_up(rows, panel, dropout: _Dropout, out=None, out_scale=1.0, bias=None,
         WRITE_OUT=write_out, HAS_BIAS=bias is not None, COMPUTE_INP_GRAD=inp_grad_wanted, DROPOUT=dropout.on,
         GROUP_COLUMNS=_mask_group_columns(dropout.on, C, blocks), INP_GRAD_AS_ROWS_T=_inp_grad_as_rows_t(panel.dtype),
         **_dot_options(panel.dtype),
-        RANK_ALIGN=rank_align, PANEL_ALIGN=rank_align if panel_ranks_contiguous else 1,
+        RANK_ALIGN=rank_align, PANEL_ALIGN=panel_align,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     if inp_grad_wanted and splits > 1:
