@@ -38,6 +38,7 @@ import bench_common as common
 
 common.ensure_repo_on_path()
 from lora_ext.kernels import adapter_grads, device_facts, fused_forward  # noqa: E402
+from lora_ext.kernels.rank_hint import aligned_stride, rank_alignment, rank_mask  # noqa: E402
 
 TensorDescriptor = fused_forward.TensorDescriptor
 SHAPES = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
@@ -63,7 +64,7 @@ def _dx_grad_a_kernel(g_desc, w_desc, a_desc, x_desc, dx_desc, grad_xa_ptr, part
                       M, N, K, R, stride_grad_xa, rows_per_run, runs_per_col,
                       R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EPILOGUE_CHUNKS: tl.constexpr, WITH_DA: tl.constexpr, FLATTEN: tl.constexpr,
-                      WARP_SPECIALIZE: tl.constexpr):
+                      WARP_SPECIALIZE: tl.constexpr, RANK_ALIGN: tl.constexpr):
     # dx (M, K) = g (M, N) W (N, K) + grad_xa (M, r) A (r, K). Program = (column block of dx, run of row
     # blocks); adjacent programs share the column block, so W's (N, BLOCK_N) slab is read once into L2.
     CHUNK: tl.constexpr = BLOCK_N // EPILOGUE_CHUNKS
@@ -86,8 +87,10 @@ def _dx_grad_a_kernel(g_desc, w_desc, a_desc, x_desc, dx_desc, grad_xa_ptr, part
         for kt in range(n_steps):
             acc = tl.dot(g_desc.load([off_m, kt * BLOCK_K]), w_desc.load([kt * BLOCK_K, off_k]), acc)
         rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
-        grad_xa = tl.load(grad_xa_ptr + rows[:, None] * stride_grad_xa + ranks[None, :],
-                          mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        # The rank hint (rank_hint.py): at r = 8 a 16-byte load per row, not eight 2-byte ones. (Added after the
+        # 12-06 runs: their r = 8 rows loaded grad_xa 2 bytes at a time, once per row block, outside the K loop.)
+        grad_xa = tl.load(grad_xa_ptr + rows[:, None] * aligned_stride(stride_grad_xa, RANK_ALIGN) + ranks[None, :],
+                          mask=(rows[:, None] < M) & rank_mask(ranks, R, RANK_ALIGN)[None, :], other=0.0)
         acc = tl.dot(grad_xa, a_tile, acc)
         fused_forward._epilogue(acc, grad_xa, 0, 0, 0, 0, dx_desc, grad_xa_ptr, grad_xa_ptr, off_m, off_k, K, 0, 1.0,
                                 BLOCK_M, BLOCK_N, EPILOGUE_CHUNKS, False, False)
@@ -115,6 +118,8 @@ def dx_and_grad_a(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
     without with_da), on the column-run schedule. g (M, N), W (N, K), A (r, K), x (M, K), grad_xa (M, r)."""
     cfg = {**PROBE_CONFIG, **config}
     block_m, block_n, block_k, chunks = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["epilogue_chunks"]
+    if chunks not in (1, 2, 4):  # the kernel keeps four dA accumulators: more chunks would drop columns
+        raise ValueError(f"epilogue_chunks must be 1, 2 or 4, got {chunks}")
     M, N = g.shape
     K = W.shape[1]
     r = A.shape[0]
@@ -135,7 +140,7 @@ def dx_and_grad_a(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
         TensorDescriptor.from_tensor(dx, [block_m, chunk]), grad_xa, partial,
         M, N, K, r, grad_xa.stride(0), rows_per_run, runs,
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE_CHUNKS=chunks, WITH_DA=with_da,
-        FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize,
+        FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, RANK_ALIGN=rank_alignment(r, grad_xa.stride(0)),
         num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
     grad_A = partial.sum(0)[:r].to(A.dtype) if with_da else None
     return dx, grad_A
@@ -206,11 +211,14 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["kv", "qo"], choices=list(SHAPES))
     parser.add_argument("--ranks", type=int, nargs="+", default=[16])
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--warp-specialize", action="store_true",
+                        help="tl.range(warp_specialize=True) on the row-block loop (#64: triton compiled the same "
+                             "8-warp kernel for sm_90 with it)")
     parser.add_argument("--stages", type=int, nargs="+", default=[PROBE_CONFIG["num_stages"]],
                         help="pipeline stages of this kernel (4 fits sm_90's shared memory at r <= 16: 221 KB)")
     args = parser.parse_args()
     for stages in args.stages:
-        probe(args.shapes, args.ranks, args.tokens, dict(num_stages=stages))
+        probe(args.shapes, args.ranks, args.tokens, dict(num_stages=stages, warp_specialize=args.warp_specialize))
 
 
 if __name__ == "__main__":

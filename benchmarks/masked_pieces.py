@@ -1,7 +1,7 @@
 """The native path's dropout pieces (Triton masked thin products) on the GPU: where their
 host time goes, what the mask costs, and which tiles run them fastest.
 
-Five parts, each printed as a markdown table and written as CSV rows to --out:
+Six parts, each printed as a markdown table and written as CSV rows to --out:
 
 1. host: per-call host time (tiny shapes, so the GPU work is negligible) of each masked
    piece called from Python, of the op through C++ with and without dropout, and of bare
@@ -19,7 +19,7 @@ Five parts, each printed as a markdown table and written as CSV rows to --out:
 6. rank_hint (not in the default set): the three pieces and the Triton backend's 'pre' forward at r = 8 and 16,
    with the 16-byte rank hint and without it, same run (NOTES.md #66).
 
-    python benchmarks/masked_pieces.py --out OUT [--parts host floor ranks sweep native] [--time-budget S]
+    python benchmarks/masked_pieces.py --out OUT [--parts host floor ranks sweep native rank_hint] [--time-budget S]
 """
 from __future__ import annotations
 

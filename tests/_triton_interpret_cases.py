@@ -922,3 +922,32 @@ def test_adapter_grads_refuse_what_they_do_not_compute():
     assert cuda_dispatch.adapter_grads_callback(grad_xa, x, xa, g, 1.0, 1.0) is None
     assert cuda_dispatch.grad_A_only_callback(grad_xa, x, 1.0) is None
     assert cuda_dispatch.grad_B_only_callback(xa, g, 1.0) is None
+
+
+@pytest.mark.parametrize("M, K, N, r, chunks", [(37, 72, 56, 8, 2), (130, 40, 104, 16, 4), (33, 136, 24, 24, 1)])
+@pytest.mark.parametrize("programs", [1, 3, 8])
+def test_dx_grad_a_probe_kernel_matches_float64(M, K, N, r, chunks, programs):
+    """benchmarks/dx_grad_a_probe.py's kernel (NOTES.md #64: dx = g W + grad_xa A on column runs, dA =
+    grad_xaᵀ x from x's tiles in its epilogue, float32 partials per run), and its flattened variant (#65),
+    against float64 at odd sizes and run splits: the probe's GPU timings rest on it computing this."""
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import dx_grad_a_probe as probe
+
+    gen = torch.Generator().manual_seed(M + r)
+    g = torch.randn(M, N, generator=gen).half()
+    W = (torch.randn(N, K, generator=gen) * N**-0.5).half()
+    A = (torch.randn(r, K, generator=gen) * K**-0.5).half()
+    x, grad_xa = torch.randn(M, K, generator=gen).half(), torch.randn(M, r, generator=gen).half()
+    tiles = dict(block_m=16, block_n=32, block_k=32, epilogue_chunks=chunks, num_stages=1, num_warps=4)
+    dx_ref = g.double() @ W.double() + grad_xa.double() @ A.double()
+    dA_ref = grad_xa.double().t() @ x.double()
+    dx, dA = probe.dx_and_grad_a(g, W, A, x, grad_xa, programs=programs, **tiles)
+    dx_flat, none = probe.dx_and_grad_a(g, W, A, x, grad_xa, with_da=False, flatten=True, programs=programs, **tiles)
+    assert none is None
+    for got, ref, what in ((dx, dx_ref, "dx"), (dA, dA_ref, "dA"), (dx_flat, dx_ref, "dx flattened")):
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 5e-3, f"{what}: relative error {err:.1e}"

@@ -208,7 +208,8 @@ def test_floor_tables_count_the_base_gemm():
     assert cells[7].startswith(f"{2 * 8192 * 16 * (4096 + 4096) / 1e9:.2f} G"), cells  # 2.15 G
 
 
-GPU_ONLY_SCRIPTS = ["decode_probe.py", "fused_forward_probe.py", "dx_grad_a_probe.py", "gluon_gemm_probe.py", "masked_pieces.py", "compose_ab.py", "fsdp_gpu.py",
+GPU_ONLY_SCRIPTS = ["decode_probe.py", "fused_forward_probe.py", "dx_grad_a_probe.py", "gluon_gemm_probe.py",
+                    "masked_pieces.py", "compose_ab.py", "fsdp_gpu.py",
                     "bench_cpu.py"]
 
 
@@ -221,12 +222,14 @@ def test_probe_scripts_import_and_parse_their_arguments(script):
 def planned_calls():
     """(script, arguments) of each benchmark call that benchmarks/NOTES.md's device plans write out:
     FUSED_ARGS for fused_forward_probe.py, TRAIN_ARGS for bench_train.py, PIECES_PARTS for masked_pieces.py
-    (its --parts), and the arguments after
+    (its --parts), DXDA_ARGS for dx_grad_a_probe.py, GLUON_ARGS for gluon_gemm_probe.py, and the arguments after
     `h200_run.sh MODES` (bench_linear.py's, where MODES has bench)."""
     notes = (BENCH / "NOTES.md").read_text()
     calls = [("fused_forward_probe.py", args) for args in re.findall(r'FUSED_ARGS="([^"]*)"', notes)]
     calls += [("bench_train.py", args) for args in re.findall(r'TRAIN_ARGS="([^"]*)"', notes)]
     calls += [("masked_pieces.py", f"--parts {args}") for args in re.findall(r'PIECES_PARTS="([^"]*)"', notes)]
+    calls += [("dx_grad_a_probe.py", args) for args in re.findall(r'DXDA_ARGS="([^"]*)"', notes)]
+    calls += [("gluon_gemm_probe.py", args) for args in re.findall(r'GLUON_ARGS="([^"]*)"', notes)]
     # Each command is a code span (it may wrap lines): its words after the modes are bench_linear's.
     for span in re.findall(r"`([^`]*h200_run\.sh [^`]*)`", notes):
         modes, *args = span.split("h200_run.sh", 1)[1].split()
