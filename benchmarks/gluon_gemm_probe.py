@@ -96,6 +96,16 @@ SMEM_LIMIT = 232448
 if GLUON_ERROR is None:
 
     @gluon.jit
+    def _schedule(M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+        """This program's place in the persistent schedule, the same in every partition: (program id,
+        programs, row blocks, column blocks, K steps per tile, tiles of this program: pid, pid + nprog, ...)."""
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        return pid, nprog, num_pid_m, num_pid_n, gl.cdiv(K, BK), gl.cdiv(num_pid_m * num_pid_n - pid, nprog)
+
+    @gluon.jit
     def _tile_coords(tile, num_pid_m, num_pid_n, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
         """(row, column) offsets of output tile `tile` in grouped order: GROUP_M row blocks walk the
         columns together, so the programs working at one time share A's rows and B's columns in L2."""
@@ -115,12 +125,7 @@ if GLUON_ERROR is None:
         BN: gl.constexpr = b_bufs.type.shape[1] if B_TRANSPOSED else b_bufs.type.shape[2]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        num_pid_m = gl.cdiv(M, BM)
-        num_pid_n = gl.cdiv(N, BN)
-        k_tiles = gl.cdiv(K, BK)
-        my_tiles = gl.cdiv(num_pid_m * num_pid_n - pid, nprog)
+        pid, nprog, num_pid_m, num_pid_n, k_tiles, my_tiles = _schedule(M, N, K, BM, BN, BK)
         c = 0  # ring counter over all this program's K steps; consumers count the same way
         for i in range(my_tiles):
             off_m, off_n = _tile_coords(pid + i * nprog, num_pid_m, num_pid_n, BM, BN, GROUP_M)
@@ -147,12 +152,7 @@ if GLUON_ERROR is None:
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_bufs.type.shape[2]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        num_pid_m = gl.cdiv(M, BM)
-        num_pid_n = gl.cdiv(N, BN)
-        k_tiles = gl.cdiv(K, BK)
-        my_tiles = gl.cdiv(num_pid_m * num_pid_n - pid, nprog)
+        pid, nprog, num_pid_m, num_pid_n, k_tiles, my_tiles = _schedule(M, N, K, BM, BN, BK)
         # The accumulator is zeroed once: each tile's first wgmma runs with use_acc=False.
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
         for i in range(PARITY, my_tiles, 2):

@@ -536,3 +536,45 @@ def test_fused_forward_small_m_tiles_compile_for_sm90_into_a_launch_the_replay_u
     assert [tuple(t.shape) for t in temps] == ([(M, 16)] if r < 16 else [])
     assert maps == [("input", 0), ("input", 1), ("input", 3), ("input", 4), ("output", 0)]
     assert ("output", 1) in specs[0][5]
+
+
+@pytest.mark.parametrize("shape, config", [("kv_dx", "pp128"), ("kv_fwd", "pp128s5"), ("qo_dx", "pp64x256")])
+def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
+    """benchmarks/gluon_gemm_probe.py (NOTES.md #67) is a Gluon kernel, an experimental API whose spelling moves
+    between triton versions (3.6 on the GPU image, newer here): it must still compile for sm_90 with this one,
+    within a block's shared memory, without spilling, and with its wgmmas in flight (fewer waits than wgmmas)."""
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon._runtime")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import gluon_gemm_probe as probe
+
+    assert probe.GLUON_ERROR is None, probe.GLUON_ERROR
+    M, K, N, b_transposed = probe.SHAPES[shape]
+    tiles = probe.CONFIGS[config]
+    bm, bn, bk, stages = tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["stages"]
+
+    def descriptor(block):  # the signature of a host tensor descriptor, as the probe makes them
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+        return f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
+
+    constexprs = {"GROUP_M": 8, "STAGES": stages, "B_TRANSPOSED": b_transposed, "LOAD_REGS": probe.LOAD_REGS,
+                  "CONSUMER_REGS": probe.CONSUMER_REGS}
+    signature = {"a_desc": descriptor([bm, bk]), "b_desc": descriptor([bn, bk] if b_transposed else [bk, bn]),
+                 "c_desc": descriptor([bm, bn]), "M": "i32", "N": "i32", "K": "i32",
+                 **{name: "constexpr" for name in constexprs}}
+    fn = probe._ws_gemm_kernel
+    assert set(signature) == set(fn.arg_names), fn.arg_names
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("M", "N", "K")}
+    compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=SM90, options=dict(probe.LAUNCH))
+    sass = compiled.asm["sass"]
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, compiled.metadata.shared
+    assert compiled.metadata.shared >= probe.smem_bytes(bm, bn, bk, stages)  # its buffers, allocated as counted
+    wgmmas, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR")
+    assert wgmmas > 0 and waits < wgmmas, f"{wgmmas} wgmmas, {waits} waits"
+    assert local_memory_accesses(sass) == 0, "registers spilled to local memory"
