@@ -47,6 +47,18 @@ library's Triton GEMM (results/2026-12-06_h100_0907_gluon/, NOTES.md #67): k/v d
 1.117-1.179; q/o forward Triton 1.060 against pp128s5 1.054. So the ping-pong kernel wins where the tiles
 are short (16 K steps) and ties or loses elsewhere: untuned, and 128 x 128 tiles carry less work per byte
 loaded than Triton's 128 x 256.
+
+The second kernel, `_ws_dx_lora_kernel` (`gluon_dx_lora`, `--dx-lora`; NOTES.md "Next" item 3), compiled for
+sm_90 with triton 3.6 and 3.9; NOT YET RUN ON A GPU: the input gradient with the LoRA term and dA in one launch,
+dx = g W + grad_xa A (grad_xa = s g B given; one more K = 16 wgmma per tile) and dA = grad_xa^T x, on column runs
+(program = one 128-wide column block of dx and a run of row blocks, ~one program per SM) so that dA's sum over M
+stays in registers: the two consumers take alternate row blocks, each keeps a 128 x 16 fp32 dA^T accumulator and
+writes it as a float32 partial, summed by torch. The load partition issues each row block's x and grad_xa tiles
+by TMA into the consumer's own buffers before that tile's K steps, so they arrive under its main loop (#64's
+dA epilogue waited for them: +49 µs at k/v); x's buffer is then dx's TMA-store staging. 128 x 128 x 64 tiles,
+4 stages, 209016 B of shared memory, 12 warps, 52 wgmmas with 6 waits, no spills.
+
+    python benchmarks/gluon_gemm_probe.py --dx-lora [--shapes kv_dx qo_dx]
 """
 from __future__ import annotations
 
@@ -117,31 +129,59 @@ if GLUON_ERROR is None:
         return pid_m * BM, pid_n * BN
 
     @gluon.jit
+    def _load_k_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, k_tiles,
+                      B_TRANSPOSED: gl.constexpr):
+        """The loader's K steps of one output tile into the ring, from ring counter c; returns the next c.
+        Shared by both kernels' load partitions."""
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        for kk in range(k_tiles):
+            s = c % STAGES
+            # Slot s is free once its previous use (counter c - STAGES) was released; for the
+            # first STAGES uses parity 1 passes at once (a fresh mbarrier counts as having
+            # completed the phase before phase 0).
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            _tma_load(a_desc, [off_m, kk * BK], ready.index(s), a_bufs.index(s))
+            if B_TRANSPOSED:
+                _tma_load(b_desc, [off_n, kk * BK], ready.index(s), b_bufs.index(s))
+            else:
+                _tma_load(b_desc, [kk * BK, off_n], ready.index(s), b_bufs.index(s))
+            c += 1
+        return c
+
+    @gluon.jit
     def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                         GROUP_M: gl.constexpr, B_TRANSPOSED: gl.constexpr):
         """One warp: TMA loads of every K step of this program's tiles, in order, into the ring."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_bufs.type.shape[1] if B_TRANSPOSED else b_bufs.type.shape[2]
-        STAGES: gl.constexpr = a_bufs.type.shape[0]
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         pid, nprog, num_pid_m, num_pid_n, k_tiles, my_tiles = _schedule(M, N, K, BM, BN, BK)
         c = 0  # ring counter over all this program's K steps; consumers count the same way
         for i in range(my_tiles):
             off_m, off_n = _tile_coords(pid + i * nprog, num_pid_m, num_pid_n, BM, BN, GROUP_M)
-            for kk in range(k_tiles):
-                s = c % STAGES
-                # Slot s is free once its previous use (counter c - STAGES) was released; for the
-                # first STAGES uses parity 1 passes at once (a fresh mbarrier counts as having
-                # completed the phase before phase 0).
-                mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), nbytes)
-                _tma_load(a_desc, [off_m, kk * BK], ready.index(s), a_bufs.index(s))
-                if B_TRANSPOSED:
-                    _tma_load(b_desc, [off_n, kk * BK], ready.index(s), b_bufs.index(s))
-                else:
-                    _tma_load(b_desc, [kk * BK, off_n], ready.index(s), b_bufs.index(s))
-                c += 1
+            c = _load_k_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, k_tiles, B_TRANSPOSED)
+
+    @gluon.jit
+    def _k_loop(a_bufs, b_bufs, ready, empty, acc, base, k_tiles, B_TRANSPOSED: gl.constexpr):
+        """A consumer's main loop over one tile's K steps (ring counters base ..), one wgmma group left
+        in flight on return: its ring slot, (base + k_tiles - 1) % STAGES, is still to be released."""
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        for kk in range(k_tiles):
+            c = base + kk
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            if B_TRANSPOSED:
+                b_view = b_bufs.index(s).permute((1, 0))  # (BN x BK) K-major -> (BK x BN)
+            else:
+                b_view = b_bufs.index(s)
+            acc = warpgroup_mma(a_bufs.index(s), b_view, acc, use_acc=kk > 0, is_async=True)
+            # Keep one wgmma group in flight; the one before it is done, so its slot is released.
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+        return acc
 
     @gluon.jit
     def _consumer_partition(c_desc, a_bufs, b_bufs, c_smem, ready, empty, order, M, N, K,
@@ -162,18 +202,7 @@ if GLUON_ERROR is None:
             # signal): the main loops alternate, and every ring slot this tile waits on has had its
             # previous phase observed already (by the other consumer, or by this one in this tile).
             mbarrier.wait(order.index(PARITY), ((i - 1) // 2) & 1, pred=i > 0)
-            for kk in range(k_tiles):
-                c = base + kk
-                s = c % STAGES
-                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-                if B_TRANSPOSED:
-                    b_view = b_bufs.index(s).permute((1, 0))  # (BN x BK) K-major -> (BK x BN)
-                else:
-                    b_view = b_bufs.index(s)
-                acc = warpgroup_mma(a_bufs.index(s), b_view, acc, use_acc=kk > 0, is_async=True)
-                # Keep one wgmma group in flight; the one before it is done, so its slot is released.
-                acc = warpgroup_mma_wait(1, deps=(acc,))
-                mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+            acc = _k_loop(a_bufs, b_bufs, ready, empty, acc, base, k_tiles, B_TRANSPOSED)
             # This tile's operands have all arrived: the other consumer may start its next main loop
             # (its tile i + 1) while this one finishes the MMAs and runs the epilogue.
             mbarrier.arrive(order.index(1 - PARITY), count=1)
@@ -186,6 +215,19 @@ if GLUON_ERROR is None:
             fence_async_shared()  # the generic-proxy writes above, before the TMA (async proxy) reads
             _tma_store(c_desc, [off_m, off_n], c_smem)
         tma.store_wait(0)
+
+    @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr):
+        """The ring's ready / empty mbarriers and the consumers' two order mbarriers, initialised."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)  # completed by expect's arrival + the TMA bytes
+            mbarrier.init(empty.index(s), count=1)  # one arrival by the consumer that read the slot
+        for p in gl.static_range(2):
+            mbarrier.init(order.index(p), count=1)
+        return ready, empty, order
 
     @gluon.jit
     def _ws_gemm_kernel(a_desc, b_desc, c_desc, M, N, K,
@@ -203,14 +245,7 @@ if GLUON_ERROR is None:
         # One output tile per consumer, so one's TMA store can run while the other writes its own.
         c_smem0 = gl.allocate_shared_memory(dtype, c_desc.block_type.shape, c_desc.layout)
         c_smem1 = gl.allocate_shared_memory(dtype, c_desc.block_type.shape, c_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)  # completed by expect's arrival + the TMA bytes
-            mbarrier.init(empty.index(s), count=1)  # one arrival by the consumer that read the slot
-        for p in gl.static_range(2):
-            mbarrier.init(order.index(p), count=1)
+        ready, empty, order = _ring_barriers(STAGES)
 
         gl.warp_specialize([
             (_consumer_partition, (c_desc, a_bufs, b_bufs, c_smem0, ready, empty, order, M, N, K,
@@ -218,6 +253,170 @@ if GLUON_ERROR is None:
             (_consumer_partition, (c_desc, a_bufs, b_bufs, c_smem1, ready, empty, order, M, N, K,
                                    GROUP_M, B_TRANSPOSED, 1, acc_layout)),
             (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, B_TRANSPOSED)),
+        ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
+
+    # ---- dx = g W + grad_xa A with dA^T partials (NOTES.md #59 change 1, #64, #67; "Next" item 3) ----
+    # Names as in the host wrapper gluon_dx_lora: g (M x K), W (K x N), A (r x N), x (M x N), grad_xa (M x r),
+    # dx (M x N). Compiled for sm_90 with triton 3.6 and 3.9; NOT YET RUN ON A GPU.
+    #
+    # Why column runs: dA = grad_xa^T x is a sum over all M rows. To keep it in registers (and deterministic)
+    # a program must own one column block of dx (BN columns of x, of dA) and walk row blocks, so program
+    # (col, run) takes column block `col` and row blocks [run * rows_per_run, ...); the host picks `runs` so
+    # that col_blocks x runs ~ the SM count. Consumers take alternate row blocks of that range (ping-pong,
+    # as _ws_gemm_kernel), each with its own dA^T accumulator (BN x R_PAD fp32: 16 registers per thread).
+    #
+    # Shared memory at BM = BN = 128, BK = 64, R_PAD = 16 (dx_lora_smem_bytes):
+    #   ring       STAGES x (128 x 64 + 64 x 128) x 2 B = 4 x 32768 = 131072
+    #   x / dx     2 x 128 x 128 x 2 B                  =  65536  (one per consumer; also dx's store staging)
+    #   grad_xa    2 x 128 x 16 x 2 B                   =   8192  (one per consumer)
+    #   A          16 x 128 x 2 B                       =   4096  (loaded once per program)
+    #   mbarriers  (2 x 4 + 2 + 2 + 2 + 1) x 8 B        =    120
+    #   total 209016 B of 232448 (compiled: 209296 with alignment); a 5th stage (241800) would not fit,
+    #   nor separate dx staging (+65536).
+    # The x buffer doubles as dx's staging: the consumer reads x only through its dA wgmma, which is
+    # complete (warpgroup_mma_wait(0)) before it writes dx's bf16 tile over it; after the TMA store has
+    # read the buffer (store_wait(0)) it releases the buffer (x_empty) for the loader's next x tile.
+    #
+    # Per-consumer x / grad_xa buffers, not extra ring slots: they are consumed once per tile at its end,
+    # by one consumer, and must be held across that consumer's whole epilogue; as ring slots they would
+    # block the K ring's order. Each consumer p has x_ready[p] (completed by the TMA bytes of x's and
+    # grad_xa's tiles) and x_empty[p] (one arrival when the consumer's dx store has read the buffer).
+
+    @gluon.jit
+    def _column_run(M, N, K, rows_per_run, runs, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+        """This program's column run, the same in every partition: (run, first row offset, column offset,
+        K steps per tile, row blocks of this run: 0 when the run starts past M)."""
+        pid = gl.program_id(0)
+        col = pid // runs
+        run = pid % runs
+        first = run * rows_per_run
+        my_tiles = gl.maximum(gl.minimum(rows_per_run, gl.cdiv(M, BM) - first), 0)
+        return run, first * BM, col * BN, gl.cdiv(K, BK), my_tiles
+
+    @gluon.jit
+    def _dx_lora_load_partition(g_desc, w_desc, lora_a_desc, x_desc, gxa_desc,
+                                a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs,
+                                ready, empty, lora_a_bar, x_ready, x_empty, M, N, K, rows_per_run, runs):
+        """One warp: A's tile once; then per row block i (consumer i % 2's j-th, j = i // 2): x's and grad_xa's
+        tiles into that consumer's buffers, then the tile's K steps into the ring."""
+        BM: gl.constexpr = g_desc.block_type.shape[0]
+        BK: gl.constexpr = g_desc.block_type.shape[1]
+        BN: gl.constexpr = x_desc.block_type.shape[1]
+        x_bytes: gl.constexpr = x_desc.block_type.nbytes + gxa_desc.block_type.nbytes
+        run, off_m0, off_n, k_tiles, my_tiles = _column_run(M, N, K, rows_per_run, runs, BM, BN, BK)
+        # A (R_PAD x BN), rows past r zero-filled by TMA; only where the consumers will wait for it, so that no
+        # program exits with a TMA load in flight. (lora_a_bar completes once: the consumers wait on parity 0.)
+        mbarrier.expect(lora_a_bar, lora_a_desc.block_type.nbytes, pred=my_tiles > 0)
+        _tma_load(lora_a_desc, [0, off_n], lora_a_bar, lora_a_buf, pred=my_tiles > 0)
+        c = 0
+        for i in range(my_tiles):
+            off_m = off_m0 + i * BM
+            p = i % 2
+            j = i // 2
+            # x's tile is issued before the tile's K steps, so that it has the whole main loop to arrive (#64's
+            # cost was this load waited for after the loop). The buffer is free once consumer p has stored its
+            # tile i - 2 (x_empty[p]'s completion j - 1): parity ((j - 1) & 1) = (j & 1) ^ 1, passing at once
+            # for j = 0. That store runs under the other consumer's main loop of tile i - 1, which has
+            # k_tiles - STAGES of its K steps to go when the loader gets here, so this rarely waits.
+            # Never two phases behind: this loader's own wait for completion j - 2 came first.
+            mbarrier.wait(x_empty.index(p), (j & 1) ^ 1)
+            mbarrier.expect(x_ready.index(p), x_bytes)
+            _tma_load(x_desc, [off_m, off_n], x_ready.index(p), x_bufs.index(p))
+            _tma_load(gxa_desc, [off_m, 0], x_ready.index(p), gxa_bufs.index(p))  # columns past r: zeros
+            c = _load_k_steps(g_desc, w_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, k_tiles, False)
+
+    @gluon.jit
+    def _dx_lora_consumer(dx_desc, a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs, ready, empty, order,
+                          lora_a_bar, x_ready, x_empty, partial_ptr, M, N, K, rows_per_run, runs,
+                          PARITY: gl.constexpr, acc_layout: gl.constexpr, da_layout: gl.constexpr):
+        """One warpgroup: row blocks PARITY, PARITY + 2, ... of this program's run: dx's tile (K loop, then the
+        LoRA step grad_xa A), dA^T += x^T grad_xa, dx stored from the x buffer; at the end its dA^T partial."""
+        BM: gl.constexpr = dx_desc.block_type.shape[0]
+        BN: gl.constexpr = dx_desc.block_type.shape[1]
+        BK: gl.constexpr = a_bufs.type.shape[2]
+        R_PAD: gl.constexpr = gxa_bufs.type.shape[2]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        run, off_m0, off_n, k_tiles, my_tiles = _column_run(M, N, K, rows_per_run, runs, BM, BN, BK)
+        x_buf = x_bufs.index(PARITY)
+        gxa_buf = gxa_bufs.index(PARITY)
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
+        dA_t = gl.zeros((BN, R_PAD), dtype=gl.float32, layout=da_layout)
+        for i in range(PARITY, my_tiles, 2):
+            j = i // 2
+            off_m = off_m0 + i * BM
+            base = i * k_tiles
+            # The order barriers and the ring exactly as _consumer_partition (see there for the phases).
+            mbarrier.wait(order.index(PARITY), ((i - 1) // 2) & 1, pred=i > 0)
+            acc = _k_loop(a_bufs, b_bufs, ready, empty, acc, base, k_tiles, False)
+            mbarrier.arrive(order.index(1 - PARITY), count=1)
+            # The LoRA term, one more K = R_PAD step: acc += grad_xa (BM x R_PAD) A (R_PAD x BN). x_ready[p]'s
+            # j-th completion (parity j & 1): the loader issued it before this tile's K steps. It cannot be
+            # a phase ahead: the loader's j + 1-th load waits for this consumer's x_empty arrival below.
+            mbarrier.wait(x_ready.index(PARITY), j & 1)
+            mbarrier.wait(lora_a_bar, 0)  # completed once, before this program's first tile: passes after
+            acc = warpgroup_mma(gxa_buf, lora_a_buf, acc, is_async=True)
+            # dA^T (BN x R_PAD) += x^T (BN x BM) grad_xa (BM x R_PAD): A operand = the x tile seen transposed
+            # (an MN-major shared-memory operand, which wgmma accepts for 16-bit types).
+            dA_t = warpgroup_mma(x_buf.permute((1, 0)), gxa_buf, dA_t, is_async=True)
+            # The last K step's wgmma is the oldest of the three in flight: with two left it is done.
+            acc = warpgroup_mma_wait(2, deps=(acc,))
+            mbarrier.arrive(empty.index((base + k_tiles - 1) % STAGES), count=1)
+            acc, dA_t = warpgroup_mma_wait(0, deps=(acc, dA_t))
+            # x's tile has been read (the dA wgmma is complete): its buffer becomes dx's staging.
+            x_buf.store(acc.to(dx_desc.dtype))
+            fence_async_shared()  # the generic-proxy writes above, before the TMA (async proxy) reads
+            _tma_store(dx_desc, [off_m, off_n], x_buf)
+            # Wait for the store to have read the buffer, then hand it (and grad_xa's) back to the loader:
+            # x_empty[p]'s j-th completion, the one the loader waits for before tile i + 2's x load.
+            tma.store_wait(0)
+            mbarrier.arrive(x_empty.index(PARITY), count=1)
+        # partial[(run, parity), rank, col] = dA^T[col, rank]; a consumer with no row blocks writes zeros, so
+        # every (run, parity) slice is written over all N columns (by the run's programs, one per column block).
+        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, da_layout))
+        ranks = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, da_layout))
+        base_ptr = partial_ptr + (run * 2 + PARITY).to(gl.int64) * R_PAD * N
+        ptrs = base_ptr + gl.expand_dims(ranks, 0) * N + gl.expand_dims(cols, 1)
+        gl.store(ptrs, dA_t, mask=gl.expand_dims(cols, 1) < N)
+
+    @gluon.jit
+    def _ws_dx_lora_kernel(g_desc, w_desc, lora_a_desc, x_desc, gxa_desc, dx_desc, partial_ptr,
+                           M, N, K, rows_per_run, runs,
+                           STAGES: gl.constexpr, LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        BM: gl.constexpr = dx_desc.block_type.shape[0]
+        BN: gl.constexpr = dx_desc.block_type.shape[1]
+        R_PAD: gl.constexpr = gxa_desc.block_type.shape[1]
+        dtype: gl.constexpr = g_desc.dtype
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+        # dA^T's accumulator: M = BN (x's columns), N = R_PAD: instruction m64n16k16.
+        da_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, R_PAD, 16])
+
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + g_desc.block_type.shape, g_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        lora_a_buf = gl.allocate_shared_memory(dtype, lora_a_desc.block_type.shape, lora_a_desc.layout)
+        # x's and dx's descriptors have the same block and layout (the host makes both so): one buffer serves.
+        x_bufs = gl.allocate_shared_memory(dtype, [2] + x_desc.block_type.shape, x_desc.layout)
+        gxa_bufs = gl.allocate_shared_memory(dtype, [2] + gxa_desc.block_type.shape, gxa_desc.layout)
+        ready, empty, order = _ring_barriers(STAGES)
+        x_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        x_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        lora_a_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for p in gl.static_range(2):
+            mbarrier.init(x_ready.index(p), count=1)  # expect's arrival + x's and grad_xa's bytes
+            mbarrier.init(x_empty.index(p), count=1)  # one arrival by consumer p after its dx store
+        mbarrier.init(lora_a_bar, count=1)
+
+        gl.warp_specialize([
+            (_dx_lora_consumer, (dx_desc, a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs, ready, empty, order,
+                                 lora_a_bar, x_ready, x_empty, partial_ptr, M, N, K, rows_per_run, runs,
+                                 0, acc_layout, da_layout)),
+            (_dx_lora_consumer, (dx_desc, a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs, ready, empty, order,
+                                 lora_a_bar, x_ready, x_empty, partial_ptr, M, N, K, rows_per_run, runs,
+                                 1, acc_layout, da_layout)),
+            (_dx_lora_load_partition, (g_desc, w_desc, lora_a_desc, x_desc, gxa_desc, a_bufs, b_bufs, lora_a_buf,
+                                       x_bufs, gxa_bufs, ready, empty, lora_a_bar, x_ready, x_empty,
+                                       M, N, K, rows_per_run, runs)),
         ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
 
@@ -282,6 +481,85 @@ def gluon_matmul(a: torch.Tensor, b: torch.Tensor, b_transposed: bool, block_m: 
     _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, M, N, K, group_m, stages, b_transposed,
                           LOAD_REGS, CONSUMER_REGS, **LAUNCH)
     return c
+
+
+def dx_lora_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, r_pad: int = 16) -> int:
+    """_ws_dx_lora_kernel's shared memory, as allocated: the ring, two x tiles (also dx's staging), two
+    grad_xa tiles, A's tile, mbarriers (ring 2 x stages, order 2, x_ready / x_empty 2 + 2, A's 1)."""
+    return (stages * (block_m + block_n) * block_k * 2 + 2 * block_m * block_n * 2 + 2 * block_m * r_pad * 2
+            + r_pad * block_n * 2 + (2 * stages + 7) * 8)
+
+
+DX_LORA_TILES = dict(block_m=128, block_n=128, block_k=64, stages=4)  # 209016 B: 5 stages would be 241800
+
+
+def dx_lora_runs(M: int, N: int, block_m: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(runs per column block, row blocks per run) for the column-run schedule: about one program per SM
+    (col_blocks x runs <= sms where col_blocks <= sms), every run non-empty."""
+    row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+    runs = max(1, min(row_blocks, sms // col_blocks))
+    rows_per_run = triton.cdiv(row_blocks, runs)
+    return triton.cdiv(row_blocks, rows_per_run), rows_per_run
+
+
+def _check_operand(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.bfloat16:
+        raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+    if not t.is_cuda:
+        raise ValueError(f"{name} must be a CUDA tensor")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}'s data must be 16-byte aligned for TMA")
+
+
+def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Tensor, grad_xa: torch.Tensor,
+                  block_m: int = 128, block_n: int = 128, block_k: int = 64, stages: int = 4,
+                  sms: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dA) with dx = g W + grad_xa A and dA = grad_xa^T x, by _ws_dx_lora_kernel (sm_90; compiled for
+    sm_90 with triton 3.6 and 3.9, NOT YET RUN ON A GPU). g (M, K), W (K, N), A (r, N), x (M, N), grad_xa (M, r),
+    r <= 16, bf16. dA: the kernel's float32 partials, (runs x 2, 16, N), summed by torch, then cast."""
+    if GLUON_ERROR is not None:
+        raise RuntimeError(f"this triton ({triton.__version__}) has no usable Gluon: {GLUON_ERROR}")
+    for name, t in (("g", g), ("W", W), ("A", A), ("x", x), ("grad_xa", grad_xa)):
+        _check_operand(name, t)
+    M, K = g.shape
+    N = W.shape[1]
+    r = A.shape[0]
+    if r > 16:
+        raise ValueError(f"rank {r} > 16: the kernel pads the rank to R_PAD = 16 only")
+    if W.shape[0] != K or A.shape != (r, N) or x.shape != (M, N) or grad_xa.shape != (M, r):
+        raise ValueError(f"shapes do not match: g {tuple(g.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, "
+                         f"x {tuple(x.shape)}, grad_xa {tuple(grad_xa.shape)}")
+    if M % 8 or N % 8 or K % 8:
+        raise ValueError(f"M, N and K must be multiples of 8 (TMA's 16-byte strides), got M={M}, N={N}, K={K}")
+    if torch.cuda.get_device_capability(g.device)[0] != 9:
+        raise ValueError("this kernel is for Hopper (sm_90): warpgroup_mma")
+    if block_m * block_n > 128 * 128:
+        raise ValueError("one warpgroup's fp32 accumulator is at most 128 x 128 (128 registers per thread)")
+    r_pad = 16
+    if dx_lora_smem_bytes(block_m, block_n, block_k, stages, r_pad) > SMEM_LIMIT:
+        raise ValueError(f"tiles {block_m}x{block_n}x{block_k} at {stages} stages need "
+                         f"{dx_lora_smem_bytes(block_m, block_n, block_k, stages, r_pad)} B of shared memory")
+    if r % 8:  # grad_xa's row stride must be a multiple of 16 bytes for TMA: pad its columns with zeros
+        grad_xa = torch.nn.functional.pad(grad_xa, (0, 8 - r % 8))
+    if sms is None:
+        sms = torch.cuda.get_device_properties(g.device).multi_processor_count
+    runs, rows_per_run = dx_lora_runs(M, N, block_m, block_n, sms)
+    dx = torch.empty(M, N, dtype=torch.bfloat16, device=g.device)
+    partial = torch.empty(runs * 2, r_pad, N, dtype=torch.float32, device=g.device)
+
+    def desc(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+    grid = (triton.cdiv(N, block_n) * runs,)
+    _ws_dx_lora_kernel[grid](
+        desc(g, [block_m, block_k]), desc(W, [block_k, block_n]), desc(A, [r_pad, block_n]),
+        desc(x, [block_m, block_n]), desc(grad_xa, [block_m, r_pad]), desc(dx, [block_m, block_n]), partial,
+        M, N, K, rows_per_run, runs, stages, LOAD_REGS, CONSUMER_REGS, **LAUNCH)
+    return dx, partial.sum(0)[:r].to(A.dtype)
 
 
 def library_triton_gemm():
@@ -351,17 +629,102 @@ def probe(shape_names, config_names) -> None:
                 print(f"{name:8} {config:10} FAILED: {type(exc).__name__}: {first_line}")
                 traceback.print_exc(limit=3)
 
+def _rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((actual.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
+    """--dx-lora: _ws_dx_lora_kernel (dx = g W + grad_xa A and dA = grad_xa^T x in one launch) checked against
+    float64 and timed (device time, same run) beside cuBLAS's g W, the ping-pong GEMM alone and, where lora_ext
+    is built, the library's today (fused_forward.grad_input + adapter_grads, as benchmarks/dx_grad_a_probe.py)."""
+    try:
+        from lora_ext.kernels import adapter_grads, fused_forward
+    except Exception as exc:  # noqa: BLE001 - an unbuilt checkout: the library's rows are left out
+        print(f"(no library rows: lora_ext does not import: {type(exc).__name__})")
+        adapter_grads = fused_forward = None
+    print(f"triton {triton.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}; "
+          f"r = {rank}, scale = {scale}; µs = device time (CUDA graph, L2 flushed), ÷ cuBLAS's g W")
+    for name in shape_names:
+        M, K, N, b_transposed = SHAPES[name]
+        if b_transposed:
+            print(f"{name}: not an input-gradient shape, skipped")
+            continue
+        torch.manual_seed(0)
+        # Every tensor made here, outside the timed lambdas. g (M, K) = dY, W (K, N) = the layer's weight
+        # (out x in), A (r, N), B (K, r), x (M, N) = the layer input, xa (M, r), grad_xa = s g B.
+        g = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        W = torch.randn(K, N, dtype=torch.bfloat16, device="cuda") * K ** -0.5
+        A = torch.randn(rank, N, dtype=torch.bfloat16, device="cuda") * N ** -0.5
+        B = torch.randn(K, rank, dtype=torch.bfloat16, device="cuda") * rank ** -0.5
+        x = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
+        xa = torch.randn(M, rank, dtype=torch.bfloat16, device="cuda")
+        grad_xa = (torch.mm(g, B) * scale).to(torch.bfloat16)
+        ref_gw = g.double() @ W.double()
+        ref_dx = ref_gw + grad_xa.double() @ A.double()
+        ref_dA = grad_xa.double().t() @ x.double()
+        tiles = CONFIGS["pp128"]
+        rows = []
+        base = common.gpu_us(lambda: torch.mm(g, W))
+        rows.append(("cuBLAS g W", _rel_err(torch.mm(g, W), ref_gw), base))
+        try:
+            err = _rel_err(gluon_matmul(g, W, False, **tiles), ref_gw)
+            rows.append(("ping-pong g W (pp128)", err, common.gpu_us(lambda: gluon_matmul(g, W, False, **tiles))))
+        except Exception as exc:  # report and go on
+            print(f"{name} ping-pong FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        dx_lora_us = None
+        try:
+            dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES)
+            torch.cuda.synchronize()
+            err = max(_rel_err(dx, ref_dx), _rel_err(dA, ref_dA))
+            dx_lora_us = common.gpu_us(lambda: gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES))
+            rows.append(("gluon_dx_lora (dx + dA)", err, dx_lora_us))
+        except Exception as exc:  # compile errors, launch errors: report and go on
+            print(f"{name} gluon_dx_lora FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+            traceback.print_exc(limit=3)
+        g_b_us = common.gpu_us(lambda: torch.mm(g, B).mul_(scale))
+        rows.append(("g B (cuBLAS; grad_xa)", float("nan"), g_b_us))
+        if fused_forward is not None:
+            try:
+                dx_t, _ = fused_forward.grad_input(g, W, A, B, scale)
+                grads = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale)
+                torch.cuda.synchronize()
+                err = max(_rel_err(dx_t, ref_dx), _rel_err(grads[0], ref_dA))
+
+                def today():
+                    fused_forward.grad_input(g, W, A, B, scale)
+                    adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale)
+
+                rows.append(("today (grad_input + adapter launch)", err, common.gpu_us(today)))
+                db_us = common.gpu_us(lambda: adapter_grads.grad_B_only(xa, g, scale))
+                rows.append(("dB alone (adapter_grads.grad_B_only)", float("nan"), db_us))
+                if dx_lora_us is not None:
+                    rows.append(("new total (g B + dx_lora + dB alone)", float("nan"), g_b_us + dx_lora_us + db_us))
+            except Exception as exc:  # report and go on
+                print(f"{name} library rows FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        for label, err, us in rows:
+            mark = "  WRONG" if err == err and err >= 1e-2 else ""  # nan: a row with no check
+            print(f"{name:6} {label:38} {err:9.2e} {us:8.1f} {us / base:7.3f}{mark}", flush=True)
+        del g, W, A, B, x, xa, grad_xa, ref_gw, ref_dx, ref_dA
+        torch.cuda.empty_cache()
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
                         help="; ".join(f"{k}: {v}" for k, v in CONFIGS.items()))
+    parser.add_argument("--dx-lora", action="store_true",
+                        help="instead: the dx + dA kernel (_ws_dx_lora_kernel, r = 16) at the dx shapes among --shapes "
+                             "(default kv_dx qo_dx), checked against float64 and timed beside cuBLAS, the ping-pong "
+                             "GEMM alone and the library's grad_input + adapter_grads")
     args = parser.parse_args()
     if GLUON_ERROR is not None:
         raise SystemExit(f"this triton ({triton.__version__}) has no usable Gluon: {GLUON_ERROR}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (Hopper, sm_90)")
+    if args.dx_lora:
+        probe_dx_lora([s for s in args.shapes if not SHAPES[s][3]])  # the dx shapes: kv_dx, qo_dx by default
+        return
     probe(args.shapes, args.configs)
 
 

@@ -122,8 +122,10 @@ if has dxda; then
 fi
 if has gluon; then
   # benchmarks/gluon_gemm_probe.py: a warp-specialised Gluon GEMM against cuBLAS and the library's Triton GEMM
-  # (NOTES.md #67); GLUON_ARGS passes arguments.
-  python3 benchmarks/gluon_gemm_probe.py ${GLUON_ARGS:-} 2>&1 | tee "$OUT/gluon_gemm.log" | tail -40
+  # (NOTES.md #67); GLUON_ARGS passes arguments (--dx-lora: the dx + dA kernel). Under `timeout` (GLUON_TIMEOUT
+  # seconds, default 240): a Gluon kernel that hangs on an mbarrier must not eat the whole device call.
+  timeout ${GLUON_TIMEOUT:-240} python3 benchmarks/gluon_gemm_probe.py ${GLUON_ARGS:-} 2>&1 | tee "$OUT/gluon_gemm.log" | tail -40 \
+    || echo "gluon: exit $? (124: timed out after ${GLUON_TIMEOUT:-240} s)" | tee -a "$OUT/gluon_gemm.log"
 fi
 if has decode; then
   python3 benchmarks/decode_probe.py --ranks 16 64 2>&1 | tee "$OUT/decode.log" | tail -60

@@ -538,11 +538,14 @@ def test_fused_forward_small_m_tiles_compile_for_sm90_into_a_launch_the_replay_u
     assert ("output", 1) in specs[0][5]
 
 
-@pytest.mark.parametrize("shape, config", [("kv_dx", "pp128"), ("kv_fwd", "pp128s5"), ("qo_dx", "pp64x256")])
+@pytest.mark.parametrize("shape, config", [("kv_dx", "pp128"), ("kv_fwd", "pp128s5"), ("qo_dx", "pp64x256"),
+                                           ("kv_dx", "dx_lora")])
 def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
     """benchmarks/gluon_gemm_probe.py (NOTES.md #67) is a Gluon kernel, an experimental API whose spelling moves
     between triton versions (3.6 on the GPU image, newer here): it must still compile for sm_90 with this one,
-    within a block's shared memory, without spilling, and with its wgmmas in flight (fewer waits than wgmmas)."""
+    within a block's shared memory, without spilling, and with its wgmmas in flight (fewer waits than wgmmas).
+    config "dx_lora": the probe's second kernel, _ws_dx_lora_kernel (dx = g W + grad_xa A and dA's partials, r <= 16;
+    not yet run on a GPU), at its tiles (DX_LORA_TILES)."""
     import sys
 
     pytest.importorskip("triton.experimental.gluon._runtime")
@@ -556,25 +559,34 @@ def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
 
     assert probe.GLUON_ERROR is None, probe.GLUON_ERROR
     M, K, N, b_transposed = probe.SHAPES[shape]
-    tiles = probe.CONFIGS[config]
+    tiles = probe.DX_LORA_TILES if config == "dx_lora" else probe.CONFIGS[config]
     bm, bn, bk, stages = tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["stages"]
 
     def descriptor(block):  # the signature of a host tensor descriptor, as the probe makes them
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
         return f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
 
-    constexprs = {"GROUP_M": 8, "STAGES": stages, "B_TRANSPOSED": b_transposed, "LOAD_REGS": probe.LOAD_REGS,
-                  "CONSUMER_REGS": probe.CONSUMER_REGS}
-    signature = {"a_desc": descriptor([bm, bk]), "b_desc": descriptor([bn, bk] if b_transposed else [bk, bn]),
-                 "c_desc": descriptor([bm, bn]), "M": "i32", "N": "i32", "K": "i32",
-                 **{name: "constexpr" for name in constexprs}}
-    fn = probe._ws_gemm_kernel
+    if config == "dx_lora":
+        constexprs = {"STAGES": stages, "LOAD_REGS": probe.LOAD_REGS, "CONSUMER_REGS": probe.CONSUMER_REGS}
+        signature = {"g_desc": descriptor([bm, bk]), "w_desc": descriptor([bk, bn]),
+                     "lora_a_desc": descriptor([16, bn]), "x_desc": descriptor([bm, bn]),
+                     "gxa_desc": descriptor([bm, 16]), "dx_desc": descriptor([bm, bn]),
+                     "partial_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "rows_per_run": "i32", "runs": "i32",
+                     **{name: "constexpr" for name in constexprs}}
+        fn, counted = probe._ws_dx_lora_kernel, probe.dx_lora_smem_bytes(bm, bn, bk, stages)
+    else:
+        constexprs = {"GROUP_M": 8, "STAGES": stages, "B_TRANSPOSED": b_transposed, "LOAD_REGS": probe.LOAD_REGS,
+                      "CONSUMER_REGS": probe.CONSUMER_REGS}
+        signature = {"a_desc": descriptor([bm, bk]), "b_desc": descriptor([bn, bk] if b_transposed else [bk, bn]),
+                     "c_desc": descriptor([bm, bn]), "M": "i32", "N": "i32", "K": "i32",
+                     **{name: "constexpr" for name in constexprs}}
+        fn, counted = probe._ws_gemm_kernel, probe.smem_bytes(bm, bn, bk, stages)
     assert set(signature) == set(fn.arg_names), fn.arg_names
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("M", "N", "K")}
     compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=SM90, options=dict(probe.LAUNCH))
     sass = compiled.asm["sass"]
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, compiled.metadata.shared
-    assert compiled.metadata.shared >= probe.smem_bytes(bm, bn, bk, stages)  # its buffers, allocated as counted
+    assert compiled.metadata.shared >= counted  # its buffers, allocated as counted
     wgmmas, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR")
     assert wgmmas > 0 and waits < wgmmas, f"{wgmmas} wgmmas, {waits} waits"
     assert local_memory_accesses(sass) == 0, "registers spilled to local memory"
