@@ -41,7 +41,9 @@ First run (H100 80GB HBM3, triton 3.6.0, torch 2.11.0+cu130; one run, device tim
   qo_dx   cuBLAS 371.6  pp128 402.5 (1.083)  pp128s5 394.9 (1.063)  pp128s3 506.0 (1.362)  pp64x256 419.3 (1.128)
   kv_fwd  cuBLAS 86.8   pp128 103.8 (1.196)  pp128s5  98.7 (1.138)  pp128s3 131.2 (1.512)  pp64x256 101.6 (1.171)
   qo_fwd  cuBLAS 373.2  pp128 406.0 (1.088)  pp128s5 397.1 (1.064)  pp128s3 511.4 (1.370)  pp64x256 436.1 (1.169)
-every result within cuBLAS's own error against float32 (2.6e-3 .. 2.8e-3). The 09:07 rerun beside the
+every result within cuBLAS's own error against float32 (2.6e-3 .. 2.8e-3). (Both runs at bdcca1d's code; its
+kernel was then factored into helpers shared with _ws_dx_lora_kernel, the same SASS counts with triton 3.6 and
+3.9.) The 09:07 rerun beside the
 library's Triton GEMM (results/2026-12-06_h100_0907_gluon/, NOTES.md #67): k/v dx cuBLAS 97.9, Triton 112.9
 (1.153), pp128 102.1 (1.043); q/o dx Triton 1.056 against pp128s5 1.061; k/v forward Triton 1.089 against
 1.117-1.179; q/o forward Triton 1.060 against pp128s5 1.054. So the ping-pong kernel wins where the tiles
@@ -441,6 +443,34 @@ def _descriptors(a, b, c, b_transposed, block_m, block_n, block_k):
     return desc(a, [block_m, block_k]), desc(b, b_block), desc(c, [block_m, block_n])
 
 
+def _check_operand(name: str, t: torch.Tensor) -> None:
+    """What the kernels' TMA descriptors need of an operand: bf16, 2-D, row-major, on CUDA, 16-byte aligned,
+    not empty (a kernel with no K steps would release a ring slot it never filled)."""
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if t.dtype != torch.bfloat16:
+        raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+    if not t.is_cuda:
+        raise ValueError(f"{name} must be a CUDA tensor")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}'s data must be 16-byte aligned for TMA")
+
+
+def _check_sizes(M: int, N: int, K: int, device: torch.device, block_m: int, block_n: int) -> None:
+    """M, N, K multiples of 8 (TMA's 16-byte row strides; tails inside a tile are handled by zero fill and
+    clipped stores), a Hopper GPU (warpgroup_mma), and a tile one warpgroup's accumulator holds."""
+    if M % 8 or N % 8 or K % 8:
+        raise ValueError(f"M, N and K must be multiples of 8, got M={M}, N={N}, K={K}")
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        raise ValueError("this kernel is for Hopper (sm_90): warpgroup_mma")
+    if block_m * block_n > 128 * 128:
+        raise ValueError("one warpgroup's fp32 accumulator is at most 128 x 128 (128 registers per thread)")
+
+
 def gluon_matmul(a: torch.Tensor, b: torch.Tensor, b_transposed: bool, block_m: int = 128, block_n: int = 128,
                  block_k: int = 64, stages: int = 4, group_m: int = 8, num_programs: int | None = None) -> torch.Tensor:
     """C = a @ b (b_transposed=False: b is (K x N)) or a @ b.T (b_transposed=True: b is (N x K)), bf16
@@ -448,31 +478,16 @@ def gluon_matmul(a: torch.Tensor, b: torch.Tensor, b_transposed: bool, block_m: 
     if GLUON_ERROR is not None:
         raise RuntimeError(f"this triton ({triton.__version__}) has no usable Gluon: {GLUON_ERROR}")
     for name, t in (("a", a), ("b", b)):
-        if t.dtype != torch.bfloat16:
-            raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
-        if not t.is_cuda:
-            raise ValueError(f"{name} must be a CUDA tensor")
-        if t.data_ptr() % 16:
-            raise ValueError(f"{name}'s data must be 16-byte aligned for TMA")
+        _check_operand(name, t)
     M, K = a.shape
     N, Kb = (b.shape if b_transposed else (b.shape[1], b.shape[0]))
     if Kb != K:
         raise ValueError(f"reduction sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}"
                          f" (b_transposed={b_transposed})")
-    if M % 8 or N % 8 or K % 8:
-        # TMA needs 16-byte row strides; tails inside a tile are handled (zero fill, clipped stores).
-        raise ValueError(f"M, N and K must be multiples of 8, got M={M}, N={N}, K={K}")
-    if torch.cuda.get_device_capability(a.device)[0] != 9:
-        raise ValueError("this kernel is for Hopper (sm_90): warpgroup_mma")
+    _check_sizes(M, N, K, a.device, block_m, block_n)
     if smem_bytes(block_m, block_n, block_k, stages) > SMEM_LIMIT:
         raise ValueError(f"tiles {block_m}x{block_n}x{block_k} at {stages} stages need "
                          f"{smem_bytes(block_m, block_n, block_k, stages)} B of shared memory (> {SMEM_LIMIT})")
-    if block_m * block_n > 128 * 128:
-        raise ValueError("one warpgroup's fp32 accumulator is at most 128 x 128 (128 registers per thread)")
     c = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
     a_desc, b_desc, c_desc = _descriptors(a, b, c, b_transposed, block_m, block_n, block_k)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
@@ -502,19 +517,6 @@ def dx_lora_runs(M: int, N: int, block_m: int, block_n: int, sms: int) -> tuple[
     return triton.cdiv(row_blocks, rows_per_run), rows_per_run
 
 
-def _check_operand(name: str, t: torch.Tensor) -> None:
-    if t.dtype != torch.bfloat16:
-        raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
-    if not t.is_cuda:
-        raise ValueError(f"{name} must be a CUDA tensor")
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name}'s data must be 16-byte aligned for TMA")
-
-
 def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Tensor, grad_xa: torch.Tensor,
                   block_m: int = 128, block_n: int = 128, block_k: int = 64, stages: int = 4,
                   sms: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,12 +535,7 @@ def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
     if W.shape[0] != K or A.shape != (r, N) or x.shape != (M, N) or grad_xa.shape != (M, r):
         raise ValueError(f"shapes do not match: g {tuple(g.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, "
                          f"x {tuple(x.shape)}, grad_xa {tuple(grad_xa.shape)}")
-    if M % 8 or N % 8 or K % 8:
-        raise ValueError(f"M, N and K must be multiples of 8 (TMA's 16-byte strides), got M={M}, N={N}, K={K}")
-    if torch.cuda.get_device_capability(g.device)[0] != 9:
-        raise ValueError("this kernel is for Hopper (sm_90): warpgroup_mma")
-    if block_m * block_n > 128 * 128:
-        raise ValueError("one warpgroup's fp32 accumulator is at most 128 x 128 (128 registers per thread)")
+    _check_sizes(M, N, K, g.device, block_m, block_n)
     r_pad = 16
     if dx_lora_smem_bytes(block_m, block_n, block_k, stages, r_pad) > SMEM_LIMIT:
         raise ValueError(f"tiles {block_m}x{block_n}x{block_k} at {stages} stages need "
