@@ -151,6 +151,11 @@ def switched(*settings):
 L2_FLUSH_BYTES = 256 * 2**20
 
 
+def max_relative_error(actual, reference) -> float:
+    """max |actual - reference| / max |reference|, in float64: the probes' check of a kernel's result."""
+    return ((actual.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+
+
 def gpu_us(fn) -> float:
     """Device time of fn in µs, replayed in a CUDA graph (a Python launch path, ~30-100 µs per
     Triton launch on a slow host, would otherwise be what do_bench measures for the small shapes),

@@ -146,10 +146,6 @@ def dx_and_grad_a(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
     return dx, grad_A
 
 
-def _relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((actual.double() - reference).abs().max() / reference.abs().max()).item()
-
-
 def probe(shapes, ranks, tokens: int, config: dict) -> None:
     torch.manual_seed(0)
     scale = 2.0
@@ -170,9 +166,9 @@ def probe(shapes, ranks, tokens: int, config: dict) -> None:
             line = [f"{shape} {K}x{N} r={r}"]
             try:
                 dx, dA = dx_and_grad_a(g, W, A, x, grad_xa, **config)
-                err = max(_relative_error(dx, ref_dx), _relative_error(dA, ref_dA))
+                err = max(common.max_relative_error(dx, ref_dx), common.max_relative_error(dA, ref_dA))
                 dx_flat, _ = dx_and_grad_a(g, W, A, x, grad_xa, with_da=False, flatten=True, **config)
-                err = max(err, _relative_error(dx_flat, ref_dx))
+                err = max(err, common.max_relative_error(dx_flat, ref_dx))
                 line.append(f"check err {err:.1e}{' WRONG' if err > 2e-2 else ''}")
             except Exception as exc:  # a variant that does not compile or fit: report, go on
                 print(f"{line[0]}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)

@@ -436,11 +436,14 @@ LAUNCH = dict(num_warps=4, maxnreg=168)
 LOAD_REGS, CONSUMER_REGS = 40, 232
 
 
+def _descriptor(t, block):
+    """A host TMA descriptor of a bf16 tensor, blocks of `block`, in the default swizzled shared layout."""
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+
 def _descriptors(a, b, c, b_transposed, block_m, block_n, block_k):
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
     b_block = [block_n, block_k] if b_transposed else [block_k, block_n]
-    return desc(a, [block_m, block_k]), desc(b, b_block), desc(c, [block_m, block_n])
+    return _descriptor(a, [block_m, block_k]), _descriptor(b, b_block), _descriptor(c, [block_m, block_n])
 
 
 def _check_operand(name: str, t: torch.Tensor) -> None:
@@ -548,13 +551,11 @@ def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
     dx = torch.empty(M, N, dtype=torch.bfloat16, device=g.device)
     partial = torch.empty(runs * 2, r_pad, N, dtype=torch.float32, device=g.device)
 
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-
     grid = (triton.cdiv(N, block_n) * runs,)
     _ws_dx_lora_kernel[grid](
-        desc(g, [block_m, block_k]), desc(W, [block_k, block_n]), desc(A, [r_pad, block_n]),
-        desc(x, [block_m, block_n]), desc(grad_xa, [block_m, r_pad]), desc(dx, [block_m, block_n]), partial,
+        _descriptor(g, [block_m, block_k]), _descriptor(W, [block_k, block_n]), _descriptor(A, [r_pad, block_n]),
+        _descriptor(x, [block_m, block_n]), _descriptor(grad_xa, [block_m, r_pad]),
+        _descriptor(dx, [block_m, block_n]), partial,
         M, N, K, rows_per_run, runs, stages, LOAD_REGS, CONSUMER_REGS, **LAUNCH)
     return dx, partial.sum(0)[:r].to(A.dtype)
 
@@ -626,10 +627,6 @@ def probe(shape_names, config_names) -> None:
                 print(f"{name:8} {config:10} FAILED: {type(exc).__name__}: {first_line}")
                 traceback.print_exc(limit=3)
 
-def _rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((actual.double() - reference).abs().max() / reference.abs().max()).item()
-
-
 def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
     """--dx-lora: _ws_dx_lora_kernel (dx = g W + grad_xa A and dA = grad_xa^T x in one launch) checked against
     float64 and timed (device time, same run) beside cuBLAS's g W, the ping-pong GEMM alone and, where lora_ext
@@ -662,9 +659,9 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
         tiles = CONFIGS["pp128"]
         rows = []
         base = common.gpu_us(lambda: torch.mm(g, W))
-        rows.append(("cuBLAS g W", _rel_err(torch.mm(g, W), ref_gw), base))
+        rows.append(("cuBLAS g W", common.max_relative_error(torch.mm(g, W), ref_gw), base))
         try:
-            err = _rel_err(gluon_matmul(g, W, False, **tiles), ref_gw)
+            err = common.max_relative_error(gluon_matmul(g, W, False, **tiles), ref_gw)
             rows.append(("ping-pong g W (pp128)", err, common.gpu_us(lambda: gluon_matmul(g, W, False, **tiles))))
         except Exception as exc:  # report and go on
             print(f"{name} ping-pong FAILED: {type(exc).__name__}: {str(exc)[:300]}")
@@ -672,7 +669,7 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
         try:
             dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES)
             torch.cuda.synchronize()
-            err = max(_rel_err(dx, ref_dx), _rel_err(dA, ref_dA))
+            err = max(common.max_relative_error(dx, ref_dx), common.max_relative_error(dA, ref_dA))
             dx_lora_us = common.gpu_us(lambda: gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES))
             rows.append(("gluon_dx_lora (dx + dA)", err, dx_lora_us))
         except Exception as exc:  # compile errors, launch errors: report and go on
@@ -685,7 +682,7 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
                 dx_t, _ = fused_forward.grad_input(g, W, A, B, scale)
                 grads = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale)
                 torch.cuda.synchronize()
-                err = max(_rel_err(dx_t, ref_dx), _rel_err(grads[0], ref_dA))
+                err = max(common.max_relative_error(dx_t, ref_dx), common.max_relative_error(grads[0], ref_dA))
 
                 def today():
                     fused_forward.grad_input(g, W, A, B, scale)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import device_facts, replay
-from .rank_hint import aligned_stride, rank_alignment, rank_mask  # noqa: F401  (rank_alignment: the tests' name)
+from .rank_hint import aligned_stride, rank_alignment, rank_mask
 
 # Tiles (benchmarks/NOTES.md #40; the H200's sweep of 12-05 05:10, M = 8192, r = 16, device time).
 # Each program streams BLOCK_M x BLOCK_C tiles of its big operand with a few in flight; the kernel is
