@@ -131,14 +131,14 @@ if GLUON_ERROR is None:
         return pid_m * BM, pid_n * BN
 
     @gluon.jit
-    def _load_k_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, k_tiles,
+    def _load_k_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, k_first, k_last,
                       B_TRANSPOSED: gl.constexpr):
-        """The loader's K steps of one output tile into the ring, from ring counter c; returns the next c.
-        Shared by both kernels' load partitions."""
+        """The loader's K steps k_first .. k_last - 1 of one output tile into the ring, from ring counter c;
+        returns the next c. Shared by both kernels' load partitions."""
         BK: gl.constexpr = a_desc.block_type.shape[1]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-        for kk in range(k_tiles):
+        for kk in range(k_first, k_last):
             s = c % STAGES
             # Slot s is free once its previous use (counter c - STAGES) was released; for the
             # first STAGES uses parity 1 passes at once (a fresh mbarrier counts as having
@@ -164,7 +164,7 @@ if GLUON_ERROR is None:
         c = 0  # ring counter over all this program's K steps; consumers count the same way
         for i in range(my_tiles):
             off_m, off_n = _tile_coords(pid + i * nprog, num_pid_m, num_pid_n, BM, BN, GROUP_M)
-            c = _load_k_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, k_tiles, B_TRANSPOSED)
+            c = _load_k_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, 0, k_tiles, B_TRANSPOSED)
 
     @gluon.jit
     def _k_loop(a_bufs, b_bufs, ready, empty, acc, base, k_tiles, B_TRANSPOSED: gl.constexpr):
@@ -298,13 +298,22 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _dx_lora_load_partition(g_desc, w_desc, lora_a_desc, x_desc, gxa_desc,
                                 a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs,
-                                ready, empty, lora_a_bar, x_ready, x_empty, M, N, K, rows_per_run, runs):
+                                ready, empty, lora_a_bar, x_ready, x_empty, M, N, K, rows_per_run, runs,
+                                LOAD_X: gl.constexpr, X_CHUNKS: gl.constexpr, X_SPAN: gl.constexpr):
         """One warp: A's tile once; then per row block i (consumer i % 2's j-th, j = i // 2): x's and grad_xa's
-        tiles into that consumer's buffers, then the tile's K steps into the ring."""
+        tiles into that consumer's buffers, then the tile's K steps into the ring. LOAD_X False (an ablation,
+        --dx-lora-parts): grad_xa's tile alone. X_CHUNKS > 1: x's tile in that many row slices (x_desc's
+        block), slice c issued before K step c * (k_tiles // X_SPAN // X_CHUNKS): spread over the first 1 / X_SPAN
+        of the main loop, not one 32 KiB HBM read ahead of the tile's first K step (12-06 10:27: the whole tile's
+        load cost 20.5 µs at k/v); X_SPAN 2 leaves the last slice half the loop to arrive."""
         BM: gl.constexpr = g_desc.block_type.shape[0]
         BK: gl.constexpr = g_desc.block_type.shape[1]
         BN: gl.constexpr = x_desc.block_type.shape[1]
-        x_bytes: gl.constexpr = x_desc.block_type.nbytes + gxa_desc.block_type.nbytes
+        X_ROWS: gl.constexpr = x_desc.block_type.shape[0]  # BM // X_CHUNKS
+        if LOAD_X:
+            x_bytes: gl.constexpr = X_CHUNKS * x_desc.block_type.nbytes + gxa_desc.block_type.nbytes
+        else:
+            x_bytes: gl.constexpr = gxa_desc.block_type.nbytes
         run, off_m0, off_n, k_tiles, my_tiles = _column_run(M, N, K, rows_per_run, runs, BM, BN, BK)
         # A (R_PAD x BN), rows past r zero-filled by TMA; only where the consumers will wait for it, so that no
         # program exits with a TMA load in flight. (lora_a_bar completes once: the consumers wait on parity 0.)
@@ -323,16 +332,28 @@ if GLUON_ERROR is None:
             # Never two phases behind: this loader's own wait for completion j - 2 came first.
             mbarrier.wait(x_empty.index(p), (j & 1) ^ 1)
             mbarrier.expect(x_ready.index(p), x_bytes)
-            _tma_load(x_desc, [off_m, off_n], x_ready.index(p), x_bufs.index(p))
             _tma_load(gxa_desc, [off_m, 0], x_ready.index(p), gxa_bufs.index(p))  # columns past r: zeros
-            c = _load_k_steps(g_desc, w_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, k_tiles, False)
+            if LOAD_X and X_CHUNKS > 1:
+                per_chunk = k_tiles // X_SPAN // X_CHUNKS
+                for ch in gl.static_range(X_CHUNKS):
+                    _tma_load(x_desc, [off_m + ch * X_ROWS, off_n], x_ready.index(p),
+                              x_bufs.index(p).slice(ch * X_ROWS, X_ROWS))
+                    k_last = k_tiles if ch == X_CHUNKS - 1 else (ch + 1) * per_chunk
+                    c = _load_k_steps(g_desc, w_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n,
+                                      ch * per_chunk, k_last, False)
+            else:
+                if LOAD_X:
+                    _tma_load(x_desc, [off_m, off_n], x_ready.index(p), x_bufs.index(p))
+                c = _load_k_steps(g_desc, w_desc, a_bufs, b_bufs, ready, empty, c, off_m, off_n, 0, k_tiles, False)
 
     @gluon.jit
     def _dx_lora_consumer(dx_desc, a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs, ready, empty, order,
                           lora_a_bar, x_ready, x_empty, partial_ptr, M, N, K, rows_per_run, runs,
-                          PARITY: gl.constexpr, acc_layout: gl.constexpr, da_layout: gl.constexpr):
+                          PARITY: gl.constexpr, acc_layout: gl.constexpr, da_layout: gl.constexpr,
+                          WITH_LORA: gl.constexpr, WITH_DA: gl.constexpr):
         """One warpgroup: row blocks PARITY, PARITY + 2, ... of this program's run: dx's tile (K loop, then the
-        LoRA step grad_xa A), dA^T += x^T grad_xa, dx stored from the x buffer; at the end its dA^T partial."""
+        LoRA step grad_xa A), dA^T += x^T grad_xa, dx stored from the x buffer; at the end its dA^T partial.
+        WITH_LORA / WITH_DA False (ablations, --dx-lora-parts): that wgmma (and dA's partial) left out."""
         BM: gl.constexpr = dx_desc.block_type.shape[0]
         BN: gl.constexpr = dx_desc.block_type.shape[1]
         BK: gl.constexpr = a_bufs.type.shape[2]
@@ -356,14 +377,24 @@ if GLUON_ERROR is None:
             # a phase ahead: the loader's j + 1-th load waits for this consumer's x_empty arrival below.
             mbarrier.wait(x_ready.index(PARITY), j & 1)
             mbarrier.wait(lora_a_bar, 0)  # completed once, before this program's first tile: passes after
-            acc = warpgroup_mma(gxa_buf, lora_a_buf, acc, is_async=True)
-            # dA^T (BN x R_PAD) += x^T (BN x BM) grad_xa (BM x R_PAD): A operand = the x tile seen transposed
-            # (an MN-major shared-memory operand, which wgmma accepts for 16-bit types).
-            dA_t = warpgroup_mma(x_buf.permute((1, 0)), gxa_buf, dA_t, is_async=True)
-            # The last K step's wgmma is the oldest of the three in flight: with two left it is done.
-            acc = warpgroup_mma_wait(2, deps=(acc,))
+            if WITH_LORA:
+                acc = warpgroup_mma(gxa_buf, lora_a_buf, acc, is_async=True)
+            if WITH_DA:
+                # dA^T (BN x R_PAD) += x^T (BN x BM) grad_xa (BM x R_PAD): A operand = the x tile seen transposed
+                # (an MN-major shared-memory operand, which wgmma accepts for 16-bit types).
+                dA_t = warpgroup_mma(x_buf.permute((1, 0)), gxa_buf, dA_t, is_async=True)
+            # The last K step's wgmma is the oldest of those in flight: with the epilogue's (two) left it is done.
+            if WITH_LORA and WITH_DA:
+                acc = warpgroup_mma_wait(2, deps=(acc,))
+            elif WITH_LORA or WITH_DA:
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(empty.index((base + k_tiles - 1) % STAGES), count=1)
-            acc, dA_t = warpgroup_mma_wait(0, deps=(acc, dA_t))
+            if WITH_DA:
+                acc, dA_t = warpgroup_mma_wait(0, deps=(acc, dA_t))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
             # x's tile has been read (the dA wgmma is complete): its buffer becomes dx's staging.
             x_buf.store(acc.to(dx_desc.dtype))
             fence_async_shared()  # the generic-proxy writes above, before the TMA (async proxy) reads
@@ -378,12 +409,15 @@ if GLUON_ERROR is None:
         ranks = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, da_layout))
         base_ptr = partial_ptr + (run * 2 + PARITY).to(gl.int64) * R_PAD * N
         ptrs = base_ptr + gl.expand_dims(ranks, 0) * N + gl.expand_dims(cols, 1)
-        gl.store(ptrs, dA_t, mask=gl.expand_dims(cols, 1) < N)
+        if WITH_DA:
+            gl.store(ptrs, dA_t, mask=gl.expand_dims(cols, 1) < N)
 
     @gluon.jit
     def _ws_dx_lora_kernel(g_desc, w_desc, lora_a_desc, x_desc, gxa_desc, dx_desc, partial_ptr,
                            M, N, K, rows_per_run, runs,
-                           STAGES: gl.constexpr, LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                           STAGES: gl.constexpr, LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                           WITH_LORA: gl.constexpr = True, WITH_DA: gl.constexpr = True,
+                           LOAD_X: gl.constexpr = True, X_CHUNKS: gl.constexpr = 1, X_SPAN: gl.constexpr = 1):
         BM: gl.constexpr = dx_desc.block_type.shape[0]
         BN: gl.constexpr = dx_desc.block_type.shape[1]
         R_PAD: gl.constexpr = gxa_desc.block_type.shape[1]
@@ -397,8 +431,9 @@ if GLUON_ERROR is None:
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + g_desc.block_type.shape, g_desc.layout)
         b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         lora_a_buf = gl.allocate_shared_memory(dtype, lora_a_desc.block_type.shape, lora_a_desc.layout)
-        # x's and dx's descriptors have the same block and layout (the host makes both so): one buffer serves.
-        x_bufs = gl.allocate_shared_memory(dtype, [2] + x_desc.block_type.shape, x_desc.layout)
+        # x's and dx's descriptors have the same layout (the host makes both so; x's block is dx's, or a row
+        # slice of it with X_CHUNKS > 1): one buffer, of dx's block, serves.
+        x_bufs = gl.allocate_shared_memory(dtype, [2] + dx_desc.block_type.shape, dx_desc.layout)
         gxa_bufs = gl.allocate_shared_memory(dtype, [2] + gxa_desc.block_type.shape, gxa_desc.layout)
         ready, empty, order = _ring_barriers(STAGES)
         x_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -412,13 +447,13 @@ if GLUON_ERROR is None:
         gl.warp_specialize([
             (_dx_lora_consumer, (dx_desc, a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs, ready, empty, order,
                                  lora_a_bar, x_ready, x_empty, partial_ptr, M, N, K, rows_per_run, runs,
-                                 0, acc_layout, da_layout)),
+                                 0, acc_layout, da_layout, WITH_LORA, WITH_DA)),
             (_dx_lora_consumer, (dx_desc, a_bufs, b_bufs, lora_a_buf, x_bufs, gxa_bufs, ready, empty, order,
                                  lora_a_bar, x_ready, x_empty, partial_ptr, M, N, K, rows_per_run, runs,
-                                 1, acc_layout, da_layout)),
+                                 1, acc_layout, da_layout, WITH_LORA, WITH_DA)),
             (_dx_lora_load_partition, (g_desc, w_desc, lora_a_desc, x_desc, gxa_desc, a_bufs, b_bufs, lora_a_buf,
                                        x_bufs, gxa_bufs, ready, empty, lora_a_bar, x_ready, x_empty,
-                                       M, N, K, rows_per_run, runs)),
+                                       M, N, K, rows_per_run, runs, LOAD_X, X_CHUNKS, X_SPAN)),
         ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
 
@@ -522,10 +557,14 @@ def dx_lora_runs(M: int, N: int, block_m: int, block_n: int, sms: int) -> tuple[
 
 def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Tensor, grad_xa: torch.Tensor,
                   block_m: int = 128, block_n: int = 128, block_k: int = 64, stages: int = 4,
-                  sms: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  sms: int | None = None, with_lora: bool = True, with_da: bool = True,
+                  load_x: bool = True, x_chunks: int = 1, x_span: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dA) with dx = g W + grad_xa A and dA = grad_xa^T x, by _ws_dx_lora_kernel (sm_90; compiled for
     sm_90 with triton 3.6 and 3.9, NOT YET RUN ON A GPU). g (M, K), W (K, N), A (r, N), x (M, N), grad_xa (M, r),
-    r <= 16, bf16. dA: the kernel's float32 partials, (runs x 2, 16, N), summed by torch, then cast."""
+    r <= 16, bf16. dA: the kernel's float32 partials, (runs x 2, 16, N), summed by torch, then cast.
+    with_lora / with_da / load_x False: ablations (--dx-lora-parts): dx without the LoRA step (g W), no dA (None),
+    x's tiles not loaded (needs with_da False). x_chunks: x's tile loaded in that many row slices, spread over
+    the first 1 / x_span of the tile's K steps (the loader's X_CHUNKS, X_SPAN)."""
     if GLUON_ERROR is not None:
         raise RuntimeError(f"this triton ({triton.__version__}) has no usable Gluon: {GLUON_ERROR}")
     for name, t in (("g", g), ("W", W), ("A", A), ("x", x), ("grad_xa", grad_xa)):
@@ -539,6 +578,12 @@ def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
         raise ValueError(f"shapes do not match: g {tuple(g.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, "
                          f"x {tuple(x.shape)}, grad_xa {tuple(grad_xa.shape)}")
     _check_sizes(M, N, K, g.device, block_m, block_n)
+    if with_da and not load_x:
+        raise ValueError("with_da needs load_x: dA = grad_xa^T x reads x's tiles")
+    if x_chunks < 1 or block_m % x_chunks or block_m // x_chunks < 8:
+        raise ValueError(f"x_chunks must divide block_m ({block_m}) into slices of at least 8 rows, got {x_chunks}")
+    if x_span not in (1, 2):
+        raise ValueError(f"x_span must be 1 or 2, got {x_span}")
     r_pad = 16
     if dx_lora_smem_bytes(block_m, block_n, block_k, stages, r_pad) > SMEM_LIMIT:
         raise ValueError(f"tiles {block_m}x{block_n}x{block_k} at {stages} stages need "
@@ -554,10 +599,11 @@ def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
     grid = (triton.cdiv(N, block_n) * runs,)
     _ws_dx_lora_kernel[grid](
         _descriptor(g, [block_m, block_k]), _descriptor(W, [block_k, block_n]), _descriptor(A, [r_pad, block_n]),
-        _descriptor(x, [block_m, block_n]), _descriptor(grad_xa, [block_m, r_pad]),
+        _descriptor(x, [block_m // x_chunks, block_n]), _descriptor(grad_xa, [block_m, r_pad]),
         _descriptor(dx, [block_m, block_n]), partial,
-        M, N, K, rows_per_run, runs, stages, LOAD_REGS, CONSUMER_REGS, **LAUNCH)
-    return dx, partial.sum(0)[:r].to(A.dtype)
+        M, N, K, rows_per_run, runs, stages, LOAD_REGS, CONSUMER_REGS, with_lora, with_da, load_x, x_chunks,
+        x_span, **LAUNCH)
+    return dx, (partial.sum(0)[:r].to(A.dtype) if with_da else None)
 
 
 def library_triton_gemm():
@@ -627,10 +673,44 @@ def probe(shape_names, config_names) -> None:
                 print(f"{name:8} {config:10} FAILED: {type(exc).__name__}: {first_line}")
                 traceback.print_exc(limit=3)
 
-def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
+def float64_canary():
+    """A check of the GPU's float64 GEMMs (the probes' references) against the CPU's, callable between steps:
+    at 10:12 on 12-06, after kv_dx's rows, qo_dx's float64 references came out wrong (cuBLAS's and the
+    ping-pong GEMM's bf16 results agreed with each other and missed ref_gw by 0.80; ref_dA's check read inf)
+    while the same references were right at 09:07 without the --dx-lora rows before them. The canary's two
+    products have the references' forms (a tall g W, a 16-row grad_xa^T x)."""
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(torch.randn(2048, 4096, dtype=torch.float64, generator=gen),
+              torch.randn(4096, 4096, dtype=torch.float64, generator=gen)),
+             (torch.randn(16, 8192, dtype=torch.float64, generator=gen),
+              torch.randn(8192, 4096, dtype=torch.float64, generator=gen))]
+    refs = [a @ b for a, b in pairs]
+    on_gpu = [(a.cuda(), b.cuda()) for a, b in pairs]
+
+    def check(after: str) -> None:
+        errs = [common.max_relative_error((a @ b).cpu(), ref) for (a, b), ref in zip(on_gpu, refs)]
+        state = "ok" if max(errs) < 1e-12 else "BROKEN"
+        print(f"  float64 canary after {after}: {state} ({', '.join(f'{e:.1e}' for e in errs)})", flush=True)
+
+    return check
+
+
+def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0, check_only: bool = False,
+                  canary=None, parts: bool = False) -> None:
     """--dx-lora: _ws_dx_lora_kernel (dx = g W + grad_xa A and dA = grad_xa^T x in one launch) checked against
     float64 and timed (device time, same run) beside cuBLAS's g W, the ping-pong GEMM alone and, where lora_ext
-    is built, the library's today (fused_forward.grad_input + adapter_grads, as benchmarks/dx_grad_a_probe.py)."""
+    is built, the library's today (fused_forward.grad_input + adapter_grads, as benchmarks/dx_grad_a_probe.py).
+    check_only: no timings (for compute-sanitizer); canary: float64_canary()'s check, run after each step;
+    parts: also the kernel's ablations, each a step from the plain column-run GEMM to the whole kernel (where
+    its time over the ping-pong GEMM alone goes: 12-06 10:12, k/v: 127.2 against 101.3 µs)."""
+    if check_only:  # every timing reads 0, and the checks still run
+        def time_it(fn):
+            fn()
+            torch.cuda.synchronize()
+            return 0.0
+    else:
+        time_it = common.gpu_us
+    canary = canary or (lambda after: None)
     try:
         from lora_ext.kernels import adapter_grads, fused_forward
     except Exception as exc:  # noqa: BLE001 - an unbuilt checkout: the library's rows are left out
@@ -653,29 +733,65 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
         x = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
         xa = torch.randn(M, rank, dtype=torch.bfloat16, device="cuda")
         grad_xa = (torch.mm(g, B) * scale).to(torch.bfloat16)
-        ref_gw = g.double() @ W.double()
-        ref_dx = ref_gw + grad_xa.double() @ A.double()
-        ref_dA = grad_xa.double().t() @ x.double()
+        # The float64 references on the CPU: at 10:12, 10:27 and 10:33 (kv_dx, then qo_dx) the GPU's float64
+        # products came out wrong at qo_dx (cuBLAS's and the ping-pong GEMM's bf16 results agreed with each other
+        # and missed ref_gw by 0.80; dA's check read inf), right at 10:18 (qo_dx first, with float64_canary's
+        # tensors on the GPU). Not understood; the GPU's products are kept as a diagnostic line below.
+        ref_gw = (g.cpu().double() @ W.cpu().double()).cuda()
+        ref_dx = ref_gw + (grad_xa.cpu().double() @ A.cpu().double()).cuda()
+        ref_dA = (grad_xa.cpu().double().t() @ x.cpu().double()).cuda()
+        gpu_refs = (g.double() @ W.double(), grad_xa.double().t() @ x.double())
+        print(f"{name}: the GPU's float64 g W and grad_xa^T x against the CPU's: "
+              f"{common.max_relative_error(gpu_refs[0], ref_gw):.1e}, {common.max_relative_error(gpu_refs[1], ref_dA):.1e}",
+              flush=True)
+        del gpu_refs
+        canary(f"{name}: the references")
         tiles = CONFIGS["pp128"]
         rows = []
-        base = common.gpu_us(lambda: torch.mm(g, W))
+        base = time_it(lambda: torch.mm(g, W))
         rows.append(("cuBLAS g W", common.max_relative_error(torch.mm(g, W), ref_gw), base))
+        canary(f"{name}: cuBLAS g W")
         try:
             err = common.max_relative_error(gluon_matmul(g, W, False, **tiles), ref_gw)
-            rows.append(("ping-pong g W (pp128)", err, common.gpu_us(lambda: gluon_matmul(g, W, False, **tiles))))
+            rows.append(("ping-pong g W (pp128)", err, time_it(lambda: gluon_matmul(g, W, False, **tiles))))
         except Exception as exc:  # report and go on
             print(f"{name} ping-pong FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        canary(f"{name}: the ping-pong GEMM")
         dx_lora_us = None
         try:
             dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES)
             torch.cuda.synchronize()
             err = max(common.max_relative_error(dx, ref_dx), common.max_relative_error(dA, ref_dA))
-            dx_lora_us = common.gpu_us(lambda: gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES))
+            dx_lora_us = time_it(lambda: gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES))
             rows.append(("gluon_dx_lora (dx + dA)", err, dx_lora_us))
         except Exception as exc:  # compile errors, launch errors: report and go on
             print(f"{name} gluon_dx_lora FAILED: {type(exc).__name__}: {str(exc)[:300]}")
             traceback.print_exc(limit=3)
-        g_b_us = common.gpu_us(lambda: torch.mm(g, B).mul_(scale))
+        for label, switches, ref in (("parts: column runs, g W alone", dict(with_lora=False, load_x=False), ref_gw),
+                                     ("parts: + the LoRA step", dict(load_x=False), ref_dx),
+                                     ("parts: + x's tiles loaded", {}, ref_dx),
+                                     ("parts: + x's tiles in 4 slices", dict(x_chunks=4), ref_dx),
+                                     ("parts: + x's tiles in 8 slices", dict(x_chunks=8), ref_dx),
+                                     ("parts: + x in 8 slices, first half", dict(x_chunks=8, x_span=2), ref_dx),
+                                     ("parts: + x in 16 slices, first half", dict(x_chunks=16, x_span=2), ref_dx)) if parts else ():
+            try:
+                def part(switches=switches):
+                    return gluon_dx_lora(g, W, A, x, grad_xa, with_da=False, **switches, **DX_LORA_TILES)[0]
+
+                rows.append((label, common.max_relative_error(part(), ref), time_it(part)))
+            except Exception as exc:  # report and go on
+                print(f"{name} {label} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        for chunks, span in ((4, 1), (8, 1), (8, 2), (16, 2)) if parts else ():  # the whole kernel, x in slices
+            label = f"gluon_dx_lora, x in {chunks} slices" + (", first half" if span == 2 else "")
+            try:
+                dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, x_chunks=chunks, x_span=span, **DX_LORA_TILES)
+                err = max(common.max_relative_error(dx, ref_dx), common.max_relative_error(dA, ref_dA))
+                rows.append((label, err, time_it(lambda: gluon_dx_lora(g, W, A, x, grad_xa, x_chunks=chunks,
+                                                                       x_span=span, **DX_LORA_TILES))))
+            except Exception as exc:  # report and go on
+                print(f"{name} {label} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        canary(f"{name}: gluon_dx_lora")
+        g_b_us = time_it(lambda: torch.mm(g, B).mul_(scale))
         rows.append(("g B (cuBLAS; grad_xa)", float("nan"), g_b_us))
         if fused_forward is not None:
             try:
@@ -688,16 +804,19 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0) -> None:
                     fused_forward.grad_input(g, W, A, B, scale)
                     adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale)
 
-                rows.append(("today (grad_input + adapter launch)", err, common.gpu_us(today)))
-                db_us = common.gpu_us(lambda: adapter_grads.grad_B_only(xa, g, scale))
+                canary(f"{name}: grad_input + adapter_grads, once")
+                rows.append(("today (grad_input + adapter launch)", err, time_it(today)))
+                canary(f"{name}: today, timed")
+                db_us = time_it(lambda: adapter_grads.grad_B_only(xa, g, scale))
                 rows.append(("dB alone (adapter_grads.grad_B_only)", float("nan"), db_us))
+                canary(f"{name}: grad_B_only")
                 if dx_lora_us is not None:
                     rows.append(("new total (g B + dx_lora + dB alone)", float("nan"), g_b_us + dx_lora_us + db_us))
             except Exception as exc:  # report and go on
                 print(f"{name} library rows FAILED: {type(exc).__name__}: {str(exc)[:300]}")
         for label, err, us in rows:
             mark = "  WRONG" if err == err and err >= 1e-2 else ""  # nan: a row with no check
-            print(f"{name:6} {label:38} {err:9.2e} {us:8.1f} {us / base:7.3f}{mark}", flush=True)
+            print(f"{name:6} {label:38} {err:9.2e} {us:8.1f} {us / base if base else 0:7.3f}{mark}", flush=True)
         del g, W, A, B, x, xa, grad_xa, ref_gw, ref_dx, ref_dA
         torch.cuda.empty_cache()
 
@@ -711,13 +830,21 @@ def main() -> None:
                         help="instead: the dx + dA kernel (_ws_dx_lora_kernel, r = 16) at the dx shapes among --shapes "
                              "(default kv_dx qo_dx), checked against float64 and timed beside cuBLAS, the ping-pong "
                              "GEMM alone and the library's grad_input + adapter_grads")
+    parser.add_argument("--dx-lora-parts", action="store_true", help="with --dx-lora: also its ablations (the "
+                        "column-run GEMM alone, + the LoRA step, + x's tile loads), each timed and checked")
+    parser.add_argument("--check-only", action="store_true", help="with --dx-lora: the checks without the "
+                        "timings (for compute-sanitizer, under which a timing loop would take minutes)")
+    parser.add_argument("--canary", action="store_true", help="with --dx-lora: after each step, a float64 GEMM "
+                        "on the GPU against the CPU's (float64_canary)")
     args = parser.parse_args()
     if GLUON_ERROR is not None:
         raise SystemExit(f"this triton ({triton.__version__}) has no usable Gluon: {GLUON_ERROR}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (Hopper, sm_90)")
     if args.dx_lora:
-        probe_dx_lora([s for s in args.shapes if not SHAPES[s][3]])  # the dx shapes: kv_dx, qo_dx by default
+        probe_dx_lora([s for s in args.shapes if not SHAPES[s][3]],  # the dx shapes: kv_dx, qo_dx by default
+                      check_only=args.check_only, canary=float64_canary() if args.canary else None,
+                      parts=args.dx_lora_parts)
         return
     probe(args.shapes, args.configs)
 

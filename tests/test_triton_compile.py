@@ -539,13 +539,14 @@ def test_fused_forward_small_m_tiles_compile_for_sm90_into_a_launch_the_replay_u
 
 
 @pytest.mark.parametrize("shape, config", [("kv_dx", "pp128"), ("kv_fwd", "pp128s5"), ("qo_dx", "pp64x256"),
-                                           ("kv_dx", "dx_lora")])
+                                           ("kv_dx", "dx_lora"), ("kv_dx", "dx_lora_gw")])
 def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
     """benchmarks/gluon_gemm_probe.py (NOTES.md #67) is a Gluon kernel, an experimental API whose spelling moves
     between triton versions (3.6 on the GPU image, newer here): it must still compile for sm_90 with this one,
     within a block's shared memory, without spilling, and with its wgmmas in flight (fewer waits than wgmmas).
     config "dx_lora": the probe's second kernel, _ws_dx_lora_kernel (dx = g W + grad_xa A and dA's partials, r <= 16;
-    not yet run on a GPU), at its tiles (DX_LORA_TILES)."""
+    first run 12-06 10:12), at its tiles (DX_LORA_TILES); "dx_lora_gw": the same kernel as the ablation that leaves out
+    the LoRA step, dA and x's loads (--dx-lora-parts' first row)."""
     import sys
 
     pytest.importorskip("triton.experimental.gluon._runtime")
@@ -559,15 +560,17 @@ def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
 
     assert probe.GLUON_ERROR is None, probe.GLUON_ERROR
     M, K, N, b_transposed = probe.SHAPES[shape]
-    tiles = probe.DX_LORA_TILES if config == "dx_lora" else probe.CONFIGS[config]
+    tiles = probe.DX_LORA_TILES if config.startswith("dx_lora") else probe.CONFIGS[config]
     bm, bn, bk, stages = tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["stages"]
 
     def descriptor(block):  # the signature of a host tensor descriptor, as the probe makes them
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
         return f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
 
-    if config == "dx_lora":
-        constexprs = {"STAGES": stages, "LOAD_REGS": probe.LOAD_REGS, "CONSUMER_REGS": probe.CONSUMER_REGS}
+    if config.startswith("dx_lora"):
+        whole = config == "dx_lora"
+        constexprs = {"STAGES": stages, "LOAD_REGS": probe.LOAD_REGS, "CONSUMER_REGS": probe.CONSUMER_REGS,
+                      "WITH_LORA": whole, "WITH_DA": whole, "LOAD_X": whole, "X_CHUNKS": 1, "X_SPAN": 1}
         signature = {"g_desc": descriptor([bm, bk]), "w_desc": descriptor([bk, bn]),
                      "lora_a_desc": descriptor([16, bn]), "x_desc": descriptor([bm, bn]),
                      "gxa_desc": descriptor([bm, 16]), "dx_desc": descriptor([bm, bn]),
@@ -590,3 +593,24 @@ def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
     wgmmas, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR")
     assert wgmmas > 0 and waits < wgmmas, f"{wgmmas} wgmmas, {waits} waits"
     assert local_memory_accesses(sass) == 0, "registers spilled to local memory"
+
+
+@pytest.mark.parametrize("num_parts, n_rows, r_pad", [(32, 1024, 16), (4, 8192, 16), (16, 4096, 64), (8, 14336, 256),
+                                                      (1, 4096, 16), (100, 300, 32)])
+def test_sum_partials_block_rule_and_its_sm90_compile(num_parts, n_rows, r_pad):
+    """_sum_blocks: every partial of a step loaded at once up to SUM_MAX_BLOCK_PARTS (the one-partial-per-step
+    kernel was a chain of round trips: 36 µs for k/v's dB, 32 partials on 4 programs), at least ~one program per
+    SM where there are rows for it, and a tile within SUM_TILE_VALUES; that tile compiles for sm_90 without
+    spilling (the GPU's variant: this session is not the interpreter's)."""
+    sms = 132
+    block_parts, block_rows = triton_lora._sum_blocks(num_parts, n_rows, r_pad, sms)
+    assert block_parts == min(triton.next_power_of_2(num_parts), triton_lora.SUM_MAX_BLOCK_PARTS,
+                              triton_lora.SUM_TILE_VALUES // (2 * r_pad))
+    assert block_parts * block_rows * r_pad <= triton_lora.SUM_TILE_VALUES
+    assert triton.cdiv(n_rows, block_rows) >= min(sms, n_rows // 2) // 2, (block_parts, block_rows)
+    partials = torch.empty(num_parts, n_rows, r_pad)
+    out = torch.empty(n_rows, r_pad, dtype=torch.bfloat16)
+    args = (partials, out, n_rows, r_pad, num_parts, *partials.stride(), *out.stride(), 0.5)
+    _, compiled = compile_for_sm90(triton_lora._sum_partials_kernel, args,
+                                   dict(BLOCK_PARTS=block_parts, BLOCK_ROWS=block_rows, BLOCK_COLS=r_pad))
+    assert local_memory_accesses(compiled.asm["sass"]) == 0, "registers spilled to local memory"
