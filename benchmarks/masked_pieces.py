@@ -213,6 +213,28 @@ def part_rank_hint(rows):
     print(common.markdown_table(["shape", "r", "piece", "µs with the hint", "µs without", "ratio"], out))
 
 
+def part_sums(rows):
+    """The masked pieces as launched and with their partials summed one partial per step (`_sum_blocks` patched
+    to (1, the rows of the kernel before 12-06: max(16, 4096 // r_pad)), the sum as it was: a chain of round
+    trips), r = 16 and 64, same run, device time (benchmarks/NOTES.md #69)."""
+    def one_per_step(num_parts, n_rows, r_pad, sms):
+        return 1, max(16, 4096 // r_pad)
+
+    out = []
+    for r in (16, 64):
+        for shape, (K, N) in SHAPES.items():
+            inputs = make_inputs(8192, K, N, r)
+            for name, (fn, _) in pieces(*inputs).items():
+                now = common.gpu_us(fn)
+                before = common.gpu_us(patched(fn, _sum_blocks=one_per_step))
+                rows.append(dict(part="sums", shape=shape, r=r, name=name, us=round(now, 1),
+                                 us_one_partial_per_step=round(before, 1)))
+                out.append((shape, r, name, f"{now:.1f}", f"{before:.1f}", f"{now / before:.3f}"))
+            del inputs
+            torch.cuda.empty_cache()
+    print(common.markdown_table(["shape", "r", "piece", "µs", "µs, one partial per step", "ratio"], out))
+
+
 def part_native(rows):
     """The native 'post' backward step alone, its two load schemes and two grid rules side by side
     (NOTES.md #55, #56): the registers one tile ahead (default, two programs per SM at r <= 16) against
@@ -316,7 +338,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--parts", nargs="+", default=["host", "floor", "ranks", "sweep"],
-                        choices=["host", "floor", "ranks", "sweep", "native", "rank_hint"])
+                        choices=["host", "floor", "ranks", "sweep", "native", "rank_hint", "sums"])
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds for the sweep")
     args = parser.parse_args()
     rows = []
@@ -333,6 +355,8 @@ def main():
             part_native(rows)
         if "rank_hint" in args.parts:
             part_rank_hint(rows)
+        if "sums" in args.parts:
+            part_sums(rows)
         if "sweep" in args.parts:
             part_sweep(rows, args.time_budget)
     finally:

@@ -418,6 +418,26 @@ def test_masked_grad_y_with_nothing_wanted_writes_nothing():
     assert torch.equal(g, before)
 
 
+@pytest.mark.parametrize("num_parts, n_rows, r, r_pad", [(1, 5, 3, 16), (2, 8, 16, 16), (5, 37, 11, 16),
+                                                        (9, 20, 40, 64)])
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_sum_partials_adds_every_partial_in_loads_of_several(num_parts, n_rows, r, r_pad, transpose_out):
+    """_sum_partials_kernel loads BLOCK_PARTS partials at once (2 here, the interpreter's blocks): odd
+    counts leave a masked tail, rows a tail of row blocks; an output of r < r_pad columns gets the sums of
+    the partials' first r, one of r_pad all of them, either way round (transpose_out)."""
+    gen = torch.Generator().manual_seed(num_parts * 100 + n_rows)
+    partials = torch.randn(num_parts, n_rows, r_pad, generator=gen)
+    out = torch.full((r, n_rows) if transpose_out else (n_rows, r), float("nan"))
+    out_wide = torch.full((r_pad, n_rows) if transpose_out else (n_rows, r_pad), float("nan"))
+    triton_lora._sum_partials(partials, out, scale=0.5, transpose_out=transpose_out)
+    expected = 0.5 * partials.double().sum(0)[:, :r]
+    expected = expected.t() if transpose_out else expected
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    triton_lora._sum_partials(partials, out_wide, transpose_out=transpose_out)
+    wide = partials.double().sum(0)
+    torch.testing.assert_close(out_wide.double(), wide.t() if transpose_out else wide, rtol=1e-6, atol=1e-6)
+
+
 # The fused forward GEMM (lora_ext/kernels/fused_forward.py; the native CUDA path runs it on
 # Hopper for dropout-free k/v-sized layers). Small tiles so that the odd shapes below have row,
 # column, K and rank tails, and runs of several column blocks (xa reused across a run's tiles).
