@@ -634,22 +634,21 @@ SUM_MAX_BLOCK_PARTS = 32
 
 
 def _sum_blocks(num_parts: int, n_rows: int, r_pad: int, sms: int) -> tuple[int, int]:
-    """(BLOCK_PARTS, BLOCK_ROWS) of _sum_partials_kernel: rows so that every SM gets a program (the largest
-    power of two under n_rows / sms), then as many partials per load as fit in SUM_TILE_VALUES, up to
-    SUM_MAX_BLOCK_PARTS. Rows first: with partials first, gate/up's r = 64 dxa sum (16 partials of 8192 rows)
-    got 8-row programs and ran slower than one partial per step (12-06 10:43, NOTES.md #70).
+    """(BLOCK_PARTS, BLOCK_ROWS) of _sum_partials_kernel: as many partials per load as there are (up to
+    SUM_MAX_BLOCK_PARTS), then rows so that about every SM gets a program, within SUM_TILE_VALUES.
+    Measured on an H100 (12-06 10:43 and 10:49, NOTES.md #70, against one partial per step): this rule won
+    at 7 of the 8 'post' shapes and ranks (k/v r = 16: 0.57); rows first (fewer partials per load, more
+    loads) lost at r = 64 (q/o, down: 1.06); at gate/up r = 64, 2 partials, both lost (1.03-1.04) to one
+    partial per step, which is kept there: 2 partials or fewer take the previous blocks.
     Powers of two (tl.arange); the interpreter gets small blocks, so the tests take several steps."""
     if _INTERPRET:
         return 2, 8
-    block_rows = min(max(1, SUM_TILE_VALUES // r_pad), _prev_power_of_2(max(1, n_rows // sms)))
-    block_parts = min(triton.next_power_of_2(max(num_parts, 1)), SUM_MAX_BLOCK_PARTS,
-                      max(1, SUM_TILE_VALUES // (block_rows * r_pad)))
-    return block_parts, block_rows
-
-
-def _prev_power_of_2(n: int) -> int:
-    """The largest power of two <= n (n >= 1)."""
-    return 1 << (n.bit_length() - 1)
+    if num_parts <= 2:
+        return 1, max(16, SUM_TILE_VALUES // 2 // r_pad)
+    block_parts = min(triton.next_power_of_2(num_parts), SUM_MAX_BLOCK_PARTS, max(1, SUM_TILE_VALUES // (2 * r_pad)))
+    rows_for_registers = max(2, SUM_TILE_VALUES // (block_parts * r_pad))
+    rows_for_sms = max(2, triton.next_power_of_2(_cdiv(n_rows, sms)))
+    return block_parts, min(rows_for_registers, rows_for_sms)
 
 
 # ---------------------------------------------------------------------------
