@@ -50,8 +50,8 @@ library's Triton GEMM (results/2026-12-06_h100_0907_gluon/, NOTES.md #67): k/v d
 are short (16 K steps) and ties or loses elsewhere: untuned, and 128 x 128 tiles carry less work per byte
 loaded than Triton's 128 x 256.
 
-The second kernel, `_ws_dx_lora_kernel` (`gluon_dx_lora`, `--dx-lora`; NOTES.md "Next" item 3), compiled for
-sm_90 with triton 3.6 and 3.9; NOT YET RUN ON A GPU: the input gradient with the LoRA term and dA in one launch,
+The second kernel, `_ws_dx_lora_kernel` (`gluon_dx_lora`, `--dx-lora`; NOTES.md #68, #69), first run 12-06 10:12 on
+an H100, correct, a tie with the library at k/v and a loss at q/o (below): the input gradient with the LoRA term and dA in one launch,
 dx = g W + grad_xa A (grad_xa = s g B given; one more K = 16 wgmma per tile) and dA = grad_xa^T x, on column runs
 (program = one 128-wide column block of dx and a run of row blocks, ~one program per SM) so that dA's sum over M
 stays in registers: the two consumers take alternate row blocks, each keeps a 128 x 16 fp32 dA^T accumulator and
@@ -59,8 +59,12 @@ writes it as a float32 partial, summed by torch. The load partition issues each 
 by TMA into the consumer's own buffers before that tile's K steps, so they arrive under its main loop (#64's
 dA epilogue waited for them: +49 µs at k/v); x's buffer is then dx's TMA-store staging. 128 x 128 x 64 tiles,
 4 stages, 209016 B of shared memory, 12 warps, 52 wgmmas with 6 waits, no spills.
+Measured (H100, 10:28, results/2026-12-06_h100_1028_dxlora_parts/; --dx-lora-parts ablates it), k/v: 125.8 µs
+against the ping-pong GEMM's 101.0; x's tile loads cost +17.2 as one load per tile (+8.8 in 8 row slices, x_chunks),
+dA's wgmmas +6 to +10; at best (8 slices) 119.5, and with the s g B and dB launches it needs beside it 151.5 against
+the library's 157.5. q/o: 452 alone, 518 with them, against 452.
 
-    python benchmarks/gluon_gemm_probe.py --dx-lora [--shapes kv_dx qo_dx]
+    python benchmarks/gluon_gemm_probe.py --dx-lora [--dx-lora-parts] [--shapes kv_dx qo_dx]
 """
 from __future__ import annotations
 
@@ -257,9 +261,9 @@ if GLUON_ERROR is None:
             (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, B_TRANSPOSED)),
         ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
-    # ---- dx = g W + grad_xa A with dA^T partials (NOTES.md #59 change 1, #64, #67; "Next" item 3) ----
+    # ---- dx = g W + grad_xa A with dA^T partials (NOTES.md #59 change 1, #64, #67, #68, #69) ----
     # Names as in the host wrapper gluon_dx_lora: g (M x K), W (K x N), A (r x N), x (M x N), grad_xa (M x r),
-    # dx (M x N). Compiled for sm_90 with triton 3.6 and 3.9; NOT YET RUN ON A GPU.
+    # dx (M x N). Compiled for sm_90 with triton 3.6 and 3.9; run on an H100 since 12-06 10:12 (NOTES.md #68, #69).
     #
     # Why column runs: dA = grad_xa^T x is a sum over all M rows. To keep it in registers (and deterministic)
     # a program must own one column block of dx (BN columns of x, of dA) and walk row blocks, so program
@@ -560,7 +564,7 @@ def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
                   sms: int | None = None, with_lora: bool = True, with_da: bool = True,
                   load_x: bool = True, x_chunks: int = 1, x_span: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dA) with dx = g W + grad_xa A and dA = grad_xa^T x, by _ws_dx_lora_kernel (sm_90; compiled for
-    sm_90 with triton 3.6 and 3.9, NOT YET RUN ON A GPU). g (M, K), W (K, N), A (r, N), x (M, N), grad_xa (M, r),
+    sm_90 with triton 3.6 and 3.9; checked against float64 on an H100, NOTES.md #68). g (M, K), W (K, N), A (r, N), x (M, N), grad_xa (M, r),
     r <= 16, bf16. dA: the kernel's float32 partials, (runs x 2, 16, N), summed by torch, then cast.
     with_lora / with_da / load_x False: ablations (--dx-lora-parts): dx without the LoRA step (g W), no dA (None),
     x's tiles not loaded (needs with_da False). x_chunks: x's tile loaded in that many row slices, spread over
