@@ -61,7 +61,7 @@ dA epilogue waited for them: +49 µs at k/v); x's buffer is then dx's TMA-store 
 4 stages, 209016 B of shared memory, 12 warps, 52 wgmmas with 6 waits, no spills.
 Measured (H100, 10:28, results/2026-12-06_h100_1028_dxlora_parts/; --dx-lora-parts ablates it), k/v: 125.8 µs
 against the ping-pong GEMM's 101.0; x's tile loads cost +17.2 as one load per tile (+8.8 in 8 row slices, x_chunks),
-dA's wgmmas +6 to +10; at best (8 slices) 119.5, and with the s g B and dB launches it needs beside it 151.5 against
+dA's wgmmas +7 to +10; at best (8 slices) 119.5, and with the s g B and dB launches it needs beside it 151.5 against
 the library's 157.5. q/o: 452 alone, 518 with them, against 452.
 
     python benchmarks/gluon_gemm_probe.py --dx-lora [--dx-lora-parts] [--shapes kv_dx qo_dx]
@@ -308,7 +308,7 @@ if GLUON_ERROR is None:
         tiles into that consumer's buffers, then the tile's K steps into the ring. LOAD_X False (an ablation,
         --dx-lora-parts): grad_xa's tile alone. X_CHUNKS > 1: x's tile in that many row slices (x_desc's
         block), slice c issued before K step c * (k_tiles // X_SPAN // X_CHUNKS): spread over the first 1 / X_SPAN
-        of the main loop, not one 32 KiB HBM read ahead of the tile's first K step (12-06 10:27: the whole tile's
+        of the main loop, not one 32 KiB HBM read ahead of the tile's first K step (12-06 10:23: the whole tile's
         load cost 20.5 µs at k/v); X_SPAN 2 leaves the last slice half the loop to arrive."""
         BM: gl.constexpr = g_desc.block_type.shape[0]
         BK: gl.constexpr = g_desc.block_type.shape[1]
@@ -588,6 +588,10 @@ def gluon_dx_lora(g: torch.Tensor, W: torch.Tensor, A: torch.Tensor, x: torch.Te
         raise ValueError(f"x_chunks must divide block_m ({block_m}) into slices of at least 8 rows, got {x_chunks}")
     if x_span not in (1, 2):
         raise ValueError(f"x_span must be 1 or 2, got {x_span}")
+    if x_chunks > 1 and triton.cdiv(K, block_k) < x_chunks * x_span:
+        # Fewer K steps than slices: every slice would be issued before the first K step (one load, not spread).
+        raise ValueError(f"x_chunks {x_chunks} x x_span {x_span} needs at least as many K steps, got "
+                         f"{triton.cdiv(K, block_k)}")
     r_pad = 16
     if dx_lora_smem_bytes(block_m, block_n, block_k, stages, r_pad) > SMEM_LIMIT:
         raise ValueError(f"tiles {block_m}x{block_n}x{block_k} at {stages} stages need "
@@ -737,9 +741,9 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0, check_only: b
         x = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
         xa = torch.randn(M, rank, dtype=torch.bfloat16, device="cuda")
         grad_xa = (torch.mm(g, B) * scale).to(torch.bfloat16)
-        # The float64 references on the CPU: at 10:12, 10:27 and 10:33 (kv_dx, then qo_dx) the GPU's float64
+        # The float64 references on the CPU: at 10:12, 10:23 and 10:26 (kv_dx, then qo_dx) the GPU's float64
         # products came out wrong at qo_dx (cuBLAS's and the ping-pong GEMM's bf16 results agreed with each other
-        # and missed ref_gw by 0.80; dA's check read inf), right at 10:18 (qo_dx first, with float64_canary's
+        # and missed ref_gw by 0.80; dA's check read inf), right at 10:19 (qo_dx first, with float64_canary's
         # tensors on the GPU). Not understood; the GPU's products are kept as a diagnostic line below.
         ref_gw = (g.cpu().double() @ W.cpu().double()).cuda()
         ref_dx = ref_gw + (grad_xa.cpu().double() @ A.cpu().double()).cuda()
@@ -777,7 +781,7 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0, check_only: b
                                      ("parts: + x's tiles in 4 slices", dict(x_chunks=4), ref_dx),
                                      ("parts: + x's tiles in 8 slices", dict(x_chunks=8), ref_dx),
                                      ("parts: + x in 8 slices, first half", dict(x_chunks=8, x_span=2), ref_dx),
-                                     ("parts: + x in 16 slices, first half", dict(x_chunks=16, x_span=2), ref_dx)) if parts else ():
+                                     ("parts: + x in 16 slices", dict(x_chunks=16), ref_dx)) if parts else ():
             try:
                 def part(switches=switches):
                     return gluon_dx_lora(g, W, A, x, grad_xa, with_da=False, **switches, **DX_LORA_TILES)[0]
@@ -785,7 +789,7 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0, check_only: b
                 rows.append((label, common.max_relative_error(part(), ref), time_it(part)))
             except Exception as exc:  # report and go on
                 print(f"{name} {label} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
-        for chunks, span in ((4, 1), (8, 1), (8, 2), (16, 2)) if parts else ():  # the whole kernel, x in slices
+        for chunks, span in ((4, 1), (8, 1), (8, 2), (16, 1)) if parts else ():  # the whole kernel, x in slices
             label = f"gluon_dx_lora, x in {chunks} slices" + (", first half" if span == 2 else "")
             try:
                 dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, x_chunks=chunks, x_span=span, **DX_LORA_TILES)

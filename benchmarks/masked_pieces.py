@@ -215,10 +215,11 @@ def part_rank_hint(rows):
 
 def part_sums(rows):
     """The masked pieces as launched and with their partials summed one partial per step (`_sum_blocks` patched
-    to (1, the rows of the kernel before 12-06: max(16, 4096 // r_pad)), the sum as it was: a chain of round
-    trips), r = 16 and 64, same run, device time (benchmarks/NOTES.md #69)."""
+    to the blocks of the kernel before 12-06, the sum as it was: a chain of round trips), r = 16 and 64, same
+    run, device time (benchmarks/NOTES.md #70). 'pre' masked_down launches no sum at these shapes, and
+    masked_up one at r = 16 only: elsewhere their two columns are the same launches (controls)."""
     def one_per_step(num_parts, n_rows, r_pad, sms):
-        return 1, max(16, 4096 // r_pad)
+        return triton_lora.one_partial_per_step_blocks(r_pad)
 
     out = []
     for r in (16, 64):

@@ -539,14 +539,15 @@ def test_fused_forward_small_m_tiles_compile_for_sm90_into_a_launch_the_replay_u
 
 
 @pytest.mark.parametrize("shape, config", [("kv_dx", "pp128"), ("kv_fwd", "pp128s5"), ("qo_dx", "pp64x256"),
-                                           ("kv_dx", "dx_lora"), ("kv_dx", "dx_lora_gw")])
+                                           ("kv_dx", "dx_lora"), ("kv_dx", "dx_lora_gw"), ("kv_dx", "dx_lora_x8")])
 def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
     """benchmarks/gluon_gemm_probe.py (NOTES.md #67) is a Gluon kernel, an experimental API whose spelling moves
     between triton versions (3.6 on the GPU image, newer here): it must still compile for sm_90 with this one,
     within a block's shared memory, without spilling, and with its wgmmas in flight (fewer waits than wgmmas).
     config "dx_lora": the probe's second kernel, _ws_dx_lora_kernel (dx = g W + grad_xa A and dA's partials, r <= 16;
     first run 12-06 10:12), at its tiles (DX_LORA_TILES); "dx_lora_gw": the same kernel as the ablation that leaves out
-    the LoRA step, dA and x's loads (--dx-lora-parts' first row)."""
+    the LoRA step, dA and x's loads (--dx-lora-parts' first row); "dx_lora_x8": the whole kernel with x's tile loaded
+    in 8 row slices over the K steps (X_CHUNKS, its loader's unrolled path)."""
     import sys
 
     pytest.importorskip("triton.experimental.gluon._runtime")
@@ -568,11 +569,12 @@ def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
         return f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
 
     if config.startswith("dx_lora"):
-        whole = config == "dx_lora"
+        whole = config != "dx_lora_gw"
+        x_chunks = 8 if config == "dx_lora_x8" else 1
         constexprs = {"STAGES": stages, "LOAD_REGS": probe.LOAD_REGS, "CONSUMER_REGS": probe.CONSUMER_REGS,
-                      "WITH_LORA": whole, "WITH_DA": whole, "LOAD_X": whole, "X_CHUNKS": 1, "X_SPAN": 1}
+                      "WITH_LORA": whole, "WITH_DA": whole, "LOAD_X": whole, "X_CHUNKS": x_chunks, "X_SPAN": 1}
         signature = {"g_desc": descriptor([bm, bk]), "w_desc": descriptor([bk, bn]),
-                     "lora_a_desc": descriptor([16, bn]), "x_desc": descriptor([bm, bn]),
+                     "lora_a_desc": descriptor([16, bn]), "x_desc": descriptor([bm // x_chunks, bn]),
                      "gxa_desc": descriptor([bm, 16]), "dx_desc": descriptor([bm, bn]),
                      "partial_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "rows_per_run": "i32", "runs": "i32",
                      **{name: "constexpr" for name in constexprs}}
@@ -605,7 +607,7 @@ def test_sum_partials_block_rule_and_its_sm90_compile(num_parts, n_rows, r_pad):
     sms = 132
     block_parts, block_rows = triton_lora._sum_blocks(num_parts, n_rows, r_pad, sms)
     if num_parts <= 2:
-        assert (block_parts, block_rows) == (1, max(16, 4096 // r_pad))
+        assert (block_parts, block_rows) == triton_lora.one_partial_per_step_blocks(r_pad) == (1, max(16, 4096 // r_pad))
     else:
         assert block_parts == min(triton.next_power_of_2(num_parts), triton_lora.SUM_MAX_BLOCK_PARTS,
                                   triton_lora.SUM_TILE_VALUES // (2 * r_pad))

@@ -360,7 +360,7 @@ def _sum_partials_kernel(
 
     BLOCK_PARTS partials are loaded at once and reduced in registers: the sum is a chain of
     loads, one round trip per step, and with one partial per step a sum over 32 partials took
-    36 µs on 4 programs (H100, k/v's dB, 12-06 10:40 under ncu) for 2 MiB."""
+    36 µs on 4 programs (H100, k/v's dB, 12-06 10:33 under ncu) for 2 MiB."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     j = tl.arange(0, BLOCK_COLS).to(tl.int64)  # j * stride_ocol: 64-bit, as i
     s = tl.arange(0, BLOCK_PARTS).to(tl.int64)
@@ -633,18 +633,25 @@ SUM_TILE_VALUES = 8192
 SUM_MAX_BLOCK_PARTS = 32
 
 
+def one_partial_per_step_blocks(r_pad: int) -> tuple[int, int]:
+    """(BLOCK_PARTS, BLOCK_ROWS) of the sum before 12-06 (one partial per loop step): what _sum_blocks keeps
+    at 2 partials or fewer, and the other column of masked_pieces.py's A/B (--parts sums)."""
+    return 1, max(16, SUM_TILE_VALUES // 2 // r_pad)
+
+
 def _sum_blocks(num_parts: int, n_rows: int, r_pad: int, sms: int) -> tuple[int, int]:
     """(BLOCK_PARTS, BLOCK_ROWS) of _sum_partials_kernel: as many partials per load as there are (up to
     SUM_MAX_BLOCK_PARTS), then rows so that about every SM gets a program, within SUM_TILE_VALUES.
     Measured on an H100 (12-06 10:43 and 10:49, NOTES.md #70, against one partial per step): this rule won
     at 7 of the 8 'post' shapes and ranks (k/v r = 16: 0.57); rows first (fewer partials per load, more
-    loads) lost at r = 64 (q/o, down: 1.06); at gate/up r = 64, 2 partials, both lost (1.03-1.04) to one
-    partial per step, which is kept there: 2 partials or fewer take the previous blocks.
+    loads) lost at r = 64 (q/o, down: 1.06). At gate/up r = 64 (dB's sum: 2 partials) its blocks, (2, 64),
+    lost to one partial per step in both runs (1.04, 1.03), which is kept there: 2 partials or fewer take
+    the previous blocks. The order is fixed for a given shape and SM count (as the split into partials is).
     Powers of two (tl.arange); the interpreter gets small blocks, so the tests take several steps."""
     if _INTERPRET:
         return 2, 8
     if num_parts <= 2:
-        return 1, max(16, SUM_TILE_VALUES // 2 // r_pad)
+        return one_partial_per_step_blocks(r_pad)
     block_parts = min(triton.next_power_of_2(num_parts), SUM_MAX_BLOCK_PARTS, max(1, SUM_TILE_VALUES // (2 * r_pad)))
     rows_for_registers = max(2, SUM_TILE_VALUES // (block_parts * r_pad))
     rows_for_sms = max(2, triton.next_power_of_2(_cdiv(n_rows, sms)))
