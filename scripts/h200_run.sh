@@ -99,11 +99,15 @@ if has fused; then
 fi
 if has ncu; then
   # Nsight Compute on one launch of a masked piece (scripts/ncu_piece.py; NCU_PIECE default grad_y_native,
-  # the native 'post' backward step; NCU_SHAPE qo; NCU_RANK 16; NCU_KERNEL the kernel-name regex): the full
+  # the native 'post' backward step; NCU_SHAPE qo; NCU_RANK 16; NCU_KERNEL the kernel-name regex; NCU_SUM_BLOCKS, read by
+  # scripts/ncu_piece.py, forces the Triton pieces' sum blocks): the full
   # set, then each stall reason's cycles per issued instruction (NOTES.md #55: what bounds the step).
   ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [[ -z $ncu_bin ]]; then echo "ncu: Nsight Compute not found"; else
-    ncu_args=(--clock-control none -k "regex:${NCU_KERNEL:-masked_grad_y_kernel}" --launch-skip 2 --launch-count 1)
+    # NCU_SKIP / NCU_COUNT: the matching launches skipped and profiled (a piece that launches the kernel twice per
+    # call, as the 'post' piece's two sums: NCU_SKIP=4 NCU_COUNT=2 for its third call's pair).
+    ncu_args=(--clock-control none -k "regex:${NCU_KERNEL:-masked_grad_y_kernel}" --launch-skip ${NCU_SKIP:-2}
+              --launch-count ${NCU_COUNT:-1})
     piece_args=(scripts/ncu_piece.py ${NCU_PIECE:-grad_y_native} ${NCU_SHAPE:-qo} ${NCU_RANK:-16})
     timeout 240 "$ncu_bin" "${ncu_args[@]}" --set full python3 "${piece_args[@]}" > "$OUT/ncu_full.log" 2>&1
     echo "ncu full set: exit $?"
