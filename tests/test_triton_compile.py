@@ -603,7 +603,8 @@ def test_sum_partials_block_rule_and_its_sm90_compile(num_parts, n_rows, r_pad):
     """_sum_blocks: every partial loaded at once up to SUM_MAX_BLOCK_PARTS (the one-partial-per-step kernel ran
     k/v's dB, 32 partials, on 4 programs as a chain of round trips: 36 µs), at least ~one program per SM where
     there are rows for it, a tile within SUM_TILE_VALUES; 2 partials or fewer keep one partial per step (measured
-    faster there). The tile compiles for sm_90 without spilling (the GPU's variant: not the interpreter's)."""
+    faster there). The tile compiles for sm_90 without spilling (the GPU's variant: not the interpreter's), its
+    loads 16 bytes wide."""
     sms = 132
     block_parts, block_rows = triton_lora._sum_blocks(num_parts, n_rows, r_pad, sms)
     if num_parts <= 2:
@@ -619,3 +620,8 @@ def test_sum_partials_block_rule_and_its_sm90_compile(num_parts, n_rows, r_pad):
     _, compiled = compile_for_sm90(triton_lora._sum_partials_kernel, args,
                                    dict(BLOCK_PARTS=block_parts, BLOCK_ROWS=block_rows, BLOCK_COLS=r_pad))
     assert local_memory_accesses(compiled.asm["sass"]) == 0, "registers spilled to local memory"
+    # 16-byte loads of the partials (the column mask made them 4-byte loads, 4 times the instructions), where
+    # the tile gives each of the 128 threads 4 values or more (3 x 5 rows is 4 x 2 x 16: one each).
+    loads = re.findall(r"\bLDG\.E(\.\w+)?\s", compiled.asm["sass"])
+    if block_parts * block_rows * r_pad >= 4 * 128:
+        assert loads and set(loads) == {".128"}, sorted(set(loads))

@@ -348,7 +348,7 @@ def _lora_up_kernel(
                      grad_acc.to(inp_grad_ptr.dtype.element_ty), mask=c_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "num_parts", "stride_ps", "stride_orow", "stride_ocol"])
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "num_parts", "stride_orow", "stride_ocol"])
 def _sum_partials_kernel(
     part_ptr, out_ptr, n_rows, n_cols, num_parts,
     stride_ps, stride_prow, stride_pcol,
@@ -369,8 +369,11 @@ def _sum_partials_kernel(
     tile_ptrs = part_ptr + i[None, :, None] * stride_prow + j[None, None, :] * stride_pcol
     for first in range(0, num_parts, BLOCK_PARTS):
         parts = first + s
+        # Masked by part and row only: the partials have all r_pad columns (columns past n_cols are
+        # loaded, summed on their own and never stored), and a mask constant along a row lets the
+        # loads be 16 bytes wide (with the column mask they were 4-byte loads).
         vals = tl.load(tile_ptrs + parts[:, None, None] * stride_ps,
-                       mask=(parts < num_parts)[:, None, None] & ok[None, :, :], other=0.0)
+                       mask=(parts < num_parts)[:, None, None] & (i < n_rows)[None, :, None], other=0.0)
         acc += tl.sum(vals, axis=0)
     tl.store(out_ptr + i[:, None] * stride_orow + j[None, :] * stride_ocol,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
