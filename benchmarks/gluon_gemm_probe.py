@@ -765,16 +765,22 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0, check_only: b
         except Exception as exc:  # report and go on
             print(f"{name} ping-pong FAILED: {type(exc).__name__}: {str(exc)[:300]}")
         canary(f"{name}: the ping-pong GEMM")
-        dx_lora_us = None
-        try:
-            dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES)
-            torch.cuda.synchronize()
-            err = max(common.max_relative_error(dx, ref_dx), common.max_relative_error(dA, ref_dA))
-            dx_lora_us = time_it(lambda: gluon_dx_lora(g, W, A, x, grad_xa, **DX_LORA_TILES))
-            rows.append(("gluon_dx_lora (dx + dA)", err, dx_lora_us))
-        except Exception as exc:  # compile errors, launch errors: report and go on
-            print(f"{name} gluon_dx_lora FAILED: {type(exc).__name__}: {str(exc)[:300]}")
-            traceback.print_exc(limit=3)
+
+        def whole_kernel_row(label, **switches):
+            """The whole kernel (dx and dA) with these switches, checked and timed: its µs, or None if it failed."""
+            try:
+                dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, **switches, **DX_LORA_TILES)
+                torch.cuda.synchronize()
+                err = max(common.max_relative_error(dx, ref_dx), common.max_relative_error(dA, ref_dA))
+                us = time_it(lambda: gluon_dx_lora(g, W, A, x, grad_xa, **switches, **DX_LORA_TILES))
+                rows.append((label, err, us))
+                return us
+            except Exception as exc:  # compile errors, launch errors: report and go on
+                print(f"{name} {label} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+                traceback.print_exc(limit=3)
+                return None
+
+        dx_lora_us = whole_kernel_row("gluon_dx_lora (dx + dA)")
         for label, switches, ref in (("parts: column runs, g W alone", dict(with_lora=False, load_x=False), ref_gw),
                                      ("parts: + the LoRA step", dict(load_x=False), ref_dx),
                                      ("parts: + x's tiles loaded", {}, ref_dx),
@@ -790,14 +796,8 @@ def probe_dx_lora(shape_names, rank: int = 16, scale: float = 2.0, check_only: b
             except Exception as exc:  # report and go on
                 print(f"{name} {label} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
         for chunks, span in ((4, 1), (8, 1), (8, 2), (16, 1)) if parts else ():  # the whole kernel, x in slices
-            label = f"gluon_dx_lora, x in {chunks} slices" + (", first half" if span == 2 else "")
-            try:
-                dx, dA = gluon_dx_lora(g, W, A, x, grad_xa, x_chunks=chunks, x_span=span, **DX_LORA_TILES)
-                err = max(common.max_relative_error(dx, ref_dx), common.max_relative_error(dA, ref_dA))
-                rows.append((label, err, time_it(lambda: gluon_dx_lora(g, W, A, x, grad_xa, x_chunks=chunks,
-                                                                       x_span=span, **DX_LORA_TILES))))
-            except Exception as exc:  # report and go on
-                print(f"{name} {label} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+            whole_kernel_row(f"gluon_dx_lora, x in {chunks} slices" + (", first half" if span == 2 else ""),
+                             x_chunks=chunks, x_span=span)
         canary(f"{name}: gluon_dx_lora")
         g_b_us = time_it(lambda: torch.mm(g, B).mul_(scale))
         rows.append(("g B (cuBLAS; grad_xa)", float("nan"), g_b_us))

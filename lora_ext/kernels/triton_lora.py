@@ -364,7 +364,7 @@ def _sum_partials_kernel(
     i = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     j = tl.arange(0, BLOCK_COLS).to(tl.int64)  # j * stride_ocol: 64-bit, as i
     s = tl.arange(0, BLOCK_PARTS).to(tl.int64)
-    ok = (i < n_rows)[:, None] & (j < n_cols)[None, :]
+    row_ok = i < n_rows
     acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
     tile_ptrs = part_ptr + i[None, :, None] * stride_prow + j[None, None, :] * stride_pcol
     for first in range(0, num_parts, BLOCK_PARTS):
@@ -373,10 +373,10 @@ def _sum_partials_kernel(
         # loaded, summed on their own and never stored), and a mask constant along a row lets the
         # loads be 16 bytes wide (with the column mask they were 4-byte loads).
         vals = tl.load(tile_ptrs + parts[:, None, None] * stride_ps,
-                       mask=(parts < num_parts)[:, None, None] & (i < n_rows)[None, :, None], other=0.0)
+                       mask=(parts < num_parts)[:, None, None] & row_ok[None, :, None], other=0.0)
         acc += tl.sum(vals, axis=0)
     tl.store(out_ptr + i[:, None] * stride_orow + j[None, :] * stride_ocol,
-             (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (j < n_cols)[None, :])
 
 
 # ---------------------------------------------------------------------------
