@@ -151,6 +151,13 @@ def switched(*settings):
 L2_FLUSH_BYTES = 256 * 2**20
 
 
+def random_bf16(*shape, std: float = 1.0):
+    """A standard-normal bf16 tensor on the GPU, times std: the probes' operands."""
+    import torch
+
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * std
+
+
 def max_relative_error(actual, reference) -> float:
     """max |actual - reference| / max |reference|, in float64: the probes' check of a kernel's result."""
     return ((actual.double() - reference.double()).abs().max() / reference.double().abs().max()).item()

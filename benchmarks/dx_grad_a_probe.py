@@ -153,13 +153,10 @@ def probe(shapes, ranks, tokens: int, config: dict) -> None:
           "ratio to cuBLAS's g W in the same run")
     for shape in shapes:
         K, N = SHAPES[shape]
-        x = torch.randn(tokens, K, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn(tokens, N, device="cuda", dtype=torch.bfloat16)
-        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+        x, g, W = common.random_bf16(tokens, K), common.random_bf16(tokens, N), common.random_bf16(N, K, std=K**-0.5)
         for r in ranks:
-            A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-            B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16) * r**-0.5
-            xa = torch.randn(tokens, r, device="cuda", dtype=torch.bfloat16)
+            A, B = common.random_bf16(r, K, std=K**-0.5), common.random_bf16(N, r, std=r**-0.5)
+            xa = common.random_bf16(tokens, r)
             grad_xa = (torch.mm(g, B) * scale).to(torch.bfloat16)
             ref_dx = g.double() @ W.double() + grad_xa.double() @ A.double()
             ref_dA = grad_xa.double().t() @ x.double()

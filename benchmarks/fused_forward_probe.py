@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton.testing
 
 import bench_common as common
+from bench_common import random_bf16
 
 common.ensure_repo_on_path()
 import lora_ext  # noqa: E402,F401  (registers torch.ops.lora.*)
@@ -49,11 +50,6 @@ CONFIGS = {
     "k128x2": dict(block_m=128, block_n=256, block_k=128, epilogue_chunks=4, num_stages=2, num_warps=8),
     "n128k128x3": dict(block_m=128, block_n=128, block_k=128, epilogue_chunks=2, num_stages=3, num_warps=8),
 }
-
-
-def random_bf16(*shape, std: float = 1.0) -> torch.Tensor:
-    """A standard-normal bf16 tensor on the GPU, times std: the probes' operands."""
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * std
 
 
 def bench_us(fn) -> float:
