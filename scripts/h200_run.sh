@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, fused, dxda, gluon, decode, switches, ab, exitprobe, train;
+#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, nculist, fused, dxda, gluon, decode, switches, ab, exitprobe, train;
 #   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
@@ -14,6 +14,7 @@
 #   probe: host overhead (eager, and a compiled 7-layer chain per layer), ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep; PIECES_PARTS picks).
 #   ncu: Nsight Compute on one launch of the native 'post' backward step (scripts/ncu_piece.py; NCU_* pick it).
+#   nculist: several ncu looks in one call (NCU_LIST: entries separated by '#', see the mode below).
 #   fused: benchmarks/fused_forward_probe.py (the fused forward GEMM vs cuBLAS; FUSED_ARGS passes arguments).
 #   gluon: benchmarks/gluon_gemm_probe.py (a warp-specialised Gluon GEMM, NOTES.md #67; GLUON_ARGS passes arguments).
 #   dxda: benchmarks/dx_grad_a_probe.py (dA inside the input-gradient GEMM, NOTES.md #64; DXDA_ARGS passes arguments).
@@ -119,6 +120,25 @@ if has ncu; then
       "$OUT/ncu_full.log" | head -20
     grep -E "stalled" "$OUT/ncu_stalls.log" | sort -k3 -g -r | head -25
   fi
+fi
+if has nculist; then
+  # Several ncu looks in one call (a fresh machine and its build cost ~70 s): NCU_LIST holds entries separated by
+  # '#', each "piece shape rank kernel-regex skip count [sum-blocks]" (scripts/ncu_piece.py's arguments, the
+  # launches skipped and profiled, and NCU_SUM_BLOCKS, or none for the library's rule). Per entry: the speed-of-light,
+  # memory, occupancy, launch and warp-state sections into ncu_list_<i>.log, its durations and throughputs printed.
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  IFS='#' read -ra ncu_entries <<< "${NCU_LIST:-}"
+  for i in "${!ncu_entries[@]}"; do
+    read -r piece shape rank kernel skip count blocks <<< "${ncu_entries[$i]}"
+    echo "== ncu $i: $piece $shape r=$rank kernel=$kernel skip=$skip count=$count sum_blocks=${blocks:-rule}"
+    NCU_SUM_BLOCKS=${blocks:-} timeout 150 "$ncu_bin" --clock-control none -k "regex:$kernel" --launch-skip "$skip" \
+      --launch-count "$count" --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section WarpStateStats python3 scripts/ncu_piece.py "$piece" "$shape" "$rank" \
+      > "$OUT/ncu_list_$i.log" 2>&1
+    echo "exit $?"
+    grep -E "^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Achieved Occupancy|Warp Cycles Per Issued" \
+      "$OUT/ncu_list_$i.log" | head -40
+  done
 fi
 if has dxda; then
   # benchmarks/dx_grad_a_probe.py: dA inside the input-gradient GEMM (NOTES.md #64); DXDA_ARGS passes arguments.
