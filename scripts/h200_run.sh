@@ -127,16 +127,23 @@ if has nculist; then
   # launches skipped and profiled, and NCU_SUM_BLOCKS, or none for the library's rule). Per entry: the speed-of-light,
   # memory, occupancy, launch and warp-state sections into ncu_list_<i>.log, its durations and throughputs printed.
   ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [[ -n $ncu_bin ]] || echo "nculist: Nsight Compute not found"
+  [[ -n ${NCU_LIST:-} ]] || echo "nculist: NCU_LIST is empty"
+  # (One line: a newline in NCU_LIST would end the list there.)
   IFS='#' read -ra ncu_entries <<< "${NCU_LIST:-}"
   for i in "${!ncu_entries[@]}"; do
+    [[ -n $ncu_bin ]] || break
     read -r piece shape rank kernel skip count blocks <<< "${ncu_entries[$i]}"
-    echo "== ncu $i: $piece $shape r=$rank kernel=$kernel skip=$skip count=$count sum_blocks=${blocks:-rule}"
-    NCU_SUM_BLOCKS=${blocks:-} timeout 150 "$ncu_bin" --clock-control none -k "regex:$kernel" --launch-skip "$skip" \
-      --launch-count "$count" --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-      --section LaunchStats --section WarpStateStats python3 scripts/ncu_piece.py "$piece" "$shape" "$rank" \
-      > "$OUT/ncu_list_$i.log" 2>&1
-    echo "exit $?"
-    grep -E "^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Achieved Occupancy|Warp Cycles Per Issued" \
+    [[ -n ${count:-} ]] || { echo "nculist: entry $i needs piece shape rank kernel skip count: '${ncu_entries[$i]}'"; continue; }
+    what="== ncu $i: $piece $shape r=$rank kernel=$kernel skip=$skip count=$count sum_blocks=${blocks:-rule}"
+    echo "$what"
+    # The entry's settings head its log, so that the file says what it measured.
+    { echo "$what"
+      NCU_SUM_BLOCKS=${blocks:-} timeout 150 "$ncu_bin" --clock-control none -k "regex:$kernel" --launch-skip "$skip" \
+        --launch-count "$count" --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats python3 scripts/ncu_piece.py "$piece" "$shape" "$rank"
+      echo "exit $?"; } > "$OUT/ncu_list_$i.log" 2>&1
+    grep -E "^exit |^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Registers Per|Theoretical Occupancy|Achieved Occupancy|Warp Cycles Per Issued" \
       "$OUT/ncu_list_$i.log" | head -40
   done
 fi
