@@ -141,7 +141,7 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
             cfg = CONFIGS[cfg_name]
             try:
                 dx, _ = fused_forward.grad_input(g, W, A, B, scale, **cfg)
-                err = ((dx.double() - ref).abs().max() / ref.abs().max()).item()
+                err = common.max_relative_error(dx, ref)
                 gemm = bench_us(lambda: fused_forward.grad_input(g, W, A, B, scale, has_lora=False, **cfg))
                 fused = bench_us(lambda: fused_forward.grad_input(g, W, A, B, scale, **cfg))
                 line.append(f"[{cfg_name}] gemm {gemm:.1f} ({gemm / base:.3f}) fused {fused:.1f} ({fused / base:.3f})"
@@ -160,7 +160,7 @@ def grad_input_probe(shapes, configs, tokens: int, rank: int) -> None:
             cfg = CONFIGS[cfg_name]
             try:
                 dx = fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg)
-                err = ((dx.double() - ref_given).abs().max() / ref_given.abs().max()).item()
+                err = common.max_relative_error(dx, ref_given)
                 fused = bench_us(lambda: fused_forward.grad_input_given_xa(g, W, A, B, grad_xa, **cfg))
                 line.append(f"[{cfg_name}] given {fused:.1f} ({fused / base:.3f}){' WRONG' if err > 2e-2 else ''}"
                             f" err {err:.1e}")
@@ -227,8 +227,8 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
             cfg = ADAPTER_GRAD_CONFIGS[name]
             try:
                 grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg)
-                err = max(((grad_A.double() - ref_A).abs().max() / ref_A.abs().max()).item(),
-                          ((grad_B.double() - ref_B).abs().max() / ref_B.abs().max()).item())
+                err = max(common.max_relative_error(grad_A, ref_A),
+                          common.max_relative_error(grad_B, ref_B))
                 t = common.gpu_us(lambda: adapter_grads.adapter_grads(grad_xa, x, xa, g, 1.0, scale, **cfg))
                 t_A = common.gpu_us(lambda: adapter_grads.grad_A_only(grad_xa, x, 1.0, **cfg))
                 line.append(f"[{name}] {t:.1f} ({t / pair:.3f}){' WRONG' if err > 2e-2 else ''} dA alone {t_A:.1f}")
@@ -335,9 +335,9 @@ def main() -> None:
                     for dp in (0.0, p):  # float64 check first
                         y, xa = fused_forward.linear_forward(x, W, None, A, B, scale, dp, seed, runs=runs, **cfg)
                         ref = lora_linear_reference(x, W, None, A, B, scale, dp, "post", seed)
-                        err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                        err = common.max_relative_error(y, ref)
                         xa_ref = x.double() @ A.double().t()
-                        xa_err = ((xa.double() - xa_ref).abs().max() / xa_ref.abs().max()).item()
+                        xa_err = common.max_relative_error(xa, xa_ref)
                         ok = err < 2e-2 and xa_err < 2e-2
                         if not ok:
                             print(f"  {tag} p={dp}: WRONG rel err y {err:.2e} xa {xa_err:.2e}")
@@ -376,7 +376,7 @@ def padded_adapters_line(x, W, A, B, scale, p, seed, base) -> None:
         line.append(f"{name}: fused p=0 {f0:.1f} ({f0 / base:.3f}) p=0.1 {f1:.1f} ({f1 / base:.3f})")
     y, _ = fused_forward.linear_forward(x, W, None, A_pad, B_pad, scale)
     ref = lora_linear_reference(x, W, None, A, B, scale, 0.0, "post", None)
-    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    err = common.max_relative_error(y, ref)
     print(f"  r={r} adapters {'; '.join(line)}; padded check err y {err:.1e}", flush=True)
 
 

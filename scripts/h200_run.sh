@@ -98,12 +98,14 @@ fi
 if has fused; then
   python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80
 fi
+# Nsight Compute's binary (ncu and nculist), or nothing.
+find_ncu() { command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1; }
 if has ncu; then
   # Nsight Compute on one launch of a masked piece (scripts/ncu_piece.py; NCU_PIECE default grad_y_native,
   # the native 'post' backward step; NCU_SHAPE qo; NCU_RANK 16; NCU_KERNEL the kernel-name regex; NCU_SUM_BLOCKS, read by
   # scripts/ncu_piece.py, forces the Triton pieces' sum blocks): the full
   # set, then each stall reason's cycles per issued instruction (NOTES.md #55: what bounds the step).
-  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ncu_bin=$(find_ncu)
   if [[ -z $ncu_bin ]]; then echo "ncu: Nsight Compute not found"; else
     # NCU_SKIP / NCU_COUNT: the matching launches skipped and profiled (a piece that launches the kernel twice per
     # call, as the 'post' piece's two sums: NCU_SKIP=4 NCU_COUNT=2 for its third call's pair).
@@ -126,7 +128,7 @@ if has nculist; then
   # '#', each "piece shape rank kernel-regex skip count [sum-blocks]" (scripts/ncu_piece.py's arguments, the
   # launches skipped and profiled, and NCU_SUM_BLOCKS, or none for the library's rule). Per entry: the speed-of-light,
   # memory, occupancy, launch and warp-state sections into ncu_list_<i>.log, its durations and throughputs printed.
-  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ncu_bin=$(find_ncu)
   [[ -n $ncu_bin ]] || echo "nculist: Nsight Compute not found"
   [[ -n ${NCU_LIST:-} ]] || echo "nculist: NCU_LIST is empty"
   # (One line: a newline in NCU_LIST would end the list there.)
