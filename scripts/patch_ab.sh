@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A source change A/B'd on one GPU machine in one device call: h200_run.sh runs once on the tree as
+# committed (OUT/before) and once with PATCH applied (OUT/after), each with its own clean build.
+# Why one call: the device tool gives a machine back 30 s after a call ends, so "the same warm machine"
+# across two calls is rare, and numbers from two machines (even two H100s) differ by more than the
+# few microseconds such a change is after (benchmarks/NOTES.md, #70-#73).
+# Usage: bash scripts/patch_ab.sh PATCH MODES_BEFORE MODES_AFTER [bench args]
+#   MODES_*: h200_run.sh's modes (e.g. nculist,bench and tests,nculist,bench); the environment
+#   (NCU_LIST, TEST_TIMEOUT, ...) reaches both runs. The patch is reverted at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[[ $# -ge 3 ]] || { echo "usage: $0 PATCH MODES_BEFORE MODES_AFTER [bench args]" >&2; exit 2; }
+patch=$1 before=$2 after=$3
+shift 3
+OUT=${OUT:-$PWD/out}
+git apply --check "$patch" || { echo "patch_ab: $patch does not apply to this tree" >&2; exit 2; }
+echo "== before ($before)"
+OUT=$OUT/before bash scripts/h200_run.sh "$before" "$@"
+before_status=$?
+git apply "$patch"
+echo "== after ($after), with $patch"
+OUT=$OUT/after bash scripts/h200_run.sh "$after" "$@"
+after_status=$?
+git apply -R "$patch"
+echo "patch_ab: before exit $before_status, after exit $after_status"
+exit $(( before_status || after_status ))
