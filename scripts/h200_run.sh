@@ -137,10 +137,11 @@ if has nculist; then
     [[ -n $ncu_bin ]] || break
     read -r piece shape rank kernel skip count blocks <<< "${ncu_entries[$i]}"
     [[ -n ${count:-} ]] || { echo "nculist: entry $i needs piece shape rank kernel skip count: '${ncu_entries[$i]}'"; continue; }
-    what="== ncu $i: $piece $shape r=$rank kernel=$kernel skip=$skip count=$count sum_blocks=${blocks:-rule}"
-    echo "$what"
+    # (heading, not what: $what holds the modes, and overwriting it here skipped every mode after nculist, 12-06 13:55.)
+    heading="== ncu $i: $piece $shape r=$rank kernel=$kernel skip=$skip count=$count sum_blocks=${blocks:-rule}"
+    echo "$heading"
     # The entry's settings head its log, so that the file says what it measured.
-    { echo "$what"
+    { echo "$heading"
       NCU_SUM_BLOCKS=${blocks:-} timeout 150 "$ncu_bin" --clock-control none -k "regex:$kernel" --launch-skip "$skip" \
         --launch-count "$count" --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         --section LaunchStats --section WarpStateStats python3 scripts/ncu_piece.py "$piece" "$shape" "$rank"
