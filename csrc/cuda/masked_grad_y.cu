@@ -384,6 +384,12 @@ struct SlicedSum {
   T* out;
 };
 
+// Slices loaded at once by each thread of sum_slices_kernel before it adds them (in slice order).
+// One slice at a time, the SASS kept only 2-3 loads in flight per thread, so a thread walking a partial
+// of ~32 slices waited on a dozen or more round trips to memory: the launch took 10.3 us at k/v on an
+// H100 (12-06 12:40, ncu), its DRAM at 18% of peak (benchmarks/NOTES.md #72).
+constexpr int kSliceBatch = 16;
+
 // Both partials of the kernel (grad_xa's and grad_B's) summed in one launch, each in slice order:
 // elements [0, n_a) are a's, the rest b's (a second launch cost ~2.4 us of device time at k/v and a
 // host launch, benchmarks/NOTES.md #40's profile).
@@ -401,8 +407,19 @@ __global__ void sum_slices_kernel(SlicedSum<T> a, SlicedSum<T> b, int r, int r_p
     const int64_t i = in_a ? idx : idx - n_a;
     const int64_t row = i / r;
     const int col = static_cast<int>(i % r);
+    const float* value = part + row * r_pad + col;
+    // The loads of a batch are independent and issued together; the adds keep slice order (the same
+    // sum, bit for bit, as one slice at a time). Past the last slice a load reads the last slice again
+    // and is not added: an unconditional load (a predicated one let ptxas keep only two in flight).
     float sum = 0.f;
-    for (int slice = 0; slice < slices; ++slice) sum += part[slice * slice_stride + row * r_pad + col];
+    for (int first = 0; first < slices; first += kSliceBatch) {
+      float batch[kSliceBatch];
+#pragma unroll
+      for (int k = 0; k < kSliceBatch; ++k) batch[k] = value[min(first + k, slices - 1) * slice_stride];
+#pragma unroll
+      for (int k = 0; k < kSliceBatch; ++k)
+        if (first + k < slices) sum += batch[k];
+    }
     out[i] = from_float<T>(scale * sum);
   }
 }
