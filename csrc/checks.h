@@ -52,9 +52,10 @@ inline void check_floating(const at::Tensor& t, const char* name) {
                    "lora: ", name, " must be float32, float16, bfloat16 or float64, got ", fmt(dt));
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "lora: ", name, " is on ", fmt(t.device()),
-              " but x is on ", fmt(x.device()), "; all tensors must be on one device");
+// x_name: the tensor the others are held to (x; lora::post_dropout_grad_y's grad_y).
+inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name = "x") {
+  TORCH_CHECK(t.device() == x.device(), "lora: ", name, " is on ", fmt(t.device()), " but ", x_name, " is on ",
+              fmt(x.device()), "; all tensors must be on one device");
 }
 
 // The largest finite value of a floating dtype the ops accept (check_floating).
@@ -160,21 +161,56 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const c10::optional<at
 }
 
 // lora::linear_backward's own arguments (after check_linear_args on the shared ones):
-// grad_y and xa must be what lora::linear's autograd would pass.
+// grad_y and xa must be what lora::linear's autograd would pass. xa_name: the (M, r) argument's name
+// in the messages (lora::linear_backward_from_grad_xa's is grad_xa).
 inline void check_linear_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& xa,
                                        const at::Tensor& lora_A, const c10::optional<at::Tensor>& weight,
-                                       const std::array<bool, 5>& output_mask, const LinearSizes& s) {
+                                       const std::array<bool, 5>& output_mask, const LinearSizes& s,
+                                       const char* xa_name = "xa") {
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == s.N && grad_y.numel() == s.M * s.N,
               "lora: grad_y must have shape (..., ", fmt(s.N), ") with ", fmt(s.M), " rows, got ", fmt(grad_y.sizes()));
   TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "lora: grad_y dtype (", fmt(grad_y.scalar_type()),
                    ") must equal x dtype (", fmt(x.scalar_type()), ")");
   check_same_device(grad_y, x, "grad_y");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r, "lora: ", xa_name, " must have shape (",
+              fmt(s.M), ", ", fmt(s.r), "), got ", fmt(xa.sizes()));
+  TORCH_CHECK_TYPE(xa.scalar_type() == lora_A.scalar_type(), "lora: ", xa_name, " dtype (", fmt(xa.scalar_type()),
+                   ") must equal lora_A dtype (", fmt(lora_A.scalar_type()), ")");
+  check_same_device(xa, x, xa_name);
+  TORCH_CHECK(!output_mask[1] || weight.has_value(), "lora: grad of weight requested but weight is None");
+}
+
+struct PostStepSizes {
+  int64_t M, N, r;
+};
+
+// lora::post_dropout_grad_y's arguments: grad_y (..., N), lora_B (N, r), xa (M, r) with M grad_y's
+// rows, a dropout probability in (0, 1) and its seed.
+inline PostStepSizes check_post_dropout_grad_y_args(const at::Tensor& grad_y, const at::Tensor& lora_B,
+                                                    const at::Tensor& xa, double dropout_p, const at::Tensor& seed,
+                                                    int64_t partial_bytes_cap) {
+  check_floating(grad_y, "grad_y");
+  check_floating(lora_B, "lora_B");
+  TORCH_CHECK(grad_y.dim() >= 1, "lora: grad_y must have at least 1 dimension (..., out_features), got a 0-dim tensor");
+  TORCH_CHECK(lora_B.dim() == 2, "lora: lora_B must be 2-D (out_features, r), got shape ", fmt(lora_B.sizes()));
+  PostStepSizes s{1, lora_B.size(0), lora_B.size(1)};
+  for (int64_t d = 0; d + 1 < grad_y.dim(); ++d) s.M *= grad_y.size(d);
+  TORCH_CHECK(s.r >= 1, "lora: rank must be >= 1, got lora_B of shape ", fmt(lora_B.sizes()));
+  TORCH_CHECK(grad_y.size(-1) == s.N, "lora: grad_y must have shape (..., out_features=", fmt(s.N),
+              ") to match lora_B of shape ", fmt(lora_B.sizes()), ", got ", fmt(grad_y.sizes()));
+  check_same_device(lora_B, grad_y, "lora_B", "grad_y");
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r, "lora: xa must have shape (", fmt(s.M), ", ",
               fmt(s.r), "), got ", fmt(xa.sizes()));
-  TORCH_CHECK_TYPE(xa.scalar_type() == lora_A.scalar_type(), "lora: xa dtype (", fmt(xa.scalar_type()),
-                   ") must equal lora_A dtype (", fmt(lora_A.scalar_type()), ")");
-  check_same_device(xa, x, "xa");
-  TORCH_CHECK(!output_mask[1] || weight.has_value(), "lora: grad of weight requested but weight is None");
+  TORCH_CHECK_TYPE(xa.scalar_type() == lora_B.scalar_type(), "lora: xa dtype (", fmt(xa.scalar_type()),
+                   ") must equal lora_B dtype (", fmt(lora_B.scalar_type()), ")");
+  check_same_device(xa, grad_y, "xa", "grad_y");
+  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "lora: dropout_p must be in (0, 1), got ", fmt(dropout_p));
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                   "lora: seed must be an int64 tensor with one element, got ", fmt(seed.scalar_type()), " of shape ",
+                   fmt(seed.sizes()));
+  check_same_device(seed, grad_y, "seed", "grad_y");
+  TORCH_CHECK_VALUE(partial_bytes_cap >= 0, "lora: partial_bytes_cap must be >= 0, got ", fmt(partial_bytes_cap));
+  return s;
 }
 
 }  // namespace lora

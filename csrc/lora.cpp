@@ -4,6 +4,12 @@
 //                           which autograd saves instead of anything activation-sized.
 //   lora::linear_backward   every gradient of lora::linear, computing only those in output_mask
 //                           (x, weight, bias, lora_A, lora_B); unneeded ones come back as empty tensors.
+//   lora::post_dropout_grad_y, lora::linear_backward_from_grad_xa
+//                           linear_backward with 'post' dropout in two halves: the masked step
+//                           (grad_xa = s drop(dY) B, dB = s drop(dY)^T xa), then dx, dW, db, dA from
+//                           grad_xa. The autograd calls them apart to free xa between them (a peak
+//                           of M x r less; lora_autograd.cpp); their bits are linear_backward's.
+//                           Kernels on CPU and on the native CUDA path only (not the Triton backend).
 //
 // Kernels: CPU in lora_cpu.cpp; CUDA in cuda/lora_cuda.cu (native, choosing Triton by the rule in
 // use_triton) when built with CUDA, else registered from Python (lora_ext/kernels/cuda_dispatch.py,
@@ -39,6 +45,12 @@ TORCH_LIBRARY(lora, m) {
       "linear_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
       "float scale, float dropout_p, str dropout_position, Tensor? seed, bool[5] output_mask, "
       "str backend=\"auto\") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "post_dropout_grad_y(Tensor grad_y, Tensor lora_B, Tensor xa, float scale, float dropout_p, Tensor seed, "
+      "bool[2] output_mask, SymInt partial_bytes_cap=0) -> (Tensor, Tensor)");
+  m.def(
+      "linear_backward_from_grad_xa(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor grad_xa, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

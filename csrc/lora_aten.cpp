@@ -338,6 +338,84 @@ at::Tensor reduce_over_tokens(const at::Tensor& a, const at::Tensor& b, double a
   return scaled_mm(a.t(), b, alpha);
 }
 
+// The 'post' backward's masked step: (s drop(g) B, s drop(g)^T xa) in the adapters' dtype, each an
+// empty tensor where not wanted. In one pass over g where a kernel takes it (the native one-pass kernel,
+// else the Triton piece), else through a masked copy of g (a temporary of this call). g: the (M, N)
+// gradient of y, contiguous on CUDA; partial_bytes_cap: see masked_grad_y_cuda's max_partial_bytes.
+std::tuple<at::Tensor, at::Tensor> post_dropout_step(const at::Tensor& g, const at::Tensor& lora_B,
+                                                     const at::Tensor& xa, double scale, const at::Tensor& seed,
+                                                     double dropout_p, bool need_grad_xa, bool need_B,
+                                                     int64_t partial_bytes_cap) {
+#ifdef LORA_WITH_CUDA
+  if (use_native_masked_grad_y(g, lora_B, xa)) {
+    return masked_grad_y_cuda(g, lora_B, xa, scale, seed, dropout_p, need_grad_xa, need_B, partial_bytes_cap);
+  }
+#endif
+  // use_masked_pieces takes (x, lora_A): g has x's dtype and device, B^T is (r, N) as A is (r, K).
+  if (use_masked_pieces(g, lora_B.t())) {
+    return triton_masked_grad_y(g, lora_B, xa, scale, seed, dropout_p, need_grad_xa, need_B);
+  }
+  at::Tensor g_lora = owned_copy(g, lora_B.scalar_type());
+  dropout_scale_(g_lora, seed, dropout_p, 1.0 / (1.0 - dropout_p));
+  at::Tensor grad_B = need_B ? reduce_over_tokens(g_lora, xa, scale) : empty_grad(lora_B);  // (N, r)
+  at::Tensor grad_xa = need_grad_xa ? scaled_mm(g_lora, lora_B, scale) : empty_grad(xa);     // (M, r)
+  return {grad_xa, grad_B};
+}
+
+// How large the masked step's float32 partials may grow: dx's size when dx is wanted (it is allocated
+// after the step, so partials up to its size raise no peak; masked_grad_y_grid.h), else the kernel's
+// first rule (0). lora_autograd.cpp passes the same to lora::post_dropout_grad_y, so that the split
+// backward's bits are the one op's.
+int64_t post_dropout_partial_bytes_cap(const at::Tensor& x, bool need_x) {
+  return need_x ? x.numel() * static_cast<int64_t>(x.element_size()) : 0;
+}
+
+// The rest of the 'post' backward once the masked step gave grad_xa = s drop(g) B (no mask is left to
+// apply): dA = grad_xa^T x, dx = g W + grad_xa A (one fused GEMM where it takes the sizes), dW = g^T x
+// and db; empty tensors where not wanted.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_dropout_rest(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& x2, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& grad_xa, bool need_x, bool need_weight,
+    bool need_bias, bool need_A) {
+  const auto lora_dtype = lora_A.scalar_type();
+  at::Tensor grad_x = empty_grad(x), grad_weight = empty_grad(x), grad_bias = empty_grad(x);
+  at::Tensor grad_A = empty_grad(lora_A);
+  if (need_A) {
+    // dA alone in one launch (the masked step gave dB): the same switch and sizes as dA and dB together.
+    c10::optional<at::Tensor> alone;
+    if (use_fused_adapter_grads(g, x2, lora_A, /*both=*/false)) alone = triton_grad_A_only(grad_xa, x2, 1.0);
+    grad_A = alone.has_value() ? *alone : reduce_over_tokens(grad_xa, x2.to(lora_dtype));  // (r, K)
+  }
+  if (need_x) {
+    bool fused = false;
+    if (weight.has_value() && use_fused_post_dropout_grad_input(g, *weight, lora_A)) {
+      if (auto given = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
+        grad_x = *given;
+        fused = true;
+      }
+    }
+    if (!fused) {
+      if (lora_dtype == x.scalar_type()) {
+        // The small GEMM writes dx, the large one accumulates onto it in its epilogue (beta=1).
+        grad_x = at::mm(grad_xa, lora_A);
+        if (weight.has_value()) grad_x.addmm_(g, *weight);
+      } else {
+        at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype
+        if (weight.has_value()) {
+          grad_x = at::mm(g, *weight);
+          grad_x.add_(grad_x_lora);
+        } else {
+          grad_x = grad_x_lora.to(x.scalar_type());
+        }
+      }
+    }
+    grad_x = grad_x.view(x.sizes());
+  }
+  if (need_weight) grad_weight = at::mm(g.t(), x2);  // (N, K)
+  if (need_bias) grad_bias = g.sum(0);
+  return {grad_x, grad_weight, grad_bias, grad_A};
+}
+
 }  // namespace
 
 bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange(enabled); }
@@ -483,15 +561,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
+  const bool need_lora_grads = need_A || need_x || need_B;
+  if (dropout && s.position == DropoutPosition::kPost) {
+    // The masked step, then the rest: the two halves lora::post_dropout_grad_y and
+    // lora::linear_backward_from_grad_xa run apart (lora_autograd.cpp releases xa between them).
+    at::Tensor grad_xa, grad_B = empty_grad(lora_B);
+    if (need_lora_grads) {
+      std::tie(grad_xa, grad_B) = post_dropout_step(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B,
+                                                    post_dropout_partial_bytes_cap(x2, need_x));
+    }
+    auto [grad_x, grad_weight, grad_bias, grad_A] =
+        post_dropout_rest(g, x, x2, weight, lora_A, lora_B, grad_xa, need_x, need_weight, need_bias, need_A);
+    return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+  }
+
   at::Tensor grad_x = empty_grad(x), grad_weight = empty_grad(x), grad_bias = empty_grad(x);
   at::Tensor grad_A = empty_grad(lora_A), grad_B = empty_grad(lora_B);
-  const bool post_dropout = dropout && s.position == DropoutPosition::kPost;
   const bool pre_dropout = dropout && s.position == DropoutPosition::kPre;
   const bool masked_pieces = dropout && use_masked_pieces(x, lora_A);
 
-  at::Tensor grad_xa;         // (M, r): s drop_post(g) B, from every producer below
+  at::Tensor grad_xa;         // (M, r): s g B, from every producer below
   bool grad_x_fused = false;  // dx came from a fused input gradient (with grad_xa when dropout-free)
-  const bool need_lora_grads = need_A || need_x || need_B;
   // dA and dB in one launch once grad_xa is known (below), instead of two cuBLAS GEMMs; or the same
   // kernel's programs in two launches, dA and then dB with grad_xa released, where the one launch
   // would pass the memory budget (split_adapter_grads_for_memory).
@@ -500,31 +590,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const bool adapter_grads_apart = adapter_grads_fused && split_adapter_grads_for_memory(g, lora_A);
   const bool adapter_grads_together = adapter_grads_fused && !adapter_grads_apart;
   // dB last, after dx and dA and with grad_xa released (its bytes then hold dB), wherever dB reads only
-  // g and xa: without 'post' dropout (whose dB needs the mask on g) and with g in the adapters' dtype
-  // (else the converted copy of g would have to live until then). The same GEMMs in another order.
-  // (Where the one launch declines at run time, dB joins them below.)
-  bool grad_B_last = need_B && !post_dropout && !adapter_grads_together && g.scalar_type() == lora_dtype;
-  if (post_dropout && need_lora_grads && use_native_masked_grad_y(g, lora_B, xa)) {
-#ifdef LORA_WITH_CUDA
-    at::Tensor masked_grad_B;
-    std::tie(grad_xa, masked_grad_B) =
-        masked_grad_y_cuda(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B,
-                           /*max_partial_bytes=*/need_x ? x2.numel() * x2.element_size() : 0);
-    if (need_B) grad_B = masked_grad_B;
-#endif
-  } else if (post_dropout && masked_pieces && need_lora_grads) {
-    at::Tensor masked_grad_B;
-    std::tie(grad_xa, masked_grad_B) =
-        triton_masked_grad_y(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B);
-    if (need_B) grad_B = masked_grad_B;
-  } else if (need_lora_grads) {
-    // Gradient reaching the LoRA term, in the adapters' dtype; for 'post' it passes
-    // through the regenerated mask (a temporary, never saved).
-    at::Tensor g_lora = g.to(lora_dtype);
-    if (post_dropout) {
-      g_lora = owned_copy(g, lora_dtype);
-      dropout_scale_(g_lora, *seed, dropout_p, keep_scale);
-    }
+  // g and xa (as here: 'post' dropout, whose dB needs the mask on g, returned above) and with g in the
+  // adapters' dtype (else the converted copy of g would have to live until then). The same GEMMs in
+  // another order. (Where the one launch declines at run time, dB joins them below.)
+  bool grad_B_last = need_B && !adapter_grads_together && g.scalar_type() == lora_dtype;
+  if (need_lora_grads) {
+    // Gradient reaching the LoRA term, in the adapters' dtype.
+    const at::Tensor g_lora = g.to(lora_dtype);
     if (need_B && !adapter_grads_together && !grad_B_last) grad_B = reduce_over_tokens(g_lora, xa, scale);  // (N, r)
     if (need_x && !dropout && weight.has_value() && use_fused_grad_input(g, *weight, lora_A)) {
       // g is contiguous (above): the fused kernel needs TMA-addressable rows.
@@ -569,9 +641,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
         grad_B_last = true;
       }
     }
-    // dA alone in one launch where dB is not computed with it (the 'post' backward's masked step gave
-    // dB, or dB is not wanted): the same switch and sizes as both together; and at any width where dA
-    // and dB run apart for the memory budget (dB last, below).
+    // dA alone in one launch where dB is not computed with it (dB not wanted; the 'post' backward's
+    // masked step, which gives dB, is post_dropout_rest's): the same switch and sizes as both together;
+    // and at any width where dA and dB run apart for the memory budget (dB last, below).
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
       if (adapter_grads_apart || (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A, /*both=*/false))) {
@@ -588,14 +660,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
           dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
         }
         grad_A = reduce_over_tokens(grad_xa, x_lora);  // (r, K)
-      }
-    }
-    if (need_x && !grad_x_fused && post_dropout && weight.has_value() &&
-        use_fused_post_dropout_grad_input(g, *weight, lora_A)) {
-      // grad_xa = s drop(g) B from the masked step: dx = g W + grad_xa A in one GEMM.
-      if (auto fused = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
-        grad_x = fused->view(x.sizes());
-        grad_x_fused = true;
       }
     }
     if (need_x && !grad_x_fused) {
@@ -629,6 +693,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   if (need_weight) grad_weight = at::mm(g.t(), x2);  // (N, K)
   if (need_bias) grad_bias = g.sum(0);
   return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+}
+
+std::tuple<at::Tensor, at::Tensor> post_dropout_grad_y_aten(const at::Tensor& grad_y, const at::Tensor& lora_B,
+                                                            const at::Tensor& xa, double scale, double dropout_p,
+                                                            const at::Tensor& seed, std::array<bool, 2> output_mask,
+                                                            int64_t partial_bytes_cap) {
+  const PostStepSizes s = check_post_dropout_grad_y_args(grad_y, lora_B, xa, dropout_p, seed, partial_bytes_cap);
+  check_scale(scale, grad_y.scalar_type(), lora_B.scalar_type());
+  // Contiguous on CUDA, as linear_backward_aten's g (the kernels take contiguous rows only).
+  const at::Tensor g_as_given = as_matrix(grad_y, s.M, s.N);
+  const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
+  const auto [need_grad_xa, need_B] = output_mask;
+  if (!need_grad_xa && !need_B) return {empty_grad(xa), empty_grad(lora_B)};
+  return post_dropout_step(g, lora_B, xa, scale, seed, dropout_p, need_grad_xa, need_B, partial_bytes_cap);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_from_grad_xa_aten(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& grad_xa, std::array<bool, 4> output_mask) {
+  const LinearSizes s = check_linear_args(x, weight, c10::nullopt, lora_A, lora_B, 0.0, "post", c10::nullopt);
+  const auto [need_x, need_weight, need_bias, need_A] = output_mask;
+  check_linear_backward_args(grad_y, x, grad_xa, lora_A, weight, {need_x, need_weight, need_bias, need_A, false}, s,
+                             "grad_xa");
+  const at::Tensor g_as_given = as_matrix(grad_y, s.M, s.N);
+  const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
+  return post_dropout_rest(g, x, as_matrix(x, s.M, s.K), weight, lora_A, lora_B, grad_xa, need_x, need_weight,
+                           need_bias, need_A);
 }
 
 }  // namespace lora

@@ -93,4 +93,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask,
     c10::string_view backend);
 
+// The two halves of lora::linear_backward with 'post' dropout, as ops of their own
+// (lora::post_dropout_grad_y, lora::linear_backward_from_grad_xa) so that the autograd can release xa
+// between them (lora_autograd.cpp). The first: (s drop(dY) B, s drop(dY)^T xa), empty where
+// output_mask says not wanted; partial_bytes_cap: how large the native kernel's float32 partials may
+// grow (linear_backward passes dx's size when dx is wanted, else 0). The second: (dx, dW, db, dA) from
+// grad_xa = s drop(dY) B, the first half's.
+std::tuple<at::Tensor, at::Tensor> post_dropout_grad_y_aten(const at::Tensor& grad_y, const at::Tensor& lora_B,
+                                                            const at::Tensor& xa, double scale, double dropout_p,
+                                                            const at::Tensor& seed, std::array<bool, 2> output_mask,
+                                                            int64_t partial_bytes_cap);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_from_grad_xa_aten(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& grad_xa, std::array<bool, 4> output_mask);
+
+#ifdef LORA_WITH_CUDA
+// Whether a CUDA call of the lora ops with this backend argument runs the Triton backend (cuda/lora_cuda.cu).
+bool use_triton(c10::string_view backend);
+#endif
+
 }  // namespace lora

@@ -2,9 +2,12 @@
 //
 // lora::linear saves x, weight, the adapters, xa (M x r) and the seed, and its backward
 // calls lora::linear_backward with the mask of the gradients autograd needs; the dropout
-// mask is regenerated there from the seed. lora::linear_backward is not differentiable:
-// differentiating it (double backward) raises "derivative for lora::linear_backward is
-// not implemented" when that backward runs.
+// mask is regenerated there from the seed. With 'post' dropout, where the graph is not kept,
+// the backward is that op's two halves instead (lora::post_dropout_grad_y, then
+// lora::linear_backward_from_grad_xa; the same kernels and bits) with xa released between
+// them, so that xa is not alive beside dA and dx (benchmarks/NOTES.md #74).
+// lora::linear_backward is not differentiable: differentiating it (double backward) raises
+// "derivative for lora::linear_backward is not implemented" when that backward runs.
 //
 // Why C++ and not torch.library.register_autograd (which this replaced): the Python
 // registration runs Python on every call of the op, in eager mode and also inside
@@ -16,8 +19,12 @@
 // call. Small layers and decode are host-bound, so that was the step time.
 #include <torch/extension.h>
 
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/graph_task.h>
+
+#include "lora_aten.h"
 
 namespace lora {
 namespace {
@@ -51,7 +58,45 @@ linear_backward_op() {
   return op;
 }
 
+// The two halves of linear_backward with 'post' dropout (lora.cpp).
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, const at::Tensor&, std::array<bool, 2>,
+    c10::SymInt)>&
+post_dropout_grad_y_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora::post_dropout_grad_y", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, double, double,
+                                                                       const at::Tensor&, std::array<bool, 2>,
+                                                                       c10::SymInt)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    std::array<bool, 4>)>&
+linear_backward_from_grad_xa_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lora::linear_backward_from_grad_xa", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, std::array<bool, 4>)>();
+  return op;
+}
+
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// Whether lora::linear_backward on x's device with this backend argument runs linear_backward_aten
+// (CPU, and CUDA's native path), the only path the two halves above implement.
+bool backward_runs_aten(const at::Tensor& x, const std::string& backend) {
+  if (x.is_cpu()) return true;
+#ifdef LORA_WITH_CUDA
+  return x.is_cuda() && !use_triton(backend);
+#else
+  return false;
+#endif
+}
 
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -67,8 +112,18 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     }
     const bool has_weight = weight.has_value() && weight->defined();
     const bool has_bias = bias.has_value() && bias->defined();
-    ctx->save_for_backward({x, has_weight ? *weight : at::Tensor(), lora_A, lora_B, xa,
-                            seed.has_value() ? *seed : at::Tensor()});
+    // With 'post' dropout the backward frees xa once its masked step is done (below), so xa is kept
+    // where the backward can drop it: in saved_data, its version checked by hand as a saved variable's
+    // would be. Under saved-tensor hooks (offloading, checkpointing) it is saved like the rest, so that
+    // the hooks see it: then it lives until the backward ends.
+    const bool xa_releasable =
+        dropout_p > 0.0 && dropout_position == "post" && !at::SavedTensorDefaultHooks::get_hooks().has_value();
+    ctx->save_for_backward({x, has_weight ? *weight : at::Tensor(), lora_A, lora_B,
+                            xa_releasable ? at::Tensor() : xa, seed.has_value() ? *seed : at::Tensor()});
+    if (xa_releasable) {
+      ctx->saved_data["xa"] = xa;
+      ctx->saved_data["xa_version"] = xa._version();
+    }
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["dropout_position"] = dropout_position;
@@ -103,13 +158,47 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
 
     const std::string position = ctx->saved_data["dropout_position"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    at::Tensor xa = saved[4];
+    if (!xa.defined()) {  // kept in saved_data by forward (xa_releasable)
+      xa = ctx->saved_data["xa"].toTensor();
+      const int64_t saved_version = ctx->saved_data["xa_version"].toInt();
+      TORCH_CHECK(xa._version() == saved_version,
+                  "lora: xa (lora::linear's second output, saved for its backward) was modified by an inplace "
+                  "operation after the forward (its version is ", xa._version(), ", it was saved at version ",
+                  saved_version, "): the gradients would be wrong");
+    }
+    at::Tensor gx, gw, gb, gA, gB;
+    // 'post' dropout, once the graph is not kept: the masked step, xa released, then the rest, so that
+    // xa (M x r) is not alive beside dA and dx (a peak of M x r less, the same bits). With the graph kept
+    // (retain_graph, create_graph) xa must outlive this call anyway: one op.
+    if (ctx->saved_data.count("xa") != 0 && (need_x || need_A || need_B) && !at::GradMode::is_enabled() &&
+        !torch::autograd::get_current_graph_task_keep_graph() && backward_runs_aten(saved[0], backend)) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      ctx->saved_data.erase("xa");
+      // One contiguous copy for both halves where autograd hands in a strided g (the ops would each copy).
+      const at::Tensor g = grads[0].is_cuda() ? grads[0].contiguous() : grads[0];
+      const c10::SymInt partial_bytes_cap =
+          need_x ? saved[0].sym_numel() * static_cast<int64_t>(saved[0].element_size()) : c10::SymInt(0);
+      at::Tensor grad_xa;
+      std::tie(grad_xa, gB) = post_dropout_grad_y_op().call(g, saved[3], xa, scale, dropout_p, saved[5],
+                                                            {need_x || need_A, need_B}, partial_bytes_cap);
+      xa.reset();  // the last reference, unless the caller kept lora::linear's second output
+      std::tie(gx, gw, gb, gA) = linear_backward_from_grad_xa_op().call(
+          g, saved[0], optional_of(saved[1]), saved[2], saved[3], grad_xa, {need_x, need_weight, need_bias, need_A});
+      if (need_x) out[0] = gx;
+      if (need_weight) out[1] = gw;
+      if (need_bias) out[2] = gb;
+      if (need_A) out[3] = gA;
+      if (need_B) out[4] = gB;
+      return out;
+    }
     // grads[1] (for xa, non-differentiable) is ignored.
     auto call = [&] {
-      return linear_backward_op().call(grads[0], saved[0], optional_of(saved[1]), saved[2], saved[3], saved[4],
-                                       ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
-                                       position, optional_of(saved[5]), mask, backend);
+      return linear_backward_op().call(grads[0], saved[0], optional_of(saved[1]), saved[2], saved[3], xa, scale,
+                                       dropout_p, position, optional_of(saved[5]), mask, backend);
     };
-    at::Tensor gx, gw, gb, gA, gB;
     if (at::GradMode::is_enabled()) {
       // create_graph=True: through linear_backward's autograd kernel, so that
       // differentiating these gradients raises instead of silently giving zeros.
@@ -152,6 +241,8 @@ std::tuple<at::Tensor, at::Tensor> linear_autograd(const at::Tensor& x, const Op
 TORCH_LIBRARY_IMPL(lora, Autograd, m) {
   m.impl("linear", &linear_autograd);
   m.impl("linear_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("post_dropout_grad_y", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_backward_from_grad_xa", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace lora

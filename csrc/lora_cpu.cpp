@@ -69,6 +69,8 @@ void dropout_scale_cpu_(at::Tensor& t, const at::Tensor& seed, double p, double 
 TORCH_LIBRARY_IMPL(lora, CPU, m) {
   m.impl("linear", &linear_forward_aten);
   m.impl("linear_backward", &linear_backward_aten);
+  m.impl("post_dropout_grad_y", &post_dropout_grad_y_aten);
+  m.impl("linear_backward_from_grad_xa", &linear_backward_from_grad_xa_aten);
 }
 
 }  // namespace lora

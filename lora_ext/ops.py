@@ -65,10 +65,10 @@ def _check_floating(t: Tensor, name: str) -> None:
         raise TypeError(f"lora: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
-def _check_same_device(t: Tensor, x: Tensor, name: str) -> None:
+def _check_same_device(t: Tensor, x: Tensor, name: str, x_name: str = "x") -> None:
     if t.device != x.device:
         raise RuntimeError(
-            f"lora: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device"
+            f"lora: {name} is on {t.device} but {x_name} is on {x.device}; all tensors must be on one device"
         )
 
 
@@ -84,8 +84,9 @@ def check_scale(scale, x: Tensor, lora_A: Tensor) -> None:
                          f"the dtype of x or the adapters")
 
 
-def check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r) -> None:
-    """lora::linear_backward's own arguments, after check_linear_args (mirrors csrc/checks.h)."""
+def check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r, xa_name="xa") -> None:
+    """lora::linear_backward's own arguments, after check_linear_args (mirrors csrc/checks.h).
+    xa_name: the (M, r) argument's name in the messages (lora::linear_backward_from_grad_xa's is grad_xa)."""
     torch._check(
         grad_y.dim() >= 1 and grad_y.shape[-1] == N and grad_y.numel() == M * N,
         lambda: f"lora: grad_y must have shape (..., {N}) with {M} rows, got {tuple(grad_y.shape)}",
@@ -95,15 +96,50 @@ def check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N,
     _check_same_device(grad_y, x, "grad_y")
     torch._check(
         xa.dim() == 2 and xa.shape[0] == M and xa.shape[1] == r,
-        lambda: f"lora: xa must have shape ({M}, {r}), got {tuple(xa.shape)}",
+        lambda: f"lora: {xa_name} must have shape ({M}, {r}), got {tuple(xa.shape)}",
     )
     if xa.dtype != lora_A.dtype:
-        raise TypeError(f"lora: xa dtype ({xa.dtype}) must equal lora_A dtype ({lora_A.dtype})")
-    _check_same_device(xa, x, "xa")
+        raise TypeError(f"lora: {xa_name} dtype ({xa.dtype}) must equal lora_A dtype ({lora_A.dtype})")
+    _check_same_device(xa, x, xa_name)
     if len(output_mask) != 5:
         raise RuntimeError("lora: output_mask must have 5 entries")
     if output_mask[1] and weight is None:
         raise RuntimeError("lora: grad of weight requested but weight is None")
+
+
+def check_post_dropout_grad_y_args(grad_y, lora_B, xa, dropout_p, seed, partial_bytes_cap):
+    """lora::post_dropout_grad_y's arguments (mirrors csrc/checks.h); returns (M, N, r)."""
+    _check_floating(grad_y, "grad_y")
+    _check_floating(lora_B, "lora_B")
+    if grad_y.dim() < 1:
+        raise RuntimeError("lora: grad_y must have at least 1 dimension (..., out_features), got a 0-dim tensor")
+    if lora_B.dim() != 2:
+        raise RuntimeError(f"lora: lora_B must be 2-D (out_features, r), got shape {tuple(lora_B.shape)}")
+    N, r = lora_B.shape
+    M = math.prod(grad_y.shape[:-1])
+    torch._check(r >= 1, lambda: f"lora: rank must be >= 1, got lora_B of shape {tuple(lora_B.shape)}")
+    torch._check(
+        grad_y.shape[-1] == N,
+        lambda: f"lora: grad_y must have shape (..., out_features={N}) to match lora_B of shape "
+        f"{tuple(lora_B.shape)}, got {tuple(grad_y.shape)}",
+    )
+    _check_same_device(lora_B, grad_y, "lora_B", "grad_y")
+    torch._check(
+        xa.dim() == 2 and xa.shape[0] == M and xa.shape[1] == r,
+        lambda: f"lora: xa must have shape ({M}, {r}), got {tuple(xa.shape)}",
+    )
+    if xa.dtype != lora_B.dtype:
+        raise TypeError(f"lora: xa dtype ({xa.dtype}) must equal lora_B dtype ({lora_B.dtype})")
+    _check_same_device(xa, grad_y, "xa", "grad_y")
+    if not (0.0 < dropout_p < 1.0):
+        raise ValueError(f"lora: dropout_p must be in (0, 1), got {dropout_p}")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(
+            f"lora: seed must be an int64 tensor with one element, got {seed.dtype} of shape {tuple(seed.shape)}"
+        )
+    _check_same_device(seed, grad_y, "seed", "grad_y")
+    torch._check_value(partial_bytes_cap >= 0, lambda: f"lora: partial_bytes_cap must be >= 0, got {partial_bytes_cap}")
+    return M, N, r
 
 
 def check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed, backend):
@@ -208,8 +244,35 @@ def _linear_backward_fake(
     )
 
 
-# Autograd of both ops is C++ (csrc/lora_autograd.cpp): lora::linear saves x, weight, the
-# adapters, xa (M x r) and the seed; lora::linear_backward regenerates the dropout mask.
+@torch.library.register_fake("lora::post_dropout_grad_y")
+def _post_dropout_grad_y_fake(grad_y, lora_B, xa, scale, dropout_p, seed, output_mask, partial_bytes_cap=0):
+    M, N, r = check_post_dropout_grad_y_args(grad_y, lora_B, xa, dropout_p, seed, partial_bytes_cap)
+    check_scale(scale, grad_y, lora_B)
+    need_grad_xa, need_B = output_mask
+    return (
+        xa.new_empty(M, r) if need_grad_xa else xa.new_empty(0),
+        lora_B.new_empty(N, r) if need_B else lora_B.new_empty(0),
+    )
+
+
+@torch.library.register_fake("lora::linear_backward_from_grad_xa")
+def _linear_backward_from_grad_xa_fake(grad_y, x, weight, lora_A, lora_B, grad_xa, output_mask):
+    M, K, N, r = check_linear_args(x, weight, None, lora_A, lora_B, 0.0, "post", None, "auto")
+    need_x, need_weight, need_bias, need_A = output_mask
+    check_linear_backward_args(grad_y, x, grad_xa, lora_A, weight, [need_x, need_weight, need_bias, need_A, False],
+                               M, N, r, xa_name="grad_xa")
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        x.new_empty(N, K) if need_weight else x.new_empty(0),
+        x.new_empty(N) if need_bias else x.new_empty(0),
+        lora_A.new_empty(r, K) if need_A else lora_A.new_empty(0),
+    )
+
+
+# Autograd of the ops is C++ (csrc/lora_autograd.cpp): lora::linear saves x, weight, the
+# adapters, xa (M x r) and the seed; lora::linear_backward regenerates the dropout mask (with
+# 'post' dropout, where the graph is not kept, as its two halves: lora::post_dropout_grad_y and
+# lora::linear_backward_from_grad_xa, xa released between them).
 
 
 def linear_backward(

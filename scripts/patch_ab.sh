@@ -7,13 +7,20 @@
 # Usage: bash scripts/patch_ab.sh PATCH MODES_BEFORE MODES_AFTER [bench args]
 #   MODES_*: h200_run.sh's modes (e.g. nculist,bench and tests,nculist,bench); the environment
 #   (NCU_LIST, TEST_TIMEOUT, ...) reaches both runs. The patch is reverted at the end.
+#   PATCH_AB_COMMITTED=1: the tree already holds the change (PATCH is what it added): 'before' runs with
+#   PATCH reversed, 'after' on the tree as committed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 3 ]] || { echo "usage: $0 PATCH MODES_BEFORE MODES_AFTER [bench args]" >&2; exit 2; }
 patch=$1 before=$2 after=$3
 shift 3
 OUT=${OUT:-$PWD/out}
-git apply --check "$patch" || { echo "patch_ab: $patch does not apply to this tree" >&2; exit 2; }
+committed=${PATCH_AB_COMMITTED:-0}
+if [[ $committed == 1 ]]; then
+  git apply -R "$patch" || { echo "patch_ab: $patch does not reverse on this tree" >&2; exit 2; }
+else
+  git apply --check "$patch" || { echo "patch_ab: $patch does not apply to this tree" >&2; exit 2; }
+fi
 echo "== before ($before)"
 OUT=$OUT/before bash scripts/h200_run.sh "$before" "$@"
 before_status=$?
@@ -21,6 +28,7 @@ git apply "$patch"
 echo "== after ($after), with $patch"
 OUT=$OUT/after bash scripts/h200_run.sh "$after" "$@"
 after_status=$?
-git apply -R "$patch"
+# Back to the tree as it came: without the patch, or (committed) with it.
+[[ $committed == 1 ]] || git apply -R "$patch"
 echo "patch_ab: before exit $before_status, after exit $after_status"
 exit $(( before_status || after_status ))

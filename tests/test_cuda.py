@@ -1602,3 +1602,58 @@ def test_more_than_2_31_input_elements(backend):
         grad_B_ref += (s * g.t() @ xa[start:stop].float()).double()
     assert_relative_error(grad_A, grad_A_ref, "grad_A", 2e-2)
     assert_relative_error(grad_B, grad_B_ref, "grad_B", 2e-2)
+
+
+# ---------------------------------------------------------------------------
+# The 'post' backward in two halves (csrc/lora_autograd.cpp: lora::post_dropout_grad_y, xa released,
+# lora::linear_backward_from_grad_xa; benchmarks/NOTES.md #74)
+# ---------------------------------------------------------------------------
+
+
+@native_only
+@pytest.mark.parametrize("M,K,N,r", [(4096, 512, 1024, 16), (4100, 4096, 2056, 64), (300, 96, 136, 8)], ids=str)
+def test_post_dropout_backward_halves_give_the_one_op_bits(M, K, N, r):
+    """On the native path (its one-pass masked kernel, the fused dx GEMM given grad_xa and dA alone where
+    their rules take the sizes, cuBLAS elsewhere) the two halves, which run when the graph is not kept,
+    give lora::linear_backward's bits (retain_graph=True keeps that one op), each gradient within the
+    float64 bound; and xa is no longer referenced when the second half starts."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inputs = make_inputs((M,), K, N, r, torch.bfloat16, seed=M + r)
+    leaves = present(inputs)
+    seen = {}
+
+    class Probe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.setdefault("calls", []).append(str(func))
+            if func is torch.ops.lora.post_dropout_grad_y.default:
+                seen["xa"] = weakref.ref(args[2])
+            if func is torch.ops.lora.linear_backward_from_grad_xa.default:
+                seen["xa_alive"] = seen["xa"]() is not None
+            return func(*args, **(kwargs or {}))
+
+    run_and_check(inputs, 0.5, 0.25, "post", 31, "native")  # the halves (graph not kept), against float64
+    y, _ = torch.ops.lora.linear(*(inputs[k] for k in GRAD_NAMES), 0.5, 0.25, "post", seed_tensor(31), "native")
+    gy = torch.randn_like(y)
+    one_op = torch.autograd.grad(y, list(leaves.values()), gy, retain_graph=True)
+    with Probe():
+        again = torch.autograd.grad(y, list(leaves.values()), gy)
+    assert [c for c in seen["calls"] if c.startswith("lora.")] == [
+        "lora.post_dropout_grad_y.default", "lora.linear_backward_from_grad_xa.default"], seen["calls"]
+    assert seen["xa_alive"] is False
+    for name, a, b in zip(leaves, one_op, again):
+        assert torch.equal(a, b), f"grad of {name}: the halves differ from the one op"
+
+
+@native_only
+def test_opcheck_post_dropout_halves_on_cuda():
+    inputs = make_inputs((4096,), 256, 1024, 16, torch.bfloat16, requires_grad=False, seed=6)
+    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    gy = torch.randn(4096, 1024, device=DEVICE, dtype=torch.bfloat16)
+    xa = torch.randn(4096, 16, device=DEVICE, dtype=torch.bfloat16)
+    for need, cap in (([True, True], x.numel() * 2), ([True, False], 0), ([False, True], 0)):
+        torch.library.opcheck(torch.ops.lora.post_dropout_grad_y.default, (gy, B, xa, 0.5, 0.1, seed_tensor(9), need, cap))
+    for mask in ([True] * 4, [False, False, False, True]):
+        torch.library.opcheck(torch.ops.lora.linear_backward_from_grad_xa.default, (gy, x, w, A, B, xa, mask))

@@ -468,6 +468,183 @@ def test_linear_backward_op_matches_reference_for_every_mask():
 
 
 # ---------------------------------------------------------------------------
+# The 'post' backward in two halves (lora::post_dropout_grad_y, then lora::linear_backward_from_grad_xa,
+# xa released between them: csrc/lora_autograd.cpp)
+# ---------------------------------------------------------------------------
+
+POST_SCALE, POST_P, POST_SEED = 0.7, 0.3, 4242
+
+
+def _post_dropout_layer(dtype=torch.float32, *, bias=True, lead=(3, 13), K=17, N=11, r=5):
+    """lora::linear with 'post' dropout on fresh random inputs: (y, trainable leaves by name, the frozen
+    weight, grad_out); lora::linear's second output (xa) is not kept."""
+    torch.manual_seed(11)
+    x = torch.randn(*lead, K, dtype=dtype, requires_grad=True)
+    weight = torch.randn(N, K, dtype=dtype) * K**-0.5
+    b = torch.randn(N, dtype=dtype, requires_grad=True) if bias else None
+    lora_A = (torch.randn(r, K, dtype=dtype) * K**-0.5).requires_grad_()
+    lora_B = torch.randn(N, r, dtype=dtype, requires_grad=True)
+    y, _ = torch.ops.lora.linear(x, weight, b, lora_A, lora_B, POST_SCALE, POST_P, "post",
+                                 torch.tensor([POST_SEED]))
+    leaves = {"x": x, "bias": b, "lora_A": lora_A, "lora_B": lora_B}
+    return y, {k: v for k, v in leaves.items() if v is not None}, weight, torch.randn(*lead, N, dtype=dtype)
+
+
+def _lora_calls(record: RecordOps) -> list:
+    return [str(func) for func, _ in record.calls if str(func).startswith("lora.")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_post_dropout_backward_in_two_halves_gives_the_one_op_bits(dtype, bias):
+    """Without the graph kept the 'post' backward runs as its two halves, with it kept (retain_graph) as
+    lora::linear_backward: the same gradients, bit for bit, each within the float64 reference's bound."""
+    grads, calls = {}, {}
+    for retain in (True, False):
+        y, leaves, weight, grad_out = _post_dropout_layer(dtype, bias=bias)
+        with RecordOps() as record:
+            grads[retain] = torch.autograd.grad(y, list(leaves.values()), grad_out, retain_graph=retain)
+        calls[retain] = _lora_calls(record)
+    assert calls[True] == ["lora.linear_backward.default"], calls
+    assert calls[False] == ["lora.post_dropout_grad_y.default", "lora.linear_backward_from_grad_xa.default"], calls
+    leaves64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    y64 = lora_linear_reference(leaves64["x"], weight.double(), leaves64.get("bias"), leaves64["lora_A"],
+                                leaves64["lora_B"], POST_SCALE, dropout_p=POST_P, dropout_position="post",
+                                seed=POST_SEED)
+    expected = torch.autograd.grad(y64, list(leaves64.values()), grad_out.double())
+    for name, one_op, halves, ref in zip(leaves, grads[True], grads[False], expected):
+        assert torch.equal(one_op, halves), f"grad of {name}: the two halves differ from the one op"
+        assert_close_to_reference(halves, ref, dtype, f"grad of {name}")
+
+
+def test_post_dropout_backward_frees_xa_before_its_second_half():
+    """xa (M x r, saved by the forward) is released once the masked step has used it: when
+    lora::linear_backward_from_grad_xa starts, nothing holds it any more (so it is not alive beside dA
+    and dx: the peak memory with 'post' dropout, benchmarks/NOTES.md #74)."""
+    import weakref
+
+    y, leaves, _, grad_out = _post_dropout_layer()
+    xa_ref = {}
+
+    class FindXa(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.lora.post_dropout_grad_y.default:
+                xa_ref["ref"] = weakref.ref(args[2])
+            if func is torch.ops.lora.linear_backward_from_grad_xa.default:
+                xa_ref["alive_at_second_half"] = xa_ref["ref"]() is not None
+            return func(*args, **(kwargs or {}))
+
+    with FindXa():
+        torch.autograd.grad(y, list(leaves.values()), grad_out)
+    assert xa_ref.get("alive_at_second_half") is False, xa_ref
+
+
+def test_post_dropout_backward_under_saved_tensor_hooks_is_one_op_and_the_hooks_see_xa():
+    """Under saved-tensor hooks (offloading, checkpointing) xa is saved like the other tensors, so the
+    hooks see it, and the backward is the one op (xa lives until it ends)."""
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y, leaves, _, grad_out = _post_dropout_layer(lead=(39,), r=5)
+    with RecordOps() as record:
+        torch.autograd.grad(y, list(leaves.values()), grad_out)
+    assert _lora_calls(record) == ["lora.linear_backward.default"]
+    assert any(t.shape == (39, 5) for t in packed), [tuple(t.shape) for t in packed]
+
+
+def test_post_dropout_backward_refuses_xa_modified_in_place():
+    """xa is kept outside autograd's saved variables with 'post' dropout (to be released early); its
+    version is still checked, as a saved variable's would be."""
+    torch.manual_seed(12)
+    x, weight, bias, lora_A, lora_B = small_inputs()
+    y, xa = torch.ops.lora.linear(x, weight, bias, lora_A, lora_B, 0.5, 0.25, "post", torch.tensor([3]))
+    with torch.no_grad():
+        xa.add_(1.0)
+    with pytest.raises(RuntimeError, match="xa .*modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["both", "grad_xa", "grad_B", "none"])
+def test_post_dropout_grad_y_matches_float64(need):
+    """(s drop(dY) B, s drop(dY)^T xa) with the reference's mask, empty where not asked."""
+    torch.manual_seed(13)
+    M, N, r, scale, p, seed = 21, 19, 3, 0.6, 0.4, 77
+    grad_y, lora_B, xa = torch.randn(3, 7, N), torch.randn(N, r), torch.randn(M, r)
+    grad_xa, grad_B = torch.ops.lora.post_dropout_grad_y(grad_y, lora_B, xa, scale, p, torch.tensor([seed]),
+                                                         list(need))
+    dropped = grad_y.reshape(M, N).double() * dropout_keep_mask(seed, M, N, p).double() / (1 - p)
+    if need[0]:
+        assert_close_to_reference(grad_xa, scale * dropped @ lora_B.double(), torch.float32, "grad_xa")
+    else:
+        assert grad_xa.shape == (0,)
+    if need[1]:
+        assert_close_to_reference(grad_B, scale * dropped.t() @ xa.double(), torch.float32, "grad_B")
+    else:
+        assert grad_B.shape == (0,)
+
+
+@pytest.mark.parametrize("mask", [(True,) * 4, (False, False, False, True), (True, False, False, False),
+                                  (False, True, True, False)], ids=["all", "dA", "dx", "base"])
+def test_linear_backward_from_grad_xa_matches_float64(mask):
+    """(dx, dW, db, dA) = (dY W + grad_xa A, dY^T x, sum dY, grad_xa^T x), empty where not asked."""
+    torch.manual_seed(14)
+    K, N, r = 9, 6, 2
+    grad_y, x, weight = torch.randn(2, 5, N), torch.randn(2, 5, K), torch.randn(N, K)
+    lora_A, lora_B, grad_xa = torch.randn(r, K), torch.randn(N, r), torch.randn(10, r)
+    got = torch.ops.lora.linear_backward_from_grad_xa(grad_y, x, weight, lora_A, lora_B, grad_xa, list(mask))
+    g, x2 = grad_y.reshape(10, N).double(), x.reshape(10, K).double()
+    expected = ((g @ weight.double() + grad_xa.double() @ lora_A.double()).reshape(x.shape), g.t() @ x2,
+                g.sum(0), grad_xa.double().t() @ x2)
+    for name, needed, grad, ref in zip(("dx", "dW", "db", "dA"), mask, got, expected):
+        if needed:
+            assert_close_to_reference(grad, ref, torch.float32, name)
+        else:
+            assert grad.shape == (0,), f"{name} not asked, got shape {tuple(grad.shape)}"
+
+
+def test_opcheck_post_dropout_halves():
+    torch.manual_seed(15)
+    N, r, K = 7, 3, 5
+    seed = torch.tensor([9])
+    for lead, need in (((4,), [True, True]), ((2, 3), [True, False]), ((6,), [False, True])):
+        M = math.prod(lead)
+        torch.library.opcheck(torch.ops.lora.post_dropout_grad_y.default,
+                              (torch.randn(*lead, N), torch.randn(N, r), torch.randn(M, r), 0.5, 0.2, seed, need, 64))
+    for weight, mask in ((torch.randn(N, K), [True, True, True, True]), (None, [True, False, True, True])):
+        torch.library.opcheck(torch.ops.lora.linear_backward_from_grad_xa.default,
+                              (torch.randn(2, 3, N), torch.randn(2, 3, K), weight, torch.randn(r, K),
+                               torch.randn(N, r), torch.randn(6, r), mask))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_post_dropout_halves_bad_input(device):
+    N, r, K, M = 7, 3, 5, 4
+    grad_y, lora_B, xa = torch.randn(M, N, device=device), torch.randn(N, r, device=device), torch.randn(M, r, device=device)
+    seed = torch.tensor([1], device=device)
+    step = torch.ops.lora.post_dropout_grad_y
+    with pytest.raises(RuntimeError, match=r"xa must have shape \(4, 3\)"):
+        step(grad_y, lora_B, torch.randn(M + 1, r, device=device), 0.5, 0.2, seed, [True, True])
+    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+        step(torch.randn(M, N + 1, device=device), lora_B, xa, 0.5, 0.2, seed, [True, True])
+    with pytest.raises(ValueError, match=r"dropout_p must be in \(0, 1\)"):
+        step(grad_y, lora_B, xa, 0.5, 0.0, seed, [True, True])
+    with pytest.raises(TypeError, match="seed must be an int64 tensor"):
+        step(grad_y, lora_B, xa, 0.5, 0.2, torch.tensor([1.0], device=device), [True, True])
+    with pytest.raises(TypeError, match="xa dtype"):
+        step(grad_y, lora_B, xa.double(), 0.5, 0.2, seed, [True, True])
+    with pytest.raises(ValueError, match="partial_bytes_cap must be >= 0"):
+        step(grad_y, lora_B, xa, 0.5, 0.2, seed, [True, True], -1)
+    rest = torch.ops.lora.linear_backward_from_grad_xa
+    x, weight, lora_A = torch.randn(M, K, device=device), torch.randn(N, K, device=device), torch.randn(r, K, device=device)
+    with pytest.raises(RuntimeError, match=r"grad_xa must have shape \(4, 3\)"):
+        rest(grad_y, x, weight, lora_A, lora_B, torch.randn(M, r + 1, device=device), [True] * 4)
+    with pytest.raises(TypeError, match="grad_xa dtype"):
+        rest(grad_y, x, weight, lora_A, lora_B, xa.double(), [True] * 4)
+    with pytest.raises(RuntimeError, match="grad of weight requested but weight is None"):
+        rest(grad_y, x, None, lora_A, lora_B, xa, [True] * 4)
+
+
+# ---------------------------------------------------------------------------
 # opcheck
 # ---------------------------------------------------------------------------
 
@@ -932,7 +1109,8 @@ def test_linear_backward_bad_input(device):
 
 
 def test_cpu_kernels_registered_in_cpp():
-    for op in ("lora::linear", "lora::linear_backward"):
+    for op in ("lora::linear", "lora::linear_backward", "lora::post_dropout_grad_y",
+               "lora::linear_backward_from_grad_xa"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"), op  # the fake kernel
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd"), op

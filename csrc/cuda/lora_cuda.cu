@@ -124,9 +124,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
                               output_mask, backend);
 }
 
+// The two halves of the 'post' backward (lora_aten.h): the native path's kernels, whatever the
+// backend rule says (the autograd calls them only where linear_backward would run natively).
+std::tuple<at::Tensor, at::Tensor> post_dropout_grad_y_cuda(const at::Tensor& grad_y, const at::Tensor& lora_B,
+                                                            const at::Tensor& xa, double scale, double dropout_p,
+                                                            const at::Tensor& seed, std::array<bool, 2> output_mask,
+                                                            int64_t partial_bytes_cap) {
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  return post_dropout_grad_y_aten(grad_y, lora_B, xa, scale, dropout_p, seed, output_mask, partial_bytes_cap);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_from_grad_xa_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& grad_xa, std::array<bool, 4> output_mask) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return linear_backward_from_grad_xa_aten(grad_y, x, weight, lora_A, lora_B, grad_xa, output_mask);
+}
+
 TORCH_LIBRARY_IMPL(lora, CUDA, m) {
   m.impl("linear", &linear_forward_cuda);
   m.impl("linear_backward", &linear_backward_cuda);
+  m.impl("post_dropout_grad_y", &post_dropout_grad_y_cuda);
+  m.impl("linear_backward_from_grad_xa", &linear_backward_from_grad_xa_cuda);
 }
 
 }  // namespace lora
