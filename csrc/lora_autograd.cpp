@@ -172,8 +172,9 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     at::Tensor gx, gw, gb, gA, gB;
     // 'post' dropout, once the graph is not kept: the masked step, xa released, then the rest, so that
     // xa (M x r) is not alive beside dA and dx (a peak of M x r less, the same bits). With the graph kept
-    // (retain_graph, create_graph) xa must outlive this call anyway: one op.
-    if (ctx->saved_data.count("xa") != 0 && (need_x || need_A || need_B) && !at::GradMode::is_enabled() &&
+    // (retain_graph, create_graph) xa must outlive this call anyway: one op; and without dA and dx
+    // there is nothing to free it for (and no grad_xa for the second half).
+    if (ctx->saved_data.count("xa") != 0 && (need_x || need_A) && !at::GradMode::is_enabled() &&
         !torch::autograd::get_current_graph_task_keep_graph() && backward_runs_aten(saved[0], backend)) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       ctx->saved_data.erase("xa");
@@ -183,7 +184,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
           need_x ? saved[0].sym_numel() * static_cast<int64_t>(saved[0].element_size()) : c10::SymInt(0);
       at::Tensor grad_xa;
       std::tie(grad_xa, gB) = post_dropout_grad_y_op().call(g, saved[3], xa, scale, dropout_p, saved[5],
-                                                            {need_x || need_A, need_B}, partial_bytes_cap);
+                                                            {true, need_B}, partial_bytes_cap);
       xa.reset();  // the last reference, unless the caller kept lora::linear's second output
       std::tie(gx, gw, gb, gA) = linear_backward_from_grad_xa_op().call(
           g, saved[0], optional_of(saved[1]), saved[2], saved[3], grad_xa, {need_x, need_weight, need_bias, need_A});

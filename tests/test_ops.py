@@ -539,6 +539,15 @@ def test_post_dropout_backward_frees_xa_before_its_second_half():
     assert xa_ref.get("alive_at_second_half") is False, xa_ref
 
 
+def test_post_dropout_backward_without_dA_or_dx_is_one_op():
+    """With neither dA nor dx wanted (only dB, the bias) there is no grad_xa for the second half and
+    nothing to free xa for: the one op, as with the graph kept."""
+    y, leaves, _, grad_out = _post_dropout_layer()
+    with RecordOps() as record:
+        torch.autograd.grad(y, [leaves["lora_B"], leaves["bias"]], grad_out)
+    assert _lora_calls(record) == ["lora.linear_backward.default"]
+
+
 def test_post_dropout_backward_under_saved_tensor_hooks_is_one_op_and_the_hooks_see_xa():
     """Under saved-tensor hooks (offloading, checkpointing) xa is saved like the other tensors, so the
     hooks see it, and the backward is the one op (xa lives until it ends)."""
