@@ -362,6 +362,16 @@ std::tuple<at::Tensor, at::Tensor> post_dropout_step(const at::Tensor& g, const 
   return {grad_xa, grad_B};
 }
 
+// dx = g W + grad_x_lora in x's dtype, where grad_x_lora (M, K) is in the adapters' dtype (when it differs from
+// x's, or carries a mask: the beta = 1 epilogue cannot take it).
+at::Tensor add_base_grad_x(const at::Tensor& g, const c10::optional<at::Tensor>& weight,
+                           const at::Tensor& grad_x_lora, at::ScalarType x_dtype) {
+  if (!weight.has_value()) return grad_x_lora.to(x_dtype);
+  at::Tensor grad_x = at::mm(g, *weight);
+  grad_x.add_(grad_x_lora);
+  return grad_x;
+}
+
 // How large the masked step's float32 partials may grow: dx's size when dx is wanted (it is allocated
 // after the step, so partials up to its size raise no peak; masked_grad_y_grid.h), else the kernel's
 // first rule (0). lora_autograd.cpp passes the same to lora::post_dropout_grad_y, so that the split
@@ -400,13 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_dropout_rest(
         grad_x = at::mm(grad_xa, lora_A);
         if (weight.has_value()) grad_x.addmm_(g, *weight);
       } else {
-        at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype
-        if (weight.has_value()) {
-          grad_x = at::mm(g, *weight);
-          grad_x.add_(grad_x_lora);
-        } else {
-          grad_x = grad_x_lora.to(x.scalar_type());
-        }
+        grad_x = add_base_grad_x(g, weight, at::mm(grad_xa, lora_A), x.scalar_type());
       }
     }
     grad_x = grad_x.view(x.sizes());
@@ -674,12 +678,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
         } else if (pre_dropout) {
           dropout_scale_(grad_x_lora, *seed, dropout_p, keep_scale);
         }
-        if (weight.has_value()) {
-          grad_x = at::mm(g, *weight);
-          grad_x.add_(grad_x_lora);
-        } else {
-          grad_x = grad_x_lora.to(x.scalar_type());
-        }
+        grad_x = add_base_grad_x(g, weight, grad_x_lora, x.scalar_type());
       }
       grad_x = grad_x.view(x.sizes());
     }

@@ -188,25 +188,20 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       xa.reset();  // the last reference, unless the caller kept lora::linear's second output
       std::tie(gx, gw, gb, gA) = linear_backward_from_grad_xa_op().call(
           g, saved[0], optional_of(saved[1]), saved[2], saved[3], grad_xa, {need_x, need_weight, need_bias, need_A});
-      if (need_x) out[0] = gx;
-      if (need_weight) out[1] = gw;
-      if (need_bias) out[2] = gb;
-      if (need_A) out[3] = gA;
-      if (need_B) out[4] = gB;
-      return out;
-    }
-    // grads[1] (for xa, non-differentiable) is ignored.
-    auto call = [&] {
-      return linear_backward_op().call(grads[0], saved[0], optional_of(saved[1]), saved[2], saved[3], xa, scale,
-                                       dropout_p, position, optional_of(saved[5]), mask, backend);
-    };
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: through linear_backward's autograd kernel, so that
-      // differentiating these gradients raises instead of silently giving zeros.
-      std::tie(gx, gw, gb, gA, gB) = call();
     } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(gx, gw, gb, gA, gB) = call();
+      // grads[1] (for xa, non-differentiable) is ignored.
+      auto call = [&] {
+        return linear_backward_op().call(grads[0], saved[0], optional_of(saved[1]), saved[2], saved[3], xa, scale,
+                                         dropout_p, position, optional_of(saved[5]), mask, backend);
+      };
+      if (at::GradMode::is_enabled()) {
+        // create_graph=True: through linear_backward's autograd kernel, so that
+        // differentiating these gradients raises instead of silently giving zeros.
+        std::tie(gx, gw, gb, gA, gB) = call();
+      } else {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        std::tie(gx, gw, gb, gA, gB) = call();
+      }
     }
     // Forward arguments: x, weight, bias, lora_A, lora_B, scale, dropout_p, position, seed, backend.
     if (need_x) out[0] = gx;
