@@ -153,8 +153,20 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const bool need_B = ctx->needs_input_grad(edge++);
     const std::array<bool, 5> mask{need_x, need_weight, need_bias, need_A, need_B};
     torch::autograd::variable_list out(10);
+    // xa kept in saved_data by the forward (xa_releasable) is released where a saved variable would be:
+    // when the graph is not kept, once this call has done with it (the engine clears only the saved
+    // variables, so without this xa would live as long as the graph). Not before a call has succeeded: a
+    // backward that failed (e.g. out of memory) may be tried again, as with saved variables.
+    const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
+    const bool xa_in_saved_data = ctx->saved_data.count("xa") != 0;
+    auto release_xa = [&] {
+      if (xa_in_saved_data && !keep_graph) ctx->saved_data.erase("xa");
+    };
     // No gradient for y (a later node returned none for it): no gradient for any input, as built-in ops do.
-    if (!grads[0].defined() || !(need_x || need_weight || need_bias || need_A || need_B)) return out;
+    if (!grads[0].defined() || !(need_x || need_weight || need_bias || need_A || need_B)) {
+      release_xa();
+      return out;
+    }
 
     const std::string position = ctx->saved_data["dropout_position"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();
@@ -162,7 +174,11 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     at::Tensor xa = saved[4];
     if (!xa.defined()) {  // kept in saved_data by forward (xa_releasable)
-      xa = ctx->saved_data["xa"].toTensor();
+      // Always there: the first backward that did not keep the graph freed the saved variables too,
+      // and get_saved_variables above raised "Trying to backward through the graph a second time".
+      TORCH_CHECK(xa_in_saved_data, "lora: xa, saved for lora::linear's backward, was already released by an "
+                                    "earlier backward of this node that failed part-way");
+      xa = ctx->saved_data.at("xa").toTensor();
       const int64_t saved_version = ctx->saved_data["xa_version"].toInt();
       TORCH_CHECK(xa._version() == saved_version,
                   "lora: xa (lora::linear's second output, saved for its backward) was modified by an inplace "
@@ -174,17 +190,19 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     // xa (M x r) is not alive beside dA and dx (a peak of M x r less, the same bits). With the graph kept
     // (retain_graph, create_graph) xa must outlive this call anyway: one op; and without dA and dx
     // there is nothing to free it for (and no grad_xa for the second half).
-    if (ctx->saved_data.count("xa") != 0 && (need_x || need_A) && !at::GradMode::is_enabled() &&
-        !torch::autograd::get_current_graph_task_keep_graph() && backward_runs_aten(saved[0], backend)) {
+    if (xa_in_saved_data && (need_x || need_A) && !at::GradMode::is_enabled() && !keep_graph &&
+        backward_runs_aten(saved[0], backend)) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      ctx->saved_data.erase("xa");
       // One contiguous copy for both halves where autograd hands in a strided g (the ops would each copy).
       const at::Tensor g = grads[0].is_cuda() ? grads[0].contiguous() : grads[0];
+      // linear_backward_aten's cap (post_dropout_partial_bytes_cap: dx's bytes when dx is wanted), as a
+      // SymInt here (x's rows may be symbolic under torch.compile), so that the halves' bits are the one op's.
       const c10::SymInt partial_bytes_cap =
           need_x ? saved[0].sym_numel() * static_cast<int64_t>(saved[0].element_size()) : c10::SymInt(0);
       at::Tensor grad_xa;
       std::tie(grad_xa, gB) = post_dropout_grad_y_op().call(g, saved[3], xa, scale, dropout_p, saved[5],
                                                             {true, need_B}, partial_bytes_cap);
+      release_xa();
       xa.reset();  // the last reference, unless the caller kept lora::linear's second output
       std::tie(gx, gw, gb, gA) = linear_backward_from_grad_xa_op().call(
           g, saved[0], optional_of(saved[1]), saved[2], saved[3], grad_xa, {need_x, need_weight, need_bias, need_A});
@@ -202,6 +220,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         std::tie(gx, gw, gb, gA, gB) = call();
       }
+      release_xa();
     }
     // Forward arguments: x, weight, bias, lora_A, lora_B, scale, dropout_p, position, seed, backend.
     if (need_x) out[0] = gx;

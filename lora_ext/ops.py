@@ -248,6 +248,8 @@ def _linear_backward_fake(
 def _post_dropout_grad_y_fake(grad_y, lora_B, xa, scale, dropout_p, seed, output_mask, partial_bytes_cap=0):
     M, N, r = check_post_dropout_grad_y_args(grad_y, lora_B, xa, dropout_p, seed, partial_bytes_cap)
     check_scale(scale, grad_y, lora_B)
+    if len(output_mask) != 2:
+        raise RuntimeError("lora: output_mask must have 2 entries")
     need_grad_xa, need_B = output_mask
     return (
         xa.new_empty(M, r) if need_grad_xa else xa.new_empty(0),
@@ -258,6 +260,8 @@ def _post_dropout_grad_y_fake(grad_y, lora_B, xa, scale, dropout_p, seed, output
 @torch.library.register_fake("lora::linear_backward_from_grad_xa")
 def _linear_backward_from_grad_xa_fake(grad_y, x, weight, lora_A, lora_B, grad_xa, output_mask):
     M, K, N, r = check_linear_args(x, weight, None, lora_A, lora_B, 0.0, "post", None, "auto")
+    if len(output_mask) != 4:
+        raise RuntimeError("lora: output_mask must have 4 entries")
     need_x, need_weight, need_bias, need_A = output_mask
     check_linear_backward_args(grad_y, x, grad_xa, lora_A, weight, [need_x, need_weight, need_bias, need_A, False],
                                M, N, r, xa_name="grad_xa")

@@ -10,25 +10,33 @@
 #   PATCH_AB_COMMITTED=1: the tree already holds the change (PATCH is what it added): 'before' runs with
 #   PATCH reversed, 'after' on the tree as committed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 [[ $# -ge 3 ]] || { echo "usage: $0 PATCH MODES_BEFORE MODES_AFTER [bench args]" >&2; exit 2; }
-patch=$1 before=$2 after=$3
+patch=$(realpath "$1") before=$2 after=$3  # absolute, before moving to the repository root
 shift 3
+cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 committed=${PATCH_AB_COMMITTED:-0}
+applied=0  # whether the patch is applied now
 if [[ $committed == 1 ]]; then
   git apply -R "$patch" || { echo "patch_ab: $patch does not reverse on this tree" >&2; exit 2; }
 else
   git apply --check "$patch" || { echo "patch_ab: $patch does not apply to this tree" >&2; exit 2; }
 fi
+# Back to the tree as it came (without the patch, or with it where committed), also when killed part-way
+# (the device tool stops a command at its time limit).
+restore() {
+  if [[ $committed == 1 && $applied == 0 ]]; then git apply "$patch" && applied=1; fi
+  if [[ $committed != 1 && $applied == 1 ]]; then git apply -R "$patch" && applied=0; fi
+}
+trap restore EXIT
+trap 'exit 130' INT TERM
 echo "== before ($before)"
 OUT=$OUT/before bash scripts/h200_run.sh "$before" "$@"
 before_status=$?
-git apply "$patch"
+git apply "$patch" || { echo "patch_ab: $patch did not apply after the 'before' run" >&2; exit 2; }
+applied=1
 echo "== after ($after), with $patch"
 OUT=$OUT/after bash scripts/h200_run.sh "$after" "$@"
 after_status=$?
-# Back to the tree as it came: without the patch, or (committed) with it.
-[[ $committed == 1 ]] || git apply -R "$patch"
 echo "patch_ab: before exit $before_status, after exit $after_status"
 exit $(( before_status || after_status ))

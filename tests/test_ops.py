@@ -539,6 +539,52 @@ def test_post_dropout_backward_frees_xa_before_its_second_half():
     assert xa_ref.get("alive_at_second_half") is False, xa_ref
 
 
+@pytest.mark.parametrize("case", ["dB_only", "create_graph"])
+def test_post_dropout_xa_is_released_by_the_one_op_too(case):
+    """Where the backward is the one op (only dB wanted; create_graph without retain_graph) xa, kept in
+    saved_data, is still released when the graph is not kept, as a saved variable is: after the backward
+    nothing holds it, while y (and so the graph's node) is alive."""
+    import weakref
+
+    torch.manual_seed(16)
+    x, weight, bias, lora_A, lora_B = small_inputs(M=9, K=6, N=5, r=2)
+    y, xa = torch.ops.lora.linear(x, weight, bias, lora_A, lora_B, 0.5, 0.25, "post", torch.tensor([8]))
+    xa_ref = weakref.ref(xa)
+    del xa
+    if case == "dB_only":
+        with RecordOps() as record:
+            torch.autograd.grad(y, [lora_B], torch.ones_like(y))
+        assert _lora_calls(record) == ["lora.linear_backward.default"]
+        del record  # (it holds the calls' arguments, xa among them)
+    else:
+        with pytest.raises(RuntimeError, match="derivative for lora::linear_backward is not implemented"):
+            grads = torch.autograd.grad(y, [x, lora_A], torch.ones_like(y), create_graph=True, retain_graph=False)
+            torch.autograd.grad(grads[0].sum(), [lora_A])
+    assert y.grad_fn is not None and xa_ref() is None, "xa outlived a backward that did not keep the graph"
+
+
+def test_post_dropout_backward_can_be_retried_after_its_masked_step_failed():
+    """A backward whose first half raised (as an out-of-memory error would) left xa in place: calling it
+    again gives the gradients."""
+    y, leaves, _, grad_out = _post_dropout_layer()
+
+    class FailOnce(TorchDispatchMode):
+        failed = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.lora.post_dropout_grad_y.default and not FailOnce.failed:
+                FailOnce.failed = True
+                raise RuntimeError("injected failure")
+            return func(*args, **(kwargs or {}))
+
+    with FailOnce(), pytest.raises(RuntimeError, match="injected failure"):
+        torch.autograd.grad(y, list(leaves.values()), grad_out, retain_graph=False)
+    got = torch.autograd.grad(y, list(leaves.values()), grad_out, retain_graph=True)
+    expected = torch.autograd.grad(y, list(leaves.values()), grad_out)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 def test_post_dropout_backward_without_dA_or_dx_is_one_op():
     """With neither dA nor dx wanted (only dB, the bias) there is no grad_xa for the second half and
     nothing to free xa for: the one op, as with the graph kept."""
