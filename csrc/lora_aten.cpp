@@ -36,6 +36,17 @@ at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
   return t.dim() == 2 ? t : t.reshape({rows, cols});
 }
 
+// grad_y as the (rows, cols) matrix the backward kernels read: contiguous on CUDA whatever autograd hands
+// in (the expanded gradient of a sum in eager, a contiguous tangent under AOTAutograd), since the native
+// and Triton kernels take only contiguous rows, so which one runs, and so the bits of every gradient,
+// depend on the sizes and on which gradients are wanted (the 'post' masked step caps its partials at dx's
+// size when dx is wanted: masked_grad_y_grid.h), not on g's strides. A copy only where it is not
+// contiguous already (at::mm copies an expanded g too).
+at::Tensor grad_matrix(const at::Tensor& grad_y, int64_t rows, int64_t cols) {
+  const at::Tensor g = as_matrix(grad_y, rows, cols);
+  return g.is_cuda() ? g.contiguous() : g;
+}
+
 // y (M, N) in x's leading shape (..., N); no view call when x is 2-D.
 at::Tensor with_leading_shape(const at::Tensor& y, const at::Tensor& x) {
   if (x.dim() == 2) return y;
@@ -372,14 +383,6 @@ at::Tensor add_base_grad_x(const at::Tensor& g, const c10::optional<at::Tensor>&
   return grad_x;
 }
 
-// How large the masked step's float32 partials may grow: dx's size when dx is wanted (it is allocated
-// after the step, so partials up to its size raise no peak; masked_grad_y_grid.h), else the kernel's
-// first rule (0). lora_autograd.cpp passes the same to lora::post_dropout_grad_y, so that the split
-// backward's bits are the one op's.
-int64_t post_dropout_partial_bytes_cap(const at::Tensor& x, bool need_x) {
-  return need_x ? x.numel() * static_cast<int64_t>(x.element_size()) : 0;
-}
-
 // The rest of the 'post' backward once the masked step gave grad_xa = s drop(g) B (no mask is left to
 // apply): dA = grad_xa^T x, dx = g W + grad_xa A (one fused GEMM where it takes the sizes), dW = g^T x
 // and db; empty tensors where not wanted.
@@ -421,6 +424,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_dropout_rest(
 }
 
 }  // namespace
+
+c10::SymInt post_dropout_partial_bytes_cap(const at::Tensor& x, bool need_x) {
+  return need_x ? x.sym_numel() * static_cast<int64_t>(x.element_size()) : c10::SymInt(0);
+}
 
 bool set_small_m_forward(bool enabled) { return small_m_forward_enabled.exchange(enabled); }
 
@@ -555,14 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   const bool dropout = dropout_p > 0.0;
   const double keep_scale = 1.0 / (1.0 - dropout_p);
 
-  // On CUDA, a contiguous g whatever autograd hands in (the expanded gradient of a sum in eager, a
-  // contiguous tangent under AOTAutograd): the native and Triton kernels below take only
-  // contiguous rows, so which one runs, and so the bits of every gradient, depend on the sizes
-  // and on which gradients are wanted (the 'post' masked step caps its partials at dx's size when dx
-  // is wanted: masked_grad_y_grid.h), not on g's strides. A copy only where g is not contiguous already
-  // (at::mm copies an expanded g too).
-  const at::Tensor g_as_given = as_matrix(grad_y, s.M, s.N);
-  const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
+  const at::Tensor g = grad_matrix(grad_y, s.M, s.N);
   const at::Tensor x2 = as_matrix(x, s.M, s.K);
 
   const bool need_lora_grads = need_A || need_x || need_B;
@@ -572,7 +572,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     at::Tensor grad_xa, grad_B = empty_grad(lora_B);
     if (need_lora_grads) {
       std::tie(grad_xa, grad_B) = post_dropout_step(g, lora_B, xa, scale, *seed, dropout_p, need_A || need_x, need_B,
-                                                    post_dropout_partial_bytes_cap(x2, need_x));
+                                                    post_dropout_partial_bytes_cap(x2, need_x).expect_int());
     }
     auto [grad_x, grad_weight, grad_bias, grad_A] =
         post_dropout_rest(g, x, x2, weight, lora_A, lora_B, grad_xa, need_x, need_weight, need_bias, need_A);
@@ -700,9 +700,7 @@ std::tuple<at::Tensor, at::Tensor> post_dropout_grad_y_aten(const at::Tensor& gr
                                                             int64_t partial_bytes_cap) {
   const PostStepSizes s = check_post_dropout_grad_y_args(grad_y, lora_B, xa, dropout_p, seed, partial_bytes_cap);
   check_scale(scale, grad_y.scalar_type(), lora_B.scalar_type());
-  // Contiguous on CUDA, as linear_backward_aten's g (the kernels take contiguous rows only).
-  const at::Tensor g_as_given = as_matrix(grad_y, s.M, s.N);
-  const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
+  const at::Tensor g = grad_matrix(grad_y, s.M, s.N);
   const auto [need_grad_xa, need_B] = output_mask;
   if (!need_grad_xa && !need_B) return {empty_grad(xa), empty_grad(lora_B)};
   return post_dropout_step(g, lora_B, xa, scale, seed, dropout_p, need_grad_xa, need_B, partial_bytes_cap);
@@ -715,9 +713,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_from_
   const auto [need_x, need_weight, need_bias, need_A] = output_mask;
   check_linear_backward_args(grad_y, x, grad_xa, lora_A, weight, {need_x, need_weight, need_bias, need_A, false}, s,
                              "grad_xa");
-  const at::Tensor g_as_given = as_matrix(grad_y, s.M, s.N);
-  const at::Tensor g = g_as_given.is_cuda() ? g_as_given.contiguous() : g_as_given;
-  return post_dropout_rest(g, x, as_matrix(x, s.M, s.K), weight, lora_A, lora_B, grad_xa, need_x, need_weight,
+  return post_dropout_rest(grad_matrix(grad_y, s.M, s.N), x, as_matrix(x, s.M, s.K), weight, lora_A, lora_B, grad_xa, need_x, need_weight,
                            need_bias, need_A);
 }
 

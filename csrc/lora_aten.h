@@ -99,6 +99,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
 // output_mask says not wanted; partial_bytes_cap: how large the native kernel's float32 partials may
 // grow (linear_backward passes dx's size when dx is wanted, else 0). The second: (dx, dW, db, dA) from
 // grad_xa = s drop(dY) B, the first half's.
+// How large the 'post' masked step's float32 partials may grow: dx's bytes when dx is wanted (dx is
+// allocated after the step, so partials up to its size raise no peak; masked_grad_y_grid.h), else 0 (the
+// kernel's first rule). A SymInt: the autograd computes it for lora::post_dropout_grad_y from x, whose rows
+// may be symbolic under torch.compile; the same value as linear_backward's, so the halves' bits are its.
+c10::SymInt post_dropout_partial_bytes_cap(const at::Tensor& x, bool need_x);
 std::tuple<at::Tensor, at::Tensor> post_dropout_grad_y_aten(const at::Tensor& grad_y, const at::Tensor& lora_B,
                                                             const at::Tensor& xa, double scale, double dropout_p,
                                                             const at::Tensor& seed, std::array<bool, 2> output_mask,

@@ -174,8 +174,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     at::Tensor xa = saved[4];
     if (!xa.defined()) {  // kept in saved_data by forward (xa_releasable)
-      // Always there: the first backward that did not keep the graph freed the saved variables too,
-      // and get_saved_variables above raised "Trying to backward through the graph a second time".
+      // Missing only after an earlier backward of this node failed past its first half (one that
+      // succeeded without keeping the graph freed the saved variables too: get_saved_variables raised).
       TORCH_CHECK(xa_in_saved_data, "lora: xa, saved for lora::linear's backward, was already released by an "
                                     "earlier backward of this node that failed part-way");
       xa = ctx->saved_data.at("xa").toTensor();
@@ -195,13 +195,10 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       // One contiguous copy for both halves where autograd hands in a strided g (the ops would each copy).
       const at::Tensor g = grads[0].is_cuda() ? grads[0].contiguous() : grads[0];
-      // linear_backward_aten's cap (post_dropout_partial_bytes_cap: dx's bytes when dx is wanted), as a
-      // SymInt here (x's rows may be symbolic under torch.compile), so that the halves' bits are the one op's.
-      const c10::SymInt partial_bytes_cap =
-          need_x ? saved[0].sym_numel() * static_cast<int64_t>(saved[0].element_size()) : c10::SymInt(0);
       at::Tensor grad_xa;
       std::tie(grad_xa, gB) = post_dropout_grad_y_op().call(g, saved[3], xa, scale, dropout_p, saved[5],
-                                                            {true, need_B}, partial_bytes_cap);
+                                                            {true, need_B},
+                                                            post_dropout_partial_bytes_cap(saved[0], need_x));
       release_xa();
       xa.reset();  // the last reference, unless the caller kept lora::linear's second output
       std::tie(gx, gw, gb, gA) = linear_backward_from_grad_xa_op().call(
