@@ -9,6 +9,9 @@
 #   (NCU_LIST, TEST_TIMEOUT, ...) reaches both runs. The patch is reverted at the end.
 #   PATCH_AB_COMMITTED=1: the tree already holds the change (PATCH is what it added): 'before' runs with
 #   PATCH reversed, 'after' on the tree as committed.
+#   PATCH_AB_ROUNDS=N (default 1): N - 1 more rounds, before and after alternated (OUT/before_rK, OUT/after_rK),
+#   each side on the _C.so its first round built (no rebuild: ~60 s saved per run) and without the 'tests'
+#   mode, so that a drift of the card over the call shows as a spread between rounds, not as the change.
 set -uo pipefail
 [[ $# -ge 3 ]] || { echo "usage: $0 PATCH MODES_BEFORE MODES_AFTER [bench args]" >&2; exit 2; }
 patch=$(realpath "$1") before=$2 after=$3  # absolute, before moving to the repository root
@@ -30,13 +33,35 @@ restore() {
 }
 trap restore EXIT
 trap 'exit 130' INT TERM
+rounds=${PATCH_AB_ROUNDS:-1}
+builds=$(mktemp -d)  # each side's _C.so from its first round, for the later rounds
 echo "== before ($before)"
 OUT=$OUT/before bash scripts/h200_run.sh "$before" "$@"
 before_status=$?
+cp lora_ext/_C*.so "$builds/before.so" 2>/dev/null
 git apply "$patch" || { echo "patch_ab: $patch did not apply after the 'before' run" >&2; exit 2; }
 applied=1
 echo "== after ($after), with $patch"
 OUT=$OUT/after bash scripts/h200_run.sh "$after" "$@"
 after_status=$?
+cp lora_ext/_C*.so "$builds/after.so" 2>/dev/null
+without_tests() { local m=,$1,; m=${m//,tests,/,}; m=${m#,}; echo "${m%,}"; }
+for round in $(seq 2 "$rounds"); do
+  for side in before after; do
+    if [[ $side == before ]]; then
+      git apply -R "$patch" || { echo "patch_ab: $patch did not reverse in round $round" >&2; exit 2; }
+      applied=0; modes=$(without_tests "$before")
+    else
+      git apply "$patch" || { echo "patch_ab: $patch did not apply in round $round" >&2; exit 2; }
+      applied=1; modes=$(without_tests "$after")
+    fi
+    [[ -f $builds/$side.so ]] || { echo "patch_ab: no build of '$side' from round 1" >&2; exit 2; }
+    so=$(ls lora_ext/_C*.so) && cp "$builds/$side.so" "$so"
+    echo "== $side, round $round ($modes, its round-1 build)"
+    H200_RUN_PREBUILT=1 OUT=$OUT/${side}_r$round bash scripts/h200_run.sh "$modes" "$@"
+    (( $? == 0 )) || { [[ $side == before ]] && before_status=1 || after_status=1; }
+  done
+done
+rm -rf "$builds"
 echo "patch_ab: before exit $before_status, after exit $after_status"
 exit $(( before_status || after_status ))
