@@ -31,7 +31,15 @@ restore() {
   if [[ $committed == 1 && $applied == 0 ]]; then git apply "$patch" && applied=1; fi
   if [[ $committed != 1 && $applied == 1 ]]; then git apply -R "$patch" && applied=0; fi
 }
-trap restore EXIT
+# The device tool brings back at most 8 files, and each side's run leaves 2-3 (results.tgz, env.txt,
+# gpu_tests.log): 15:46's three rounds lost four of their six runs. So every side's folder goes into one
+# archive, with the A/B table beside it (benchmarks/ab_summary.py --patch-ab), also when killed part-way.
+pack() {
+  (cd "$OUT" 2>/dev/null && shopt -s nullglob && sides=(before before_r* after after_r*) && (( ${#sides[@]} )) && {
+    python3 "$OLDPWD/benchmarks/ab_summary.py" --patch-ab . > patch_ab_summary.md 2>&1
+    tar czf patch_ab.tgz "${sides[@]}" patch_ab_summary.md && rm -rf "${sides[@]}"; })
+}
+trap 'restore; pack' EXIT
 trap 'exit 130' INT TERM
 rounds=${PATCH_AB_ROUNDS:-1}
 builds=$(mktemp -d)  # each side's _C.so from its first round, for the later rounds

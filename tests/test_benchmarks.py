@@ -141,6 +141,32 @@ def test_ab_summary_reads_bench_linear_csvs(bench_linear_run, tmp_path):
         assert len(set(cells)) == 1 and positive(cells[0])  # the same CSV three times: the same ratio
 
 
+def test_ab_summary_reads_patch_ab_folders(bench_linear_run, tmp_path):
+    """scripts/patch_ab.sh's folders (before, after, before_r2, after_r2): one column per run in the order they
+    ran, each side's mean and after / before, from lora_ext's device time and do_bench time."""
+    out, _ = bench_linear_run
+    rows = list(csv.DictReader(open(out / "bench_linear.csv")))
+    for name, factor in (("before", 1.0), ("after", 1.5), ("before_r2", 1.0), ("after_r2", 1.5)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "bench_linear.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:  # 'after' times lora_ext 1.5x slower; the base the same on both sides
+                scaled = factor if row["provider"] == "lora_ext" else 1.0
+                writer.writerow({**row, "ms": float(row["ms"]) * scaled,
+                                 "device_ms": float(row["device_ms"]) * scaled if row["device_ms"] else ""})
+    text = run(BENCH / "ab_summary.py", "--patch-ab", str(tmp_path))
+    header, *_ = [line for line in text.splitlines() if line.startswith("| mode")]
+    assert [c.strip() for c in header.strip("|").split("|")][4:8] == ["before#1", "after#1", "before#2", "after#2"]
+    body = [line for line in text.splitlines() if line.startswith("| fwd")]
+    assert len(body) == 8  # fwd and fwd+bwd x qo, kv x dropout 0, 0.1
+    for line in body:
+        ratio = [c.strip() for c in line.strip("|").split("|")][10]
+        device, bench = (float(v) for v in ratio.split(" / "))
+        assert bench == pytest.approx(1.5, abs=1e-3), line
+        assert device == pytest.approx(1.5, abs=1e-3) or math.isnan(device), line
+
+
 def test_bench_train_reduce_overhead_mode_reaches_every_compile_and_the_row(tmp_path):
     """--compile-mode reduce-overhead: the step (with CUDA graph trees' step marker) trains, and the row and
     settings say the mode (on CPU torch.compile skips the CUDA graphs themselves; the GPU run records them)."""
