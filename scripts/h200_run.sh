@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build the extension with CUDA, run the GPU
 # tests (and optionally the CPU suite, to check the torch version there), then benchmarks.
 # Usage: bash scripts/h200_run.sh [MODES] [bench args]; results go to $OUT (or ./out).
-#   MODES: comma-separated from tests, bench, probe, host, pieces, ncu, nculist, fused, dxda, gluon, decode, switches, ab, exitprobe, train;
+#   MODES: comma-separated from tests, bench, probe, layers, host, pieces, ncu, nculist, fused, dxda, gluon, decode, switches, ab, exitprobe, train;
 #   or all (tests,bench).
 #   ab: bench_linear, base and lora_ext, with switch sets alternated (AB_SETS, AB_ROUNDS, AB_RANKS).
 #   exitprobe: the environment-switch test's subprocess under gdb (its abort at exit).
@@ -10,6 +10,7 @@
 #     runs it once per torch.compile mode, TRAIN_TIMEOUT seconds each).
 # The device tool brings back at most 8 files: everything under $OUT is packed into results.tgz
 # at the end (with env.txt and the summaries kept beside it).
+#   layers: scripts/profile_layer.py per entry of PROFILE_LAYERS (';'-separated "K N r dropout backend [--fwd]").
 #   host: the k/v layer's host path (fused_forward_probe.py --host; profile_layer.py's CPU table, p 0 and 0.1).
 #   probe: host overhead (eager, and a compiled 7-layer chain per layer), ATen composition A/B and a profiler table of one layer (benchmarks/NOTES.md).
 #   pieces: benchmarks/masked_pieces.py (the dropout pieces: host time, mask floor, tile sweep; PIECES_PARTS picks).
@@ -91,6 +92,13 @@ if has probe; then
     python3 benchmarks/compose_ab.py
     for shape in "4096 1024" "4096 4096"; do python3 scripts/profile_layer.py $shape 16 0.0 native; done
   } 2>&1 | tee "$OUT/probe.log" | tail -150
+fi
+if has layers; then
+  # scripts/profile_layer.py once per entry of PROFILE_LAYERS (';'-separated argument lists, "K N r dropout backend [--fwd]").
+  IFS=';' read -ra layer_args <<< "${PROFILE_LAYERS:-4096 1024 64 0.1 native; 4096 1024 64 0.0 native}"
+  for args in "${layer_args[@]}"; do
+    echo "== profile_layer.py $args"; timeout 120 python3 scripts/profile_layer.py $args
+  done 2>&1 | tee "$OUT/layers.log" | tail -150
 fi
 if has host; then
   { python3 benchmarks/fused_forward_probe.py --host
