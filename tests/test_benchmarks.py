@@ -261,7 +261,30 @@ def planned_calls():
         modes, *args = span.split("h200_run.sh", 1)[1].split()
         if "bench" in modes.split(",") and args:
             calls.append(("bench_linear.py", " ".join(args)))
+    # scripts/patch_ab.sh PATCH MODES_BEFORE MODES_AFTER [bench args]: the same, where either side benches.
+    for span in [span for span in re.findall(r"`([^`]*)`", notes) if "patch_ab.sh " in span]:
+        words = span.split("patch_ab.sh", 1)[1].split()
+        if len(words) > 3 and "bench" in f"{words[1]},{words[2]}".split(","):
+            calls.append(("bench_linear.py", " ".join(words[3:])))
     return calls
+
+
+def test_the_patches_that_the_next_device_plan_names_apply_to_this_tree():
+    """Each patch a `patch_ab.sh` command in NOTES.md's "Next" plan names exists and applies (or, with
+    PATCH_AB_COMMITTED=1, reverses): a plan whose patch no longer fits the tree would spend a device call on
+    nothing. (The Log's rows keep the commands as they ran, on the trees of their day.)"""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    notes = (BENCH / "NOTES.md").read_text()
+    plan = notes[notes.index("## Next on the GPU"):notes.index("## Log")]
+    commands = [span for span in re.findall(r"`([^`]*)`", plan) if "patch_ab.sh " in span]  # code spans, in pairs
+    assert commands
+    for command in commands:
+        patch = command.split("patch_ab.sh", 1)[1].split()[0]
+        committed = "PATCH_AB_COMMITTED=1" in command
+        done = subprocess.run(["git", "apply", "--check", *(["-R"] if committed else []), patch], cwd=REPO,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
 
 
 def test_the_next_device_plan_parses():
@@ -285,7 +308,7 @@ def test_the_device_calls_named_in_notes_use_modes_that_h200_run_has():
         assert set(call.split(",")) <= modes | {"all"}, call
 
 
-@pytest.mark.parametrize("script", ["scripts/h200_run.sh", "scripts/check_h200_stack.sh", "scripts/setup_env.sh",
+@pytest.mark.parametrize("script", ["scripts/h200_run.sh", "scripts/patch_ab.sh", "scripts/check_h200_stack.sh", "scripts/setup_env.sh",
                                     "scripts/test.sh", "scripts/demo.sh", ".ci/run"])
 def test_shell_scripts_parse(script):
     done = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
