@@ -97,8 +97,9 @@ if has layers; then
   # scripts/profile_layer.py once per entry of PROFILE_LAYERS (';'-separated argument lists, "K N r dropout backend [--fwd]").
   IFS=';' read -ra layer_args <<< "${PROFILE_LAYERS:-4096 1024 64 0.1 native; 4096 1024 64 0.0 native}"
   for args in "${layer_args[@]}"; do
-    echo "== profile_layer.py $args"; timeout 120 python3 scripts/profile_layer.py $args
+    echo "== profile_layer.py $args"; timeout 120 python3 scripts/profile_layer.py $args || echo "layers: exit $? ($args)"
   done 2>&1 | tee "$OUT/layers.log" | tail -150
+  grep -q "^layers: exit" "$OUT/layers.log" && status=1
 fi
 if has host; then
   { python3 benchmarks/fused_forward_probe.py --host

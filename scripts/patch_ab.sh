@@ -25,24 +25,37 @@ if [[ $committed == 1 ]]; then
 else
   git apply --check "$patch" || { echo "patch_ab: $patch does not apply to this tree" >&2; exit 2; }
 fi
+builds=$(mktemp -d)  # each side's _C.so from its first round: the later rounds' builds, and the one left at the end
 # Back to the tree as it came (without the patch, or with it where committed), also when killed part-way
-# (the device tool stops a command at its time limit).
+# (the device tool stops a command at its time limit), and the build of that tree in lora_ext/ (the last run
+# may have built the other side: a later `H200_RUN_PREBUILT=1 h200_run.sh tests` must test the tree it sees).
 restore() {
   if [[ $committed == 1 && $applied == 0 ]]; then git apply "$patch" && applied=1; fi
   if [[ $committed != 1 && $applied == 1 ]]; then git apply -R "$patch" && applied=0; fi
+  local side=before; [[ $applied == 1 ]] && side=after
+  local so; so=$(ls lora_ext/_C*.so 2>/dev/null | head -1)
+  if [[ -f $builds/$side.so && -n $so ]]; then cp "$builds/$side.so" "$so"
+  elif [[ -n $so ]]; then rm -f lora_ext/_C*.so; echo "patch_ab: no '$side' build kept: lora_ext/_C*.so removed"; fi
 }
 # The device tool brings back at most 8 files, and each side's run leaves 2-3 (results.tgz, env.txt,
 # gpu_tests.log): 15:46's three rounds lost four of their six runs. So every side's folder goes into one
-# archive, with the A/B table beside it (benchmarks/ab_summary.py --patch-ab), also when killed part-way.
+# archive, with the A/B table beside it (benchmarks/ab_summary.py --patch-ab, which reads each side's
+# bench_linear.csv: h200_run.sh leaves them packed in the side's results.tgz), also when killed part-way.
 pack() {
-  (cd "$OUT" 2>/dev/null && shopt -s nullglob && sides=(before before_r* after after_r*) && (( ${#sides[@]} )) && {
-    python3 "$OLDPWD/benchmarks/ab_summary.py" --patch-ab . > patch_ab_summary.md 2>&1
-    tar czf patch_ab.tgz "${sides[@]}" patch_ab_summary.md && rm -rf "${sides[@]}"; })
+  local repo=$PWD
+  (cd "$OUT" 2>/dev/null || exit 0
+   sides=(); for d in before* after*; do [[ -d $d ]] && sides+=("$d"); done
+   (( ${#sides[@]} )) || exit 0
+   for d in "${sides[@]}"; do
+     [[ -f $d/results.tgz ]] && tar xzf "$d/results.tgz" -C "$d" && rm -f "$d/results.tgz"
+   done
+   python3 "$repo/benchmarks/ab_summary.py" --patch-ab . > patch_ab_summary.md 2>&1
+   tar czf patch_ab.tgz "${sides[@]}" patch_ab_summary.md && rm -rf "${sides[@]}")
+  rm -rf "$builds"
 }
 trap 'restore; pack' EXIT
 trap 'exit 130' INT TERM
 rounds=${PATCH_AB_ROUNDS:-1}
-builds=$(mktemp -d)  # each side's _C.so from its first round, for the later rounds
 echo "== before ($before)"
 OUT=$OUT/before bash scripts/h200_run.sh "$before" "$@"
 before_status=$?
@@ -53,15 +66,18 @@ echo "== after ($after), with $patch"
 OUT=$OUT/after bash scripts/h200_run.sh "$after" "$@"
 after_status=$?
 cp lora_ext/_C*.so "$builds/after.so" 2>/dev/null
-without_tests() { local m=,$1,; m=${m//,tests,/,}; m=${m#,}; echo "${m%,}"; }
+# A later round's modes: the first round's without 'tests' ('all' is tests,bench: bench).
+later_modes() { local m=,$1,; m=${m//,all,/,bench,}; m=${m//,tests,/,}; m=${m#,}; echo "${m%,}"; }
 for round in $(seq 2 "$rounds"); do
   for side in before after; do
+    modes=$(later_modes "$([[ $side == before ]] && echo "$before" || echo "$after")")
+    if [[ -z $modes ]]; then echo "== $side, round $round: nothing but tests in its modes, not run again"; continue; fi
     if [[ $side == before ]]; then
       git apply -R "$patch" || { echo "patch_ab: $patch did not reverse in round $round" >&2; exit 2; }
-      applied=0; modes=$(without_tests "$before")
+      applied=0
     else
       git apply "$patch" || { echo "patch_ab: $patch did not apply in round $round" >&2; exit 2; }
-      applied=1; modes=$(without_tests "$after")
+      applied=1
     fi
     [[ -f $builds/$side.so ]] || { echo "patch_ab: no build of '$side' from round 1" >&2; exit 2; }
     so=$(ls lora_ext/_C*.so) && cp "$builds/$side.so" "$so"
@@ -70,6 +86,5 @@ for round in $(seq 2 "$rounds"); do
     (( $? == 0 )) || { [[ $side == before ]] && before_status=1 || after_status=1; }
   done
 done
-rm -rf "$builds"
 echo "patch_ab: before exit $before_status, after exit $after_status"
 exit $(( before_status || after_status ))

@@ -167,6 +167,59 @@ def test_ab_summary_reads_patch_ab_folders(bench_linear_run, tmp_path):
         assert device == pytest.approx(1.5, abs=1e-3) or math.isnan(device), line
 
 
+STUB_H200_RUN = r"""#!/usr/bin/env bash
+# A stand-in for scripts/h200_run.sh: a "build" (the md5 of f.txt, as lora_ext/_C.stub.so) unless
+# H200_RUN_PREBUILT=1, a bench_linear.csv, and the real script's packing (results.tgz, env.txt kept).
+set -u
+mkdir -p "$OUT" lora_ext
+[[ ${H200_RUN_PREBUILT:-0} == 1 ]] || md5sum f.txt | cut -c1-12 > lora_ext/_C.stub.so
+echo "modes=$1 prebuilt=${H200_RUN_PREBUILT:-0} build=$(cat lora_ext/_C.stub.so) tree=$(md5sum f.txt | cut -c1-12)" >> "$CALLS"
+cp "$CSV" "$OUT/bench_linear.csv"; echo env > "$OUT/env.txt"
+(cd "$OUT" && tar czf results.tgz bench_linear.csv env.txt && rm bench_linear.csv)
+"""
+
+
+def test_patch_ab_alternates_rounds_packs_one_archive_and_leaves_the_tree_and_its_build(bench_linear_run,
+                                                                                       tmp_path):
+    """scripts/patch_ab.sh with a stand-in h200_run.sh, in a scratch git repo: round 1 builds each side, later
+    rounds alternate on those builds without 'tests'; the sides' folders come back as one archive with the A/B
+    table read from inside each side's results.tgz; the tree ends as it came, with its own build in lora_ext/."""
+    out, _ = bench_linear_run
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "benchmarks").mkdir()
+    shutil.copy(REPO / "scripts/patch_ab.sh", repo / "scripts/patch_ab.sh")
+    shutil.copy(BENCH / "ab_summary.py", repo / "benchmarks/ab_summary.py")
+    (repo / "scripts/h200_run.sh").write_text(STUB_H200_RUN)
+    (repo / "f.txt").write_text("before\n")
+    git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "base")
+    (repo / "f.txt").write_text("after\n")
+    (tmp_path / "change.patch").write_text(git("diff").stdout)
+    git("checkout", "f.txt")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls.log"),
+               CSV=str(out / "bench_linear.csv"), PATCH_AB_ROUNDS="2")
+    done = subprocess.run(["bash", "scripts/patch_ab.sh", str(tmp_path / "change.patch"), "bench", "tests,bench"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    builds = [line.split("build=")[1].split()[0] for line in calls]
+    trees = [line.split("tree=")[1] for line in calls]
+    assert [line.split()[0] for line in calls] == ["modes=bench", "modes=tests,bench", "modes=bench", "modes=bench"]
+    assert [line.split()[1] for line in calls] == ["prebuilt=0", "prebuilt=0", "prebuilt=1", "prebuilt=1"]
+    assert builds == trees and trees[0] == trees[2] != trees[1] == trees[3]  # each run on its own side's build
+    assert (repo / "f.txt").read_text() == "before\n"  # the tree as it came (the patch not committed) ...
+    assert (repo / "lora_ext/_C.stub.so").read_text().strip() == trees[0]  # ... and its build, not the last run's
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["patch_ab.tgz", "patch_ab_summary.md"]
+    summary = (tmp_path / "out/patch_ab_summary.md").read_text()
+    header = next(line for line in summary.splitlines() if line.startswith("| mode"))
+    assert [c.strip() for c in header.strip("|").split("|")][4:8] == ["before#1", "after#1", "before#2", "after#2"]
+    listed = subprocess.run(["tar", "tzf", str(tmp_path / "out/patch_ab.tgz")], capture_output=True, text=True).stdout
+    assert "before_r2/bench_linear.csv" in listed and "after/env.txt" in listed and "results.tgz" not in listed
+
+
 def test_bench_train_reduce_overhead_mode_reaches_every_compile_and_the_row(tmp_path):
     """--compile-mode reduce-overhead: the step (with CUDA graph trees' step marker) trains, and the row and
     settings say the mode (on CPU torch.compile skips the CUDA graphs themselves; the GPU run records them)."""
