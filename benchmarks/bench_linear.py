@@ -647,6 +647,16 @@ def render_device_time(table, train_keys) -> Optional[str]:
     ran a few percent slower than do_bench's single calls on the H200: qo fwd+bwd 0.92-0.98, 12-05 05:10);
     well above ~1.15 the host's launch path, not the GPU, set the do_bench time."""
     names = [p for p in DEVICE_TIME_PROVIDERS if p != "base"]
+    # The frozen base is the same layer at every rank and dropout of a shape, yet its fwd+bwd graph's device
+    # time moved ~5% between the rows of one run (H100, 12-06 15:55: gate/up 2.61-2.74 ms, its forward
+    # 1.379-1.383): the median over the shape's rows is a steadier denominator beside the same-row one.
+    base_times = {}
+    for shape, M, r, p in train_keys:
+        for mode in ("fwd", "fwd+bwd"):
+            value = _num(table.get((mode, shape, M, r, p), {}).get("base", {}).get("device_ms"))
+            if value is not None:
+                base_times.setdefault((mode, shape, M), []).append(value)
+    median_base = {key: statistics.median(values) for key, values in base_times.items()}
     lines = []
     for shape, M, r, p in train_keys:
         fwd, fb = table.get(("fwd", shape, M, r, p), {}), table.get(("fwd+bwd", shape, M, r, p), {})
@@ -658,6 +668,12 @@ def render_device_time(table, train_keys) -> Optional[str]:
         for name in names:
             cells.append(" / ".join(_cell(_ratio(rows, name, "device_ms")) for rows in (fwd, fb)))
             cells.append(" / ".join(_cell(_timed_over_device(rows.get(name))) for rows in (fwd, fb)))
+        for name in names:
+            over_median = []
+            for mode, rows in (("fwd", fwd), ("fwd+bwd", fb)):
+                value, base = _num(rows.get(name, {}).get("device_ms")), median_base.get((mode, shape, M))
+                over_median.append(value / base if value is not None and base else None)
+            cells.append(" / ".join(_cell(v) for v in over_median))
         lines.append([f"{any_row['K']}×{any_row['N']} ({shape})", M, r, p,
                       " / ".join(_cell(v, "{:.3f}") for v in base_ms)] + cells)
     if not lines:
@@ -666,11 +682,14 @@ def render_device_time(table, train_keys) -> Optional[str]:
                "base do_bench ÷ its device time fwd / fwd+bwd"]
     for name in names:
         headers += [f"{name} device ÷ base device fwd / fwd+bwd", f"{name} do_bench ÷ its device time fwd / fwd+bwd"]
+    headers += [f"{name} device ÷ the shape's median base device fwd / fwd+bwd" for name in names]
     return ("### Device time (the call as a CUDA graph, L2 flushed), ratio to the frozen base's\n\n"
             "do_bench ÷ device time: ~0.9–1.0 where the GPU sets the time (sustained graph replays run a few percent "
             "slower); well above ~1.15, the host issued the call slower than the GPU ran it, by more than the "
             "head start do_bench's L2 flush gives it (in a training step other layers' device work can hide that "
-            "host time too).\n\n"
+            "host time too). The last column divides by the median of the base's device times over the shape's "
+            "rows in this run (the same frozen layer at every rank and dropout), which moves less from row to row "
+            "than the base measured beside each row.\n\n"
             + common.markdown_table(headers, lines))
 
 

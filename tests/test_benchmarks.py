@@ -108,17 +108,22 @@ def test_bench_linear_renders_device_times_from_a_csv(bench_linear_run, tmp_path
     out, _ = bench_linear_run
     with open(out / "bench_linear.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    device = {"base": 0.5, "lora_ext": 0.6}
+    # The base's device time differs between a shape's two rows (dropout 0 and 0.1: 0.5 and 0.7 ms, median 0.6),
+    # lora_ext's is 0.6 ms in both: 1.20 and 0.86 of the base beside it, 1.00 of the shape's median base.
+    device = {("base", "0.0"): 0.5, ("base", "0.1"): 0.7, ("lora_ext", "0.0"): 0.6, ("lora_ext", "0.1"): 0.6}
     for row in rows:
-        if row["mode"] in ("fwd", "fwd+bwd") and row["provider"] in device:
-            row["device_ms"] = device[row["provider"]]
-            row["ms"] = device[row["provider"]] * (2.0 if row["provider"] == "lora_ext" else 1.0)
+        if row["mode"] in ("fwd", "fwd+bwd") and (row["provider"], row["dropout"]) in device:
+            row["device_ms"] = device[(row["provider"], row["dropout"])]
+            row["ms"] = row["device_ms"] * (2.0 if row["provider"] == "lora_ext" else 1.0)
     text = render_rows("bench_linear.py", rows, out / "bench_linear.meta.json", tmp_path / "with_device.csv")
     device_rows = table_rows(text, "### Device time")
     assert len(device_rows) == 4
     for row in device_rows:
-        # K×N, M, r, dropout, base device ms, base do_bench ÷ device, lora_ext device ratio, its do_bench ÷ device.
-        assert row[4:] == ["0.500 / 0.500", "1.00 / 1.00", "1.20 / 1.20", "2.00 / 2.00"], row
+        # K×N, M, r, dropout, base device ms, base do_bench ÷ device, lora_ext device ratio, its do_bench ÷ device,
+        # lora_ext device ÷ the shape's median base device.
+        expected = {"0.0": ["0.500 / 0.500", "1.00 / 1.00", "1.20 / 1.20", "2.00 / 2.00", "1.00 / 1.00"],
+                    "0.1": ["0.700 / 0.700", "1.00 / 1.00", "0.86 / 0.86", "2.00 / 2.00", "1.00 / 1.00"]}
+        assert row[4:] == expected[row[3]], row
     # The CSV of a run from before the column (the H200's, 12-05 04:58) still renders, without that table.
     old_csv = BENCH / "results/2026-12-05_h200b/bench_linear.csv"
     assert "device_ms" not in old_csv.read_text().splitlines()[0]
