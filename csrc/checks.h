@@ -58,6 +58,14 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const ch
               fmt(x.device()), "; all tensors must be on one device");
 }
 
+// The dropout seed: one int64 on the device of ref (x, or lora::post_dropout_grad_y's grad_y).
+inline void check_seed(const at::Tensor& seed, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                   "lora: seed must be an int64 tensor with one element, got ", fmt(seed.scalar_type()), " of shape ",
+                   fmt(seed.sizes()));
+  check_same_device(seed, ref, "seed", ref_name);
+}
+
 // The largest finite value of a floating dtype the ops accept (check_floating).
 inline double max_finite(at::ScalarType dtype) {
   switch (dtype) {
@@ -150,13 +158,7 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const c10::optional<at
   if (dropout_p > 0.0) {
     TORCH_CHECK(seed.has_value(), "lora: dropout_p=", fmt(dropout_p), " > 0 needs a seed tensor, got None");
   }
-  if (seed.has_value()) {
-    const auto& sd = *seed;
-    TORCH_CHECK_TYPE(sd.scalar_type() == at::kLong && sd.numel() == 1,
-                     "lora: seed must be an int64 tensor with one element, got ", fmt(sd.scalar_type()),
-                     " of shape ", fmt(sd.sizes()));
-    check_same_device(sd, x, "seed");
-  }
+  if (seed.has_value()) check_seed(*seed, x, "x");
   return s;
 }
 
@@ -205,10 +207,7 @@ inline PostStepSizes check_post_dropout_grad_y_args(const at::Tensor& grad_y, co
                    ") must equal lora_B dtype (", fmt(lora_B.scalar_type()), ")");
   check_same_device(xa, grad_y, "xa", "grad_y");
   TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "lora: dropout_p must be in (0, 1), got ", fmt(dropout_p));
-  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && seed.numel() == 1,
-                   "lora: seed must be an int64 tensor with one element, got ", fmt(seed.scalar_type()), " of shape ",
-                   fmt(seed.sizes()));
-  check_same_device(seed, grad_y, "seed", "grad_y");
+  check_seed(seed, grad_y, "grad_y");
   TORCH_CHECK_VALUE(partial_bytes_cap >= 0, "lora: partial_bytes_cap must be >= 0, got ", fmt(partial_bytes_cap));
   return s;
 }

@@ -357,11 +357,11 @@ std::tuple<at::Tensor, at::Tensor> post_dropout_step(const at::Tensor& g, const 
                                                      const at::Tensor& xa, double scale, const at::Tensor& seed,
                                                      double dropout_p, bool need_grad_xa, bool need_B,
                                                      int64_t partial_bytes_cap) {
+  if (use_native_masked_grad_y(g, lora_B, xa)) {  // false in a build without CUDA
 #ifdef LORA_WITH_CUDA
-  if (use_native_masked_grad_y(g, lora_B, xa)) {
     return masked_grad_y_cuda(g, lora_B, xa, scale, seed, dropout_p, need_grad_xa, need_B, partial_bytes_cap);
-  }
 #endif
+  }
   // use_masked_pieces takes (x, lora_A): g has x's dtype and device, B^T is (r, N) as A is (r, K).
   if (use_masked_pieces(g, lora_B.t())) {
     return triton_masked_grad_y(g, lora_B, xa, scale, seed, dropout_p, need_grad_xa, need_B);
@@ -380,6 +380,16 @@ at::Tensor add_base_grad_x(const at::Tensor& g, const c10::optional<at::Tensor>&
   if (!weight.has_value()) return grad_x_lora.to(x_dtype);
   at::Tensor grad_x = at::mm(g, *weight);
   grad_x.add_(grad_x_lora);
+  return grad_x;
+}
+
+// dx = g W + grad_xa A composed (no mask left to apply): where the adapters share x's dtype the small GEMM
+// writes dx and the large one accumulates onto it in its epilogue (beta = 1), else add_base_grad_x.
+at::Tensor composed_grad_x(const at::Tensor& g, const c10::optional<at::Tensor>& weight, const at::Tensor& grad_xa,
+                           const at::Tensor& lora_A, at::ScalarType x_dtype) {
+  if (lora_A.scalar_type() != x_dtype) return add_base_grad_x(g, weight, at::mm(grad_xa, lora_A), x_dtype);
+  at::Tensor grad_x = at::mm(grad_xa, lora_A);
+  if (weight.has_value()) grad_x.addmm_(g, *weight);
   return grad_x;
 }
 
@@ -407,15 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_dropout_rest(
         fused = true;
       }
     }
-    if (!fused) {
-      if (lora_dtype == x.scalar_type()) {
-        // The small GEMM writes dx, the large one accumulates onto it in its epilogue (beta=1).
-        grad_x = at::mm(grad_xa, lora_A);
-        if (weight.has_value()) grad_x.addmm_(g, *weight);
-      } else {
-        grad_x = add_base_grad_x(g, weight, at::mm(grad_xa, lora_A), x.scalar_type());
-      }
-    }
+    if (!fused) grad_x = composed_grad_x(g, weight, grad_xa, lora_A, x.scalar_type());
     grad_x = grad_x.view(x.sizes());
   }
   if (need_weight) grad_weight = at::mm(g.t(), x2);  // (N, K)
@@ -667,15 +669,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       }
     }
     if (need_x && !grad_x_fused) {
-      if (!pre_dropout && lora_dtype == x.scalar_type()) {
-        // The small GEMM writes dx, the large one accumulates onto it in its epilogue (beta=1).
-        grad_x = at::mm(grad_xa, lora_A);
-        if (weight.has_value()) grad_x.addmm_(g, *weight);
-      } else {
+      if (!pre_dropout) {
+        grad_x = composed_grad_x(g, weight, grad_xa, lora_A, x.scalar_type());
+      } else {  // 'pre': the LoRA part of dx takes x's mask
         at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype
         if (keep_scale_mask.defined()) {
           grad_x_lora.mul_(keep_scale_mask);
-        } else if (pre_dropout) {
+        } else {
           dropout_scale_(grad_x_lora, *seed, dropout_p, keep_scale);
         }
         grad_x = add_base_grad_x(g, weight, grad_x_lora, x.scalar_type());
@@ -713,8 +713,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_from_
   const auto [need_x, need_weight, need_bias, need_A] = output_mask;
   check_linear_backward_args(grad_y, x, grad_xa, lora_A, weight, {need_x, need_weight, need_bias, need_A, false}, s,
                              "grad_xa");
-  return post_dropout_rest(grad_matrix(grad_y, s.M, s.N), x, as_matrix(x, s.M, s.K), weight, lora_A, lora_B, grad_xa, need_x, need_weight,
-                           need_bias, need_A);
+  return post_dropout_rest(grad_matrix(grad_y, s.M, s.N), x, as_matrix(x, s.M, s.K), weight, lora_A, lora_B, grad_xa,
+                           need_x, need_weight, need_bias, need_A);
 }
 
 }  // namespace lora

@@ -93,17 +93,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask,
     c10::string_view backend);
 
-// The two halves of lora::linear_backward with 'post' dropout, as ops of their own
-// (lora::post_dropout_grad_y, lora::linear_backward_from_grad_xa) so that the autograd can release xa
-// between them (lora_autograd.cpp). The first: (s drop(dY) B, s drop(dY)^T xa), empty where
-// output_mask says not wanted; partial_bytes_cap: how large the native kernel's float32 partials may
-// grow (linear_backward passes dx's size when dx is wanted, else 0). The second: (dx, dW, db, dA) from
-// grad_xa = s drop(dY) B, the first half's.
 // How large the 'post' masked step's float32 partials may grow: dx's bytes when dx is wanted (dx is
 // allocated after the step, so partials up to its size raise no peak; masked_grad_y_grid.h), else 0 (the
 // kernel's first rule). A SymInt: the autograd computes it for lora::post_dropout_grad_y from x, whose rows
 // may be symbolic under torch.compile; the same value as linear_backward's, so the halves' bits are its.
 c10::SymInt post_dropout_partial_bytes_cap(const at::Tensor& x, bool need_x);
+// The two halves of lora::linear_backward with 'post' dropout, as ops of their own
+// (lora::post_dropout_grad_y, lora::linear_backward_from_grad_xa) so that the autograd can release xa
+// between them (lora_autograd.cpp). The first: (s drop(dY) B, s drop(dY)^T xa), empty where
+// output_mask says not wanted; partial_bytes_cap: post_dropout_partial_bytes_cap's value. The second:
+// (dx, dW, db, dA) from grad_xa = s drop(dY) B, the first half's.
 std::tuple<at::Tensor, at::Tensor> post_dropout_grad_y_aten(const at::Tensor& grad_y, const at::Tensor& lora_B,
                                                             const at::Tensor& xa, double scale, double dropout_p,
                                                             const at::Tensor& seed, std::array<bool, 2> output_mask,

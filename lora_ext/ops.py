@@ -72,6 +72,15 @@ def _check_same_device(t: Tensor, x: Tensor, name: str, x_name: str = "x") -> No
         )
 
 
+def _check_seed(seed: Tensor, ref: Tensor, ref_name: str) -> None:
+    """The dropout seed: one int64 on the device of ref (x, or lora::post_dropout_grad_y's grad_y)."""
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(
+            f"lora: seed must be an int64 tensor with one element, got {seed.dtype} of shape {tuple(seed.shape)}"
+        )
+    _check_same_device(seed, ref, "seed", ref_name)
+
+
 def check_scale(scale, x: Tensor, lora_A: Tensor) -> None:
     """A non-finite scale (alpha = inf or nan) is refused: it can only give garbage; so is one past
     the range of x's or the adapters' dtype, where some paths would turn it into inf (csrc/checks.h)."""
@@ -133,11 +142,7 @@ def check_post_dropout_grad_y_args(grad_y, lora_B, xa, dropout_p, seed, partial_
     _check_same_device(xa, grad_y, "xa", "grad_y")
     if not (0.0 < dropout_p < 1.0):
         raise ValueError(f"lora: dropout_p must be in (0, 1), got {dropout_p}")
-    if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise TypeError(
-            f"lora: seed must be an int64 tensor with one element, got {seed.dtype} of shape {tuple(seed.shape)}"
-        )
-    _check_same_device(seed, grad_y, "seed", "grad_y")
+    _check_seed(seed, grad_y, "grad_y")
     torch._check_value(partial_bytes_cap >= 0, lambda: f"lora: partial_bytes_cap must be >= 0, got {partial_bytes_cap}")
     return M, N, r
 
@@ -204,11 +209,7 @@ def check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_positi
     if dropout_p > 0.0 and seed is None:
         raise RuntimeError(f"lora: dropout_p={dropout_p} > 0 needs a seed tensor, got None")
     if seed is not None:
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(
-                f"lora: seed must be an int64 tensor with one element, got {seed.dtype} of shape {tuple(seed.shape)}"
-            )
-        _check_same_device(seed, x, "seed")
+        _check_seed(seed, x, "x")
     return M, K, N, r
 
 
@@ -223,6 +224,11 @@ def _linear_fake(
     return y, xa
 
 
+def _grad_or_empty(needed: bool, like: Tensor, shape) -> Tensor:
+    """A backward op's output: shaped as the gradient where wanted, else the empty (0,) tensor the kernels return."""
+    return like.new_empty(shape) if needed else like.new_empty(0)
+
+
 @torch.library.register_fake("lora::linear_backward")
 def _linear_backward_fake(
     grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask, backend="auto"
@@ -231,16 +237,12 @@ def _linear_backward_fake(
     check_scale(scale, x, lora_A)
     check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, M, N, r)
     need_x, need_weight, need_bias, need_A, need_B = output_mask
-
-    def grad_or_empty(needed, like, shape):
-        return like.new_empty(shape) if needed else like.new_empty(0)
-
     return (
-        grad_or_empty(need_x, x, x.shape),
-        grad_or_empty(need_weight, x, (N, K)),
-        grad_or_empty(need_bias, x, (N,)),
-        grad_or_empty(need_A, lora_A, (r, K)),
-        grad_or_empty(need_B, lora_B, (N, r)),
+        _grad_or_empty(need_x, x, x.shape),
+        _grad_or_empty(need_weight, x, (N, K)),
+        _grad_or_empty(need_bias, x, (N,)),
+        _grad_or_empty(need_A, lora_A, (r, K)),
+        _grad_or_empty(need_B, lora_B, (N, r)),
     )
 
 
@@ -251,10 +253,7 @@ def _post_dropout_grad_y_fake(grad_y, lora_B, xa, scale, dropout_p, seed, output
     if len(output_mask) != 2:
         raise RuntimeError("lora: output_mask must have 2 entries")
     need_grad_xa, need_B = output_mask
-    return (
-        xa.new_empty(M, r) if need_grad_xa else xa.new_empty(0),
-        lora_B.new_empty(N, r) if need_B else lora_B.new_empty(0),
-    )
+    return _grad_or_empty(need_grad_xa, xa, (M, r)), _grad_or_empty(need_B, lora_B, (N, r))
 
 
 @torch.library.register_fake("lora::linear_backward_from_grad_xa")
@@ -266,10 +265,10 @@ def _linear_backward_from_grad_xa_fake(grad_y, x, weight, lora_A, lora_B, grad_x
     check_linear_backward_args(grad_y, x, grad_xa, lora_A, weight, [need_x, need_weight, need_bias, need_A, False],
                                M, N, r, xa_name="grad_xa")
     return (
-        x.new_empty(x.shape) if need_x else x.new_empty(0),
-        x.new_empty(N, K) if need_weight else x.new_empty(0),
-        x.new_empty(N) if need_bias else x.new_empty(0),
-        lora_A.new_empty(r, K) if need_A else lora_A.new_empty(0),
+        _grad_or_empty(need_x, x, x.shape),
+        _grad_or_empty(need_weight, x, (N, K)),
+        _grad_or_empty(need_bias, x, (N,)),
+        _grad_or_empty(need_A, lora_A, (r, K)),
     )
 
 
