@@ -60,13 +60,13 @@ if [[ ${H200_RUN_PREBUILT:-0} == 1 ]]; then
   ls lora_ext/_C*.so > /dev/null || { echo "H200_RUN_PREBUILT=1 but no lora_ext/_C*.so"; exit 1; }
   echo "build: skipped (H200_RUN_PREBUILT=1: $(md5sum lora_ext/_C*.so | cut -c1-12))"
 else
-rm -rf build lora_ext/_C*.so
-t0=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-# A statically linked libstdc++ brings its UTF-8 helpers into _C.so (README, Toolchain).
-if [[ $(nm -C lora_ext/_C*.so 2>/dev/null | grep -c read_utf8_code_point) != 0 ]]; then
-  echo "WARNING: _C.so carries its own libstdc++ (static link)"; fi
-echo "build: $(( $(date +%s) - t0 )) s"; grep -E "lora_ext: building" "$OUT/build.log"
+  rm -rf build lora_ext/_C*.so
+  t0=$(date +%s)
+  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  # A statically linked libstdc++ brings its UTF-8 helpers into _C.so (README, Toolchain).
+  if [[ $(nm -C lora_ext/_C*.so 2>/dev/null | grep -c read_utf8_code_point) != 0 ]]; then
+    echo "WARNING: _C.so carries its own libstdc++ (static link)"; fi
+  echo "build: $(( $(date +%s) - t0 )) s"; grep -E "lora_ext: building" "$OUT/build.log"
 fi
 python3 -c "import lora_ext; print('native CUDA kernels built:', lora_ext._C.has_cuda())"
 

@@ -26,16 +26,25 @@ else
   git apply --check "$patch" || { echo "patch_ab: $patch does not apply to this tree" >&2; exit 2; }
 fi
 builds=$(mktemp -d)  # each side's _C.so from its first round: the later rounds' builds, and the one left at the end
+# Puts the tree on side $1: before (without the patch) or after (with it).
+to_side() {
+  if [[ $1 == after && $applied == 0 ]]; then git apply "$patch" && applied=1
+  elif [[ $1 == before && $applied == 1 ]]; then git apply -R "$patch" && applied=0; fi
+}
+# Puts side $1's round-1 build in lora_ext/; where none was kept, removes the build there (fails), so that
+# nothing later runs the other side's build on this side's tree.
+use_build() {
+  local so; so=$(ls lora_ext/_C*.so 2>/dev/null | head -1)
+  if [[ -f $builds/$1.so && -n $so ]]; then cp "$builds/$1.so" "$so"; return 0; fi
+  rm -f lora_ext/_C*.so; return 1
+}
 # Back to the tree as it came (without the patch, or with it where committed), also when killed part-way
 # (the device tool stops a command at its time limit), and the build of that tree in lora_ext/ (the last run
 # may have built the other side: a later `H200_RUN_PREBUILT=1 h200_run.sh tests` must test the tree it sees).
 restore() {
-  if [[ $committed == 1 && $applied == 0 ]]; then git apply "$patch" && applied=1; fi
-  if [[ $committed != 1 && $applied == 1 ]]; then git apply -R "$patch" && applied=0; fi
-  local side=before; [[ $applied == 1 ]] && side=after
-  local so; so=$(ls lora_ext/_C*.so 2>/dev/null | head -1)
-  if [[ -f $builds/$side.so && -n $so ]]; then cp "$builds/$side.so" "$so"
-  elif [[ -n $so ]]; then rm -f lora_ext/_C*.so; echo "patch_ab: no '$side' build kept: lora_ext/_C*.so removed"; fi
+  local side=before; [[ $committed == 1 ]] && side=after
+  to_side $side
+  use_build $side || echo "patch_ab: no '$side' build kept: lora_ext/_C*.so removed"
 }
 # The device tool brings back at most 8 files, and each side's run leaves 2-3 (results.tgz, env.txt,
 # gpu_tests.log): 15:46's three rounds lost four of their six runs. So every side's folder goes into one
@@ -60,8 +69,7 @@ echo "== before ($before)"
 OUT=$OUT/before bash scripts/h200_run.sh "$before" "$@"
 before_status=$?
 cp lora_ext/_C*.so "$builds/before.so" 2>/dev/null
-git apply "$patch" || { echo "patch_ab: $patch did not apply after the 'before' run" >&2; exit 2; }
-applied=1
+to_side after || { echo "patch_ab: $patch did not apply after the 'before' run" >&2; exit 2; }
 echo "== after ($after), with $patch"
 OUT=$OUT/after bash scripts/h200_run.sh "$after" "$@"
 after_status=$?
@@ -72,15 +80,8 @@ for round in $(seq 2 "$rounds"); do
   for side in before after; do
     modes=$(later_modes "$([[ $side == before ]] && echo "$before" || echo "$after")")
     if [[ -z $modes ]]; then echo "== $side, round $round: nothing but tests in its modes, not run again"; continue; fi
-    if [[ $side == before ]]; then
-      git apply -R "$patch" || { echo "patch_ab: $patch did not reverse in round $round" >&2; exit 2; }
-      applied=0
-    else
-      git apply "$patch" || { echo "patch_ab: $patch did not apply in round $round" >&2; exit 2; }
-      applied=1
-    fi
-    [[ -f $builds/$side.so ]] || { echo "patch_ab: no build of '$side' from round 1" >&2; exit 2; }
-    so=$(ls lora_ext/_C*.so) && cp "$builds/$side.so" "$so"
+    to_side $side || { echo "patch_ab: $patch did not move the tree to '$side' in round $round" >&2; exit 2; }
+    use_build $side || { echo "patch_ab: no build of '$side' from round 1" >&2; exit 2; }
     echo "== $side, round $round ($modes, its round-1 build)"
     H200_RUN_PREBUILT=1 OUT=$OUT/${side}_r$round bash scripts/h200_run.sh "$modes" "$@"
     (( $? == 0 )) || { [[ $side == before ]] && before_status=1 || after_status=1; }
