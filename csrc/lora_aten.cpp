@@ -213,12 +213,29 @@ std::atomic<bool> fused_grad_input_enabled{on_unless_env_zero("LORA_EXT_FUSED_GR
 constexpr int64_t kFusedGradInputMaxRank = 16;  // measured at r = 16 only
 constexpr int64_t kFusedGradInputNarrowMaxInputs = 2048;
 constexpr int64_t kFusedGradInputNarrowMaxOutputs = 8192;
+// The grad_xa-given form up to r = 64 at k/v widths (N <= 2048): the composed dx there is cuBLAS's
+// grad_xa A (an (M, K) write, 24 us at k/v r = 64) and g W with beta = 1 (117.6 us; cuBLAS's g W alone took
+// 97.9 in #67's run): ~142 us on an H100 (12-06 16:30, NOTES.md #76), against the given form's Triton GEMM
+// (112.9 at k/v, #67, with 4 stages; 3 at r = 64) plus one K step of 64 for the rank beside g W's 16 (+6%).
+// Predicted -12 to -27 us at k/v r = 64. Measured (H100, 12-06 17:20, before and after alternated twice in
+// one call, NOTES.md #77): the op's fwd+bwd device time at k/v r = 64 312.8 -> 285.8 us (p = 0) and
+// 372.2 -> 346.4 (p = 0.1), 0.91 and 0.93; r = 16 (the rule unchanged) 1.000 and 0.998.
+constexpr int64_t kFusedGradInputGivenMaxRank = 64;
 
 // What both fused input gradients (with and without 'post' dropout) need besides their width rule.
-bool fused_grad_input_takes(const at::Tensor& g2, const at::Tensor& lora_A) {
+bool fused_grad_input_takes(const at::Tensor& g2, const at::Tensor& lora_A,
+                            int64_t max_rank = kFusedGradInputMaxRank) {
   return fused_grad_input_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
-         g2.size(0) >= kFusedForwardMinRows && lora_A.size(0) <= kFusedGradInputMaxRank &&
+         g2.size(0) >= kFusedForwardMinRows && lora_A.size(0) <= max_rank &&
          lora_A.scalar_type() == g2.scalar_type();
+}
+
+// Past r = 16, the grad_xa-given input gradient at k/v widths (NOTES.md #76): with 'post' dropout
+// grad_xa comes from the masked step; without dropout from cuBLAS's s g B, which the backward forms
+// for dA anyway.
+bool fused_grad_input_given_past_rank_16(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return lora_A.size(0) > kFusedGradInputMaxRank && weight.size(0) <= kFusedForwardMaxWidth &&
+         fused_grad_input_takes(g2, lora_A, kFusedGradInputGivenMaxRank);
 }
 
 bool use_fused_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
@@ -268,8 +285,10 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 // where dx is at most 2048 wide: 1.03x cuBLAS's g W against 1.14 composed at 2048 x 5632, 0.995
 // against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53).
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_post_dropout_enabled && fused_grad_input_takes(g2, lora_A) &&
-         (weight.size(0) <= kFusedForwardMaxWidth || weight.size(1) <= kFusedGradInputNarrowMaxInputs);
+  return fused_post_dropout_enabled &&
+         ((fused_grad_input_takes(g2, lora_A) &&
+           (weight.size(0) <= kFusedForwardMaxWidth || weight.size(1) <= kFusedGradInputNarrowMaxInputs)) ||
+          fused_grad_input_given_past_rank_16(g2, weight, lora_A));
 }
 
 // Both adapter gradients of the dropout-free backward in one Triton launch
@@ -666,6 +685,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
           dropout_scale_(x_lora, *seed, dropout_p, keep_scale);
         }
         grad_A = reduce_over_tokens(grad_xa, x_lora);  // (r, K)
+      }
+    }
+    if (need_x && !grad_x_fused && !dropout && weight.has_value() &&
+        fused_grad_input_given_past_rank_16(g, *weight, lora_A)) {
+      if (auto given = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
+        grad_x = given->view(x.sizes());
+        grad_x_fused = true;
       }
     }
     if (need_x && !grad_x_fused) {

@@ -1291,7 +1291,7 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
                                                       fused_post_dropout_on):
     """Turned on, 'post' dropout at a k/v-sized layer with 4096+ rows: the op's y and xa are the fused
     forward's bits (the mask in its epilogue); dx is the fused input gradient's bits with the masked
-    step's grad_xa at r <= 16 (the composed path's at r = 64, outside its measured range); y and every
+    step's grad_xa at every rank here (r = 64 too: dx is 512 < 2048 wide, NOTES.md #76); y and every
     gradient within the float64 bound; the forward replayed from C++ from the second call with the
     same bits; and turned off, the op composes (other rounding)."""
     from lora_ext.kernels import fused_forward
@@ -1317,16 +1317,13 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
         expected_y, expected_xa = fused_forward.linear_forward(x2, w_, b if b is None else b.detach(), A_, B_, scale,
                                                                p, seed)
         assert torch.equal(y.reshape(-1, 1032), expected_y) and torch.equal(xa, expected_xa)
-        if r <= 16:
-            g2 = gy.reshape(-1, 1032)
-            # As the op calls it (dx wanted): partials capped at dx's size.
-            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(g2, B_, xa, scale, seed, p, True, False,
-                                                        max_partial_bytes=x2.numel() * x2.element_size())
-            expected_dx = fused_forward.grad_input_given_xa(g2, w_, A_, B_, grad_xa)
-            assert torch.equal(grad_x.reshape(-1, 512), expected_dx)
-            assert not torch.equal(grad_x, composed_dx)
-        else:
-            assert torch.equal(grad_x, composed_dx)
+        g2 = gy.reshape(-1, 1032)
+        # As the op calls it (dx wanted): partials capped at dx's size.
+        grad_xa, _ = lora_ext._C.masked_grad_y_cuda(g2, B_, xa, scale, seed, p, True, False,
+                                                    max_partial_bytes=x2.numel() * x2.element_size())
+        expected_dx = fused_forward.grad_input_given_xa(g2, w_, A_, B_, grad_xa)
+        assert torch.equal(grad_x.reshape(-1, 512), expected_dx)
+        assert not torch.equal(grad_x, composed_dx)
     assert not torch.equal(composed_y, y)
 
 
@@ -1406,6 +1403,51 @@ def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fuse
             assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N)
         else:
             assert torch.equal(dx, composed_dx), (dropout, K, N)
+
+
+@fused_only
+def test_given_xa_input_gradient_past_rank_16_at_k_v_widths(fused_forward_on, fused_grad_input_on,
+                                                             fused_post_dropout_on):
+    """Past r = 16 (to 64) where dx is at most 2048 outputs wide (NOTES.md #76): the native backward's dx is
+    the grad_xa-given kernel's bits, with and without 'post' dropout (grad_xa from the masked step, or from
+    s g B); composed at r > 64 and at N > 2048. Every case within the float64 bound."""
+    from lora_ext.kernels import fused_forward
+
+    scale, seed_value = 0.5, 11
+    cases = [(0.0, 32, 1024, True), (0.0, 64, 1024, True), (0.25, 64, 1024, True), (0.25, 48, 2048, True),
+             (0.0, 64, 2056, False), (0.25, 64, 2056, False), (0.0, 72, 1024, False)]
+    for dropout, r, N, given in cases:
+        K = 1024
+        inputs = make_inputs((4096,), K, N, r, torch.bfloat16, bias=False, seed=r + N)
+        run_and_check(inputs, scale, dropout, "post", seed_value, "native")
+        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+        seed = seed_tensor(seed_value) if dropout else None
+        gy = torch.randn(4096, N, device=DEVICE, dtype=torch.bfloat16)
+
+        def grad_x():
+            y, _ = torch.ops.lora.linear(x, w, None, A, B, scale, dropout, "post", seed, "native")
+            return torch.autograd.grad(y, [x], gy)[0]
+
+        dx = grad_x()
+        w_, A_, B_ = w.detach(), A.detach(), B.detach()
+        if dropout:
+            with torch.no_grad():
+                xa = x.detach() @ A_.t()
+            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B_, xa, scale, seed, dropout, True, False,
+                                                        max_partial_bytes=x.numel() * x.element_size())
+            switch = lora_ext._C.set_fused_post_dropout
+        else:
+            # As the backward forms it (scaled_mm: addmm_out(out, out, g, B, beta=0, alpha=s)).
+            grad_xa = torch.empty(4096, r, device=DEVICE, dtype=torch.bfloat16)
+            torch.addmm(grad_xa, gy, B_, beta=0, alpha=scale, out=grad_xa)
+            switch = lora_ext._C.set_fused_grad_input
+        with switched(switch, False):
+            composed_dx = grad_x()
+        if given:
+            kernel_dx = fused_forward.grad_input_given_xa(gy, w_, A_, B_, grad_xa)
+            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, r, N)
+        else:
+            assert torch.equal(dx, composed_dx), (dropout, r, N)
 
 
 @fused_only
