@@ -159,11 +159,11 @@ def patched(fn, **settings):
     return lambda: unittest.mock.patch.multiple(triton_lora, **settings)(fn)()
 
 
-def part_ranks(rows):
-    """The reduction pieces at r = 16 and 64: one pass over dY (default) vs two and vs the native
-    CUDA pass, dA as rows^T inp (default) vs inp^T rows, and cuBLAS without a mask."""
+def part_ranks(rows, ranks=(16, 64)):
+    """The reduction pieces at r = 16 and 64 (or `ranks`): one pass over dY (default) vs two and vs the
+    native CUDA pass, dA as rows^T inp (default) vs inp^T rows, and cuBLAS without a mask."""
     out = []
-    for r in (16, 64):
+    for r in ranks:
         for shape, (K, N) in SHAPES.items():
             x2, g2, A, B, xa, seed = make_inputs(8192, K, N, r)
             grad_y = lambda: triton_lora.masked_grad_y(g2, B, xa, 2.0, seed, P, True, True)  # noqa: E731
@@ -236,14 +236,14 @@ def part_sums(rows):
     print(common.markdown_table(["shape", "r", "piece", "µs", "µs, one partial per step", "ratio"], out))
 
 
-def part_native(rows):
+def part_native(rows, ranks=(16, 64)):
     """The native 'post' backward step alone, its two load schemes and two grid rules side by side
     (NOTES.md #55, #56): the registers one tile ahead (default, two programs per SM at r <= 16) against
     the cp.async ring (three per SM at r <= 16), each with the balanced split of the work (default)
     and the first rule's ('sqrt'); cuBLAS's g B and g^T xa without a mask for scale; device time.
-    The step is called as the op calls it, its partials capped at dx's size."""
+    The step is called as the op calls it, its partials capped at dx's size. `ranks`: r = 16 and 64 unless given."""
     out = []
-    for r in (16, 64):
+    for r in ranks:
         # The Llama-3-8B shapes at 8192 tokens, the end-to-end model's at its own 4096.
         for shape, (K, N) in {**SHAPES, **common.E2E_SHAPES}.items():
             M = common.E2E_TOKENS if shape in common.E2E_SHAPES else 8192
@@ -341,6 +341,8 @@ def main():
     parser.add_argument("--parts", nargs="+", default=["host", "floor", "ranks", "sweep"],
                         choices=["host", "floor", "ranks", "sweep", "native", "rank_hint", "sums"])
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds for the sweep")
+    # (h200_run.sh passes PIECES_PARTS unquoted, so PIECES_PARTS="ranks --ranks 64" reaches this.)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="the ranks of the ranks and native parts")
     args = parser.parse_args()
     rows = []
     print(f"{common.utc_now()} {torch.cuda.get_device_name()} torch {torch.__version__} "
@@ -351,9 +353,9 @@ def main():
         if "floor" in args.parts:
             part_floor(rows)
         if "ranks" in args.parts:
-            part_ranks(rows)
+            part_ranks(rows, args.ranks)
         if "native" in args.parts:
-            part_native(rows)
+            part_native(rows, args.ranks)
         if "rank_hint" in args.parts:
             part_rank_hint(rows)
         if "sums" in args.parts:
