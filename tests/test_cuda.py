@@ -511,14 +511,16 @@ def test_native_masked_grad_y_stages_setting():
 
 
 @native_only
-@pytest.mark.parametrize("M,N,r", [(64, 128 * 600, 16), (2048, 8200, 16), (1000, 4104, 40)], ids=str)
+@pytest.mark.parametrize("M,N,r", [(64, 128 * 600, 16), (64, 128 * 600, 64), (2048, 8200, 16), (1000, 4104, 40)],
+                         ids=str)
 def test_native_masked_grad_y_grid_rules(M, N, r):
     """Both splits of the step's work (csrc/masked_grad_y_grid.h: 'balanced', the default since NOTES.md #56,
     and the first rule 'sqrt', kept for A/B runs) against float64, each with the grid the launch takes
     from masked_grad_y_grid for this GPU's SMs. At 64 x 76 800 the balanced split gives each program
     several column blocks on any GPU with fewer than 300 slots, so the grad_xa partial's
     read-modify-write across column blocks runs; a cap on the partials below the first rule's is not
-    taken (the launch never allocates more than it did, nor less)."""
+    taken (the launch never allocates more than it did, nor less). At r = 64 (16 warps, grad_xa's rows
+    in rank halves) the read-modify-write runs on each half's own columns of the partial."""
     dtype = torch.bfloat16
     g, B, xa = _grad_y_inputs(M, N, r, dtype, seed=3)
     p, scale, seed_value = 0.2, 1.3, 77

@@ -15,10 +15,10 @@
 // share an SM (at ranks <= 16). Measured: 63.8 us there (NOTES.md #21; a WMMA version took 80).
 //
 // Work split (the group sizes from masked_grad_y_grid.h): program (i, j) owns the 64-row blocks of row group i
-// and the 128-column blocks of column group j, row blocks innermost. Warps 0-3 own grad_xa's
-// rows (16 each), summed over the program's column blocks in slice j of a float32 partial;
-// warps 4-7 own grad_B's rows (32 each), accumulated in registers over the row group and
-// written once to slice i. A last small kernel per output sums the slices in a fixed order
+// and the 128-column blocks of column group j, row blocks innermost. The first half of its warps own
+// grad_xa's rows (16 each; on 8 warps all ranks, on the 16 warps of R_PAD = 64 half of them), summed over
+// the program's column blocks in slice j of a float32 partial; the second half own grad_B's rows (32
+// each on 8 warps, 16 on 16), accumulated in registers over the row group and written once to slice i. A last small kernel per output sums the slices in a fixed order
 // (deterministic: no atomics) and applies s / (1 - p).
 //
 // Loads (STAGES): 0, the measured default, reads each thread's next-tile vectors into registers
@@ -58,12 +58,24 @@ namespace {
 constexpr int kTileRows = 64;
 constexpr int kTileCols = 128;
 static_assert(kTileRows == kMaskedTileRows && kTileCols == kMaskedTileCols, "masked_grad_y_grid.h splits these tiles");
-constexpr int kThreads = 256;
+// Threads per program: 8 warps, and 16 at R_PAD = 64. There one program fits an SM (its accumulators
+// need ~255 registers a thread on 8 warps), so 8 warps left each scheduler two warps to hide a tile's
+// chain of loads, mask, barrier and products (ncu, H100, k/v: a program's tile took ~9,600 cycles at r = 64
+// and ~7,800 at r = 16, where two programs share the SM; benchmarks/NOTES.md #77, #78). On 16 warps each
+// warp keeps half the accumulators (grad_xa's rows split by rank halves, grad_B's by 16-column panels), so
+// the program fits 128 registers a thread. Every output element's products run in the same order either
+// way: the same bits by construction (not compared on a GPU, where only one variant is built). Measured (H100, 12-06 18:10, NOTES.md #78; the step with its sum, device time): 4-6%
+// faster at every r = 64 shape (k/v 52.4 -> 49.9 us, q/o and down 147 -> 141, gate/up 503 -> 471), far
+// from the ~1.5x predicted: more warps do not shorten a tile's chain, so what sets it is not the warps per
+// scheduler (the phases between the two barriers, each as long as its slowest warp, are the next suspect).
+template <int R_PAD>
+constexpr int program_threads() { return R_PAD == 64 ? 512 : 256; }
 // Shared rows are padded by 16 bytes so that consecutive rows start in different banks.
 constexpr int kPad = 8;
 // Eight 16-bit elements per 16-byte vector: one vector is one Philox group (kMaskGroup).
 constexpr int kVectorsPerRow = kTileCols / kMaskGroup;
-constexpr int kVectorsPerThread = kTileRows * kVectorsPerRow / kThreads;
+template <int THREADS>
+constexpr int vectors_per_thread() { return kTileRows * kVectorsPerRow / THREADS; }
 constexpr int kMaxRank = 64;
 
 template <typename T, int R_PAD>
@@ -94,13 +106,13 @@ template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
 
 // dY[m0 .. m0+63, c0 .. c0+127] into a shared stage by cp.async, zero outside the matrix. Thread
-// t copies the vectors v * kThreads + t, the ones it masks (same order as load_tile).
-template <typename T>
+// t copies the vectors v * THREADS + t, the ones it masks (same order as load_tile).
+template <typename T, int THREADS>
 __device__ __forceinline__ void copy_tile_async(T (&dst)[kTileRows][kTileCols + kPad], const T* __restrict__ g,
                                                 int64_t M, int64_t C, int64_t m0, int64_t c0) {
 #pragma unroll
-  for (int v = 0; v < kVectorsPerThread; ++v) {
-    const int q = v * kThreads + threadIdx.x;
+  for (int v = 0; v < vectors_per_thread<THREADS>(); ++v) {
+    const int q = v * THREADS + threadIdx.x;
     const int row = q / kVectorsPerRow, col = (q % kVectorsPerRow) * kMaskGroup;
     const int64_t m = m0 + row, c = c0 + col;
     const bool inside = m < M && c < C;
@@ -109,12 +121,12 @@ __device__ __forceinline__ void copy_tile_async(T (&dst)[kTileRows][kTileCols + 
 }
 
 // dY[m0 .. m0+63, c0 .. c0+127] as 16-byte vectors, zero outside the matrix (C % 8 == 0).
-template <typename T>
-__device__ __forceinline__ void load_tile(uint4 (&data)[kVectorsPerThread], const T* __restrict__ g, int64_t M,
-                                          int64_t C, int64_t m0, int64_t c0) {
+template <typename T, int THREADS>
+__device__ __forceinline__ void load_tile(uint4 (&data)[vectors_per_thread<THREADS>()], const T* __restrict__ g,
+                                          int64_t M, int64_t C, int64_t m0, int64_t c0) {
 #pragma unroll
-  for (int v = 0; v < kVectorsPerThread; ++v) {
-    const int q = v * kThreads + threadIdx.x;
+  for (int v = 0; v < vectors_per_thread<THREADS>(); ++v) {
+    const int q = v * THREADS + threadIdx.x;
     const int64_t m = m0 + q / kVectorsPerRow;
     const int64_t c = c0 + (q % kVectorsPerRow) * kMaskGroup;
     data[v] = (m < M && c < C) ? __ldcs(reinterpret_cast<const uint4*>(g + m * C + c)) : make_uint4(0, 0, 0, 0);
@@ -125,23 +137,23 @@ __device__ __forceinline__ void load_tile(uint4 (&data)[kVectorsPerThread], cons
 template <typename T, int ROWS, int R_PAD>
 __device__ __forceinline__ void load_thin(T (&dst)[ROWS][R_PAD + kPad], const T* __restrict__ src, int64_t first,
                                           int64_t count, int r) {
-  for (int idx = threadIdx.x; idx < ROWS * R_PAD; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * R_PAD; idx += program_threads<R_PAD>()) {
     const int row = idx / R_PAD, col = idx % R_PAD;
     dst[row][col] = (first + row < count && col < r) ? src[(first + row) * r + col] : from_float<T>(0.f);
   }
 }
 
 // The same for xa's 64 rows, in two steps so that the loads can be issued a tile ahead:
-// into registers (this thread's R_PAD / 4 elements), then from there into shared memory.
+// into registers (this thread's share of the 64 x R_PAD elements), then from there into shared memory.
 template <int R_PAD>
-constexpr int thin_per_thread() { return kTileRows * R_PAD / kThreads; }
+constexpr int thin_per_thread() { return kTileRows * R_PAD / program_threads<R_PAD>(); }
 
 template <typename T, int R_PAD>
 __device__ __forceinline__ void load_rows(T (&regs)[thin_per_thread<R_PAD>()], const T* __restrict__ src,
                                           int64_t first, int64_t count, int r) {
 #pragma unroll
   for (int j = 0; j < thin_per_thread<R_PAD>(); ++j) {
-    const int idx = j * kThreads + threadIdx.x, row = idx / R_PAD, col = idx % R_PAD;
+    const int idx = j * program_threads<R_PAD>() + threadIdx.x, row = idx / R_PAD, col = idx % R_PAD;
     regs[j] = (first + row < count && col < r) ? src[(first + row) * r + col] : from_float<T>(0.f);
   }
 }
@@ -151,12 +163,12 @@ __device__ __forceinline__ void store_rows(T (&dst)[kTileRows][R_PAD + kPad],
                                            const T (&regs)[thin_per_thread<R_PAD>()]) {
 #pragma unroll
   for (int j = 0; j < thin_per_thread<R_PAD>(); ++j) {
-    const int idx = j * kThreads + threadIdx.x;
+    const int idx = j * program_threads<R_PAD>() + threadIdx.x;
     dst[idx / R_PAD][idx % R_PAD] = regs[j];
   }
 }
 
-// Programs per SM: at ranks <= 16 two with the register scheme (<= 128 registers, no spill on
+// Programs per SM (of program_threads each): at ranks <= 16 two with the register scheme (<= 128 registers, no spill on
 // sm_90; at 80 registers its one-tile-ahead vectors spill) and three with the cp.async ring (which
 // holds no vectors in registers: 80 registers without a spill, ptxas -v, and 3 x 60 KiB of shared
 // memory per SM), so that ~96 KiB per SM are in flight instead of 32 (NOTES.md #55); one above,
@@ -194,43 +206,46 @@ __device__ __forceinline__ void mask_vector(uint4& data, uint64_t seed, uint64_t
   for (int w = 0; w < 4; ++w) pairs[w] = keep_pair<T>(pairs[w], words[w], threshold);
 }
 
-// Warps 0-3: grad_xa rows (16 per warp) += tile rows (A, row-major) x panel (B).
-template <typename T, int R_PAD>
-__device__ __forceinline__ void rows_grad_products(float (&rows_acc)[R_PAD / 8][4],
+// A grad_xa warp: its 16 rows (from row `first_row`) and SPAN of the ranks (from `first_rank`)
+// += tile rows (A, row-major) x panel (B).
+template <typename T, int R_PAD, int SPAN>
+__device__ __forceinline__ void rows_grad_products(float (&rows_acc)[SPAN / 8][4],
                                                    const T (&tile)[kTileRows][kTileCols + kPad],
-                                                   const T (&panel)[kTileCols][R_PAD + kPad], int warp, int lane) {
+                                                   const T (&panel)[kTileCols][R_PAD + kPad], int first_row,
+                                                   int first_rank, int lane) {
 #pragma unroll
   for (int k = 0; k < kTileCols / 16; ++k) {
     uint32_t a[4];
-    ldmatrix_x4(a, &tile[16 * warp + lane % 16][16 * k + 8 * (lane / 16)]);
+    ldmatrix_x4(a, &tile[first_row + lane % 16][16 * k + 8 * (lane / 16)]);
 #pragma unroll
-    for (int nb2 = 0; nb2 < R_PAD / 16; ++nb2) {
+    for (int nb2 = 0; nb2 < SPAN / 16; ++nb2) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, &panel[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
+      ldmatrix_x4_trans(b, &panel[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][first_rank + 16 * nb2 + 8 * (lane / 16)]);
       mma_16816<T>(rows_acc[2 * nb2], a, b[0], b[1]);
       mma_16816<T>(rows_acc[2 * nb2 + 1], a, b[2], b[3]);
     }
   }
 }
 
-// Warps 4-7: grad_B rows (32 per warp) += tile^T (A: the tile through ldmatrix .trans) x xa rows (B).
-template <typename T, int R_PAD>
-__device__ __forceinline__ void panel_grad_products(float (&panel_acc)[2][R_PAD / 8][4],
+// A grad_B warp: its 16 CF rows (the tile's columns from `first_col`), all ranks, += tile^T (A: the
+// tile through ldmatrix .trans) x xa rows (B).
+template <typename T, int R_PAD, int CF>
+__device__ __forceinline__ void panel_grad_products(float (&panel_acc)[CF][R_PAD / 8][4],
                                                     const T (&tile)[kTileRows][kTileCols + kPad],
-                                                    const T (&rows)[kTileRows][R_PAD + kPad], int warp, int lane) {
+                                                    const T (&rows)[kTileRows][R_PAD + kPad], int first_col, int lane) {
 #pragma unroll
   for (int k = 0; k < kTileRows / 16; ++k) {
-    uint32_t a[2][4];
+    uint32_t a[CF][4];
 #pragma unroll
-    for (int cf = 0; cf < 2; ++cf) {
-      ldmatrix_x4_trans(a[cf], &tile[16 * k + lane % 8 + 8 * (lane / 16)][32 * (warp - 4) + 16 * cf + 8 * ((lane / 8) % 2)]);
+    for (int cf = 0; cf < CF; ++cf) {
+      ldmatrix_x4_trans(a[cf], &tile[16 * k + lane % 8 + 8 * (lane / 16)][first_col + 16 * cf + 8 * ((lane / 8) % 2)]);
     }
 #pragma unroll
     for (int nb2 = 0; nb2 < R_PAD / 16; ++nb2) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, &rows[16 * k + lane % 8 + 8 * ((lane / 8) % 2)][16 * nb2 + 8 * (lane / 16)]);
 #pragma unroll
-      for (int cf = 0; cf < 2; ++cf) {
+      for (int cf = 0; cf < CF; ++cf) {
         mma_16816<T>(panel_acc[cf][2 * nb2], a[cf], b[0], b[1]);
         mma_16816<T>(panel_acc[cf][2 * nb2 + 1], a[cf], b[2], b[3]);
       }
@@ -238,21 +253,22 @@ __device__ __forceinline__ void panel_grad_products(float (&panel_acc)[2][R_PAD 
   }
 }
 
-// A 16-row accumulator fragment from / to a float32 partial (rows of R_PAD), this lane's positions.
-template <int R_PAD>
-__device__ __forceinline__ void load_fragment(float (&acc)[R_PAD / 8][4], const float* part, int acc_col) {
+// A 16-row accumulator fragment of SPAN columns from / to a float32 partial (rows of R_PAD), this
+// lane's positions.
+template <int R_PAD, int SPAN>
+__device__ __forceinline__ void load_fragment(float (&acc)[SPAN / 8][4], const float* part, int acc_col) {
 #pragma unroll
-  for (int nb = 0; nb < R_PAD / 8; ++nb) {
+  for (int nb = 0; nb < SPAN / 8; ++nb) {
     const float2 top = *reinterpret_cast<const float2*>(part + 8 * nb + acc_col);
     const float2 bottom = *reinterpret_cast<const float2*>(part + 8 * R_PAD + 8 * nb + acc_col);
     acc[nb][0] = top.x, acc[nb][1] = top.y, acc[nb][2] = bottom.x, acc[nb][3] = bottom.y;
   }
 }
 
-template <int R_PAD>
-__device__ __forceinline__ void store_fragment(float* part, const float (&acc)[R_PAD / 8][4], int acc_col) {
+template <int R_PAD, int SPAN>
+__device__ __forceinline__ void store_fragment(float* part, const float (&acc)[SPAN / 8][4], int acc_col) {
 #pragma unroll
-  for (int nb = 0; nb < R_PAD / 8; ++nb) {
+  for (int nb = 0; nb < SPAN / 8; ++nb) {
     *reinterpret_cast<float2*>(part + 8 * nb + acc_col) = make_float2(acc[nb][0], acc[nb][1]);
     *reinterpret_cast<float2*>(part + 8 * R_PAD + 8 * nb + acc_col) = make_float2(acc[nb][2], acc[nb][3]);
   }
@@ -261,7 +277,7 @@ __device__ __forceinline__ void store_fragment(float* part, const float (&acc)[R
 // STAGES: 0 = registers one tile ahead (static shared memory); >= 2 = cp.async ring of STAGES
 // shared tiles (dynamic shared memory, sizeof(PipelinedTiles)). See the file's head.
 template <typename T, int R_PAD, int STAGES>
-__global__ void __launch_bounds__(kThreads, programs_per_sm<R_PAD, STAGES>())
+__global__ void __launch_bounds__(program_threads<R_PAD>(), programs_per_sm<R_PAD, STAGES>())
 masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const T* __restrict__ rows,
                      float* __restrict__ rows_grad_part, float* __restrict__ panel_grad_part,
                      const int64_t* __restrict__ seed_ptr, int64_t M, int64_t C, int r, int64_t M_pad, int64_t C_pad,
@@ -269,11 +285,24 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int N_BLOCKS = R_PAD / 8;  // 8-column accumulator blocks of one 16-row fragment
   constexpr bool kPipelined = STAGES > 0;
+  // Warp roles: the first half of the warps sums grad_xa's rows, the second grad_B's. A grad_xa warp owns
+  // 16 of the tile's rows and RANK_SPAN ranks (all of them on 8 warps, a half on 16); a grad_B warp owns
+  // 16 CF of the tile's columns (32 on 8 warps, 16 on 16) and all ranks.
+  constexpr int THREADS = program_threads<R_PAD>();
+  constexpr int ROLE_WARPS = THREADS / 64;
+  constexpr int RANK_SPAN = R_PAD / (ROLE_WARPS / 4);
+  constexpr int PANEL_COLS = kTileCols / ROLE_WARPS;
+  constexpr int CF = PANEL_COLS / 16;
+  constexpr int VECTORS = vectors_per_thread<THREADS>();
   using Tiles = std::conditional_t<kPipelined, PipelinedTiles<T, R_PAD, (kPipelined ? STAGES : 1)>,
                                    SharedTiles<T, R_PAD>>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   Tiles& s = *reinterpret_cast<Tiles*>(shared_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool rows_role = warp < ROLE_WARPS;
+  const int role_warp = warp % ROLE_WARPS;
+  const int first_row = 16 * (role_warp % 4), first_rank = RANK_SPAN * (role_warp / 4);  // a grad_xa warp's
+  const int first_col = PANEL_COLS * role_warp;                                           // a grad_B warp's
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);  // read on the device: no host sync
   const int64_t m_blocks = (M + kTileRows - 1) / kTileRows;
   const int64_t c_blocks = (C + kTileCols - 1) / kTileCols;
@@ -290,19 +319,21 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
     const int64_t c0 = cb * kTileCols;
     if (want_rows_grad) load_thin<T, kTileCols, R_PAD>(s.panel, panel, c0, C, r);
-    // Warps 4-7: grad_B rows c0 + 32 (warp - 4) + 16 cf, all R_PAD columns.
-    float panel_acc[2][N_BLOCKS][4] = {};
+    // The grad_B warps: grad_B rows c0 + first_col + 16 cf, all R_PAD columns.
+    float panel_acc[CF][N_BLOCKS][4] = {};
 
-    uint4 data[kPipelined ? 1 : kVectorsPerThread];  // STAGES == 0: the next tile's vectors
+    uint4 data[kPipelined ? 1 : VECTORS];  // STAGES == 0: the next tile's vectors
     T rows_data[thin_per_thread<R_PAD>()];
     if constexpr (kPipelined) {
 #pragma unroll
       for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
-        if (mb_first + ahead < mb_end) copy_tile_async(s.stage[ahead], g, M, C, (mb_first + ahead) * kTileRows, c0);
+        if (mb_first + ahead < mb_end) {
+          copy_tile_async<T, THREADS>(s.stage[ahead], g, M, C, (mb_first + ahead) * kTileRows, c0);
+        }
         cp_async_commit();  // one group per tile slot, empty or not: the wait below counts groups
       }
     } else {
-      load_tile(data, g, M, C, mb_first * kTileRows, c0);
+      load_tile<T, THREADS>(data, g, M, C, mb_first * kTileRows, c0);
     }
     if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, mb_first * kTileRows, M, r);
     for (int64_t mb = mb_first; mb < mb_end; ++mb) {
@@ -314,14 +345,17 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       if constexpr (kPipelined) {
         // Refill the slot the previous tile used (its products ended at the last barrier).
         const int64_t ahead = mb + STAGES - 1;
-        if (ahead < mb_end) copy_tile_async(s.stage[(slot + STAGES - 1) % STAGES], g, M, C, ahead * kTileRows, c0);
+        if (ahead < mb_end) {
+          copy_tile_async<T, THREADS>(s.stage[(slot + STAGES - 1) % STAGES], g, M, C, ahead * kTileRows, c0);
+        }
         cp_async_commit();
       }
-      // Warps 0-3: grad_xa rows m0 + 16 warp of slice blockIdx.y, started by the group's first
-      // column block. Loaded here, first, so that the load's latency passes under the mask work.
-      float* rows_part = rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + 16 * warp + acc_row) * R_PAD;
-      float rows_acc[N_BLOCKS][4] = {};
-      if (warp < 4 && want_rows_grad && cb != cb_first) load_fragment<R_PAD>(rows_acc, rows_part, acc_col);
+      // The grad_xa warps: rows m0 + first_row of slice blockIdx.y, ranks from first_rank, started by the
+      // group's first column block. Loaded here, first, so that the load's latency passes under the mask work.
+      float* rows_part =
+          rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + first_row + acc_row) * R_PAD + first_rank;
+      float rows_acc[RANK_SPAN / 8][4] = {};
+      if (rows_role && want_rows_grad && cb != cb_first) load_fragment<R_PAD, RANK_SPAN>(rows_acc, rows_part, acc_col);
       // Philox group of this thread's first vector, (m0 + row) * C / 8 + (c0 + col) / 8; vector v
       // sits 16 v rows further. (Unsigned and incremental: the index math is per element otherwise.)
       const uint64_t first_group = static_cast<uint64_t>(m0 + threadIdx.x / kVectorsPerRow) * groups_per_row +
@@ -330,10 +364,10 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       // thread masks exactly the vectors it copied, so no barrier is needed before the mask.
       if constexpr (kPipelined) cp_async_wait<STAGES - 1>();
 #pragma unroll
-      for (int v = 0; v < kVectorsPerThread; ++v) {
-        const int q = v * kThreads + threadIdx.x;
+      for (int v = 0; v < VECTORS; ++v) {
+        const int q = v * THREADS + threadIdx.x;
         const int row = q / kVectorsPerRow, col = (q % kVectorsPerRow) * kMaskGroup;
-        const uint64_t group = first_group + static_cast<uint64_t>(v * (kThreads / kVectorsPerRow)) * groups_per_row;
+        const uint64_t group = first_group + static_cast<uint64_t>(v * (THREADS / kVectorsPerRow)) * groups_per_row;
         // Out of the matrix the vector is zero already and its mask does not matter.
         uint4* vector = reinterpret_cast<uint4*>(&tile[row][col]);
         if constexpr (kPipelined) {
@@ -349,23 +383,23 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       __syncthreads();
       // The next tile's loads fly while this one's products run.
       if (mb + 1 < mb_end) {
-        if constexpr (!kPipelined) load_tile(data, g, M, C, m0 + kTileRows, c0);
+        if constexpr (!kPipelined) load_tile<T, THREADS>(data, g, M, C, m0 + kTileRows, c0);
         if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, m0 + kTileRows, M, r);
       }
-      if (warp < 4 && want_rows_grad) {
-        rows_grad_products<T, R_PAD>(rows_acc, tile, s.panel, warp, lane);
-        store_fragment<R_PAD>(rows_part, rows_acc, acc_col);
-      } else if (warp >= 4 && want_panel_grad) {
-        panel_grad_products<T, R_PAD>(panel_acc, tile, s.rows, warp, lane);
+      if (rows_role && want_rows_grad) {
+        rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, s.panel, first_row, first_rank, lane);
+        store_fragment<R_PAD, RANK_SPAN>(rows_part, rows_acc, acc_col);
+      } else if (!rows_role && want_panel_grad) {
+        panel_grad_products<T, R_PAD, CF>(panel_acc, tile, s.rows, first_col, lane);
       }
       __syncthreads();  // the tile, rows (and at the end panel) are rewritten next
     }
-    if (warp >= 4 && want_panel_grad) {
+    if (!rows_role && want_panel_grad) {
 #pragma unroll
-      for (int cf = 0; cf < 2; ++cf) {
+      for (int cf = 0; cf < CF; ++cf) {
         float* part = panel_grad_part +
-                      (static_cast<int64_t>(blockIdx.x) * C_pad + c0 + 32 * (warp - 4) + 16 * cf + acc_row) * R_PAD;
-        store_fragment<R_PAD>(part, panel_acc[cf], acc_col);
+                      (static_cast<int64_t>(blockIdx.x) * C_pad + c0 + first_col + 16 * cf + acc_row) * R_PAD;
+        store_fragment<R_PAD, R_PAD>(part, panel_acc[cf], acc_col);
       }
     }
   }
@@ -499,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
       C10_CUDA_CHECK(cudaFuncSetAttribute(pipelined_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                           cudaSharedmemCarveoutMaxShared));
       int resident = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, pipelined_kernel, kThreads,
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, pipelined_kernel, program_threads<R_PAD>(),
                                                                    pipelined_shared));
       return std::clamp(resident, 1, programs_per_sm<R_PAD, kPipelineStages>());
     });
@@ -520,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   const at::Tensor B = lora_B.contiguous(), rows = xa.contiguous();
   const dim3 grid(static_cast<unsigned>(m_groups), static_cast<unsigned>(c_groups));
   auto launch = [&](auto kernel, size_t shared) {
-    kernel<<<grid, kThreads, shared, stream>>>(
+    kernel<<<grid, program_threads<R_PAD>(), shared, stream>>>(
         reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(B.data_ptr()),
         reinterpret_cast<const T*>(rows.data_ptr()), need_grad_xa ? rows_part.data_ptr<float>() : nullptr,
         need_grad_B ? panel_part.data_ptr<float>() : nullptr, seed.data_ptr<int64_t>(), M, C, r, M_pad, C_pad,
