@@ -1365,6 +1365,35 @@ def test_fused_post_dropout_forward_width_rule(backend, fused_forward_on, fused_
             assert torch.equal(on, off), (K, N)
 
 
+def _native_dx_beside_composed(K, N, r, dropout, scale, seed_value, input_seed):
+    """The native backward's dx of a (4096, K) -> (4096, N) 'post' layer at rank r, after checking y and every
+    gradient against float64; the same dx with the fused input gradient switched off (composed); and what the
+    grad_xa-given kernel needs: (dx, composed_dx, gy, w, A, B, grad_xa), grad_xa from the masked step as the op
+    calls it (partials capped at dx's size, csrc/masked_grad_y_grid.h) with dropout, None without."""
+    inputs = make_inputs((4096,), K, N, r, torch.bfloat16, bias=False, seed=input_seed)
+    run_and_check(inputs, scale, dropout, "post", seed_value, "native")
+    x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
+    seed = seed_tensor(seed_value) if dropout else None
+    gy = torch.randn(4096, N, device=DEVICE, dtype=torch.bfloat16)
+
+    def grad_x():
+        y, _ = torch.ops.lora.linear(x, w, None, A, B, scale, dropout, "post", seed, "native")
+        return torch.autograd.grad(y, [x], gy)[0]
+
+    dx = grad_x()
+    w_, A_, B_ = w.detach(), A.detach(), B.detach()
+    grad_xa = None
+    if dropout:
+        with torch.no_grad():
+            xa = x.detach() @ A_.t()
+        grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B_, xa, scale, seed, dropout, True, False,
+                                                    max_partial_bytes=x.numel() * x.element_size())
+    switch = lora_ext._C.set_fused_post_dropout if dropout else lora_ext._C.set_fused_grad_input
+    with switched(switch, False):
+        composed_dx = grad_x()
+    return dx, composed_dx, gy, w_, A_, B_, grad_xa
+
+
 @fused_only
 def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
     """The native backward's input gradient: dropout-free, fused (the kernel's bits) where N <= 2048 or
@@ -1376,32 +1405,13 @@ def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fuse
     cases = [(0.0, 2048, 2056, True), (0.0, 2048, 8192, True), (0.0, 2048, 8200, False), (0.0, 2056, 2056, False),
              (p, 2048, 8200, True), (p, 2056, 2056, False)]
     for dropout, K, N, fused in cases:
-        inputs = make_inputs((4096,), K, N, 16, torch.bfloat16, bias=False, seed=K + N)
-        run_and_check(inputs, scale, dropout, "post", seed_value, "native")
-        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
-        seed = seed_tensor(seed_value) if dropout else None
-        gy = torch.randn(4096, N, device=DEVICE, dtype=torch.bfloat16)
-
-        def grad_x():
-            y, _ = torch.ops.lora.linear(x, w, None, A, B, scale, dropout, "post", seed, "native")
-            return torch.autograd.grad(y, [x], gy)[0]
-
-        dx = grad_x()
-        w_, A_, B_ = w.detach(), A.detach(), B.detach()
-        if dropout:
-            with torch.no_grad():
-                xa = x.detach() @ A_.t()
-            # As the op calls it: partials capped at dx's size (csrc/masked_grad_y_grid.h).
-            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B_, xa, scale, seed, dropout, True, False,
-                                                        max_partial_bytes=x.numel() * x.element_size())
-            kernel_dx = fused_forward.grad_input_given_xa(gy, w_, A_, B_, grad_xa)
-            switch = lora_ext._C.set_fused_post_dropout
-        else:
-            kernel_dx, _ = fused_forward.grad_input(gy, w_, A_, B_, scale)
-            switch = lora_ext._C.set_fused_grad_input
-        with switched(switch, False):
-            composed_dx = grad_x()
+        dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, 16, dropout, scale, seed_value,
+                                                                           input_seed=K + N)
         if fused:
+            if dropout:
+                kernel_dx = fused_forward.grad_input_given_xa(gy, w, A, B, grad_xa)
+            else:
+                kernel_dx, _ = fused_forward.grad_input(gy, w, A, B, scale)
             assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N)
         else:
             assert torch.equal(dx, composed_dx), (dropout, K, N)
@@ -1419,34 +1429,14 @@ def test_given_xa_input_gradient_past_rank_16_at_k_v_widths(fused_forward_on, fu
     cases = [(0.0, 32, 1024, True), (0.0, 64, 1024, True), (0.25, 64, 1024, True), (0.25, 48, 2048, True),
              (0.0, 64, 2056, False), (0.25, 64, 2056, False), (0.0, 72, 1024, False)]
     for dropout, r, N, given in cases:
-        K = 1024
-        inputs = make_inputs((4096,), K, N, r, torch.bfloat16, bias=False, seed=r + N)
-        run_and_check(inputs, scale, dropout, "post", seed_value, "native")
-        x, w, _, A, B = (inputs[k] for k in GRAD_NAMES)
-        seed = seed_tensor(seed_value) if dropout else None
-        gy = torch.randn(4096, N, device=DEVICE, dtype=torch.bfloat16)
-
-        def grad_x():
-            y, _ = torch.ops.lora.linear(x, w, None, A, B, scale, dropout, "post", seed, "native")
-            return torch.autograd.grad(y, [x], gy)[0]
-
-        dx = grad_x()
-        w_, A_, B_ = w.detach(), A.detach(), B.detach()
-        if dropout:
-            with torch.no_grad():
-                xa = x.detach() @ A_.t()
-            grad_xa, _ = lora_ext._C.masked_grad_y_cuda(gy, B_, xa, scale, seed, dropout, True, False,
-                                                        max_partial_bytes=x.numel() * x.element_size())
-            switch = lora_ext._C.set_fused_post_dropout
-        else:
+        dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(1024, N, r, dropout, scale, seed_value,
+                                                                           input_seed=r + N)
+        if grad_xa is None:
             # As the backward forms it (scaled_mm: addmm_out(out, out, g, B, beta=0, alpha=s)).
             grad_xa = torch.empty(4096, r, device=DEVICE, dtype=torch.bfloat16)
-            torch.addmm(grad_xa, gy, B_, beta=0, alpha=scale, out=grad_xa)
-            switch = lora_ext._C.set_fused_grad_input
-        with switched(switch, False):
-            composed_dx = grad_x()
+            torch.addmm(grad_xa, gy, B, beta=0, alpha=scale, out=grad_xa)
         if given:
-            kernel_dx = fused_forward.grad_input_given_xa(gy, w_, A_, B_, grad_xa)
+            kernel_dx = fused_forward.grad_input_given_xa(gy, w, A, B, grad_xa)
             assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, r, N)
         else:
             assert torch.equal(dx, composed_dx), (dropout, r, N)
