@@ -219,7 +219,9 @@ constexpr int64_t kFusedGradInputNarrowMaxOutputs = 8192;
 // (112.9 at k/v, #67, with 4 stages; 3 at r = 64) plus one K step of 64 for the rank beside g W's 16 (+6%).
 // Predicted -12 to -27 us at k/v r = 64. Measured (H100, 12-06 17:20, before and after alternated twice in
 // one call, NOTES.md #77): the op's fwd+bwd device time at k/v r = 64 312.8 -> 285.8 us (p = 0) and
-// 372.2 -> 346.4 (p = 0.1), 0.91 and 0.93; r = 16 (the rule unchanged) 1.000 and 0.998.
+// 372.2 -> 346.4 (p = 0.1), 0.91 and 0.93; r = 16 (the rule unchanged) 1.000 and 0.998. The rule takes any
+// number of inputs at N <= 2048, as the r <= 16 rules do; past r = 16 only 4096 inputs were measured (the
+// end-to-end model's down, 5632 -> 2048, now takes it at r > 16 unmeasured; that model runs r = 16).
 constexpr int64_t kFusedGradInputGivenMaxRank = 64;
 
 // What both fused input gradients (with and without 'post' dropout) need besides their width rule.

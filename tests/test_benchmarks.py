@@ -330,13 +330,13 @@ def planned_calls():
 def test_the_patches_that_the_next_device_plan_names_apply_to_this_tree():
     """Each patch a `patch_ab.sh` command in NOTES.md's "Next" plan names exists and applies (or, with
     PATCH_AB_COMMITTED=1, reverses): a plan whose patch no longer fits the tree would spend a device call on
-    nothing. (The Log's rows keep the commands as they ran, on the trees of their day.)"""
+    nothing. (The Log's rows keep the commands as they ran, on the trees of their day.) A plan may name no
+    patch (its next step a profile, say): then there is nothing to check until one names a patch again."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     notes = (BENCH / "NOTES.md").read_text()
     plan = notes[notes.index("## Next on the GPU"):notes.index("## Log")]
     commands = [span for span in re.findall(r"`([^`]*)`", plan) if "patch_ab.sh " in span]  # code spans, in pairs
-    assert commands
     for command in commands:
         patch = command.split("patch_ab.sh", 1)[1].split()[0]
         committed = "PATCH_AB_COMMITTED=1" in command

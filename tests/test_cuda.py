@@ -1293,7 +1293,7 @@ def test_fused_post_dropout_gemms_are_what_the_op_runs(lead_shape, bias, r, fuse
                                                       fused_post_dropout_on):
     """Turned on, 'post' dropout at a k/v-sized layer with 4096+ rows: the op's y and xa are the fused
     forward's bits (the mask in its epilogue); dx is the fused input gradient's bits with the masked
-    step's grad_xa at every rank here (r = 64 too: dx is 512 < 2048 wide, NOTES.md #76); y and every
+    step's grad_xa at every rank here (r = 64 too: the layer has 1032 <= 2048 outputs, NOTES.md #76); y and every
     gradient within the float64 bound; the forward replayed from C++ from the second call with the
     same bits; and turned off, the op composes (other rounding)."""
     from lora_ext.kernels import fused_forward
@@ -1420,7 +1420,7 @@ def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fuse
 @fused_only
 def test_given_xa_input_gradient_past_rank_16_at_k_v_widths(fused_forward_on, fused_grad_input_on,
                                                              fused_post_dropout_on):
-    """Past r = 16 (to 64) where dx is at most 2048 outputs wide (NOTES.md #76): the native backward's dx is
+    """Past r = 16 (to 64) where the layer has at most 2048 outputs (NOTES.md #76): the native backward's dx is
     the grad_xa-given kernel's bits, with and without 'post' dropout (grad_xa from the masked step, or from
     s g B); composed at r > 64 and at N > 2048. Every case within the float64 bound."""
     from lora_ext.kernels import fused_forward

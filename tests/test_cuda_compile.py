@@ -99,6 +99,7 @@ def test_masked_grad_y_compiles_within_its_register_budgets(stubs, tmp_path):
     for name, (spills, registers) in rank64.items():
         budget = 0 if name.endswith("Li64ELi3EEEvPKT_S5_S5_PfS6_PKlllilliij") else 128
         assert spills <= budget and registers <= 128, (name, spills, registers, budget)
+    assert sum(name.endswith("Li64ELi3EEEvPKT_S5_S5_PfS6_PKlllilliij") for name in rank64) == 2, sorted(rank64)
     # The partials' sum (both in one launch) reads its two argument structs field by field: no stack
     # frame (a reference to either struct had copied both to local memory, 80 bytes).
     frames = dict(re.findall(r"Compiling entry function '(\w*sum_slices_kernel\w*)'.*?(\d+) bytes stack frame",

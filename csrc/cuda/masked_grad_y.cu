@@ -18,8 +18,9 @@
 // and the 128-column blocks of column group j, row blocks innermost. The first half of its warps own
 // grad_xa's rows (16 each; on 8 warps all ranks, on the 16 warps of R_PAD = 64 half of them), summed over
 // the program's column blocks in slice j of a float32 partial; the second half own grad_B's rows (32
-// each on 8 warps, 16 on 16), accumulated in registers over the row group and written once to slice i. A last small kernel per output sums the slices in a fixed order
-// (deterministic: no atomics) and applies s / (1 - p).
+// each on 8 warps, 16 on 16), accumulated in registers over the row group and written once to slice i.
+// A last small kernel per output sums the slices in a fixed order (deterministic: no atomics) and
+// applies s / (1 - p).
 //
 // Loads (STAGES): 0, the measured default, reads each thread's next-tile vectors into registers
 // one tile ahead. That keeps 16 KiB per program in flight, 32 KiB per SM with two programs,
@@ -64,10 +65,11 @@ static_assert(kTileRows == kMaskedTileRows && kTileCols == kMaskedTileCols, "mas
 // and ~7,800 at r = 16, where two programs share the SM; benchmarks/NOTES.md #77, #78). On 16 warps each
 // warp keeps half the accumulators (grad_xa's rows split by rank halves, grad_B's by 16-column panels), so
 // the program fits 128 registers a thread. Every output element's products run in the same order either
-// way: the same bits by construction (not compared on a GPU, where only one variant is built). Measured (H100, 12-06 18:10, NOTES.md #78; the step with its sum, device time): 4-6%
-// faster at every r = 64 shape (k/v 52.4 -> 49.9 us, q/o and down 147 -> 141, gate/up 503 -> 471), far
-// from the ~1.5x predicted: more warps do not shorten a tile's chain, so what sets it is not the warps per
-// scheduler (the phases between the two barriers, each as long as its slowest warp, are the next suspect).
+// way: the same bits by construction (not compared on a GPU, where only one variant is built). Measured
+// (H100, 12-06 18:10, NOTES.md #78; the step with its sum, device time): 4-6% faster at every r = 64
+// shape (k/v 52.4 -> 49.9 us, q/o and down 147 -> 141, gate/up 503 -> 471), far from the ~1.5x
+// predicted: more warps do not shorten a tile's chain, so what sets it is not the warps per scheduler
+// (the phases between the two barriers, each as long as its slowest warp, are the next suspect).
 template <int R_PAD>
 constexpr int program_threads() { return R_PAD == 64 ? 512 : 256; }
 // Shared rows are padded by 16 bytes so that consecutive rows start in different banks.
@@ -294,6 +296,12 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   constexpr int PANEL_COLS = kTileCols / ROLE_WARPS;
   constexpr int CF = PANEL_COLS / 16;
   constexpr int VECTORS = vectors_per_thread<THREADS>();
+  // What the roles assume: four 16-row blocks per tile, whole 16-rank MMA columns per grad_xa warp, whole
+  // 16-column fragments per grad_B warp, and every vector and thin element owned by one thread.
+  static_assert(THREADS % 128 == 0 && ROLE_WARPS % 4 == 0, "grad_xa warps come in fours, one per 16-row block");
+  static_assert(RANK_SPAN % 16 == 0 && PANEL_COLS % 16 == 0, "whole m16n8k16 fragments per warp");
+  static_assert((kTileRows * kVectorsPerRow) % THREADS == 0 && (kTileRows * R_PAD) % THREADS == 0,
+                "a tile's vectors and xa's rows split evenly over the threads");
   using Tiles = std::conditional_t<kPipelined, PipelinedTiles<T, R_PAD, (kPipelined ? STAGES : 1)>,
                                    SharedTiles<T, R_PAD>>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
