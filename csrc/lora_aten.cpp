@@ -404,10 +404,15 @@ at::Tensor add_base_grad_x(const at::Tensor& g, const c10::optional<at::Tensor>&
   return grad_x;
 }
 
-// dx = g W + grad_xa A composed (no mask left to apply): where the adapters share x's dtype the small GEMM
-// writes dx and the large one accumulates onto it in its epilogue (beta = 1), else add_base_grad_x.
-at::Tensor composed_grad_x(const at::Tensor& g, const c10::optional<at::Tensor>& weight, const at::Tensor& grad_xa,
-                           const at::Tensor& lora_A, at::ScalarType x_dtype) {
+// dx = g W + grad_xa A, (M, K), with grad_xa given (no mask left to apply): one fused Triton GEMM where
+// `fused` (the caller's size rule, which implies a weight) holds and the kernel takes the tensors; else
+// composed: where the adapters share x's dtype the small GEMM writes dx and the large one accumulates onto
+// it in its epilogue (beta = 1), else add_base_grad_x.
+at::Tensor grad_x_given_xa(const at::Tensor& g, const c10::optional<at::Tensor>& weight, const at::Tensor& grad_xa,
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, at::ScalarType x_dtype, bool fused) {
+  if (fused) {
+    if (auto given = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) return *given;
+  }
   if (lora_A.scalar_type() != x_dtype) return add_base_grad_x(g, weight, at::mm(grad_xa, lora_A), x_dtype);
   at::Tensor grad_x = at::mm(grad_xa, lora_A);
   if (weight.has_value()) grad_x.addmm_(g, *weight);
@@ -431,15 +436,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_dropout_rest(
     grad_A = alone.has_value() ? *alone : reduce_over_tokens(grad_xa, x2.to(lora_dtype));  // (r, K)
   }
   if (need_x) {
-    bool fused = false;
-    if (weight.has_value() && use_fused_post_dropout_grad_input(g, *weight, lora_A)) {
-      if (auto given = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
-        grad_x = *given;
-        fused = true;
-      }
-    }
-    if (!fused) grad_x = composed_grad_x(g, weight, grad_xa, lora_A, x.scalar_type());
-    grad_x = grad_x.view(x.sizes());
+    const bool fused = weight.has_value() && use_fused_post_dropout_grad_input(g, *weight, lora_A);
+    grad_x = grad_x_given_xa(g, weight, grad_xa, lora_A, lora_B, x.scalar_type(), fused).view(x.sizes());
   }
   if (need_weight) grad_weight = at::mm(g.t(), x2);  // (N, K)
   if (need_bias) grad_bias = g.sum(0);
@@ -689,16 +687,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
         grad_A = reduce_over_tokens(grad_xa, x_lora);  // (r, K)
       }
     }
-    if (need_x && !grad_x_fused && !dropout && weight.has_value() &&
-        fused_grad_input_given_past_rank_16(g, *weight, lora_A)) {
-      if (auto given = triton_fused_grad_input_given_xa(g, *weight, lora_A, lora_B, grad_xa)) {
-        grad_x = given->view(x.sizes());
-        grad_x_fused = true;
-      }
-    }
     if (need_x && !grad_x_fused) {
-      if (!pre_dropout) {
-        grad_x = composed_grad_x(g, weight, grad_xa, lora_A, x.scalar_type());
+      if (!pre_dropout) {  // no dropout ('post' returned above): past r = 16 the given form where it takes the sizes
+        const bool fused = weight.has_value() && fused_grad_input_given_past_rank_16(g, *weight, lora_A);
+        grad_x = grad_x_given_xa(g, weight, grad_xa, lora_A, lora_B, x.scalar_type(), fused);
       } else {  // 'pre': the LoRA part of dx takes x's mask
         at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype
         if (keep_scale_mask.defined()) {
