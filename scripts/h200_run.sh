@@ -128,8 +128,18 @@ if has ncu; then
     ncu_args=(--clock-control none -k "regex:${NCU_KERNEL:-masked_grad_y_kernel}" --launch-skip ${NCU_SKIP:-2}
               --launch-count ${NCU_COUNT:-1})
     piece_args=(scripts/ncu_piece.py ${NCU_PIECE:-grad_y_native} ${NCU_SHAPE:-qo} ${NCU_RANK:-16})
-    timeout 240 "$ncu_bin" "${ncu_args[@]}" --set full python3 "${piece_args[@]}" > "$OUT/ncu_full.log" 2>&1
+    # The full set into a report, then two pages of it: the sections (ncu_full.log) and the SASS with each
+    # instruction's sampled warp stalls (ncu_source.csv: which instructions a tile's cycles wait on;
+    # scripts/ncu_stall_ledger.py sums them by phase).
+    timeout 240 "$ncu_bin" "${ncu_args[@]}" --set full -f -o "$OUT/ncu_full" python3 "${piece_args[@]}" \
+      > "$OUT/ncu_run.log" 2>&1
     echo "ncu full set: exit $?"
+    "$ncu_bin" -i "$OUT/ncu_full.ncu-rep" --page details > "$OUT/ncu_full.log" 2>&1
+    "$ncu_bin" -i "$OUT/ncu_full.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_source.csv" 2>&1
+    echo "ncu source page: exit $? ($(wc -l < "$OUT/ncu_source.csv") lines)"
+    python3 scripts/ncu_stall_ledger.py "$OUT/ncu_source.csv" 2>&1 | tee "$OUT/ncu_ledger.md" | head -60
+    # The device tool brings back files of at most 16 MiB: the report goes only where it is well under that.
+    [[ $(stat -c %s "$OUT/ncu_full.ncu-rep" 2>/dev/null || echo 0) -lt 12000000 ]] || rm -f "$OUT/ncu_full.ncu-rep"
     timeout 120 "$ncu_bin" "${ncu_args[@]}" \
       --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' python3 "${piece_args[@]}" \
       > "$OUT/ncu_stalls.log" 2>&1
