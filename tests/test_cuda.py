@@ -489,6 +489,30 @@ def test_native_masked_grad_y_matches_float64(M, N, r, dtype):
 
 
 @native_only
+@pytest.mark.parametrize("r", [16, 24, 64])
+def test_native_masked_grad_y_reads_misaligned_thin_operands(r):
+    """The kernel reads B and xa as 16-byte vectors; views that start 2 bytes off that alignment go through
+    zero-padded copies instead. The padding columns are zeros in either route, so the misaligned views give
+    the aligned copies' bits, and both agree with float64."""
+    M, N, dtype = 300, 1032, torch.bfloat16
+    g, B, xa = _grad_y_inputs(M, N, r, dtype, seed=5)
+    # The same values one element into fresh storage: a data pointer at 2 mod 16 bytes.
+    B_off = torch.empty(N * r + 1, device=DEVICE, dtype=dtype)[1:].view(N, r).copy_(B)
+    xa_off = torch.empty(M * r + 1, device=DEVICE, dtype=dtype)[1:].view(M, r).copy_(xa)
+    assert B_off.data_ptr() % 16 == 2 and xa_off.data_ptr() % 16 == 2 and B_off.is_contiguous()
+    p, scale, seed_value = 0.25, 0.9, 31
+    aligned = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True)
+    dropped = g.double().cpu() * dropout_keep_mask(seed_value, M, N, p).double() / (1 - p)
+    expected = (scale * dropped @ B.double().cpu(), scale * dropped.t() @ xa.double().cpu())
+    for B_in, xa_in in ((B_off, xa), (B, xa_off), (B_off, xa_off)):
+        out = lora_ext._C.masked_grad_y_cuda(g, B_in, xa_in, scale, seed_tensor(seed_value), p, True, True)
+        for what, actual, reference, exact in (("dxa", out[0], expected[0], aligned[0]),
+                                               ("dB", out[1], expected[1], aligned[1])):
+            assert_relative_error(actual, reference, what, 4 * EPS[dtype], floor=1.0)
+            assert torch.equal(actual, exact), what
+
+
+@native_only
 def test_native_masked_grad_y_keeps_nan_and_handles_zero_rows():
     g, B, xa = _grad_y_inputs(40, 64, 8, torch.bfloat16, seed=1)
     g[3, 5] = float("nan")  # dropped or kept, a NaN in dY reaches dB's row 5 and dxa's row 3

@@ -68,8 +68,9 @@ static_assert(kTileRows == kMaskedTileRows && kTileCols == kMaskedTileCols, "mas
 // way: the same bits by construction (not compared on a GPU, where only one variant is built). Measured
 // (H100, 12-06 18:10, NOTES.md #78; the step with its sum, device time): 4-6% faster at every r = 64
 // shape (k/v 52.4 -> 49.9 us, q/o and down 147 -> 141, gate/up 503 -> 471), far from the ~1.5x
-// predicted: more warps do not shorten a tile's chain, so what sets it is not the warps per scheduler
-// (the phases between the two barriers, each as long as its slowest warp, are the next suspect).
+// predicted: more warps do not shorten a tile's chain, so what sets it is not the warps per scheduler.
+// A larger part was the element-wise loads of B's panel and xa's rows (load_thin: 21-23% off the step
+// at r = 64 once they were vectors, NOTES.md #79).
 template <int R_PAD>
 constexpr int program_threads() { return R_PAD == 64 ? 512 : 256; }
 // Shared rows are padded by 16 bytes so that consecutive rows start in different banks.
@@ -135,38 +136,41 @@ __device__ __forceinline__ void load_tile(uint4 (&data)[vectors_per_thread<THREA
   }
 }
 
-// rows x R_PAD block of a row-major (.., r) matrix into shared memory, zero outside it.
+// The thin operands (B's panel of kTileCols rows, xa's kTileRows rows) as 16-byte vectors of eight
+// elements: a row-major (count, thin_cols) matrix with thin_cols % 8 == 0 and a 16-byte-aligned base (the
+// launcher pads a copy where the caller's is not), read into ROWS x R_PAD, zero outside it. Vectors, not
+// elements: the element loads (8 per thread per xa tile at R_PAD = 64, 16 per thread per panel, the panel's
+// issued four at a time with each four waiting for the last) cost a round trip to memory per four and ~70
+// instructions per thread per tile (SASS, sm_90; benchmarks/NOTES.md #79).
+template <int ROWS, int R_PAD>
+constexpr int thin_vectors_per_thread() {
+  return (ROWS * R_PAD / kMaskGroup + program_threads<R_PAD>() - 1) / program_threads<R_PAD>();
+}
+
 template <typename T, int ROWS, int R_PAD>
-__device__ __forceinline__ void load_thin(T (&dst)[ROWS][R_PAD + kPad], const T* __restrict__ src, int64_t first,
-                                          int64_t count, int r) {
-  for (int idx = threadIdx.x; idx < ROWS * R_PAD; idx += program_threads<R_PAD>()) {
-    const int row = idx / R_PAD, col = idx % R_PAD;
-    dst[row][col] = (first + row < count && col < r) ? src[(first + row) * r + col] : from_float<T>(0.f);
+__device__ __forceinline__ void load_thin(uint4 (&regs)[thin_vectors_per_thread<ROWS, R_PAD>()],
+                                          const T* __restrict__ src, int64_t first, int64_t count, int thin_cols) {
+  constexpr int kRowVectors = R_PAD / kMaskGroup;
+#pragma unroll
+  for (int j = 0; j < thin_vectors_per_thread<ROWS, R_PAD>(); ++j) {
+    const int idx = j * program_threads<R_PAD>() + threadIdx.x, row = idx / kRowVectors;
+    const int col = (idx % kRowVectors) * kMaskGroup;
+    const bool inside = idx < ROWS * kRowVectors && first + row < count && col < thin_cols;
+    regs[j] = inside ? __ldg(reinterpret_cast<const uint4*>(src + (first + row) * thin_cols + col))
+                     : make_uint4(0, 0, 0, 0);
   }
 }
 
-// The same for xa's 64 rows, in two steps so that the loads can be issued a tile ahead:
-// into registers (this thread's share of the 64 x R_PAD elements), then from there into shared memory.
-template <int R_PAD>
-constexpr int thin_per_thread() { return kTileRows * R_PAD / program_threads<R_PAD>(); }
-
-template <typename T, int R_PAD>
-__device__ __forceinline__ void load_rows(T (&regs)[thin_per_thread<R_PAD>()], const T* __restrict__ src,
-                                          int64_t first, int64_t count, int r) {
+template <typename T, int ROWS, int R_PAD>
+__device__ __forceinline__ void store_thin(T (&dst)[ROWS][R_PAD + kPad],
+                                           const uint4 (&regs)[thin_vectors_per_thread<ROWS, R_PAD>()]) {
+  constexpr int kRowVectors = R_PAD / kMaskGroup;
 #pragma unroll
-  for (int j = 0; j < thin_per_thread<R_PAD>(); ++j) {
-    const int idx = j * program_threads<R_PAD>() + threadIdx.x, row = idx / R_PAD, col = idx % R_PAD;
-    regs[j] = (first + row < count && col < r) ? src[(first + row) * r + col] : from_float<T>(0.f);
-  }
-}
-
-template <typename T, int R_PAD>
-__device__ __forceinline__ void store_rows(T (&dst)[kTileRows][R_PAD + kPad],
-                                           const T (&regs)[thin_per_thread<R_PAD>()]) {
-#pragma unroll
-  for (int j = 0; j < thin_per_thread<R_PAD>(); ++j) {
+  for (int j = 0; j < thin_vectors_per_thread<ROWS, R_PAD>(); ++j) {
     const int idx = j * program_threads<R_PAD>() + threadIdx.x;
-    dst[idx / R_PAD][idx % R_PAD] = regs[j];
+    if (idx < ROWS * kRowVectors) {
+      *reinterpret_cast<uint4*>(&dst[idx / kRowVectors][(idx % kRowVectors) * kMaskGroup]) = regs[j];
+    }
   }
 }
 
@@ -282,7 +286,7 @@ template <typename T, int R_PAD, int STAGES>
 __global__ void __launch_bounds__(program_threads<R_PAD>(), programs_per_sm<R_PAD, STAGES>())
 masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const T* __restrict__ rows,
                      float* __restrict__ rows_grad_part, float* __restrict__ panel_grad_part,
-                     const int64_t* __restrict__ seed_ptr, int64_t M, int64_t C, int r, int64_t M_pad, int64_t C_pad,
+                     const int64_t* __restrict__ seed_ptr, int64_t M, int64_t C, int thin_cols, int64_t M_pad, int64_t C_pad,
                      int blocks_m_per_group, int blocks_c_per_group, uint32_t threshold) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int N_BLOCKS = R_PAD / 8;  // 8-column accumulator blocks of one 16-row fragment
@@ -326,12 +330,11 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
 
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
     const int64_t c0 = cb * kTileCols;
-    if (want_rows_grad) load_thin<T, kTileCols, R_PAD>(s.panel, panel, c0, C, r);
     // The grad_B warps: grad_B rows c0 + first_col + 16 cf, all R_PAD columns.
     float panel_acc[CF][N_BLOCKS][4] = {};
 
     uint4 data[kPipelined ? 1 : VECTORS];  // STAGES == 0: the next tile's vectors
-    T rows_data[thin_per_thread<R_PAD>()];
+    uint4 rows_data[thin_vectors_per_thread<kTileRows, R_PAD>()];  // xa's rows of the next tile
     if constexpr (kPipelined) {
 #pragma unroll
       for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
@@ -343,7 +346,14 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
     } else {
       load_tile<T, THREADS>(data, g, M, C, mb_first * kTileRows, c0);
     }
-    if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, mb_first * kTileRows, M, r);
+    if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, mb_first * kTileRows, M, thin_cols);
+    // B's panel after the first tile's loads, so that they fly together: one round trip to memory before the first
+    // tile, not one for the panel and one for the tile. (The last tile's barrier ended all reads of the old panel.)
+    if (want_rows_grad) {
+      uint4 panel_data[thin_vectors_per_thread<kTileCols, R_PAD>()];
+      load_thin<T, kTileCols, R_PAD>(panel_data, panel, c0, C, thin_cols);
+      store_thin<T, kTileCols, R_PAD>(s.panel, panel_data);
+    }
     for (int64_t mb = mb_first; mb < mb_end; ++mb) {
       const int64_t m0 = mb * kTileRows;
       const int slot = kPipelined ? static_cast<int>((mb - mb_first) % (kPipelined ? STAGES : 1)) : 0;
@@ -387,12 +397,12 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
           *vector = data[v];
         }
       }
-      if (want_panel_grad) store_rows<T, R_PAD>(s.rows, rows_data);
+      if (want_panel_grad) store_thin<T, kTileRows, R_PAD>(s.rows, rows_data);
       __syncthreads();
       // The next tile's loads fly while this one's products run.
       if (mb + 1 < mb_end) {
         if constexpr (!kPipelined) load_tile<T, THREADS>(data, g, M, C, m0 + kTileRows, c0);
-        if (want_panel_grad) load_rows<T, R_PAD>(rows_data, rows, m0 + kTileRows, M, r);
+        if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, m0 + kTileRows, M, thin_cols);
       }
       if (rows_role && want_rows_grad) {
         rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, s.panel, first_row, first_rank, lane);
@@ -559,13 +569,28 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   at::Tensor rows_part = need_grad_xa ? parts.narrow(0, 0, rows_part_size).view({c_groups, M_pad, R_PAD}) : at::Tensor();
   at::Tensor panel_part =
       need_grad_B ? parts.narrow(0, rows_part_size, panel_part_size).view({m_groups, C_pad, R_PAD}) : at::Tensor();
-  const at::Tensor B = lora_B.contiguous(), rows = xa.contiguous();
+  // The kernel reads B and xa as 16-byte vectors (load_thin): rows of a multiple of eight elements from
+  // 16-byte-aligned bases. Where r is not a multiple of eight, or a view starts off that alignment, it gets
+  // zero-padded copies of R_PAD columns instead (N x R_PAD and M x R_PAD: M·r-sized, like the partials).
+  at::Tensor B = lora_B.contiguous(), rows = xa.contiguous();
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  const bool vectors_fit = r % kMaskGroup == 0 && (!need_grad_xa || aligned(B)) && (!need_grad_B || aligned(rows));
+  const int thin_cols = vectors_fit ? r : R_PAD;
+  if (!vectors_fit) {
+    const auto padded = [](const at::Tensor& t) {
+      at::Tensor out = at::zeros({t.size(0), R_PAD}, t.options());
+      out.narrow(1, 0, t.size(1)).copy_(t);
+      return out;
+    };
+    if (need_grad_xa) B = padded(B);
+    if (need_grad_B) rows = padded(rows);
+  }
   const dim3 grid(static_cast<unsigned>(m_groups), static_cast<unsigned>(c_groups));
   auto launch = [&](auto kernel, size_t shared) {
     kernel<<<grid, program_threads<R_PAD>(), shared, stream>>>(
         reinterpret_cast<const T*>(g2.data_ptr()), reinterpret_cast<const T*>(B.data_ptr()),
         reinterpret_cast<const T*>(rows.data_ptr()), need_grad_xa ? rows_part.data_ptr<float>() : nullptr,
-        need_grad_B ? panel_part.data_ptr<float>() : nullptr, seed.data_ptr<int64_t>(), M, C, r, M_pad, C_pad,
+        need_grad_B ? panel_part.data_ptr<float>() : nullptr, seed.data_ptr<int64_t>(), M, C, thin_cols, M_pad, C_pad,
         static_cast<int>(blocks_m_per_group), static_cast<int>(blocks_c_per_group), dropout_threshold(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
