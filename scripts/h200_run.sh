@@ -137,7 +137,8 @@ if has ncu; then
     "$ncu_bin" -i "$OUT/ncu_full.ncu-rep" --page details > "$OUT/ncu_full.log" 2>&1
     "$ncu_bin" -i "$OUT/ncu_full.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_source.csv" 2>&1
     echo "ncu source page: exit $? ($(wc -l < "$OUT/ncu_source.csv") lines)"
-    python3 scripts/ncu_stall_ledger.py "$OUT/ncu_source.csv" 2>&1 | tee "$OUT/ncu_ledger.md" | head -60
+    python3 scripts/ncu_stall_ledger.py "$OUT/ncu_source.csv" > "$OUT/ncu_ledger.md" 2>&1
+    head -60 "$OUT/ncu_ledger.md"
     # The device tool brings back files of at most 16 MiB: the report goes only where it is well under that.
     [[ $(stat -c %s "$OUT/ncu_full.ncu-rep" 2>/dev/null || echo 0) -lt 12000000 ]] || rm -f "$OUT/ncu_full.ncu-rep"
     timeout 120 "$ncu_bin" "${ncu_args[@]}" \

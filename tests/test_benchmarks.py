@@ -371,3 +371,30 @@ def test_the_device_calls_named_in_notes_use_modes_that_h200_run_has():
 def test_shell_scripts_parse(script):
     done = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_ncu_stall_ledger_counts_barrier_waits_at_their_barrier_and_reads_each_kernel(tmp_path):
+    """scripts/ncu_stall_ledger.py on a made-up source page of two kernels: a deferred barrier's wait is sampled on
+    the instruction after it, so it is counted as the wait of the stretch that barrier ends, not as work of the next;
+    the "(Not Issued)" reason columns (a subset) are left out; each kernel gets its own ledger."""
+    header = ('"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+              '"stall_long_sb","stall_long_sb (Not Issued)","stall_barrier"')
+    kernel = [header,
+              '"0x10","LDG.E R4, [R2]","10","8","6","5","0"',
+              '"0x20","BAR.SYNC.DEFER_BLOCKING 0x0","2","2","0","0","0"',
+              '"0x30","@!P3 BRA 0x10","30","30","0","0","28"',
+              '"0x40","HMMA.16816.F32.BF16 R8, R4, R6, R8","20","15","15","12","0"',
+              '"0x50","EXIT","1","1","0","0","0"']
+    page = tmp_path / "source.csv"
+    page.write_text("\n".join(['==PROF== noise', '"Kernel Name","first"', *kernel,
+                               '"Kernel Name","second"', *kernel]) + "\n")
+    out = run(REPO / "scripts" / "ncu_stall_ledger.py", str(page))
+    assert out.count("## first") == 1 and out.count("## second") == 1, out
+    rows = [line for line in out.splitlines() if line.startswith("| 0x")]
+    stretches = [r for r in rows if r.count("|") == 8]
+    assert len(stretches) == 4, rows  # two per kernel: up to the barrier, then up to EXIT
+    first, second = ([c.strip() for c in r.strip("|").split("|")] for r in stretches[:2])
+    # 63 samples in all: the first stretch holds 12 and is waited at its end for 28; the second holds 30 - 28 + 21.
+    assert first[3] == "12" and first[6] == "28 (44.4%)", first
+    assert second[3] == "23" and second[6] == "0 (0.0%)", second
+    assert "Not Issued" not in out and "stall_long_sb" in out
