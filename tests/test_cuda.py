@@ -510,6 +510,12 @@ def test_native_masked_grad_y_reads_misaligned_thin_operands(r):
                                                ("dB", out[1], expected[1], aligned[1])):
             assert_relative_error(actual, reference, what, 4 * EPS[dtype], floor=1.0)
             assert torch.equal(actual, exact), what
+    # The cp.async load scheme reads the thin operands the same way: misaligned views, the aligned run's bits.
+    with switched(lora_ext._C.set_masked_grad_y_stages, 3):
+        piped = lora_ext._C.masked_grad_y_cuda(g, B, xa, scale, seed_tensor(seed_value), p, True, True)
+        piped_off = lora_ext._C.masked_grad_y_cuda(g, B_off, xa_off, scale, seed_tensor(seed_value), p, True, True)
+    assert torch.equal(piped_off[0], piped[0]) and torch.equal(piped_off[1], piped[1])
+    assert_relative_error(piped_off[0], expected[0], "piped dxa", 4 * EPS[dtype], floor=1.0)
 
 
 @native_only
