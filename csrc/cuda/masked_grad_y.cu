@@ -301,11 +301,11 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   constexpr int CF = PANEL_COLS / 16;
   constexpr int VECTORS = vectors_per_thread<THREADS>();
   // What the roles assume: four 16-row blocks per tile, whole 16-rank MMA columns per grad_xa warp, whole
-  // 16-column fragments per grad_B warp, and every vector and thin element owned by one thread.
+  // 16-column fragments per grad_B warp, and every dY vector owned by one thread (the thin operands' vectors
+  // need not split evenly: load_thin guards its last round).
   static_assert(THREADS % 128 == 0 && ROLE_WARPS % 4 == 0, "grad_xa warps come in fours, one per 16-row block");
   static_assert(RANK_SPAN % 16 == 0 && PANEL_COLS % 16 == 0, "whole m16n8k16 fragments per warp");
-  static_assert((kTileRows * kVectorsPerRow) % THREADS == 0 && (kTileRows * R_PAD) % THREADS == 0,
-                "a tile's vectors and xa's rows split evenly over the threads");
+  static_assert((kTileRows * kVectorsPerRow) % THREADS == 0, "a tile's vectors split evenly over the threads");
   using Tiles = std::conditional_t<kPipelined, PipelinedTiles<T, R_PAD, (kPipelined ? STAGES : 1)>,
                                    SharedTiles<T, R_PAD>>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
