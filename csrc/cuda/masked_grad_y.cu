@@ -436,43 +436,121 @@ struct SlicedSum {
   T* out;
 };
 
-// Slices loaded at once by each thread of sum_slices_kernel before it adds them (in slice order).
-// One slice at a time, the SASS kept only 2-3 loads in flight per thread, so a thread walking a partial
-// of ~32 slices waited on a dozen or more round trips to memory: the launch took 10.3 us at k/v on an
-// H100 (12-06 12:40, ncu), its DRAM at 18% of peak (benchmarks/NOTES.md #72).
-constexpr int kSliceBatch = 16;
+// sum_slices_kernel: each group of four neighbouring columns of a row (one 16-byte load per slice) is summed
+// by 1, 2, 4 or 8 neighbouring lanes of a warp, each over every lanes-th slice, at most kSlicesPerLane of
+// them loaded at once, then the lanes' sums are added by warp shuffles. Why:
+// - loads in flight: one slice at a time, the SASS kept only 2-3 loads in flight per thread, so a thread
+//   walking a partial of ~32 slices waited on a dozen or more round trips to memory: the launch took
+//   10.3 us at k/v on an H100 (12-06 12:40, ncu), its DRAM at 18% of peak (benchmarks/NOTES.md #72);
+// - four columns and lanes by the slice count: with one column per thread, a batch of 16 slices for every
+//   partial and no split, grad_xa's partial at k/v r = 64 (4 slices) issued 16 four-byte loads per output,
+//   12 of them repeats of the last slice, and grad_B's (32 slices at r = 64, 43 at r = 16) one thread per
+//   output walked all of them, ~6 serial rounds of loads (ptxas keeps ~5 of a batch in flight) (NOTES.md #82).
+constexpr int kColumnsPerThread = 4;
+constexpr int kSlicesPerLane = 8;
 
-// Both partials of the kernel (grad_xa's and grad_B's) summed in one launch, each in slice order:
-// elements [0, n_a) are a's, the rest b's (a second launch cost ~2.4 us of device time at k/v and a
-// host launch, benchmarks/NOTES.md #40's profile).
+// Lanes that share one group of four columns: the fewest (a power of two, at most 8) that leave each at
+// most kSlicesPerLane slices where possible.
+__host__ __device__ __forceinline__ int slice_lanes(int slices) {
+  int lanes = 1;
+  while (lanes < 8 && lanes * kSlicesPerLane < slices) lanes *= 2;
+  return lanes;
+}
+
+// sum_slices_kernel's work items for one partial, (row, four-column group, lane), padded to whole warps.
+constexpr int kWarpLanes = 32;
+__host__ __device__ __forceinline__ int64_t slice_items(int64_t count, int r, int slices) {
+  const int64_t items = count * ((r + kColumnsPerThread - 1) / kColumnsPerThread) * slice_lanes(slices);
+  return (items + kWarpLanes - 1) / kWarpLanes * kWarpLanes;
+}
+
+// The float32 sums of four columns over `slices` slices `slice_stride` floats apart (value: the first
+// slice's four; 16-byte aligned). The loads of a batch are independent (ptxas interleaves them with the
+// adds, ~6 of 16 in flight per thread with nvcc 13.0); the adds keep slice order. Past the last slice a
+// load reads the last slice again and is not added: an unconditional load (a predicated one let ptxas keep
+// only two in flight).
+template <int BATCH>
+__device__ __forceinline__ float4 sum_slice_columns(const float* value, int slices, int64_t slice_stride) {
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int first = 0; first < slices; first += BATCH) {
+    float4 batch[BATCH];
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k)
+      batch[k] = *reinterpret_cast<const float4*>(value + min(first + k, slices - 1) * slice_stride);
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) {
+      if (first + k < slices) {
+        sum.x += batch[k].x;
+        sum.y += batch[k].y;
+        sum.z += batch[k].z;
+        sum.w += batch[k].w;
+      }
+    }
+  }
+  return sum;
+}
+
+// Both partials of the kernel (grad_xa's and grad_B's) summed in one launch, each in a fixed order (a second
+// launch cost ~2.4 us of device time at k/v and a host launch, benchmarks/NOTES.md #40's profile). Work
+// items (row, four-column group, lane), lane fastest: [0, n_first) are `first`'s, the rest `second`'s, each
+// range padded to whole warps, so that a group's lanes share a warp and every lane of a warp takes part in
+// its shuffles (items past a partial's rows only do that). The host passes the partial with more slices
+// (longer per item) as `first`, so that its threads start in the first wave.
+// Deterministic: lane l sums slices l, l + lanes, ... in order, and the shuffles add the lanes' sums as a
+// fixed tree (lane 0's result is ((l0 + l1) + (l2 + l3)) + ... for every run).
 template <typename T>
-__global__ void sum_slices_kernel(SlicedSum<T> a, SlicedSum<T> b, int r, int r_pad, float scale) {
-  const int64_t n_a = a.count * r, n = n_a + b.count * r;
+__global__ void sum_slices_kernel(SlicedSum<T> first, SlicedSum<T> second, int r, int r_pad, float scale) {
+  const int groups_per_row = (r + kColumnsPerThread - 1) / kColumnsPerThread;
+  const int lanes_first = slice_lanes(first.slices), lanes_second = slice_lanes(second.slices);
+  const int64_t n_first = slice_items(first.count, r, first.slices);
+  const int64_t n = n_first + slice_items(second.count, r, second.slices);
+  // n and the stride are whole warps: a warp is in the loop or out of it as one, and in one partial.
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     // Field by field: a reference to either struct put both on the stack (80 bytes, ptxas -v).
-    const bool in_a = idx < n_a;
-    const float* part = in_a ? a.part : b.part;
-    const int slices = in_a ? a.slices : b.slices;
-    const int64_t slice_stride = in_a ? a.slice_stride : b.slice_stride;
-    T* out = in_a ? a.out : b.out;
-    const int64_t i = in_a ? idx : idx - n_a;
-    const int64_t row = i / r;
-    const int col = static_cast<int>(i % r);
-    const float* value = part + row * r_pad + col;
-    // The loads of a batch are independent and issued together; the adds keep slice order (the same
-    // sum, bit for bit, as one slice at a time). Past the last slice a load reads the last slice again
-    // and is not added: an unconditional load (a predicated one let ptxas keep only two in flight).
-    float sum = 0.f;
-    for (int first = 0; first < slices; first += kSliceBatch) {
-      float batch[kSliceBatch];
-#pragma unroll
-      for (int k = 0; k < kSliceBatch; ++k) batch[k] = value[min(first + k, slices - 1) * slice_stride];
-#pragma unroll
-      for (int k = 0; k < kSliceBatch; ++k)
-        if (first + k < slices) sum += batch[k];
+    const bool in_first = idx < n_first;
+    const float* part = in_first ? first.part : second.part;
+    const int slices = in_first ? first.slices : second.slices;
+    const int64_t slice_stride = in_first ? first.slice_stride : second.slice_stride;
+    const int64_t count = in_first ? first.count : second.count;
+    const int lanes = in_first ? lanes_first : lanes_second;
+    T* out = in_first ? first.out : second.out;
+    const int64_t item = in_first ? idx : idx - n_first;
+    const int lane = static_cast<int>(item % lanes);
+    const int64_t group = item / lanes;
+    const int64_t row = group / groups_per_row;
+    const int col = static_cast<int>(group % groups_per_row) * kColumnsPerThread;
+    const bool active = row < count;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (active) {
+      // r_pad is a multiple of 16 and the slices' strides of r_pad-wide rows: 16-byte aligned loads. The
+      // columns past r (up to r_pad) are read and not written.
+      const float* value = part + row * r_pad + col + lane * slice_stride;
+      const int lane_slices = slices > lane ? (slices - lane + lanes - 1) / lanes : 0;
+      sum = lane_slices <= 4 ? sum_slice_columns<4>(value, lane_slices, slice_stride * lanes)
+                             : sum_slice_columns<kSlicesPerLane>(value, lane_slices, slice_stride * lanes);
     }
-    out[i] = from_float<T>(scale * sum);
+    for (int offset = 1; offset < lanes; offset *= 2) {  // lanes is the same across the warp
+      sum.x += __shfl_xor_sync(0xffffffffu, sum.x, offset);
+      sum.y += __shfl_xor_sync(0xffffffffu, sum.y, offset);
+      sum.z += __shfl_xor_sync(0xffffffffu, sum.z, offset);
+      sum.w += __shfl_xor_sync(0xffffffffu, sum.w, offset);
+    }
+    if (!active || lane != 0) continue;
+    const float sums[kColumnsPerThread] = {sum.x, sum.y, sum.z, sum.w};
+    T* dst = out + row * r + col;
+    if (r % kColumnsPerThread == 0) {
+      // Four 2-byte outputs as one 8-byte store: out is (count, r) from the caching allocator, so with r a
+      // multiple of four every group starts on 8 bytes.
+      alignas(8) T packed[kColumnsPerThread];
+#pragma unroll
+      for (int k = 0; k < kColumnsPerThread; ++k) packed[k] = from_float<T>(scale * sums[k]);
+      *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kColumnsPerThread; ++k)
+        if (col + k < r) dst[k] = from_float<T>(scale * sums[k]);
+    }
   }
 }
 
@@ -493,11 +571,13 @@ std::tuple<at::Tensor, at::Tensor> sum_slices(const at::Tensor& part_a, int64_t 
   };
   at::Tensor out_a, out_b;
   const SlicedSum<T> a = sliced(part_a, count_a, out_a), b = sliced(part_b, count_b, out_b);
-  const int64_t n = (a.count + b.count) * r;
+  const int64_t n = slice_items(a.count, r, a.slices) + slice_items(b.count, r, b.slices);
   if (n > 0) {
-    const int threads = 256;
+    const int threads = 256;  // a whole number of warps: the kernel's grid stride must be
     const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
-    sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(a, b, r, r_pad, static_cast<float>(scale));
+    const bool a_longer = a.slices >= b.slices;
+    sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(a_longer ? a : b, a_longer ? b : a, r, r_pad,
+                                                         static_cast<float>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {out_a, out_b};
