@@ -86,20 +86,12 @@ bool use_masked_pieces(const at::Tensor& x, const at::Tensor& lora_A) {
 
 // Whether the 'post' backward's masked step runs the native one-pass kernel (cuda/masked_grad_y.cu).
 // Measured on the H200 against the Triton pass it replaces (benchmarks/NOTES.md #21), faster at
-// every shape but one: at r > 32 over a wide dY (N >= 8192) its grad_xa partials' read-add-write
-// (column blocks x M x r x 8 bytes, 2x dY's bytes at 4096 x 14336) made it slower than Triton's two
-// passes (one per reduction; triton_lora._grad_y_pass takes them there): 478.5 against 425.1 us at
-// M = 8192, r = 64 in one run (2026-12-04, NOTES.md #32; 486 and 424 in two runs on 11-28).
-constexpr int64_t kWideMaskedGradYColumns = 8192;
-constexpr int64_t kWideMaskedGradYMaxNativeRank = 32;
-
+// every shape but one until its thin operands were read as vectors (#79): at r > 32 over a wide dY
+// (N >= 8192) Triton's two passes took 425.1 us against its 478.5 at M = 8192, r = 64 (H200, 12-04,
+// #32). After #79 the native step took 370.1 against 423.5 there (H100, 12-06 19:58), 342.2 against 425.1
+// on the H200 (12-06 21:51), and the op's fwd+bwd at p = 0.1 lost ~80 us of device time with it (#80).
 bool use_native_masked_grad_y(const at::Tensor& g, const at::Tensor& lora_B, const at::Tensor& xa) {
 #ifdef LORA_WITH_CUDA
-  // use_masked_pieces: where the Triton pieces take this call (B^T is (r, N), as A is (r, K)).
-  if (g.size(1) >= kWideMaskedGradYColumns && lora_B.size(1) > kWideMaskedGradYMaxNativeRank &&
-      use_masked_pieces(g, lora_B.t())) {
-    return false;
-  }
   return masked_grad_y_cuda_supports(g, lora_B, xa);
 #else
   (void)g, (void)lora_B, (void)xa;

@@ -763,8 +763,8 @@ def _lora_down(inp, panel, out_dtype, out_scale, dropout: _Dropout, need_out=Tru
 
 # 'post' dropout at r > 32 over a wide dY: two passes, one per reduction, measured faster than the
 # one pass (H200, M = 8192, 4096 x 14336, r = 64: 425 against 580 us, benchmarks/NOTES.md #32); at
-# N = 4096 and 1024 one pass won (qo r = 64: 184 against 256). csrc/lora_aten.cpp sends the native
-# path here at the same sizes (use_native_masked_grad_y).
+# N = 4096 and 1024 one pass won (qo r = 64: 184 against 256). The native path runs its own CUDA step at
+# these sizes too since that step got faster than both (csrc/lora_aten.cpp use_native_masked_grad_y, #80).
 WIDE_MASKED_TWO_PASSES_COLUMNS = 8192
 WIDE_MASKED_TWO_PASSES_MIN_RANK = 33
 
