@@ -590,15 +590,22 @@ def test_native_masked_grad_y_refuses_what_it_does_not_support():
 def test_post_backward_over_wide_grad_y_at_rank_above_32_runs_the_native_step():
     """'post' dropout, dY 8192+ wide: at r > 32 the masked step is the native kernel, as at r = 16 (Triton's
     two passes until #79 made the native step faster there, NOTES.md #32, #80: they were one more replayed
-    piece per backward); both within the float64 bound."""
-    replayed = {}
+    piece per backward); both within the float64 bound. The profiler sees the native kernel launched at
+    each rank (equal replay counts alone would also pass with both ranks on Triton)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    replayed, native_launches = {}, {}
     for r in (40, 16):
         inputs = make_inputs((64,), 64, 8200, r, torch.bfloat16, seed=r)
         run_and_check(inputs, 0.5, 0.1, "post", 5, "native")  # records the keys
         before = lora_ext._C.triton_replay_stats()[2]
-        run_and_check(inputs, 0.5, 0.1, "post", 5, "native")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run_and_check(inputs, 0.5, 0.1, "post", 5, "native")
+            torch.cuda.synchronize()
         replayed[r] = lora_ext._C.triton_replay_stats()[2] - before
+        native_launches[r] = sum(e.count for e in prof.key_averages() if "masked_grad_y_kernel" in e.key)
     assert replayed[40] == replayed[16]
+    assert native_launches[40] >= 1 and native_launches[16] >= 1, native_launches
 
 
 # The subprocess of test_native_kernels_can_be_turned_off_by_environment (scripts/h200_run.sh exitprobe

@@ -465,8 +465,9 @@ __host__ __device__ __forceinline__ int64_t slice_items(int64_t count, int r, in
 }
 
 // The float32 sums of four columns over `slices` slices `slice_stride` floats apart (value: the first
-// slice's four; 16-byte aligned). The loads of a batch are independent (ptxas interleaves them with the
-// adds, ~6 of 16 in flight per thread with nvcc 13.0); the adds keep slice order. Past the last slice a
+// slice's four; 16-byte aligned). The loads of a batch are independent (ptxas may interleave them with
+// the adds: with a batch of 16 float4 it kept ~6 in flight, nvcc 13.0, hence batches of at most 8); the
+// adds keep slice order. Past the last slice a
 // load reads the last slice again and is not added: an unconditional load (a predicated one let ptxas keep
 // only two in flight).
 template <int BATCH>
@@ -494,8 +495,9 @@ __device__ __forceinline__ float4 sum_slice_columns(const float* value, int slic
 // launch cost ~2.4 us of device time at k/v and a host launch, benchmarks/NOTES.md #40's profile). Work
 // items (row, four-column group, lane), lane fastest: [0, n_first) are `first`'s, the rest `second`'s, each
 // range padded to whole warps, so that a group's lanes share a warp and every lane of a warp takes part in
-// its shuffles (items past a partial's rows only do that). The host passes the partial with more slices
-// (longer per item) as `first`, so that its threads start in the first wave.
+// its shuffles (items past a partial's rows only do that). The host passes the partial with more slices as
+// `first` (usually the longer per item, though the lane split evens most of that out), so that where the
+// items outnumber the threads that run at once, its threads start in the first wave.
 // Deterministic: lane l sums slices l, l + lanes, ... in order, and the shuffles add the lanes' sums as a
 // fixed tree (lane 0's result is ((l0 + l1) + (l2 + l3)) + ... for every run).
 template <typename T>
