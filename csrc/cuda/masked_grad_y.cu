@@ -457,19 +457,21 @@ __host__ __device__ __forceinline__ int slice_lanes(int slices) {
   return lanes;
 }
 
+// Groups of four columns in a row of r outputs.
+__host__ __device__ __forceinline__ int column_groups(int r) { return (r + kColumnsPerThread - 1) / kColumnsPerThread; }
+
 // sum_slices_kernel's work items for one partial, (row, four-column group, lane), padded to whole warps.
 constexpr int kWarpLanes = 32;
 __host__ __device__ __forceinline__ int64_t slice_items(int64_t count, int r, int slices) {
-  const int64_t items = count * ((r + kColumnsPerThread - 1) / kColumnsPerThread) * slice_lanes(slices);
+  const int64_t items = count * column_groups(r) * slice_lanes(slices);
   return (items + kWarpLanes - 1) / kWarpLanes * kWarpLanes;
 }
 
 // The float32 sums of four columns over `slices` slices `slice_stride` floats apart (value: the first
 // slice's four; 16-byte aligned). The loads of a batch are independent (ptxas may interleave them with
 // the adds: with a batch of 16 float4 it kept ~6 in flight, nvcc 13.0, hence batches of at most 8); the
-// adds keep slice order. Past the last slice a
-// load reads the last slice again and is not added: an unconditional load (a predicated one let ptxas keep
-// only two in flight).
+// adds keep slice order. Past the last slice a load reads the last slice again and is not added: an
+// unconditional load (a predicated one let ptxas keep only two in flight).
 template <int BATCH>
 __device__ __forceinline__ float4 sum_slice_columns(const float* value, int slices, int64_t slice_stride) {
   float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -502,7 +504,7 @@ __device__ __forceinline__ float4 sum_slice_columns(const float* value, int slic
 // fixed tree (lane 0's result is ((l0 + l1) + (l2 + l3)) + ... for every run).
 template <typename T>
 __global__ void sum_slices_kernel(SlicedSum<T> first, SlicedSum<T> second, int r, int r_pad, float scale) {
-  const int groups_per_row = (r + kColumnsPerThread - 1) / kColumnsPerThread;
+  const int groups_per_row = column_groups(r);
   const int lanes_first = slice_lanes(first.slices), lanes_second = slice_lanes(second.slices);
   const int64_t n_first = slice_items(first.count, r, first.slices);
   const int64_t n = n_first + slice_items(second.count, r, second.slices);
@@ -575,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor> sum_slices(const at::Tensor& part_a, int64_t 
   const SlicedSum<T> a = sliced(part_a, count_a, out_a), b = sliced(part_b, count_b, out_b);
   const int64_t n = slice_items(a.count, r, a.slices) + slice_items(b.count, r, b.slices);
   if (n > 0) {
-    const int threads = 256;  // a whole number of warps: the kernel's grid stride must be
+    const int threads = 256;  // whole warps, so that the kernel's grid stride is whole warps
     const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
     const bool a_longer = a.slices >= b.slices;
     sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(a_longer ? a : b, a_longer ? b : a, r, r_pad,
