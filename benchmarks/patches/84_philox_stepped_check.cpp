@@ -1,6 +1,7 @@
 // Patch 84's Philox in pieces against philox.h's philox4, on the host: TileKeeps (in the patch) runs the ten
-// rounds split over the products' K steps (8 for the grad_xa warps, 4 for the grad_B warps, 1 for the others),
-// with each round's keys computed as seed + round * key instead of incremented. Same words expected.
+// rounds (philox_round, which the patch adds to philox.h) split over the products' K steps (8 for the grad_xa
+// warps, 4 for the grad_B warps, 1 for the others), with each round's keys computed as seed + round * key
+// instead of incremented. Same words expected. With the patch applied:
 // g++ -O2 -std=c++17 benchmarks/patches/84_philox_stepped_check.cpp -o /tmp/philox_check && /tmp/philox_check
 // (12-07 00:40: 600,000 evaluations, 0 mismatched words.)
 #include <cstdio>
@@ -10,18 +11,12 @@
 
 #include "../../csrc/philox.h"
 using namespace lora;
-// TileKeeps' round body and key formula, stepped as the kernel steps them.
+// TileKeeps' key formula and its split of the rounds, stepped as the kernel steps them.
 static void stepped(uint64_t seed, uint64_t group, int steps, uint32_t w[4]) {
   uint32_t c[4] = {(uint32_t)group, (uint32_t)(group >> 32), 0, 0};
   auto rounds = [&](int first, int end) {
     for (int round = first; round < end; ++round) {
-      const uint32_t k0 = (uint32_t)seed + (uint32_t)round * kPhiloxKeyA;
-      const uint32_t k1 = (uint32_t)(seed >> 32) + (uint32_t)round * kPhiloxKeyB;
-      const uint32_t p0 = c[0], p2 = c[2];
-      c[0] = mulhi32(kPhiloxRoundB, p2) ^ c[1] ^ k0;
-      c[2] = mulhi32(kPhiloxRoundA, p0) ^ c[3] ^ k1;
-      c[1] = kPhiloxRoundB * p2;
-      c[3] = kPhiloxRoundA * p0;
+      philox_round(c, (uint32_t)seed + (uint32_t)round * kPhiloxKeyA, (uint32_t)(seed >> 32) + (uint32_t)round * kPhiloxKeyB);
     }
   };
   if (steps == 0) rounds(0, 10);
