@@ -32,30 +32,34 @@ LORA_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
+constexpr int kPhiloxRounds = 10;
+
+// One Philox-4x32 round of the counter c with the round's keys (k0, k1): round i's are the seed's two
+// halves plus i times kPhiloxKeyA / kPhiloxKeyB (mod 2^32).
+LORA_HOST_DEVICE void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  const uint32_t prev_c0 = c[0], prev_c2 = c[2];
+  c[0] = mulhi32(kPhiloxRoundB, prev_c2) ^ c[1] ^ k0;
+  c[2] = mulhi32(kPhiloxRoundA, prev_c0) ^ c[3] ^ k1;
+  c[1] = kPhiloxRoundB * prev_c2;
+  c[3] = kPhiloxRoundA * prev_c0;
+}
+
 // Philox-4x32 with 10 rounds of counter {lo(counter), hi(counter), 0, 0}: all four output
 // words, in Random123's order (counter 0, key 0 gives 0x6627e8d5 first).
 LORA_HOST_DEVICE void philox4(uint64_t seed, uint64_t counter, uint32_t words[4]) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = 0, c3 = 0;
+  uint32_t c[4] = {static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0, 0};
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDACC__)
 #pragma unroll
 #elif defined(__GNUC__) && !defined(__clang__)
 #pragma GCC unroll 10
 #endif
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t prev_c0 = c0, prev_c2 = c2;
-    c0 = mulhi32(kPhiloxRoundB, prev_c2) ^ c1 ^ k0;
-    c2 = mulhi32(kPhiloxRoundA, prev_c0) ^ c3 ^ k1;
-    c1 = kPhiloxRoundB * prev_c2;
-    c3 = kPhiloxRoundA * prev_c0;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    philox_round(c, k0, k1);
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  words[0] = c0;
-  words[1] = c1;
-  words[2] = c2;
-  words[3] = c3;
+  for (int w = 0; w < 4; ++w) words[w] = c[w];
 }
 
 // Elements per Philox evaluation.

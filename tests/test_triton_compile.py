@@ -602,13 +602,18 @@ def test_gluon_gemm_probe_compiles_for_sm90(shape, config):
 def test_sum_partials_block_rule_and_its_sm90_compile(num_parts, n_rows, r_pad):
     """_sum_blocks: every partial loaded at once up to SUM_MAX_BLOCK_PARTS (the one-partial-per-step kernel ran
     k/v's dB, 32 partials, on 4 programs as a chain of round trips: 36 µs), at least ~one program per SM where
-    there are rows for it, a tile within SUM_TILE_VALUES; 2 partials or fewer keep one partial per step (measured
-    faster there). The tile compiles for sm_90 without spilling (the GPU's variant: not the interpreter's), its
-    loads 16 bytes wide."""
+    there are rows for it, a tile within SUM_TILE_VALUES; 2 partials or fewer: both at once on rows for ~8
+    programs per SM (NOTES.md #85). The tile compiles for sm_90 without spilling (the GPU's variant: not the
+    interpreter's), its loads 16 bytes wide."""
     sms = 132
     block_parts, block_rows = triton_lora._sum_blocks(num_parts, n_rows, r_pad, sms)
     if num_parts <= 2:
-        assert (block_parts, block_rows) == triton_lora.one_partial_per_step_blocks(r_pad) == (1, max(16, 4096 // r_pad))
+        # Both partials at once, rows for ~SUM_FEW_PARTS_PROGRAMS_PER_SM programs per SM, within the tile's bounds.
+        assert block_parts == num_parts
+        assert block_parts * block_rows * r_pad >= min(triton_lora.SUM_MIN_TILE_VALUES, triton_lora.SUM_TILE_VALUES)
+        programs = triton.cdiv(n_rows, block_rows)
+        assert (programs >= triton_lora.SUM_FEW_PARTS_PROGRAMS_PER_SM * sms // 2
+                or block_parts * block_rows * r_pad <= 2 * triton_lora.SUM_MIN_TILE_VALUES), (block_rows, programs)
     else:
         assert block_parts == min(triton.next_power_of_2(num_parts), triton_lora.SUM_MAX_BLOCK_PARTS,
                                   triton_lora.SUM_TILE_VALUES // (2 * r_pad))

@@ -13,6 +13,8 @@
 // cores (ldmatrix + mma.sync): the tile as A for grad_xa, its transpose (ldmatrix .trans) as A
 // for grad_B. The next tile's loads are issued before this tile's products, and two programs
 // share an SM (at ranks <= 16). Measured: 63.8 us there (NOTES.md #21; a WMMA version took 80).
+// The eight masks of a vector are computed a tile ahead, during the previous tile's products, and kept
+// as 8 bits (TileKeeps; NOTES.md #84): the mask step itself only applies them.
 //
 // Work split (the group sizes from masked_grad_y_grid.h): program (i, j) owns the 64-row blocks of row group i
 // and the 128-column blocks of column group j, row blocks innermost. The first half of its warps own
@@ -182,14 +184,14 @@ __device__ __forceinline__ void store_thin(T (&dst)[ROWS][R_PAD + kPad],
 template <int R_PAD, int STAGES>
 constexpr int programs_per_sm() { return R_PAD <= 16 ? (STAGES > 0 ? 3 : 2) : 1; }
 
-// Two 16-bit elements times their keep flags (1 or 0, exact): the flags of the pair's two
-// elements are the low and high halves of one Philox word (philox.h). Times 0, not replaced by
-// 0: a dropped NaN/Inf stays NaN (torch dropout, the reference). The 1 / (1 - p) of the kept
-// ones is applied to the float32 sums instead, so dY is never rounded after scaling.
+// Two 16-bit elements times their keep flags (1 or 0, exact): bit 0 of `two_keeps` is the low
+// element's, bit 1 the high one's. Times 0, not replaced by 0: a dropped NaN/Inf stays NaN (torch
+// dropout, the reference). The 1 / (1 - p) of the kept ones is applied to the float32 sums instead, so dY
+// is never rounded after scaling.
 template <typename T>
-__device__ __forceinline__ uint32_t keep_pair(uint32_t pair, uint32_t word, uint32_t threshold) {
+__device__ __forceinline__ uint32_t keep_pair(uint32_t pair, uint32_t two_keeps) {
   constexpr uint32_t one = std::is_same_v<T, __nv_bfloat16> ? 0x3F80u : 0x3C00u;  // 1.0
-  const uint32_t flags = (keep_low_half(word, threshold) ? one : 0u) | (keep_high_half(word, threshold) ? one << 16 : 0u);
+  const uint32_t flags = ((two_keeps & 1u) ? one : 0u) | ((two_keeps & 2u) ? one << 16 : 0u);
   uint32_t out;
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     const __nv_bfloat162 product = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&pair),
@@ -202,25 +204,84 @@ __device__ __forceinline__ uint32_t keep_pair(uint32_t pair, uint32_t word, uint
   return out;
 }
 
-// One 16-byte vector (one Philox group) times its eight keep flags.
+// One 16-byte vector (one Philox group) times its eight keep flags (TileKeeps' bits 0..7 for it).
 template <typename T>
-__device__ __forceinline__ void mask_vector(uint4& data, uint64_t seed, uint64_t group, uint32_t threshold) {
-  uint32_t words[4];
-  philox4(seed, group, words);
+__device__ __forceinline__ void mask_vector(uint4& data, uint32_t keeps) {
   uint32_t* pairs = reinterpret_cast<uint32_t*>(&data);
 #pragma unroll
-  for (int w = 0; w < 4; ++w) pairs[w] = keep_pair<T>(pairs[w], words[w], threshold);
+  for (int w = 0; w < 4; ++w) pairs[w] = keep_pair<T>(pairs[w], keeps >> (2 * w));
 }
+
+// The keep flags of this thread's VECTORS vectors of the tile at (m0, c0), generated a few Philox rounds at a time
+// (philox.h's philox4 in pieces: the same rounds on the same values) so that the rounds can sit between the
+// products' MMAs: given the whole evaluation in one piece, ptxas put all of it ahead of the products (SASS, sm_90,
+// nvcc 13.0), where it only moved the mask phase's integer burst past the barrier. Thread t's vector v is (row,
+// column group) (q / kVectorsPerRow, q % kVectorsPerRow) with q = v * THREADS + t, Philox group
+// (m0 + row) * C / 8 + c0 / 8 + q % kVectorsPerRow. Vectors past the matrix get flags too (their data is zero: the
+// flags do not matter, and no memory is read for them). keeps(): vector v's eight flags in bits 8v .. 8v + 7.
+template <int THREADS>
+struct TileKeeps {
+  static constexpr int VECTORS = vectors_per_thread<THREADS>();
+  static constexpr int ROUNDS = kPhiloxRounds;
+  static_assert(VECTORS <= 4, "a tile's keep flags per thread fit one 32-bit word");
+  uint32_t c[VECTORS][4];
+
+  __device__ __forceinline__ void begin(uint64_t groups_per_row, int64_t m0, int64_t c0) {
+    const uint64_t first_group = static_cast<uint64_t>(m0 + threadIdx.x / kVectorsPerRow) * groups_per_row +
+                                 static_cast<uint64_t>(c0) / kMaskGroup + threadIdx.x % kVectorsPerRow;
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v) {
+      const uint64_t group = first_group + static_cast<uint64_t>(v * (THREADS / kVectorsPerRow)) * groups_per_row;
+      c[v][0] = static_cast<uint32_t>(group), c[v][1] = static_cast<uint32_t>(group >> 32), c[v][2] = 0, c[v][3] = 0;
+    }
+  }
+  // Rounds [first, end) of every vector's evaluation (philox4's rounds, with its keys after `round` increments).
+  __device__ __forceinline__ void rounds(uint64_t seed, int first, int end) {
+#pragma unroll
+    for (int round = first; round < end; ++round) {
+      const uint32_t k0 = static_cast<uint32_t>(seed) + static_cast<uint32_t>(round) * kPhiloxKeyA;
+      const uint32_t k1 = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * kPhiloxKeyB;
+#pragma unroll
+      for (int v = 0; v < VECTORS; ++v) philox_round(c[v], k0, k1);
+    }
+  }
+  // Step `step` of `steps` (the products' K steps): its share of the ten rounds. The empty volatile asm keeps them
+  // there in the PTX: without it the compiler moved every round out of the products' branches to after them (the
+  // rounds do not depend on the products), one contiguous burst again (SASS, sm_90, nvcc 13.0). Volatile asm
+  // statements keep their order in the PTX, and the products' ldmatrix and mma are volatile asm too; ptxas then
+  // schedules the SASS itself, and keeps part of the rounds between the MMAs (R_PAD 64: 14 of 32 multiplies in one
+  // branch, 2 of 36 in the other), the rest after the last MMA, still before the tile's end barrier.
+  __device__ __forceinline__ void step(uint64_t seed, int step, int steps) {
+    rounds(seed, step * ROUNDS / steps, (step + 1) * ROUNDS / steps);
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v) {
+      asm volatile("" : "+r"(c[v][0]), "+r"(c[v][1]), "+r"(c[v][2]), "+r"(c[v][3]));
+    }
+  }
+  __device__ __forceinline__ uint32_t keeps(uint32_t threshold) const {
+    uint32_t out = 0;
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        out |= (keep_low_half(c[v][w], threshold) ? 1u : 0u) << (8 * v + 2 * w);
+        out |= (keep_high_half(c[v][w], threshold) ? 1u : 0u) << (8 * v + 2 * w + 1);
+      }
+    }
+    return out;
+  }
+};
 
 // A grad_xa warp: its 16 rows (from row `first_row`) and SPAN of the ranks (from `first_rank`)
 // += tile rows (A, row-major) x panel (B).
-template <typename T, int R_PAD, int SPAN>
+template <typename T, int R_PAD, int SPAN, typename Step>
 __device__ __forceinline__ void rows_grad_products(float (&rows_acc)[SPAN / 8][4],
                                                    const T (&tile)[kTileRows][kTileCols + kPad],
                                                    const T (&panel)[kTileCols][R_PAD + kPad], int first_row,
-                                                   int first_rank, int lane) {
+                                                   int first_rank, int lane, Step&& step) {
 #pragma unroll
   for (int k = 0; k < kTileCols / 16; ++k) {
+    step(k, kTileCols / 16);  // other work for the gaps of this K step's MMAs (the next tile's keep flags)
     uint32_t a[4];
     ldmatrix_x4(a, &tile[first_row + lane % 16][16 * k + 8 * (lane / 16)]);
 #pragma unroll
@@ -235,12 +296,14 @@ __device__ __forceinline__ void rows_grad_products(float (&rows_acc)[SPAN / 8][4
 
 // A grad_B warp: its 16 CF rows (the tile's columns from `first_col`), all ranks, += tile^T (A: the
 // tile through ldmatrix .trans) x xa rows (B).
-template <typename T, int R_PAD, int CF>
+template <typename T, int R_PAD, int CF, typename Step>
 __device__ __forceinline__ void panel_grad_products(float (&panel_acc)[CF][R_PAD / 8][4],
                                                     const T (&tile)[kTileRows][kTileCols + kPad],
-                                                    const T (&rows)[kTileRows][R_PAD + kPad], int first_col, int lane) {
+                                                    const T (&rows)[kTileRows][R_PAD + kPad], int first_col, int lane,
+                                                    Step&& step) {
 #pragma unroll
   for (int k = 0; k < kTileRows / 16; ++k) {
+    step(k, kTileRows / 16);  // other work for the gaps of this K step's MMAs (the next tile's keep flags)
     uint32_t a[CF][4];
 #pragma unroll
     for (int cf = 0; cf < CF; ++cf) {
@@ -327,6 +390,15 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   // This lane's accumulator positions (see the fragment layouts above).
   const int acc_row = lane / 4, acc_col = 2 * (lane % 4);
   const uint64_t groups_per_row = static_cast<uint64_t>(C) / kMaskGroup;
+  // The keep flags of the tile being masked. Each tile's products phase computes the next tile's (the next row
+  // block, or the next column block's first): Philox is integer work with no memory operand, so in the products'
+  // basic block it can issue in the gaps their ldmatrix and HMMA chains leave, where before the mask phase ran it
+  // alone between the loads' arrival and the first barrier (stall_math and not_selected there: benchmarks/NOTES.md
+  // #79's ledger, #84). The program's first tile computes its own here.
+  TileKeeps<THREADS> next;
+  next.begin(groups_per_row, mb_first * kTileRows, cb_first * kTileCols);
+  next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
+  uint32_t keeps = next.keeps(threshold);
 
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
     const int64_t c0 = cb * kTileCols;
@@ -369,15 +441,12 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         cp_async_commit();
       }
       // The grad_xa warps: rows m0 + first_row of slice blockIdx.y, ranks from first_rank, started by the
-      // group's first column block. Loaded here, first, so that the load's latency passes under the mask work.
+      // group's first column block. Loaded here, first, so that the load's latency passes under the mask phase
+      // (which now only applies the flags computed a tile ahead: less to hide it under than before #84).
       float* rows_part =
           rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + first_row + acc_row) * R_PAD + first_rank;
       float rows_acc[RANK_SPAN / 8][4] = {};
       if (rows_role && want_rows_grad && cb != cb_first) load_fragment<R_PAD, RANK_SPAN>(rows_acc, rows_part, acc_col);
-      // Philox group of this thread's first vector, (m0 + row) * C / 8 + (c0 + col) / 8; vector v
-      // sits 16 v rows further. (Unsigned and incremental: the index math is per element otherwise.)
-      const uint64_t first_group = static_cast<uint64_t>(m0 + threadIdx.x / kVectorsPerRow) * groups_per_row +
-                                   static_cast<uint64_t>(c0) / kMaskGroup + threadIdx.x % kVectorsPerRow;
       // This tile's copies by this thread have landed (all groups but the STAGES - 1 newest): each
       // thread masks exactly the vectors it copied, so no barrier is needed before the mask.
       if constexpr (kPipelined) cp_async_wait<STAGES - 1>();
@@ -385,15 +454,14 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       for (int v = 0; v < VECTORS; ++v) {
         const int q = v * THREADS + threadIdx.x;
         const int row = q / kVectorsPerRow, col = (q % kVectorsPerRow) * kMaskGroup;
-        const uint64_t group = first_group + static_cast<uint64_t>(v * (THREADS / kVectorsPerRow)) * groups_per_row;
         // Out of the matrix the vector is zero already and its mask does not matter.
         uint4* vector = reinterpret_cast<uint4*>(&tile[row][col]);
         if constexpr (kPipelined) {
           uint4 in_place = *vector;
-          mask_vector<T>(in_place, seed, group, threshold);
+          mask_vector<T>(in_place, keeps >> (8 * v));
           *vector = in_place;
         } else {
-          mask_vector<T>(data[v], seed, group, threshold);
+          mask_vector<T>(data[v], keeps >> (8 * v));
           *vector = data[v];
         }
       }
@@ -404,12 +472,21 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         if constexpr (!kPipelined) load_tile<T, THREADS>(data, g, M, C, m0 + kTileRows, c0);
         if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, m0 + kTileRows, M, thin_cols);
       }
+      // The next tile's keep flags, in each branch's own basic block beside its products (computed after the
+      // program's last tile too, unused: a branch around them would put them in a block of their own).
+      const int64_t next_m0 = mb + 1 < mb_end ? m0 + kTileRows : mb_first * kTileRows;
+      const int64_t next_c0 = mb + 1 < mb_end ? c0 : c0 + kTileCols;
+      next.begin(groups_per_row, next_m0, next_c0);
+      const auto step = [&](int k, int steps) { next.step(seed, k, steps); };
       if (rows_role && want_rows_grad) {
-        rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, s.panel, first_row, first_rank, lane);
+        rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, s.panel, first_row, first_rank, lane, step);
         store_fragment<R_PAD, RANK_SPAN>(rows_part, rows_acc, acc_col);
       } else if (!rows_role && want_panel_grad) {
-        panel_grad_products<T, R_PAD, CF>(panel_acc, tile, s.rows, first_col, lane);
+        panel_grad_products<T, R_PAD, CF>(panel_acc, tile, s.rows, first_col, lane, step);
+      } else {
+        next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
       }
+      keeps = next.keeps(threshold);
       __syncthreads();  // the tile, rows (and at the end panel) are rewritten next
     }
     if (!rows_role && want_panel_grad) {

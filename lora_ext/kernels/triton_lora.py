@@ -634,6 +634,9 @@ def _sum_partials(partials: torch.Tensor, out: torch.Tensor, scale: float = 1.0,
 # float32: 64 registers per thread at 4 warps), and the most partials in one load.
 SUM_TILE_VALUES = 8192
 SUM_MAX_BLOCK_PARTS = 32
+# Programs per SM the sum aims at where there are 2 partials or fewer (latency-bound loads: more in flight).
+SUM_FEW_PARTS_PROGRAMS_PER_SM = 8
+SUM_MIN_TILE_VALUES = 1024
 
 
 def one_partial_per_step_blocks(r_pad: int) -> tuple[int, int]:
@@ -654,7 +657,16 @@ def _sum_blocks(num_parts: int, n_rows: int, r_pad: int, sms: int) -> tuple[int,
     if _INTERPRET:
         return 2, 8
     if num_parts <= 2:
-        return one_partial_per_step_blocks(r_pad)
+        # Few partials: the rows are the only parallelism. One partial per step on 64-row blocks gave
+        # gate/up r = 64's dB sum 224 programs of 4 warps (10% occupancy, DRAM 9%: NOTES.md #72); both
+        # partials at once on rows for about SUM_FEW_PARTS_PROGRAMS_PER_SM programs per SM (NOTES.md #85).
+        block_parts = triton.next_power_of_2(num_parts)
+        rows_for_registers = max(2, SUM_TILE_VALUES // (block_parts * r_pad))
+        rows_for_sms = triton.next_power_of_2(_cdiv(n_rows, SUM_FEW_PARTS_PROGRAMS_PER_SM * sms))
+        # ... but at least SUM_MIN_TILE_VALUES per program (two 16-byte loads per thread at 4 warps): smaller
+        # tiles leave threads idle and pay a program's fixed cost for a few bytes.
+        rows_for_threads = max(2, SUM_MIN_TILE_VALUES // (block_parts * r_pad))
+        return block_parts, min(rows_for_registers, max(rows_for_sms, rows_for_threads))
     block_parts = min(triton.next_power_of_2(num_parts), SUM_MAX_BLOCK_PARTS, max(1, SUM_TILE_VALUES // (2 * r_pad)))
     rows_for_registers = max(2, SUM_TILE_VALUES // (block_parts * r_pad))
     rows_for_sms = max(2, triton.next_power_of_2(_cdiv(n_rows, sms)))
