@@ -438,6 +438,35 @@ def test_sum_partials_adds_every_partial_in_loads_of_several(num_parts, n_rows, 
     torch.testing.assert_close(out_wide.double(), wide.t() if transpose_out else wide, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_parts, n_rows, r, r_pad", [(2, 1000, 64, 64), (1, 777, 16, 16), (2, 333, 8, 16),
+                                                        (2, 300, 32, 32)])
+def test_sum_partials_gpu_blocks_same_bits(monkeypatch, num_parts, n_rows, r, r_pad):
+    """The GPU's block rule at 2 partials or fewer (both at once on rows for ~8 programs per SM, NOTES.md #85),
+    run through the kernel here (the interpreter otherwise takes its own small blocks; a small SM count so that
+    several programs run): the same bits as one partial per step and as (0 + p0 + p1) · scale in float32, NaN
+    and -0.0 included."""
+    sms = 4
+    monkeypatch.setattr(triton_lora, "_INTERPRET", False)
+    gpu_blocks = triton_lora._sum_blocks(num_parts, n_rows, r_pad, sms)
+    monkeypatch.setattr(triton_lora, "_INTERPRET", True)
+    assert gpu_blocks != triton_lora.one_partial_per_step_blocks(r_pad)
+    gen = torch.Generator().manual_seed(n_rows)
+    partials = torch.randn(num_parts, n_rows, r_pad, generator=gen)
+    partials[0, 0, 0], partials[-1, 1, 0], partials[:, 2, 1] = float("nan"), -0.0, -0.0
+    results = []
+    for blocks in (gpu_blocks, triton_lora.one_partial_per_step_blocks(r_pad)):
+        monkeypatch.setattr(triton_lora, "_sum_blocks", lambda *args, blocks=blocks: blocks)
+        out = torch.empty(n_rows, r)
+        triton_lora._sum_partials(partials, out, scale=0.5)
+        results.append(out.view(torch.int32))  # bits: NaN and the sign of zero compared too
+    expected = torch.zeros(n_rows, r_pad)
+    for part in partials:
+        expected = expected + part
+    expected = (expected * 0.5)[:, :r].contiguous()
+    assert torch.equal(results[0], results[1]), gpu_blocks
+    assert torch.equal(results[0], expected.view(torch.int32)), gpu_blocks
+
+
 # The fused forward GEMM (lora_ext/kernels/fused_forward.py; the native CUDA path runs it on
 # Hopper for dropout-free k/v-sized layers). Small tiles so that the odd shapes below have row,
 # column, K and rank tails, and runs of several column blocks (xa reused across a run's tiles).
