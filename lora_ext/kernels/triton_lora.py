@@ -641,7 +641,7 @@ SUM_MIN_TILE_VALUES = 1024
 
 def one_partial_per_step_blocks(r_pad: int) -> tuple[int, int]:
     """(BLOCK_PARTS, BLOCK_ROWS) of the sum before 12-06 (one partial per loop step; at 2 partials or fewer
-    until 12-07, NOTES.md #85): the other column of masked_pieces.py's A/B (--parts sums) and ncu_piece.py's."""
+    until 12-07, NOTES.md #85): the other column of masked_pieces.py's A/B (--parts sums)."""
     return 1, max(16, SUM_TILE_VALUES // 2 // r_pad)
 
 
@@ -652,7 +652,7 @@ def _sum_blocks(num_parts: int, n_rows: int, r_pad: int, sms: int) -> tuple[int,
     at 7 of the 8 'post' shapes and ranks (k/v r = 16: 0.57); rows first (fewer partials per load, more
     loads) lost at r = 64 (q/o, down: 1.06). At 2 partials or fewer the rows are the only parallelism: both
     partials at once on rows for ~SUM_FEW_PARTS_PROGRAMS_PER_SM programs per SM (gate/up r = 64's dB sum: 896
-    programs of (2, 16) where (2, 64) and one partial per step ran 224; the 'post' piece 0.971× one partial
+    programs of (2, 16) where one partial per step, (1, 64), ran 224; the 'post' piece 0.971× one partial
     per step, H100 12-07 05:10, NOTES.md #85). The order is fixed for a given shape and SM count (as the split
     into partials is). Powers of two (tl.arange); the interpreter gets small blocks, so the tests take several
     steps (test_sum_partials_gpu_blocks_same_bits forces this rule's blocks there)."""
