@@ -658,21 +658,17 @@ def _sum_blocks(num_parts: int, n_rows: int, r_pad: int, sms: int) -> tuple[int,
     steps (test_sum_partials_gpu_blocks_same_bits forces this rule's blocks there)."""
     if _INTERPRET:
         return 2, 8
-    if num_parts <= 2:
-        # Few partials: the rows are the only parallelism. One partial per step on 64-row blocks gave
-        # gate/up r = 64's dB sum 224 programs of 4 warps (10% occupancy, DRAM 9%: NOTES.md #72); both
-        # partials at once on rows for about SUM_FEW_PARTS_PROGRAMS_PER_SM programs per SM (NOTES.md #85).
-        block_parts = triton.next_power_of_2(num_parts)
-        rows_for_registers = max(2, SUM_TILE_VALUES // (block_parts * r_pad))
-        rows_for_sms = triton.next_power_of_2(_cdiv(n_rows, SUM_FEW_PARTS_PROGRAMS_PER_SM * sms))
-        # ... but at least SUM_MIN_TILE_VALUES per program (two 16-byte loads per thread at 4 warps): smaller
-        # tiles leave threads idle and pay a program's fixed cost for a few bytes.
-        rows_for_threads = max(2, SUM_MIN_TILE_VALUES // (block_parts * r_pad))
-        return block_parts, min(rows_for_registers, max(rows_for_sms, rows_for_threads))
-    block_parts = min(triton.next_power_of_2(num_parts), SUM_MAX_BLOCK_PARTS, max(1, SUM_TILE_VALUES // (2 * r_pad)))
+    block_parts = min(_next_power_of_2(num_parts), SUM_MAX_BLOCK_PARTS, max(1, SUM_TILE_VALUES // (2 * r_pad)))
+    # Rows for about one program per SM; at 2 partials or fewer for SUM_FEW_PARTS_PROGRAMS_PER_SM (the loads are
+    # latency-bound on few programs: NOTES.md #72), each with at least SUM_MIN_TILE_VALUES (two 16-byte loads per
+    # thread at 4 warps: smaller tiles leave threads idle and pay a program's fixed cost for a few bytes).
+    few_parts = num_parts <= 2
+    programs_per_sm = SUM_FEW_PARTS_PROGRAMS_PER_SM if few_parts else 1
+    min_tile_values = SUM_MIN_TILE_VALUES if few_parts else 0
     rows_for_registers = max(2, SUM_TILE_VALUES // (block_parts * r_pad))
-    rows_for_sms = max(2, triton.next_power_of_2(_cdiv(n_rows, sms)))
-    return block_parts, min(rows_for_registers, rows_for_sms)
+    rows_for_sms = max(2, _next_power_of_2(_cdiv(n_rows, programs_per_sm * sms)))
+    rows_for_threads = max(2, min_tile_values // (block_parts * r_pad))
+    return block_parts, min(rows_for_registers, max(rows_for_sms, rows_for_threads))
 
 
 # ---------------------------------------------------------------------------
