@@ -34,9 +34,12 @@ LORA_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
 
 constexpr int kPhiloxRounds = 10;
 
-// One Philox-4x32 round of the counter c with the round's keys (k0, k1): round i's are the seed's two
-// halves plus i times kPhiloxKeyA / kPhiloxKeyB (mod 2^32).
-LORA_HOST_DEVICE void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
+// Round `round` (0-based) of Philox-4x32 on the counter c: its keys are the seed's two halves plus `round`
+// times kPhiloxKeyA / kPhiloxKeyB (mod 2^32). Callers that run the rounds in pieces (the native masked
+// step's TileKeeps) get the same values as philox4.
+LORA_HOST_DEVICE void philox_round(uint32_t c[4], uint64_t seed, int round) {
+  const uint32_t k0 = static_cast<uint32_t>(seed) + static_cast<uint32_t>(round) * kPhiloxKeyA;
+  const uint32_t k1 = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * kPhiloxKeyB;
   const uint32_t prev_c0 = c[0], prev_c2 = c[2];
   c[0] = mulhi32(kPhiloxRoundB, prev_c2) ^ c[1] ^ k0;
   c[2] = mulhi32(kPhiloxRoundA, prev_c0) ^ c[3] ^ k1;
@@ -48,17 +51,12 @@ LORA_HOST_DEVICE void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
 // words, in Random123's order (counter 0, key 0 gives 0x6627e8d5 first).
 LORA_HOST_DEVICE void philox4(uint64_t seed, uint64_t counter, uint32_t words[4]) {
   uint32_t c[4] = {static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0, 0};
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDACC__)
 #pragma unroll
 #elif defined(__GNUC__) && !defined(__clang__)
 #pragma GCC unroll 10
 #endif
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    philox_round(c, k0, k1);
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
+  for (int round = 0; round < kPhiloxRounds; ++round) philox_round(c, seed, round);
   for (int w = 0; w < 4; ++w) words[w] = c[w];
 }
 

@@ -235,14 +235,12 @@ struct TileKeeps {
       c[v][0] = static_cast<uint32_t>(group), c[v][1] = static_cast<uint32_t>(group >> 32), c[v][2] = 0, c[v][3] = 0;
     }
   }
-  // Rounds [first, end) of every vector's evaluation (philox4's rounds, with its keys after `round` increments).
+  // Rounds [first, end) of every vector's evaluation (philox4's rounds).
   __device__ __forceinline__ void rounds(uint64_t seed, int first, int end) {
 #pragma unroll
     for (int round = first; round < end; ++round) {
-      const uint32_t k0 = static_cast<uint32_t>(seed) + static_cast<uint32_t>(round) * kPhiloxKeyA;
-      const uint32_t k1 = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * kPhiloxKeyB;
 #pragma unroll
-      for (int v = 0; v < VECTORS; ++v) philox_round(c[v], k0, k1);
+      for (int v = 0; v < VECTORS; ++v) philox_round(c[v], seed, round);
     }
   }
   // Step `step` of `steps` (the products' K steps): its share of the ten rounds. The empty volatile asm keeps them
