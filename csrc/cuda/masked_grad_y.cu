@@ -13,8 +13,9 @@
 // cores (ldmatrix + mma.sync): the tile as A for grad_xa, its transpose (ldmatrix .trans) as A
 // for grad_B. The next tile's loads are issued before this tile's products, and two programs
 // share an SM (at ranks <= 16). Measured: 63.8 us there (NOTES.md #21; a WMMA version took 80).
-// The eight masks of a vector are computed a tile ahead, during the previous tile's products, and kept
-// as 8 bits (TileKeeps; NOTES.md #84): the mask step itself only applies them.
+// At R_PAD 32 and 64 the eight masks of a vector are computed a tile ahead, during the previous tile's
+// products, and kept as 8 bits (TileKeeps; NOTES.md #84): the mask step itself only applies them. At R_PAD 16
+// each tile's are computed in its own mask step (#86).
 //
 // Work split (the group sizes from masked_grad_y_grid.h): program (i, j) owns the 64-row blocks of row group i
 // and the 128-column blocks of column group j, row blocks innermost. The first half of its warps own
@@ -393,10 +394,19 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   // basic block it can issue in the gaps their ldmatrix and HMMA chains leave, where before the mask phase ran it
   // alone between the loads' arrival and the first barrier (stall_math and not_selected there: benchmarks/NOTES.md
   // #79's ledger, #84). The program's first tile computes its own here.
+  // At R_PAD 16 each tile's own flags are made in its mask phase instead: two programs share an SM there, so one
+  // program's mask already runs beside the other's products, and a tile ahead only added one unused evaluation per
+  // program (+25% of the rounds at 4 tiles a program) and left the first tile's outside the products. Measured
+  // (NOTES.md #86, H100, the step with its sum): k/v r = 16 19.5 -> 17.9 us in the mask phase; at R_PAD 32 the
+  // mask phase lost (gate/up 236.2 -> 254.4 us, q/o and down +4%), so there the flags stay a tile ahead.
+  constexpr bool kKeepsAhead = R_PAD > 16;
   TileKeeps<THREADS> next;
-  next.begin(groups_per_row, mb_first * kTileRows, cb_first * kTileCols);
-  next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
-  uint32_t keeps = next.keeps(threshold);
+  uint32_t keeps = 0;
+  if constexpr (kKeepsAhead) {
+    next.begin(groups_per_row, mb_first * kTileRows, cb_first * kTileCols);
+    next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
+    keeps = next.keeps(threshold);
+  }
 
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
     const int64_t c0 = cb * kTileCols;
@@ -440,7 +450,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       }
       // The grad_xa warps: rows m0 + first_row of slice blockIdx.y, ranks from first_rank, started by the
       // group's first column block. Loaded here, first, so that the load's latency passes under the mask phase
-      // (which now only applies the flags computed a tile ahead: less to hide it under than before #84).
+      // (at R_PAD 32 and 64 it only applies the flags computed a tile ahead: less to hide it under than before #84).
       float* rows_part =
           rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + first_row + acc_row) * R_PAD + first_rank;
       float rows_acc[RANK_SPAN / 8][4] = {};
@@ -448,6 +458,11 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       // This tile's copies by this thread have landed (all groups but the STAGES - 1 newest): each
       // thread masks exactly the vectors it copied, so no barrier is needed before the mask.
       if constexpr (kPipelined) cp_async_wait<STAGES - 1>();
+      if constexpr (!kKeepsAhead) {
+        next.begin(groups_per_row, m0, c0);
+        next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
+        keeps = next.keeps(threshold);
+      }
 #pragma unroll
       for (int v = 0; v < VECTORS; ++v) {
         const int q = v * THREADS + threadIdx.x;
@@ -472,19 +487,23 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       }
       // The next tile's keep flags, in each branch's own basic block beside its products (computed after the
       // program's last tile too, unused: a branch around them would put them in a block of their own).
-      const int64_t next_m0 = mb + 1 < mb_end ? m0 + kTileRows : mb_first * kTileRows;
-      const int64_t next_c0 = mb + 1 < mb_end ? c0 : c0 + kTileCols;
-      next.begin(groups_per_row, next_m0, next_c0);
-      const auto step = [&](int k, int steps) { next.step(seed, k, steps); };
+      if constexpr (kKeepsAhead) {
+        const int64_t next_m0 = mb + 1 < mb_end ? m0 + kTileRows : mb_first * kTileRows;
+        const int64_t next_c0 = mb + 1 < mb_end ? c0 : c0 + kTileCols;
+        next.begin(groups_per_row, next_m0, next_c0);
+      }
+      const auto step = [&](int k, int steps) {
+        if constexpr (kKeepsAhead) next.step(seed, k, steps);
+      };
       if (rows_role && want_rows_grad) {
         rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, s.panel, first_row, first_rank, lane, step);
         store_fragment<R_PAD, RANK_SPAN>(rows_part, rows_acc, acc_col);
       } else if (!rows_role && want_panel_grad) {
         panel_grad_products<T, R_PAD, CF>(panel_acc, tile, s.rows, first_col, lane, step);
-      } else {
+      } else if constexpr (kKeepsAhead) {
         next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
       }
-      keeps = next.keeps(threshold);
+      if constexpr (kKeepsAhead) keeps = next.keeps(threshold);
       __syncthreads();  // the tile, rows (and at the end panel) are rewritten next
     }
     if (!rows_role && want_panel_grad) {
