@@ -215,7 +215,8 @@ __device__ __forceinline__ void mask_vector(uint4& data, uint32_t keeps) {
 
 // The keep flags of this thread's VECTORS vectors of the tile at (m0, c0), generated a few Philox rounds at a time
 // (philox.h's philox4 in pieces: the same rounds on the same values) so that the rounds can sit between the
-// products' MMAs: given the whole evaluation in one piece, ptxas put all of it ahead of the products (SASS, sm_90,
+// products' MMAs (at R_PAD 32 and 64; at R_PAD 16 all ten rounds run at once in the tile's mask phase, #86): given
+// the whole evaluation in one piece, ptxas put all of it ahead of the products (SASS, sm_90,
 // nvcc 13.0), where it only moved the mask phase's integer burst past the barrier. Thread t's vector v is (row,
 // column group) (q / kVectorsPerRow, q % kVectorsPerRow) with q = v * THREADS + t, Philox group
 // (m0 + row) * C / 8 + c0 / 8 + q % kVectorsPerRow. Vectors past the matrix get flags too (their data is zero: the
@@ -280,7 +281,7 @@ __device__ __forceinline__ void rows_grad_products(float (&rows_acc)[SPAN / 8][4
                                                    int first_rank, int lane, Step&& step) {
 #pragma unroll
   for (int k = 0; k < kTileCols / 16; ++k) {
-    step(k, kTileCols / 16);  // other work for the gaps of this K step's MMAs (the next tile's keep flags)
+    step(k, kTileCols / 16);  // other work for the gaps of this K step's MMAs (R_PAD > 16: the next tile's keeps)
     uint32_t a[4];
     ldmatrix_x4(a, &tile[first_row + lane % 16][16 * k + 8 * (lane / 16)]);
 #pragma unroll
@@ -302,7 +303,7 @@ __device__ __forceinline__ void panel_grad_products(float (&panel_acc)[CF][R_PAD
                                                     Step&& step) {
 #pragma unroll
   for (int k = 0; k < kTileRows / 16; ++k) {
-    step(k, kTileRows / 16);  // other work for the gaps of this K step's MMAs (the next tile's keep flags)
+    step(k, kTileRows / 16);  // other work for the gaps of this K step's MMAs (R_PAD > 16: the next tile's keeps)
     uint32_t a[CF][4];
 #pragma unroll
     for (int cf = 0; cf < CF; ++cf) {
@@ -389,8 +390,9 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   // This lane's accumulator positions (see the fragment layouts above).
   const int acc_row = lane / 4, acc_col = 2 * (lane % 4);
   const uint64_t groups_per_row = static_cast<uint64_t>(C) / kMaskGroup;
-  // The keep flags of the tile being masked. Each tile's products phase computes the next tile's (the next row
-  // block, or the next column block's first): Philox is integer work with no memory operand, so in the products'
+  // The keep flags of the tile being masked (`next` holds the counters of the tile they are made for). At R_PAD 32
+  // and 64 each tile's products phase computes the next tile's (the next row block, or the next column block's
+  // first): Philox is integer work with no memory operand, so in the products'
   // basic block it can issue in the gaps their ldmatrix and HMMA chains leave, where before the mask phase ran it
   // alone between the loads' arrival and the first barrier (stall_math and not_selected there: benchmarks/NOTES.md
   // #79's ledger, #84). The program's first tile computes its own here.
