@@ -392,10 +392,10 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   const uint64_t groups_per_row = static_cast<uint64_t>(C) / kMaskGroup;
   // The keep flags of the tile being masked (`next` holds the counters of the tile they are made for). At R_PAD 32
   // and 64 each tile's products phase computes the next tile's (the next row block, or the next column block's
-  // first): Philox is integer work with no memory operand, so in the products'
-  // basic block it can issue in the gaps their ldmatrix and HMMA chains leave, where before the mask phase ran it
-  // alone between the loads' arrival and the first barrier (stall_math and not_selected there: benchmarks/NOTES.md
-  // #79's ledger, #84). The program's first tile computes its own here.
+  // first): Philox is integer work with no memory operand, so in the products' basic block it can issue in the gaps
+  // their ldmatrix and HMMA chains leave, where before the mask phase ran it alone between the loads' arrival and
+  // the first barrier (stall_math and not_selected there: benchmarks/NOTES.md #79's ledger, #84). The program's
+  // first tile computes its own here.
   // At R_PAD 16 each tile's own flags are made in its mask phase instead: two programs share an SM there, so one
   // program's mask already runs beside the other's products, and a tile ahead only added one unused evaluation per
   // program (+25% of the rounds at 4 tiles a program) and left the first tile's outside the products. Measured
