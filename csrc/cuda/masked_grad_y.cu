@@ -224,7 +224,6 @@ __device__ __forceinline__ void mask_vector(uint4& data, uint32_t keeps) {
 template <int THREADS>
 struct TileKeeps {
   static constexpr int VECTORS = vectors_per_thread<THREADS>();
-  static constexpr int ROUNDS = kPhiloxRounds;
   static_assert(VECTORS <= 4, "a tile's keep flags per thread fit one 32-bit word");
   uint32_t c[VECTORS][4];
 
@@ -245,6 +244,13 @@ struct TileKeeps {
       for (int v = 0; v < VECTORS; ++v) philox_round(c[v], seed, round);
     }
   }
+  // The whole evaluation for the tile at (m0, c0): its flags, as keeps() gives them.
+  __device__ __forceinline__ uint32_t of_tile(uint64_t groups_per_row, int64_t m0, int64_t c0, uint64_t seed,
+                                              uint32_t threshold) {
+    begin(groups_per_row, m0, c0);
+    rounds(seed, 0, kPhiloxRounds);
+    return keeps(threshold);
+  }
   // Step `step` of `steps` (the products' K steps): its share of the ten rounds. The empty volatile asm keeps them
   // there in the PTX: without it the compiler moved every round out of the products' branches to after them (the
   // rounds do not depend on the products), one contiguous burst again (SASS, sm_90, nvcc 13.0). Volatile asm
@@ -252,7 +258,7 @@ struct TileKeeps {
   // schedules the SASS itself, and keeps part of the rounds between the MMAs (R_PAD 64: 14 of 32 multiplies in one
   // branch, 2 of 36 in the other), the rest after the last MMA, still before the tile's end barrier.
   __device__ __forceinline__ void step(uint64_t seed, int step, int steps) {
-    rounds(seed, step * ROUNDS / steps, (step + 1) * ROUNDS / steps);
+    rounds(seed, step * kPhiloxRounds / steps, (step + 1) * kPhiloxRounds / steps);
 #pragma unroll
     for (int v = 0; v < VECTORS; ++v) {
       asm volatile("" : "+r"(c[v][0]), "+r"(c[v][1]), "+r"(c[v][2]), "+r"(c[v][3]));
@@ -405,9 +411,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   TileKeeps<THREADS> next;
   uint32_t keeps = 0;
   if constexpr (kKeepsAhead) {
-    next.begin(groups_per_row, mb_first * kTileRows, cb_first * kTileCols);
-    next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
-    keeps = next.keeps(threshold);
+    keeps = next.of_tile(groups_per_row, mb_first * kTileRows, cb_first * kTileCols, seed, threshold);
   }
 
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
@@ -460,11 +464,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       // This tile's copies by this thread have landed (all groups but the STAGES - 1 newest): each
       // thread masks exactly the vectors it copied, so no barrier is needed before the mask.
       if constexpr (kPipelined) cp_async_wait<STAGES - 1>();
-      if constexpr (!kKeepsAhead) {
-        next.begin(groups_per_row, m0, c0);
-        next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
-        keeps = next.keeps(threshold);
-      }
+      if constexpr (!kKeepsAhead) keeps = next.of_tile(groups_per_row, m0, c0, seed, threshold);
 #pragma unroll
       for (int v = 0; v < VECTORS; ++v) {
         const int q = v * THREADS + threadIdx.x;
@@ -503,7 +503,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       } else if (!rows_role && want_panel_grad) {
         panel_grad_products<T, R_PAD, CF>(panel_acc, tile, s.rows, first_col, lane, step);
       } else if constexpr (kKeepsAhead) {
-        next.rounds(seed, 0, TileKeeps<THREADS>::ROUNDS);
+        next.rounds(seed, 0, kPhiloxRounds);
       }
       if constexpr (kKeepsAhead) keeps = next.keeps(threshold);
       __syncthreads();  // the tile, rows (and at the end panel) are rewritten next
