@@ -84,19 +84,30 @@ template <int THREADS>
 constexpr int vectors_per_thread() { return kTileRows * kVectorsPerRow / THREADS; }
 constexpr int kMaxRank = 64;
 
+// The register scheme at R_PAD 64 copies B's next panel (by cp.async, into a second buffer) beside a column
+// block's last tile, so that the next block's first tile does not wait a round trip for it: the step's largest
+// single wait at k/v r = 64 (ncu, H100). Measured (benchmarks/NOTES.md #87, H100, the step with its sum): at r = 64
+// k/v 33.7 -> 32.4 us, q/o 97.6 -> 95.3, down 97.2 -> 95.6, gate/up even; at r = 16 and 32, where it also took the
+// shared memory of a second panel, +1-3% (k/v r = 16 17.9 -> 18.4, gate/up r = 32 235.9 -> 241.7), so there the
+// panel is loaded in each column block's prologue as before.
+template <int R_PAD>
+constexpr bool panel_ahead() { return R_PAD > 32; }
+
 template <typename T, int R_PAD>
 struct alignas(128) SharedTiles {
   T tile[kTileRows][kTileCols + kPad];   // drop(dY) for the current (row block, column block)
-  T panel[kTileCols][R_PAD + kPad];      // B's rows of the current column block
+  // B's rows of the current column block (and, where panel_ahead, of the next one: the two buffers alternate by
+  // the column block's parity in the program).
+  T panel[panel_ahead<R_PAD>() ? 2 : 1][kTileCols][R_PAD + kPad];
   T rows[kTileRows][R_PAD + kPad];       // xa's rows of the current row block
 };
 
-// The pipelined variant's shared memory: STAGES raw (then masked in place) dY tiles, B's and
+// The pipelined variant's shared memory: STAGES raw (then masked in place) dY tiles, one panel of B's rows and
 // xa's rows as in SharedTiles. Dynamic shared memory (60 KiB at r <= 16 with three stages).
 template <typename T, int R_PAD, int STAGES>
 struct alignas(128) PipelinedTiles {
   T stage[STAGES][kTileRows][kTileCols + kPad];
-  T panel[kTileCols][R_PAD + kPad];
+  T panel[1][kTileCols][R_PAD + kPad];
   T rows[kTileRows][R_PAD + kPad];
 };
 
@@ -161,6 +172,23 @@ __device__ __forceinline__ void load_thin(uint4 (&regs)[thin_vectors_per_thread<
     const bool inside = idx < ROWS * kRowVectors && first + row < count && col < thin_cols;
     regs[j] = inside ? __ldg(reinterpret_cast<const uint4*>(src + (first + row) * thin_cols + col))
                      : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// B's panel (kTileCols rows from `first`) into shared memory by cp.async: the vectors and zeros of load_thin, then
+// store_thin, without holding registers until the copy lands (cp_async_wait, then a barrier, before it is read).
+template <typename T, int ROWS, int R_PAD>
+__device__ __forceinline__ void copy_thin_async(T (&dst)[ROWS][R_PAD + kPad], const T* __restrict__ src, int64_t first,
+                                                int64_t count, int thin_cols) {
+  constexpr int kRowVectors = R_PAD / kMaskGroup;
+#pragma unroll
+  for (int j = 0; j < thin_vectors_per_thread<ROWS, R_PAD>(); ++j) {
+    const int idx = j * program_threads<R_PAD>() + threadIdx.x, row = idx / kRowVectors;
+    const int col = (idx % kRowVectors) * kMaskGroup;
+    if (idx < ROWS * kRowVectors) {
+      const bool inside = first + row < count && col < thin_cols;
+      cp_async_16(&dst[row][col], inside ? src + (first + row) * thin_cols + col : src, inside);
+    }
   }
 }
 
@@ -349,7 +377,7 @@ __device__ __forceinline__ void store_fragment(float* part, const float (&acc)[S
   }
 }
 
-// STAGES: 0 = registers one tile ahead (static shared memory); >= 2 = cp.async ring of STAGES
+// STAGES: 0 = registers one tile ahead (dynamic shared memory, sizeof(SharedTiles)); >= 2 = cp.async ring of STAGES
 // shared tiles (dynamic shared memory, sizeof(PipelinedTiles)). See the file's head.
 template <typename T, int R_PAD, int STAGES>
 __global__ void __launch_bounds__(program_threads<R_PAD>(), programs_per_sm<R_PAD, STAGES>())
@@ -414,13 +442,27 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
     keeps = next.of_tile(groups_per_row, mb_first * kTileRows, cb_first * kTileCols, seed, threshold);
   }
 
+  // kPanelAhead (the register scheme at R_PAD 64, see panel_ahead): the next tile's vectors and xa's rows are loaded
+  // a tile ahead across column blocks too, and B's next panel is copied beside a column block's last tile, so only
+  // the program's first tile waits for its loads. Otherwise each column block's prologue loads its first tile, xa's
+  // rows and its panel.
+  constexpr bool kPanelAhead = !kPipelined && panel_ahead<R_PAD>();
+  uint4 data[kPipelined ? 1 : VECTORS];  // STAGES == 0: the next tile's vectors
+  uint4 rows_data[thin_vectors_per_thread<kTileRows, R_PAD>()];  // xa's rows of the next tile
+  if constexpr (kPanelAhead) {
+    // A program without a tile (masked_grad_y_grid.h makes none) leaves before the prologue's loads and copies: the
+    // whole block, before any barrier, and with no cp.async group left in flight.
+    if (mb_first >= mb_end || cb_first >= cb_end) return;
+    load_tile<T, THREADS>(data, g, M, C, mb_first * kTileRows, cb_first * kTileCols);
+    if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, mb_first * kTileRows, M, thin_cols);
+    if (want_rows_grad) copy_thin_async<T, kTileCols, R_PAD>(s.panel[0], panel, cb_first * kTileCols, C, thin_cols);
+    cp_async_commit();
+  }
   for (int64_t cb = cb_first; cb < cb_end; ++cb) {
     const int64_t c0 = cb * kTileCols;
     // The grad_B warps: grad_B rows c0 + first_col + 16 cf, all R_PAD columns.
     float panel_acc[CF][N_BLOCKS][4] = {};
 
-    uint4 data[kPipelined ? 1 : VECTORS];  // STAGES == 0: the next tile's vectors
-    uint4 rows_data[thin_vectors_per_thread<kTileRows, R_PAD>()];  // xa's rows of the next tile
     if constexpr (kPipelined) {
 #pragma unroll
       for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
@@ -429,16 +471,21 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         }
         cp_async_commit();  // one group per tile slot, empty or not: the wait below counts groups
       }
-    } else {
+    } else if constexpr (!kPanelAhead) {
       load_tile<T, THREADS>(data, g, M, C, mb_first * kTileRows, c0);
     }
-    if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, mb_first * kTileRows, M, thin_cols);
-    // B's panel after the first tile's loads, so that they fly together: one round trip to memory before the first
-    // tile, not one for the panel and one for the tile. (The last tile's barrier ended all reads of the old panel.)
-    if (want_rows_grad) {
-      uint4 panel_data[thin_vectors_per_thread<kTileCols, R_PAD>()];
-      load_thin<T, kTileCols, R_PAD>(panel_data, panel, c0, C, thin_cols);
-      store_thin<T, kTileCols, R_PAD>(s.panel, panel_data);
+    // kPanelAhead: this block's panel was copied a tile ahead, into buffer (cb - cb_first) % 2. Otherwise it is
+    // loaded after the first tile's loads, so that they fly together (one round trip to memory before the first
+    // tile, not two); the last tile's barrier ended all reads of the old panel.
+    const int panel_slot = kPanelAhead ? static_cast<int>((cb - cb_first) % 2) : 0;
+    auto& panel_tile = s.panel[panel_slot];
+    if constexpr (!kPanelAhead) {
+      if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, mb_first * kTileRows, M, thin_cols);
+      if (want_rows_grad) {
+        uint4 panel_data[thin_vectors_per_thread<kTileCols, R_PAD>()];
+        load_thin<T, kTileCols, R_PAD>(panel_data, panel, c0, C, thin_cols);
+        store_thin<T, kTileCols, R_PAD>(panel_tile, panel_data);
+      }
     }
     for (int64_t mb = mb_first; mb < mb_end; ++mb) {
       const int64_t m0 = mb * kTileRows;
@@ -481,11 +528,27 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         }
       }
       if (want_panel_grad) store_thin<T, kTileRows, R_PAD>(s.rows, rows_data);
+      // kPanelAhead, a column block's first tile: this thread's copies of the block's panel have landed (the only
+      // cp.async group in flight); the barrier below shows every thread's to all.
+      if constexpr (kPanelAhead) {
+        if (mb == mb_first) cp_async_wait<0>();
+      }
       __syncthreads();
-      // The next tile's loads fly while this one's products run.
+      // The next tile's loads fly while this one's products run (kPanelAhead: after a column block's last tile, the
+      // next block's first tile and its panel, into the other buffer: its last reader, the previous block's last
+      // tile, ended at that tile's end barrier).
       if (mb + 1 < mb_end) {
         if constexpr (!kPipelined) load_tile<T, THREADS>(data, g, M, C, m0 + kTileRows, c0);
         if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, m0 + kTileRows, M, thin_cols);
+      } else if constexpr (kPanelAhead) {
+        if (cb + 1 < cb_end) {
+          load_tile<T, THREADS>(data, g, M, C, mb_first * kTileRows, c0 + kTileCols);
+          if (want_panel_grad) load_thin<T, kTileRows, R_PAD>(rows_data, rows, mb_first * kTileRows, M, thin_cols);
+          if (want_rows_grad) {
+            copy_thin_async<T, kTileCols, R_PAD>(s.panel[1 - panel_slot], panel, c0 + kTileCols, C, thin_cols);
+          }
+          cp_async_commit();
+        }
       }
       // The next tile's keep flags, in each branch's own basic block beside its products (computed after the
       // program's last tile too, unused: a branch around them would put them in a block of their own).
@@ -498,7 +561,7 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         if constexpr (kKeepsAhead) next.step(seed, k, steps);
       };
       if (rows_role && want_rows_grad) {
-        rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, s.panel, first_row, first_rank, lane, step);
+        rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, panel_tile, first_row, first_rank, lane, step);
         store_fragment<R_PAD, RANK_SPAN>(rows_part, rows_acc, acc_col);
       } else if (!rows_role && want_panel_grad) {
         panel_grad_products<T, R_PAD, CF>(panel_acc, tile, s.rows, first_col, lane, step);
@@ -777,7 +840,20 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   if (pipelined) {
     launch(pipelined_kernel, pipelined_shared);
   } else {
-    launch(masked_grad_y_kernel<T, R_PAD, 0>, sizeof(SharedTiles<T, R_PAD>));
+    // Two panel buffers (NOTES.md #87) take R_PAD = 64's shared memory past 48 KiB (62 KiB): the opt-in, once per
+    // device. One program per SM there (its registers): with the 1 KiB reserved per program, 63 KiB, within the same
+    // 64 KiB carve-out step as the 45 before, so the L1 left is the same.
+    constexpr size_t register_shared = sizeof(SharedTiles<T, R_PAD>);
+    auto register_kernel = masked_grad_y_kernel<T, R_PAD, 0>;
+    if constexpr (register_shared > 48 * 1024) {
+      static PerDeviceCache opted_in{};
+      once_per_device(opted_in, g2.get_device(), [&] {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(register_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            register_shared));
+        return 1;
+      });
+    }
+    launch(register_kernel, register_shared);
   }
   // The kernel summed dY * keep; s and the kept elements' 1 / (1 - p) apply here, in float32.
   const double sum_scale = scale / (1.0 - p);
