@@ -184,10 +184,6 @@ ADAPTER_GRAD_CONFIGS = {
     **{f"m{bm}c{bc}s{st}w{nw}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=nw)
        for bm in (128, 256, 512) for bc in (16, 32, 64) for st in (3, 4, 6) for nw in (4, 8)
        if bm * bc * 2 * st <= 160 * 1024},
-    # the rows split over `split_m` programs per column block, float32 partials summed by a second launch
-    # (adapter_grads.py's split_m, NOTES.md #88): more programs with 64 columns (128-byte rows of x)
-    **{f"m{bm}c{bc}s{st}w4x{sp}": dict(block_m=bm, block_c=bc, num_stages=st, num_warps=4, split_m=sp)
-       for bm, bc, st in ((256, 64, 4), (128, 64, 4), (128, 64, 6), (256, 32, 4), (128, 32, 4)) for sp in (2, 3, 4)},
 }
 
 

@@ -833,31 +833,6 @@ def test_adapter_grads_match_float64(M, K, N, r, layout):
     assert torch.equal(adapter_grads.grad_B_only(xa, g, 3.0, block_m=32, block_c=16), grad_B)
 
 
-@pytest.mark.parametrize("M, K, N, r, split_m", [(130, 40, 104, 16, 2), (161, 72, 24, 8, 3), (33, 48, 96, 64, 4),
-                                                 (40, 24, 16, 16, 5)])
-def test_adapter_grads_split_rows_match_float64(M, K, N, r, split_m):
-    """The rows split over split_m programs per column block (float32 partials, then a second launch
-    sums them in split order): both gradients against float64 as unsplit; shares of whole 32-row tiles
-    with a ragged last one (161 rows over 3), an empty share (40 rows are two tiles: 5 splits become 2),
-    x column-major. Twice gives the same bits, and dA alone and dB alone the same bits as together."""
-    from lora_ext.kernels import adapter_grads
-
-    gen = torch.Generator().manual_seed(M + K + r + split_m)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(torch.float16)
-
-    grad_xa, xa, x, g = randn(M, r), randn(M, r), randn(K, M).t(), randn(M, N)
-    tiles = dict(block_m=32, block_c=16, split_m=split_m)
-    grad_A, grad_B = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, **tiles)
-    assert_within_bound(grad_A, 0.5 * grad_xa.double().t() @ x.double(), 0.5 * (grad_xa.t() @ x), torch.float16, "dA")
-    assert_within_bound(grad_B, 3.0 * g.double().t() @ xa.double(), 3.0 * (g.t() @ xa), torch.float16, "dB")
-    again = adapter_grads.adapter_grads(grad_xa, x, xa, g, 0.5, 3.0, **tiles)
-    assert torch.equal(again[0], grad_A) and torch.equal(again[1], grad_B)
-    assert torch.equal(adapter_grads.grad_A_only(grad_xa, x, 0.5, **tiles), grad_A)
-    assert torch.equal(adapter_grads.grad_B_only(xa, g, 3.0, **tiles), grad_B)
-
-
 def test_adapter_grads_address_column_major_operands_past_2_31_elements():
     """A column-major x whose last column starts past element 2^31 (a transposed view of a large
     tensor): the kernel's column offsets are 64-bit, so every column block of dA is right (in int32

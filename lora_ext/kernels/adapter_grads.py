@@ -13,8 +13,6 @@ walks all M rows: no split of the reduction, so no float32 partials (no extra me
 and a fixed summation order (bitwise reproducible). Parallelism comes from the columns: K / BLOCK_C
 programs for dA and N / BLOCK_C for dB, in one grid (64 + 16 at k/v with 64 columns), each
 streaming BLOCK_M x BLOCK_C tiles of its big operand through a software pipeline (tile_config).
-A `split_m` > 1 in the config (off by default, probed in benchmarks/NOTES.md #88) splits the rows over
-that many programs per column block instead: float32 partials, summed in split order by a second launch.
 
 Any strides; the small operands' r is padded to 16 for the MMA by masked loads. The operands of
 all four share one 16-bit dtype (float16/bfloat16), float32 accumulation, outputs in that dtype.
@@ -95,12 +93,9 @@ def _accumulate_tile(acc, small_ptr, big_ptr, m0, M, rank_ok, stride_small_m, st
 
 @triton.jit
 def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_big_m, stride_big_c,
-                  stride_out_r, stride_out_c, scale, col_block, split, rows_per_split, part_ptr, part_stride,
-                  R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK_ALIGN: tl.constexpr,
-                  SPLIT_M: tl.constexpr):
-    """out[:, cols] = scale * small[:, :R]ᵀ big[:, cols] for this program's BLOCK_C columns; with SPLIT_M > 1,
-    this program's share of the rows only (split of SPLIT_M, rows_per_split each), its float32 sum stored
-    unscaled at part_ptr + split * part_stride + rank * C + col for _sum_splits."""
+                  stride_out_r, stride_out_c, scale, col_block,
+                  R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK_ALIGN: tl.constexpr):
+    """out[:, cols] = scale * small[:, :R]ᵀ big[:, cols] for this program's BLOCK_C columns."""
     cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
     # 64-bit column offsets too: with a column-major big operand (a transposed x), cols * stride_big_c
     # passes 2^31 from 2^31 elements on, in int32 a wrapped address.
@@ -110,79 +105,28 @@ def _thin_product(small_ptr, big_ptr, out_ptr, M, C, R, stride_small_m, stride_b
     stride_small_m = aligned_stride(stride_small_m, RANK_ALIGN)
     rank_ok = rank_mask(ranks, R, RANK_ALIGN)
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
-    if SPLIT_M == 1:
-        for m0 in range(0, M, BLOCK_M):  # software-pipelined by the launch's num_stages
-            acc = _accumulate_tile(acc, small_ptr, big_ptr, m0, M, rank_ok, stride_small_m, stride_big_m,
-                                   big_col_offsets, col_ok, R_PAD, BLOCK_M)
-        tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
-                 (acc * scale).to(out_ptr.dtype.element_ty), mask=rank_ok[:, None] & col_ok[None, :])
-    else:
-        m_begin = split * rows_per_split
-        m_end = tl.minimum(M, m_begin + rows_per_split)
-        for offset in range(0, rows_per_split, BLOCK_M):
-            acc = _accumulate_tile(acc, small_ptr, big_ptr, m_begin + offset, m_end, rank_ok, stride_small_m,
-                                   stride_big_m, big_col_offsets, col_ok, R_PAD, BLOCK_M)
-        part = part_ptr + split.to(tl.int64) * part_stride + ranks[:, None] * C + cols[None, :]
-        tl.store(part, acc, mask=col_ok[None, :])
+    for m0 in range(0, M, BLOCK_M):  # software-pipelined by the launch's num_stages
+        acc = _accumulate_tile(acc, small_ptr, big_ptr, m0, M, rank_ok, stride_small_m, stride_big_m,
+                               big_col_offsets, col_ok, R_PAD, BLOCK_M)
+    tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=rank_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _adapter_grads_kernel(grad_xa_ptr, x_ptr, grad_A_ptr, xa_ptr, g_ptr, grad_B_ptr, M, K, N, R,
                           stride_grad_xa_m, stride_x_m, stride_x_k, stride_xa_m, stride_g_m, stride_g_n,
-                          scale_A, scale_B, blocks_A, rows_per_split, part_A_ptr, part_B_ptr,
+                          scale_A, scale_B, blocks_A,
                           R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                          RANK_ALIGN: tl.constexpr, SPLIT_M: tl.constexpr):
-    # Programs [0, blocks_A * SPLIT_M) own dA's column blocks, the rest dB's, SPLIT_M neighbouring
-    # programs per column block (one share of the rows each); dA (r, K) row-major, dB (N, r) row-major
-    # written as the transposed (r, N) product. part_*_ptr: SPLIT_M > 1 only, (SPLIT_M, R_PAD, C) float32.
-    pid = tl.program_id(0)
-    if SPLIT_M == 1:
-        if pid < blocks_A:
-            _thin_product(grad_xa_ptr, x_ptr, grad_A_ptr, M, K, R, stride_grad_xa_m, stride_x_m, stride_x_k,
-                          K, 1, scale_A, pid, 0, M, part_A_ptr, 0, R_PAD, BLOCK_M, BLOCK_C, RANK_ALIGN, SPLIT_M)
-        else:
-            _thin_product(xa_ptr, g_ptr, grad_B_ptr, M, N, R, stride_xa_m, stride_g_m, stride_g_n,
-                          1, R, scale_B, pid - blocks_A, 0, M, part_B_ptr, 0, R_PAD, BLOCK_M, BLOCK_C, RANK_ALIGN,
-                          SPLIT_M)
-    else:
-        # One call with the operands selected (a call per branch, as above, compiled with both loops' shared
-        # rings live at once here: twice the shared memory, sm_90, triton 3.6-3.9).
-        block, split = pid // SPLIT_M, pid % SPLIT_M
-        is_A = block < blocks_A
-        _thin_product(tl.where(is_A, grad_xa_ptr, xa_ptr), tl.where(is_A, x_ptr, g_ptr), grad_A_ptr, M,
-                      tl.where(is_A, K, N), R, tl.where(is_A, stride_grad_xa_m, stride_xa_m),
-                      tl.where(is_A, stride_x_m, stride_g_m), tl.where(is_A, stride_x_k, stride_g_n), 0, 0, 1.0,
-                      tl.where(is_A, block, block - blocks_A), split, rows_per_split,
-                      tl.where(is_A, part_A_ptr, part_B_ptr), tl.where(is_A, R_PAD * K, R_PAD * N),
-                      R_PAD, BLOCK_M, BLOCK_C, RANK_ALIGN, SPLIT_M)
-
-
-@triton.jit
-def _sum_split(part_ptr, out_ptr, C, R, stride_out_r, stride_out_c, scale, col_block,
-               R_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_M: tl.constexpr):
-    """out[:, cols] = scale * the sum of the SPLIT_M float32 partials, in split order (fixed: the same bits
-    in every run)."""
-    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    ranks = tl.arange(0, R_PAD)
-    col_ok = cols < C
-    acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_M):
-        acc += tl.load(part_ptr + (split * R_PAD + ranks[:, None]).to(tl.int64) * C + cols[None, :],
-                       mask=col_ok[None, :], other=0.0)
-    tl.store(out_ptr + ranks[:, None] * stride_out_r + cols[None, :] * stride_out_c,
-             (acc * scale).to(out_ptr.dtype.element_ty), mask=(ranks < R)[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(part_A_ptr, grad_A_ptr, part_B_ptr, grad_B_ptr, K, N, R, scale_A, scale_B, blocks_A,
-                       R_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_M: tl.constexpr):
-    # The second launch where the rows are split (SPLIT_M > 1): programs [0, blocks_A) sum dA's column
-    # blocks, the rest dB's, into the outputs' layouts as _adapter_grads_kernel writes them unsplit.
+                          RANK_ALIGN: tl.constexpr):
+    # Programs [0, blocks_A) own dA's column blocks, the rest dB's; dA (r, K) row-major, dB
+    # (N, r) row-major written as the transposed (r, N) product.
     pid = tl.program_id(0)
     if pid < blocks_A:
-        _sum_split(part_A_ptr, grad_A_ptr, K, R, K, 1, scale_A, pid, R_PAD, BLOCK_C, SPLIT_M)
+        _thin_product(grad_xa_ptr, x_ptr, grad_A_ptr, M, K, R, stride_grad_xa_m, stride_x_m, stride_x_k,
+                      K, 1, scale_A, pid, R_PAD, BLOCK_M, BLOCK_C, RANK_ALIGN)
     else:
-        _sum_split(part_B_ptr, grad_B_ptr, N, R, 1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_C, SPLIT_M)
+        _thin_product(xa_ptr, g_ptr, grad_B_ptr, M, N, R, stride_xa_m, stride_g_m, stride_g_n,
+                      1, R, scale_B, pid - blocks_A, R_PAD, BLOCK_M, BLOCK_C, RANK_ALIGN)
 
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -235,36 +179,16 @@ def _launch(grad_xa, x2, xa, g2, scale_A, scale_B, with_A, with_B, config):
     # An output no program writes is not allocated: the other one stands in for its pointer.
     grad_A = torch.empty((r, K), dtype=xa.dtype, device=xa.device) if with_A else None
     grad_B = torch.empty((N, r), dtype=xa.dtype, device=xa.device) if with_B else None
-    block_m, block_c = cfg["block_m"], cfg["block_c"]
+    block_c = cfg["block_c"]
     blocks_A = triton.cdiv(K, block_c) if with_A else 0
     blocks_B = triton.cdiv(N, block_c) if with_B else 0
-    # split_m > 1: the rows split over that many programs per column block (whole BLOCK_M tiles each), their
-    # float32 sums written to partials (split_m x r_pad x columns x 4 bytes) and summed by a second launch.
-    split_m = max(1, min(int(cfg.get("split_m", 1)), triton.cdiv(M, block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, block_m), split_m) * block_m
-    part_A = part_B = None
-    if split_m > 1:
-        part_A = torch.empty((split_m, r_pad, K), dtype=torch.float32, device=xa.device) if with_A else None
-        part_B = torch.empty((split_m, r_pad, N), dtype=torch.float32, device=xa.device) if with_B else None
-    stand_in = part_A if part_A is not None else part_B  # for a partial no program writes, or none at all
-    if stand_in is None:
-        stand_in = grad_A if with_A else grad_B
     replay.launch(
-        _adapter_grads_kernel, ((blocks_A + blocks_B) * split_m,),
+        _adapter_grads_kernel, (blocks_A + blocks_B,),
         grad_xa, x2, grad_A if with_A else grad_B, xa, g2, grad_B if with_B else grad_A, M, K, N, r,
         grad_xa.stride(0), x2.stride(0), x2.stride(1), xa.stride(0), g2.stride(0), g2.stride(1),
-        float(scale_A), float(scale_B), blocks_A, rows_per_split,
-        part_A if part_A is not None else stand_in, part_B if part_B is not None else stand_in,
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_C=block_c,
-        RANK_ALIGN=rank_align, SPLIT_M=split_m, num_stages=cfg["num_stages"],
+        float(scale_A), float(scale_B), blocks_A,
+        R_PAD=r_pad, BLOCK_M=cfg["block_m"], BLOCK_C=block_c,
+        RANK_ALIGN=rank_align, num_stages=cfg["num_stages"],
         num_warps=cfg["num_warps"],
     )
-    if split_m > 1:
-        replay.launch(
-            _sum_splits_kernel, (blocks_A + blocks_B,),
-            part_A if part_A is not None else stand_in, grad_A if with_A else grad_B,
-            part_B if part_B is not None else stand_in, grad_B if with_B else grad_A,
-            K, N, r, float(scale_A), float(scale_B), blocks_A,
-            R_PAD=r_pad, BLOCK_C=block_c, SPLIT_M=split_m, num_warps=4,
-        )
     return grad_A, grad_B
