@@ -277,11 +277,18 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 
 // The input gradient with grad_xa given has no first tile's g B to pay, so it also runs at any width
 // where dx is at most 2048 wide: 1.03x cuBLAS's g W against 1.14 composed at 2048 x 5632, 0.995
-// against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53).
+// against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53); and where dx is wider
+// than 4096, where the composed dx's cuBLAS grad_xa A writes an (M, K) tensor that g W with beta = 1
+// reads back (224 MiB each way at 14336 x 4096, M = 8192): there the op's fwd+bwd measured 0.981x
+// composed (r = 16, p = 0.1; H100, 12-07 09:25, NOTES.md #90), while at 4096 x 4096 and 4096 x 14336
+// (dx 4096 wide) it was even within the run's drift, so those stay composed. Widths between 4096 and
+// 14336 follow the one measured point.
+constexpr int64_t kGivenGradInputWideInputs = 4096;
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_post_dropout_enabled &&
          ((fused_grad_input_takes(g2, lora_A) &&
-           (weight.size(0) <= kFusedForwardMaxWidth || weight.size(1) <= kFusedGradInputNarrowMaxInputs)) ||
+           (weight.size(0) <= kFusedForwardMaxWidth || weight.size(1) <= kFusedGradInputNarrowMaxInputs ||
+            weight.size(1) > kGivenGradInputWideInputs)) ||
           fused_grad_input_given_past_rank_16(g2, weight, lora_A));
 }
 

@@ -1435,12 +1435,12 @@ def _native_dx_beside_composed(K, N, r, dropout, scale, seed_value, input_seed):
 def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
     """The native backward's input gradient: dropout-free, fused (the kernel's bits) where N <= 2048 or
     K <= 2048 with N <= 8192, composed elsewhere; with 'post' dropout, the grad_xa-given kernel where
-    N <= 2048 or K <= 2048 at any N (NOTES.md #53). Every case within the float64 bound."""
+    N <= 2048 or K <= 2048 at any N (NOTES.md #53) or K > 4096 (#90). Every case within the float64 bound."""
     from lora_ext.kernels import fused_forward
 
     scale, p, seed_value = 0.5, 0.25, 7
     cases = [(0.0, 2048, 2056, True), (0.0, 2048, 8192, True), (0.0, 2048, 8200, False), (0.0, 2056, 2056, False),
-             (p, 2048, 8200, True), (p, 2056, 2056, False)]
+             (p, 2048, 8200, True), (p, 2056, 2056, False), (p, 4104, 2056, True), (p, 4096, 2056, False)]
     for dropout, K, N, fused in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, 16, dropout, scale, seed_value,
                                                                            input_seed=K + N)
