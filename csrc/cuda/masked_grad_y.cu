@@ -88,8 +88,8 @@ constexpr int kMaxRank = 64;
 // block's last tile, so that the next block's first tile does not wait a round trip for it: the step's largest
 // single wait at k/v r = 64 (ncu, H100). Measured (benchmarks/NOTES.md #87, H100, the step with its sum): at r = 64
 // k/v 33.7 -> 32.4 us, q/o 97.6 -> 95.3, down 97.2 -> 95.6, gate/up even; at r = 16 and 32, where it also took the
-// shared memory of a second panel, +1-3% (k/v r = 16 17.9 -> 18.4, gate/up r = 32 235.9 -> 241.7), so there the
-// panel is loaded in each column block's prologue as before.
+// shared memory of a second panel, +0.4-2.8% in seven of the eight shapes (k/v r = 16 17.9 -> 18.4, gate/up r = 32
+// 235.9 -> 241.7; k/v r = 32 -3%), so there the panel is loaded in each column block's prologue as before.
 template <int R_PAD>
 constexpr bool panel_ahead() { return R_PAD > 32; }
 
@@ -569,7 +569,8 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         next.rounds(seed, 0, kPhiloxRounds);
       }
       if constexpr (kKeepsAhead) keeps = next.keeps(threshold);
-      __syncthreads();  // the tile, rows (and at the end panel) are rewritten next
+      __syncthreads();  // the tile and rows are rewritten next (and after a column block's last tile, without
+                        // kPanelAhead, the panel)
     }
     if (!rows_role && want_panel_grad) {
 #pragma unroll
