@@ -280,9 +280,9 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 // against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53); and where dx is wider
 // than 4096, where the composed dx's cuBLAS grad_xa A writes an (M, K) tensor that g W with beta = 1
 // reads back (224 MiB each way at 14336 x 4096, M = 8192): there the op's fwd+bwd measured 0.981x
-// composed (r = 16, p = 0.1; H100, 12-07 09:25, NOTES.md #90), while at 4096 x 4096 and 4096 x 14336
-// (dx 4096 wide) it was even within the run's drift, so those stay composed. Widths between 4096 and
-// 14336 follow the one measured point.
+// composed (r = 16, p = 0.1; H100, one round, 12-07 09:23-09:28, NOTES.md #90), while at 4096 x 4096 and
+// 4096 x 14336 (dx 4096 wide) it was even within the run's drift, so those stay composed. Only 14336 x 4096
+// at M = 8192 was measured: other widths above 4096, other token counts and r < 16 follow that one point.
 constexpr int64_t kGivenGradInputWideInputs = 4096;
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_post_dropout_enabled &&
