@@ -7,7 +7,9 @@ the difference between the sides.
     python benchmarks/ab_summary.py --patch-ab OUT_DIR
         scripts/patch_ab.sh's runs (OUT_DIR/before, after, before_r2, after_r2, ...: one bench_linear.csv
         each): lora_ext's device time and do_bench time per run in the order they ran, each side's mean,
-        and after / before; the base's device time beside them (a drift of the card shows there too).
+        and after / before; the base's device time beside them (a drift of the card shows there too), and
+        after / before with each side's lora_ext device time over its own base's: the ratio net of a drift
+        that moves both alike (NOTES.md #90 read a 0.994 at q/o against a base that moved 0.985).
 """
 import csv
 import pathlib
@@ -43,10 +45,11 @@ def patch_ab(folder):
         return float(row[column]) * 1e3 if row.get(column) else float("nan")
 
     print("lora_ext, µs: device time (CUDA graph) / do_bench, per run in the order they ran; then each side's mean,\n"
-          "after ÷ before, and the frozen base's device time (its drift over the call)\n")
+          "after ÷ before, the frozen base's device time (its drift over the call), and after ÷ before of lora_ext's\n"
+          "device time over the base's (each side's means)\n")
     print("| mode | shape | r | p | " + " | ".join(names) + " | before mean | after mean | after ÷ before "
-          "(device / do_bench) | base device µs before / after |")
-    print("|---" * (4 + len(names) + 4) + "|")
+          "(device / do_bench) | base device µs before / after | after ÷ before, over the base (device) |")
+    print("|---" * (4 + len(names) + 5) + "|")
     for c in configs:
         cells, sides = [], {"before": ([], [], []), "after": ([], [], [])}
         for _, side, rows in runs:
@@ -63,7 +66,8 @@ def patch_ab(folder):
         (bd, bb, bbase), (ad, ab, abase) = sides["before"], sides["after"]
         print(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]:g} | " + " | ".join(cells)
               + f" | {mean(bd):.1f} / {mean(bb):.1f} | {mean(ad):.1f} / {mean(ab):.1f}"
-              + f" | {mean(ad) / mean(bd):.3f} / {mean(ab) / mean(bb):.3f} | {mean(bbase):.1f} / {mean(abase):.1f} |")
+              + f" | {mean(ad) / mean(bd):.3f} / {mean(ab) / mean(bb):.3f} | {mean(bbase):.1f} / {mean(abase):.1f}"
+              + f" | {(mean(ad) / mean(abase)) / (mean(bd) / mean(bbase)):.3f} |")
 
 
 def main(folder):

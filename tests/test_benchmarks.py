@@ -148,7 +148,8 @@ def test_ab_summary_reads_bench_linear_csvs(bench_linear_run, tmp_path):
 
 def test_ab_summary_reads_patch_ab_folders(bench_linear_run, tmp_path):
     """scripts/patch_ab.sh's folders (before, after, before_r2, after_r2): one column per run in the order they
-    ran, each side's mean and after / before, from lora_ext's device time and do_bench time."""
+    ran, each side's mean and after / before, from lora_ext's device time and do_bench time; and after / before
+    over each side's base, which takes out a drift of the base (here the base 1.2x slower on the 'after' side)."""
     out, _ = bench_linear_run
     rows = list(csv.DictReader(open(out / "bench_linear.csv")))
     for name, factor in (("before", 1.0), ("after", 1.5), ("before_r2", 1.0), ("after_r2", 1.5)):
@@ -156,8 +157,8 @@ def test_ab_summary_reads_patch_ab_folders(bench_linear_run, tmp_path):
         with open(tmp_path / name / "bench_linear.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
-            for row in rows:  # 'after' times lora_ext 1.5x slower; the base the same on both sides
-                scaled = factor if row["provider"] == "lora_ext" else 1.0
+            for row in rows:  # 'after' times lora_ext 1.5x slower and the base 1.2x
+                scaled = factor if row["provider"] == "lora_ext" else 1.0 + (factor - 1.0) * 0.4
                 writer.writerow({**row, "ms": float(row["ms"]) * scaled,
                                  "device_ms": float(row["device_ms"]) * scaled if row["device_ms"] else ""})
     text = run(BENCH / "ab_summary.py", "--patch-ab", str(tmp_path))
@@ -166,10 +167,12 @@ def test_ab_summary_reads_patch_ab_folders(bench_linear_run, tmp_path):
     body = [line for line in text.splitlines() if line.startswith("| fwd")]
     assert len(body) == 8  # fwd and fwd+bwd x qo, kv x dropout 0, 0.1
     for line in body:
-        ratio = [c.strip() for c in line.strip("|").split("|")][10]
-        device, bench = (float(v) for v in ratio.split(" / "))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        device, bench = (float(v) for v in cells[10].split(" / "))
         assert bench == pytest.approx(1.5, abs=1e-3), line
         assert device == pytest.approx(1.5, abs=1e-3) or math.isnan(device), line
+        over_base = float(cells[12])
+        assert over_base == pytest.approx(1.5 / 1.2, abs=1e-3) or math.isnan(over_base), line
 
 
 STUB_H200_RUN = r"""#!/usr/bin/env bash
