@@ -277,19 +277,26 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 
 // The input gradient with grad_xa given has no first tile's g B to pay, so it also runs at any width
 // where dx is at most 2048 wide: 1.03x cuBLAS's g W against 1.14 composed at 2048 x 5632, 0.995
-// against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53); and where dx is wider
-// than 4096, where the composed dx's cuBLAS grad_xa A writes an (M, K) tensor that g W with beta = 1
-// reads back (224 MiB each way at 14336 x 4096, M = 8192): there the op's fwd+bwd measured 0.981x
-// composed (r = 16, p = 0.1; H100, one round, 12-07 09:23-09:28, NOTES.md #90), while at 4096 x 4096 and
-// 4096 x 14336 (dx 4096 wide) it was even within the run's drift, so those stay composed. Only 14336 x 4096
-// at M = 8192 was measured: other widths above 4096, other token counts and r < 16 follow that one point.
+// against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53). Elsewhere it is a trade:
+// the composed dx's cuBLAS grad_xa A writes an (M, K) tensor that g W with beta = 1 reads back (bytes in
+// M K), against Triton's GEMM running behind cuBLAS's g W (time in M N K): the saved bytes weigh more the
+// shallower the contraction (N). Timed as pieces, dx alone, composed against given, two passes of one call
+// (H100, 12-07 10:32, M = 8192, r = 16; NOTES.md #92): 14336 x 4096 (down) -54…-78 us, 4096 x 4096 (q/o)
+// -11…-19 us, 4096 x 14336 (gate/up) +12…+53 us. So the given form where the contraction is at most 4096
+// deep (N <= 4096) or dx is wider than 4096 (down's kind; #90), composed where N > 4096 and
+// 2048 < K <= 4096 (gate/up's kind). Only those three shapes at M = 8192 were timed: other sizes follow them.
+constexpr int64_t kGivenGradInputMaxDepth = 4096;
 constexpr int64_t kGivenGradInputWideInputs = 4096;
+// Up to r = 16 where dx is wider than 4096: the given form with either grad_xa (the 'post' masked step's, or the
+// dropout-free backward's s g B, which dA needs anyway; NOTES.md #90, #91, #92).
+bool fused_grad_input_given_wide(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return weight.size(1) > kGivenGradInputWideInputs && fused_grad_input_takes(g2, lora_A);
+}
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_post_dropout_enabled &&
          ((fused_grad_input_takes(g2, lora_A) &&
-           (weight.size(0) <= kFusedForwardMaxWidth || weight.size(1) <= kFusedGradInputNarrowMaxInputs ||
-            weight.size(1) > kGivenGradInputWideInputs)) ||
-          fused_grad_input_given_past_rank_16(g2, weight, lora_A));
+           (weight.size(0) <= kGivenGradInputMaxDepth || weight.size(1) <= kFusedGradInputNarrowMaxInputs)) ||
+          fused_grad_input_given_wide(g2, weight, lora_A) || fused_grad_input_given_past_rank_16(g2, weight, lora_A));
 }
 
 // Both adapter gradients of the dropout-free backward in one Triton launch
@@ -687,8 +694,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       }
     }
     if (need_x && !grad_x_fused) {
-      if (!pre_dropout) {  // no dropout ('post' returned above): past r = 16 the given form where it takes the sizes
-        const bool fused = weight.has_value() && fused_grad_input_given_past_rank_16(g, *weight, lora_A);
+      if (!pre_dropout) {  // no dropout ('post' returned above): the given form where it takes the sizes
+        const bool fused = weight.has_value() && (fused_grad_input_given_past_rank_16(g, *weight, lora_A) ||
+                                                  fused_grad_input_given_wide(g, *weight, lora_A));
         grad_x = grad_x_given_xa(g, weight, grad_xa, lora_A, lora_B, x.scalar_type(), fused);
       } else {  // 'pre': the LoRA part of dx takes x's mask
         at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype
