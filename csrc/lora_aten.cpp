@@ -279,24 +279,30 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 // where dx is at most 2048 wide: 1.03x cuBLAS's g W against 1.14 composed at 2048 x 5632, 0.995
 // against 1.06 at 2048 x 32000 (H100, 12-05 14:43, 4096 tokens; NOTES.md #53). Elsewhere it is a trade:
 // the composed dx's cuBLAS grad_xa A writes an (M, K) tensor that g W with beta = 1 reads back (bytes in
-// M K), against Triton's GEMM running behind cuBLAS's g W (time in M N K): the saved bytes weigh more the
-// shallower the contraction (N). Timed as pieces, dx alone, composed against given, two passes of one call
-// (H100, 12-07 10:32, M = 8192, r = 16; NOTES.md #92): 14336 x 4096 (down) -54…-78 us, 4096 x 4096 (q/o)
-// -11…-19 us, 4096 x 14336 (gate/up) +12…+53 us. So the given form where the contraction is at most 4096
-// deep (N <= 4096) or dx is wider than 4096 (down's kind; #90), composed where N > 4096 and
-// 2048 < K <= 4096 (gate/up's kind). Only those three shapes at M = 8192 were timed: other sizes follow them.
+// M K), against Triton's GEMM running behind cuBLAS's g W (time in M N K): both grow with K, so the sign
+// follows the contraction's depth N, the saved bytes weighing more the shallower it is. Timed as pieces,
+// dx alone, composed against given, three passes (H100, 12-07 10:32-10:53, M = 8192, r = 16; NOTES.md #92,
+// #93): 14336 x 4096 (down) -27…-79 us, 4096 x 4096 (q/o) -8…-19 us, 4096 x 14336 (gate/up) +12…+53 us.
+// So the given form where the contraction is at most 4096 deep (N <= 4096), composed where it is deeper
+// and dx is more than 2048 wide (gate/up's kind, and wider ones: 5120 x 13824 or 8192 x 28672 were not
+// timed, and the model predicts the same loss there). Only those three shapes at M = 8192 were timed.
 constexpr int64_t kGivenGradInputMaxDepth = 4096;
 constexpr int64_t kGivenGradInputWideInputs = 4096;
-// Up to r = 16 where dx is wider than 4096: the given form with either grad_xa (the 'post' masked step's, or the
-// dropout-free backward's s g B, which dA needs anyway; NOTES.md #90, #91, #92).
-bool fused_grad_input_given_wide(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return weight.size(1) > kGivenGradInputWideInputs && fused_grad_input_takes(g2, lora_A);
-}
+// Up to r = 16: the 'post' dropout backward's dx with the masked step's grad_xa (above 2048 outputs:
+// q/o, down; at k/v widths the same kernel by the dropout-free rule's sizes).
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_post_dropout_enabled &&
          ((fused_grad_input_takes(g2, lora_A) &&
            (weight.size(0) <= kGivenGradInputMaxDepth || weight.size(1) <= kFusedGradInputNarrowMaxInputs)) ||
-          fused_grad_input_given_wide(g2, weight, lora_A) || fused_grad_input_given_past_rank_16(g2, weight, lora_A));
+          fused_grad_input_given_past_rank_16(g2, weight, lora_A));
+}
+// Up to r = 16, the dropout-free backward's dx the given way with grad_xa = s g B (which dA needs anyway)
+// where dx is wider than 4096 and the contraction at most 4096 deep (down's kind; NOTES.md #91): where
+// use_fused_grad_input does not take it (that kernel forms g B itself). q/o's kind (K <= 4096) stays
+// composed without dropout: #92's evidence transfers there, but the route has not run (patch 95, #95).
+bool fused_grad_input_given_wide(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return weight.size(1) > kGivenGradInputWideInputs && weight.size(0) <= kGivenGradInputMaxDepth &&
+         fused_grad_input_takes(g2, lora_A);
 }
 
 // Both adapter gradients of the dropout-free backward in one Triton launch

@@ -1434,14 +1434,15 @@ def _native_dx_beside_composed(K, N, r, dropout, scale, seed_value, input_seed):
 @fused_only
 def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
     """The native backward's input gradient: dropout-free, fused (the kernel's bits) where N <= 2048 or
-    K <= 2048 with N <= 8192, composed elsewhere; with 'post' dropout, the grad_xa-given kernel where
-    N <= 4096 or K <= 2048 at any N (NOTES.md #53, #92) or K > 4096 (#90), composed where N > 4096 with
-    2048 < K <= 4096 (gate/up's kind). Every case within the float64 bound."""
+    K <= 2048 with N <= 8192, else given grad_xa where K > 4096 with N <= 4096 (the next test), composed
+    elsewhere; with 'post' dropout, the grad_xa-given kernel where N <= 4096 or K <= 2048 at any N
+    (NOTES.md #53, #92, #93), composed where N > 4096 with K > 2048 (gate/up's kind and wider). Every case
+    within the float64 bound."""
     from lora_ext.kernels import fused_forward
 
     scale, p, seed_value = 0.5, 0.25, 7
     cases = [(0.0, 2048, 2056, True), (0.0, 2048, 8192, True), (0.0, 2048, 8200, False), (0.0, 2056, 2056, False),
-             (p, 2048, 8200, True), (p, 2056, 2056, True), (p, 4096, 4096, True), (p, 4104, 4104, True),
+             (p, 2048, 8200, True), (p, 2056, 2056, True), (p, 4096, 4096, True), (p, 4104, 4104, False),
              (p, 4096, 4104, False), (p, 2056, 4104, False)]
     for dropout, K, N, fused in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, 16, dropout, scale, seed_value,
@@ -1484,23 +1485,25 @@ def test_given_xa_input_gradient_past_rank_16_at_k_v_widths(fused_forward_on, fu
 @fused_only
 def test_given_xa_input_gradient_where_dx_is_wider_than_4096(fused_forward_on, fused_grad_input_on,
                                                              fused_post_dropout_on):
-    """Up to r = 16 where dx is wider than 4096 (NOTES.md #90, #91): the native backward's dx is the grad_xa-given
-    kernel's bits without dropout too (grad_xa = s g B, as the backward forms it for dA), and composed at 4096
-    wide; N = 2056 keeps the other rules (N <= 2048 or K <= 2048) out. Every case within the float64 bound."""
+    """Without dropout, up to r = 16, where dx is wider than 4096 and the contraction at most 4096 deep (NOTES.md
+    #91, #93): the native backward's dx is the grad_xa-given kernel's bits (grad_xa = s g B, as the backward forms
+    it for dA); composed at 4096 wide, at N > 4096 and at r = 32 (with 'post' dropout too: N = 2056 is past the
+    k/v-width rule of r > 16). Every case within the float64 bound."""
     from lora_ext.kernels import fused_forward
 
     scale, seed_value = 0.5, 13
-    for dropout, K, given in [(0.0, 4104, True), (0.0, 4096, False), (0.25, 4104, True)]:
-        dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, 2056, 16, dropout, scale, seed_value,
-                                                                           input_seed=K)
-        if grad_xa is None:  # as the backward forms it (scaled_mm: addmm_out(out, out, g, B, beta=0, alpha=s))
-            grad_xa = torch.empty(4096, 16, device=DEVICE, dtype=torch.bfloat16)
-            torch.addmm(grad_xa, gy, B, beta=0, alpha=scale, out=grad_xa)
+    cases = [(0.0, 4104, 2056, 16, True), (0.0, 4096, 2056, 16, False), (0.0, 4104, 4104, 16, False),
+             (0.0, 4104, 2056, 32, False), (0.25, 4104, 2056, 32, False)]
+    for dropout, K, N, r, given in cases:
+        dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, r, dropout, scale, seed_value,
+                                                                           input_seed=K + N + r)
         if given:
+            grad_xa = torch.empty(4096, r, device=DEVICE, dtype=torch.bfloat16)  # as the backward forms it
+            torch.addmm(grad_xa, gy, B, beta=0, alpha=scale, out=grad_xa)      # (scaled_mm: beta = 0, alpha = s)
             kernel_dx = fused_forward.grad_input_given_xa(gy, w, A, B, grad_xa)
-            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K)
+            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N, r)
         else:
-            assert torch.equal(dx, composed_dx), (dropout, K)
+            assert torch.equal(dx, composed_dx), (dropout, K, N, r)
 
 
 @fused_only
