@@ -1434,16 +1434,16 @@ def _native_dx_beside_composed(K, N, r, dropout, scale, seed_value, input_seed):
 @fused_only
 def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
     """The native backward's input gradient: dropout-free, fused (the kernel's bits) where N <= 2048 or
-    K <= 2048 with N <= 8192, else given grad_xa where K > 4096 with N <= 4096 (the next test), composed
-    elsewhere; with 'post' dropout, the grad_xa-given kernel where N <= 4096 or K <= 2048 at any N
-    (NOTES.md #53, #92, #93), composed where N > 4096 with K > 2048 (gate/up's kind and wider). Every case
-    within the float64 bound."""
+    K <= 2048 with N <= 8192, else given grad_xa where K > 4096 with N <= 4096 (the test after
+    test_given_xa_input_gradient_past_rank_16_at_k_v_widths), composed elsewhere; with 'post' dropout, the
+    grad_xa-given kernel where N <= 4096 or K <= 2048 at any N (NOTES.md #53, #92, #93), composed where
+    N > 4096 with K > 2048 (gate/up's kind and wider). Every case within the float64 bound."""
     from lora_ext.kernels import fused_forward
 
     scale, p, seed_value = 0.5, 0.25, 7
     cases = [(0.0, 2048, 2056, True), (0.0, 2048, 8192, True), (0.0, 2048, 8200, False), (0.0, 2056, 2056, False),
-             (p, 2048, 8200, True), (p, 2056, 2056, True), (p, 4096, 4096, True), (p, 4104, 4104, False),
-             (p, 4096, 4104, False), (p, 2056, 4104, False)]
+             (p, 2048, 8200, True), (p, 2056, 2056, True), (p, 4096, 4096, True), (p, 4104, 2056, True),
+             (p, 4104, 4104, False), (p, 4096, 4104, False), (p, 2056, 4104, False)]
     for dropout, K, N, fused in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, 16, dropout, scale, seed_value,
                                                                            input_seed=K + N)
@@ -1492,8 +1492,8 @@ def test_given_xa_input_gradient_where_dx_is_wider_than_4096(fused_forward_on, f
     from lora_ext.kernels import fused_forward
 
     scale, seed_value = 0.5, 13
-    cases = [(0.0, 4104, 2056, 16, True), (0.0, 4096, 2056, 16, False), (0.0, 4104, 4104, 16, False),
-             (0.0, 4104, 2056, 32, False), (0.25, 4104, 2056, 32, False)]
+    cases = [(0.0, 4104, 2056, 16, True), (0.0, 4104, 4096, 16, True), (0.0, 4096, 2056, 16, False),
+             (0.0, 4104, 4104, 16, False), (0.0, 4104, 2056, 32, False), (0.25, 4104, 2056, 32, False)]
     for dropout, K, N, r, given in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, r, dropout, scale, seed_value,
                                                                            input_seed=K + N + r)
