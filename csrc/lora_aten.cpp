@@ -288,8 +288,8 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 // timed, and the model predicts the same loss there). Only those three shapes at M = 8192 were timed.
 constexpr int64_t kGivenGradInputMaxDepth = 4096;
 constexpr int64_t kGivenGradInputWideInputs = 4096;
-// Up to r = 16: the 'post' dropout backward's dx with the masked step's grad_xa (above 2048 outputs:
-// q/o, down; at k/v widths the same kernel by the dropout-free rule's sizes).
+// Up to r = 16: the 'post' dropout backward's dx with the masked step's grad_xa at the sizes above (k/v,
+// q/o and down; and at most 2048 inputs at any width); past r = 16 at k/v widths (#76).
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_post_dropout_enabled &&
          ((fused_grad_input_takes(g2, lora_A) &&
