@@ -1431,6 +1431,22 @@ def _native_dx_beside_composed(K, N, r, dropout, scale, seed_value, input_seed):
     return dx, composed_dx, gy, w_, A_, B_, grad_xa
 
 
+def _assert_dx_given_or_composed(given, dx, composed_dx, gy, w, A, B, grad_xa, scale, case):
+    """dx is the grad_xa-given kernel's bits and not the composed path's where `given`, else the composed path's.
+    grad_xa None (no dropout): s g B, as the dropout-free backward forms it (scaled_mm: addmm_out, beta = 0,
+    alpha = s)."""
+    from lora_ext.kernels import fused_forward
+
+    if not given:
+        assert torch.equal(dx, composed_dx), case
+        return
+    if grad_xa is None:
+        grad_xa = torch.empty(gy.shape[0], B.shape[1], device=gy.device, dtype=gy.dtype)
+        torch.addmm(grad_xa, gy, B, beta=0, alpha=scale, out=grad_xa)
+    kernel_dx = fused_forward.grad_input_given_xa(gy, w, A, B, grad_xa)
+    assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), case
+
+
 @fused_only
 def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
     """The native backward's input gradient: dropout-free, fused (the kernel's bits) where N <= 2048 or
@@ -1447,14 +1463,11 @@ def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fuse
     for dropout, K, N, fused in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, 16, dropout, scale, seed_value,
                                                                            input_seed=K + N)
-        if fused:
-            if dropout:
-                kernel_dx = fused_forward.grad_input_given_xa(gy, w, A, B, grad_xa)
-            else:
-                kernel_dx, _ = fused_forward.grad_input(gy, w, A, B, scale)
-            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N)
+        if dropout or not fused:  # with dropout the fused dx is the grad_xa-given kernel's
+            _assert_dx_given_or_composed(fused, dx, composed_dx, gy, w, A, B, grad_xa, scale, (dropout, K, N))
         else:
-            assert torch.equal(dx, composed_dx), (dropout, K, N)
+            kernel_dx, _ = fused_forward.grad_input(gy, w, A, B, scale)
+            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N)
 
 
 @fused_only
@@ -1463,23 +1476,13 @@ def test_given_xa_input_gradient_past_rank_16_at_k_v_widths(fused_forward_on, fu
     """Past r = 16 (to 64) where the layer has at most 2048 outputs (NOTES.md #76): the native backward's dx is
     the grad_xa-given kernel's bits, with and without 'post' dropout (grad_xa from the masked step, or from
     s g B); composed at r > 64 and at N > 2048. Every case within the float64 bound."""
-    from lora_ext.kernels import fused_forward
-
     scale, seed_value = 0.5, 11
     cases = [(0.0, 32, 1024, True), (0.0, 64, 1024, True), (0.25, 64, 1024, True), (0.25, 48, 2048, True),
              (0.0, 64, 2056, False), (0.25, 64, 2056, False), (0.0, 72, 1024, False)]
     for dropout, r, N, given in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(1024, N, r, dropout, scale, seed_value,
                                                                            input_seed=r + N)
-        if grad_xa is None:
-            # As the backward forms it (scaled_mm: addmm_out(out, out, g, B, beta=0, alpha=s)).
-            grad_xa = torch.empty(4096, r, device=DEVICE, dtype=torch.bfloat16)
-            torch.addmm(grad_xa, gy, B, beta=0, alpha=scale, out=grad_xa)
-        if given:
-            kernel_dx = fused_forward.grad_input_given_xa(gy, w, A, B, grad_xa)
-            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, r, N)
-        else:
-            assert torch.equal(dx, composed_dx), (dropout, r, N)
+        _assert_dx_given_or_composed(given, dx, composed_dx, gy, w, A, B, grad_xa, scale, (dropout, r, N))
 
 
 @fused_only
@@ -1489,21 +1492,13 @@ def test_given_xa_input_gradient_where_dx_is_wider_than_4096(fused_forward_on, f
     #91, #93): the native backward's dx is the grad_xa-given kernel's bits (grad_xa = s g B, as the backward forms
     it for dA); composed at 4096 wide, at N > 4096 and at r = 32 (with 'post' dropout too: N = 2056 is past the
     k/v-width rule of r > 16). Every case within the float64 bound."""
-    from lora_ext.kernels import fused_forward
-
     scale, seed_value = 0.5, 13
     cases = [(0.0, 4104, 2056, 16, True), (0.0, 4104, 4096, 16, True), (0.0, 4096, 2056, 16, False),
              (0.0, 4104, 4104, 16, False), (0.0, 4104, 2056, 32, False), (0.25, 4104, 2056, 32, False)]
     for dropout, K, N, r, given in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, r, dropout, scale, seed_value,
                                                                            input_seed=K + N + r)
-        if given:
-            grad_xa = torch.empty(4096, r, device=DEVICE, dtype=torch.bfloat16)  # as the backward forms it
-            torch.addmm(grad_xa, gy, B, beta=0, alpha=scale, out=grad_xa)      # (scaled_mm: beta = 0, alpha = s)
-            kernel_dx = fused_forward.grad_input_given_xa(gy, w, A, B, grad_xa)
-            assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N, r)
-        else:
-            assert torch.equal(dx, composed_dx), (dropout, K, N, r)
+        _assert_dx_given_or_composed(given, dx, composed_dx, gy, w, A, B, grad_xa, scale, (dropout, K, N, r))
 
 
 @fused_only
