@@ -190,8 +190,9 @@ ADAPTER_GRAD_CONFIGS = {
 def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
     """The two adapter gradients of the dropout-free backward per shape: base fwd+bwd's two GEMMs
     for scale (x W^T, g W), cuBLAS's dA = grad_xa^T x and dB = s g^T xa as the native path runs
-    them (csrc/lora_aten.cpp reduce_over_tokens) and cuBLAS's dA alone (the 'post' dropout backward's past
-    2048 outputs), adapter_grads.py's one launch and its dA alone per config, and the op's fwd+bwd
+    them (csrc/lora_aten.cpp reduce_over_tokens) and cuBLAS's dA alone (what the 'post' dropout backward
+    runs with the one launch off, or past its rank rule), adapter_grads.py's one launch and its dA alone per
+    config, and the op's fwd+bwd
     (dropout 0, native) with the one launch off and on (set_fused_adapter_grads).
     The pieces are timed on the device (common.gpu_us: CUDA graph, L2 flushed), since a Triton
     launch from Python costs more host time than the k/v pieces take (12-05 02:37: every config
@@ -215,8 +216,9 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
 
         base = common.gpu_us(lambda: F.linear(x, W)) + common.gpu_us(lambda: torch.mm(g, W))
         pair = common.gpu_us(cublas_pair)
-        # dA alone as the native path runs it where the one launch does not take the width ('post' dropout at
-        # more than 2048 outputs: reduce_over_tokens, cuBLAS's split-K with its reduce), beside grad_A_only below
+        # dA alone as the native path runs it where the one launch does not take the size ('post' dropout
+        # past r = 16 at more than 2048 outputs, or the switch off: reduce_over_tokens, cuBLAS's split-K with
+        # its reduce), beside grad_A_only below (NOTES.md #94: the rule up to r = 16 at any width)
         cublas_A = common.gpu_us(lambda: torch.mm(grad_xa.t(), x))
         r_pad = max(16, triton.next_power_of_2(rank))
         limits = adapter_grads._device_limits(x.device)

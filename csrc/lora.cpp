@@ -490,11 +490,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(on by default; LORA_EXT_FUSED_GRAD_INPUT=0: off at import)");
   module.def("set_fused_adapter_grads", &lora::set_fused_adapter_grads,
              "Turns the native CUDA path's one-launch Triton adapter gradients on or off; returns the previous "
-             "setting (on by default: dA and dB together at any width for r <= 16, else and for dA alone up to "
+             "setting (on by default: dA and dB together, or dA alone, at any width for r <= 16, else up to "
              "2048 outputs at r <= 64; LORA_EXT_FUSED_ADAPTER_GRADS=0: off at import)");
   module.def("set_fused_adapter_grads_any_width_max_rank", &lora::set_fused_adapter_grads_any_width_max_rank,
-             "The largest rank at which the native CUDA path's one launch computes dA and dB together at any "
-             "width (16 by default; up to 64; 0: never past 2048 outputs); returns the previous value");
+             "The largest rank at which the native CUDA path's one launch computes dA and dB together (or dA "
+             "alone) at any width (16 by default; up to 64; 0: never past 2048 outputs); returns the previous value");
   module.def("set_adapter_grads_memory_budget", &lora::set_adapter_grads_memory_budget,
              "The memory budget of the native CUDA path's dropout-free adapter gradients: where the one "
              "launch's xa, grad_xa, dA and dB pass it and dA, then dB with grad_xa released, fit it, the two run "

@@ -317,10 +317,12 @@ bool fused_grad_input_given_wide(const at::Tensor& g2, const at::Tensor& weight,
 // 1.09-1.19, down r = 64 'post' 1.17 against 1.13). With the tiles of NOTES.md #40 (chosen per
 // launch by adapter_grads.tile_config) both gradients together beat cuBLAS's pair at every shape at
 // r = 16 (device time: q/o 41.9 against 52.2 us, gate/up and down 80.0 against 87.3-87.5), so together
-// they run at any width up to r = 16 (as two launches where the memory budget asks for it, below); dA
-// alone ('post' dropout, dB not wanted) and r > 16 keep the limit of 2048 outputs (the fused GEMMs'
-// width) until measured there (set_fused_adapter_grads_any_width_max_rank moves the rank limit, for
-// the probes' A/B). On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
+// they run at any width up to r = 16 (as two launches where the memory budget asks for it, below), and
+// so does dA alone ('post' dropout, dB not wanted: its time is the pass over x, set by M, K and r, not
+// by the outputs; NOTES.md #94, H100, device time against cuBLAS's split-K: q/o 32.2 against 34.1 us,
+// gate/up 32.3 against 34.2, down even, 85.5 against 85.3); r > 16 keeps the limit of 2048 outputs (the
+// fused GEMMs' width) until measured there (set_fused_adapter_grads_any_width_max_rank moves the rank
+// limit, for the probes' A/B). On by default: LORA_EXT_FUSED_ADAPTER_GRADS=0 or
 // set_fused_adapter_grads(false) turns it off. 16-bit tensors of one dtype (no conversion copy of x
 // or g), from 4096 rows.
 std::atomic<bool> fused_adapter_grads_enabled{on_unless_env_zero("LORA_EXT_FUSED_ADAPTER_GRADS")};
@@ -328,12 +330,12 @@ constexpr int64_t kFusedAdapterGradsMaxRank = 64;
 constexpr int64_t kFusedAdapterGradsMaxOutputs = 2048;
 std::atomic<int64_t> fused_adapter_grads_any_width_max_rank{16};
 
-// both: dA and dB together (else dA alone).
-bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A, bool both) {
+// dA and dB together, or dA alone: the same rule (its time is the pass over x, or over x and g).
+bool use_fused_adapter_grads(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A) {
   const auto dtype = lora_A.scalar_type();
   const int64_t r = lora_A.size(0);
   const bool width_ok =
-      g2.size(1) <= kFusedAdapterGradsMaxOutputs || (both && r <= fused_adapter_grads_any_width_max_rank.load());
+      g2.size(1) <= kFusedAdapterGradsMaxOutputs || r <= fused_adapter_grads_any_width_max_rank.load();
   return fused_adapter_grads_enabled && g2.is_cuda() && triton_fused_gemms_registered() &&
          g2.size(0) >= kFusedForwardMinRows && width_ok &&
          r <= kFusedAdapterGradsMaxRank && (dtype == at::kHalf || dtype == at::kBFloat16) &&
@@ -444,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_dropout_rest(
   if (need_A) {
     // dA alone in one launch (the masked step gave dB): the same switch and sizes as dA and dB together.
     c10::optional<at::Tensor> alone;
-    if (use_fused_adapter_grads(g, x2, lora_A, /*both=*/false)) alone = triton_grad_A_only(grad_xa, x2, 1.0);
+    if (use_fused_adapter_grads(g, x2, lora_A)) alone = triton_grad_A_only(grad_xa, x2, 1.0);
     grad_A = alone.has_value() ? *alone : reduce_over_tokens(grad_xa, x2.to(lora_dtype));  // (r, K)
   }
   if (need_x) {
@@ -623,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
   // kernel's programs in two launches, dA and then dB with grad_xa released, where the one launch
   // would pass the memory budget (split_adapter_grads_for_memory).
   const bool adapter_grads_fused =
-      !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A, /*both=*/true);
+      !dropout && need_A && need_B && use_fused_adapter_grads(g, x2, lora_A);
   const bool adapter_grads_apart = adapter_grads_fused && split_adapter_grads_for_memory(g, lora_A);
   const bool adapter_grads_together = adapter_grads_fused && !adapter_grads_apart;
   // dB last, after dx and dA and with grad_xa released (its bytes then hold dB), wherever dB reads only
@@ -678,12 +680,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
         grad_B_last = true;
       }
     }
-    // dA alone in one launch where dB is not computed with it (dB not wanted; the 'post' backward's
-    // masked step, which gives dB, is post_dropout_rest's): the same switch and sizes as both together;
-    // and at any width where dA and dB run apart for the memory budget (dB last, below).
+    // dA alone in one launch where dB is not computed with it: dB not wanted, or dA and dB apart for
+    // the memory budget (dB last, below); the 'post' backward's masked step, which gives dB, is
+    // post_dropout_rest's. The same switch and sizes as both together (NOTES.md #94).
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
-      if (adapter_grads_apart || (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A, /*both=*/false))) {
+      if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A)) {
         alone = triton_grad_A_only(grad_xa, x2, /*scale_A=*/1.0);
       }
       if (alone.has_value()) {

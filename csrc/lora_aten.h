@@ -68,7 +68,7 @@ bool set_fused_grad_input(bool enabled);
 // The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); on by
 // default, LORA_EXT_FUSED_ADAPTER_GRADS=0 turns it off at import.
 bool set_fused_adapter_grads(bool enabled);
-// The largest rank at which dA and dB together run in one launch at any width (16 by default; from
+// The largest rank at which dA and dB together (or dA alone) run in one launch at any width (16 by default; from
 // 0, never past 2048 outputs; at most 64); returns the previous value. For the probes' A/B of
 // wider rules (benchmarks/NOTES.md #40); raises for a value outside [0, 64].
 int64_t set_fused_adapter_grads_any_width_max_rank(int64_t rank);

@@ -1272,13 +1272,14 @@ def test_adapter_grads_apart_free_grad_xa_before_dB(fused_adapter_grads_on):
 
 @native_triton_only
 @pytest.mark.parametrize("r,p,any_width_rank,wide_runs_it",
-                         [(16, 0.0, 16, True), (24, 0.0, 16, False), (16, 0.25, 16, False), (24, 0.0, 64, True)],
-                         ids=["both_r16", "both_r24", "dA_alone_r16", "both_r24_limit_raised"])
+                         [(16, 0.0, 16, True), (24, 0.0, 16, False), (16, 0.25, 16, True), (24, 0.25, 16, False),
+                          (24, 0.0, 64, True)],
+                         ids=["both_r16", "both_r24", "dA_alone_r16", "dA_alone_r24", "both_r24_limit_raised"])
 def test_adapter_grads_width_rule(fused_adapter_grads_on, r, p, any_width_rank, wide_runs_it):
     """On (the default): at 2048 outputs the one launch runs (other bits than cuBLAS's); past 2048
-    (2056, q/o-sized) only dA and dB together at r <= 16 run there (measured faster than cuBLAS at
-    every shape, benchmarks/NOTES.md #40); r > 16 and dA alone ('post' dropout) keep cuBLAS's dA and
-    dB past 2048 (not measured there): the same bits as with the switch off; with the rank limit
+    (2056, q/o-sized) dA and dB together at r <= 16 run there (measured faster than cuBLAS at every
+    shape, benchmarks/NOTES.md #40), and dA alone ('post' dropout) at r <= 16 (#94); r > 16 keeps
+    cuBLAS's dA and dB past 2048 (not measured there): the same bits as with the switch off; with the rank limit
     raised (set_fused_adapter_grads_any_width_max_rank, for the probes) r = 24 runs there too. K = 2048: with dropout dB
     comes from the masked step either way, and only dA's 16 x 2048 values tell the paths apart (at
     16 x 256 two summation orders can round every value alike)."""
