@@ -287,22 +287,17 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 // and dx is more than 2048 wide (gate/up's kind, and wider ones: 5120 x 13824 or 8192 x 28672 were not
 // timed, and the model predicts the same loss there). Only those three shapes at M = 8192 were timed.
 constexpr int64_t kGivenGradInputMaxDepth = 4096;
-constexpr int64_t kGivenGradInputWideInputs = 4096;
-// Up to r = 16: the 'post' dropout backward's dx with the masked step's grad_xa at the sizes above (k/v,
-// q/o and down; and at most 2048 inputs at any width); past r = 16 at k/v widths (#76).
+// Up to r = 16, the grad_xa-given dx's sizes, whichever backward forms grad_xa: the 'post' dropout one's
+// masked step, or the dropout-free one's s g B (which dA needs anyway; there where use_fused_grad_input,
+// whose kernel forms g B itself, does not take the layer). The trade is the same with either grad_xa
+// (NOTES.md #91, #95).
+bool fused_grad_input_given(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
+  return fused_grad_input_takes(g2, lora_A) &&
+         (weight.size(0) <= kGivenGradInputMaxDepth || weight.size(1) <= kFusedGradInputNarrowMaxInputs);
+}
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
   return fused_post_dropout_enabled &&
-         ((fused_grad_input_takes(g2, lora_A) &&
-           (weight.size(0) <= kGivenGradInputMaxDepth || weight.size(1) <= kFusedGradInputNarrowMaxInputs)) ||
-          fused_grad_input_given_past_rank_16(g2, weight, lora_A));
-}
-// Up to r = 16, the dropout-free backward's dx the given way with grad_xa = s g B (which dA needs anyway)
-// where dx is wider than 4096 and the contraction at most 4096 deep (down's kind; NOTES.md #91): where
-// use_fused_grad_input does not take it (that kernel forms g B itself). q/o's kind (K <= 4096) stays
-// composed without dropout: #92's evidence transfers there, but the route has not run (patch 95, #95).
-bool fused_grad_input_given_wide(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return weight.size(1) > kGivenGradInputWideInputs && weight.size(0) <= kGivenGradInputMaxDepth &&
-         fused_grad_input_takes(g2, lora_A);
+         (fused_grad_input_given(g2, weight, lora_A) || fused_grad_input_given_past_rank_16(g2, weight, lora_A));
 }
 
 // Both adapter gradients of the dropout-free backward in one Triton launch
@@ -704,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     if (need_x && !grad_x_fused) {
       if (!pre_dropout) {  // no dropout ('post' returned above): the given form where it takes the sizes
         const bool fused = weight.has_value() && (fused_grad_input_given_past_rank_16(g, *weight, lora_A) ||
-                                                  fused_grad_input_given_wide(g, *weight, lora_A));
+                                                  fused_grad_input_given(g, *weight, lora_A));
         grad_x = grad_x_given_xa(g, weight, grad_xa, lora_A, lora_B, x.scalar_type(), fused);
       } else {  // 'pre': the LoRA part of dx takes x's mask
         at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype

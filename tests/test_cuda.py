@@ -1450,25 +1450,26 @@ def _assert_dx_given_or_composed(given, dx, composed_dx, gy, w, A, B, grad_xa, s
 
 @fused_only
 def test_fused_grad_input_width_rule(fused_forward_on, fused_grad_input_on, fused_post_dropout_on):
-    """The native backward's input gradient: dropout-free, fused (the kernel's bits) where N <= 2048 or
-    K <= 2048 with N <= 8192, else given grad_xa where K > 4096 with N <= 4096 (the test after
-    test_given_xa_input_gradient_past_rank_16_at_k_v_widths), composed elsewhere; with 'post' dropout, the
-    grad_xa-given kernel where N <= 4096 or K <= 2048 at any N (NOTES.md #53, #92, #93), composed where
-    N > 4096 with K > 2048 (gate/up's kind and wider). Every case within the float64 bound."""
+    """The native backward's input gradient: dropout-free, fused (the kernel's bits, g B formed inside) where
+    N <= 2048 or K <= 2048 with N <= 8192; else, with or without 'post' dropout, the grad_xa-given kernel where
+    N <= 4096 or K <= 2048 at any N (NOTES.md #53, #92, #93, #95), composed where N > 4096 with K > 2048
+    (gate/up's kind and wider). Every case within the float64 bound."""
     from lora_ext.kernels import fused_forward
 
     scale, p, seed_value = 0.5, 0.25, 7
-    cases = [(0.0, 2048, 2056, True), (0.0, 2048, 8192, True), (0.0, 2048, 8200, False), (0.0, 2056, 2056, False),
-             (p, 2048, 8200, True), (p, 2056, 2056, True), (p, 4096, 4096, True), (p, 4104, 2056, True),
-             (p, 4104, 4104, False), (p, 4096, 4104, False), (p, 2056, 4104, False)]
-    for dropout, K, N, fused in cases:
+    cases = [(0.0, 2048, 2056, "fused"), (0.0, 2048, 8192, "fused"), (0.0, 2048, 8200, "given"),
+             (0.0, 2056, 2056, "given"), (0.0, 4096, 4104, "composed"),
+             (p, 2048, 8200, "given"), (p, 2056, 2056, "given"), (p, 4096, 4096, "given"), (p, 4104, 2056, "given"),
+             (p, 4104, 4104, "composed"), (p, 4096, 4104, "composed"), (p, 2056, 4104, "composed")]
+    for dropout, K, N, route in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, 16, dropout, scale, seed_value,
                                                                            input_seed=K + N)
-        if dropout or not fused:  # with dropout the fused dx is the grad_xa-given kernel's
-            _assert_dx_given_or_composed(fused, dx, composed_dx, gy, w, A, B, grad_xa, scale, (dropout, K, N))
-        else:
+        if route == "fused":
             kernel_dx, _ = fused_forward.grad_input(gy, w, A, B, scale)
             assert torch.equal(dx, kernel_dx) and not torch.equal(dx, composed_dx), (dropout, K, N)
+        else:
+            given = route == "given"
+            _assert_dx_given_or_composed(given, dx, composed_dx, gy, w, A, B, grad_xa, scale, (dropout, K, N))
 
 
 @fused_only
@@ -1489,12 +1490,13 @@ def test_given_xa_input_gradient_past_rank_16_at_k_v_widths(fused_forward_on, fu
 @fused_only
 def test_given_xa_input_gradient_where_dx_is_wider_than_4096(fused_forward_on, fused_grad_input_on,
                                                              fused_post_dropout_on):
-    """Without dropout, up to r = 16, where dx is wider than 4096 and the contraction at most 4096 deep (NOTES.md
-    #91, #93): the native backward's dx is the grad_xa-given kernel's bits (grad_xa = s g B, as the backward forms
-    it for dA); composed at 4096 wide, at N > 4096 and at r = 32 (with 'post' dropout too: N = 2056 is past the
-    k/v-width rule of r > 16). Every case within the float64 bound."""
+    """Without dropout, up to r = 16, where the contraction is at most 4096 deep and the dropout-free fused kernel
+    does not take the layer (NOTES.md #91, #95): the native backward's dx is the grad_xa-given kernel's bits
+    (grad_xa = s g B, as the backward forms it for dA), dx wider than 4096 or not; composed at N > 4096 and at
+    r = 32 (with 'post' dropout too: N = 2056 is past the k/v-width rule of r > 16). Every case within the
+    float64 bound."""
     scale, seed_value = 0.5, 13
-    cases = [(0.0, 4104, 2056, 16, True), (0.0, 4104, 4096, 16, True), (0.0, 4096, 2056, 16, False),
+    cases = [(0.0, 4104, 2056, 16, True), (0.0, 4104, 4096, 16, True), (0.0, 4096, 2056, 16, True),
              (0.0, 4104, 4104, 16, False), (0.0, 4104, 2056, 32, False), (0.25, 4104, 2056, 32, False)]
     for dropout, K, N, r, given in cases:
         dx, composed_dx, gy, w, A, B, grad_xa = _native_dx_beside_composed(K, N, r, dropout, scale, seed_value,

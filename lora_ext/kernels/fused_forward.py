@@ -15,10 +15,10 @@ and a write and re-read of the LoRA part of dx (NOTES.md #28).
 Where it is used: the native CUDA path runs both for dropout-free k/v-sized layers at training
 sizes, the forward also at any width with at most 2048 inputs and r <= 16, where Triton's GEMM
 matched cuBLAS's (1.02 and 0.96 at 2048x5632 and 2048x32000, 4096 tokens, NOTES.md #52), and the
-input gradient also up to 8192 outputs there (NOTES.md #53); grad_input_given_xa with 'post' dropout at
-any width with at most 4096 outputs or at most 2048 inputs (#53, #93), and without dropout where there are
-more than 4096 inputs and at most 4096 outputs (#91), r <= 16 (csrc/lora_aten.cpp, use_fused_forward /
-use_fused_grad_input / use_fused_post_dropout_grad_input / fused_grad_input_given_wide; on by default,
+input gradient also up to 8192 outputs there (NOTES.md #53); grad_input_given_xa, with or without 'post'
+dropout, at any width with at most 4096 outputs or at most 2048 inputs (#53, #93, #95), r <= 16
+(csrc/lora_aten.cpp, use_fused_forward / use_fused_grad_input / use_fused_post_dropout_grad_input /
+fused_grad_input_given; on by default,
 LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched from C++ after
 the first call with a key (replay.py records the launch, tensor descriptors included): at
 4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
