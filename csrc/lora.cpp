@@ -475,7 +475,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "forwards "
              "(lora_ext/kernels/cuda_dispatch.py fused_forward_callback: (y, xa), with 'post' dropout too; "
              "fused_grad_input_callback: (dx, s g B), adapter_grads_callback: (dA, dB), "
-             "fused_grad_input_given_xa_callback: (dx,) with 'post' dropout, "
+             "fused_grad_input_given_xa_callback: (dx,) with grad_xa given, 'post' dropout's or s g B, "
              "grad_A_only_callback: (dA,), grad_B_only_callback: (dB,); each None "
              "where it does not apply)");
   module.def("set_fused_forward", &lora::set_fused_forward,

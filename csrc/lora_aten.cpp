@@ -670,14 +670,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
       adapter_grads = triton_adapter_grads(grad_xa, x2, xa, g, /*scale_A=*/1.0, scale);
       if (adapter_grads.has_value()) {
         std::tie(grad_A, grad_B) = *adapter_grads;
-      } else {  // the kernel declined these tensors: dA the composed way just below, dB last (g has
-                // the adapters' dtype here: use_fused_adapter_grads)
+      } else {  // the kernel declined these tensors: dA just below (its dA programs alone, else the
+                // composed way), dB last (g has the adapters' dtype here: use_fused_adapter_grads)
         grad_B_last = true;
       }
     }
-    // dA alone in one launch where dB is not computed with it: dB not wanted, or dA and dB apart for
-    // the memory budget (dB last, below); the 'post' backward's masked step, which gives dB, is
-    // post_dropout_rest's. The same switch and sizes as both together (NOTES.md #94).
+    // dA alone in one launch where dB is not computed with it: dB not wanted, dA and dB apart for the
+    // memory budget (dB last, below), or the one launch declined at run time; the 'post' backward's
+    // masked step, which gives dB, is post_dropout_rest's. The same switch and sizes as both together
+    // (NOTES.md #94).
     if (need_A && !adapter_grads.has_value()) {
       c10::optional<at::Tensor> alone;
       if (!pre_dropout && use_fused_adapter_grads(g, x2, lora_A)) {

@@ -39,7 +39,8 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> triton_fused_grad_input(const 
                                                                           const at::Tensor& lora_A,
                                                                           const at::Tensor& lora_B, double scale);
 // dx = g2 W + grad_xa A for g2 (M, N) with grad_xa (M, r) given, already scaled (the input gradient
-// with 'post' dropout: grad_xa = s drop(g) B from the masked step), as one GEMM
+// with 'post' dropout: grad_xa = s drop(g) B from the masked step; without dropout at the sizes of
+// lora_aten.cpp's fused_grad_input_given and past r = 16: grad_xa = s g B), as one GEMM
 // (fused_forward.grad_input_given_xa); nullopt where the kernel does not take these tensors
 // (lora_B only shapes an unused descriptor). Registered and run with the fused GEMMs.
 c10::optional<at::Tensor> triton_fused_grad_input_given_xa(const at::Tensor& g2, const at::Tensor& weight,

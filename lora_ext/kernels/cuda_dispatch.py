@@ -93,9 +93,10 @@ def fused_grad_input_callback(grad_y2, weight, lora_A, lora_B, scale):
 
 
 def fused_grad_input_given_xa_callback(grad_y2, weight, lora_A, lora_B, grad_xa):
-    """The native path's input gradient with 'post' dropout (csrc/lora_aten.cpp,
-    use_fused_post_dropout_grad_input): (dx,) = (g W + grad_xa A,) with grad_xa = s drop(g) B given,
-    or None where fused_forward.grad_input_given_xa_supports refuses these tensors."""
+    """The native path's input gradient with grad_xa given (csrc/lora_aten.cpp: with 'post' dropout,
+    use_fused_post_dropout_grad_input, grad_xa = s drop(g) B from the masked step; without dropout,
+    fused_grad_input_given and past r = 16, grad_xa = s g B, formed for dA anyway): (dx,) =
+    (g W + grad_xa A,), or None where fused_forward.grad_input_given_xa_supports refuses these tensors."""
     from . import fused_forward
 
     if not fused_forward.grad_input_given_xa_supports(grad_y2, weight, lora_A, lora_B, grad_xa):

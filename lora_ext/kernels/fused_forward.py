@@ -15,8 +15,9 @@ and a write and re-read of the LoRA part of dx (NOTES.md #28).
 Where it is used: the native CUDA path runs both for dropout-free k/v-sized layers at training
 sizes, the forward also at any width with at most 2048 inputs and r <= 16, where Triton's GEMM
 matched cuBLAS's (1.02 and 0.96 at 2048x5632 and 2048x32000, 4096 tokens, NOTES.md #52), and the
-input gradient also up to 8192 outputs there (NOTES.md #53); grad_input_given_xa, with or without 'post'
-dropout, at any width with at most 4096 outputs or at most 2048 inputs (#53, #93, #95), r <= 16
+input gradient also up to 8192 outputs there (NOTES.md #53); grad_input_given_xa at any width with at
+most 4096 outputs or at most 2048 inputs, with 'post' dropout and, where the input gradient above does not
+take the layer, without it (#53, #93, #95), r <= 16
 (csrc/lora_aten.cpp, use_fused_forward / use_fused_grad_input / use_fused_post_dropout_grad_input /
 fused_grad_input_given; on by default,
 LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched from C++ after
@@ -25,8 +26,10 @@ the first call with a key (replay.py records the launch, tensor descriptors incl
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
 4096 tokens. The native path also runs it for dropout-free forwards of up to 16 rows and 8192 inputs
 (decode) with the few-row tiles of small_m_config: one launch for the whole layer (NOTES.md #44, #48;
-on by default, LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere it loses: Triton's GEMM
-alone is 0-15% slower than cuBLAS's at the wide shapes with 4096+ inputs. The 'post' epilogue cost 20-30% when
+on by default, LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere the forward and the input
+gradient that forms g B itself lose: Triton's GEMM alone is 0-15% slower than cuBLAS's at the wide shapes
+with 4096+ inputs (the form given grad_xa wins at some of them by saving the composed path's (M, K)
+round trip: above). The 'post' epilogue cost 20-30% when
 measured (NOTES.md #26), before #33 found that triton 3.6 serialised every wgmma of that variant,
 main loop included, and that its mask moved bytes through shared memory; both mended, it measured
 faster than the separate mask pass (#39) and is on by default.
@@ -461,7 +464,8 @@ def grad_input_given_xa(grad_y2: torch.Tensor, weight: torch.Tensor, lora_A: tor
                         grad_xa: torch.Tensor, *, runs: int | None = None, **config) -> torch.Tensor:
     """dx = g W + grad_xa A as one GEMM for grad_y2 = g (M, N), with grad_xa (M, r) given: the input
     gradient with 'post' dropout, where grad_xa = s drop(g) B comes from the masked backward step
-    (csrc/cuda/masked_grad_y.cu) and only the base product reads g. Saves the composed path's
+    (csrc/cuda/masked_grad_y.cu), or without dropout, where grad_xa = s g B is formed for dA anyway
+    (NOTES.md #76, #91, #95); only the base product reads g. Saves the composed path's
     (M, K) write of grad_xa A and the base GEMM's beta = 1 read of it (NOTES.md #34). lora_B only
     shapes an unused descriptor. Requirements: grad_input_given_xa_supports."""
     config = {"num_stages": _pipeline_stages(weight.shape[0], lora_A.shape[0]), **config}
