@@ -18,6 +18,7 @@ patch=$(realpath "$1") before=$2 after=$3  # absolute, before moving to the repo
 shift 3
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: pack() writes it from another folder
 committed=${PATCH_AB_COMMITTED:-0}
 applied=0  # whether the patch is applied now
 if [[ $committed == 1 ]]; then
@@ -47,32 +48,40 @@ restore() {
   use_build $side || echo "patch_ab: no '$side' build kept: lora_ext/_C*.so removed"
 }
 # The device tool brings back at most 8 files, and each side's run leaves 2-3 (results.tgz, env.txt,
-# gpu_tests.log): 15:46's three rounds lost four of their six runs. So every side's folder goes into one
-# archive, with the A/B table beside it (benchmarks/ab_summary.py --patch-ab, which reads each side's
-# bench_linear.csv: h200_run.sh leaves them packed in the side's results.tgz), also when killed part-way.
+# gpu_tests.log): 15:46's three rounds lost four of their six runs. So every finished side's folder goes into
+# one archive, with the A/B table beside it (benchmarks/ab_summary.py --patch-ab, which reads each side's
+# bench_linear.csv: h200_run.sh leaves them packed in the side's results.tgz). It is packed after every side,
+# not only at the exit: a command killed at the tool's time limit runs no trap (12-07 13:17: the sides done
+# came back as loose files, and the 8-file limit dropped two of them). Finished sides wait in $stage, out of
+# $OUT, so that $OUT holds the archive, the table and at most the side in progress.
+stage=$(mktemp -d)
 pack() {
   local repo=$PWD
   (cd "$OUT" 2>/dev/null || exit 0
+   for d in before* after*; do
+     [[ -d $d ]] || continue
+     [[ -f $d/results.tgz ]] && tar xzf "$d/results.tgz" -C "$d" && rm -f "$d/results.tgz"
+     rm -rf "${stage:?}/$d" && mv "$d" "$stage/"
+   done
+   cd "$stage" || exit 0
    sides=(); for d in before* after*; do [[ -d $d ]] && sides+=("$d"); done
    (( ${#sides[@]} )) || exit 0
-   for d in "${sides[@]}"; do
-     [[ -f $d/results.tgz ]] && tar xzf "$d/results.tgz" -C "$d" && rm -f "$d/results.tgz"
-   done
-   python3 "$repo/benchmarks/ab_summary.py" --patch-ab . > patch_ab_summary.md 2>&1
-   tar czf patch_ab.tgz "${sides[@]}" patch_ab_summary.md && rm -rf "${sides[@]}")
-  rm -rf "$builds"
+   python3 "$repo/benchmarks/ab_summary.py" --patch-ab . > "$OUT/patch_ab_summary.md" 2>&1
+   tar czf "$OUT/patch_ab.tgz.part" "${sides[@]}" && mv "$OUT/patch_ab.tgz.part" "$OUT/patch_ab.tgz")
 }
-trap 'restore; pack' EXIT
+trap 'restore; pack; rm -rf "$builds" "$stage"' EXIT
 trap 'exit 130' INT TERM
 rounds=${PATCH_AB_ROUNDS:-1}
 echo "== before ($before)"
 OUT=$OUT/before bash scripts/h200_run.sh "$before" "$@"
 before_status=$?
+pack
 cp lora_ext/_C*.so "$builds/before.so" 2>/dev/null
 to_side after || { echo "patch_ab: $patch did not apply after the 'before' run" >&2; exit 2; }
 echo "== after ($after), with $patch"
 OUT=$OUT/after bash scripts/h200_run.sh "$after" "$@"
 after_status=$?
+pack
 cp lora_ext/_C*.so "$builds/after.so" 2>/dev/null
 # A later round's modes: the first round's without 'tests' ('all' is tests,bench: bench).
 later_modes() { local m=,$1,; m=${m//,all,/,bench,}; m=${m//,tests,/,}; m=${m#,}; echo "${m%,}"; }
@@ -85,6 +94,7 @@ for round in $(seq 2 "$rounds"); do
     echo "== $side, round $round ($modes, its round-1 build)"
     H200_RUN_PREBUILT=1 OUT=$OUT/${side}_r$round bash scripts/h200_run.sh "$modes" "$@"
     (( $? == 0 )) || { [[ $side == before ]] && before_status=1 || after_status=1; }
+    pack
   done
 done
 echo "patch_ab: before exit $before_status, after exit $after_status"

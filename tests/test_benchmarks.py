@@ -185,15 +185,16 @@ mkdir -p "$OUT" lora_ext
 [[ ${H200_RUN_PREBUILT:-0} == 1 ]] || md5sum f.txt | cut -c1-12 > lora_ext/_C.stub.so
 echo "modes=$1 prebuilt=${H200_RUN_PREBUILT:-0} build=$(cat lora_ext/_C.stub.so) tree=$(md5sum f.txt | cut -c1-12)" >> "$CALLS"
 cp "$CSV" "$OUT/bench_linear.csv"; echo env > "$OUT/env.txt"
+# KILL_AT=N: the N-th run is cut off part-way, as the device tool's time limit does: its loose files written,
+# then patch_ab.sh itself killed (SIGKILL: no trap runs).
+if [[ -n ${KILL_AT:-} && $(wc -l < "$CALLS") -ge $KILL_AT ]]; then kill -9 "$PPID"; exit 137; fi
 (cd "$OUT" && tar czf results.tgz bench_linear.csv env.txt && rm bench_linear.csv)
 """
 
 
-def test_patch_ab_alternates_rounds_packs_one_archive_and_leaves_the_tree_and_its_build(bench_linear_run,
-                                                                                       tmp_path):
-    """scripts/patch_ab.sh with a stand-in h200_run.sh, in a scratch git repo: round 1 builds each side, later
-    rounds alternate on those builds without 'tests'; the sides' folders come back as one archive with the A/B
-    table read from inside each side's results.tgz; the tree ends as it came, with its own build in lora_ext/."""
+def _patch_ab_in_scratch_repo(bench_linear_run, tmp_path, **env_extra):
+    """Runs scripts/patch_ab.sh (two rounds, before 'bench', after 'tests,bench') with the stand-in h200_run.sh
+    in a scratch git repo whose patch changes f.txt; returns the finished process and the repo's path."""
     out, _ = bench_linear_run
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
@@ -210,9 +211,18 @@ def test_patch_ab_alternates_rounds_packs_one_archive_and_leaves_the_tree_and_it
     (tmp_path / "change.patch").write_text(git("diff").stdout)
     git("checkout", "f.txt")
     env = dict(os.environ, OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls.log"),
-               CSV=str(out / "bench_linear.csv"), PATCH_AB_ROUNDS="2")
+               CSV=str(out / "bench_linear.csv"), PATCH_AB_ROUNDS="2", **env_extra)
     done = subprocess.run(["bash", "scripts/patch_ab.sh", str(tmp_path / "change.patch"), "bench", "tests,bench"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    return done, repo
+
+
+def test_patch_ab_alternates_rounds_packs_one_archive_and_leaves_the_tree_and_its_build(bench_linear_run,
+                                                                                       tmp_path):
+    """scripts/patch_ab.sh with a stand-in h200_run.sh, in a scratch git repo: round 1 builds each side, later
+    rounds alternate on those builds without 'tests'; the sides' folders come back as one archive with the A/B
+    table read from inside each side's results.tgz; the tree ends as it came, with its own build in lora_ext/."""
+    done, repo = _patch_ab_in_scratch_repo(bench_linear_run, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     calls = (tmp_path / "calls.log").read_text().splitlines()
     builds = [line.split("build=")[1].split()[0] for line in calls]
@@ -228,6 +238,23 @@ def test_patch_ab_alternates_rounds_packs_one_archive_and_leaves_the_tree_and_it
     assert [c.strip() for c in header.strip("|").split("|")][4:8] == ["before#1", "after#1", "before#2", "after#2"]
     listed = subprocess.run(["tar", "tzf", str(tmp_path / "out/patch_ab.tgz")], capture_output=True, text=True).stdout
     assert "before_r2/bench_linear.csv" in listed and "after/env.txt" in listed and "results.tgz" not in listed
+
+
+def test_patch_ab_killed_part_way_leaves_the_finished_sides_in_one_archive(bench_linear_run, tmp_path):
+    """Cut off in its fourth run (SIGKILL, as at the device tool's time limit: no trap runs), patch_ab.sh has
+    already packed the three finished sides into one archive with their A/B table; the side in progress is
+    what is left loose (at most its own few files): well inside the tool's 8 files."""
+    done, _ = _patch_ab_in_scratch_repo(bench_linear_run, tmp_path, KILL_AT="4")
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert len((tmp_path / "calls.log").read_text().splitlines()) == 4
+    left = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert left == ["after_r2/bench_linear.csv", "after_r2/env.txt", "patch_ab.tgz", "patch_ab_summary.md"], left
+    listed = subprocess.run(["tar", "tzf", str(tmp_path / "out/patch_ab.tgz")], capture_output=True, text=True).stdout
+    assert all(f"{side}/bench_linear.csv" in listed for side in ("before", "after", "before_r2")), listed
+    assert "after_r2" not in listed
+    header = next(line for line in (tmp_path / "out/patch_ab_summary.md").read_text().splitlines()
+                  if line.startswith("| mode"))
+    assert [c.strip() for c in header.strip("|").split("|")][4:7] == ["before#1", "after#1", "before#2"]
 
 
 def test_bench_train_reduce_overhead_mode_reaches_every_compile_and_the_row(tmp_path):
