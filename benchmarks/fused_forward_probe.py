@@ -192,8 +192,7 @@ def adapter_grads_probe(shapes, tokens: int, rank: int, config_names) -> None:
     for scale (x W^T, g W), cuBLAS's dA = grad_xa^T x and dB = s g^T xa as the native path runs
     them (csrc/lora_aten.cpp reduce_over_tokens) and cuBLAS's dA alone (what the 'post' dropout backward
     runs with the one launch off, or past its rank rule), adapter_grads.py's one launch and its dA alone per
-    config, and the op's fwd+bwd
-    (dropout 0, native) with the one launch off and on (set_fused_adapter_grads).
+    config, and the op's fwd+bwd (dropout 0, native) with the one launch off and on (set_fused_adapter_grads).
     The pieces are timed on the device (common.gpu_us: CUDA graph, L2 flushed), since a Triton
     launch from Python costs more host time than the k/v pieces take (12-05 02:37: every config
     read ~70 µs at k/v, the profiler's kernel time was 38.6); the op both ways (do_bench, as

@@ -287,17 +287,17 @@ bool use_fused_post_dropout_forward(const at::Tensor& x2, const at::Tensor& weig
 // and dx is more than 2048 wide (gate/up's kind, and wider ones: 5120 x 13824 or 8192 x 28672 were not
 // timed, and the model predicts the same loss there). Only those three shapes at M = 8192 were timed.
 constexpr int64_t kGivenGradInputMaxDepth = 4096;
-// Up to r = 16, the grad_xa-given dx's sizes, whichever backward forms grad_xa: the 'post' dropout one's
-// masked step, or the dropout-free one's s g B (which dA needs anyway; there where use_fused_grad_input,
-// whose kernel forms g B itself, does not take the layer). The trade is the same with either grad_xa
-// (NOTES.md #91, #95).
+// The grad_xa-given dx's sizes, whichever backward forms grad_xa: the 'post' dropout one's masked step,
+// or the dropout-free one's s g B (which dA needs anyway; there where use_fused_grad_input, whose kernel
+// forms g B itself, does not take the layer). The trade is the same with either grad_xa (NOTES.md #91,
+// #95): up to r = 16 at the sizes above, past it at k/v widths.
 bool fused_grad_input_given(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_grad_input_takes(g2, lora_A) &&
-         (weight.size(0) <= kGivenGradInputMaxDepth || weight.size(1) <= kFusedGradInputNarrowMaxInputs);
+  return (fused_grad_input_takes(g2, lora_A) &&
+          (weight.size(0) <= kGivenGradInputMaxDepth || weight.size(1) <= kFusedGradInputNarrowMaxInputs)) ||
+         fused_grad_input_given_past_rank_16(g2, weight, lora_A);
 }
 bool use_fused_post_dropout_grad_input(const at::Tensor& g2, const at::Tensor& weight, const at::Tensor& lora_A) {
-  return fused_post_dropout_enabled &&
-         (fused_grad_input_given(g2, weight, lora_A) || fused_grad_input_given_past_rank_16(g2, weight, lora_A));
+  return fused_post_dropout_enabled && fused_grad_input_given(g2, weight, lora_A);
 }
 
 // Both adapter gradients of the dropout-free backward in one Triton launch
@@ -699,8 +699,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     }
     if (need_x && !grad_x_fused) {
       if (!pre_dropout) {  // no dropout ('post' returned above): the given form where it takes the sizes
-        const bool fused = weight.has_value() && (fused_grad_input_given_past_rank_16(g, *weight, lora_A) ||
-                                                  fused_grad_input_given(g, *weight, lora_A));
+        const bool fused = weight.has_value() && fused_grad_input_given(g, *weight, lora_A);
         grad_x = grad_x_given_xa(g, weight, grad_xa, lora_A, lora_B, x.scalar_type(), fused);
       } else {  // 'pre': the LoRA part of dx takes x's mask
         at::Tensor grad_x_lora = at::mm(grad_xa, lora_A);  // (M, K), adapters' dtype

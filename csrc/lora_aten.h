@@ -63,7 +63,7 @@ bool set_fused_forward(bool enabled);
 // LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off at import.
 bool set_fused_small_m_forward(bool enabled);
 // The same for the fused input gradient (lora_aten.cpp use_fused_grad_input, and the grad_xa-given
-// forms: fused_grad_input_given, fused_grad_input_given_past_rank_16).
+// form: fused_grad_input_given).
 bool set_fused_grad_input(bool enabled);
 // The same for the one-launch adapter gradients (lora_aten.cpp use_fused_adapter_grads); on by
 // default, LORA_EXT_FUSED_ADAPTER_GRADS=0 turns it off at import.

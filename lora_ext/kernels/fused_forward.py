@@ -17,10 +17,9 @@ sizes, the forward also at any width with at most 2048 inputs and r <= 16, where
 matched cuBLAS's (1.02 and 0.96 at 2048x5632 and 2048x32000, 4096 tokens, NOTES.md #52), and the
 input gradient also up to 8192 outputs there (NOTES.md #53); grad_input_given_xa at any width with at
 most 4096 outputs or at most 2048 inputs, with 'post' dropout and, where the input gradient above does not
-take the layer, without it (#53, #93, #95), r <= 16
-(csrc/lora_aten.cpp, use_fused_forward / use_fused_grad_input / use_fused_post_dropout_grad_input /
-fused_grad_input_given; on by default,
-LORA_EXT_FUSED_FORWARD=0 / LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched from C++ after
+take the layer, without it (#53, #93, #95), r <= 16 (csrc/lora_aten.cpp, use_fused_forward /
+use_fused_grad_input / fused_grad_input_given; on by default, LORA_EXT_FUSED_FORWARD=0 /
+LORA_EXT_FUSED_GRAD_INPUT=0 turn them off), launched from C++ after
 the first call with a key (replay.py records the launch, tensor descriptors included): at
 4096x1024 the forward measured 1.24-1.28x the base GEMM against the composed 1.35-1.41x, and dx
 1.24x cuBLAS's g W against 1.56x (NOTES.md #27, #28). The Triton backend runs the forward from
@@ -29,8 +28,7 @@ the first call with a key (replay.py records the launch, tensor descriptors incl
 on by default, LORA_EXT_FUSED_SMALL_M_FORWARD=0 turns it off). Elsewhere the forward and the input
 gradient that forms g B itself lose: Triton's GEMM alone is 0-15% slower than cuBLAS's at the wide shapes
 with 4096+ inputs (the form given grad_xa wins at some of them by saving the composed path's (M, K)
-round trip: above). The 'post' epilogue cost 20-30% when
-measured (NOTES.md #26), before #33 found that triton 3.6 serialised every wgmma of that variant,
+round trip: above). The 'post' epilogue cost 20-30% when measured (NOTES.md #26), before #33 found that triton 3.6 serialised every wgmma of that variant,
 main loop included, and that its mask moved bytes through shared memory; both mended, it measured
 faster than the separate mask pass (#39) and is on by default.
 
