@@ -93,6 +93,30 @@ constexpr int kMaxRank = 64;
 template <int R_PAD>
 constexpr bool panel_ahead() { return R_PAD > 32; }
 
+// Warp roles (see the kernel): the first half of a program's warps are grad_xa warps, each owning 16 of the tile's
+// rows and rank_span of the ranks (all of them on 8 warps, half on 16).
+template <int R_PAD>
+constexpr int role_warps() { return program_threads<R_PAD>() / 64; }
+template <int R_PAD>
+constexpr int rank_span() { return R_PAD / (role_warps<R_PAD>() / 4); }
+
+// A grad_xa warp's float32 partial fragment in shared memory, as copy_fragment_async lays it out: per 8-column
+// accumulator block, the top (row acc_row) and bottom (acc_row + 8) float2 of each lane, lanes consecutive.
+template <int SPAN>
+using FragmentStage = float2[SPAN / 8][2][32];
+// Where the register scheme copies the fragments by cp.async (copy_fragment_async) rather than loading them into
+// registers: R_PAD 16 and 32. Measured (benchmarks/NOTES.md #97, H100, the step with its sum): r = 16 -2.5% (k/v) to
+// -7.3% (down), r = 32 -5.2% to -7.3%; at r = 64 +0.5% (k/v) to +18% (gate/up), where the mask phase, which only
+// applies flags made a tile ahead, is too short to hide the copy waited before the first barrier, and every warp
+// then waits for it, where before only the grad_xa warps' products did. Each grad_xa warp's stage follows
+// SharedTiles in the dynamic shared memory (4 KiB a program at R_PAD 16, 8 at 32).
+template <int R_PAD>
+constexpr bool fragment_staged() { return R_PAD <= 32; }
+template <int R_PAD>
+constexpr size_t fragment_stage_bytes() {
+  return fragment_staged<R_PAD>() ? role_warps<R_PAD>() * sizeof(FragmentStage<rank_span<R_PAD>()>) : 0;
+}
+
 template <typename T, int R_PAD>
 struct alignas(128) SharedTiles {
   T tile[kTileRows][kTileCols + kPad];   // drop(dY) for the current (row block, column block)
@@ -356,6 +380,36 @@ __device__ __forceinline__ void panel_grad_products(float (&panel_acc)[CF][R_PAD
   }
 }
 
+// A 16-row accumulator fragment of SPAN columns of a float32 partial (rows of R_PAD), this lane's positions, into
+// shared memory by cp.async (8 bytes each, through L1: .cg takes only 16), for read_fragment after a
+// cp_async_wait by this thread. Why not load_fragment's registers: ptxas tracks every global load into registers
+// of this loop on one scoreboard, so an instruction that waits for the fragment waits for every load issued since,
+// the next tile's dY vectors and xa's rows among them: the products, which come after those are issued, started
+// only once they had landed (SASS control bits, sm_90, nvcc 13.0: the first HMMA of the grad_xa warps, and the
+// first LDSM of the grad_B warps, whose destination the fragment's load shared; benchmarks/NOTES.md #97).
+// A copy into shared memory waits on its commit group instead, before the tile's first barrier.
+template <int R_PAD, int SPAN>
+__device__ __forceinline__ void copy_fragment_async(FragmentStage<SPAN>& dst, const float* part, int acc_col,
+                                                    int lane) {
+#pragma unroll
+  for (int nb = 0; nb < SPAN / 8; ++nb) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(shared_address(&dst[nb][half][lane])),
+                   "l"(part + 8 * R_PAD * half + 8 * nb + acc_col));
+    }
+  }
+}
+
+template <int SPAN>
+__device__ __forceinline__ void read_fragment(float (&acc)[SPAN / 8][4], const FragmentStage<SPAN>& src, int lane) {
+#pragma unroll
+  for (int nb = 0; nb < SPAN / 8; ++nb) {
+    const float2 top = src[nb][0][lane], bottom = src[nb][1][lane];
+    acc[nb][0] = top.x, acc[nb][1] = top.y, acc[nb][2] = bottom.x, acc[nb][3] = bottom.y;
+  }
+}
+
 // A 16-row accumulator fragment of SPAN columns from / to a float32 partial (rows of R_PAD), this
 // lane's positions.
 template <int R_PAD, int SPAN>
@@ -392,8 +446,8 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   // 16 of the tile's rows and RANK_SPAN ranks (all of them on 8 warps, a half on 16); a grad_B warp owns
   // 16 CF of the tile's columns (32 on 8 warps, 16 on 16) and all ranks.
   constexpr int THREADS = program_threads<R_PAD>();
-  constexpr int ROLE_WARPS = THREADS / 64;
-  constexpr int RANK_SPAN = R_PAD / (ROLE_WARPS / 4);
+  constexpr int ROLE_WARPS = role_warps<R_PAD>();
+  constexpr int RANK_SPAN = rank_span<R_PAD>();
   constexpr int PANEL_COLS = kTileCols / ROLE_WARPS;
   constexpr int CF = PANEL_COLS / 16;
   constexpr int VECTORS = vectors_per_thread<THREADS>();
@@ -407,6 +461,9 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
                                    SharedTiles<T, R_PAD>>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   Tiles& s = *reinterpret_cast<Tiles*>(shared_bytes);
+  // fragment_staged: each grad_xa warp's copy of its partial fragment, after the tiles.
+  constexpr bool kFragmentStaged = !kPipelined && fragment_staged<R_PAD>();
+  auto& fragments = *reinterpret_cast<FragmentStage<RANK_SPAN>(*)[ROLE_WARPS]>(shared_bytes + sizeof(Tiles));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool rows_role = warp < ROLE_WARPS;
   const int role_warp = warp % ROLE_WARPS;
@@ -504,10 +561,19 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       // The grad_xa warps: rows m0 + first_row of slice blockIdx.y, ranks from first_rank, started by the
       // group's first column block. Loaded here, first, so that the load's latency passes under the mask phase
       // (at R_PAD 32 and 64 it only applies the flags computed a tile ahead: less to hide it under than before #84).
+      // kFragmentStaged copies it into shared memory (copy_fragment_async: the wait for it is the commit group's,
+      // before the first barrier, not a scoreboard the next tile's loads share); otherwise it is loaded into registers
+      // (the pipelined scheme's commit groups count tile slots).
       float* rows_part =
           rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + first_row + acc_row) * R_PAD + first_rank;
+      const bool rows_from_part = rows_role && want_rows_grad && cb != cb_first;
       float rows_acc[RANK_SPAN / 8][4] = {};
-      if (rows_role && want_rows_grad && cb != cb_first) load_fragment<R_PAD, RANK_SPAN>(rows_acc, rows_part, acc_col);
+      if constexpr (kFragmentStaged) {
+        if (rows_from_part) copy_fragment_async<R_PAD, RANK_SPAN>(fragments[role_warp], rows_part, acc_col, lane);
+        cp_async_commit();
+      } else {
+        if (rows_from_part) load_fragment<R_PAD, RANK_SPAN>(rows_acc, rows_part, acc_col);
+      }
       // This tile's copies by this thread have landed (all groups but the STAGES - 1 newest): each
       // thread masks exactly the vectors it copied, so no barrier is needed before the mask.
       if constexpr (kPipelined) cp_async_wait<STAGES - 1>();
@@ -528,9 +594,12 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         }
       }
       if (want_panel_grad) store_thin<T, kTileRows, R_PAD>(s.rows, rows_data);
-      // kPanelAhead, a column block's first tile: this thread's copies of the block's panel have landed (the only
-      // cp.async group in flight); the barrier below shows every thread's to all.
-      if constexpr (kPanelAhead) {
+      // kFragmentStaged: this thread's copy of its fragment has landed. kPanelAhead, a column block's first tile: this
+      // thread's copies of the block's panel have landed (the only cp.async group in flight); the barrier below shows
+      // every thread's to all.
+      if constexpr (kFragmentStaged) {
+        cp_async_wait<0>();
+      } else if constexpr (kPanelAhead) {
         if (mb == mb_first) cp_async_wait<0>();
       }
       __syncthreads();
@@ -561,6 +630,9 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         if constexpr (kKeepsAhead) next.step(seed, k, steps);
       };
       if (rows_role && want_rows_grad) {
+        if constexpr (kFragmentStaged) {
+          if (rows_from_part) read_fragment<RANK_SPAN>(rows_acc, fragments[role_warp], lane);
+        }
         rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, panel_tile, first_row, first_rank, lane, step);
         store_fragment<R_PAD, RANK_SPAN>(rows_part, rows_acc, acc_col);
       } else if (!rows_role && want_panel_grad) {
@@ -843,8 +915,9 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   } else {
     // Two panel buffers (NOTES.md #87) take R_PAD = 64's shared memory past 48 KiB (62 KiB): the opt-in, once per
     // device. One program per SM there (its registers): with the 1 KiB reserved per program, 63 KiB, within the same
-    // 64 KiB carve-out step as the 45 before, so the L1 left is the same.
-    constexpr size_t register_shared = sizeof(SharedTiles<T, R_PAD>);
+    // 64 KiB carve-out step as the 45 before, so the L1 left is the same. The fragments' stages (#97): R_PAD 16's
+    // two programs 2 x (26 + 4 + 1) KiB, R_PAD 32's one 32 + 8 + 1: the 64 KiB step too.
+    constexpr size_t register_shared = sizeof(SharedTiles<T, R_PAD>) + fragment_stage_bytes<R_PAD>();
     auto register_kernel = masked_grad_y_kernel<T, R_PAD, 0>;
     if constexpr (register_shared > 48 * 1024) {
       static PerDeviceCache opted_in{};
