@@ -72,12 +72,19 @@ def test_cuda_source_compiles(source, arch, stubs, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_masked_grad_y_compiles_within_its_register_budgets(stubs, tmp_path):
+@pytest.fixture(scope="module")
+def masked_grad_y_sm90(stubs, tmp_path_factory):
+    """masked_grad_y.cu compiled once for sm_90 with ptxas's report: (nvcc's result, the object's path)."""
+    out_dir = tmp_path_factory.mktemp("masked_grad_y_sm90")
+    return nvcc("masked_grad_y.cu", stubs, out_dir, "-Xptxas", "-v"), str(out_dir / "masked_grad_y.cu.o")
+
+
+def test_masked_grad_y_compiles_within_its_register_budgets(masked_grad_y_sm90):
     """masked_grad_y.cu compiles, and at ranks <= 16 each variant of its kernel (bf16/fp16) fits without
     spilling the registers its programs per SM allow (__launch_bounds__): 128 for the register load
     scheme's two, 80 for the cp.async scheme's three. The kernel's design (its head comment) rests on
     it. The partials' summing kernel keeps no stack frame."""
-    result = nvcc("masked_grad_y.cu", stubs, tmp_path, "-Xptxas", "-v")
+    result, _ = masked_grad_y_sm90
     assert result.returncode == 0, result.stderr[-4000:]
     # ptxas -v: "Compiling entry function '<mangled>'" then its spill and register lines.
     report = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
@@ -105,3 +112,42 @@ def test_masked_grad_y_compiles_within_its_register_budgets(stubs, tmp_path):
     frames = dict(re.findall(r"Compiling entry function '(\w*sum_slices_kernel\w*)'.*?(\d+) bytes stack frame",
                              result.stderr, flags=re.S))
     assert len(frames) == 2 and all(int(size) == 0 for size in frames.values()), frames
+
+
+SCRIPTS = os.path.join(ROOT, "scripts")
+
+
+# The R_PAD values whose register-scheme loop the check below holds to. R_PAD 64 still loads the partial fragment
+# into registers (fragment_staged: the copy at the tile's start lost there, #97), so its grad_xa warps' first HMMA
+# and a Philox multiply wait on the next tile's loads: benchmarks/patches/98 copies it a tile ahead instead.
+LOOP_LOADS_HIDDEN_AT = (16, 32)
+
+
+def test_masked_grad_y_products_wait_for_no_next_tile_load(masked_grad_y_sm90):
+    """In the register scheme's tile loop (bf16 and fp16, R_PAD in LOOP_LOADS_HIDDEN_AT), no instruction between
+    the tile's first barrier and its end waits on a scoreboard that the next tile's dY loads, issued there, count:
+    the loads a tile ahead are there to fly under the products, and one such wait makes the products start only
+    once they have landed. ptxas chooses the scoreboards; where it put the partial fragment's register loads on the
+    same one as the next tile's, the grad_xa warps' first HMMA (and at r <= 16 the grad_B warps' first LDSM)
+    waited for both; taking them off it made the step 2.5-7.3% faster (benchmarks/NOTES.md #97). Read from the
+    SASS control bits (scripts/sass_scoreboards.py); cuobjdump and nvdisasm come from PyPI's wheels in CI."""
+    sys.path.insert(0, SCRIPTS)
+    try:
+        import sass_scoreboards
+    finally:
+        sys.path.remove(SCRIPTS)
+    if sass_scoreboards.find_tool("cuobjdump") is None or sass_scoreboards.find_tool("nvdisasm") is None:
+        pytest.skip("needs cuobjdump and nvdisasm (requirements-ci.txt installs them)")
+    result, obj = masked_grad_y_sm90
+    assert result.returncode == 0, result.stderr[-4000:]
+    kernels = {name: instructions for name, instructions in sass_scoreboards.functions(
+        sass_scoreboards.disassemble(obj)).items()
+        if re.search(r"masked_grad_y_kernel.*Li(%s)ELi0E" % "|".join(map(str, LOOP_LOADS_HIDDEN_AT)), name)}
+    assert len(kernels) == 2 * len(LOOP_LOADS_HIDDEN_AT), sorted(kernels)  # bf16 and fp16
+    for name, instructions in kernels.items():
+        # What the check reads is there: the next tile's loads, on a scoreboard, and the products after a barrier.
+        loads = [ins for ins in instructions if sass_scoreboards.NEXT_TILE_LOAD in ins.text]
+        assert loads and all(ins.write_scoreboard is not None for ins in loads), name
+        assert any("HMMA" in ins.text for ins in instructions), name
+        waiting = sass_scoreboards.products_waiting_on_next_tile(instructions)
+        assert not waiting, (name, [f"{ins.address:05x} {ins.text}" for ins in waiting])
