@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -218,6 +219,9 @@ def train_and_compare(rank, world_size, port, out, backend, device_type):
             )
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)
+        dist.barrier()  # every rank is done with the adapter's files
+        if rank == 0:
+            shutil.rmtree(tmp[0], ignore_errors=True)
     finally:
         dist.destroy_process_group()
 
