@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 import shutil
@@ -29,8 +30,8 @@ import subprocess
 import sys
 import sysconfig
 
-# The loop's loads of the next tile's dY vectors: __ldcs, evict-first, 16 bytes.
-NEXT_TILE_LOAD = "LDG.E.EF.128"
+# The loop's loads for the next tile: dY's vectors (__ldcs, evict-first, 16 bytes) and xa's rows (__ldg, 16 bytes).
+NEXT_TILE_LOADS = ("LDG.E.EF.128", "LDG.E.128.CONSTANT")
 _ROW = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*/\* (0x[0-9a-f]{16}) \*/")
 _HIGH = re.compile(r"^\s*/\* (0x[0-9a-f]{16}) \*/\s*$")
 
@@ -53,12 +54,17 @@ def decode(high_word: int) -> tuple[int | None, int]:
 
 
 def find_tool(name: str) -> str | None:
-    """The CUDA binary `name` on PATH, else from the PyPI wheels (site-packages/nvidia/cu13/bin)."""
+    """The CUDA binary `name` on PATH, else from the PyPI wheels (<site-packages>/nvidia/cu13/bin, wherever pip put the
+    `nvidia` namespace package: the interpreter's, a venv's or the user's site-packages)."""
     found = shutil.which(name)
     if found:
         return found
-    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        candidate = os.path.join(root, "nvidia", "cu13", "bin", name)
+    roots = [os.path.join(root, "nvidia") for root in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])]
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots += list(spec.submodule_search_locations)
+    for root in roots:
+        candidate = os.path.join(root, "cu13", "bin", name)
         if os.path.exists(candidate):
             return candidate
     return None
@@ -73,7 +79,10 @@ def disassemble(path: str) -> str:
     env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
     for tool in (cuobjdump, nvdisasm):  # a wheel's files may come without the executable bit
         if not os.access(tool, os.X_OK):
-            os.chmod(tool, 0o755)
+            try:
+                os.chmod(tool, 0o755)
+            except OSError as error:
+                raise PermissionError(f"{tool} is not executable and could not be made so: {error}") from error
     return subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True, env=env).stdout
 
 
@@ -97,26 +106,34 @@ def functions(sass: str) -> dict[str, list[Instruction]]:
     return out
 
 
-def products_waiting_on_next_tile(instructions: list[Instruction]) -> list[Instruction]:
-    """In each stretch between barriers that holds tensor-core products (HMMA: the tile's products, after its first
-    barrier), the instructions that wait on a scoreboard the next tile's loads, issued earlier in that stretch, count:
-    each waits for those loads to land. (The stretch that ends at the first barrier, the mask phase, waits on its own
-    tile's loads on purpose.) Empty where none does."""
+def product_stretches(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The stretches between barriers that hold tensor-core products (HMMA): in the masked step's loop, the tile's
+    products, after its first barrier. (The stretch that ends at the first barrier, the mask phase, has none: it waits
+    on its own tile's loads on purpose.)"""
     stretches: list[list[Instruction]] = [[]]
     for ins in instructions:
         if "BAR.SYNC" in ins.text:
             stretches.append([])
         else:
             stretches[-1].append(ins)
+    return [stretch for stretch in stretches if any("HMMA" in ins.text for ins in stretch)]
+
+
+def is_next_tile_load(ins: Instruction) -> bool:
+    return any(kind in ins.text for kind in NEXT_TILE_LOADS) and ins.write_scoreboard is not None
+
+
+def products_waiting_on_next_tile(instructions: list[Instruction]) -> list[Instruction]:
+    """In each product stretch, the instructions that wait on a scoreboard counted by the next tile's loads issued
+    earlier in that stretch (in address order, the order the loop runs them): each waits for those loads to land.
+    Empty where none does."""
     offending = []
-    for stretch in stretches:
-        if not any("HMMA" in ins.text for ins in stretch):
-            continue
+    for stretch in product_stretches(instructions):
         counted: set[int] = set()  # the scoreboards of the next tile's loads issued so far in the stretch
         for ins in stretch:
             if any(ins.waits_on(board) for board in counted):
                 offending.append(ins)
-            if NEXT_TILE_LOAD in ins.text and ins.write_scoreboard is not None:
+            if is_next_tile_load(ins):
                 counted.add(ins.write_scoreboard)
     return offending
 

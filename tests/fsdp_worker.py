@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import sys
 import tempfile
 import warnings
@@ -176,7 +175,9 @@ def train_and_compare(rank, world_size, port, out, backend, device_type):
         )
 
         # Adapters of a sharded model: save (gathered, rank 0 writes), load into a fresh sharded model.
-        tmp = [tempfile.mkdtemp(prefix="fsdp_adapter_") if rank == 0 else None]
+        # Beside the result file: the caller's temporary folder (pytest's tmp_path) owns it, also when a rank fails.
+        beside_out = os.path.dirname(os.path.abspath(out))
+        tmp = [tempfile.mkdtemp(prefix="fsdp_adapter_", dir=beside_out) if rank == 0 else None]
         dist.broadcast_object_list(tmp)
         lora_ext.save_adapter(model, tmp[0])  # returns on every rank once the files exist (no barrier here)
         fresh = build_fsdp(lora_ext, weights, device, mesh)
@@ -219,9 +220,6 @@ def train_and_compare(rank, world_size, port, out, backend, device_type):
             )
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)
-        dist.barrier()  # every rank is done with the adapter's files
-        if rank == 0:
-            shutil.rmtree(tmp[0], ignore_errors=True)
     finally:
         dist.destroy_process_group()
 

@@ -106,9 +106,9 @@ template <int SPAN>
 using FragmentStage = float2[SPAN / 8][2][32];
 // Where the register scheme copies the fragments by cp.async (copy_fragment_async) rather than loading them into
 // registers: R_PAD 16 and 32. Measured (benchmarks/NOTES.md #97, H100, the step with its sum): r = 16 -2.5% (k/v) to
-// -7.3% (down), r = 32 -5.2% to -7.3%; at r = 64 +0.5% (k/v) to +18% (gate/up), where the mask phase, which only
-// applies flags made a tile ahead, is too short to hide the copy waited before the first barrier, and every warp
-// then waits for it, where before only the grad_xa warps' products did. Each grad_xa warp's stage follows
+// -7.3% (down), r = 32 -5.2% to -7.3%; at r = 64 +0.5% (k/v) to +18% (gate/up), not explained by a measurement
+// (about one memory round trip a tile at gate/up: the copy, waited before the first barrier, seems not hidden there;
+// R_PAD 64 also differs in its 16 warps and its shared memory, 62 -> 78 KiB). Each grad_xa warp's stage follows
 // SharedTiles in the dynamic shared memory (4 KiB a program at R_PAD 16, 8 at 32).
 template <int R_PAD>
 constexpr bool fragment_staged() { return R_PAD <= 32; }
@@ -385,8 +385,8 @@ __device__ __forceinline__ void panel_grad_products(float (&panel_acc)[CF][R_PAD
 // cp_async_wait by this thread. Why not load_fragment's registers: ptxas tracks every global load into registers
 // of this loop on one scoreboard, so an instruction that waits for the fragment waits for every load issued since,
 // the next tile's dY vectors and xa's rows among them: the products, which come after those are issued, started
-// only once they had landed (SASS control bits, sm_90, nvcc 13.0: the first HMMA of the grad_xa warps, and the
-// first LDSM of the grad_B warps, whose destination the fragment's load shared; benchmarks/NOTES.md #97).
+// only once they had landed (SASS control bits, sm_90, nvcc 13.0: the first HMMA of the grad_xa warps, and at R_PAD 16
+// the first LDSM of the grad_B warps, whose destination the fragment's load shared; benchmarks/NOTES.md #97).
 // A copy into shared memory waits on its commit group instead, before the tile's first barrier.
 template <int R_PAD, int SPAN>
 __device__ __forceinline__ void copy_fragment_async(FragmentStage<SPAN>& dst, const float* part, int acc_col,
@@ -431,8 +431,8 @@ __device__ __forceinline__ void store_fragment(float* part, const float (&acc)[S
   }
 }
 
-// STAGES: 0 = registers one tile ahead (dynamic shared memory, sizeof(SharedTiles)); >= 2 = cp.async ring of STAGES
-// shared tiles (dynamic shared memory, sizeof(PipelinedTiles)). See the file's head.
+// STAGES: 0 = registers one tile ahead (dynamic shared memory, sizeof(SharedTiles) + fragment_stage_bytes); >= 2 =
+// cp.async ring of STAGES shared tiles (dynamic shared memory, sizeof(PipelinedTiles)). See the file's head.
 template <typename T, int R_PAD, int STAGES>
 __global__ void __launch_bounds__(program_threads<R_PAD>(), programs_per_sm<R_PAD, STAGES>())
 masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const T* __restrict__ rows,
@@ -915,8 +915,9 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   } else {
     // Two panel buffers (NOTES.md #87) take R_PAD = 64's shared memory past 48 KiB (62 KiB): the opt-in, once per
     // device. One program per SM there (its registers): with the 1 KiB reserved per program, 63 KiB, within the same
-    // 64 KiB carve-out step as the 45 before, so the L1 left is the same. The fragments' stages (#97): R_PAD 16's
-    // two programs 2 x (26 + 4 + 1) KiB, R_PAD 32's one 32 + 8 + 1: the 64 KiB step too.
+    // 64 KiB carve-out step as the 45 before, so the L1 left is the same. The fragments' stages (#97): 30 KiB a program
+    // at R_PAD 16, 40 at 32, both under 48 KiB (what carve-out the driver then picks was not looked at: at R_PAD 16
+    // before #97, ncu reported a 132 KiB shared memory configuration for two programs of 26 KiB).
     constexpr size_t register_shared = sizeof(SharedTiles<T, R_PAD>) + fragment_stage_bytes<R_PAD>();
     auto register_kernel = masked_grad_y_kernel<T, R_PAD, 0>;
     if constexpr (register_shared > 48 * 1024) {
