@@ -125,7 +125,7 @@ LOOP_LOADS_HIDDEN_AT = (16, 32)
 
 def test_masked_grad_y_products_wait_for_no_next_tile_load(masked_grad_y_sm90):
     """In the register scheme's tile loop (bf16 and fp16, R_PAD in LOOP_LOADS_HIDDEN_AT), no instruction between
-    the tile's first barrier and its end waits on a scoreboard that the next tile's dY loads, issued there, count:
+    the tile's first barrier and its end waits on a scoreboard that the next tile's loads (dY, xa), issued there, count:
     the loads a tile ahead are there to fly under the products, and one such wait makes the products start only
     once they have landed. ptxas chooses the scoreboards; where it put the partial fragment's register loads on the
     same one as the next tile's, the grad_xa warps' first HMMA (and at r <= 16 the grad_B warps' first LDSM)
