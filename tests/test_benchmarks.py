@@ -257,6 +257,48 @@ def test_patch_ab_killed_part_way_leaves_the_finished_sides_in_one_archive(bench
     assert [c.strip() for c in header.strip("|").split("|")][4:7] == ["before#1", "after#1", "before#2"]
 
 
+STUB_NVIDIA_SMI = r"""#!/usr/bin/env bash
+# A stand-in for nvidia-smi: with -lms it samples until killed (its pid in $SMI_PID), else one query's answer.
+if [[ " $* " == *" -lms "* ]]; then
+  echo $$ > "$SMI_PID"; echo "timestamp, clocks.current.sm [MHz], power.draw [W], temperature.gpu"
+  while true; do echo "2026/12/07 20:00:00.000, 1980 MHz, 500.00 W, 50"; sleep 0.02; done
+fi
+echo "Stand-in GPU, 0.0, 0 MiB"
+"""
+
+
+def test_h200_run_logs_the_clock_beside_each_mode_and_stops_the_logger(tmp_path):
+    """CLOCK_LOG_MS (NOTES.md Next 10): scripts/h200_run.sh samples the card (here a stand-in nvidia-smi) while it
+    runs, marks when each mode starts and ends, stops the sampler before packing (no process left behind, the
+    call does not hang on it) and packs both files into results.tgz. The real script, in a scratch tree whose
+    build and profile_layer.py are stand-ins, running its 'layers' mode."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "lora_ext").mkdir()
+    (repo / "bin").mkdir()
+    shutil.copy(REPO / "scripts/h200_run.sh", repo / "scripts/h200_run.sh")
+    (repo / "scripts/profile_layer.py").write_text("import time; time.sleep(0.3); print('profiled')\n")
+    (repo / "lora_ext/__init__.py").write_text("class _C:\n    has_cuda = staticmethod(lambda: False)\n")
+    (repo / "lora_ext/_C.stand_in.so").write_text("")
+    (repo / "bin/nvidia-smi").write_text(STUB_NVIDIA_SMI)
+    (repo / "bin/nvidia-smi").chmod(0o755)
+    out, pid_file = tmp_path / "out", tmp_path / "smi.pid"
+    env = dict(os.environ, OUT=str(out), SMI_PID=str(pid_file), CLOCK_LOG_MS="20", H200_RUN_PREBUILT="1",
+               PROFILE_LAYERS="4096 1024 16 0.1 native", PATH=f"{repo / 'bin'}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", "scripts/h200_run.sh", "layers"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "profiled" in done.stdout
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the sampler was stopped
+    subprocess.run(["tar", "xzf", "results.tgz"], cwd=out, check=True)
+    samples = (out / "clocks.csv").read_text().splitlines()
+    assert samples[0].startswith("timestamp") and len(samples) >= 3 and "MHz" in samples[-1], samples
+    marks = [line.split(", ", 1)[1] for line in (out / "clock_marks.csv").read_text().splitlines()]
+    assert marks == ["layers start", "layers end"], marks
+
+
 def test_bench_train_reduce_overhead_mode_reaches_every_compile_and_the_row(tmp_path):
     """--compile-mode reduce-overhead: the step (with CUDA graph trees' step marker) trains, and the row and
     settings say the mode (on CPU torch.compile skips the CUDA graphs themselves; the GPU run records them)."""
