@@ -117,10 +117,9 @@ def test_masked_grad_y_compiles_within_its_register_budgets(masked_grad_y_sm90):
 SCRIPTS = os.path.join(ROOT, "scripts")
 
 
-# The R_PAD values whose register-scheme loop the check below holds to. R_PAD 64 still loads the partial fragment
-# into registers (fragment_staged: the copy at the tile's start lost there, #97), so its grad_xa warps' first HMMA
-# and a Philox multiply wait on the next tile's loads: benchmarks/patches/98 copies it a tile ahead instead.
-LOOP_LOADS_HIDDEN_AT = (16, 32)
+# The R_PAD values whose register-scheme loop the check below holds to: all three since #98 copies R_PAD 64's
+# fragment a tile ahead (before it, its grad_xa warps' first HMMA and a Philox multiply waited there).
+LOOP_LOADS_HIDDEN_AT = (16, 32, 64)
 
 
 def test_masked_grad_y_products_wait_for_no_next_tile_load(masked_grad_y_sm90):

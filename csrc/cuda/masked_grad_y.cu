@@ -105,16 +105,25 @@ constexpr int rank_span() { return R_PAD / (role_warps<R_PAD>() / 4); }
 template <int SPAN>
 using FragmentStage = float2[SPAN / 8][2][32];
 // Where the register scheme copies the fragments by cp.async (copy_fragment_async) rather than loading them into
-// registers: R_PAD 16 and 32. Measured (benchmarks/NOTES.md #97, H100, the step with its sum): r = 16 -2.5% (k/v) to
-// -7.3% (down), r = 32 -5.2% to -7.3%; at r = 64 +0.5% (k/v) to +18% (gate/up), not explained by a measurement
-// (about one memory round trip a tile at gate/up: the copy, waited before the first barrier, seems not hidden there;
-// R_PAD 64 also differs in its 16 warps and its shared memory, 62 -> 78 KiB). Each grad_xa warp's stage follows
-// SharedTiles in the dynamic shared memory (4 KiB a program at R_PAD 16, 8 at 32).
+// registers: every R_PAD. Measured (benchmarks/NOTES.md #97, H100, the step with its sum): r = 16 -2.5% (k/v) to
+// -7.3% (down), r = 32 -5.2% to -7.3%; at r = 64, copied at the tile's start like that, +0.5% (k/v) to +18%
+// (gate/up), about one memory round trip a tile there: the hypothesis (not measured) is that the copy, waited before
+// the first barrier, is not hidden at R_PAD 64. So there (fragment_ahead) each fragment is copied during the
+// previous tile's products, into the other of two stages (#98, measured the same way: r = 64 -8.0% (q/o) to
+// -8.8% (gate/up)); where a program has one row block, the next tile's
+// fragment is the one the tile stores, so it is copied after that store and waited at the next tile's first barrier
+// (small M only). The stages follow SharedTiles in the dynamic shared memory (4 KiB a program at R_PAD 16, 8 at 32,
+// 2 x 16 at 64).
 template <int R_PAD>
-constexpr bool fragment_staged() { return R_PAD <= 32; }
+constexpr bool fragment_staged() { return true; }
+// R_PAD 64: each fragment is copied a tile ahead, during the previous tile's products, into the other of two stages.
+template <int R_PAD>
+constexpr bool fragment_ahead() { return R_PAD > 32; }
 template <int R_PAD>
 constexpr size_t fragment_stage_bytes() {
-  return fragment_staged<R_PAD>() ? role_warps<R_PAD>() * sizeof(FragmentStage<rank_span<R_PAD>()>) : 0;
+  return fragment_staged<R_PAD>()
+             ? (fragment_ahead<R_PAD>() ? 2 : 1) * role_warps<R_PAD>() * sizeof(FragmentStage<rank_span<R_PAD>()>)
+             : 0;
 }
 
 template <typename T, int R_PAD>
@@ -463,7 +472,13 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
   Tiles& s = *reinterpret_cast<Tiles*>(shared_bytes);
   // fragment_staged: each grad_xa warp's copy of its partial fragment, after the tiles.
   constexpr bool kFragmentStaged = !kPipelined && fragment_staged<R_PAD>();
-  auto& fragments = *reinterpret_cast<FragmentStage<RANK_SPAN>(*)[ROLE_WARPS]>(shared_bytes + sizeof(Tiles));
+  constexpr bool kFragmentAhead = kFragmentStaged && fragment_ahead<R_PAD>();
+  auto& fragment_stages =
+      *reinterpret_cast<FragmentStage<RANK_SPAN>(*)[kFragmentAhead ? 2 : 1][ROLE_WARPS]>(shared_bytes + sizeof(Tiles));
+  static_assert(!kFragmentStaged ||
+                    sizeof(std::remove_reference_t<decltype(fragment_stages)>) == fragment_stage_bytes<R_PAD>(),
+                "the launcher's shared memory holds the stages the kernel indexes");
+  int fragment_parity = 0;  // kFragmentAhead: the stage this tile's fragment is in
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool rows_role = warp < ROLE_WARPS;
   const int role_warp = warp % ROLE_WARPS;
@@ -559,19 +574,18 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         cp_async_commit();
       }
       // The grad_xa warps: rows m0 + first_row of slice blockIdx.y, ranks from first_rank, started by the
-      // group's first column block. Loaded here, first, so that the load's latency passes under the mask phase
-      // (at R_PAD 32 and 64 it only applies the flags computed a tile ahead: less to hide it under than before #84).
-      // kFragmentStaged copies it into shared memory (copy_fragment_async: the wait for it is the commit group's,
-      // before the first barrier, not a scoreboard the next tile's loads share); otherwise it is loaded into registers
-      // (the pipelined scheme's commit groups count tile slots).
+      // group's first column block. kFragmentStaged copies it into shared memory (copy_fragment_async: the wait for
+      // it is the commit group's, before the first barrier, not a scoreboard the next tile's loads share): here, first,
+      // so that the copy passes under the mask phase, or (kFragmentAhead) during the previous tile's products.
+      // Otherwise (the pipelined scheme, whose commit groups count tile slots) it is loaded into registers here.
       float* rows_part =
           rows_grad_part + (static_cast<int64_t>(blockIdx.y) * M_pad + m0 + first_row + acc_row) * R_PAD + first_rank;
       const bool rows_from_part = rows_role && want_rows_grad && cb != cb_first;
       float rows_acc[RANK_SPAN / 8][4] = {};
-      if constexpr (kFragmentStaged) {
-        if (rows_from_part) copy_fragment_async<R_PAD, RANK_SPAN>(fragments[role_warp], rows_part, acc_col, lane);
+      if constexpr (kFragmentStaged && !kFragmentAhead) {
+        if (rows_from_part) copy_fragment_async<R_PAD, RANK_SPAN>(fragment_stages[0][role_warp], rows_part, acc_col, lane);
         cp_async_commit();
-      } else {
+      } else if constexpr (!kFragmentStaged) {
         if (rows_from_part) load_fragment<R_PAD, RANK_SPAN>(rows_acc, rows_part, acc_col);
       }
       // This tile's copies by this thread have landed (all groups but the STAGES - 1 newest): each
@@ -594,14 +608,9 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
         }
       }
       if (want_panel_grad) store_thin<T, kTileRows, R_PAD>(s.rows, rows_data);
-      // kFragmentStaged: this thread's copy of its fragment has landed. kPanelAhead, a column block's first tile: this
-      // thread's copies of the block's panel have landed (the only cp.async group in flight); the barrier below shows
-      // every thread's to all.
-      if constexpr (kFragmentStaged) {
-        cp_async_wait<0>();
-      } else if constexpr (kPanelAhead) {
-        if (mb == mb_first) cp_async_wait<0>();
-      }
+      // The register scheme: this thread's copy of its fragment has landed, and (kPanelAhead, a column block's first
+      // tile) its copies of the block's panel; the barrier below shows every thread's panel copies to all.
+      if constexpr (kFragmentStaged) cp_async_wait<0>();
       __syncthreads();
       // The next tile's loads fly while this one's products run (kPanelAhead: after a column block's last tile, the
       // next block's first tile and its panel, into the other buffer: its last reader, the previous block's last
@@ -631,16 +640,33 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
       };
       if (rows_role && want_rows_grad) {
         if constexpr (kFragmentStaged) {
-          if (rows_from_part) read_fragment<RANK_SPAN>(rows_acc, fragments[role_warp], lane);
+          if (rows_from_part) read_fragment<RANK_SPAN>(rows_acc, fragment_stages[fragment_parity][role_warp], lane);
         }
+        // kFragmentAhead: the next tile's fragment into the other stage, here so that its products hide the copy.
+        // Where the program has one row block, the next tile's fragment is the one this tile stores: copied after it.
+        const int64_t next_mb = mb + 1 < mb_end ? mb + 1 : mb_first, next_cb = mb + 1 < mb_end ? cb : cb + 1;
+        const bool next_from_part = kFragmentAhead && next_cb < cb_end && next_cb != cb_first;
+        const auto copy_next_fragment = [&] {
+          float* next_part = rows_grad_part +
+                             (static_cast<int64_t>(blockIdx.y) * M_pad + next_mb * kTileRows + first_row + acc_row) * R_PAD +
+                             first_rank;
+          copy_fragment_async<R_PAD, RANK_SPAN>(fragment_stages[1 - fragment_parity][role_warp], next_part, acc_col, lane);
+          cp_async_commit();
+        };
+        if (next_from_part && next_mb != mb) copy_next_fragment();
         rows_grad_products<T, R_PAD, RANK_SPAN>(rows_acc, tile, panel_tile, first_row, first_rank, lane, step);
         store_fragment<R_PAD, RANK_SPAN>(rows_part, rows_acc, acc_col);
+        if (next_from_part && next_mb == mb) {
+          asm volatile("" ::: "memory");  // the copy reads what store_fragment just wrote: no reordering across it
+          copy_next_fragment();
+        }
       } else if (!rows_role && want_panel_grad) {
         panel_grad_products<T, R_PAD, CF>(panel_acc, tile, s.rows, first_col, lane, step);
       } else if constexpr (kKeepsAhead) {
         next.rounds(seed, 0, kPhiloxRounds);
       }
       if constexpr (kKeepsAhead) keeps = next.keeps(threshold);
+      if constexpr (kFragmentAhead) fragment_parity ^= 1;
       __syncthreads();  // the tile and rows are rewritten next (and after a column block's last tile, without
                         // kPanelAhead, the panel)
     }
@@ -913,11 +939,10 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& g2, const at::Tensor& l
   if (pipelined) {
     launch(pipelined_kernel, pipelined_shared);
   } else {
-    // Two panel buffers (NOTES.md #87) take R_PAD = 64's shared memory past 48 KiB (62 KiB): the opt-in, once per
-    // device. One program per SM there (its registers): with the 1 KiB reserved per program, 63 KiB, within the same
-    // 64 KiB carve-out step as the 45 before, so the L1 left is the same. The fragments' stages (#97): 30 KiB a program
-    // at R_PAD 16, 40 at 32, both under 48 KiB (what carve-out the driver then picks was not looked at: at R_PAD 16
-    // before #97, ncu reported a 132 KiB shared memory configuration for two programs of 26 KiB).
+    // Two panel buffers (NOTES.md #87) and two fragment stages (#98) take R_PAD = 64's shared memory past 48 KiB
+    // (62 + 32 KiB): the opt-in, once per device. One program per SM there (its registers). The fragments' stages
+    // (#97): 30 KiB a program at R_PAD 16, 40 at 32, both under 48 KiB. (What carve-out the driver picks was not
+    // looked at: at R_PAD 16 before #97, ncu reported a 132 KiB shared memory configuration for two programs of 26 KiB.)
     constexpr size_t register_shared = sizeof(SharedTiles<T, R_PAD>) + fragment_stage_bytes<R_PAD>();
     auto register_kernel = masked_grad_y_kernel<T, R_PAD, 0>;
     if constexpr (register_shared > 48 * 1024) {
