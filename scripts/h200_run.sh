@@ -43,17 +43,21 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH
   [[ -z $preexisting ]] || printf 'files in $OUT before this script (modified, name):\n%s\n' "$preexisting"
 } 2>&1 | tee "$OUT/env.txt"
 # CLOCK_LOG_MS=N: the card's SM clock, power draw and temperature every N ms while this script runs, into
-# $OUT/clocks.csv, and the UTC time each mode starts and ends into $OUT/clock_marks.csv (bench_linear.log's
-# "elapsed" times count from its mode's start). Why: an H100 sets its GEMMs' clock by its power limit, and
-# whether a kernel that ends sooner hands the next GEMM a hotter, slower card is one reading of NOTES.md #99.
+# $OUT/clocks.csv, and the time each mode starts and ends into $OUT/clock_marks.csv (the machine's local time, as
+# nvidia-smi's timestamps; bench_linear.log's "elapsed" times count from its mode's start). Why: an H100 sets its
+# GEMMs' clock by its power limit, and whether a kernel that ends sooner hands the next GEMM a hotter, slower card
+# is one reading of NOTES.md #99. The sampler is stopped on every way out (a failed build's exit too).
 clock_logger=
+stop_clock_logger() {
+  if [[ -n $clock_logger ]]; then kill "$clock_logger" 2>/dev/null; wait "$clock_logger" 2>/dev/null; clock_logger=; fi
+}
 if [[ -n ${CLOCK_LOG_MS:-} ]]; then
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms "$CLOCK_LOG_MS" \
     > "$OUT/clocks.csv" 2>&1 &
   clock_logger=$!
+  trap stop_clock_logger EXIT
 fi
-# mark WHAT: a line in clock_marks.csv where the clock is logged.
-mark() { [[ -z $clock_logger ]] || echo "$(date -u '+%Y/%m/%d %H:%M:%S.%3N'), $1" >> "$OUT/clock_marks.csv"; }
+mark() { [[ -z $clock_logger ]] || echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), $1" >> "$OUT/clock_marks.csv"; }
 
 # The image's default g++ (/opt/gcc/bin/g++) links libstdc++ statically into _C.so; that copy's
 # stream code then crashes formatting numbers into C++ error messages (cuda-gdb, 2026-11-28).
@@ -297,7 +301,7 @@ if has bench; then
   echo "bench: $(( $(date +%s) - t0 )) s"
   mark "bench end"
 fi
-if [[ -n $clock_logger ]]; then kill "$clock_logger" 2>/dev/null; wait "$clock_logger" 2>/dev/null; fi
+stop_clock_logger  # before packing: its file is complete
 # At most 8 files come back from the device tool: pack everything, keep the small summaries. An archive from
 # an earlier call in the same command (e.g. `h200_run.sh fused; h200_run.sh train`) is unpacked first, without
 # overwriting this call's files, so that the new archive holds both (12-06 05:19 lost the first call's files).

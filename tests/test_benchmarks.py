@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -267,11 +268,11 @@ echo "Stand-in GPU, 0.0, 0 MiB"
 """
 
 
-def test_h200_run_logs_the_clock_beside_each_mode_and_stops_the_logger(tmp_path):
-    """CLOCK_LOG_MS (NOTES.md Next 10): scripts/h200_run.sh samples the card (here a stand-in nvidia-smi) while it
-    runs, marks when each mode starts and ends, stops the sampler before packing (no process left behind, the
-    call does not hang on it) and packs both files into results.tgz. The real script, in a scratch tree whose
-    build and profile_layer.py are stand-ins, running its 'layers' mode."""
+def _h200_run_with_clock_logged(tmp_path, with_build: bool) -> tuple[subprocess.CompletedProcess, pathlib.Path]:
+    """The real scripts/h200_run.sh with CLOCK_LOG_MS, its 'layers' mode, in a scratch tree whose nvidia-smi,
+    profile_layer.py and build are stand-ins (without the build H200_RUN_PREBUILT=1 ends it early, as a failed
+    build does). Returns the finished process and the file holding the stand-in sampler's pid; a sampler still
+    alive afterwards is killed here, so that a failing test leaves nothing running."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     (repo / "lora_ext").mkdir()
@@ -279,24 +280,53 @@ def test_h200_run_logs_the_clock_beside_each_mode_and_stops_the_logger(tmp_path)
     shutil.copy(REPO / "scripts/h200_run.sh", repo / "scripts/h200_run.sh")
     (repo / "scripts/profile_layer.py").write_text("import time; time.sleep(0.3); print('profiled')\n")
     (repo / "lora_ext/__init__.py").write_text("class _C:\n    has_cuda = staticmethod(lambda: False)\n")
-    (repo / "lora_ext/_C.stand_in.so").write_text("")
+    if with_build:
+        (repo / "lora_ext/_C.stand_in.so").write_text("")
     (repo / "bin/nvidia-smi").write_text(STUB_NVIDIA_SMI)
     (repo / "bin/nvidia-smi").chmod(0o755)
-    out, pid_file = tmp_path / "out", tmp_path / "smi.pid"
-    env = dict(os.environ, OUT=str(out), SMI_PID=str(pid_file), CLOCK_LOG_MS="20", H200_RUN_PREBUILT="1",
-               PROFILE_LAYERS="4096 1024 16 0.1 native", PATH=f"{repo / 'bin'}:{os.environ['PATH']}")
-    done = subprocess.run(["bash", "scripts/h200_run.sh", "layers"], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=120)
+    pid_file = tmp_path / "smi.pid"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), SMI_PID=str(pid_file), CLOCK_LOG_MS="20",
+               H200_RUN_PREBUILT="1", PROFILE_LAYERS="4096 1024 16 0.1 native",
+               PATH=f"{repo / 'bin'}:{os.environ['PATH']}")
+    try:
+        done = subprocess.run(["bash", "scripts/h200_run.sh", "layers"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=120)
+        return done, pid_file
+    finally:
+        time.sleep(0.5)  # a sampler left running has written its pid by now (one killed at once may not have)
+        alive = pid_file.exists() and pid_file.read_text().strip()
+        if alive:
+            try:
+                os.kill(int(alive), 0)
+            except ProcessLookupError:
+                pass
+            else:
+                pid_file.with_suffix(".alive").write_text(alive)
+                os.kill(int(alive), 9)
+
+
+def test_h200_run_logs_the_clock_beside_each_mode_and_stops_the_logger(tmp_path):
+    """CLOCK_LOG_MS (NOTES.md Next 10): scripts/h200_run.sh samples the card while it runs, marks when each mode
+    starts and ends, stops the sampler before packing (no process left behind, the call does not hang on it) and
+    packs both files into results.tgz."""
+    done, pid_file = _h200_run_with_clock_logged(tmp_path, with_build=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "profiled" in done.stdout
-    pid = int(pid_file.read_text())
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # the sampler was stopped
+    assert pid_file.exists() and not pid_file.with_suffix(".alive").exists()  # it ran, and was stopped
+    out = tmp_path / "out"
     subprocess.run(["tar", "xzf", "results.tgz"], cwd=out, check=True)
     samples = (out / "clocks.csv").read_text().splitlines()
     assert samples[0].startswith("timestamp") and len(samples) >= 3 and "MHz" in samples[-1], samples
     marks = [line.split(", ", 1)[1] for line in (out / "clock_marks.csv").read_text().splitlines()]
     assert marks == ["layers start", "layers end"], marks
+
+
+def test_h200_run_stops_the_clock_logger_when_it_ends_early(tmp_path):
+    """An early exit (here H200_RUN_PREBUILT=1 without a build; a failed build exits the same way) stops the
+    sampler too: on the device it would otherwise sample for the rest of the call."""
+    done, pid_file = _h200_run_with_clock_logged(tmp_path, with_build=False)
+    assert done.returncode == 1 and "no lora_ext/_C*.so" in done.stdout, done.stdout + done.stderr
+    assert not pid_file.with_suffix(".alive").exists()
 
 
 def test_bench_train_reduce_overhead_mode_reaches_every_compile_and_the_row(tmp_path):
