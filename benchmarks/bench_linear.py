@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import gc
 import itertools
 import json
@@ -79,9 +80,11 @@ N_INPUT_SETS = 3
 # Timed a second time as a replayed CUDA graph (fwd and fwd+bwd, CUDA only): the ratio the targets
 # are read against next to the do_bench one, which includes the host's launch path where it is longer.
 DEVICE_TIME_PROVIDERS = ("base", "lora_ext")
-# device_ms last: CSVs of earlier runs, without it, still render (their rows have no device time).
+# device_ms, started and ended last: CSVs of earlier runs, without them, still render. started / ended: the local
+# wall time (nvidia-smi's timestamp format) when a row's timing began (its warm-up calls) and ended (its device
+# time), so that a clock sampled over the run (scripts/h200_run.sh CLOCK_LOG_MS) can be read over each row.
 CSV_FIELDS = ["mode", "shape", "M", "K", "N", "r", "dropout", "provider", "ms", "peak_mib", "rel_err", "note",
-              "device_ms"]
+              "device_ms", "started", "ended"]
 # bf16 operands land between 1e-3 and 1e-2 (METHOD.md); fp32 far below.
 REL_ERR_LIMIT = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
@@ -289,6 +292,11 @@ def check_seeded_dropout(prov: Provider, x_full, grad_out_full, weight, A, B, sc
 # ---------------------------------------------------------------------------
 
 
+def wall_clock() -> str:
+    """The local time now as nvidia-smi's timestamps write it (2026/12/07 20:00:00.000)."""
+    return datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -461,9 +469,10 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
     names = [n for n in provider_names if training or n in DECODE_PROVIDERS]
     providers = build_providers(names, base, cfg.r, cfg.dropout, A, B, s, training)
 
-    def emit(mode, M, name, ms, peak=None, err=None, note="", device_ms=None):
+    def emit(mode, M, name, ms, peak=None, err=None, note="", device_ms=None, started=None, ended=None):
         row = dict(mode=mode, shape=cfg.shape, M=M, K=cfg.K, N=cfg.N, r=cfg.r, dropout=cfg.dropout,
-                   provider=name, ms=ms, peak_mib=peak, rel_err=err, note=note, device_ms=device_ms)
+                   provider=name, ms=ms, peak_mib=peak, rel_err=err, note=note, device_ms=device_ms,
+                   started=started, ended=ended)
         rows.append(row)
         writer.writerow(common.csv_cells(row))
 
@@ -495,6 +504,7 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
             for name, prov in providers.items():
                 err, note = errors[name]
                 call = make_call(mode, prov, xs if training else [x.detach() for x in xs], grad_out)
+                started = wall_clock()
                 try:
                     for _ in range(3):  # compile / autotune / first-call work stays out of the timings
                         out = call()
@@ -512,7 +522,7 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
                         # Not again in this run: a failed capture may leave the process's graph state unclean.
                         s.device_time = False
                         note = "; ".join(n for n in (note, why) if n)
-                emit(mode, M, name, ms, peak, err, note, device_ms)
+                emit(mode, M, name, ms, peak, err, note, device_ms, started, wall_clock())
         del xs, grad_out, refs
     del providers, base
     gc.collect()

@@ -44,7 +44,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH
 } 2>&1 | tee "$OUT/env.txt"
 # CLOCK_LOG_MS=N: the card's SM clock, power draw and temperature every N ms while this script runs, into
 # $OUT/clocks.csv, and the time each mode starts and ends into $OUT/clock_marks.csv (the machine's local time, as
-# nvidia-smi's timestamps; bench_linear.log's "elapsed" times count from its mode's start). Why: an H100 sets its
+# nvidia-smi's timestamps; bench_linear.csv's started / ended columns bracket each of its rows the same way). Why: an H100 sets its
 # GEMMs' clock by its power limit, and whether a kernel that ends sooner hands the next GEMM a hotter, slower card
 # is one reading of NOTES.md #99. The sampler is stopped on every way out (a failed build's exit too).
 clock_logger=

@@ -91,6 +91,10 @@ def test_bench_linear_logic_check_times_every_provider_and_passes_every_float64_
         assert row["ms"] and float(row["ms"]) > 0, row
         assert not row["note"], row  # "WRONG: ...", "failed: ..." or "check failed: ..."
         assert row["device_ms"] == "", row  # no CUDA graph on CPU
+        assert row["started"] <= row["ended"], row  # the local wall time around each row's timing
+    # Rows are timed one after another: each starts after the one before it ended (the clock log's reading).
+    assert all(a["ended"] <= b["started"] for a, b in zip(rows, rows[1:]))
+    assert re.fullmatch(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d{3}", rows[0]["started"]), rows[0]
     checked = [row for row in rows if row["rel_err"]]
     assert checked and all(float(row["rel_err"]) <= 3e-2 for row in checked)
     # The tables are printed and written, with a row per training configuration and no ✗.
