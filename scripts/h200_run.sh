@@ -35,7 +35,14 @@ mkdir -p "$OUT"
 preexisting=$(find "$OUT" -mindepth 1 -type f -printf '%TY-%Tm-%Td %TH:%TM  %P\n' 2>/dev/null | sort)
 what=${1:-all}
 [[ $what == all ]] && what=tests,bench
-has() { [[ ,$what, == *,$1,* ]]; }
+# has MODE: whether this call runs MODE. Each mode's block asks once, in the order they run, so where the clock is
+# logged (CLOCK_LOG_MS, below) a mode that runs is marked here: its start, and the end of the one before it.
+running_mode=
+has() {
+  [[ ,$what, == *,$1,* ]] || return 1
+  end_mode_mark; mark "$1 start"; running_mode=$1
+}
+end_mode_mark() { [[ -z $running_mode ]] || mark "$running_mode end"; running_mode=; }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -43,10 +50,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH
   [[ -z $preexisting ]] || printf 'files in $OUT before this script (modified, name):\n%s\n' "$preexisting"
 } 2>&1 | tee "$OUT/env.txt"
 # CLOCK_LOG_MS=N: the card's SM clock, power draw and temperature every N ms while this script runs, into
-# $OUT/clocks.csv, and the time each mode starts and ends into $OUT/clock_marks.csv (the machine's local time, as
-# nvidia-smi's timestamps; bench_linear.csv's started / ended columns bracket each of its rows the same way). Why: an H100 sets its
-# GEMMs' clock by its power limit, and whether a kernel that ends sooner hands the next GEMM a hotter, slower card
-# is one reading of NOTES.md #99. The sampler is stopped on every way out (a failed build's exit too).
+# $OUT/clocks.csv, and the time each mode starts and ends into $OUT/clock_marks.csv (end_mode_mark, from has(); the
+# machine's local time, as nvidia-smi's timestamps; bench_linear.csv's started / ended columns bracket each of its
+# rows the same way). Why: an H100 sets its GEMMs' clock by its power limit, and whether a kernel that ends sooner
+# hands the next GEMM a hotter, slower card is one reading of NOTES.md #99. The sampler is stopped on every way out
+# (a failed build's exit too).
 clock_logger=
 stop_clock_logger() {
   if [[ -n $clock_logger ]]; then kill "$clock_logger" 2>/dev/null; wait "$clock_logger" 2>/dev/null; clock_logger=; fi
@@ -88,7 +96,6 @@ python3 -c "import lora_ext; print('native CUDA kernels built:', lora_ext._C.has
 
 status=0
 if has tests; then
-  mark "tests start"
   t0=$(date +%s)
   # pytest-xdist (on the H200 image) spreads the suite over 8 workers on the one GPU: ~2 min instead of 7.
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
@@ -103,49 +110,37 @@ if has tests; then
     tail -80
   status=${PIPESTATUS[0]}
   echo "gpu tests: $(( $(date +%s) - t0 )) s, exit $status"
-  mark "tests end"
 fi
 if has probe; then
-  mark "probe start"
   { python3 benchmarks/host_overhead.py --compiled
     python3 benchmarks/compose_ab.py
     for shape in "4096 1024" "4096 4096"; do python3 scripts/profile_layer.py $shape 16 0.0 native; done
   } 2>&1 | tee "$OUT/probe.log" | tail -150
-  mark "probe end"
 fi
 if has layers; then
-  mark "layers start"
   # scripts/profile_layer.py once per entry of PROFILE_LAYERS (';'-separated argument lists, "K N r dropout backend [--fwd]").
   IFS=';' read -ra layer_args <<< "${PROFILE_LAYERS:-4096 1024 64 0.1 native; 4096 1024 64 0.0 native}"
   for args in "${layer_args[@]}"; do
     echo "== profile_layer.py $args"; timeout 120 python3 scripts/profile_layer.py $args || echo "layers: exit $? ($args)"
   done 2>&1 | tee "$OUT/layers.log" | tail -150
   grep -q "^layers: exit" "$OUT/layers.log" && status=1
-  mark "layers end"
 fi
 if has host; then
-  mark "host start"
   { python3 benchmarks/fused_forward_probe.py --host
     for p in 0.0 0.1; do python3 scripts/profile_layer.py 4096 1024 16 $p native; done
   } 2>&1 | tee "$OUT/host.log" | tail -120
-  mark "host end"
 fi
 if has pieces; then
-  mark "pieces start"
   # PIECES_PARTS picks masked_pieces.py's parts (default all four; "native": the native step's two load schemes).
   python3 benchmarks/masked_pieces.py --out "$OUT" --time-budget ${SWEEP_BUDGET:-180} \
     --parts ${PIECES_PARTS:-host floor ranks sweep} 2>&1 | tee "$OUT/pieces.log" | tail -80
-  mark "pieces end"
 fi
 if has fused; then
-  mark "fused start"
   python3 benchmarks/fused_forward_probe.py ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -80
-  mark "fused end"
 fi
 # Nsight Compute's binary (ncu and nculist), or nothing.
 find_ncu() { command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1; }
 if has ncu; then
-  mark "ncu start"
   # Nsight Compute on one launch of a masked piece (scripts/ncu_piece.py; NCU_PIECE default grad_y_native,
   # the native 'post' backward step; NCU_SHAPE qo; NCU_RANK 16; NCU_KERNEL the kernel-name regex; NCU_SUM_BLOCKS, read by
   # scripts/ncu_piece.py, forces the Triton pieces' sum blocks): the full
@@ -178,10 +173,8 @@ if has ncu; then
       "$OUT/ncu_full.log" | head -20
     grep -E "stalled" "$OUT/ncu_stalls.log" | sort -k3 -g -r | head -25
   fi
-  mark "ncu end"
 fi
 if has nculist; then
-  mark "nculist start"
   # Several ncu looks in one call (a fresh machine and its build cost ~70 s): NCU_LIST holds entries separated by
   # '#', each "piece shape rank kernel-regex skip count [sum-blocks]" (scripts/ncu_piece.py's arguments, the
   # launches skipped and profiled, and NCU_SUM_BLOCKS, or none for the library's rule). Per entry: the speed-of-light,
@@ -207,37 +200,27 @@ if has nculist; then
     grep -E "^exit |^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Registers Per|Theoretical Occupancy|Achieved Occupancy|Warp Cycles Per Issued" \
       "$OUT/ncu_list_$i.log" | head -40
   done
-  mark "nculist end"
 fi
 if has dxda; then
-  mark "dxda start"
   # benchmarks/dx_grad_a_probe.py: dA inside the input-gradient GEMM (NOTES.md #64); DXDA_ARGS passes arguments.
   python3 benchmarks/dx_grad_a_probe.py ${DXDA_ARGS:-} 2>&1 | tee "$OUT/dx_grad_a.log" | tail -40
-  mark "dxda end"
 fi
 if has gluon; then
-  mark "gluon start"
   # benchmarks/gluon_gemm_probe.py: a warp-specialised Gluon GEMM against cuBLAS and the library's Triton GEMM
   # (NOTES.md #67); GLUON_ARGS passes arguments (--dx-lora: the dx + dA kernel). Under `timeout` (GLUON_TIMEOUT
   # seconds, default 240): a Gluon kernel that hangs on an mbarrier must not eat the whole device call.
   timeout ${GLUON_TIMEOUT:-240} python3 benchmarks/gluon_gemm_probe.py ${GLUON_ARGS:-} 2>&1 | tee "$OUT/gluon_gemm.log" | tail -40 \
     || echo "gluon: exit $? (124: timed out after ${GLUON_TIMEOUT:-240} s)" | tee -a "$OUT/gluon_gemm.log"
-  mark "gluon end"
 fi
 if has decode; then
-  mark "decode start"
   python3 benchmarks/decode_probe.py --ranks 16 64 2>&1 | tee "$OUT/decode.log" | tail -60
-  mark "decode end"
 fi
 if has switches; then
-  mark "switches start"
   python3 benchmarks/fused_forward_probe.py --configs default 2>&1 | tee "$OUT/switches_fused.log" | tail -40
   python3 benchmarks/fused_forward_probe.py --adapter-grads 2>&1 | tee "$OUT/switches_adapter_grads.log" | tail -20
   python3 benchmarks/masked_pieces.py --parts ranks --out "$OUT" 2>&1 | tee "$OUT/switches_pieces.log" | tail -45
-  mark "switches end"
 fi
 if has exitprobe; then
-  mark "exitprobe start"
   # The environment-switch test's subprocess aborts at exit ("terminate called without an active
   # exception", 12-05): run it under gdb for the C++ stacks of every thread at the abort.
   # The test's script and environment, from the test module (one definition).
@@ -256,10 +239,8 @@ print(' '.join(f'{k}={v}' for k, v in test_cuda.NATIVE_KERNELS_OFF_ENV.items()))
   [[ ${EXITPROBE_GDB:-1} == 1 ]] && env $probe_env LORA_EXT_TERMINATE_BACKTRACE=1 timeout 240 "$gdb_bin" -q -batch \
     -ex "set pagination off" -ex run -ex "info threads" -ex "thread apply all bt 25" --args python3 /tmp/exit_probe.py \
     2>&1 | grep -v "^\[New Thread\|^\[Thread .* exited" | tee "$OUT/exit_probe.log" | tail -120
-  mark "exitprobe end"
 fi
 if has ab; then
-  mark "ab start"
   # Whole-op A/B of switch sets against the defaults: bench_linear runs (base and
   # lora_ext, same run) alternated set by set, AB_ROUNDS times, so a drift in clocks or a first-run
   # penalty shows up as a spread between rounds instead of as a difference between sets.
@@ -278,10 +259,8 @@ if has ab; then
     done
   done
   python3 benchmarks/ab_summary.py "$OUT" | tee "$OUT/ab_summary.md"
-  mark "ab end"
 fi
 if has train; then
-  mark "train start"
   t0=$(date +%s)
   # TRAIN_COMPILE_MODES: one run per torch.compile mode (default, reduce-overhead), each with its own files.
   for mode in ${TRAIN_COMPILE_MODES:-default}; do
@@ -291,16 +270,14 @@ if has train; then
       --compile-mode $mode 2>&1 | tee "$OUT/$tag.log" | tail -30
   done
   echo "train: $(( $(date +%s) - t0 )) s"
-  mark "train end"
 fi
 if has bench; then
-  mark "bench start"
   shift || true
   t0=$(date +%s)
   python3 benchmarks/bench_linear.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_linear.log" | tail -60
   echo "bench: $(( $(date +%s) - t0 )) s"
-  mark "bench end"
 fi
+end_mode_mark
 stop_clock_logger  # before packing: its file is complete
 # At most 8 files come back from the device tool: pack everything, keep the small summaries. An archive from
 # an earlier call in the same command (e.g. `h200_run.sh fused; h200_run.sh train`) is unpacked first, without
