@@ -47,6 +47,12 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def local_timestamp() -> str:
+    """The local time now as nvidia-smi's timestamps write it (2026/12/07 20:00:00.000): bench_linear.csv's started /
+    ended, read against scripts/h200_run.sh's CLOCK_LOG_MS samples."""
+    return datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+
+
 def cpu_description() -> str:
     """CPU model and core count, e.g. 'AMD EPYC (2 cores)'."""
     model = platform.processor() or platform.machine()

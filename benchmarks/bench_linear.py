@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import gc
 import itertools
 import json
@@ -292,11 +291,6 @@ def check_seeded_dropout(prov: Provider, x_full, grad_out_full, weight, A, B, sc
 # ---------------------------------------------------------------------------
 
 
-def wall_clock() -> str:
-    """The local time now as nvidia-smi's timestamps write it (2026/12/07 20:00:00.000)."""
-    return datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -504,7 +498,7 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
             for name, prov in providers.items():
                 err, note = errors[name]
                 call = make_call(mode, prov, xs if training else [x.detach() for x in xs], grad_out)
-                started = wall_clock()
+                started = common.local_timestamp()
                 try:
                     for _ in range(3):  # compile / autotune / first-call work stays out of the timings
                         out = call()
@@ -522,7 +516,7 @@ def run_config(cfg: Config, provider_names, s: Settings, writer, have_triton) ->
                         # Not again in this run: a failed capture may leave the process's graph state unclean.
                         s.device_time = False
                         note = "; ".join(n for n in (note, why) if n)
-                emit(mode, M, name, ms, peak, err, note, device_ms, started, wall_clock())
+                emit(mode, M, name, ms, peak, err, note, device_ms, started, common.local_timestamp())
         del xs, grad_out, refs
     del providers, base
     gc.collect()
