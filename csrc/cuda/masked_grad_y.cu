@@ -104,26 +104,21 @@ constexpr int rank_span() { return R_PAD / (role_warps<R_PAD>() / 4); }
 // accumulator block, the top (row acc_row) and bottom (acc_row + 8) float2 of each lane, lanes consecutive.
 template <int SPAN>
 using FragmentStage = float2[SPAN / 8][2][32];
-// Where the register scheme copies the fragments by cp.async (copy_fragment_async) rather than loading them into
-// registers: every R_PAD. Measured (benchmarks/NOTES.md #97, H100, the step with its sum): r = 16 -2.5% (k/v) to
-// -7.3% (down), r = 32 -5.2% to -7.3%; at r = 64, copied at the tile's start like that, +0.5% (k/v) to +18%
-// (gate/up), about one memory round trip a tile there: the hypothesis (not measured) is that the copy, waited before
-// the first barrier, is not hidden at R_PAD 64. So there (fragment_ahead) each fragment is copied during the
-// previous tile's products, into the other of two stages (#98, measured the same way: r = 64 -8.0% (q/o) to
-// -8.8% (gate/up)); where a program has one row block, the next tile's
-// fragment is the one the tile stores, so it is copied after that store and waited at the next tile's first barrier
-// (small M only). The stages follow SharedTiles in the dynamic shared memory (4 KiB a program at R_PAD 16, 8 at 32,
-// 2 x 16 at 64).
-template <int R_PAD>
-constexpr bool fragment_staged() { return true; }
-// R_PAD 64: each fragment is copied a tile ahead, during the previous tile's products, into the other of two stages.
+// The register scheme copies the fragments by cp.async (copy_fragment_async) rather than loading them into
+// registers, at every R_PAD (the cp.async ring still loads them into registers: its commit groups count tile slots).
+// Measured (benchmarks/NOTES.md #97, H100, the step with its sum): r = 16 -2.5% (k/v) to -7.3% (down), r = 32 -5.2%
+// to -7.3%; at r = 64, copied at the tile's start like that, +0.5% (k/v) to +18% (gate/up), about one memory round
+// trip a tile there: the hypothesis (not measured) is that the copy, waited before the first barrier, is not hidden
+// at R_PAD 64. So there (fragment_ahead) each fragment is copied during the previous tile's products, into the other
+// of two stages (#98, measured the same way: r = 64 -8.0% (q/o) to -8.8% (gate/up)); where a program has one row
+// block, the next tile's fragment is the one the tile stores, so it is copied after that store and waited at the next
+// tile's first barrier (small M only). The stages follow SharedTiles in the dynamic shared memory (4 KiB a program at
+// R_PAD 16, 8 at 32, 2 x 16 at 64).
 template <int R_PAD>
 constexpr bool fragment_ahead() { return R_PAD > 32; }
 template <int R_PAD>
 constexpr size_t fragment_stage_bytes() {
-  return fragment_staged<R_PAD>()
-             ? (fragment_ahead<R_PAD>() ? 2 : 1) * role_warps<R_PAD>() * sizeof(FragmentStage<rank_span<R_PAD>()>)
-             : 0;
+  return (fragment_ahead<R_PAD>() ? 2 : 1) * role_warps<R_PAD>() * sizeof(FragmentStage<rank_span<R_PAD>()>);
 }
 
 template <typename T, int R_PAD>
@@ -470,8 +465,8 @@ masked_grad_y_kernel(const T* __restrict__ g, const T* __restrict__ panel, const
                                    SharedTiles<T, R_PAD>>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   Tiles& s = *reinterpret_cast<Tiles*>(shared_bytes);
-  // fragment_staged: each grad_xa warp's copy of its partial fragment, after the tiles.
-  constexpr bool kFragmentStaged = !kPipelined && fragment_staged<R_PAD>();
+  // The register scheme: each grad_xa warp's copy of its partial fragment, after the tiles.
+  constexpr bool kFragmentStaged = !kPipelined;
   constexpr bool kFragmentAhead = kFragmentStaged && fragment_ahead<R_PAD>();
   auto& fragment_stages =
       *reinterpret_cast<FragmentStage<RANK_SPAN>(*)[kFragmentAhead ? 2 : 1][ROLE_WARPS]>(shared_bytes + sizeof(Tiles));
