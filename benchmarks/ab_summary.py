@@ -10,10 +10,20 @@ the difference between the sides.
         and after / before; the base's device time beside them (a drift of the card shows there too), and
         after / before with each side's lora_ext device time over its own base's: the ratio net of a drift
         that moves both alike (NOTES.md #90 read a 0.994 at q/o against a base that moved 0.985).
+    python benchmarks/ab_summary.py --kernels OUT_DIR
+        the same folders' scripts/profile_layer.py tables (layers.log, h200_run.sh's `layers` mode): each
+        kernel's self CUDA time per iteration, one column per run (NOTES.md #100: where a piece's gain goes in
+        the op).
+    python benchmarks/ab_summary.py --clocks OUT_DIR
+        the same folders' (or OUT_DIR's own) clock log (h200_run.sh's CLOCK_LOG_MS: clocks.csv) read over each
+        bench_linear row, from its `started` to its `ended`: the SM clock's median, min and max, the power's
+        median, the clock's event reasons seen, beside the row's device time.
 """
 import csv
+import datetime
 import pathlib
 import re
+import statistics
 import sys
 
 
@@ -24,17 +34,25 @@ def ratios(path):
     return {key(r): float(r["ms"]) / base[key(r)] for r in rows if r["provider"] == "lora_ext" and key(r) in base}
 
 
-def patch_ab(folder):
-    runs = []  # (round, side, rows by (mode, shape, r, p, provider)), in the order patch_ab.sh runs them
+def patch_ab_sides(folder, needs):
+    """patch_ab.sh's run folders under `folder` that hold the file `needs`: (round, side, path), in the order
+    they ran (before#1, after#1, before#2, ...)."""
+    sides = []
     for sub in pathlib.Path(folder).iterdir():
         match = re.fullmatch(r"(before|after)(?:_r(\d+))?", sub.name)
-        if match and (sub / "bench_linear.csv").exists():
-            rows = list(csv.DictReader(open(sub / "bench_linear.csv")))
-            by_key = {(r["mode"], r["shape"], int(r["r"]), float(r["dropout"]), r["provider"]): r for r in rows}
-            runs.append((int(match[2] or 1), match[1], by_key))
-    if not {side for _, side, _ in runs} >= {"before", "after"}:
-        sys.exit(f"no before*/ and after*/ bench_linear.csv in {folder}")
-    runs.sort(key=lambda run: (run[0], run[1] == "after"))
+        if match and (sub / needs).exists():
+            sides.append((int(match[2] or 1), match[1], sub))
+    if not {side for _, side, _ in sides} >= {"before", "after"}:
+        sys.exit(f"no before*/ and after*/ {needs} in {folder}")
+    return sorted(sides, key=lambda run: (run[0], run[1] == "after"))
+
+
+def patch_ab(folder):
+    runs = []  # (round, side, rows by (mode, shape, r, p, provider)), in the order patch_ab.sh runs them
+    for rnd, side, sub in patch_ab_sides(folder, "bench_linear.csv"):
+        rows = list(csv.DictReader(open(sub / "bench_linear.csv")))
+        by_key = {(r["mode"], r["shape"], int(r["r"]), float(r["dropout"]), r["provider"]): r for r in rows}
+        runs.append((rnd, side, by_key))
     names = [f"{side}#{rnd}" for rnd, side, _ in runs]
     configs = sorted({k[:4] for _, _, rows in runs for k in rows if k[4] == "lora_ext"})
 
@@ -70,6 +88,88 @@ def patch_ab(folder):
               + f" | {(mean(ad) / mean(abase)) / (mean(bd) / mean(bbase)):.3f} |")
 
 
+def profiler_kernels(log_text):
+    """Each kernel's self CUDA time per iteration (µs) from scripts/profile_layer.py's first table (the kernel
+    table; the host table after it is skipped), in the table's order."""
+    table = log_text.split("host side")[0]
+    iterations = int(re.search(r"\((\d+) iterations\)", table)[1])
+    times = {}
+    for line in table.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        # name, self CPU %, self CPU, CPU total %, CPU total, CPU avg, self CUDA, self CUDA %, ..., # of calls
+        if len(cells) == 11 and cells[-1].isdigit() and re.fullmatch(r"[\d.]+(us|ms)", cells[6]):
+            value = float(cells[6][:-2]) * (1e3 if cells[6].endswith("ms") else 1.0)
+            if value > 0:
+                times[cells[0]] = value / iterations
+    return times
+
+
+def kernels(folder):
+    runs = [(f"{side}#{rnd}", profiler_kernels((sub / "layers.log").read_text()))
+            for rnd, side, sub in patch_ab_sides(folder, "layers.log")]
+    names = list(dict.fromkeys(name for _, times in runs for name in times))
+    print("self CUDA time per iteration, µs (scripts/profile_layer.py: eager, no L2 flush), per run in the order they ran\n")
+    print("| kernel | " + " | ".join(n for n, _ in runs) + " | after − before (means) |")
+    print("|---" * (len(runs) + 2) + "|")
+    for name in names + ["all kernels"]:
+        values = [(n, sum(t.values()) if name == "all kernels" else t.get(name)) for n, t in runs]
+        sides = {side: [v for n, v in values if n.startswith(side) and v is not None] for side in ("before", "after")}
+        delta = (statistics.mean(sides["after"]) - statistics.mean(sides["before"])
+                 if sides["after"] and sides["before"] else float("nan"))
+        print(f"| {name} | " + " | ".join("—" if v is None else f"{v:.1f}" for _, v in values) + f" | {delta:+.1f} |")
+
+
+def smi_time(text):  # nvidia-smi's timestamp format, which bench_linear's started / ended columns share
+    return datetime.datetime.strptime(text.strip(), "%Y/%m/%d %H:%M:%S.%f")
+
+
+def clock_samples(path):
+    """clocks.csv as dicts of its header's fields, numbers without their units; lines that are no sample (an
+    nvidia-smi message) are skipped."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    # nvidia-smi's header spells the asked-for clocks.sm as clocks.current.sm
+    fields = [f.strip().split(" [")[0].replace("clocks.current.sm", "clocks.sm") for f in lines[0].split(",")]
+    samples = []
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != len(fields):
+            continue
+        try:
+            sample = {"time": smi_time(cells[0])}
+        except ValueError:
+            continue
+        for field, cell in zip(fields[1:], cells[1:]):
+            number = cell.split()[0] if cell else ""
+            sample[field] = number if "reasons" in field else float(number) if re.fullmatch(r"[\d.]+", number) else None
+        samples.append(sample)
+    return samples
+
+
+def clocks(folder):
+    folder = pathlib.Path(folder)
+    runs = ([(f"{side}#{rnd}", sub) for rnd, side, sub in patch_ab_sides(folder, "clocks.csv")]
+            if not (folder / "clocks.csv").exists() else [(folder.name, folder)])
+    print("the card over each bench_linear row (its started → ended), from the clock log sampled beside it\n")
+    print("| run | mode | shape | r | p | provider | device µs | samples | SM MHz median (min–max) | power W median "
+          "| event reasons seen |")
+    print("|---" * 11 + "|")
+    for name, sub in runs:
+        samples = clock_samples(sub / "clocks.csv")
+        for row in csv.DictReader(open(sub / "bench_linear.csv")):
+            if not row.get("started"):
+                continue
+            start, end = smi_time(row["started"]), smi_time(row["ended"])
+            inside = [s for s in samples if start <= s["time"] <= end]
+            sm = [s["clocks.sm"] for s in inside if s.get("clocks.sm") is not None]
+            watts = [s["power.draw"] for s in inside if s.get("power.draw") is not None]
+            reasons = sorted({s["clocks_event_reasons.active"] for s in inside if s.get("clocks_event_reasons.active")})
+            device = f"{float(row['device_ms']) * 1e3:.1f}" if row.get("device_ms") else "—"
+            clock = f"{statistics.median(sm):.0f} ({min(sm):.0f}–{max(sm):.0f})" if sm else "—"
+            power = f"{statistics.median(watts):.0f}" if watts else "—"
+            print(f"| {name} | {row['mode']} | {row['shape']} | {row['r']} | {row['dropout']} | {row['provider']} | "
+                  f"{device} | {len(inside)} | {clock} | {power} | {' '.join(reasons) or '—'} |")
+
+
 def main(folder):
     runs = {}
     for path in sorted(pathlib.Path(folder).glob("ab_*.csv")):
@@ -88,7 +188,8 @@ def main(folder):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--patch-ab":
-        patch_ab(sys.argv[2] if len(sys.argv) > 2 else ".")
+    readers = {"--patch-ab": patch_ab, "--kernels": kernels, "--clocks": clocks}
+    if len(sys.argv) > 1 and sys.argv[1] in readers:
+        readers[sys.argv[1]](sys.argv[2] if len(sys.argv) > 2 else ".")
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else ".")

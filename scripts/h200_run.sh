@@ -46,6 +46,8 @@ end_mode_mark() { [[ -z $running_mode ]] || mark "$running_mode end"; running_mo
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  # the card's power limit and top SM clock: an H100's GEMMs run at the clock its power limit allows (NOTES.md #100)
+  nvidia-smi --query-gpu=power.limit,power.max_limit,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   [[ -z $preexisting ]] || printf 'files in $OUT before this script (modified, name):\n%s\n' "$preexisting"
 } 2>&1 | tee "$OUT/env.txt"
@@ -59,9 +61,15 @@ clock_logger=
 stop_clock_logger() {
   if [[ -n $clock_logger ]]; then kill "$clock_logger" 2>/dev/null; wait "$clock_logger" 2>/dev/null; clock_logger=; fi
 }
+# Each sample also says why the clock is below its maximum (clocks_event_reasons.active, a bit mask: 0x4 the
+# power cap, 0x1 idle, 0x20/0x40 thermal; NOTES.md #100 read the clock 0.8-2.7% lower over some rows and could not
+# tell why) and the instantaneous power (power.draw is a 1 s average on these cards). A driver that knows neither
+# field gets the four basic ones: the probe query below fails there instead of the sampler.
 if [[ -n ${CLOCK_LOG_MS:-} ]]; then
-  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms "$CLOCK_LOG_MS" \
-    > "$OUT/clocks.csv" 2>&1 &
+  clock_fields=timestamp,clocks.sm,power.draw,temperature.gpu
+  nvidia-smi --query-gpu=$clock_fields,power.draw.instant,clocks_event_reasons.active --format=csv,noheader \
+    > /dev/null 2>&1 && clock_fields+=,power.draw.instant,clocks_event_reasons.active
+  nvidia-smi --query-gpu=$clock_fields --format=csv -lms "$CLOCK_LOG_MS" > "$OUT/clocks.csv" 2>&1 &
   clock_logger=$!
   trap stop_clock_logger EXIT
 fi
