@@ -151,6 +151,70 @@ def test_ab_summary_reads_bench_linear_csvs(bench_linear_run, tmp_path):
         assert len(set(cells)) == 1 and positive(cells[0])  # the same CSV three times: the same ratio
 
 
+def _profiler_table_line(name: str, self_cuda: str, calls: int) -> str:
+    """One kernel's line of torch.profiler's key_averages() table as scripts/profile_layer.py prints it."""
+    cells = ["0.00%", "0.000us", "0.00%", "0.000us", "0.000us", self_cuda, "12.34%", self_cuda, "1.000us", str(calls)]
+    return f"{name:>90}  " + "  ".join(f"{c:>12}" for c in cells) + "  "
+
+
+def test_ab_summary_reads_profiler_kernel_tables(tmp_path):
+    """--kernels (NOTES.md #100): each kernel's self CUDA time per iteration from each run's layers.log, one column
+    per run in the order they ran, after − before of the sides' means; the host table printed after the kernel
+    table is not read."""
+    step = "void lora::(anonymous namespace)::masked_grad_y_kernel<__nv_bfloat16, 64, 0>(__nv_bfloa..."
+    for side, step_total in (("before", "433.500us"), ("after", "396.000us"), ("before_r2", "436.500us"),
+                             ("after_r2", "399.000us")):
+        (tmp_path / side).mkdir()
+        lines = ["== profile_layer.py 4096 4096 64 0.1 native",
+                 "K=4096 N=4096 r=64 p=0.1 backend=native, forward + backward (5 iterations)", "-" * 90,
+                 _profiler_table_line("Name", "Self CUDA", 0).replace(" 0  ", " # of Calls  "),
+                 _profiler_table_line("_lora_gemm_kernel", "2.225ms", 5),
+                 _profiler_table_line(step, step_total, 5),
+                 _profiler_table_line("cudaLaunchKernel", "0.000us", 40),
+                 "host side, same layer (5 iterations), by self CPU time",
+                 _profiler_table_line("aten::mm", "300.000us", 10)]
+        (tmp_path / side / "layers.log").write_text("\n".join(lines) + "\n")
+    text = run(BENCH / "ab_summary.py", "--kernels", str(tmp_path))
+    table = {cells[0]: cells[1:] for cells in
+             ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
+    assert table["kernel"] == ["before#1", "after#1", "before#2", "after#2", "after − before (means)"]
+    assert table["_lora_gemm_kernel"] == ["445.0"] * 4 + ["+0.0"]
+    assert table[step] == ["86.7", "79.2", "87.3", "79.8", "-7.5"]
+    assert table["all kernels"] == ["531.7", "524.2", "532.3", "524.8", "-7.5"]
+    assert "aten::mm" not in table and "cudaLaunchKernel" not in table  # the host table; a kernel of no GPU time
+
+
+def test_ab_summary_reads_the_clock_over_each_row(tmp_path):
+    """--clocks (NOTES.md #100): the clock log's samples between each bench_linear row's started and ended, the SM
+    clock's median (min–max), the power's median and the event reasons seen; a sample outside every row, and a
+    line that is no sample, count nowhere."""
+    (tmp_path / "clocks.csv").write_text(
+        "timestamp, clocks.current.sm [MHz], power.draw [W], temperature.gpu, power.draw.instant [W], "
+        "clocks_event_reasons.active\n"
+        "2026/12/07 22:00:00.000, 1000 MHz, 100.00 W, 40, 120.00 W, 0x0000000000000001\n"  # before the rows
+        "2026/12/07 22:00:01.100, 1900 MHz, 400.00 W, 50, 450.00 W, 0x0000000000000000\n"
+        "2026/12/07 22:00:01.500, 1800 MHz, 500.00 W, 51, 690.00 W, 0x0000000000000004\n"
+        "2026/12/07 22:00:01.900, 2000 MHz, 450.00 W, 51, 500.00 W, 0x0000000000000000\n"
+        "Unable to determine the device handle for GPU0: Unknown Error\n"
+        "2026/12/07 22:00:02.500, 1700 MHz, 600.00 W, 52, 700.00 W, 0x0000000000000004\n")
+    fields = ["mode", "shape", "M", "K", "N", "r", "dropout", "provider", "ms", "peak_mib", "rel_err", "note",
+              "device_ms", "started", "ended"]
+    with open(tmp_path / "bench_linear.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for provider, device_ms, started, ended in (("base", "0.7700", "22:00:01.000", "22:00:02.000"),
+                                                    ("lora_ext", "1.0050", "22:00:02.000", "22:00:03.000")):
+            writer.writerow(dict(mode="fwd+bwd", shape="qo", M=8192, K=4096, N=4096, r=64, dropout=0.1,
+                                 provider=provider, ms=device_ms, peak_mib="", rel_err="", note="",
+                                 device_ms=device_ms, started=f"2026/12/07 {started}", ended=f"2026/12/07 {ended}"))
+    text = run(BENCH / "ab_summary.py", "--clocks", str(tmp_path))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {tmp_path.name} ")]
+    assert [row[5:] for row in rows] == [
+        ["base", "770.0", "3", "1900 (1800–2000)", "450", "0x0000000000000000 0x0000000000000004"],
+        ["lora_ext", "1005.0", "1", "1700 (1700–1700)", "600", "0x0000000000000004"]], text
+
+
 def test_ab_summary_reads_patch_ab_folders(bench_linear_run, tmp_path):
     """scripts/patch_ab.sh's folders (before, after, before_r2, after_r2): one column per run in the order they
     ran, each side's mean and after / before, from lora_ext's device time and do_bench time; and after / before
