@@ -63,12 +63,13 @@ stop_clock_logger() {
 }
 # Each sample also says why the clock is below its maximum (clocks_event_reasons.active, a bit mask: 0x4 the
 # power cap, 0x1 idle, 0x20/0x40 thermal; NOTES.md #100 read the clock 0.8-2.7% lower over some rows and could not
-# tell why) and the instantaneous power (power.draw is a 1 s average on these cards). A driver that knows neither
-# field gets the four basic ones: the probe query below fails there instead of the sampler.
+# tell why) and the instantaneous power (power.draw is a 1 s average on these cards). Each is probed on its own: a
+# driver that lacks one still samples the rest (a query naming an unknown field fails whole).
 if [[ -n ${CLOCK_LOG_MS:-} ]]; then
   clock_fields=timestamp,clocks.sm,power.draw,temperature.gpu
-  nvidia-smi --query-gpu=$clock_fields,power.draw.instant,clocks_event_reasons.active --format=csv,noheader \
-    > /dev/null 2>&1 && clock_fields+=,power.draw.instant,clocks_event_reasons.active
+  for field in power.draw.instant clocks_event_reasons.active; do
+    nvidia-smi --query-gpu=$field --format=csv,noheader > /dev/null 2>&1 && clock_fields+=,$field
+  done
   nvidia-smi --query-gpu=$clock_fields --format=csv -lms "$CLOCK_LOG_MS" > "$OUT/clocks.csv" 2>&1 &
   clock_logger=$!
   trap stop_clock_logger EXIT

@@ -397,15 +397,16 @@ def test_h200_run_logs_the_clock_beside_each_mode_and_stops_the_logger(tmp_path)
     assert marks == ["layers start", "layers end"], marks
 
 
-def test_h200_run_samples_the_basic_fields_where_the_driver_lacks_the_clock_reasons(tmp_path):
-    """A driver without clocks_event_reasons (older than R535) still gets a clock log: the probe query fails, not
-    the sampler."""
+def test_h200_run_samples_the_fields_the_driver_knows(tmp_path):
+    """A driver without clocks_event_reasons (older than R535) still gets a clock log with every field it knows:
+    that field's probe fails, not the sampler."""
     done, _ = _h200_run_with_clock_logged(tmp_path, with_build=True, SMI_UNKNOWN_FIELD="clocks_event_reasons.active")
     assert done.returncode == 0, done.stdout + done.stderr
     out = tmp_path / "out"
     subprocess.run(["tar", "xzf", "results.tgz"], cwd=out, check=True)
     samples = (out / "clocks.csv").read_text().splitlines()
-    assert samples[0] == "timestamp, clocks.sm, power.draw, temperature.gpu" and len(samples) >= 3, samples
+    assert samples[0] == "timestamp, clocks.sm, power.draw, temperature.gpu, power.draw.instant", samples
+    assert len(samples) >= 3, samples
 
 
 def test_h200_run_stops_the_clock_logger_when_it_ends_early(tmp_path):
