@@ -34,16 +34,16 @@ def ratios(path):
     return {key(r): float(r["ms"]) / base[key(r)] for r in rows if r["provider"] == "lora_ext" and key(r) in base}
 
 
-def patch_ab_sides(folder, needs):
-    """patch_ab.sh's run folders under `folder` that hold the file `needs`: (round, side, path), in the order
+def patch_ab_sides(folder, *needs):
+    """patch_ab.sh's run folders under `folder` that hold every file in `needs`: (round, side, path), in the order
     they ran (before#1, after#1, before#2, ...)."""
     sides = []
     for sub in pathlib.Path(folder).iterdir():
         match = re.fullmatch(r"(before|after)(?:_r(\d+))?", sub.name)
-        if match and (sub / needs).exists():
+        if match and all((sub / name).exists() for name in needs):
             sides.append((int(match[2] or 1), match[1], sub))
     if not {side for _, side, _ in sides} >= {"before", "after"}:
-        sys.exit(f"no before*/ and after*/ {needs} in {folder}")
+        sys.exit(f"no before*/ and after*/ holding {' and '.join(needs)} in {folder}")
     return sorted(sides, key=lambda run: (run[0], run[1] == "after"))
 
 
@@ -88,35 +88,51 @@ def patch_ab(folder):
               + f" | {(mean(ad) / mean(abase)) / (mean(bd) / mean(bbase)):.3f} |")
 
 
-def profiler_kernels(log_text):
-    """Each kernel's self CUDA time per iteration (µs) from scripts/profile_layer.py's first table (the kernel
-    table; the host table after it is skipped), in the table's order."""
-    table = log_text.split("host side")[0]
-    iterations = int(re.search(r"\((\d+) iterations\)", table)[1])
-    times = {}
-    for line in table.splitlines():
-        cells = re.split(r"\s{2,}", line.strip())
-        # name, self CPU %, self CPU, CPU total %, CPU total, CPU avg, self CUDA, self CUDA %, ..., # of calls
-        if len(cells) == 11 and cells[-1].isdigit() and re.fullmatch(r"[\d.]+(us|ms)", cells[6]):
-            value = float(cells[6][:-2]) * (1e3 if cells[6].endswith("ms") else 1.0)
-            if value > 0:
-                times[cells[0]] = value / iterations
-    return times
+PROFILER_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def profiler_kernels(log_text, source="layers.log"):
+    """Each kernel's self CUDA time per iteration (µs) from each of scripts/profile_layer.py's kernel tables (one
+    per PROFILE_LAYERS entry; the host table printed after each is skipped): {entry: {kernel: µs}}, in the log's
+    order. Kernels whose names the profiler cut to the same 90 characters are added together."""
+    entries = {}
+    for block in log_text.split("== profile_layer.py ")[1:]:
+        entry, _, body = block.partition("\n")
+        table = body.split("host side")[0]
+        iterations = re.search(r"\((\d+) iterations\)", table)
+        if iterations is None:
+            sys.exit(f"{source}: no kernel table for profile_layer.py {entry} (did it fail?)")
+        times = {}
+        for line in table.splitlines():
+            cells = re.split(r"\s{2,}", line.strip())
+            # name, self CPU %, self CPU, CPU total %, CPU total, CPU avg, self CUDA, self CUDA %, ..., # of calls
+            unit = re.fullmatch(r"[\d.]+(us|ms|s)", cells[6]) if len(cells) == 11 and cells[-1].isdigit() else None
+            if unit:
+                value = float(cells[6][:-len(unit[1])]) * PROFILER_UNITS[unit[1]] / int(iterations[1])
+                if value > 0:
+                    times[cells[0]] = times.get(cells[0], 0.0) + value
+        entries[entry.strip()] = times
+    if not entries:
+        sys.exit(f"{source}: no '== profile_layer.py' entry")
+    return entries
 
 
 def kernels(folder):
-    runs = [(f"{side}#{rnd}", profiler_kernels((sub / "layers.log").read_text()))
+    runs = [(f"{side}#{rnd}", profiler_kernels((sub / "layers.log").read_text(), str(sub / "layers.log")))
             for rnd, side, sub in patch_ab_sides(folder, "layers.log")]
-    names = list(dict.fromkeys(name for _, times in runs for name in times))
-    print("self CUDA time per iteration, µs (scripts/profile_layer.py: eager, no L2 flush), per run in the order they ran\n")
-    print("| kernel | " + " | ".join(n for n, _ in runs) + " | after − before (means) |")
-    print("|---" * (len(runs) + 2) + "|")
-    for name in names + ["all kernels"]:
-        values = [(n, sum(t.values()) if name == "all kernels" else t.get(name)) for n, t in runs]
-        sides = {side: [v for n, v in values if n.startswith(side) and v is not None] for side in ("before", "after")}
-        delta = (statistics.mean(sides["after"]) - statistics.mean(sides["before"])
-                 if sides["after"] and sides["before"] else float("nan"))
-        print(f"| {name} | " + " | ".join("—" if v is None else f"{v:.1f}" for _, v in values) + f" | {delta:+.1f} |")
+    print("self CUDA time per iteration, µs (scripts/profile_layer.py: eager, no L2 flush), per run in the order they ran")
+    for entry in dict.fromkeys(e for _, entries in runs for e in entries):
+        tables = [(n, entries.get(entry, {})) for n, entries in runs]
+        names = list(dict.fromkeys(name for _, times in tables for name in times))
+        print(f"\nprofile_layer.py {entry}\n")
+        print("| kernel | " + " | ".join(n for n, _ in tables) + " | after − before (means) |")
+        print("|---" * (len(tables) + 2) + "|")
+        for name in names + ["all kernels"]:
+            values = [(n, sum(t.values()) if name == "all kernels" else t.get(name)) for n, t in tables]
+            sides = {side: [v for n, v in values if n.startswith(side) and v is not None] for side in ("before", "after")}
+            delta = (statistics.mean(sides["after"]) - statistics.mean(sides["before"])
+                     if sides["after"] and sides["before"] else float("nan"))
+            print(f"| {name} | " + " | ".join("—" if v is None else f"{v:.1f}" for _, v in values) + f" | {delta:+.1f} |")
 
 
 def smi_time(text):  # nvidia-smi's timestamp format, which bench_linear's started / ended columns share
@@ -140,19 +156,24 @@ def clock_samples(path):
             continue
         for field, cell in zip(fields[1:], cells[1:]):
             number = cell.split()[0] if cell else ""
-            sample[field] = number if "reasons" in field else float(number) if re.fullmatch(r"[\d.]+", number) else None
+            # the event reasons (clocks_event_reasons.active; clocks_throttle_reasons.active before R535) as the
+            # driver prints them, a hex mask
+            if field.endswith("reasons.active"):
+                sample["reasons"] = number
+            else:
+                sample[field] = float(number) if re.fullmatch(r"[\d.]+", number) else None
         samples.append(sample)
     return samples
 
 
 def clocks(folder):
     folder = pathlib.Path(folder)
-    runs = ([(f"{side}#{rnd}", sub) for rnd, side, sub in patch_ab_sides(folder, "clocks.csv")]
+    runs = ([(f"{side}#{rnd}", sub) for rnd, side, sub in patch_ab_sides(folder, "clocks.csv", "bench_linear.csv")]
             if not (folder / "clocks.csv").exists() else [(folder.name, folder)])
     print("the card over each bench_linear row (its started → ended), from the clock log sampled beside it\n")
     print("| run | mode | shape | r | p | provider | device µs | samples | SM MHz median (min–max) | power W median "
-          "| event reasons seen |")
-    print("|---" * 11 + "|")
+          "(1 s average) | instantaneous W median (max) | event reasons seen |")
+    print("|---" * 12 + "|")
     for name, sub in runs:
         samples = clock_samples(sub / "clocks.csv")
         for row in csv.DictReader(open(sub / "bench_linear.csv")):
@@ -162,12 +183,14 @@ def clocks(folder):
             inside = [s for s in samples if start <= s["time"] <= end]
             sm = [s["clocks.sm"] for s in inside if s.get("clocks.sm") is not None]
             watts = [s["power.draw"] for s in inside if s.get("power.draw") is not None]
-            reasons = sorted({s["clocks_event_reasons.active"] for s in inside if s.get("clocks_event_reasons.active")})
+            instant = [s["power.draw.instant"] for s in inside if s.get("power.draw.instant") is not None]
+            reasons = sorted({s["reasons"] for s in inside if s.get("reasons")})
             device = f"{float(row['device_ms']) * 1e3:.1f}" if row.get("device_ms") else "—"
             clock = f"{statistics.median(sm):.0f} ({min(sm):.0f}–{max(sm):.0f})" if sm else "—"
             power = f"{statistics.median(watts):.0f}" if watts else "—"
+            peak = f"{statistics.median(instant):.0f} ({max(instant):.0f})" if instant else "—"
             print(f"| {name} | {row['mode']} | {row['shape']} | {row['r']} | {row['dropout']} | {row['provider']} | "
-                  f"{device} | {len(inside)} | {clock} | {power} | {' '.join(reasons) or '—'} |")
+                  f"{device} | {len(inside)} | {clock} | {power} | {peak} | {' '.join(reasons) or '—'} |")
 
 
 def main(folder):

@@ -64,7 +64,7 @@ def main():
         torch.cuda.synchronize()
     what = "forward" if args.fwd else "forward + backward"
     print(f"K={args.K} N={args.N} r={args.r} p={args.dropout} backend={args.backend}, {what} (5 iterations)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(5):

@@ -160,8 +160,10 @@ def _profiler_table_line(name: str, self_cuda: str, calls: int) -> str:
 def test_ab_summary_reads_profiler_kernel_tables(tmp_path):
     """--kernels (NOTES.md #100): each kernel's self CUDA time per iteration from each run's layers.log, one column
     per run in the order they ran, after − before of the sides' means; the host table printed after the kernel
-    table is not read."""
+    table is not read; two kernels whose names the profiler cut alike are added together; a run whose profile
+    failed is named, not a traceback."""
     step = "void lora::(anonymous namespace)::masked_grad_y_kernel<__nv_bfloat16, 64, 0>(__nv_bfloa..."
+    reduce = "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloa..."
     for side, step_total in (("before", "433.500us"), ("after", "396.000us"), ("before_r2", "436.500us"),
                              ("after_r2", "399.000us")):
         (tmp_path / side).mkdir()
@@ -170,6 +172,7 @@ def test_ab_summary_reads_profiler_kernel_tables(tmp_path):
                  _profiler_table_line("Name", "Self CUDA", 0).replace(" 0  ", " # of Calls  "),
                  _profiler_table_line("_lora_gemm_kernel", "2.225ms", 5),
                  _profiler_table_line(step, step_total, 5),
+                 _profiler_table_line(reduce, "10.000us", 5), _profiler_table_line(reduce, "20.000us", 5),
                  _profiler_table_line("cudaLaunchKernel", "0.000us", 40),
                  "host side, same layer (5 iterations), by self CPU time",
                  _profiler_table_line("aten::mm", "300.000us", 10)]
@@ -180,8 +183,14 @@ def test_ab_summary_reads_profiler_kernel_tables(tmp_path):
     assert table["kernel"] == ["before#1", "after#1", "before#2", "after#2", "after − before (means)"]
     assert table["_lora_gemm_kernel"] == ["445.0"] * 4 + ["+0.0"]
     assert table[step] == ["86.7", "79.2", "87.3", "79.8", "-7.5"]
-    assert table["all kernels"] == ["531.7", "524.2", "532.3", "524.8", "-7.5"]
+    assert table[reduce] == ["6.0"] * 4 + ["+0.0"]
+    assert table["all kernels"] == ["537.7", "530.2", "538.3", "530.8", "-7.5"]
     assert "aten::mm" not in table and "cudaLaunchKernel" not in table  # the host table; a kernel of no GPU time
+    (tmp_path / "after_r2/layers.log").write_text("== profile_layer.py 4096 4096 64 0.1 native\nlayers: exit 1\n")
+    failed = subprocess.run([sys.executable, str(BENCH / "ab_summary.py"), "--kernels", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "no kernel table for profile_layer.py 4096 4096 64 0.1 native" in failed.stderr
+    assert "Traceback" not in failed.stderr
 
 
 def test_ab_summary_reads_the_clock_over_each_row(tmp_path):
@@ -211,8 +220,8 @@ def test_ab_summary_reads_the_clock_over_each_row(tmp_path):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
             if line.startswith(f"| {tmp_path.name} ")]
     assert [row[5:] for row in rows] == [
-        ["base", "770.0", "3", "1900 (1800–2000)", "450", "0x0000000000000000 0x0000000000000004"],
-        ["lora_ext", "1005.0", "1", "1700 (1700–1700)", "600", "0x0000000000000004"]], text
+        ["base", "770.0", "3", "1900 (1800–2000)", "450", "500 (690)", "0x0000000000000000 0x0000000000000004"],
+        ["lora_ext", "1005.0", "1", "1700 (1700–1700)", "600", "700 (700)", "0x0000000000000004"]], text
 
 
 def test_ab_summary_reads_patch_ab_folders(bench_linear_run, tmp_path):
