@@ -17,7 +17,8 @@ the difference between the sides.
     python benchmarks/ab_summary.py --clocks OUT_DIR
         the same folders' (or OUT_DIR's own) clock log (h200_run.sh's CLOCK_LOG_MS: clocks.csv) read over each
         bench_linear row, from its `started` to its `ended`: the SM clock's median, min and max, the power's
-        median, the clock's event reasons seen, beside the row's device time.
+        median (nvidia-smi's 1 s average; the instantaneous power's median and max where logged), the clock's
+        event reasons seen, beside the row's device time.
 """
 import csv
 import datetime
