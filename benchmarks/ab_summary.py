@@ -27,6 +27,8 @@ import re
 import statistics
 import sys
 
+import bench_common as common
+
 
 def ratios(path):
     rows = list(csv.DictReader(open(path)))
@@ -137,7 +139,7 @@ def kernels(folder):
 
 
 def smi_time(text):  # nvidia-smi's timestamp format, which bench_linear's started / ended columns share
-    return datetime.datetime.strptime(text.strip(), "%Y/%m/%d %H:%M:%S.%f")
+    return datetime.datetime.strptime(text.strip(), common.SMI_TIME_FORMAT)
 
 
 def clock_samples(path):

@@ -47,10 +47,14 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+# nvidia-smi's timestamps (2026/12/07 20:00:00.000; %f's microseconds cut to milliseconds when written).
+SMI_TIME_FORMAT = "%Y/%m/%d %H:%M:%S.%f"
+
+
 def local_timestamp() -> str:
-    """The local time now as nvidia-smi's timestamps write it (2026/12/07 20:00:00.000): bench_linear.csv's started /
-    ended, read against scripts/h200_run.sh's CLOCK_LOG_MS samples."""
-    return datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+    """The local time now as nvidia-smi's timestamps write it: bench_linear.csv's started / ended, read against
+    scripts/h200_run.sh's CLOCK_LOG_MS samples (ab_summary.py --clocks)."""
+    return datetime.datetime.now().strftime(SMI_TIME_FORMAT)[:-3]
 
 
 def cpu_description() -> str:

@@ -278,7 +278,8 @@ def _patch_ab_in_scratch_repo(bench_linear_run, tmp_path, **env_extra):
     (repo / "scripts").mkdir(parents=True)
     (repo / "benchmarks").mkdir()
     shutil.copy(REPO / "scripts/patch_ab.sh", repo / "scripts/patch_ab.sh")
-    shutil.copy(BENCH / "ab_summary.py", repo / "benchmarks/ab_summary.py")
+    for script in ("ab_summary.py", "bench_common.py"):  # the summary and the helpers it imports
+        shutil.copy(BENCH / script, repo / "benchmarks" / script)
     (repo / "scripts/h200_run.sh").write_text(STUB_H200_RUN)
     (repo / "f.txt").write_text("before\n")
     git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
