@@ -941,15 +941,19 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, dropou
             if fused is not None:  # else this GPU has too little shared memory for it: composed below
                 y2, xa = fused
                 return y2.view(*x.shape[:-1], N), xa
-        xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0,
-                           _Dropout.make(dropout and dropout_position == "pre", dropout_p, seed))
-        y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        # bias is read with its stride (e.g. a slice of a fused qkv bias).
-        _lora_up(xa, lora_B.t(), _Dropout.make(dropout and dropout_position == "post", dropout_p, seed),
-                 out=y2, out_scale=scale, bias=bias)
+        pre_p, post_p = _positioned_p(dropout_p, dropout_position)
+        xa = masked_down(x2, lora_A, seed, pre_p)
+        y2 = masked_up_forward(xa, lora_B, bias, x2, scale, seed, post_p)
         if weight is not None:
             y2.addmm_(x2, weight.t())
     return y2.view(*x.shape[:-1], N), xa
+
+
+def _positioned_p(dropout_p: float, dropout_position: str) -> tuple[float, float]:
+    """(p of the 'pre' mask, p of the 'post' mask): dropout_p at its position, 0 (no mask) at the other."""
+    if dropout_p <= 0.0:
+        return 0.0, 0.0
+    return (dropout_p, 0.0) if dropout_position == "pre" else (0.0, dropout_p)
 
 
 def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed, output_mask):
@@ -963,9 +967,7 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
         return _composite_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
                                    output_mask, M, K, N)
     need_x, need_weight, need_bias, need_A, need_B = (bool(v) for v in output_mask)
-    dropout = dropout_p > 0.0
-    post = _Dropout.make(dropout and dropout_position == "post", dropout_p, seed)
-    pre = _Dropout.make(dropout and dropout_position == "pre", dropout_p, seed)
+    pre_p, post_p = _positioned_p(dropout_p, dropout_position)
     grad_x = x.new_empty(0)
     grad_weight = x.new_empty(0)
     grad_bias = x.new_empty(0)
@@ -978,17 +980,15 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
         need_dxa = need_x or need_A
         if need_dxa or need_B:
             # dxa = s drop(dY) B and dB = s drop(dY)^T xa, in one pass over dY when it fits.
-            grad_xa, grad_B_computed = _grad_y_pass(g2, lora_B, xa, lora_A.dtype, scale, post, need_dxa, need_B)
+            grad_xa, grad_B_computed = masked_grad_y(g2, lora_B, xa, scale, seed, post_p, need_dxa, need_B)
             if need_B:
                 grad_B = grad_B_computed
         if need_dxa:
             # One pass over x: dx = drop(dxa A) (written first, cuBLAS then adds dY W onto
             # it) and dA = dxa^T drop(x).
-            grad_x2 = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_x else None
-            grad_A_t = _lora_up(grad_xa, lora_A, pre, out=grad_x2, inp=x2 if need_A else None,
-                                inp_grad_dtype=lora_A.dtype)
+            grad_x2, grad_A_computed = masked_up(grad_xa, lora_A, x2, seed, pre_p, need_x, need_A)
             if need_A:
-                grad_A = grad_A_t
+                grad_A = grad_A_computed
             if need_x:
                 if weight is not None:
                     grad_x2.addmm_(g2, weight)
@@ -1001,26 +1001,36 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
 
 
 # ---------------------------------------------------------------------------
-# Masked thin products for the native CUDA path (csrc/lora_aten.cpp). With dropout, the
-# native path would otherwise write a dropped copy of x (M x K, 'pre') or of dY (M x N,
-# 'post') for cuBLAS to read; these apply the regenerated mask on load instead. The
-# native path keeps its cuBLAS GEMMs for everything else. Called from C++ through
-# lora_ext._C.set_triton_masked_pieces (only for what the kernels take: no float64, rank <=
-# MAX_KERNEL_RANK); unneeded results come back as empty tensors.
+# The thin products as pieces: the Triton backend's own route (linear_forward and linear_backward
+# above: each is these pieces and cuBLAS), and the native CUDA path's masked steps (csrc/lora_aten.cpp:
+# with dropout the native path would otherwise write a dropped copy of x (M x K, 'pre') or of dY
+# (M x N, 'post') for cuBLAS to read; these apply the regenerated mask on load instead). C++ calls them
+# through lora_ext._C.set_triton_masked_pieces, replayed without Python from the second call with a key
+# (replay.py; only for what the kernels take: no float64, rank <= MAX_KERNEL_RANK). p = 0 means no mask
+# (the seed may then be None). Unneeded results come back as empty tensors.
 # ---------------------------------------------------------------------------
 
 
 def masked_down(x2, lora_A, seed, p):
     """xa = drop_pre(x2) A^T, (M, r) in lora_A's dtype: the 'pre' forward without a dropped copy of x."""
     with device_guard(x2):
-        xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0, _Dropout.make(True, p, seed))
+        xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0, _Dropout.make(p > 0.0, p, seed))
     return xa
+
+
+def masked_up_forward(xa, lora_B, bias, x2, scale, seed, p):
+    """y2 = bias + drop_post(scale xa B^T), (M, N) in x2's dtype: the composed forward's LoRA term, written
+    first for cuBLAS to add x W^T onto (x2 gives the dtype and device only)."""
+    with device_guard(x2):
+        y2 = torch.empty((x2.shape[0], lora_B.shape[0]), dtype=x2.dtype, device=x2.device)
+        _lora_up(xa, lora_B.t(), _Dropout.make(p > 0.0, p, seed), out=y2, out_scale=scale, bias=bias)
+    return y2
 
 
 def masked_grad_y(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B):
     """(s drop_post(g2) B, s drop_post(g2)^T xa): the 'post' backward without a dropped copy of dY."""
     with device_guard(g2):
-        grad_xa, grad_B = _grad_y_pass(g2, lora_B, xa, lora_B.dtype, scale, _Dropout.make(True, p, seed),
+        grad_xa, grad_B = _grad_y_pass(g2, lora_B, xa, lora_B.dtype, scale, _Dropout.make(p > 0.0, p, seed),
                                        need_grad_xa, need_grad_B)
     return (grad_xa if grad_xa is not None else xa.new_empty(0),
             grad_B if grad_B is not None else lora_B.new_empty(0))
@@ -1032,7 +1042,7 @@ def masked_up(grad_xa, lora_A, x2, seed, p, need_x, need_A):
     M, K = x2.shape
     with device_guard(x2):
         grad_x2 = torch.empty((M, K), dtype=x2.dtype, device=x2.device) if need_x else None
-        grad_A = _lora_up(grad_xa, lora_A, _Dropout.make(True, p, seed), out=grad_x2, inp=x2 if need_A else None,
+        grad_A = _lora_up(grad_xa, lora_A, _Dropout.make(p > 0.0, p, seed), out=grad_x2, inp=x2 if need_A else None,
                           inp_grad_dtype=lora_A.dtype)
     return (grad_x2 if need_x else x2.new_empty(0), grad_A if need_A else lora_A.new_empty(0))
 
