@@ -26,7 +26,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include "checks.h"
 #include "lora_aten.h"
 #include "masked_grad_y_grid.h"
 #include "triton_bridge.h"
@@ -60,12 +59,10 @@ namespace {
 // they would otherwise be released after the interpreter is gone at exit.
 pybind11::object* triton_forward_fn = nullptr;
 pybind11::object* triton_backward_fn = nullptr;
-pybind11::object* triton_up_forward_fn = nullptr;  // triton_lora.masked_up_forward: the composed forward's LoRA term
 
-void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_fn, pybind11::object up_forward_fn) {
+void set_triton_kernels(pybind11::object forward_fn, pybind11::object backward_fn) {
   triton_forward_fn = new pybind11::object(std::move(forward_fn));
   triton_backward_fn = new pybind11::object(std::move(backward_fn));
-  triton_up_forward_fn = new pybind11::object(std::move(up_forward_fn));
 }
 
 // lora_ext.kernels.cuda_dispatch.fused_forward_callback / fused_grad_input_callback /
@@ -337,110 +334,25 @@ namespace lora {
 
 bool triton_kernels_registered() { return triton_forward_fn != nullptr; }
 
-// The Triton backend's route, run from C++: the same pieces in the same order as triton_lora.linear_forward and
-// linear_backward (the fused GEMM, or the thin products and cuBLAS), each piece replayed without Python from the
-// second call with its key, as the native path's pieces are (NOTES.md #102: through Python, its pieces' launches
-// and plans cost ~1 ms of host time per k/v fwd+bwd on an H100 against ~0.31 ms of kernels). What the pieces
-// do not take (float64, ranks above the kernels', non-CUDA tensors) goes to Python's own route, whole.
-namespace {
-
-// triton_lora.MAX_KERNEL_RANK, FUSED_FORWARD_MIN_ROWS and fused_post_forward_takes_width's limits.
-constexpr int64_t kTritonMaxKernelRank = 256;
-constexpr int64_t kTritonFusedForwardMinRows = 4096;
-constexpr int64_t kTritonFusedPostMaxInputs = 4096;
-constexpr int64_t kTritonFusedPostNarrowMaxInputs = 8192;
-constexpr int64_t kTritonFusedPostNarrowMaxOutputs = 2048;
-
-bool triton_route_from_cpp(const at::Tensor& x, const at::Tensor& lora_A) {
-  return triton_up_forward_fn != nullptr && triton_masked_down_fn != nullptr && triton_fused_forward_fn != nullptr &&
-         x.is_cuda() && x.scalar_type() != at::kDouble && lora_A.scalar_type() != at::kDouble &&
-         lora_A.dim() == 2 && lora_A.size(0) <= kTritonMaxKernelRank;
-}
-
-// (p of the 'pre' mask, p of the 'post' mask): triton_lora._positioned_p.
-std::pair<double, double> positioned_p(double dropout_p, lora::DropoutPosition position) {
-  if (dropout_p <= 0.0) return {0.0, 0.0};
-  return position == lora::DropoutPosition::kPre ? std::make_pair(dropout_p, 0.0) : std::make_pair(0.0, dropout_p);
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> triton_linear_forward(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed) {
-  if (!triton_route_from_cpp(x, lora_A)) {
-    pybind11::gil_scoped_acquire gil;
-    auto result = (*triton_forward_fn)(x, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                       std::string(dropout_position), seed);
-    return result.cast<std::tuple<at::Tensor, at::Tensor>>();
-  }
-  const LinearSizes s = check_linear_args(x, weight, bias, lora_A, lora_B, dropout_p, dropout_position, seed);
-  check_scale(scale, x.scalar_type(), lora_A.scalar_type());
-  const at::Tensor x2 = x.reshape({s.M, s.K});  // a view when x's strides allow, as Python's reshape
-  std::vector<int64_t> y_sizes = x.sizes().vec();
-  y_sizes.back() = s.N;
-  const bool dropout = dropout_p > 0.0;
-  const bool fused_post = dropout && s.position == DropoutPosition::kPost && fused_post_dropout_on() &&
-                          (s.K <= kTritonFusedPostMaxInputs ||
-                           (s.K <= kTritonFusedPostNarrowMaxInputs && s.N <= kTritonFusedPostNarrowMaxOutputs));
-  if ((!dropout || fused_post) && s.M >= kTritonFusedForwardMinRows && weight.has_value()) {
-    // nullopt where fused_forward.supports refuses the tensors or the GPU lacks the shared memory: composed below
-    if (auto fused = triton_fused_forward(x2, *weight, bias, lora_A, lora_B, scale, fused_post ? dropout_p : 0.0,
-                                          fused_post ? seed : c10::optional<at::Tensor>())) {
-      return {std::get<0>(*fused).view(y_sizes), std::get<1>(*fused)};
-    }
-  }
-  const auto [pre_p, post_p] = positioned_p(dropout_p, s.position);
-  at::Tensor xa = run_masked_piece("down", triton_masked_down_fn, {x2, lora_A, seed, pre_p}).at(0);
-  at::Tensor y2 =
-      run_masked_piece("up_forward", triton_up_forward_fn, {xa, lora_B, bias, x2, scale, seed, post_p}).at(0);
-  if (weight.has_value()) y2.addmm_(x2, weight->t());
-  return {y2.view(y_sizes), xa};
+  pybind11::gil_scoped_acquire gil;
+  auto result = (*triton_forward_fn)(x, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                     std::string(dropout_position), seed);
+  return result.cast<std::tuple<at::Tensor, at::Tensor>>();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triton_linear_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p,
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
-  if (!triton_route_from_cpp(x, lora_A)) {
-    pybind11::gil_scoped_acquire gil;
-    std::vector<bool> mask(output_mask.begin(), output_mask.end());
-    auto result = (*triton_backward_fn)(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p,
-                                        std::string(dropout_position), seed, mask);
-    return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
-  }
-  const LinearSizes s = check_linear_args(x, weight, c10::nullopt, lora_A, lora_B, dropout_p, dropout_position, seed);
-  check_scale(scale, x.scalar_type(), lora_A.scalar_type());
-  check_linear_backward_args(grad_y, x, xa, lora_A, weight, output_mask, s);
-  const auto [need_x, need_weight, need_bias, need_A, need_B] = output_mask;
-  const auto [pre_p, post_p] = positioned_p(dropout_p, s.position);
-  at::Tensor grad_x = x.new_empty({0}), grad_weight = x.new_empty({0}), grad_bias = x.new_empty({0});
-  at::Tensor grad_A = lora_A.new_empty({0}), grad_B = lora_B.new_empty({0});
-  const at::Tensor g2 = grad_y.reshape({s.M, s.N});
-  const at::Tensor x2 = x.reshape({s.M, s.K});
-  const bool need_grad_xa = need_x || need_A;
-  at::Tensor grad_xa;
-  if (need_grad_xa || need_B) {
-    // s drop(dY) B and s drop(dY)^T xa, in one pass over dY where it fits.
-    auto out = run_masked_piece("grad_y", triton_masked_grad_y_fn,
-                                {g2, lora_B, xa, scale, seed, post_p, need_grad_xa, need_B});
-    grad_xa = out.at(0);
-    if (need_B) grad_B = out.at(1);
-  }
-  if (need_grad_xa) {
-    // One pass over x: the LoRA part of dx (written first; cuBLAS then adds dY W onto it) and dA.
-    auto out = run_masked_piece("up", triton_masked_up_fn, {grad_xa, lora_A, x2, seed, pre_p, need_x, need_A});
-    if (need_A) grad_A = out.at(1);
-    if (need_x) {
-      at::Tensor grad_x2 = out.at(0);
-      if (weight.has_value()) grad_x2.addmm_(g2, *weight);
-      grad_x = grad_x2.view(x.sizes());
-    }
-  }
-  if (need_weight) grad_weight = at::mm(g2.t(), x2);
-  if (need_bias) grad_bias = g2.sum(0);
-  return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+  pybind11::gil_scoped_acquire gil;
+  std::vector<bool> mask(output_mask.begin(), output_mask.end());
+  auto result = (*triton_backward_fn)(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p,
+                                      std::string(dropout_position), seed, mask);
+  return result.cast<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>();
 }
 
 bool triton_fused_gemms_registered() { return triton_fused_forward_fn != nullptr; }
@@ -554,10 +466,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   install_terminate_backtrace_if_asked();
   module.def("has_cuda", &built_with_cuda, "True when the native CUDA kernels were compiled in");
   module.def("set_triton_kernels", &set_triton_kernels,
-             "Registers the Triton backend (backend 'triton'): its forward and backward in Python, which the C++ "
-             "CUDA kernels call where the pieces do not take the call, and its composed forward's LoRA-term piece "
-             "(triton_lora.masked_up_forward; the other pieces are set_triton_masked_pieces' and "
-             "set_triton_fused_gemms')");
+             "Registers the Triton forward/backward the C++ CUDA kernels call for backend 'triton'");
   module.def("set_triton_masked_pieces", &set_triton_masked_pieces,
              "Registers the Triton masked thin products the native CUDA path uses for its dropout steps, and the "
              "recorder whose recipes C++ replays (lora_ext/kernels/replay.py)");

@@ -403,55 +403,6 @@ def test_replayed_masked_pieces_equal_the_python_route(position, dtype):
         assert torch.equal(a, b) and torch.equal(a, c), f"{name}: replay differs from the Python route"
 
 
-# (lead shape, in, out, rank, dropout, position, bias, adapters' dtype): the composed route (few rows; 'pre'
-# dropout; an odd width), the fused GEMM (4096 rows, dropout-free and 'post'), float32 adapters (pieces run in
-# Python, not replayed) and a rank past the fused GEMM's 64.
-TRITON_BACKEND_ROUTES = [
-    ((5, 77), 96, 84, 16, 0.0, "post", True, torch.bfloat16),
-    ((3, 40), 64, 72, 8, 0.25, "pre", False, torch.bfloat16),
-    ((130,), 64, 48, 16, 0.25, "post", True, torch.float16),
-    ((4096,), 128, 256, 16, 0.0, "post", False, torch.bfloat16),
-    ((2, 2048), 128, 256, 32, 0.25, "post", True, torch.bfloat16),
-    ((64,), 96, 80, 16, 0.25, "post", True, torch.float32),
-    ((4096,), 64, 128, 72, 0.0, "post", False, torch.bfloat16),
-]
-
-
-@pytest.mark.skipif(BACKENDS != ["triton", "native"], reason="needs both triton and the native CUDA build")
-@pytest.mark.parametrize("lead_shape,K,N,r,p,position,bias,lora_dtype", TRITON_BACKEND_ROUTES, ids=str)
-def test_triton_backend_from_cpp_equals_its_python_route(lead_shape, K, N, r, p, position, bias, lora_dtype):
-    """backend 'triton' runs triton_lora's route from C++ (csrc/lora.cpp triton_linear_forward / _backward: its
-    pieces replayed from the second call, NOTES.md #102): the forward and every gradient bitwise those of
-    triton_lora.linear_forward / linear_backward called in Python, and its pieces replayed where the adapters
-    are 16-bit."""
-    from lora_ext.kernels import triton_lora
-
-    dtype = torch.float16 if lora_dtype == torch.float16 else torch.bfloat16
-    inputs = make_inputs(lead_shape, K, N, r, dtype, lora_dtype, bias=bias, requires_grad=False, seed=r + N)
-    x, w, b, A, B = (inputs[k] for k in GRAD_NAMES)
-    seed = seed_tensor(17) if p > 0 else None
-    grad_y = torch.randn(*lead_shape, N, device=DEVICE, dtype=dtype)
-    mask = [True, False, bias, True, True]
-    python_route = triton_lora.linear_forward(x, w, b, A, B, 0.5, p, position, seed)
-    python_route += triton_lora.linear_backward(grad_y, x, w, A, B, python_route[1], 0.5, p, position, seed, mask)
-
-    def op_route():
-        y, xa = torch.ops.lora.linear(x, w, b, A, B, 0.5, p, position, seed, "triton")
-        return (y, xa, *torch.ops.lora.linear_backward(grad_y, x, w, A, B, xa, 0.5, p, position, seed, mask, "triton"))
-
-    op_route()  # records the keys this test has not seen
-    replayed = lora_ext._C.triton_replay_stats()[2]
-    again = op_route()
-    replays = lora_ext._C.triton_replay_stats()[2] - replayed
-    names = ("y", "xa", "dx", "dW", "db", "dA", "dB")
-    for name, a, c in zip(names, python_route, again):
-        assert a.shape == c.shape and torch.equal(a, c), f"{name}: the C++ route differs from Python's"
-    if lora_dtype == torch.float32:
-        assert replays == 0  # float32 adapters: the kernels also follow torch's TF32 setting, so no recipes
-    else:
-        assert replays >= 3, replays  # the forward's piece(s), the backward's masked_grad_y and masked_up
-
-
 @pytest.mark.skipif(BACKENDS != ["triton", "native"], reason="needs both triton and the native CUDA build")
 def test_replay_runs_in_a_thread_whose_first_cuda_work_it_is():
     """A 'pre' dropout forward (two replayed Triton pieces before any cuBLAS call) recorded on this

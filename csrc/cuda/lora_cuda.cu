@@ -102,10 +102,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, c10::string_view backend) {
   check_backend(backend);
-  const c10::cuda::CUDAGuard guard(x.device());  // the Triton backend's replayed pieces launch on x's device too
   if (use_triton(backend)) {
     return triton_linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed);
   }
+  const c10::cuda::CUDAGuard guard(x.device());
   return linear_forward_aten(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_position, seed, backend);
 }
 
@@ -115,11 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ba
     c10::string_view dropout_position, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask,
     c10::string_view backend) {
   check_backend(backend);
-  const c10::cuda::CUDAGuard guard(x.device());
   if (use_triton(backend)) {
     return triton_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
                                   output_mask);
   }
+  const c10::cuda::CUDAGuard guard(x.device());
   return linear_backward_aten(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dropout_position, seed,
                               output_mask, backend);
 }

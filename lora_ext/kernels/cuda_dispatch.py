@@ -147,9 +147,7 @@ def grad_B_only_callback(xa, grad_y2, scale_B):
 
 if native_available():
     if triton_available():
-        # The Triton backend: its route runs from C++ with the pieces below replayed (csrc/lora.cpp
-        # triton_linear_forward), and whole in Python where they do not take the call.
-        _C.set_triton_kernels(_triton_forward, _triton_backward, _triton_lora_function("masked_up_forward"))
+        _C.set_triton_kernels(_triton_forward, _triton_backward)
         # The native path's dropout steps (triton_lora.masked_*), and the recorder whose
         # recipes C++ replays without Python (replay.py).
         from . import replay
