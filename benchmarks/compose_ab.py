@@ -93,7 +93,7 @@ def main():
 
         from lora_ext.kernels import triton_lora as tl_mod
 
-        nodrop = tl_mod._Dropout.make(False, 0.0, None)
+        nodrop = tl_mod._Dropout.make(0.0, None)
         seed = torch.tensor([7], dtype=torch.int64, device=dev)
         mask5 = [True, False, False, True, True]
 

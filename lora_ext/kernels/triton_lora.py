@@ -685,8 +685,9 @@ class _Dropout:
     keep_scale: float
 
     @staticmethod
-    def make(active: bool, p: float, seed):
-        if not active:
+    def make(p: float, seed):
+        """The mask of probability p (seed: the op's seed tensor); p = 0: none (seed may be None)."""
+        if p <= 0.0:
             return _Dropout(False, None, 0, 1.0)
         return _Dropout(True, seed, dropout_threshold(p), 1.0 / (1.0 - p))
 
@@ -1004,33 +1005,36 @@ def linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scale, dropout_p, dro
 # The thin products as pieces: the Triton backend's own route (linear_forward and linear_backward
 # above: each is these pieces and cuBLAS), and the native CUDA path's masked steps (csrc/lora_aten.cpp:
 # with dropout the native path would otherwise write a dropped copy of x (M x K, 'pre') or of dY
-# (M x N, 'post') for cuBLAS to read; these apply the regenerated mask on load instead). C++ calls them
-# through lora_ext._C.set_triton_masked_pieces, replayed without Python from the second call with a key
-# (replay.py; only for what the kernels take: no float64, rank <= MAX_KERNEL_RANK). p = 0 means no mask
-# (the seed may then be None). Unneeded results come back as empty tensors.
+# (M x N, 'post') for cuBLAS to read; these apply the regenerated mask on load instead). The native path
+# calls masked_down, masked_grad_y and masked_up from C++ through lora_ext._C.set_triton_masked_pieces,
+# replayed without Python from the second call with a key (replay.py; only for what the kernels take: no
+# float64, rank <= MAX_KERNEL_RANK); the Triton backend calls them from Python (NOTES.md #102 would run its
+# route from C++ too). p = 0 means no mask (the seed may then be None). Unneeded results come back as
+# empty tensors.
 # ---------------------------------------------------------------------------
 
 
 def masked_down(x2, lora_A, seed, p):
     """xa = drop_pre(x2) A^T, (M, r) in lora_A's dtype: the 'pre' forward without a dropped copy of x."""
     with device_guard(x2):
-        xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0, _Dropout.make(p > 0.0, p, seed))
+        xa, _ = _lora_down(x2, lora_A.t(), lora_A.dtype, 1.0, _Dropout.make(p, seed))
     return xa
 
 
 def masked_up_forward(xa, lora_B, bias, x2, scale, seed, p):
     """y2 = bias + drop_post(scale xa B^T), (M, N) in x2's dtype: the composed forward's LoRA term, written
-    first for cuBLAS to add x W^T onto (x2 gives the dtype and device only)."""
+    first for cuBLAS to add x W^T onto (x2 gives the dtype and device only). bias is read with its stride
+    (e.g. a slice of a fused qkv bias)."""
     with device_guard(x2):
         y2 = torch.empty((x2.shape[0], lora_B.shape[0]), dtype=x2.dtype, device=x2.device)
-        _lora_up(xa, lora_B.t(), _Dropout.make(p > 0.0, p, seed), out=y2, out_scale=scale, bias=bias)
+        _lora_up(xa, lora_B.t(), _Dropout.make(p, seed), out=y2, out_scale=scale, bias=bias)
     return y2
 
 
 def masked_grad_y(g2, lora_B, xa, scale, seed, p, need_grad_xa, need_grad_B):
     """(s drop_post(g2) B, s drop_post(g2)^T xa): the 'post' backward without a dropped copy of dY."""
     with device_guard(g2):
-        grad_xa, grad_B = _grad_y_pass(g2, lora_B, xa, lora_B.dtype, scale, _Dropout.make(p > 0.0, p, seed),
+        grad_xa, grad_B = _grad_y_pass(g2, lora_B, xa, lora_B.dtype, scale, _Dropout.make(p, seed),
                                        need_grad_xa, need_grad_B)
     return (grad_xa if grad_xa is not None else xa.new_empty(0),
             grad_B if grad_B is not None else lora_B.new_empty(0))
@@ -1042,7 +1046,7 @@ def masked_up(grad_xa, lora_A, x2, seed, p, need_x, need_A):
     M, K = x2.shape
     with device_guard(x2):
         grad_x2 = torch.empty((M, K), dtype=x2.dtype, device=x2.device) if need_x else None
-        grad_A = _lora_up(grad_xa, lora_A, _Dropout.make(p > 0.0, p, seed), out=grad_x2, inp=x2 if need_A else None,
+        grad_A = _lora_up(grad_xa, lora_A, _Dropout.make(p, seed), out=grad_x2, inp=x2 if need_A else None,
                           inp_grad_dtype=lora_A.dtype)
     return (grad_x2 if need_x else x2.new_empty(0), grad_A if need_A else lora_A.new_empty(0))
 
